@@ -1,0 +1,180 @@
+"""One model contract: adapters between eps, x0, v, score and denoiser predictions.
+
+Conventions (``x = alpha x0 + sigma eps``, any forward SDE):
+
+* eps:      eps
+* x0:       x0 = (x - sigma eps) / alpha
+* v:        v = alpha eps - sigma x0   (Salimans & Ho 2022; for VP alpha^2 + sigma^2 = 1)
+* score:    score = -eps / sigma
+* denoiser: k-diffusion / EDM style ``D(x / alpha, sigma / alpha) = x0`` in the VE-equivalent
+  space (``sigma_tilde = sigma / alpha = exp(-lambda)``).
+
+Every network call goes through an :class:`NFECounter`, so NFE is measured, never assumed.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .._utils import append_dims
+from ..sde.base import ForwardSDE
+
+PREDICTIONS = ("eps", "x0", "v", "score", "denoiser")
+TIME_INPUTS = ("model_time", "t", "sigma_tilde", "lambda")
+
+
+class NFECounter:
+    """Wrap a callable and count its calls (one call on a batch = one function evaluation)."""
+
+    def __init__(self, fn: Callable[..., Tensor]) -> None:
+        self.fn = fn
+        self.count = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        self.count += 1
+        return self.fn(*args, **kwargs)
+
+    def reset(self) -> None:
+        self.count = 0
+
+
+def to_eps(kind: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """Convert a prediction of type ``kind`` to eps (``alpha``, ``sigma`` broadcastable to x)."""
+    if kind == "eps":
+        return out
+    if kind in ("x0", "denoiser"):
+        return (x - alpha * out) / sigma
+    if kind == "v":
+        return (alpha * out + sigma * x) / (alpha * alpha + sigma * sigma)
+    if kind == "score":
+        return -sigma * out
+    raise ValueError(f"prediction={kind!r} is invalid: expected one of {PREDICTIONS}")
+
+
+def from_eps(kind: str, eps: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """Convert eps to a prediction of type ``kind`` (inverse of :func:`to_eps`)."""
+    if kind == "eps":
+        return eps
+    if kind in ("x0", "denoiser"):
+        return (x - sigma * eps) / alpha
+    if kind == "v":
+        x0 = (x - sigma * eps) / alpha
+        return alpha * eps - sigma * x0
+    if kind == "score":
+        return -eps / sigma
+    raise ValueError(f"prediction={kind!r} is invalid: expected one of {PREDICTIONS}")
+
+
+class DiffusionModel:
+    """A network plus its forward SDE and output parametrisation, callable as any other one.
+
+    Args:
+        net: ``net(x, cond) -> Tensor`` of x's shape. For ``prediction='denoiser'`` it is called as
+            ``net(x / alpha, sigma_tilde)`` and returns x0.
+        sde: the forward process the network was trained on.
+        prediction: what the network outputs: one of ``eps, x0, v, score, denoiser``.
+        time_input: the conditioning passed to the network: ``model_time`` (default:
+            ``sde.model_time(t)``, the integer-timestep scale for :class:`DiscreteDDPM`, t otherwise),
+            ``t``, ``sigma_tilde``, ``lambda``, or a callable ``t -> cond``.
+    """
+
+    def __init__(self, net: Callable[[Tensor, Tensor], Tensor], sde: ForwardSDE,
+                 prediction: str = "eps", time_input: str | Callable[[Tensor], Tensor] = "model_time"
+                 ) -> None:
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction={prediction!r} is invalid: expected one of {PREDICTIONS}")
+        if not callable(time_input) and time_input not in TIME_INPUTS:
+            raise ValueError(f"time_input={time_input!r} is invalid: expected one of "
+                             f"{TIME_INPUTS} or a callable")
+        if prediction == "denoiser":
+            time_input = "sigma_tilde"
+        self.net = NFECounter(net)
+        self.sde = sde
+        self.prediction = prediction
+        self.time_input = time_input
+
+    @property
+    def nfe(self) -> int:
+        return self.net.count
+
+    def _cond(self, t: Tensor) -> Tensor:
+        ti = self.time_input
+        if callable(ti):
+            return ti(t)
+        fn = {"model_time": self.sde.model_time, "t": lambda u: self.sde._time(u)[0],
+              "sigma_tilde": self.sde.sigma_tilde, "lambda": self.sde.lambda_}[ti]
+        return fn(t)
+
+    def _batch_time(self, x: Tensor, t: Any) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        elif t.shape != (x.shape[0],):
+            raise ValueError(f"shape mismatch: t has shape {tuple(t.shape)} but x has batch size "
+                             f"{x.shape[0]}: expected a scalar time or one time per sample")
+        return t
+
+    def raw(self, x: Tensor, t: Any) -> Tensor:
+        """Call the network (counted) and check the output shape."""
+        tb = self._batch_time(x, t)
+        inp = x
+        if self.prediction == "denoiser":
+            inp = x / append_dims(self.sde.alpha(tb).to(x), x.ndim)
+        out = self.net(inp, self._cond(tb).to(x.dtype))
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"shape mismatch: the model returned shape {shape} for an input "
+                             f"of shape {tuple(x.shape)}: expected the input's shape")
+        return out
+
+    def _coeffs(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor]:
+        tb = self._batch_time(x, t)
+        return (append_dims(self.sde.alpha(tb).to(x), x.ndim),
+                append_dims(self.sde.sigma(tb).to(x), x.ndim))
+
+    def predict(self, x: Tensor, t: Any, kind: str) -> Tensor:
+        """One network call, converted to the prediction ``kind``."""
+        out = self.raw(x, t)
+        if kind == self.prediction or {kind, self.prediction} == {"x0", "denoiser"}:
+            return out
+        a, s = self._coeffs(x, t)
+        return from_eps(kind, to_eps(self.prediction, out, x, a, s), x, a, s)
+
+    def eps(self, x: Tensor, t: Any) -> Tensor:
+        return self.predict(x, t, "eps")
+
+    def x0(self, x: Tensor, t: Any) -> Tensor:
+        return self.predict(x, t, "x0")
+
+    def v(self, x: Tensor, t: Any) -> Tensor:
+        return self.predict(x, t, "v")
+
+    def score(self, x: Tensor, t: Any) -> Tensor:
+        return self.predict(x, t, "score")
+
+    __call__ = eps
+
+    def denoiser(self, x_tilde: Tensor, sigma_tilde: Any) -> Tensor:
+        """k-diffusion-style ``D(x_tilde, sigma_tilde) -> x0`` with ``x_tilde = x / alpha``."""
+        s = torch.as_tensor(sigma_tilde, dtype=torch.float64, device=x_tilde.device)
+        t = self.sde.t_of_sigma_tilde(s)
+        a = append_dims(self.sde.alpha(self._batch_time(x_tilde, t)).to(x_tilde), x_tilde.ndim)
+        return self.x0(x_tilde * a, t)
+
+    def __repr__(self) -> str:
+        return f"DiffusionModel(prediction={self.prediction!r}, sde={self.sde!r}, nfe={self.nfe})"
+
+
+def as_model(model: Any, sde: ForwardSDE, prediction: str = "eps") -> DiffusionModel:
+    """Return ``model`` if it already is a :class:`DiffusionModel`, else wrap the callable."""
+    if isinstance(model, DiffusionModel):
+        if model.sde is not sde:
+            raise ValueError(f"the model was built for {model.sde!r} but is used with {sde!r}: "
+                             "pass the same forward SDE object")
+        return model
+    if not callable(model):
+        raise TypeError(f"model must be a DiffusionModel or a callable net(x, cond), got "
+                        f"{type(model).__name__}")
+    return DiffusionModel(model, sde, prediction)

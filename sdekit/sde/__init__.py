@@ -1,0 +1,26 @@
+"""Forward processes ("physics")."""
+from __future__ import annotations
+
+from typing import Any
+
+from .base import ForwardSDE
+from .custom import CustomSDE
+from .discrete import DiscreteDDPM
+from .ve import EDMSDE, VESDE
+from .vp import CosineVPSDE, SubVPSDE, VPSDE
+
+SDES: dict[str, type[ForwardSDE]] = {
+    "vp": VPSDE, "cosine": CosineVPSDE, "subvp": SubVPSDE, "ve": VESDE, "edm": EDMSDE,
+    "ddpm": DiscreteDDPM,
+}
+
+
+def get_sde(name: str, **kwargs: Any) -> ForwardSDE:
+    """Build a forward SDE from its name (``vp``, ``cosine``, ``subvp``, ``ve``, ``edm``, ``ddpm``)."""
+    if name not in SDES:
+        raise ValueError(f"unknown SDE {name!r}: expected one of {sorted(SDES)}")
+    return SDES[name](**kwargs)
+
+
+__all__ = ["ForwardSDE", "VPSDE", "CosineVPSDE", "SubVPSDE", "VESDE", "EDMSDE", "DiscreteDDPM",
+           "CustomSDE", "SDES", "get_sde"]
