@@ -1,6 +1,10 @@
 """sdekit: diffusion sampling as numerical ODE/SDE solving."""
 from .analytic import GaussianData, GaussianMixtureData
+from .solvers import Solver, get_solver, list_solvers, register, solver_names
 from .dynamics import (DiffusionModel, NFECounter, ProbabilityFlowODE, ReverseSDE, as_model)
+from .grids import GRIDS, make_grid
+from .integrate import Solution, sample
+from .noise import BrownianNoise, SeededNoise
 from .sde import (EDMSDE, VESDE, VPSDE, CosineVPSDE, CustomSDE, DiscreteDDPM, ForwardSDE,
                   SubVPSDE, get_sde)
 
@@ -10,4 +14,6 @@ __all__ = [
     "ForwardSDE", "VPSDE", "CosineVPSDE", "SubVPSDE", "VESDE", "EDMSDE", "DiscreteDDPM",
     "CustomSDE", "get_sde", "DiffusionModel", "NFECounter", "as_model", "ReverseSDE",
     "ProbabilityFlowODE", "GaussianData", "GaussianMixtureData", "__version__",
+    "sample", "Solution", "GRIDS", "make_grid", "SeededNoise", "BrownianNoise", "Solver",
+    "get_solver", "list_solvers", "register", "solver_names",
 ]

@@ -1,0 +1,103 @@
+"""Time discretisations, separate from solvers (so benchmarks sweep solver x grid x steps).
+
+Every grid is a float64 tensor of ``steps + 1`` strictly decreasing times from ``t_start``
+(default ``sde.T``) to ``t_end`` (default ``sde.t_min``), usable with any forward SDE.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .sde.base import ForwardSDE
+
+
+def uniform_t(sde: ForwardSDE, steps: int, t_start: float, t_end: float, **_: Any) -> Tensor:
+    """Uniform in t."""
+    return torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
+
+
+def quadratic_t(sde: ForwardSDE, steps: int, t_start: float, t_end: float, **_: Any) -> Tensor:
+    """Uniform in sqrt(t) (the DDIM / DEIS "quadratic" schedule): dense near t_end."""
+    return torch.linspace(t_start ** 0.5, t_end ** 0.5, steps + 1, dtype=torch.float64) ** 2
+
+
+def uniform_logsnr(sde: ForwardSDE, steps: int, t_start: float, t_end: float, **_: Any) -> Tensor:
+    """Uniform in the half-logSNR lambda (DPM-Solver's recommended grid)."""
+    lam = torch.linspace(float(sde.lambda_(t_start)), float(sde.lambda_(t_end)), steps + 1,
+                         dtype=torch.float64)
+    return sde.t_of_lambda(lam)
+
+
+def karras(sde: ForwardSDE, steps: int, t_start: float, t_end: float, rho: float = 7.0,
+           **_: Any) -> Tensor:
+    """Karras et al. 2022 Eq. 5 in the VE-equivalent sigma = exp(-lambda):
+    ``sigma_i = (sigma_max^(1/rho) + i/N (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``."""
+    if not rho > 0:
+        raise ValueError(f"rho={rho!r} is invalid: expected a number > 0")
+    smax, smin = float(sde.sigma_tilde(t_start)), float(sde.sigma_tilde(t_end))
+    r = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    sig = (smax ** (1 / rho) + r * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+    t = sde.t_of_sigma_tilde(sig)
+    t[0], t[-1] = t_start, t_end
+    return t
+
+
+GRIDS: dict[str, Callable[..., Tensor]] = {
+    "uniform": uniform_t, "quadratic": quadratic_t, "logsnr": uniform_logsnr, "karras": karras,
+}
+
+
+def make_grid(sde: ForwardSDE, grid: str | Tensor | Any = "logsnr", steps: int | None = None,
+              t_start: float | None = None, t_end: float | None = None, **kwargs: Any) -> Tensor:
+    """Build a validated time grid.
+
+    Args:
+        grid: a name in :data:`GRIDS` or an explicit array of times (then ``steps`` must be None
+            or equal ``len(grid) - 1``).
+        steps: number of intervals.
+        t_start, t_end: defaults ``sde.T`` and ``sde.t_min``.
+        kwargs: grid options (``rho`` for ``karras``).
+    """
+    t_start = sde.T if t_start is None else float(t_start)
+    t_end = sde.t_min if t_end is None else float(t_end)
+    if isinstance(grid, str):
+        if grid not in GRIDS:
+            raise ValueError(f"unknown grid {grid!r}: expected one of {sorted(GRIDS)} or an "
+                             "array of times")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps={steps!r} is invalid: expected an integer >= 1")
+        if not t_start > t_end:
+            raise ValueError(f"t_start={t_start!r} must be greater than t_end={t_end!r}")
+        sde.lambda_(torch.tensor([t_start, t_end], dtype=torch.float64))  # range check
+        times = GRIDS[grid](sde, steps, t_start, t_end, **kwargs)
+    else:
+        times = torch.as_tensor(grid, dtype=torch.float64).detach().cpu().clone()
+        if times.ndim != 1 or times.numel() < 2:
+            raise ValueError(f"grid must be a 1-D array of at least 2 times, got shape "
+                             f"{tuple(times.shape)}")
+        if steps is not None and steps != times.numel() - 1:
+            raise ValueError(f"steps={steps!r} disagrees with the given grid of "
+                             f"{times.numel()} times ({times.numel() - 1} steps)")
+    validate_grid(sde, times)
+    return times
+
+
+def validate_grid(sde: ForwardSDE, times: Tensor) -> None:
+    """Raise unless ``times`` is finite, inside the SDE's range and strictly decreasing in t
+    and in lambda (two steps at the same lambda would be a zero-length step)."""
+    if not bool(torch.isfinite(times).all()):
+        raise ValueError("grid contains NaN or Inf")
+    lam = sde.lambda_(times)  # raises for times outside [t_min, T]
+    dt = times[1:] - times[:-1]
+    if not bool((dt < 0).all()):
+        i = int((dt >= 0).nonzero()[0])
+        raise ValueError(f"grid must be strictly decreasing (from T towards t_min), but "
+                         f"times[{i}]={times[i].item():.6g} and times[{i + 1}]="
+                         f"{times[i + 1].item():.6g}")
+    dl = lam[1:] - lam[:-1]
+    if not bool((dl > 0).all()):
+        i = int((dl <= 0).nonzero()[0])
+        raise ValueError(f"grid puts steps {i} and {i + 1} at the same half-logSNR lambda="
+                         f"{lam[i].item():.6g}: use fewer steps or another grid")

@@ -1,0 +1,79 @@
+"""Injected noise. Solvers never call ``torch.randn``: they ask the noise source.
+
+* :class:`SeededNoise` gives every sample its own generator, so a sample's noise (and so its
+  result) does not depend on the batch size or its position in the batch.
+* :class:`BrownianNoise` draws one Brownian path per sample on a fine time grid; the standard
+  normal it returns for a step ``[t0, t1]`` is ``(W(t1) - W(t0)) / sqrt(|t1 - t0|)``, so every grid
+  made of points of the fine grid sees the same path (what strong-order tests need).
+
+Interface used by solvers: ``increment(t0, t1, like)`` (the normal tied to a step) and
+``randn(like)`` (an extra independent normal, e.g. for Langevin correctors or churn).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def sample_seeds(seed: int, n: int) -> list[int]:
+    """Per-sample seeds derived from one integer seed: sample i gets a seed that depends only on
+    ``(seed, i)``."""
+    return [int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0] >> 1)
+            for i in range(n)]
+
+
+class SeededNoise:
+    """Per-sample generators (on the CPU; results are moved to the state's device)."""
+
+    def __init__(self, seeds: Sequence[int]) -> None:
+        self.seeds = [int(s) for s in seeds]
+        self.gens = [torch.Generator().manual_seed(s) for s in self.seeds]
+
+    def _check(self, like: Tensor) -> None:
+        if like.shape[0] != len(self.gens):
+            raise ValueError(f"shape mismatch: the noise source has {len(self.gens)} per-sample "
+                             f"seeds but the state has shape {tuple(like.shape)}")
+
+    def randn(self, like: Tensor) -> Tensor:
+        self._check(like)
+        shape = tuple(like.shape[1:])
+        z = torch.stack([torch.randn(shape, generator=g, dtype=torch.float64) for g in self.gens])
+        return z.to(dtype=like.dtype, device=like.device)
+
+    def increment(self, t0: Any, t1: Any, like: Tensor) -> Tensor:
+        return self.randn(like)
+
+
+class BrownianNoise(SeededNoise):
+    """One Brownian path per sample on the fine grid ``times`` (any order); queries must use
+    times that are points of that grid."""
+
+    def __init__(self, seeds: Sequence[int], times: Any, event_shape: Sequence[int]) -> None:
+        super().__init__(seeds)
+        t = torch.as_tensor(times, dtype=torch.float64).flatten()
+        self.times, order = torch.sort(t)
+        dt = self.times[1:] - self.times[:-1]
+        if not bool((dt > 0).all()):
+            raise ValueError("BrownianNoise times must be distinct")
+        path_gens = [torch.Generator().manual_seed(s ^ 0x5DEECE66D) for s in self.seeds]
+        inc = torch.stack([torch.randn((dt.numel(),) + tuple(event_shape), generator=g,
+                                       dtype=torch.float64) for g in path_gens])
+        inc = inc * dt.sqrt().reshape((1, -1) + (1,) * len(event_shape))
+        self.W = torch.cat([torch.zeros_like(inc[:, :1]), inc.cumsum(1)], 1)  # (B, n, *event)
+
+    def _index(self, t: Any) -> int:
+        t = float(t)
+        i = int(torch.searchsorted(self.times, torch.tensor(t, dtype=torch.float64)))
+        for j in (i - 1, i):
+            if 0 <= j < self.times.numel() and abs(self.times[j].item() - t) <= 1e-12 * (1 + abs(t)):
+                return j
+        raise ValueError(f"time {t!r} is not a point of the Brownian grid")
+
+    def increment(self, t0: Any, t1: Any, like: Tensor) -> Tensor:
+        self._check(like)
+        i0, i1 = self._index(t0), self._index(t1)
+        dW = self.W[:, i1] - self.W[:, i0]
+        return (dW / abs(float(t1) - float(t0)) ** 0.5).to(dtype=like.dtype, device=like.device)

@@ -1,0 +1,7 @@
+"""The solver registry and the built-in solvers."""
+from . import classic, ode  # noqa: F401  (registers the built-in solvers)
+from .base import ModelOutputError, Problem, Solver
+from .registry import get_solver, list_solvers, register, solver_names
+
+__all__ = ["Solver", "Problem", "ModelOutputError", "register", "get_solver", "list_solvers",
+           "solver_names"]

@@ -1,0 +1,113 @@
+"""The solver contract.
+
+A solver is a small stateless object: ``init(problem, x) -> state`` and
+``step(problem, i, x, state) -> (x_next, state)`` advance the state from ``problem.times[i]``
+to ``problem.times[i + 1]``. Multistep history lives in the state (indexed by step number),
+never on ``self``. The driver (:func:`sdekit.sample`) owns the loop. Solvers that choose their
+own steps (adaptive, external backends) set ``adaptive = True`` and implement ``integrate``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .._utils import append_dims
+from ..dynamics.parameterization import DiffusionModel
+from ..sde.base import ForwardSDE
+
+
+class ModelOutputError(FloatingPointError):
+    """The model returned NaN or Inf during a solve."""
+
+
+@dataclass
+class Problem:
+    """What a solver sees: the forward SDE, the counted model, the grid and the noise source.
+
+    Schedule quantities at the grid points are precomputed in float64 (``alpha``, ``sigma``,
+    ``lam``); use :meth:`coef` to get them in the state's dtype.
+    """
+
+    sde: ForwardSDE
+    model: DiffusionModel
+    times: Tensor
+    noise: Any
+    solver_name: str = "?"
+    model_dtype: torch.dtype | None = None
+    step_index: int = 0
+    alpha: Tensor = field(init=False)
+    sigma: Tensor = field(init=False)
+    lam: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.alpha = self.sde.alpha(self.times).double()
+        self.sigma = self.sde.sigma(self.times).double()
+        self.lam = self.sde.lambda_(self.times).double()
+
+    @property
+    def steps(self) -> int:
+        return self.times.numel() - 1
+
+    def predict(self, x: Tensor, t: Any, kind: str = "eps") -> Tensor:
+        """One counted model call, converted to ``kind``; NaN/Inf stops the solve."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        inp = x if self.model_dtype is None else x.to(self.model_dtype)
+        out = self.model.predict(inp, t, kind).to(x.dtype)
+        if not bool(torch.isfinite(out).all()):
+            raise ModelOutputError(
+                f"the model returned NaN or Inf at step {self.step_index} (t={float(t.flatten()[0]):.6g})"
+                f" of solver {self.solver_name!r}")
+        return out
+
+    def bcast(self, v: Any, like: Tensor) -> Tensor:
+        """A scalar or per-sample value as a tensor broadcastable against ``like``."""
+        return append_dims(torch.as_tensor(v, dtype=torch.float64).to(like.device), like.ndim).to(like.dtype)
+
+
+class Solver:
+    """Base class. Subclasses set the class attributes and implement ``step`` (and ``init`` when
+    they keep history)."""
+
+    name: ClassVar[str] = "?"
+    family: ClassVar[str] = "?"
+    order: int | None = None            # deterministic (ODE) order; None: not declared
+    strong_order: float | None = None   # strong order of stochastic solvers (additive noise)
+    nfe_per_step: int = 1
+    stochastic: bool = False
+    adaptive: ClassVar[bool] = False
+    min_steps: int = 1
+    default_grid: ClassVar[str] = "logsnr"
+    per_sample_noise: ClassVar[bool] = True  # False for backends with their own RNG
+    paper: ClassVar[str] = ""
+
+    def __init__(self, **options: Any) -> None:
+        if options:
+            raise TypeError(f"{type(self).__name__} got unknown options {sorted(options)}")
+
+    # the fixed-grid interface
+    def init(self, p: Problem, x: Tensor) -> Any:
+        return None
+
+    def step(self, p: Problem, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    # the adaptive interface
+    def integrate(self, p: Problem, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def expected_nfe(self, steps: int) -> int | None:
+        """The NFE a fixed-grid solve of ``steps`` steps costs (None where it is not known in
+        advance, e.g. adaptive solvers)."""
+        return None if self.adaptive else steps * self.nfe_per_step
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "family": self.family, "order": self.order,
+                "strong_order": self.strong_order, "nfe_per_step": self.nfe_per_step,
+                "kind": "SDE" if self.stochastic else "ODE", "adaptive": self.adaptive,
+                "default_grid": self.default_grid, "paper": self.paper}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

@@ -1,0 +1,210 @@
+"""Deterministic samplers of the probability-flow ODE: explicit Runge-Kutta tables, adaptive
+torchdiffeq solves, DDIM (with eta) and EDM Heun (with stochastic churn)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Problem, Solver
+from .registry import register
+
+
+def pf_ode_lambda(p: Problem, x: Tensor, lam: Any) -> Tensor:
+    """The probability-flow ODE (Song et al. 2021, Eq. 13) with the half-logSNR lambda as the
+    independent variable: ``dx/dlambda = (d log alpha/dlambda) x - sigma eps`` with
+    ``d log alpha/dlambda = -2 sigma^2 f / g^2`` (``= sigma^2`` for every VP-type process). In
+    lambda the right-hand side is smooth even where f(t) is not (DDPM-discrete tables are
+    piecewise linear in t), so Runge-Kutta methods keep their order on every forward SDE."""
+    lam = torch.as_tensor(lam, dtype=torch.float64)
+    t = p.sde.t_of_lambda(lam)
+    eps = p.predict(x, t, "eps")
+    s = p.sde.sigma(t)
+    k = -2 * s * s * p.sde.f(t) / p.sde.g2(t)
+    return p.bcast(k, x) * x - p.bcast(s, x) * eps
+
+
+class ButcherTable:
+    """An explicit Runge-Kutta table, stored in float64 and validated (rows of A sum to c,
+    weights sum to 1, A strictly lower triangular)."""
+
+    def __init__(self, A: list[list[float]], b: list[float], c: list[float]) -> None:
+        self.A = torch.tensor(A, dtype=torch.float64)
+        self.b = torch.tensor(b, dtype=torch.float64)
+        self.c = torch.tensor(c, dtype=torch.float64)
+        s = self.b.numel()
+        if self.A.shape != (s, s) or self.c.numel() != s:
+            raise ValueError(f"Butcher table shapes disagree: A {tuple(self.A.shape)}, b ({s},), "
+                             f"c ({self.c.numel()},)")
+        if not torch.allclose(self.A.sum(1), self.c, atol=1e-14):
+            raise ValueError("Butcher table rows of A must sum to c")
+        if abs(float(self.b.sum()) - 1) > 1e-14:
+            raise ValueError("Butcher table weights b must sum to 1")
+        if bool(torch.triu(self.A).ne(0).any()):
+            raise ValueError("Butcher table A must be strictly lower triangular (explicit method)")
+
+    @property
+    def stages(self) -> int:
+        return self.b.numel()
+
+
+TABLES = {
+    "euler": (ButcherTable([[0.0]], [1.0], [0.0]), 1),
+    "heun": (ButcherTable([[0, 0], [1, 0]], [0.5, 0.5], [0, 1]), 2),
+    "rk4": (ButcherTable([[0, 0, 0, 0], [0.5, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, 1, 0]],
+                         [1 / 6, 1 / 3, 1 / 3, 1 / 6], [0, 0.5, 0.5, 1]), 4),
+}
+
+
+@register("euler", method="euler")
+@register("heun", method="heun")
+@register("rk4", method="rk4")
+class ExplicitRK(Solver):
+    """Explicit Runge-Kutta on the probability-flow ODE, stepping in lambda between the grid's
+    times (see :func:`pf_ode_lambda`). Euler: order 1, 1 NFE/step; Heun: order 2, 2 NFE/step;
+    classic RK4: order 4, 4 NFE/step. ODE. Song et al. 2021, Eq. 13, integrated with the
+    textbook tables (Butcher 2008)."""
+
+    family = "runge-kutta"
+    default_grid = "logsnr"
+    paper = "Song et al. 2021, Score-Based Generative Modeling through SDEs, Eq. 13"
+
+    def __init__(self, method: str = "euler") -> None:
+        if method not in TABLES:
+            raise ValueError(f"method={method!r} is invalid: expected one of {sorted(TABLES)}")
+        self.table, self.order = TABLES[method]
+        self.nfe_per_step = self.table.stages
+
+    def step(self, p: Problem, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+        t0 = p.lam[i]
+        h = p.lam[i + 1] - t0
+        A, b, c = self.table.A, self.table.b, self.table.c
+        ks: list[Tensor] = []
+        for j in range(self.table.stages):
+            xj = x
+            for m in range(j):
+                if A[j, m] != 0:
+                    xj = xj + float(h * A[j, m]) * ks[m]
+            ks.append(pf_ode_lambda(p, xj, t0 + c[j] * h))
+        return x + sum(float(h * b[j]) * ks[j] for j in range(len(ks))), state
+
+
+@register("dopri5", method="dopri5")
+class TorchDiffEq(Solver):
+    """Adaptive solve of the probability-flow ODE in lambda (see :func:`pf_ode_lambda`) through
+    torchdiffeq (``method`` any of
+    torchdiffeq's: dopri5, bosh3, adaptive_heun, dopri8, ...; ``rtol``, ``atol``). NFE is
+    measured by the call counter. ODE. Dormand & Prince 1980 (dopri5); Chen et al. 2018."""
+
+    family = "adaptive"
+    adaptive = True
+    paper = "Dormand & Prince 1980; torchdiffeq (Chen et al. 2018)"
+
+    def __init__(self, method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5) -> None:
+        from torchdiffeq._impl.odeint import SOLVERS
+        if method not in SOLVERS:
+            raise ValueError(f"method={method!r} is invalid: expected one of {sorted(SOLVERS)}")
+        for k, v in (("rtol", rtol), ("atol", atol)):
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise ValueError(f"{k}={v!r} is invalid: expected a number > 0")
+        self.method, self.rtol, self.atol = method, rtol, atol
+        self.order = {"dopri5": 5, "dopri8": 8, "bosh3": 3, "adaptive_heun": 2,
+                      "fehlberg2": 2}.get(method)
+
+    def integrate(self, p: Problem, x: Tensor) -> Tensor:
+        from torchdiffeq import odeint
+
+        lo, hi = p.sde.lambda_min, p.sde.lambda_max
+
+        def func(lam: Tensor, y: Tensor) -> Tensor:
+            return pf_ode_lambda(p, y, lam.double().clamp(lo, hi))
+
+        ts = torch.stack([p.lam[0], p.lam[-1]]).to(dtype=x.dtype, device=x.device)
+        return odeint(func, x, ts, method=self.method, rtol=self.rtol, atol=self.atol)[-1]
+
+
+@register("ddim", eta=0.0)
+@register("ancestral", eta=1.0)
+class DDIM(Solver):
+    """DDIM (Song, Meng & Ermon 2021, Eq. 12) on any forward SDE:
+    ``x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z`` with
+    ``c = eta sigma_s sqrt(1 - exp(-2 (lambda_s - lambda_t)))``. Order 1, 1 NFE per step.
+    ``eta = 0``: deterministic (= DPM-Solver-1); ``eta = 1``: ancestral sampling from the
+    posterior ``q(x_s | x_t, x0_hat)`` (DDPM for VP, SMLD for VE; registered as ``ancestral``),
+    an Ito-SDE sampler of strong order 1 here (additive noise)."""
+
+    family = "ddim"
+    paper = "Song, Meng & Ermon 2021, Denoising Diffusion Implicit Models, Eq. 12"
+    order = 1
+
+    def __init__(self, eta: float = 0.0) -> None:
+        if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta={eta!r} is invalid: expected a number >= 0")
+        self.eta = float(eta)
+        self.stochastic = self.eta > 0
+        self.strong_order = 1.0 if self.stochastic else None
+        self.default_grid = "uniform" if self.stochastic else "logsnr"
+
+    def step(self, p: Problem, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+        eps = p.predict(x, p.times[i], "eps")
+        a0, s0, a1, s1 = p.alpha[i], p.sigma[i], p.alpha[i + 1], p.sigma[i + 1]
+        x0 = (x - p.bcast(s0, x) * eps) / p.bcast(a0, x)
+        if not self.stochastic:
+            return p.bcast(a1, x) * x0 + p.bcast(s1, x) * eps, state
+        h = p.lam[i + 1] - p.lam[i]
+        c = self.eta * s1 * torch.sqrt(-torch.expm1(-2 * h))
+        z = p.noise.increment(p.times[i], p.times[i + 1], x)
+        dir_ = torch.sqrt((s1 * s1 - c * c).clamp_min(0))
+        return p.bcast(a1, x) * x0 + p.bcast(dir_, x) * eps + p.bcast(c, x) * z, state
+
+
+@register("edm_heun")
+@register("edm_euler", heun=False)
+class EDMHeun(Solver):
+    """EDM sampler (Karras et al. 2022, Algorithm 1; Algorithm 2 with ``S_churn > 0``) on any
+    forward SDE, run in the VE-equivalent variables ``x / alpha`` and ``sigma_tilde = sigma /
+    alpha``. Heun: order 2, 2 NFE per step (``heun=False``: Euler, order 1, 1 NFE). With churn it
+    is stochastic; ``sigma_hat`` is capped at sigma_tilde(T) so the model is never queried
+    outside the process's time range."""
+
+    family = "edm"
+    default_grid = "karras"
+    paper = "Karras et al. 2022, Elucidating the Design Space of Diffusion Models, Alg. 1-2"
+
+    def __init__(self, heun: bool = True, S_churn: float = 0.0, S_tmin: float = 0.0,
+                 S_tmax: float = float("inf"), S_noise: float = 1.0) -> None:
+        for k, v in (("S_churn", S_churn), ("S_tmin", S_tmin), ("S_noise", S_noise)):
+            if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{k}={v!r} is invalid: expected a finite number >= 0")
+        if not S_tmax >= S_tmin:
+            raise ValueError(f"S_tmax={S_tmax!r} is invalid: expected S_tmax >= S_tmin ({S_tmin})")
+        self.heun, self.S_churn, self.S_tmin, self.S_tmax, self.S_noise = (
+            bool(heun), float(S_churn), float(S_tmin), float(S_tmax), float(S_noise))
+        self.order = 2 if self.heun else 1
+        self.nfe_per_step = 2 if self.heun else 1
+        self.stochastic = self.S_churn > 0
+
+    def step(self, p: Problem, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+        s_cur, s_next = torch.exp(-p.lam[i]), torch.exp(-p.lam[i + 1])
+        t_hat, s_hat = p.times[i], s_cur
+        xt = x / p.bcast(p.alpha[i], x)
+        if self.stochastic and self.S_tmin <= float(s_cur) <= self.S_tmax:
+            gamma = min(self.S_churn / p.steps, math.sqrt(2) - 1)
+            s_hat = torch.clamp(s_cur * (1 + gamma), max=float(p.sde.sigma_tilde(p.sde.T)))
+            t_hat = p.sde.t_of_sigma_tilde(s_hat)
+            z = p.noise.randn(x)
+            xt = xt + p.bcast(torch.sqrt(s_hat ** 2 - s_cur ** 2) * self.S_noise, x) * z
+        d = self._slope(p, xt, t_hat, s_hat)
+        xn = xt + p.bcast(s_next - s_hat, x) * d
+        if self.heun:
+            d2 = self._slope(p, xn, p.times[i + 1], s_next)
+            xn = xt + p.bcast(s_next - s_hat, x) * 0.5 * (d + d2)
+        return xn * p.bcast(p.alpha[i + 1], x), state
+
+    @staticmethod
+    def _slope(p: Problem, xt: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        a = p.sde.alpha(t)
+        x0 = p.predict(xt * p.bcast(a, xt), t, "x0")
+        return (xt - x0) / p.bcast(s, xt)
