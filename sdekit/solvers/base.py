@@ -80,7 +80,9 @@ class Solver:
     adaptive: ClassVar[bool] = False
     min_steps: int = 1
     default_grid: ClassVar[str] = "logsnr"
-    per_sample_noise: ClassVar[bool] = True  # False for backends with their own RNG
+    # False where a sample's result depends on the rest of its batch (a backend's own RNG,
+    # batch-averaged step sizes): then batch-size invariance is not promised
+    per_sample_noise: bool = True
     paper: ClassVar[str] = ""
 
     def __init__(self, **options: Any) -> None:

@@ -71,12 +71,14 @@ CORRECTORS = ("langevin", "ald", "none")
 class PredictorCorrector(Solver):
     """Predictor-corrector sampling (Song et al. 2021, Alg. 1-3): at each time, ``n_corrector``
     Langevin steps ``x <- x + e s + sqrt(2 e) z`` and then one predictor step (any registered
-    fixed-grid solver). ``corrector='langevin'``: ``e = 2 a (snr |z| / |s|)^2`` with per-sample
-    norms (score-SDE averages them over the batch; per-sample keeps samples independent of their
-    batch); ``'ald'`` (annealed Langevin, NCSN): ``e = 2 a (snr sigma_t)^2``; ``a`` is the
-    one-step ratio ``(alpha_i / alpha_{i+1})^2`` (1 - beta_i for VP, 1 for VE). Ito SDE;
-    NFE per step = predictor's + n_corrector. No ODE/strong order is declared: the corrector
-    targets the marginal, not the path."""
+    fixed-grid solver). ``corrector='langevin'``: ``e = 2 a (snr |z| / |s|)^2``; with
+    ``step_norm='batch'`` (default, score-SDE's rule) the norms are averaged over the batch, so a
+    sample depends on its batch; ``step_norm='sample'`` uses each sample's own norms (batch
+    invariant; sensible only in high dimension, where the norms concentrate: in 2-D a sample near
+    a mode gets a huge step). ``'ald'`` (annealed Langevin, NCSN): ``e = 2 a (snr sigma_t)^2``,
+    per sample by construction. ``a`` is the one-step ratio ``(alpha_i / alpha_{i+1})^2``
+    (1 - beta_i for VP, 1 for VE). Ito SDE; NFE per step = predictor's + n_corrector. No
+    ODE/strong order is declared: the corrector targets the marginal, not the path."""
 
     family = "predictor-corrector"
     stochastic = True
@@ -84,7 +86,9 @@ class PredictorCorrector(Solver):
     paper = "Song et al. 2021, Score-Based Generative Modeling through SDEs, Alg. 1-3"
 
     def __init__(self, predictor: str | Solver = "reverse_diffusion", corrector: str = "langevin",
-                 snr: float = 0.16, n_corrector: int = 1) -> None:
+                 snr: float = 0.16, n_corrector: int = 1, step_norm: str = "batch") -> None:
+        if step_norm not in ("batch", "sample"):
+            raise ValueError(f"step_norm={step_norm!r} is invalid: expected 'batch' or 'sample'")
         if corrector not in CORRECTORS:
             raise ValueError(f"corrector={corrector!r} is invalid: expected one of {CORRECTORS}")
         if not (isinstance(snr, (int, float)) and snr > 0 and math.isfinite(snr)):
@@ -94,7 +98,8 @@ class PredictorCorrector(Solver):
         self.predictor = get_solver(predictor)
         if self.predictor.adaptive:
             raise ValueError(f"predictor={predictor!r} is adaptive: expected a fixed-grid solver")
-        self.corrector, self.snr = corrector, float(snr)
+        self.corrector, self.snr, self.step_norm = corrector, float(snr), step_norm
+        self.per_sample_noise = not (corrector == "langevin" and step_norm == "batch")
         self.n_corrector = 0 if corrector == "none" else n_corrector
         self.nfe_per_step = self.predictor.nfe_per_step + self.n_corrector
         self.min_steps = self.predictor.min_steps
@@ -111,6 +116,8 @@ class PredictorCorrector(Solver):
             if self.corrector == "langevin":
                 zn = z.flatten(1).norm(dim=1)
                 sn = score.flatten(1).norm(dim=1).clamp_min(1e-30)
+                if self.step_norm == "batch":
+                    zn, sn = zn.mean(), sn.mean()
                 e = 2 * a.to(x) * (self.snr * zn / sn) ** 2
             else:
                 e = (2 * a * (self.snr * p.sigma[i]) ** 2).to(x)

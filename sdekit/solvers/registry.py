@@ -1,6 +1,7 @@
 """The solver registry: ``@register("name", **defaults)`` on a Solver class."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 from .base import Solver
@@ -39,6 +40,11 @@ def get_solver(solver: str | Solver, **options: Any) -> Solver:
     if not isinstance(solver, str) or solver not in _REGISTRY:
         raise ValueError(f"unknown solver {solver!r}: expected one of {sorted(_REGISTRY)}")
     cls, defaults = _REGISTRY[solver]
+    valid = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"solver {solver!r} got unknown options {unknown}: valid options are "
+                        f"{valid}")
     obj = cls(**{**defaults, **options})
     obj.name = solver
     return obj

@@ -1,0 +1,159 @@
+"""Tests generated from the solver registry: every registered solver is covered without
+editing this file (contract, ODE order, SDE strong order, weak correctness)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sdekit
+from sdekit import BrownianNoise, make_grid, sample
+from sdekit.solvers import get_solver, solver_names
+
+from helpers import ORDER_SDES, fitted_slope, gaussian_problem, rms
+
+NAMES = solver_names()
+SOLVERS = {n: get_solver(n) for n in NAMES}
+
+
+def _steps_for(s, n: int) -> int:
+    return max(n, s.min_steps)
+
+
+# ---------------------------------------------------------------------------------- contract
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("event_shape", [(3,), (1, 2, 2)])
+def test_contract_shape_dtype_nfe(name, dtype, event_shape):
+    s = SOLVERS[name]
+    sde = sdekit.VPSDE()
+    data = sdekit.GaussianData(sde, torch.zeros(math.prod(event_shape)),
+                               torch.linspace(0.5, 1.5, math.prod(event_shape)),
+                               event_shape=event_shape)
+    steps = _steps_for(s, 6)
+    sol = sample(sde, data.model(), shape=(5,) + event_shape, solver=name, steps=steps,
+                 dtype=dtype, seed=3)
+    assert sol.x.shape == (5,) + event_shape
+    assert sol.x.dtype == dtype
+    assert torch.isfinite(sol.x).all()
+    expected = s.expected_nfe(steps)
+    if expected is None:
+        assert sol.nfe > 0
+    else:
+        assert sol.nfe == expected, f"{name}: measured NFE {sol.nfe} != declared {expected}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_contract_determinism_and_batch_invariance(name):
+    s = SOLVERS[name]
+    sde = sdekit.VPSDE()
+    data = gaussian_problem(sde, dim=3)
+    steps = _steps_for(s, 6)
+    kw = dict(solver=name, steps=steps, dtype=torch.float64)
+    a = sample(sde, data.model(), shape=(4, 3), seeds=[10, 11, 12, 13], **kw).x
+    b = sample(sde, data.model(), shape=(4, 3), seeds=[10, 11, 12, 13], **kw).x
+    assert torch.equal(a, b), "same seeds must give the same samples"
+    if not s.per_sample_noise:
+        pytest.skip(f"{name}: a sample depends on its batch (backend RNG or batch-averaged steps)")
+    c = sample(sde, data.model(), shape=(2, 3), seeds=[12, 10], **kw).x
+    # adaptive solvers pick steps from a batch-wide error norm: invariant only to tolerance
+    tol = 1e-3 if s.adaptive else 1e-10
+    torch.testing.assert_close(c[0], a[2], rtol=tol, atol=tol)
+    torch.testing.assert_close(c[1], a[0], rtol=tol, atol=tol)
+    if s.stochastic:
+        d = sample(sde, data.model(), shape=(4, 3), seeds=[20, 21, 22, 23], **kw).x
+        assert not torch.allclose(a, d), "a stochastic solver must depend on its seeds"
+
+
+# ---------------------------------------------------------------------------------- ODE order
+ODE_NAMES = [n for n in NAMES if not SOLVERS[n].stochastic and not SOLVERS[n].adaptive
+             and SOLVERS[n].order]
+
+
+@pytest.mark.parametrize("sde_name", sorted(ORDER_SDES))
+@pytest.mark.parametrize("name", ODE_NAMES)
+def test_ode_order(name, sde_name):
+    """Slope of log(error) vs log(step size) against the exact PF-ODE flow map is within 0.3 of
+    the declared order."""
+    s = SOLVERS[name]
+    sde = ORDER_SDES[sde_name]()
+    data = gaussian_problem(sde)
+    x_T = data.marginal_sample(16, sde.T, torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = data.flow(x_T, sde.T, sde.t_min)
+    ladder = [32, 64, 128, 256] if s.order <= 2 else [16, 32, 64, 128]
+    errs = [rms(sample(sde, data.model(), x_T, solver=name, steps=n).x, ref) for n in ladder]
+    slope = fitted_slope([1 / n for n in ladder], errs)
+    assert abs(slope - s.order) < 0.3, f"{name} on {sde_name}: slope {slope:.2f}, errors {errs}"
+
+
+# ------------------------------------------------------------------------------ strong order
+STRONG_NAMES = [n for n in NAMES if SOLVERS[n].stochastic and SOLVERS[n].strong_order
+                and not SOLVERS[n].adaptive and SOLVERS[n].per_sample_noise]
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+@pytest.mark.parametrize("name", STRONG_NAMES)
+def test_sde_strong_order(name, sde_name):
+    """Nested uniform grids sharing one Brownian path per sample; error against the finest
+    solve; slope within 0.3 of the declared strong order (additive noise)."""
+    s = SOLVERS[name]
+    sde = ORDER_SDES[sde_name]()
+    data = gaussian_problem(sde, dim=2, eig_min=0.1)
+    B, fine = 64, 2048
+    x_T = data.marginal_sample(B, sde.T, torch.Generator().manual_seed(0), dtype=torch.float64)
+    tf = make_grid(sde, "uniform", fine)
+    seeds = list(range(B))
+
+    def run(grid):
+        return sample(sde, data.model(), x_T, solver=name, grid=grid,
+                      noise=BrownianNoise(seeds, tf, (2,))).x
+
+    ref = run(tf)
+    ladder = [64, 128, 256, 512]
+    errs = [rms(run(tf[:: fine // n]), ref) for n in ladder]
+    slope = fitted_slope([1 / n for n in ladder], errs)
+    assert abs(slope - s.strong_order) < 0.3, f"{name}: slope {slope:.2f}, errors {errs}"
+
+
+# ---------------------------------------------------------------------------- weak correctness
+WEAK_NAMES = [n for n in NAMES if SOLVERS[n].stochastic]
+
+
+@pytest.mark.parametrize("name", WEAK_NAMES)
+def test_weak_correctness(name):
+    """With the exact score, samples reproduce the data mean and covariance (at t_min) within
+    Monte-Carlo error."""
+    sde = sdekit.VPSDE()
+    mean = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    cov = torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=torch.float64)
+    data = sdekit.GaussianData(sde, mean, cov)
+    n = 4000
+    s = SOLVERS[name]
+    steps = 200 // s.nfe_per_step
+    x = sample(sde, data.model(), shape=(n, 2), solver=name, steps=steps, dtype=torch.float64,
+               seed=7).x
+    target_mean, target_cov = data.marginal_mean(sde.t_min), data.marginal_cov(sde.t_min)
+    m, C = x.mean(0), torch.cov(x.T)
+    se_mean = torch.sqrt(torch.diagonal(target_cov) / n)
+    assert ((m - target_mean).abs() < 5 * se_mean + 0.02).all(), f"mean {m} vs {target_mean}"
+    se_cov = torch.sqrt((target_cov ** 2 + torch.outer(torch.diagonal(target_cov),
+                                                       torch.diagonal(target_cov))) / n)
+    assert ((C - target_cov).abs() < 5 * se_cov + 0.03).all(), f"cov {C} vs {target_cov}"
+
+
+# ----------------------------------------------------------------------------- registry itself
+def test_registry_lists_metadata():
+    infos = sdekit.list_solvers()
+    assert [i["name"] for i in infos] == NAMES
+    for i in infos:
+        assert i["nfe_per_step"] >= 1 and i["kind"] in ("ODE", "SDE") and i["paper"]
+
+
+def test_registry_rejects_duplicates_and_unknown_names():
+    from sdekit.solvers import register
+    from sdekit.solvers.ode import DDIM
+    with pytest.raises(ValueError, match="already registered"):
+        register("ddim")(DDIM)
+    with pytest.raises(ValueError, match="unknown solver 'nope'.*ddim"):
+        get_solver("nope")
