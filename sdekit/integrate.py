@@ -94,7 +94,11 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             noise = SeededNoise(seeds)
     save = {float(t) for t in (save_at or [])}
     missing = save - {float(t) for t in times}
-    if missing and not slv.adaptive:
+    own_loop = slv.adaptive or slv.external_loop
+    if own_loop and save - {float(times[0]), float(times[-1])}:
+        raise ValueError(f"solver {slv.name!r} runs its own loop: save_at can only hold the "
+                         "first and last times of the grid")
+    if missing:
         raise ValueError(f"save_at times {sorted(missing)} are not points of the grid")
     model_dtype = None
     if float64:
@@ -104,8 +108,10 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
     traj: dict[float, Tensor] = {}
     if float(times[0]) in save:
         traj[float(times[0])] = x.clone()
-    if slv.adaptive:
+    if own_loop:
         x = slv.integrate(p, x)
+        if float(times[-1]) in save:
+            traj[float(times[-1])] = x.clone()
     else:
         state = slv.init(p, x)
         it = range(p.steps)

@@ -4,7 +4,8 @@ A solver is a small stateless object: ``init(problem, x) -> state`` and
 ``step(problem, i, x, state) -> (x_next, state)`` advance the state from ``problem.times[i]``
 to ``problem.times[i + 1]``. Multistep history lives in the state (indexed by step number),
 never on ``self``. The driver (:func:`sdekit.sample`) owns the loop. Solvers that choose their
-own steps (adaptive, external backends) set ``adaptive = True`` and implement ``integrate``.
+own steps (``adaptive = True``) or run a backend's loop (``external_loop = True``) implement
+``integrate(problem, x) -> x`` instead.
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ class Solver:
     strong_order: float | None = None   # strong order of stochastic solvers (additive noise)
     nfe_per_step: int = 1
     stochastic: bool = False
-    adaptive: ClassVar[bool] = False
+    adaptive: ClassVar[bool] = False       # picks its own steps: NFE known only afterwards
+    external_loop: ClassVar[bool] = False  # runs its own loop (a backend) through integrate()
     min_steps: int = 1
     default_grid: ClassVar[str] = "logsnr"
     # False where a sample's result depends on the rest of its batch (a backend's own RNG,
