@@ -38,9 +38,12 @@ class SeededNoise:
                              f"seeds but the state has shape {tuple(like.shape)}")
 
     def randn(self, like: Tensor) -> Tensor:
+        """Standard normals shaped like ``like``, drawn in its dtype (float32 and float64 runs
+        therefore see different streams) from each sample's own generator."""
         self._check(like)
         shape = tuple(like.shape[1:])
-        z = torch.stack([torch.randn(shape, generator=g, dtype=torch.float64) for g in self.gens])
+        dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+        z = torch.stack([torch.randn(shape, generator=g, dtype=dtype) for g in self.gens])
         return z.to(dtype=like.dtype, device=like.device)
 
     def increment(self, t0: Any, t1: Any, like: Tensor) -> Tensor:

@@ -56,12 +56,26 @@ class Problem:
         """One counted model call, converted to ``kind``; NaN/Inf stops the solve."""
         t = torch.as_tensor(t, dtype=torch.float64)
         inp = x if self.model_dtype is None else x.to(self.model_dtype)
-        out = self.model.predict(inp, t, kind).to(x.dtype)
-        if not bool(torch.isfinite(out).all()):
+        return self._checked(self.model.predict(inp, t, kind).to(x.dtype), t)
+
+    def predict_native(self, x: Tensor, t: Any) -> tuple[str, Tensor]:
+        """One counted model call returned as ``("x0", x0)`` for x0/denoiser networks and
+        ``("eps", eps)`` otherwise, so linear update rules skip a conversion."""
+        kind = "x0" if self.model.prediction in ("x0", "denoiser") else "eps"
+        return kind, self.predict(x, t, kind)
+
+    def _checked(self, out: Tensor, t: Tensor) -> Tensor:
+        # one reduction: the sum is NaN/Inf iff an element is (short of float overflow)
+        if not bool(torch.isfinite(out.sum())):
             raise ModelOutputError(
-                f"the model returned NaN or Inf at step {self.step_index} (t={float(t.flatten()[0]):.6g})"
-                f" of solver {self.solver_name!r}")
+                f"the model returned NaN or Inf at step {self.step_index} "
+                f"(t={float(t.flatten()[0]):.6g}) of solver {self.solver_name!r}")
         return out
+
+    @staticmethod
+    def lin(a: float, x: Tensor, b: float, y: Tensor) -> Tensor:
+        """``a x + b y`` for scalar coefficients in as few tensor passes as possible."""
+        return torch.add(x if a == 1.0 else x * a, y, alpha=b)
 
     def bcast(self, v: Any, like: Tensor) -> Tensor:
         """A scalar or per-sample value as a tensor broadcastable against ``like``."""

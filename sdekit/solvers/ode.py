@@ -148,16 +148,23 @@ class DDIM(Solver):
         self.default_grid = "uniform" if self.stochastic else "logsnr"
 
     def step(self, p: Problem, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
-        eps = p.predict(x, p.times[i], "eps")
-        a0, s0, a1, s1 = p.alpha[i], p.sigma[i], p.alpha[i + 1], p.sigma[i + 1]
-        x0 = (x - p.bcast(s0, x) * eps) / p.bcast(a0, x)
-        if not self.stochastic:
-            return p.bcast(a1, x) * x0 + p.bcast(s1, x) * eps, state
-        h = p.lam[i + 1] - p.lam[i]
-        c = self.eta * s1 * torch.sqrt(-torch.expm1(-2 * h))
-        z = p.noise.increment(p.times[i], p.times[i + 1], x)
-        dir_ = torch.sqrt((s1 * s1 - c * c).clamp_min(0))
-        return p.bcast(a1, x) * x0 + p.bcast(dir_, x) * eps + p.bcast(c, x) * z, state
+        a0, s0 = float(p.alpha[i]), float(p.sigma[i])
+        a1, s1 = float(p.alpha[i + 1]), float(p.sigma[i + 1])
+        if self.stochastic:
+            h = p.lam[i + 1] - p.lam[i]
+            c = self.eta * s1 * float(torch.sqrt(-torch.expm1(-2 * h)))
+            d = math.sqrt(max(s1 * s1 - c * c, 0.0))   # weight of eps in the mean
+        else:
+            c, d = 0.0, s1
+        kind, m = p.predict_native(x, p.times[i])
+        # x_s = a1 x0 + d eps with x = a0 x0 + s0 eps, written in the network's own output
+        if kind == "eps":
+            out = p.lin(a1 / a0, x, d - a1 * s0 / a0, m)
+        else:
+            out = p.lin(d / s0, x, a1 - d * a0 / s0, m)
+        if c > 0:
+            out = out.add_(p.noise.increment(p.times[i], p.times[i + 1], x), alpha=c)
+        return out, state
 
 
 @register("edm_heun")
@@ -189,24 +196,27 @@ class EDMHeun(Solver):
         self.stochastic = self.S_churn > 0
 
     def step(self, p: Problem, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
-        s_cur, s_next = torch.exp(-p.lam[i]), torch.exp(-p.lam[i + 1])
+        s_cur, s_next = float(torch.exp(-p.lam[i])), float(torch.exp(-p.lam[i + 1]))
         t_hat, s_hat = p.times[i], s_cur
-        xt = x / p.bcast(p.alpha[i], x)
-        if self.stochastic and self.S_tmin <= float(s_cur) <= self.S_tmax:
+        a_cur = float(p.alpha[i])
+        xt = x if a_cur == 1.0 else x / a_cur
+        if self.stochastic and self.S_tmin <= s_cur <= self.S_tmax:
             gamma = min(self.S_churn / p.steps, math.sqrt(2) - 1)
-            s_hat = torch.clamp(s_cur * (1 + gamma), max=float(p.sde.sigma_tilde(p.sde.T)))
-            t_hat = p.sde.t_of_sigma_tilde(s_hat)
+            s_hat = min(s_cur * (1 + gamma), float(p.sde.sigma_tilde(p.sde.T)))
+            t_hat = p.sde.t_of_sigma_tilde(torch.tensor(s_hat, dtype=torch.float64))
             z = p.noise.randn(x)
-            xt = xt + p.bcast(torch.sqrt(s_hat ** 2 - s_cur ** 2) * self.S_noise, x) * z
+            xt = xt + math.sqrt(s_hat ** 2 - s_cur ** 2) * self.S_noise * z
         d = self._slope(p, xt, t_hat, s_hat)
-        xn = xt + p.bcast(s_next - s_hat, x) * d
+        xn = torch.add(xt, d, alpha=s_next - s_hat)
         if self.heun:
             d2 = self._slope(p, xn, p.times[i + 1], s_next)
-            xn = xt + p.bcast(s_next - s_hat, x) * 0.5 * (d + d2)
-        return xn * p.bcast(p.alpha[i + 1], x), state
+            xn = torch.add(xt, d.add_(d2), alpha=0.5 * (s_next - s_hat))
+        a_next = float(p.alpha[i + 1])
+        return (xn if a_next == 1.0 else xn * a_next), state
 
     @staticmethod
-    def _slope(p: Problem, xt: Tensor, t: Tensor, s: Tensor) -> Tensor:
-        a = p.sde.alpha(t)
-        x0 = p.predict(xt * p.bcast(a, xt), t, "x0")
-        return (xt - x0) / p.bcast(s, xt)
+    def _slope(p: Problem, xt: Tensor, t: Any, s: float) -> Tensor:
+        """``d = (x_tilde - x0) / sigma_tilde``, which is exactly eps for eps networks."""
+        a = float(p.sde.alpha(t))
+        kind, m = p.predict_native(xt if a == 1.0 else xt * a, t)
+        return m if kind == "eps" else (xt - m).div_(s)
