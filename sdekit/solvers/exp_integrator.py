@@ -1,0 +1,250 @@
+"""Shared machinery of the exponential-integrator solvers (DPM-Solver, DPM-Solver++, DEIS, UniPC).
+
+Every one of them integrates the probability-flow ODE in the half-logSNR ``lambda``, where its
+linear part is exact (Lu et al. 2022, Eq. 3.4 and 2022b, Eq. 8):
+
+* noise prediction: ``x_t = (alpha_t/alpha_s) x_s - alpha_t int_{lambda_s}^{lambda_t} e^{-lambda} eps dlambda``
+* data prediction:  ``x_t = (sigma_t/sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} e^{lambda} x0 dlambda``
+
+and approximates the model output under the integral by the Lagrange polynomial through the
+outputs already computed (previous steps, or earlier stages of a singlestep block). With
+``tau = lambda - lambda_s`` and nodes ``lambda_s + r_j h`` the weight of output ``j`` over
+``[lambda_s, lambda_s + c h]`` is ``|k| int_0^{ch} e^{k (ch - tau)} l_j(tau / h) dtau``, which
+:func:`ei_weights` evaluates in closed form with the phi functions (``k = +1`` eps, ``-1`` x0,
+``-2`` the x0 term of SDE-DPM-Solver++). Only ``alpha``, ``sigma`` and ``lambda`` of the forward
+SDE enter, so the solvers run unchanged on VP, sub-VP, VE, EDM, discrete and custom schedules.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import Problem, Solver
+
+F64 = torch.float64
+_SERIES_TERMS = 24
+
+
+def phi(k: int, z: Any) -> Tensor:
+    """``phi_k(z) = sum_{n>=0} z^n / (n + k)!`` (``phi_0 = e^z``, ``phi_1 = (e^z - 1)/z``,
+    ``phi_{k+1}(z) = (phi_k(z) - 1/k!) / z``), float64, elementwise; the Taylor series for
+    ``|z| < 1`` avoids the cancellation of the recursion near 0."""
+    z = torch.as_tensor(z, dtype=F64)
+    small = z.abs() < 1
+    zs = torch.where(small, z, torch.zeros_like(z))
+    series = torch.full_like(z, 1.0 / math.factorial(_SERIES_TERMS + k))
+    for n in range(_SERIES_TERMS - 1, -1, -1):          # Horner
+        series = series * zs + 1.0 / math.factorial(n + k)
+    zl = torch.where(small, torch.ones_like(z), z)
+    rec = torch.exp(zl) if k == 0 else torch.expm1(zl) / zl
+    for j in range(1, k):
+        rec = (rec - 1.0 / math.factorial(j)) / zl
+    return torch.where(small, series, rec)
+
+
+def lagrange_coefficients(r: Any) -> Tensor:
+    """``A`` with ``l_j(u) = sum_k A[j, k] u^k`` the Lagrange basis through the nodes ``r``."""
+    r = torch.as_tensor(r, dtype=F64).reshape(-1)
+    V = r[:, None] ** torch.arange(r.numel(), dtype=F64)
+    return torch.linalg.inv(V).T
+
+
+def ei_weights(r: Any, c: float, h: Any, k: float) -> Tensor:
+    """Exponential-integrator weights ``W_j = |k| int_0^{ch} e^{k (ch - tau)} l_j(tau/h) dtau``
+    of the outputs at the normalised nodes ``r`` (``r_0 = 0`` the current point, negative for
+    previous steps, in (0, 1] for stages); ``h`` may be a tensor (one step size per sample), the
+    result then has shape ``(len(r), *h.shape)``. Exact: with ``H = ch``,
+    ``int_0^H e^{k(H - tau)} (tau/h)^m dtau = m! c^m H phi_{m+1}(kH)``."""
+    A = lagrange_coefficients(r)
+    H = c * torch.as_tensor(h, dtype=F64)
+    mom = torch.stack([abs(k) * math.factorial(m) * c ** m * H * phi(m + 1, k * H)
+                       for m in range(A.shape[0])])
+    return torch.tensordot(A, mom, dims=1)
+
+
+def gauss_legendre(n: int) -> tuple[Tensor, Tensor]:
+    """Nodes and weights of the n-point Gauss-Legendre rule on [-1, 1] (float64)."""
+    x, w = np.polynomial.legendre.leggauss(n)
+    return torch.from_numpy(x), torch.from_numpy(w)
+
+
+def lagrange_eval(nodes: Tensor, u: Tensor) -> Tensor:
+    """``l_j(u)`` for the Lagrange basis through ``nodes``: shape ``(len(nodes), *u.shape)``."""
+    out = []
+    for j in range(nodes.numel()):
+        lj = torch.ones_like(u)
+        for m in range(nodes.numel()):
+            if m != j:
+                lj = lj * (u - nodes[m]) / (nodes[j] - nodes[m])
+        out.append(lj)
+    return torch.stack(out)
+
+
+def dynamic_threshold(x0: Tensor, ratio: float, lo: float, hi: float) -> Tensor:
+    """Dynamic thresholding (Saharia et al. 2022, Sec. 2.3): per sample
+    ``s = clamp(quantile(|x0|, ratio), lo, hi)``, then ``clamp(x0, -s, s) / s``. ``lo = 1`` and
+    ``hi = inf`` is Imagen's and dpm-solver's rule; ``hi = 1`` diffusers' default."""
+    flat = x0.detach().abs().reshape(x0.shape[0], -1).to(F64)
+    s = torch.quantile(flat, ratio, dim=1).clamp(min=lo, max=hi).to(x0)
+    s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
+def block_plan(steps: int, order: int, lower_order_at: str) -> list[tuple[int, int]]:
+    """The singlestep "fast" schedule (Lu et al. 2022, Sec. 3.4): the grid's intervals grouped
+    into consecutive blocks of ``order`` intervals (one model call each, so NFE = steps) plus at
+    most one shorter block, put where the trajectory is smoothest (``"start"``) or, as in
+    DPM-Solver's own schedule, at the end (``"end"``: for order 3 and steps divisible by 3 that
+    is the paper's ``[3, ..., 3, 2, 1]``). Returns ``(first_step, size)`` pairs."""
+    q, rem = divmod(steps, order)
+    if lower_order_at == "start":
+        sizes = ([rem] if rem else []) + [order] * q
+    elif lower_order_at == "end":
+        if order == 3 and rem == 0 and q > 1:
+            sizes = [3] * (q - 1) + [2, 1]
+        else:
+            sizes = [order] * q + ([rem] if rem else [])
+    else:
+        raise ValueError(f"lower_order_at={lower_order_at!r} is invalid: expected 'start' or 'end'")
+    plan, i0 = [], 0
+    for k in sizes:
+        plan.append((i0, k))
+        i0 += k
+    return plan
+
+
+@dataclass
+class History:
+    """Multistep state: model outputs and their half-logSNRs, keyed by step number; ``keep``
+    bounds the memory."""
+
+    keep: int
+    m: dict[int, Tensor] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, i: int, m: Tensor) -> None:
+        self.m[i] = m
+        self.m.pop(i - self.keep, None)
+
+
+KINDS = {"eps": 1.0, "x0": -1.0}
+
+
+class ExpIntegrator(Solver):
+    """Options shared by the exponential-integrator solvers.
+
+    Args:
+        prediction: ``"x0"`` integrates the data prediction (DPM-Solver++, UniPC default),
+            ``"eps"`` the noise prediction (DPM-Solver, DEIS).
+        lower_order_final: drop the order of the last steps to ``min(order, steps_left)`` (the
+            guard of DPM-Solver++, diffusers and k-diffusion against instability at few steps);
+            ``None`` (default) turns it on below 10 steps, where it helps on real models.
+        final_to_zero: take the last interval to sigma = 0 at first order: the last step
+            returns the clean-data estimate ``(x - sigma eps) / alpha`` of its model call (the
+            data prediction itself for ``"x0"``) instead of ``x(t_end)``; no extra model call.
+        thresholding: dynamic thresholding of the data prediction (``"x0"`` only), see
+            :func:`dynamic_threshold` (``threshold_ratio``, ``threshold_min``, ``threshold_max``).
+    """
+
+    family = "exponential-integrator"
+    default_grid = "logsnr"
+    kind_options = ("eps", "x0")
+    auto_lower_order_below = 10
+
+    def __init__(self, prediction: str = "x0", lower_order_final: bool | None = None,
+                 final_to_zero: bool = False, thresholding: bool = False,
+                 threshold_ratio: float = 0.995, threshold_min: float = 1.0,
+                 threshold_max: float = math.inf) -> None:
+        if prediction not in self.kind_options:
+            raise ValueError(f"prediction={prediction!r} is invalid: expected one of "
+                             f"{self.kind_options}")
+        if lower_order_final not in (None, True, False):
+            raise ValueError(f"lower_order_final={lower_order_final!r} is invalid: expected "
+                             "True, False or None (automatic)")
+        if thresholding and prediction != "x0":
+            raise ValueError("thresholding=True needs a data-prediction solver: use "
+                             "prediction='x0' (DPM-Solver++, UniPC)")
+        if not 0 < threshold_ratio <= 1:
+            raise ValueError(f"threshold_ratio={threshold_ratio!r} is invalid: expected a "
+                             "number in (0, 1]")
+        if not 0 < threshold_min <= threshold_max:
+            raise ValueError(f"threshold_min={threshold_min!r}, threshold_max={threshold_max!r} "
+                             "are invalid: expected 0 < threshold_min <= threshold_max")
+        self.prediction = prediction
+        self.k = KINDS[prediction]
+        self.lower_order_final = lower_order_final
+        self.final_to_zero = bool(final_to_zero)
+        self.threshold = ((float(threshold_ratio), float(threshold_min), float(threshold_max))
+                          if thresholding else None)
+
+    # ------------------------------------------------------------------ helpers
+    def check(self, p: Problem) -> None:
+        """Clear errors instead of NaN: every grid point needs a finite half-logSNR."""
+        bad = ~torch.isfinite(p.lam)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(
+                f"the half-logSNR lambda is {p.lam[i].item()} at grid time t={p.times[i].item():.6g}"
+                f" (alpha={p.alpha[i].item():.3g}, sigma={p.sigma[i].item():.3g}): exponential "
+                "integrators need 0 < sigma and 0 < alpha at every grid point; end the grid at "
+                "t_end > 0 (and use final_to_zero=True to finish at sigma = 0)")
+
+    def lof(self, steps: int) -> bool:
+        if self.lower_order_final is None:
+            return steps < self.auto_lower_order_below
+        return self.lower_order_final
+
+    def step_order(self, i: int, steps: int, order: int) -> int:
+        """Warm-up (order <= i + 1) and, with lower_order_final, order <= steps - i."""
+        o = min(order, i + 1)
+        return min(o, steps - i) if self.lof(steps) else o
+
+    def evaluate(self, p: Problem, x: Tensor, t: Any, a: Any, s: Any) -> tuple[Tensor, Tensor]:
+        """One model call at ``(x, t)``: ``(m, eps)`` with ``m`` the output this solver
+        integrates (eps, or the possibly thresholded x0); ``a``, ``s`` are alpha and sigma at t."""
+        eps = p.predict(x, t, "eps")
+        return self.convert(p, x, eps, a, s), eps
+
+    def convert(self, p: Problem, x: Tensor, eps: Tensor, a: Any, s: Any) -> Tensor:
+        if self.prediction == "eps":
+            return eps
+        x0 = (x - p.bcast(s, x) * eps) / p.bcast(a, x)
+        return dynamic_threshold(x0, *self.threshold) if self.threshold else x0
+
+    def to_zero(self, p: Problem, i: int, x: Tensor, eps: Tensor) -> Tensor:
+        """The first-order step from grid point ``i`` to sigma = 0: the data estimate
+        ``(x - sigma eps) / alpha`` (thresholded if enabled), i.e. the data prediction of the
+        step's model call, taken at ``x`` (UniPC: the corrected state)."""
+        x0 = (x - p.bcast(p.sigma[i], x) * eps) / p.bcast(p.alpha[i], x)
+        return dynamic_threshold(x0, *self.threshold) if self.threshold else x0
+
+    def combine(self, p: Problem, x: Tensor, i0: int, t_idx: Any, W: Tensor, ms: list[Tensor],
+                a_t: Any = None, s_t: Any = None, a_s: Any = None, s_s: Any = None) -> Tensor:
+        """``x_t`` from ``x`` at grid point ``i0`` and the weighted outputs (see module doc);
+        ``t_idx`` is a grid index, or None with ``a_t``/``s_t`` given."""
+        a_s = p.alpha[i0] if a_s is None else a_s
+        s_s = p.sigma[i0] if s_s is None else s_s
+        if t_idx is not None:
+            a_t, s_t = p.alpha[t_idx], p.sigma[t_idx]
+        if self.prediction == "eps":
+            out = p.bcast(a_t / a_s, x) * x
+            for w, m in zip(W, ms):
+                out = out - p.bcast(s_t * w, x) * m
+        else:
+            out = p.bcast(s_t / s_s, x) * x
+            for w, m in zip(W, ms):
+                out = out + p.bcast(a_t * w, x) * m
+        return out
+
+    def options_summary(self) -> dict[str, Any]:
+        return {"prediction": self.prediction, "lower_order_final": self.lower_order_final,
+                "final_to_zero": self.final_to_zero, "thresholding": self.threshold is not None}
+
+
+__all__ = ["phi", "ei_weights", "lagrange_coefficients", "lagrange_eval", "gauss_legendre",
+           "dynamic_threshold", "block_plan", "History", "ExpIntegrator"]
