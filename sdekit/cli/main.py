@@ -22,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     s = sub.add_parser("sdes", help="list the forward SDEs")
     s.set_defaults(func=_cmd_sdes)
+    from .bench import add_parser as add_bench; add_bench(sub)  # noqa: E702
+    from .solvers_cmd import add_parser as add_solvers; add_solvers(sub)  # noqa: E702
+    from .train import add_parser as add_train; add_train(sub)  # noqa: E702
+    from .sample_cmd import add_parser as add_sample; add_sample(sub)  # noqa: E702
     return p
 
 

@@ -1,0 +1,330 @@
+"""Reports of a sweep: terminal and Markdown tables, JSON, CSV and a log-log PNG plot.
+
+The compact tables are *pivots*: one row per solver configuration with its best grid (the grid
+with values at the most budgets and the lowest mean log metric over them), one column per NFE
+budget. An entry shows the metric, with the measured NFE in parentheses where it differs from
+the budget. Adaptive solvers, swept over tolerances, are listed below with their measured NFE.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .runner import atomic_write_json, _atomic_write_bytes
+
+METRICS = ("rms", "fd", "kl", "sw", "mmd", "ms_per_sample")
+TITLES = {"rms": "RMS error vs the reference PF-ODE solution",
+          "fd": "Frechet distance to the target law",
+          "kl": "KL(output || target) [nats]",
+          "sw": "sliced Wasserstein distance to held-out samples",
+          "mmd": "MMD to held-out samples",
+          "ms_per_sample": "wall time per sample [ms]"}
+CSV_COLUMNS = ("id", "solver", "label", "options", "family", "kind", "order", "adaptive", "grid",
+               "budget", "tol", "steps", "expected_nfe", "nfe", "status", "rms", "fd",
+               "fd_method", "kl", "kl_method", "sw", "mmd", "wall_s", "ms_per_sample", "reason",
+               "note")
+
+
+def fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.{digits}e}" if v != 0 else "0"
+    return str(v)
+
+
+def _log(v: float) -> float:
+    return math.log10(max(v, 1e-300))
+
+
+def budgets(results: Mapping[str, Any]) -> list[int]:
+    return sorted({c["budget"] for c in results["cells"] if c.get("budget") is not None})
+
+
+def best_grids(results: Mapping[str, Any], metric: str) -> dict[str, str]:
+    """label -> the grid with values at the most budgets, then the lowest mean log metric."""
+    per: dict[str, dict[str, list[float]]] = {}
+    for c in results["cells"]:
+        if c.get("budget") is None or c.get("status") != "ok" or c.get(metric) is None:
+            continue
+        per.setdefault(c["label"], {}).setdefault(c["grid"], []).append(_log(c[metric]))
+    return {lab: min(g.items(), key=lambda kv: (-len(kv[1]), sum(kv[1]) / len(kv[1])))[0]
+            for lab, g in per.items()}
+
+
+def pivot(results: Mapping[str, Any], metric: str) -> list[dict[str, Any]]:
+    """Rows ``{label, grid, kind, values: {budget: cell}}`` sorted best first (mean log metric
+    over the budgets present, rows with more budgets first)."""
+    best = best_grids(results, metric)
+    rows: dict[str, dict[str, Any]] = {}
+    for c in results["cells"]:
+        lab = c["label"]
+        if c.get("budget") is None or best.get(lab) != c.get("grid"):
+            continue
+        row = rows.setdefault(lab, {"label": lab, "grid": c["grid"], "kind": c.get("kind"),
+                                    "values": {}})
+        row["values"][c["budget"]] = c
+
+    def key(r: Mapping[str, Any]) -> tuple[int, float]:
+        vals = [_log(c[metric]) for c in r["values"].values()
+                if c.get("status") == "ok" and c.get(metric) is not None]
+        return (-len(vals), sum(vals) / len(vals) if vals else 0.0)
+
+    return sorted(rows.values(), key=key)
+
+
+def adaptive_rows(results: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [c for c in results["cells"] if c.get("tol") is not None]
+
+
+def _entry(c: Mapping[str, Any] | None, metric: str, budget: int) -> str:
+    if c is None:
+        return ""
+    if c.get("status") != "ok":
+        return c.get("status", "?")
+    v = c.get(metric)
+    s = fmt(v)
+    if v is not None and c.get("nfe") is not None and c["nfe"] != budget:
+        s += f" ({c['nfe']})"
+    return s
+
+
+def metrics_present(results: Mapping[str, Any]) -> list[str]:
+    return [m for m in METRICS if any(c.get(m) is not None for c in results["cells"])]
+
+
+# ------------------------------------------------------------------ text tables
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], markdown: bool) -> str:
+    rows = [list(map(str, r)) for r in rows]
+    if markdown:
+        out = ["| " + " | ".join(header) + " |",
+               "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(out)
+    w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda r: "  ".join(s.ljust(w[i]) if i < 2 else s.rjust(w[i])  # noqa: E731
+                               for i, s in enumerate(r))
+    return "\n".join([line(header), "  ".join("-" * x for x in w)] + [line(r) for r in rows])
+
+
+def pivot_table(results: Mapping[str, Any], metric: str, markdown: bool = False) -> str:
+    bs = budgets(results)
+    rows = [[r["label"], r["grid"]] + [_entry(r["values"].get(b), metric, b) for b in bs]
+            for r in pivot(results, metric)]
+    return _table(["solver", "grid"] + [f"NFE {b}" for b in bs], rows, markdown)
+
+
+def adaptive_table(results: Mapping[str, Any], metrics: Sequence[str], markdown: bool = False
+                   ) -> str:
+    rows = [[c["label"], fmt(c["tol"], 0), str(c.get("nfe", "-"))]
+            + [fmt(c.get(m)) if c.get("status") == "ok" else c.get("status", "?") for m in metrics]
+            for c in adaptive_rows(results)]
+    return _table(["solver", "tol", "NFE"] + list(metrics), rows, markdown)
+
+
+def full_table(results: Mapping[str, Any], markdown: bool = True) -> str:
+    ms = metrics_present(results)
+    rows = []
+    for c in results["cells"]:
+        where = c["grid"] if c.get("tol") is None else f"tol={c['tol']:g}"
+        rows.append([c["label"], where, str(c.get("budget") or "-"), str(c.get("steps") or "-"),
+                     str(c.get("nfe", "-")), c["status"]]
+                    + [fmt(c.get(m)) for m in ms] + [(c.get("reason") or c.get("note") or "")
+                                                     .replace("|", "/")])
+    return _table(["solver", "grid", "budget", "steps", "NFE", "status"] + ms + ["notes"], rows,
+                  markdown)
+
+
+def _floors_line(results: Mapping[str, Any]) -> str:
+    ref = results.get("reference", {})
+    rm = ref.get("metrics", {})
+    parts = [f"{k} {fmt(rm.get(k))}" for k in ("fd", "kl", "sw", "mmd") if rm.get(k) is not None]
+    parts += [f"{k} {fmt(v)}" for k, v in ref.get("fit_floors", {}).items() if v is not None]
+    s = f"reference: {ref.get('method', '?')}"
+    if ref.get("error_estimate") is not None:
+        s += f" (estimated RMS error {fmt(ref['error_estimate'])})"
+    if parts:
+        s += "; its own metrics (the Monte-Carlo floors): " + ", ".join(parts)
+    return s
+
+
+def _summary_line(results: Mapping[str, Any]) -> str:
+    s = results["summary"]
+    p = results["problem"]
+    return (f"{p['name']}: {p['description']}; n={p['n']} samples, held-out n={p['n_ref']}. "
+            f"{s['cells']} cells: {s['ok']} ok, {s['skipped']} skipped, {s['diverged']} "
+            f"diverged, {s['error']} errors; {s['wall_s']:.1f} s")
+
+
+def terminal_report(results: Mapping[str, Any], metrics: Sequence[str] = ("rms", "fd")) -> str:
+    present = metrics_present(results)
+    out = [_summary_line(results)]
+    for m in metrics:
+        if m in present:
+            out += ["", f"{TITLES[m]} (best grid per solver; (k) = measured NFE where it differs "
+                        "from the budget)", pivot_table(results, m)]
+    if adaptive_rows(results):
+        out += ["", "adaptive solvers (swept over tolerance)",
+                adaptive_table(results, [m for m in metrics if m in present])]
+    out += ["", _floors_line(results)]
+    skipped = [c for c in results["cells"] if c["status"] in ("skipped", "error", "diverged")]
+    if skipped:
+        reasons: dict[str, int] = {}
+        for c in skipped:
+            r = f"{c['status']}: {c['solver']}: {(c.get('reason') or '')[:100]}"
+            reasons[r] = reasons.get(r, 0) + 1
+        out += ["", f"{len(skipped)} cells not measured:"]
+        out += [f"  {n} x {r}" for r, n in sorted(reasons.items())]
+    return "\n".join(out)
+
+
+def markdown_report(results: Mapping[str, Any], full: bool = True) -> str:
+    p = results["problem"]
+    out = [f"## sdekit bench: {p['name']}", "", _summary_line(results), "",
+           _floors_line(results), ""]
+    present = metrics_present(results)
+    for m in present:
+        out += [f"### {TITLES[m]}", "", pivot_table(results, m, markdown=True), ""]
+    if adaptive_rows(results):
+        out += ["### Adaptive solvers", "", adaptive_table(results, present, markdown=True), ""]
+    out += ["### Metrics", ""] + [f"- **{k}**: {v}" for k, v in results["metrics"].items()] + [""]
+    if full:
+        out += ["### All cells", "", full_table(results), ""]
+    return "\n".join(out)
+
+
+def write_csv(results: Mapping[str, Any], path: Path | str) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for c in results["cells"]:
+        row = dict(c)
+        row["options"] = ";".join(f"{k}={v}" for k, v in (c.get("options") or {}).items())
+        w.writerow(row)
+    _atomic_write_bytes(Path(path), buf.getvalue().encode())
+
+
+# ------------------------------------------------------------------ plot
+def plot(results: Mapping[str, Any], path: Path | str, configs: str = "best") -> bool:
+    """Each metric against measured NFE (log-log), one line per solver configuration (with
+    ``configs='best'``: each solver on its best grid; ``'all'``: every grid). Returns False when
+    matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullFormatter
+    except ImportError:
+        return False
+    ms = metrics_present(results)
+    if not ms:
+        return False
+    lines: dict[str, list[Mapping[str, Any]]] = {}
+    primary = "rms" if "rms" in ms else ms[0]
+    best = best_grids(results, primary)
+    best_fd = best_grids(results, "fd")
+    for c in results["cells"]:
+        if c.get("status") != "ok" or c.get("nfe") is None:
+            continue
+        if c.get("tol") is not None:
+            key = f"{c['label']} (tol)"
+        else:
+            b = best.get(c["label"]) or best_fd.get(c["label"])
+            if configs == "best" and c["grid"] != b:
+                continue
+            key = f"{c['label']} [{c['grid']}]"
+        lines.setdefault(key, []).append(c)
+    ncol = 3 if len(ms) > 4 else min(len(ms), 2)
+    nrow = math.ceil(len(ms) / ncol)
+    leg_cols = 4
+    leg_rows = math.ceil(len(lines) / leg_cols)
+    leg_h = 0.22 * leg_rows + 0.3
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.5 * nrow + leg_h),
+                             squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    markers = "osD^v<>ph*X"
+    handles = {}
+    nfes: set[int] = set()
+    for j, (key, cs) in enumerate(sorted(lines.items())):
+        cs = sorted(cs, key=lambda c: c["nfe"])
+        sde = cs[0].get("kind") == "SDE"
+        for ax, m in zip(axes.flat, ms):
+            pts = [(c["nfe"], c[m]) for c in cs if c.get(m) is not None and c[m] > 0]
+            if not pts:
+                continue
+            nfes.update(p[0] for p in pts)
+            h, = ax.plot(*zip(*pts), color=cmap((2 * j) % 20 + (j // 10) % 2), marker=markers[j % len(markers)],
+                         ms=3, lw=1.2, ls="--" if sde else "-", label=key)
+            handles[key] = h
+    ticks = [b for b in budgets(results) if b in nfes] or sorted(nfes)[:: max(1, len(nfes) // 6)]
+    ref = results.get("reference", {})
+    floors = {"sw": ref.get("metrics", {}).get("sw"), "mmd": ref.get("metrics", {}).get("mmd"),
+              "fd": ref.get("fit_floors", {}).get("fd_fit"),
+              "kl": ref.get("fit_floors", {}).get("kl_fit")}
+    for ax, m in zip(axes.flat, ms):
+        if floors.get(m):
+            ax.axhline(floors[m], color="0.5", ls=":", lw=1)
+            ax.annotate("exact-sample floor" + (" (fitted)" if m in ("fd", "kl") else ""),
+                        (0.99, floors[m]), xycoords=("axes fraction", "data"), ha="right",
+                        va="bottom", fontsize=6, color="0.4")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%d"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("measured NFE", fontsize=8)
+        ax.set_title(TITLES[m], fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(ms):]:
+        ax.axis("off")
+    H = 3.5 * nrow + leg_h
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=leg_cols,
+               fontsize=7, frameon=False)
+    fig.suptitle(f"sdekit bench: {results['problem']['description']} (dashed: SDE solvers)",
+                 fontsize=8)
+    fig.tight_layout(rect=(0, leg_h / H, 1, 1 - 0.3 / H))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    _atomic_write_bytes(Path(path), buf.getvalue())
+    return True
+
+
+FORMATS = ("json", "csv", "md", "png")
+
+
+def write_reports(results: Mapping[str, Any], out_dir: Path | str,
+                  formats: Sequence[str] = FORMATS, plot_configs: str = "best") -> list[str]:
+    """Write ``bench.{json,csv,md,png}`` into ``out_dir``; returns the paths written."""
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise ValueError(f"--formats: unknown format(s) {bad}: expected a subset of {FORMATS}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if "json" in formats:
+        atomic_write_json(out / "bench.json", results)
+        written.append(str(out / "bench.json"))
+    if "csv" in formats:
+        write_csv(results, out / "bench.csv")
+        written.append(str(out / "bench.csv"))
+    if "md" in formats:
+        _atomic_write_bytes(out / "bench.md", markdown_report(results).encode())
+        written.append(str(out / "bench.md"))
+    if "png" in formats:
+        if plot(results, out / "bench.png", plot_configs):
+            written.append(str(out / "bench.png"))
+        else:
+            written.append("(no PNG: matplotlib is not installed; pip install matplotlib)")
+    return written
+
+
+__all__ = ["terminal_report", "markdown_report", "pivot", "pivot_table", "adaptive_table",
+           "full_table", "write_csv", "plot", "write_reports", "best_grids", "FORMATS",
+           "METRICS"]

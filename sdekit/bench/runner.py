@@ -1,0 +1,568 @@
+"""The sweep: solvers x time grids x NFE budgets on one problem, cached per cell.
+
+* **Budgets.** A fixed-grid solver gets the most steps whose ``expected_nfe(steps)`` fits the
+  budget (``steps = budget // 2`` for a 2-NFE/step solver); a budget below the solver's minimum
+  cost is a *skipped* cell with the reason. The NFE reported is always the one the call counter
+  measured. Adaptive solvers that take ``rtol``/``atol`` are swept over tolerances instead (one
+  cell per tolerance, no grid); adaptive backends without tolerances run ``budget //
+  nfe_per_step`` steps and report what they measured.
+* **Cache and resume.** Every finished cell is written atomically to
+  ``<cache>/<problem>-<hash>/cells/<hash>.json``, keyed by the problem's fingerprint, the
+  evaluation settings and the cell id; a rerun (for instance after an interruption) loads those
+  cells instead of recomputing them. Cells that raised an unexpected error are not cached.
+* **Sharding.** Under ``torchrun`` (or any launcher setting ``RANK``/``WORLD_SIZE``) rank r
+  computes the cells ``i % WORLD_SIZE == r``; rank 0 then waits for the other ranks' cell files
+  in the shared cache and merges everything into one result. No process group is needed.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import __version__
+from ..grids import GRIDS
+from ..integrate import sample
+from ..solvers.base import ModelOutputError, Solver
+from ..solvers.registry import get_solver, solver_names
+from . import metrics as M
+from .problems import BenchError, BenchProblem
+
+BENCH_FORMAT = "sdekit-bench/1"
+DEFAULT_NFE = (5, 10, 20, 50)
+DEFAULT_TOLS = (1e-2, 1e-3, 1e-4)
+
+METRIC_DOCS = {
+    "rms": "per-coordinate RMS error against the reference PF-ODE solution from the same initial "
+           "state (exact flow map for Gaussians, else a converged adaptive solve); ODE solvers only",
+    "fd": "Frechet distance (squared 2-Wasserstein between Gaussians) of the output law to the "
+          "target law: exact output law for deterministic solvers on Gaussian problems ('exact'), "
+          "otherwise a Gaussian fitted to the samples ('fit'); target = exact Gaussian parameters "
+          "(or exact mixture moments) where known, else a fit to held-out data",
+    "kl": "KL(output || target) in nats, Gaussian target problems only; 'exact' where the output "
+          "law is exactly Gaussian and identified, 'fit' (a Gaussian fitted to the samples, biased "
+          "upwards by about D(D+3)/(4n) nats) otherwise",
+    "sw": "sliced 2-Wasserstein distance to held-out samples of the target law (fixed random "
+          "directions)",
+    "mmd": "MMD (Gaussian kernel, median-distance bandwidth of the held-out set, biased estimate) "
+           "to held-out samples of the target law",
+    "nfe": "model evaluations measured by the call counter (never the nominal count)",
+    "ms_per_sample": "wall time of the solve divided by the number of samples, in milliseconds",
+}
+
+
+@dataclass
+class SweepConfig:
+    """What to sweep and how to evaluate.
+
+    Attributes:
+        solvers: registry names (None: every registered solver).
+        grids: grid names (None: every grid in :data:`sdekit.grids.GRIDS`).
+        nfe: NFE budgets for fixed-grid solvers.
+        tols: tolerances (rtol = atol) for adaptive solvers.
+        n: samples per cell (one batch); n_ref: held-out samples (default n).
+        seed: seed of the initial states (and the solvers' per-sample noise).
+        solver_options: per-solver options, ``{name: {option: value}}``.
+        float64: keep solver states in float64.
+        reference_tol: rtol = atol of the converged reference solve (non-exact problems).
+        reference_solver: registry name of that adaptive solver.
+        projections: directions of the sliced Wasserstein distance.
+    """
+
+    solvers: Sequence[str] | None = None
+    grids: Sequence[str] | None = None
+    nfe: Sequence[int] = DEFAULT_NFE
+    tols: Sequence[float] = DEFAULT_TOLS
+    n: int = 1000
+    n_ref: int | None = None
+    seed: int = 0
+    solver_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    float64: bool = False
+    reference_tol: float = 1e-8
+    reference_solver: str = "dopri5"
+    projections: int = 128
+
+    def validate(self) -> None:
+        names = solver_names()
+        for s in self.solvers or []:
+            if s not in names:
+                raise BenchError(f"--solvers: unknown solver {s!r}: expected one of {names}")
+        for s in self.solver_options:
+            if s not in names:
+                raise BenchError(f"--solver-option: unknown solver {s!r}: expected one of {names}")
+        for g in self.grids or []:
+            if g not in GRIDS:
+                raise BenchError(f"--grids: unknown grid {g!r}: expected one of {sorted(GRIDS)}")
+        if not self.nfe or any(not isinstance(b, int) or isinstance(b, bool) or b < 1
+                               for b in self.nfe):
+            raise BenchError(f"--nfe={list(self.nfe)!r} is invalid: expected integers >= 1")
+        if any(not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0) for t in self.tols):
+            raise BenchError(f"--tols={list(self.tols)!r} is invalid: expected numbers > 0")
+        if not (isinstance(self.n, int) and self.n >= 2):
+            raise BenchError(f"--n={self.n!r} is invalid: expected an integer >= 2")
+        if self.n_ref is not None and not (isinstance(self.n_ref, int) and self.n_ref >= 2):
+            raise BenchError(f"--n-ref={self.n_ref!r} is invalid: expected an integer >= 2")
+        if self.reference_solver not in names:
+            raise BenchError(f"reference_solver={self.reference_solver!r} is unknown: expected "
+                             f"one of {names}")
+
+    def solver_list(self) -> list[str]:
+        return list(self.solvers) if self.solvers else solver_names()
+
+    def grid_list(self) -> list[str]:
+        return list(self.grids) if self.grids else list(GRIDS)
+
+
+# ------------------------------------------------------------------ planning
+def _label(name: str, options: Mapping[str, Any]) -> str:
+    if not options:
+        return name
+    return name + "(" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + ")"
+
+
+def steps_for_budget(solver: Solver, budget: int) -> tuple[int | None, int | None, str]:
+    """``(steps, expected_nfe, reason)``: the most steps whose expected NFE fits ``budget``;
+    steps None (with the reason) when even the minimum number of steps does not fit."""
+    def cost(s: int) -> int:
+        e = solver.expected_nfe(s)
+        return s * max(int(getattr(solver, "nfe_per_step", 1) or 1), 1) if e is None else int(e)
+
+    lo = max(int(getattr(solver, "min_steps", 1) or 1), 1)
+    if cost(lo) > budget:
+        return None, None, (f"budget {budget} NFE is below the minimum cost of {solver.name!r}: "
+                            f"{cost(lo)} NFE for its minimum of {lo} step(s)")
+    hi = lo
+    while cost(hi * 2) <= budget and hi < budget:
+        hi *= 2
+    hi = min(hi * 2, budget)
+    while lo < hi:  # largest s in [lo, hi] with cost(s) <= budget (cost is nondecreasing)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
+    note = "" if cost(lo) == budget else (f"budget {budget} -> {lo} steps = {cost(lo)} NFE "
+                                          f"(nfe_per_step={solver.nfe_per_step})")
+    return lo, cost(lo), note
+
+
+def _takes_tolerance(name: str, options: Mapping[str, Any], tol: float) -> bool:
+    try:
+        get_solver(name, **{**options, "rtol": tol, "atol": tol})
+        return True
+    except TypeError:
+        return False
+
+
+def plan_cells(config: SweepConfig) -> list[dict[str, Any]]:
+    """Every cell of the sweep in a fixed order, with its steps, or skipped with the reason."""
+    config.validate()
+    cells: list[dict[str, Any]] = []
+    for name in config.solver_list():
+        opts = dict(config.solver_options.get(name, {}))
+        try:
+            slv = get_solver(name, **opts)
+        except (TypeError, ValueError) as e:
+            raise BenchError(f"--solver-option for {name!r}: {e}") from e
+        meta = slv.describe()
+        base = {"solver": name, "label": _label(name, opts), "options": opts,
+                "family": meta.get("family"), "kind": meta.get("kind"),
+                "order": meta.get("order"), "adaptive": bool(slv.adaptive)}
+        if slv.adaptive and config.tols and "rtol" not in opts and "atol" not in opts \
+                and _takes_tolerance(name, opts, config.tols[0]):
+            for tol in config.tols:
+                cells.append({**base, "id": f"{base['label']}/tol={tol:g}", "grid": None,
+                              "budget": None, "tol": float(tol), "steps": None,
+                              "expected_nfe": None, "status": "planned", "note": ""})
+            continue
+        for grid in config.grid_list():
+            for budget in config.nfe:
+                cell = {**base, "id": f"{base['label']}/{grid}/nfe={budget}", "grid": grid,
+                        "budget": int(budget), "tol": None, "status": "planned", "note": ""}
+                if slv.adaptive:
+                    per = max(int(getattr(slv, "nfe_per_step", 1) or 1), 1)
+                    steps = budget // per
+                    cell.update(steps=steps, expected_nfe=None,
+                                note="adaptive backend: steps = budget // nfe_per_step, NFE "
+                                     "measured")
+                    if steps < max(slv.min_steps, 1):
+                        cell.update(status="skipped", reason=f"budget {budget} NFE gives "
+                                    f"{steps} steps, below the minimum {max(slv.min_steps, 1)}")
+                else:
+                    steps, exp, note = steps_for_budget(slv, int(budget))
+                    cell.update(steps=steps, expected_nfe=exp, note=note)
+                    if steps is None:
+                        cell.update(status="skipped", reason=note, note="")
+                cells.append(cell)
+    return cells
+
+
+# ------------------------------------------------------------------ preparation
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path | str, obj: Any) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it into place."""
+    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=1, default=_json_default) + "\n")
+                        .encode())
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Tensor):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
+
+
+def _finite(v: Any) -> Any:
+    return v if not isinstance(v, float) or math.isfinite(v) else None
+
+
+@dataclass
+class Prepared:
+    """A problem made concrete: initial states, reference solution, held-out set, target law."""
+
+    problem: BenchProblem
+    x_init: Tensor
+    x_ref: Tensor | None
+    reference: dict[str, Any]
+    heldout: Tensor | None
+    target: tuple[Tensor, Tensor] | None
+    target_method: str
+    bandwidth: float | None
+    directions: Tensor | None
+    cache_dir: Path
+    kyy: float | None = None
+
+
+def problem_key(problem: BenchProblem, config: SweepConfig) -> str:
+    ident = {"format": BENCH_FORMAT, "problem": problem.fingerprint, "n": config.n,
+             "n_ref": config.n_ref, "seed": config.seed, "float64": config.float64,
+             "projections": config.projections, "reference_tol": config.reference_tol,
+             "reference_solver": config.reference_solver}
+    return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _wait_for(paths: Sequence[Path], timeout: float, what: str,
+              ok: Callable[[Path], bool] | None = None) -> None:
+    t0 = time.monotonic()
+    while True:
+        missing = [p for p in paths if not (p.exists() and (ok is None or ok(p)))]
+        if not missing:
+            return
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"waited {timeout:.0f} s for {len(missing)} {what} from other "
+                               f"ranks (e.g. {missing[0]}); did a rank fail?")
+        time.sleep(0.5)
+
+
+def prepare(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str,
+            rank: int = 0, world_size: int = 1, timeout: float = 3600.0) -> Prepared:
+    """Draw the initial states and held-out data, and get the reference solution (exact, or a
+    converged solve loaded from / written to the cache)."""
+    cdir = Path(cache_dir) / f"{problem.name}-{problem_key(problem, config)}"
+    cdir.mkdir(parents=True, exist_ok=True)
+    x_init = problem.sample_init(config.n, torch.Generator().manual_seed(config.seed))
+    if not isinstance(x_init, Tensor) or x_init.ndim < 2 or x_init.shape[0] != config.n:
+        shape = tuple(x_init.shape) if isinstance(x_init, Tensor) else type(x_init).__name__
+        raise BenchError(f"problem {problem.name!r}: sample_init({config.n}, generator) returned "
+                         f"{shape}: expected a Tensor of shape ({config.n}, *event_shape)")
+    x_init = x_init.to(torch.float32) if not x_init.is_floating_point() else x_init
+    # held-out samples of the target law
+    n_ref = config.n_ref or config.n
+    ho = problem.heldout
+    if callable(ho):
+        heldout = ho(n_ref, torch.Generator().manual_seed(config.seed + 1))
+    elif isinstance(ho, Tensor):
+        heldout = ho[:n_ref]
+    else:
+        heldout = None
+    # the reference PF-ODE solution from the same initial states
+    if problem.flow is not None:
+        x_ref = problem.flow(x_init.double()).double()
+        reference = {"method": "exact PF-ODE flow map"}
+    else:
+        path = cdir / "reference.pt"
+        if not path.exists() and rank != 0 and world_size > 1:
+            _wait_for([path], timeout, "reference solution")
+        if path.exists():
+            saved = torch.load(path, weights_only=True)
+            x_ref, reference = saved["x"], json.loads(saved["info"])
+        else:
+            x_ref, reference = _reference_solve(problem, config, x_init)
+            buf = _tensor_bytes({"x": x_ref, "info": json.dumps(reference)})
+            _atomic_write_bytes(path, buf)
+        reference = {**reference, "cached_at": str(path)}
+    # the target law for the Frechet distance and KL
+    target, method = None, "none"
+    if problem.target_gaussian is not None and problem.features is None:
+        target = tuple(torch.as_tensor(v, dtype=torch.float64) for v in problem.target_gaussian)
+        method = "exact Gaussian" if problem.gaussian_target else "exact moments"
+    elif heldout is not None and heldout.shape[0] >= 2:
+        feats = problem.features(heldout) if problem.features is not None else heldout
+        target, method = M.fit_gaussian(feats), "fit to held-out samples"
+    bandwidth = directions = None
+    if heldout is not None:
+        flat = heldout.reshape(heldout.shape[0], -1)
+        bandwidth = M.median_bandwidth(flat)
+        directions = M.random_directions(flat.shape[1], config.projections, config.seed + 2)
+        heldout = flat.double()
+    kyy = M.mmd_self_term(heldout, bandwidth) if heldout is not None else None
+    return Prepared(problem, x_init, x_ref, reference, heldout, target, method, bandwidth,
+                    directions, cdir, kyy)
+
+
+def _tensor_bytes(obj: Any) -> bytes:
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _reference_solve(problem: BenchProblem, config: SweepConfig,
+                     x_init: Tensor) -> tuple[Tensor, dict[str, Any]]:
+    """A converged adaptive solve, and an error estimate from one 100x looser."""
+    x = x_init.double() if problem.exact_model else x_init
+    f64 = not problem.exact_model
+
+    def solve(tol: float) -> tuple[Tensor, int]:
+        sol = sample(problem.sde, problem.model, x, solver=config.reference_solver, rtol=tol,
+                     atol=tol, seed=config.seed, float64=f64)
+        return sol.x.double(), sol.nfe
+
+    t0 = time.perf_counter()
+    tight, nfe = solve(config.reference_tol)
+    loose, nfe_loose = solve(config.reference_tol * 100)
+    return tight, {"method": f"{config.reference_solver} rtol=atol={config.reference_tol:g}"
+                             f" ({'float64' if problem.exact_model else 'float64 state'})",
+                   "nfe": nfe, "error_estimate": M.rms_error(loose, tight),
+                   "error_estimate_method": f"RMS difference to a solve at rtol=atol="
+                                            f"{config.reference_tol * 100:g} ({nfe_loose} NFE)",
+                   "wall_s": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------ one cell
+def evaluate(prep: Prepared, x: Tensor, stochastic: bool) -> dict[str, Any]:
+    """All metrics of the samples ``x`` (same rows as ``prep.x_init``)."""
+    p = prep.problem
+    out: dict[str, Any] = {"rms": None, "fd": None, "fd_method": None, "kl": None,
+                           "kl_method": None, "sw": None, "mmd": None}
+    if prep.x_ref is not None and not stochastic:
+        out["rms"] = M.rms_error(x, prep.x_ref)
+    flat = x.reshape(x.shape[0], -1).double()
+    if prep.target is not None:
+        law, how = None, "fit"
+        if p.linear and p.init_gaussian is not None and p.features is None:
+            law = M.affine_gaussian_law(prep.x_init, flat, *p.init_gaussian)
+            how = "exact"
+        if law is None:
+            feats = p.features(x).reshape(x.shape[0], -1).double() if p.features else flat
+            law, how = M.fit_gaussian(feats), "fit"
+        m, S = law[0], law[1]
+        out["fd"], out["fd_method"] = M.frechet_distance(m, S, *prep.target), how
+        if p.gaussian_target and (how == "exact" or flat.shape[0] > flat.shape[1] + 1):
+            out["kl"], out["kl_method"] = _finite(M.gaussian_kl(m, S, *prep.target)), how
+    if prep.heldout is not None:
+        out["sw"] = M.sliced_wasserstein(flat, prep.heldout, prep.directions)
+        out["mmd"] = M.mmd(flat, prep.heldout, prep.bandwidth, prep.kyy)
+    return out
+
+
+def compute_cell(prep: Prepared, cell: Mapping[str, Any], config: SweepConfig) -> dict[str, Any]:
+    """Run one cell's solve and measure it. Bad combinations (e.g. a grid a solver rejects) give
+    status ``skipped`` with the solver's message; NaN/Inf gives ``diverged``; anything else
+    unexpected ``error``."""
+    res = dict(cell)
+    opts = dict(cell["options"])
+    if cell["tol"] is not None:
+        opts.update(rtol=cell["tol"], atol=cell["tol"])
+    p = prep.problem
+    try:
+        slv = get_solver(cell["solver"], **opts)
+        kw: dict[str, Any] = {"steps": cell["steps"] or 1, "grid": cell["grid"]}
+        t0 = time.perf_counter()
+        sol = sample(p.sde, p.model, prep.x_init, solver=slv, seed=config.seed,
+                     float64=config.float64, **kw)
+        wall = time.perf_counter() - t0
+    except ModelOutputError as e:
+        res.update(status="diverged", reason=str(e))
+        return res
+    except ValueError as e:
+        res.update(status="skipped", reason=f"{type(e).__name__}: {e}")
+        return res
+    except Exception as e:  # noqa: BLE001  (one bad cell must not end the sweep)
+        res.update(status="error", reason=f"{type(e).__name__}: {e}")
+        return res
+    res.update(status="ok", nfe=int(sol.nfe), steps=int(sol.steps), wall_s=wall,
+               ms_per_sample=1000.0 * wall / prep.x_init.shape[0])
+    notes = [cell.get("note") or ""]
+    if res.get("expected_nfe") is not None and sol.nfe != res["expected_nfe"]:
+        notes.append(f"measured NFE {sol.nfe} != declared {res['expected_nfe']}")
+    if res.get("budget") is not None and sol.nfe > res["budget"]:
+        notes.append(f"measured NFE {sol.nfe} exceeds the budget {res['budget']}")
+    res["note"] = "; ".join(n for n in notes if n)
+    if not bool(torch.isfinite(sol.x).all()):
+        res.update(status="diverged", reason="the solution contains NaN or Inf")
+        return res
+    res.update(evaluate(prep, sol.x, bool(slv.stochastic)))
+    return res
+
+
+# ------------------------------------------------------------------ the sweep
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise BenchError(f"environment variable {name}={v!r} is invalid: expected an integer")
+
+
+def environment() -> dict[str, Any]:
+    return {"sdekit": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def run_sweep(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str, *,
+              resume: bool = True, progress: bool = True, rank: int | None = None,
+              world_size: int | None = None, timeout: float = 3600.0) -> dict[str, Any] | None:
+    """Run (or resume) the sweep; returns the merged results on rank 0 and None on other ranks.
+
+    ``rank``/``world_size`` default to the ``RANK``/``WORLD_SIZE`` environment variables."""
+    config.validate()
+    rank = _env_int("RANK", 0) if rank is None else rank
+    world = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
+    if not (world >= 1 and 0 <= rank < world):
+        raise BenchError(f"RANK={rank}, WORLD_SIZE={world} is invalid: expected 0 <= RANK < "
+                         "WORLD_SIZE")
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "local")
+    t_start = time.perf_counter()
+    cells = plan_cells(config)
+    prep = prepare(problem, config, cache_dir, rank, world, timeout)
+    cell_dir = prep.cache_dir / "cells"
+    cell_dir.mkdir(parents=True, exist_ok=True)
+
+    def path_of(c: Mapping[str, Any]) -> Path:
+        return cell_dir / (hashlib.sha1(c["id"].encode()).hexdigest()[:16] + ".json")
+
+    def load(c: Mapping[str, Any]) -> dict[str, Any] | None:
+        try:
+            with open(path_of(c)) as f:
+                d = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if d.get("id") != c["id"] or (not resume and d.get("run_id") != run_id):
+            return None
+        return d
+
+    runnable = [c for c in cells if c["status"] == "planned"]
+    mine = [c for i, c in enumerate(runnable) if i % world == rank]
+    todo = [c for c in mine if not resume or load(c) is None]
+    computed = 0
+    done: dict[str, dict[str, Any]] = {}
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress,
+               desc=f"bench {problem.name}" + (f" [rank {rank}/{world}]" if world > 1 else ""),
+               unit="cell", dynamic_ncols=True)
+    try:
+        for c in todo:
+            bar.set_postfix_str(c["id"], refresh=False)
+            res = compute_cell(prep, c, config)
+            computed += 1
+            if res["status"] != "error":
+                atomic_write_json(path_of(c), {**res, "run_id": run_id})
+            else:
+                bar.write(f"error in cell {c['id']}: {res.get('reason')}")
+            done[c["id"]] = res
+            bar.update(1)
+    finally:
+        bar.close()
+    if rank != 0:
+        return None
+    if world > 1:
+        others = [c for i, c in enumerate(runnable) if i % world != 0]
+        _wait_for([path_of(c) for c in others], timeout, "cell results",
+                  ok=lambda p: p.stat().st_size > 0)
+        if not resume:  # fresh run: wait for this run's results, not stale ones
+            t0 = time.monotonic()
+            while any(load(c) is None for c in others):
+                if time.monotonic() - t0 > timeout:
+                    raise TimeoutError("timed out waiting for the other ranks' cells")
+                time.sleep(0.5)
+    out_cells = []
+    for c in cells:
+        if c["status"] != "planned":
+            out_cells.append(dict(c))
+            continue
+        r = done.get(c["id"]) or load(c)
+        if r is None:
+            r = {**c, "status": "error", "reason": "no result (cell failed on another rank?)"}
+        r.pop("run_id", None)
+        out_cells.append(r)
+    ref_metrics = evaluate(prep, prep.x_ref.to(prep.x_init.dtype), False) \
+        if prep.x_ref is not None else {}
+    floors = _fit_floors(prep)
+    status = [c["status"] for c in out_cells]
+    p = prep.problem
+    return {
+        "format": BENCH_FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "problem": {"name": p.name, "description": p.description, "fingerprint": p.fingerprint,
+                    "sde": repr(p.sde), "shape": list(prep.x_init.shape[1:]),
+                    "dim": int(prep.x_init[0].numel()), "t_start": p.sde.T, "t_end": p.sde.t_min,
+                    "n": config.n, "n_ref": None if prep.heldout is None else
+                    int(prep.heldout.shape[0]), "target": prep.target_method},
+        "reference": {**prep.reference, "metrics": ref_metrics, "fit_floors": floors},
+        "metrics": METRIC_DOCS,
+        "config": {**{k: v for k, v in asdict(config).items() if k != "solver_options"},
+                   "solvers": config.solver_list(), "grids": config.grid_list(),
+                   "solver_options": {k: dict(v) for k, v in config.solver_options.items()}},
+        "solvers": {n: get_solver(n, **dict(config.solver_options.get(n, {}))).describe()
+                    for n in config.solver_list()},
+        "environment": {**environment(), "world_size": world},
+        "summary": {"cells": len(out_cells), **{s: status.count(s) for s in
+                    ("ok", "skipped", "diverged", "error")},
+                    "computed_on_rank0": computed, "wall_s": time.perf_counter() - t_start},
+        "cells": out_cells,
+    }
+
+
+def _fit_floors(prep: Prepared) -> dict[str, Any]:
+    """The Monte-Carlo floors of the sample-based metrics: the same metrics for the reference
+    solution (exact samples of the target law on Gaussian problems) with fitted Gaussians."""
+    if prep.x_ref is None or prep.target is None or prep.problem.features is not None:
+        return {}
+    flat = prep.x_ref.reshape(prep.x_ref.shape[0], -1)
+    m, S = M.fit_gaussian(flat)
+    out = {"fd_fit": M.frechet_distance(m, S, *prep.target)}
+    if prep.problem.gaussian_target and flat.shape[0] > flat.shape[1] + 1:
+        out["kl_fit"] = _finite(M.gaussian_kl(m, S, *prep.target))
+    return out
+
+
+__all__ = ["SweepConfig", "plan_cells", "steps_for_budget", "prepare", "Prepared", "evaluate",
+           "compute_cell", "run_sweep", "atomic_write_json", "BENCH_FORMAT", "DEFAULT_NFE",
+           "DEFAULT_TOLS", "METRIC_DOCS"]

@@ -1,0 +1,159 @@
+"""``sdekit bench``: sweep solvers x grids x NFE budgets on a problem, report quality vs NFE."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+EPILOG = """\
+problems:
+  gaussian            16-dim Gaussian under VP, exact score and exact references (default)
+  gmm                 16-dim 8-component Gaussian mixture, exact score
+  checkpoint:PATH     a trained sdekit checkpoint (needs sdekit.training)
+  module:factory      your model: factory() -> {'sde', 'model', 'sample_init'[, 'reference']}
+
+examples:
+  sdekit bench                                   # every solver x grid at NFE 5,10,20,50
+  sdekit bench --solvers ddim,heun --grids logsnr --nfe 10,20
+  sdekit bench --problem gmm --out results/gmm
+  torchrun --nproc-per-node 2 -m sdekit.cli.main bench --problem gmm   # sharded sweep
+"""
+
+
+def _csv(kind: type, name: str):
+    def parse(s: str) -> list[Any]:
+        if s.strip().lower() == "all":
+            return []
+        try:
+            return [kind(v) for v in s.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{name}={s!r} is invalid: expected comma-separated {kind.__name__} values")
+    return parse
+
+
+def _option(s: str) -> tuple[str, str, Any]:
+    name, _, rest = s.partition(".")
+    key, eq, val = rest.partition("=")
+    if not name or not key or not eq:
+        raise argparse.ArgumentTypeError(
+            f"--solver-option {s!r} is invalid: expected SOLVER.OPTION=VALUE, e.g. pc.snr=0.1")
+    try:
+        v: Any = json.loads(val)
+    except ValueError:
+        v = val
+    return name, key, v
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="NFE-versus-quality benchmark of the registered solvers",
+        description="Sweep solvers x time grids x NFE budgets on a problem and report quality "
+                    "(RMS vs the reference PF-ODE solution, Frechet distance, KL, sliced "
+                    "Wasserstein, MMD) against measured NFE and wall time. Finished cells are "
+                    "cached: rerun the same command to resume an interrupted sweep.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--problem", default="gaussian", help="gaussian (default), gmm, checkpoint:PATH or "
+                                            "module:factory")
+    a("--sde", default=None, help="forward SDE of a built-in problem (default vp); see "
+                                  "`sdekit sdes`")
+    a("--dim", type=int, default=None, help="dimension of a built-in problem (gaussian: 16, "
+                                            "gmm: 16)")
+    a("--solvers", type=_csv(str, "--solvers"), default=[],
+      help="comma-separated registry names (default all; see `sdekit solvers`)")
+    a("--exclude", type=_csv(str, "--exclude"), default=[], help="solvers to leave out")
+    a("--grids", type=_csv(str, "--grids"), default=[],
+      help="comma-separated time grids (default all: uniform, quadratic, logsnr, karras)")
+    a("--nfe", type=_csv(int, "--nfe"), default=[5, 10, 20, 50], help="NFE budgets "
+                                                                      "(default 5,10,20,50)")
+    a("--tols", type=_csv(float, "--tols"), default=[1e-2, 1e-3, 1e-4],
+      help="tolerances for adaptive solvers (default 1e-2,1e-3,1e-4)")
+    a("-n", "--n", type=int, default=1000, help="samples per cell (default 1000)")
+    a("--n-ref", type=int, default=None, help="held-out samples (default: --n)")
+    a("--seed", type=int, default=0)
+    a("-O", "--solver-option", type=_option, action="append", default=[],
+      metavar="SOLVER.OPTION=VALUE", help="an option for one solver, e.g. pc.snr=0.1 (repeatable)")
+    a("--float64", action="store_true", help="keep solver states in float64")
+    a("--out", default=None, help="output folder (default sdekit-bench/<problem>)")
+    a("--cache-dir", default=None, help="cell cache (default <out>/cache); must be shared by "
+                                        "all ranks of a sharded run")
+    a("--fresh", action="store_true", help="recompute every cell instead of resuming")
+    a("--formats", type=_csv(str, "--formats"), default=["json", "csv", "md", "png"],
+      help="outputs to write (default json,csv,md,png)")
+    a("--plot", choices=("best", "all"), default="best",
+      help="plot each solver on its best grid (default) or every solver x grid")
+    a("--metrics", type=_csv(str, "--metrics"), default=["rms", "fd"],
+      help="metrics of the terminal tables (default rms,fd; any of rms,fd,kl,sw,mmd,"
+           "ms_per_sample)")
+    a("--threads", type=int, default=None, help="torch CPU threads")
+    a("--quiet", action="store_true", help="no progress bar")
+    a("--shard-timeout", type=float, default=3600.0,
+      help="seconds rank 0 waits for the other ranks' cells (default 3600)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..bench import report
+    from ..bench.problems import PROBLEMS, BenchError, resolve_problem
+    from ..bench.runner import SweepConfig, run_sweep
+    from ..sde import get_sde
+    from ..solvers.registry import solver_names
+
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise BenchError(f"--threads={args.threads} is invalid: expected an integer >= 1")
+            torch.set_num_threads(args.threads)
+        builtin = args.problem in PROBLEMS
+        if not builtin and (args.sde is not None or args.dim is not None):
+            raise BenchError(f"--sde/--dim configure the built-in problems {sorted(PROBLEMS)} "
+                             f"only, not --problem {args.problem!r}")
+        bad = [m for m in args.metrics if m not in report.METRICS]
+        if bad:
+            raise BenchError(f"--metrics: unknown metric(s) {bad}: expected any of "
+                             f"{list(report.METRICS)}")
+        bad = [f for f in args.formats if f not in report.FORMATS]
+        if bad:
+            raise BenchError(f"--formats: unknown format(s) {bad}: expected any of "
+                             f"{list(report.FORMATS)}")
+        names = solver_names()
+        for s in args.exclude:
+            if s not in names:
+                raise BenchError(f"--exclude: unknown solver {s!r}: expected one of {names}")
+        solvers = [s for s in (args.solvers or names) if s not in set(args.exclude)]
+        if not solvers:
+            raise BenchError("--solvers/--exclude leave no solver to run")
+        options: dict[str, dict[str, Any]] = {}
+        for name, key, val in args.solver_option:
+            options.setdefault(name, {})[key] = val
+        config = SweepConfig(solvers=solvers, grids=args.grids or None, nfe=args.nfe,
+                             tols=args.tols, n=args.n, n_ref=args.n_ref, seed=args.seed,
+                             solver_options=options, float64=args.float64)
+        config.validate()  # fail on names before building the problem
+        sde = get_sde(args.sde) if args.sde is not None else None
+        problem = resolve_problem(args.problem, sde=sde, dim=args.dim, seed=args.seed)
+        out = Path(args.out) if args.out else Path("sdekit-bench") / problem.name
+        cache = Path(args.cache_dir) if args.cache_dir else out / "cache"
+        results = run_sweep(problem, config, cache, resume=not args.fresh,
+                            progress=not args.quiet, timeout=args.shard_timeout)
+    except (BenchError, ValueError, TypeError) as e:
+        print(f"sdekit bench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nsdekit bench: interrupted; finished cells are cached, rerun the same command to "
+              "resume", file=sys.stderr)
+        return 130
+    if results is None:  # a non-zero rank of a sharded run: rank 0 reports
+        return 0
+    results["command"] = "sdekit " + " ".join(sys.argv[1:]) if sys.argv else "sdekit bench"
+    written = report.write_reports(results, out, args.formats, args.plot)
+    print(report.terminal_report(results, args.metrics))
+    print("\nwrote " + ", ".join(written))
+    return 0

@@ -1,0 +1,299 @@
+"""`sdekit bench`: metrics against closed forms, the sweep's budget logic, an end-to-end CLI run,
+resume, sharding and bad input."""
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from sdekit.bench import metrics as M
+from sdekit.bench import runner
+from sdekit.bench.problems import BenchError, gaussian_problem, resolve_problem
+from sdekit.bench.runner import SweepConfig, plan_cells, run_sweep, steps_for_budget
+from sdekit.cli.main import main
+from sdekit.solvers import get_solver, solver_names
+
+
+def _spd(d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return A @ A.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------ metrics
+def test_frechet_distance_diagonal_closed_form():
+    m1, m2 = torch.tensor([0.0, 1.0, -2.0]), torch.tensor([1.0, 1.0, 0.0])
+    a, b = torch.tensor([1.0, 4.0, 0.25]), torch.tensor([4.0, 1.0, 0.25])
+    expected = float(((m1 - m2) ** 2).sum() + ((a.sqrt() - b.sqrt()) ** 2).sum())  # 5 + 2
+    assert M.frechet_distance(m1, torch.diag(a), m2, torch.diag(b)) == pytest.approx(expected,
+                                                                                       rel=1e-12)
+
+
+def test_frechet_distance_general_matches_sqrtm_formula():
+    S1, S2 = _spd(6, 1), _spd(6, 2)
+    m1, m2 = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    cross = scipy.linalg.sqrtm(S1.numpy() @ S2.numpy()).real
+    expected = float(((m1 - m2) ** 2).sum()) + np.trace(S1.numpy() + S2.numpy() - 2 * cross)
+    assert M.frechet_distance(m1, S1, m2, S2) == pytest.approx(expected, rel=1e-9)
+    assert M.frechet_distance(m1, S1, m1, S1) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_sliced_wasserstein_of_shifted_samples():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 5, generator=g, dtype=torch.float64)
+    c = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    theta = M.random_directions(5, 64, seed=3)
+    # the projections of x + c are those of x shifted by theta.c: W2^2 = (theta.c)^2 exactly
+    expected = float(((theta @ c) ** 2).mean().sqrt())
+    assert M.sliced_wasserstein(x + c, x, theta) == pytest.approx(expected, rel=1e-10)
+    # over uniform directions E (theta.c)^2 = |c|^2 / D
+    many = M.sliced_wasserstein(x + c, x, 4000, seed=1)
+    assert many == pytest.approx(float(c.norm()) / math.sqrt(5), rel=0.03)
+    # 1-D, unequal sizes: quantile functions shifted by 2
+    y = torch.linspace(-1, 1, 301, dtype=torch.float64)[:, None]
+    z = torch.linspace(-1, 1, 101, dtype=torch.float64)[:, None] + 2
+    assert M.sliced_wasserstein(y, z, 4) == pytest.approx(2.0, rel=1e-2)
+
+
+def test_mmd_identical_sets_zero_and_shift_positive():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=g)
+    assert M.mmd(x, x) == pytest.approx(0.0, abs=1e-7)
+    h = M.median_bandwidth(x)
+    d1, d2 = M.mmd(x + 0.5, x, h), M.mmd(x + 1.0, x, h)
+    assert 0 < d1 < d2
+    assert M.mmd(x + 1.0, x, h, M.mmd_self_term(x, h)) == pytest.approx(d2, rel=1e-12)
+
+
+def test_gaussian_kl_closed_forms():
+    S = _spd(4, 5)
+    m = torch.randn(4, dtype=torch.float64)
+    assert M.gaussian_kl(m, S, m, S) == pytest.approx(0.0, abs=1e-10)
+    # 1-D: KL(N(0,1) || N(1,2)) = (1/2 + 1/2 - 1 + ln 2) / 2
+    assert M.gaussian_kl([0.0], [[1.0]], [1.0], [[2.0]]) == pytest.approx(0.5 * math.log(2),
+                                                                          rel=1e-12)
+    # shifted identity covariances: |dm|^2 / 2
+    I3 = torch.eye(3, dtype=torch.float64)
+    assert M.gaussian_kl(torch.zeros(3), I3, torch.tensor([1.0, 2.0, 2.0]), I3) == \
+        pytest.approx(4.5, rel=1e-12)
+    assert M.gaussian_kl(torch.zeros(2), torch.diag(torch.tensor([1.0, 0.0])), torch.zeros(2),
+                         torch.eye(2)) == math.inf
+
+
+def test_affine_gaussian_law_exact_for_affine_maps_only():
+    D, n = 4, 60
+    mean_in, cov_in = torch.randn(D, dtype=torch.float64), _spd(D, 7)
+    x = torch.randn(n, D, dtype=torch.float64)
+    A, b = torch.randn(D, D, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
+    law = M.affine_gaussian_law(x, x @ A.T + b, mean_in, cov_in)
+    assert law is not None
+    torch.testing.assert_close(law[0], A @ mean_in + b)
+    torch.testing.assert_close(law[1], A @ cov_in @ A.T)
+    noisy = x @ A.T + b + 0.1 * torch.randn(n, D, dtype=torch.float64)
+    assert M.affine_gaussian_law(x, noisy, mean_in, cov_in) is None
+
+
+def test_rms_error():
+    x = torch.zeros(10, 2, 2)
+    assert M.rms_error(x + 3.0, x) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        M.rms_error(torch.zeros(3, 2), torch.zeros(3, 3))
+
+
+# ------------------------------------------------------------------ budgets
+def test_budget_to_steps_uses_expected_nfe_and_skips_what_cannot_fit():
+    for name in solver_names():  # every registered fixed-grid solver, discovered
+        s = get_solver(name)
+        if s.adaptive:
+            continue
+        steps, nfe, note = steps_for_budget(s, 50)
+        assert steps is not None and nfe <= 50 and s.expected_nfe(steps) == nfe, name
+        assert steps + 1 < s.min_steps or s.expected_nfe(steps + 1) > 50, name
+    steps, nfe, note = steps_for_budget(get_solver("heun"), 5)
+    assert (steps, nfe) == (2, 4) and "4 NFE" in note
+    steps, nfe, reason = steps_for_budget(get_solver("rk4"), 3)
+    assert steps is None and "minimum" in reason
+    cells = plan_cells(SweepConfig(solvers=["rk4", "dopri5"], grids=["logsnr"], nfe=[3, 8],
+                                   tols=[1e-3]))
+    by_id = {c["id"]: c for c in cells}
+    assert by_id["rk4/logsnr/nfe=3"]["status"] == "skipped"
+    assert "minimum" in by_id["rk4/logsnr/nfe=3"]["reason"]
+    assert by_id["rk4/logsnr/nfe=8"]["steps"] == 2
+    assert by_id["dopri5/tol=0.001"]["tol"] == 1e-3  # adaptive: a tolerance cell, no budget
+
+
+# ------------------------------------------------------------------ end to end
+def test_cli_end_to_end_writes_json(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["bench", "--solvers", "ddim,heun,rk4,dopri5,euler_maruyama", "--grids", "logsnr",
+               "--nfe", "3,8", "--tols", "1e-3", "--n", "120", "--out", str(out), "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "NFE 3" in text and "heun" in text and "dopri5" in text
+    for f in ("bench.json", "bench.csv", "bench.md", "bench.png"):
+        assert (out / f).stat().st_size > 0, f
+    res = json.loads((out / "bench.json").read_text())
+    assert res["format"] == "sdekit-bench/1" and res["problem"]["name"] == "gaussian"
+    cells = {c["id"]: c for c in res["cells"]}
+    assert set(cells) == {f"{s}/logsnr/nfe={b}" for s in ("ddim", "heun", "rk4", "euler_maruyama")
+                          for b in (3, 8)} | {"dopri5/tol=0.001"}
+    assert cells["rk4/logsnr/nfe=3"]["status"] == "skipped"
+    assert cells["heun/logsnr/nfe=3"]["nfe"] == 2  # 1 step: measured, reported
+    for c in res["cells"]:
+        if c["status"] != "ok":
+            continue
+        assert isinstance(c["nfe"], int) and c["ms_per_sample"] > 0
+        if c["kind"] == "ODE":  # deterministic on a Gaussian: exact output law
+            assert c["rms"] is not None and c["fd_method"] == "exact" and c["kl_method"] == "exact"
+        else:
+            assert c["rms"] is None and c["fd_method"] == "fit"
+        assert c["sw"] > 0 and c["mmd"] >= 0
+    assert cells["dopri5/tol=0.001"]["nfe"] > 8
+    # more NFE, smaller error, for a convergent ODE solver
+    assert cells["heun/logsnr/nfe=8"]["rms"] < cells["heun/logsnr/nfe=3"]["rms"]
+    assert cells["ddim/logsnr/nfe=8"]["kl"] < cells["ddim/logsnr/nfe=3"]["kl"]
+    # the exact reference has zero exact error and a Monte-Carlo floor for SW / MMD
+    ref = res["reference"]["metrics"]
+    assert ref["rms"] == pytest.approx(0, abs=1e-6) and ref["kl"] == pytest.approx(0, abs=1e-6)
+    assert "| solver | grid | NFE 3 | NFE 8 |" in (out / "bench.md").read_text()
+
+
+def _small_config(**kw):
+    return SweepConfig(**{"solvers": ["ddim", "euler", "heun"], "grids": ["logsnr", "uniform"],
+                          "nfe": [4, 6], "n": 80, **kw})
+
+
+def test_resume_recomputes_no_finished_cell(tmp_path, monkeypatch):
+    problem = gaussian_problem(dim=4)
+    calls: list[str] = []
+    real = runner.compute_cell
+
+    def counting(prep, cell, config):
+        if len(calls) == 5 and not getattr(counting, "resumed", False):
+            raise KeyboardInterrupt  # interrupted after 5 finished cells
+        calls.append(cell["id"])
+        return real(prep, cell, config)
+
+    monkeypatch.setattr(runner, "compute_cell", counting)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(problem, _small_config(), tmp_path, progress=False)
+    first = list(calls)
+    assert len(first) == 5
+    counting.resumed = True
+    res = run_sweep(problem, _small_config(), tmp_path, progress=False)
+    second = calls[5:]
+    assert not set(first) & set(second) and len(first) + len(second) == 12
+    assert res["summary"]["ok"] == 12
+    n = len(calls)
+    res2 = run_sweep(problem, _small_config(), tmp_path, progress=False)
+    assert len(calls) == n  # nothing recomputed
+    assert [c["rms"] for c in res2["cells"]] == [c["rms"] for c in res["cells"]]
+    run_sweep(problem, _small_config(), tmp_path, progress=False, resume=False)
+    assert len(calls) == n + 12  # --fresh recomputes
+
+
+def test_sharded_sweep_merges_on_rank0(tmp_path, monkeypatch):
+    problem = gaussian_problem(dim=4)
+    calls: list[str] = []
+    real = runner.compute_cell
+    monkeypatch.setattr(runner, "compute_cell",
+                        lambda p, c, cfg: (calls.append(c["id"]), real(p, c, cfg))[1])
+    assert run_sweep(problem, _small_config(), tmp_path, progress=False, rank=1,
+                     world_size=2) is None
+    rank1 = list(calls)
+    res = run_sweep(problem, _small_config(), tmp_path, progress=False, rank=0, world_size=2,
+                    timeout=30)
+    rank0 = calls[len(rank1):]
+    assert len(rank1) == len(rank0) == 6 and not set(rank1) & set(rank0)
+    assert res["summary"]["ok"] == 12 and len(res["cells"]) == 12
+
+
+# ------------------------------------------------------------------ user models
+FACTORY_MODULE = textwrap.dedent('''
+    import torch
+    from sdekit import VPSDE, GaussianMixtureData
+
+    def make():
+        sde = VPSDE()
+        data = GaussianMixtureData(sde, [1.0, 1.0], [[1.0, 0.0], [-1.0, 0.5]], 0.05)
+        return {"sde": sde, "model": data.model("eps"),
+                "sample_init": lambda n, g: torch.randn(n, 2, generator=g),
+                "reference": data.sample(200, torch.Generator().manual_seed(1))}
+
+    def wrong():
+        return {"sde": VPSDE(), "model": lambda x, t: x, "sample_init": None}
+
+    def short():
+        return (VPSDE(),)
+''')
+
+
+def test_user_factory_problem(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_bench_model.py").write_text(FACTORY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    argv = ["bench", "--problem", "my_bench_model:make", "--solvers", "ddim", "--grids", "logsnr",
+            "--nfe", "5", "--n", "50", "--out", str(out), "--quiet", "--formats", "json"]
+    assert main(argv) == 0
+    res = json.loads((out / "bench.json").read_text())
+    assert res["reference"]["method"].startswith("dopri5") and res["reference"]["nfe"] > 0
+    assert res["reference"]["error_estimate"] < 1e-3
+    (cell,) = res["cells"]
+    assert cell["status"] == "ok" and cell["rms"] > 0 and cell["sw"] > 0
+    assert cell["kl"] is None  # not a Gaussian problem
+    assert main(argv) == 0  # cached reference and cell: loads, recomputes nothing
+    capsys.readouterr()
+    for spec, msg in (("my_bench_model:wrong", "not a DiffusionModel"),
+                      ("my_bench_model:short", "tuple of 1 items"),
+                      ("my_bench_model:nothere", "no callable 'nothere'"),
+                      ("no_such_module_xyz:make", "cannot import module 'no_such_module_xyz'")):
+        assert main(["bench", "--problem", spec, "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "expected a factory() returning" in err, (spec, err)
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("argv, msg", [
+    (["--solvers", "ddim,nope"], "unknown solver 'nope': expected one of"),
+    (["--grids", "cubic"], "unknown grid 'cubic': expected one of"),
+    (["--problem", "mnist"], "unknown --problem 'mnist': expected one of ['gaussian', 'gmm']"),
+    (["--nfe", "0"], "--nfe=[0] is invalid"),
+    (["--exclude", "nope"], "--exclude: unknown solver 'nope'"),
+    (["--sde", "nope"], "unknown SDE name='nope'"),
+    (["--problem", "checkpoint:/no/such/file.pt"], "/no/such/file.pt: no such file"),
+    (["--metrics", "fid"], "unknown metric(s) ['fid']"),
+])
+def test_bad_input_names_the_valid_choices(tmp_path, capsys, argv, msg):
+    assert main(["bench", *argv, "--out", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert msg in err, err
+    if "unknown solver" in msg:
+        assert all(n in err for n in solver_names())
+
+
+def test_checkpoint_hook_reports_missing_or_bad_loader(tmp_path, capsys):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["bench", "--problem", f"checkpoint:{bad}", "--out", str(tmp_path),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    # either the trainers are not installed yet (says what is needed) or the file is rejected
+    assert str(bad) in err and ("load_checkpoint" in err or "loading failed" in err), err
+    with pytest.raises(BenchError, match="expected one of"):
+        resolve_problem("")
+
+
+def test_solvers_command_lists_the_registry(capsys):
+    assert main(["solvers"]) == 0
+    text = capsys.readouterr().out
+    for name in solver_names():
+        assert name in text
+    assert "NFE/step" in text and "paper" in text
+    assert main(["solvers", "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert {d["name"] for d in meta} == set(solver_names())
