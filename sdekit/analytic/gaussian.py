@@ -96,10 +96,15 @@ class GaussianData:
 
     # --------------------------------------------------------------- public API
     def marginal_mean(self, t: Any) -> Tensor:
-        return self.sde.alpha(t).double() * self.mean
+        """Mean ``alpha(t) mean`` of the marginal, flat: ``(D,)``, or ``(B, D)`` for ``t`` of shape
+        ``(B,)``."""
+        a = self.sde.alpha(t).double()
+        return a[..., None] * self.mean
 
     def marginal_cov(self, t: Any) -> Tensor:
-        a, s = self.sde.alpha(t).double(), self.sde.sigma(t).double()
+        """Covariance ``alpha^2 cov + sigma^2 I``: ``(D, D)``, or ``(B, D, D)`` for ``t`` of shape
+        ``(B,)``."""
+        a, s = self.sde.alpha(t).double()[..., None, None], self.sde.sigma(t).double()[..., None, None]
         return a * a * self.cov + s * s * torch.eye(self.dim, dtype=torch.float64)
 
     def score(self, x: Tensor, t: Any) -> Tensor:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .._utils import append_dims
+from .._utils import append_dims, as_tensor
 from ..sde.base import ForwardSDE
 
 PREDICTIONS = ("eps", "x0", "v", "score", "denoiser")
@@ -112,8 +112,9 @@ class DiffusionModel:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         elif t.shape != (x.shape[0],):
-            raise ValueError(f"shape mismatch: t has shape {tuple(t.shape)} but x has batch size "
-                             f"{x.shape[0]}: expected a scalar time or one time per sample")
+            raise ValueError(f"shape mismatch: t has shape {tuple(t.shape)} but x has shape "
+                             f"{tuple(x.shape)} (batch size {x.shape[0]}): expected a scalar time "
+                             "or one time per sample")
         return t
 
     def raw(self, x: Tensor, t: Any) -> Tensor:
@@ -158,8 +159,9 @@ class DiffusionModel:
 
     def denoiser(self, x_tilde: Tensor, sigma_tilde: Any) -> Tensor:
         """k-diffusion-style ``D(x_tilde, sigma_tilde) -> x0`` with ``x_tilde = x / alpha``."""
-        s = torch.as_tensor(sigma_tilde, dtype=torch.float64, device=x_tilde.device)
-        t = self.sde.t_of_sigma_tilde(s)
+        # keep the caller's dtype: t_of_sigma_tilde allows for its rounding at the range ends
+        s = as_tensor(sigma_tilde).to(x_tilde.device)
+        t = self.sde.t_of_sigma_tilde(s).double()
         a = append_dims(self.sde.alpha(self._batch_time(x_tilde, t)).to(x_tilde), x_tilde.ndim)
         return self.x0(x_tilde * a, t)
 

@@ -18,7 +18,7 @@ SDES: dict[str, type[ForwardSDE]] = {
 def get_sde(name: str, **kwargs: Any) -> ForwardSDE:
     """Build a forward SDE from its name (``vp``, ``cosine``, ``subvp``, ``ve``, ``edm``, ``ddpm``)."""
     if name not in SDES:
-        raise ValueError(f"unknown SDE {name!r}: expected one of {sorted(SDES)}")
+        raise ValueError(f"unknown SDE name={name!r}: expected one of {sorted(SDES)}")
     return SDES[name](**kwargs)
 
 

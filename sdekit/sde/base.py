@@ -51,16 +51,18 @@ class ForwardSDE(abc.ABC):
         """log sigma(t) for float64 ``t`` (must be differentiable with autograd)."""
 
     # ------------------------------------------------------------ generic defaults
+    # ``+ 0 * tt`` keeps a graph when a schedule is constant in t (e.g. a user's
+    # ``alpha = torch.ones_like(t)``), whose derivative is then 0 instead of an autograd error.
     def _f(self, t: Tensor) -> Tensor:
         with torch.enable_grad():
             tt = t.detach().clone().requires_grad_(True)
-            (d,) = torch.autograd.grad(self._log_alpha(tt).sum(), tt)
+            (d,) = torch.autograd.grad((self._log_alpha(tt) + 0 * tt).sum(), tt)
         return d
 
     def _g2(self, t: Tensor) -> Tensor:
         with torch.enable_grad():
             tt = t.detach().clone().requires_grad_(True)
-            s2 = torch.exp(2 * self._log_sigma(tt))
+            s2 = torch.exp(2 * self._log_sigma(tt)) + 0 * tt
             (ds2,) = torch.autograd.grad(s2.sum(), tt)
         return ds2 - 2 * self._f(t) * s2.detach()
 
@@ -134,10 +136,15 @@ class ForwardSDE(abc.ABC):
     def t_of_lambda(self, lam: Any) -> Tensor:
         """Inverse of :meth:`lambda_`: the time at which the half-logSNR equals ``lam``."""
         ll = as_tensor(lam)
-        dtype = ll.dtype
-        l64 = ll.double()
+        return self._t_of_lambda_checked(ll.double(), ll.dtype)
+
+    def _t_of_lambda_checked(self, l64: Tensor, dtype: torch.dtype) -> Tensor:
+        """Validate float64 lambdas that came from a tensor of ``dtype``, invert, cast back."""
         lo, hi = self.lambda_min, self.lambda_max
-        tol = 1e-9 * (hi - lo) + 1e-12
+        # lambda_() rounds its output to the input's dtype, so a float32 lambda of t_min or T can
+        # land a few ulps outside [lo, hi]: allow for the rounding of the caller's dtype.
+        ulp = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+        tol = 1e-9 * (hi - lo) + 1e-12 + 4 * ulp * max(abs(lo), abs(hi))
         bad = torch.isnan(l64) | (l64 < lo - tol) | (l64 > hi + tol)
         if bool(bad.any()):
             val = l64[bad].flatten()[0].item()
@@ -151,7 +158,7 @@ class ForwardSDE(abc.ABC):
         s = as_tensor(sigma_tilde)
         if bool((s <= 0).any()):
             raise ValueError(f"sigma_tilde must be > 0, got min {s.min().item()!r}")
-        return self.t_of_lambda(-torch.log(s.double())).to(s.dtype)
+        return self._t_of_lambda_checked(-torch.log(s.double()), s.dtype)
 
     def f(self, t: Any) -> Tensor:
         """Drift coefficient: ``f(t) = d log alpha / dt``."""

@@ -130,8 +130,11 @@ class DiscreteDDPM(ForwardSDE):
     def timestep_to_t(self, n: Any) -> Tensor:
         """Integer (or fractional) timestep index -> continuous time ``(n + 1) / N``."""
         nn_ = as_tensor(n).double()
-        if bool(((nn_ < 0) | (nn_ > self.N - 1)).any()):
-            raise ValueError(f"timestep index out of range: expected 0 <= n <= {self.N - 1}")
+        bad = ~((nn_ >= 0) & (nn_ <= self.N - 1))  # NaN is bad too
+        if bool(bad.any()):
+            val = nn_[bad].flatten()[0].item()
+            raise ValueError(f"n={val!r} is invalid: timestep index out of range, expected "
+                             f"0 <= n <= {self.N - 1}")
         return (nn_ + 1) / self.N
 
     def __repr__(self) -> str:
