@@ -27,7 +27,9 @@ def uniform_logsnr(sde: ForwardSDE, steps: int, t_start: float, t_end: float, **
     """Uniform in the half-logSNR lambda (DPM-Solver's recommended grid)."""
     lam = torch.linspace(float(sde.lambda_(t_start)), float(sde.lambda_(t_end)), steps + 1,
                          dtype=torch.float64)
-    return sde.t_of_lambda(lam)
+    t = sde.t_of_lambda(lam)
+    t[0], t[-1] = t_start, t_end  # exact endpoints (no round-off through lambda and back)
+    return t
 
 
 def karras(sde: ForwardSDE, steps: int, t_start: float, t_end: float, rho: float = 7.0,

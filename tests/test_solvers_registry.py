@@ -32,7 +32,9 @@ def test_contract_shape_dtype_nfe(name, dtype, event_shape):
                                torch.linspace(0.5, 1.5, math.prod(event_shape)),
                                event_shape=event_shape)
     steps = _steps_for(s, 6)
-    sol = sample(sde, data.model(), shape=(5,) + event_shape, solver=name, steps=steps,
+    model = data.model()
+    solver = s.for_problem(sde, model, event_shape)
+    sol = sample(sde, model, shape=(5,) + event_shape, solver=solver, steps=steps,
                  dtype=dtype, seed=3)
     assert sol.x.shape == (5,) + event_shape
     assert sol.x.dtype == dtype
@@ -50,7 +52,7 @@ def test_contract_determinism_and_batch_invariance(name):
     sde = sdekit.VPSDE()
     data = gaussian_problem(sde, dim=3)
     steps = _steps_for(s, 6)
-    kw = dict(solver=name, steps=steps, dtype=torch.float64)
+    kw = dict(solver=s.for_problem(sde, data.model(), (3,)), steps=steps, dtype=torch.float64)
     a = sample(sde, data.model(), shape=(4, 3), seeds=[10, 11, 12, 13], **kw).x
     b = sample(sde, data.model(), shape=(4, 3), seeds=[10, 11, 12, 13], **kw).x
     assert torch.equal(a, b), "same seeds must give the same samples"

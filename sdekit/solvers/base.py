@@ -116,6 +116,11 @@ class Solver:
     def integrate(self, p: Problem, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def for_problem(self, sde: ForwardSDE, model: DiffusionModel, state_shape: Any) -> "Solver":
+        """A solver ready for this problem: learned solvers fit themselves here when they were
+        built without a trained artefact; classic solvers return themselves."""
+        return self
+
     def expected_nfe(self, steps: int) -> int | None:
         """The NFE a fixed-grid solve of ``steps`` steps costs (None where it is not known in
         advance, e.g. adaptive solvers)."""
