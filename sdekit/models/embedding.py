@@ -1,0 +1,142 @@
+"""Noise-level embeddings and the base class every sdekit score network derives from.
+
+A network declares what it outputs (``prediction``: eps, x0, v or denoiser) and what noise-level
+input it expects (``time_input``), so :func:`sdekit.models.wrap` can hand it to
+:class:`~sdekit.dynamics.DiffusionModel` with the right adapters. Networks are conditioned on the
+half-logSNR ``lambda = log alpha - log sigma`` by default: it is defined for every forward SDE, has
+a similar range for all of them (roughly -10..10), and so one architecture serves VP, VE, EDM and
+discrete DDPM alike.
+
+EDM preconditioning (Karras et al. 2022, Table 1, "EDM" column): for ``prediction='denoiser'`` the
+network is called as ``D(x_tilde, sigma)`` in the VE-equivalent space and computes
+``D = c_skip x + c_out F(c_in x, c_noise)`` with ``c_skip = sd^2 / (sigma^2 + sd^2)``,
+``c_out = sigma sd / sqrt(sigma^2 + sd^2)``, ``c_in = 1 / sqrt(sigma^2 + sd^2)`` and
+``c_noise = -log(sigma) = lambda`` (EDM uses ``log(sigma) / 4``; we keep the lambda scale so the
+same embedding serves every parametrisation).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._utils import require
+
+NET_PREDICTIONS = ("eps", "x0", "v", "denoiser")
+EMBEDDINGS = ("sinusoidal", "fourier")
+
+
+class SinusoidalEmbedding(nn.Module):
+    """``[cos(w_k c), sin(w_k c)]`` with ``dim/2`` frequencies geometric in
+    ``[min_freq, max_freq]`` (Vaswani et al. 2017, as used by DDPM for timesteps)."""
+
+    def __init__(self, dim: int, min_freq: float = 0.01, max_freq: float = 10.0) -> None:
+        super().__init__()
+        require(isinstance(dim, int) and dim >= 2 and dim % 2 == 0, "dim", dim,
+                "an even integer >= 2")
+        half = dim // 2
+        k = torch.arange(half, dtype=torch.float64) / max(half - 1, 1)
+        freqs = math.log(max_freq) + k * (math.log(min_freq) - math.log(max_freq))
+        self.register_buffer("freqs", torch.exp(freqs).float(), persistent=False)
+
+    def forward(self, c: Tensor) -> Tensor:
+        arg = c.float()[:, None] * self.freqs[None, :]
+        return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features ``[cos(2 pi b_k c), sin(2 pi b_k c)]`` with fixed
+    ``b_k ~ N(0, scale^2)`` (Tancik et al. 2020; Song et al. 2021's Gaussian Fourier projection).
+    The frequencies are a persistent buffer, so they travel with the checkpoint."""
+
+    def __init__(self, dim: int, scale: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        require(isinstance(dim, int) and dim >= 2 and dim % 2 == 0, "dim", dim,
+                "an even integer >= 2")
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("freqs", torch.randn(dim // 2, generator=g) * scale)
+
+    def forward(self, c: Tensor) -> Tensor:
+        arg = 2 * math.pi * c.float()[:, None] * self.freqs[None, :]
+        return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
+
+
+def make_embedding(kind: str, dim: int) -> nn.Module:
+    if kind == "sinusoidal":
+        return SinusoidalEmbedding(dim)
+    if kind == "fourier":
+        return FourierEmbedding(dim)
+    raise ValueError(f"embedding={kind!r} is invalid: expected one of {EMBEDDINGS}")
+
+
+class ScoreNet(nn.Module):
+    """Base class: a network ``F(x, c_noise, y)`` plus its declared output parametrisation.
+
+    Subclasses implement ``_forward(x, c_noise, y)`` and set ``self.config`` (a JSON-able dict that
+    :func:`sdekit.models.build_network` turns back into the same architecture).
+
+    ``forward(x, cond, y=None)`` receives what :class:`~sdekit.dynamics.DiffusionModel` passes:
+    the half-logSNR ``lambda`` for eps / x0 / v networks (``time_input = 'lambda'``) and
+    ``sigma_tilde = exp(-lambda)`` for EDM-preconditioned denoisers. ``y`` is an optional integer
+    class label per sample; the label ``num_classes`` (or ``None``) is the null class.
+    """
+
+    config: dict[str, Any]
+
+    def __init__(self, prediction: str = "eps", sigma_data: float = 0.5,
+                 num_classes: int | None = None) -> None:
+        super().__init__()
+        require(prediction in NET_PREDICTIONS, "prediction", prediction,
+                f"one of {NET_PREDICTIONS}")
+        require(sigma_data > 0, "sigma_data", sigma_data, "a number > 0")
+        require(num_classes is None or (isinstance(num_classes, int) and num_classes >= 1),
+                "num_classes", num_classes, "None or an integer >= 1")
+        self.prediction = prediction
+        self.sigma_data = float(sigma_data)
+        self.num_classes = num_classes
+
+    @property
+    def time_input(self) -> str:
+        """What :class:`DiffusionModel` should pass as ``cond``."""
+        return "sigma_tilde" if self.prediction == "denoiser" else "lambda"
+
+    def _labels(self, y: Tensor | None, batch: int, device: Any) -> Tensor | None:
+        if self.num_classes is None:
+            if y is not None:
+                raise ValueError("y was given but the network is unconditional (num_classes=None)")
+            return None
+        if y is None:
+            return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        y = torch.as_tensor(y, device=device).long()
+        if y.ndim == 0:
+            y = y.expand(batch)
+        if y.shape != (batch,):
+            raise ValueError(f"shape mismatch: y has shape {tuple(y.shape)} but x has batch size "
+                             f"{batch}: expected one label per sample")
+        if bool(((y < 0) | (y > self.num_classes)).any()):
+            raise ValueError(f"y contains labels outside 0..{self.num_classes} "
+                             f"({self.num_classes} is the null class)")
+        return y
+
+    def forward(self, x: Tensor, cond: Tensor, y: Tensor | None = None) -> Tensor:
+        cond = torch.as_tensor(cond, device=x.device)
+        if cond.ndim == 0:
+            cond = cond.expand(x.shape[0])
+        labels = self._labels(y, x.shape[0], x.device)
+        if self.prediction != "denoiser":
+            return self._forward(x, cond.to(x.dtype), labels)
+        sigma = cond.to(x.dtype)
+        sd = self.sigma_data
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        s = sigma.reshape(shape)
+        denom = s * s + sd * sd
+        c_skip = sd * sd / denom
+        c_out = s * sd / torch.sqrt(denom)
+        c_in = 1 / torch.sqrt(denom)
+        c_noise = -torch.log(sigma)
+        return c_skip * x + c_out * self._forward(c_in * x, c_noise, labels)
+
+    def _forward(self, x: Tensor, c_noise: Tensor, y: Tensor | None) -> Tensor:
+        raise NotImplementedError

@@ -1,0 +1,131 @@
+"""Denoising score matching on any :class:`~sdekit.sde.ForwardSDE` (Vincent 2011; Song et al.
+2021), with the weightings of the field.
+
+With ``x_t = alpha(t) x0 + sigma(t) eps`` the network's output (eps, x0, v or an EDM-preconditioned
+denoiser) is converted to ``eps_hat`` by the same adapters the samplers use, and:
+
+* ``eps``: DDPM's simple loss (Ho et al. 2020, Eq. 14): ``|eps_hat - eps|^2`` with weight 1 and
+  ``t ~ U[t_min, T]`` (uniform over the integer timesteps for :class:`DiscreteDDPM`).
+* ``likelihood``: the score-matching loss weighted by ``g(t)^2`` (Song, Durkan et al. 2021, Thm 1),
+  ``int g^2 |s_theta - grad log p_t|^2 dt``. Since ``g^2 / sigma^2 = -2 dlambda/dt`` it equals
+  ``2 int |eps_hat - eps|^2 dlambda``: importance sampling ``lambda ~ U[lambda_min, lambda_max]``
+  makes every per-sample weight constant. We return that estimator divided by
+  ``2 (lambda_max - lambda_min)`` (``importance=False``: ``t ~ U`` with weight
+  ``g^2 / sigma^2 (T - t_min) / (2 (lambda_max - lambda_min))``, the same expectation).
+* ``edm``: Karras et al. 2022, Eq. 8 and Table 1: ``sigma_tilde = sigma / alpha`` log-normal with
+  ``P_mean = -1.2, P_std = 1.2`` (clamped to the SDE's range), weight
+  ``(sigma^2 + sd^2) / (sigma sd)^2`` on ``|x0_hat - x0|^2``.
+
+All losses are averaged over the data dimensions (so their scale does not grow with image size).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .._utils import append_dims, require
+from ..dynamics.parameterization import PREDICTIONS, to_eps
+from ..sde.base import ForwardSDE
+from ..sde.discrete import DiscreteDDPM
+
+LOSSES = ("eps", "likelihood", "edm")
+
+
+class DSMLoss:
+    """Denoising score-matching loss for a network ``net(x, cond, y)``.
+
+    Args:
+        sde: the forward process.
+        kind: ``eps``, ``likelihood`` or ``edm`` (see the module docstring).
+        prediction: the network's output: ``eps``, ``x0``, ``v``, ``score`` or ``denoiser``
+            (a denoiser is called as ``net(x / alpha, sigma_tilde)`` and returns x0).
+        time_input: the conditioning passed to non-denoiser networks: ``lambda`` (sdekit's
+            networks), ``t`` or ``model_time``.
+        importance: for ``likelihood``: sample lambda uniformly (True) or t uniformly (False).
+        p_mean, p_std, sigma_data: EDM's noise distribution and data scale.
+    """
+
+    def __init__(self, sde: ForwardSDE, kind: str = "eps", prediction: str = "eps",
+                 time_input: str = "lambda", importance: bool = True, p_mean: float = -1.2,
+                 p_std: float = 1.2, sigma_data: float = 0.5) -> None:
+        require(kind in LOSSES, "loss", kind, f"one of {LOSSES}")
+        require(prediction in PREDICTIONS, "prediction", prediction, f"one of {PREDICTIONS}")
+        require(time_input in ("lambda", "t", "model_time", "sigma_tilde"), "time_input",
+                time_input, "one of ('lambda', 't', 'model_time', 'sigma_tilde')")
+        require(sigma_data > 0, "sigma_data", sigma_data, "a number > 0")
+        self.sde, self.kind, self.prediction = sde, kind, prediction
+        self.time_input = "sigma_tilde" if prediction == "denoiser" else time_input
+        self.importance = bool(importance)
+        self.p_mean, self.p_std, self.sigma_data = float(p_mean), float(p_std), float(sigma_data)
+        self._lam_lo, self._lam_hi = sde.lambda_min, sde.lambda_max
+
+    # -------------------------------------------------------------------- time sampling
+    def sample_t(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Training times (float64, shape ``(n,)``) drawn from this loss's proposal."""
+        sde = self.sde
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        if self.kind == "edm":
+            z = torch.randn(n, generator=generator, dtype=torch.float64)
+            lo, hi = math.exp(-self._lam_hi), math.exp(-self._lam_lo)
+            s = torch.exp(self.p_mean + self.p_std * z).clamp(lo, hi)
+            return sde.t_of_sigma_tilde(s)
+        if self.kind == "likelihood" and self.importance:
+            return sde.t_of_lambda(self._lam_lo + u * (self._lam_hi - self._lam_lo))
+        if isinstance(sde, DiscreteDDPM):
+            k = torch.clamp((u * sde.N).long(), max=sde.N - 1)
+            return sde.timestep_to_t(k)
+        return sde.t_min + u * (sde.T - sde.t_min)
+
+    def weight(self, t: Tensor) -> Tensor:
+        """Per-sample weight (float64) applied to the squared error at time ``t``."""
+        if self.kind == "eps" or (self.kind == "likelihood" and self.importance):
+            return torch.ones_like(t)
+        if self.kind == "likelihood":
+            sde = self.sde
+            return (sde.g2(t) / sde.sigma(t) ** 2 * (sde.T - sde.t_min)
+                    / (2 * (self._lam_hi - self._lam_lo)))
+        s = self.sde.sigma_tilde(t)
+        sd = self.sigma_data
+        return (s * s + sd * sd) / (s * sd) ** 2
+
+    # ---------------------------------------------------------------------------- loss
+    def per_sample(self, net: Callable[..., Tensor], x0: Tensor, t: Tensor, noise: Tensor,
+                   y: Tensor | None = None) -> Tensor:
+        """The weighted squared error for each sample at given times and noise (shape ``(B,)``)."""
+        if noise.shape != x0.shape:
+            raise ValueError(f"shape mismatch: noise has shape {tuple(noise.shape)} but x0 has "
+                             f"shape {tuple(x0.shape)}")
+        sde = self.sde
+        t = torch.as_tensor(t, dtype=torch.float64, device=x0.device)
+        a = append_dims(sde.alpha(t).to(x0), x0.ndim)
+        s = append_dims(sde.sigma(t).to(x0), x0.ndim)
+        xt = a * x0 + s * noise
+        inp = xt / a if self.prediction == "denoiser" else xt
+        cond = {"lambda": sde.lambda_, "t": lambda u: u, "model_time": sde.model_time,
+                "sigma_tilde": sde.sigma_tilde}[self.time_input](t).to(x0.dtype)
+        args: tuple[Any, ...] = (inp, cond) if y is None else (inp, cond, y)
+        out = net(*args)
+        if out.shape != x0.shape:
+            raise ValueError(f"shape mismatch: the network returned shape {tuple(out.shape)} for "
+                             f"an input of shape {tuple(x0.shape)}")
+        w = self.weight(t).to(x0.dtype)
+        dims = tuple(range(1, x0.ndim))
+        if self.kind == "edm":
+            x0_hat = out if self.prediction == "denoiser" else \
+                (xt - s * to_eps(self.prediction, out, xt, a, s)) / a
+            return w * (x0_hat - x0).pow(2).mean(dims)
+        eps_hat = to_eps(self.prediction, out, xt, a, s)
+        return w * (eps_hat - noise).pow(2).mean(dims)
+
+    def __call__(self, net: Callable[..., Tensor], x0: Tensor, y: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """A Monte-Carlo estimate of the loss on a batch (mean over the batch)."""
+        t = self.sample_t(x0.shape[0], generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        return self.per_sample(net, x0, t, noise, y).mean()
+
+    def __repr__(self) -> str:
+        return f"DSMLoss(kind={self.kind!r}, prediction={self.prediction!r}, sde={self.sde!r})"

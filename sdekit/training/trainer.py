@@ -1,0 +1,487 @@
+"""The trainer: AdamW with warm-up, gradient clipping, EMA, fixed seeds, atomic checkpoints with
+exact resume, CSV log, sample grids, and data-parallel training under ``torchrun``.
+
+Randomness is counter-based: the batch indices, training times, noise and label dropout of step
+``k`` on rank ``r`` come from a generator seeded with a hash of ``(seed, r, k)``, and dropout
+layers run under a forked global RNG seeded the same way. A run resumed from a checkpoint
+therefore replays exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+from .._utils import require
+from ..models import build_network
+from ..sde import SDES, get_sde
+from .checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
+from .data import DATASETS, Dataset, load_dataset
+from .losses import LOSSES, DSMLoss
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.csv"
+LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "steps_per_s", "elapsed_s")
+# config keys that must match when resuming (they define the model and the training problem)
+IDENTITY_KEYS = ("net", "sde", "sde_kwargs", "data", "image_size", "loss", "class_cond", "seed",
+                 "batch_size")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or gradient norm) became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; JSON-serialisable (stored in checkpoints).
+
+    ``net`` is a network config for :func:`sdekit.models.build_network`; missing entries are
+    filled from the recipe for ``data`` (see :func:`recipe`).
+    """
+
+    data: str = "digits"
+    sde: str = "vp"
+    sde_kwargs: dict[str, Any] = field(default_factory=dict)
+    net: dict[str, Any] = field(default_factory=dict)
+    loss: str = "eps"
+    importance: bool = True            # likelihood loss: sample lambda uniformly
+    image_size: int = 8
+    class_cond: bool = False
+    label_dropout: float = 0.1         # CFG: probability of replacing a label by the null class
+    steps: int = 4000
+    batch_size: int = 128              # global batch (split across ranks)
+    lr: float = 2e-3
+    lr_decay: str = "cosine"           # "cosine" (to 0 at `steps`) or "constant"
+    warmup: int = 100
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    ckpt_every: int = 1000
+    log_every: int = 50
+    sample_every: int = 0              # 0: a sample grid at each checkpoint
+    sample_solver: str = "ddim"
+    sample_steps: int = 20
+    sample_n: int = 64
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(d["betas"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}: expected some of "
+                             f"{sorted(names)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------------ recipes
+RECIPES: dict[str, dict[str, Any]] = {
+    # 8x8 digits: a ~1M-parameter U-Net; see benchmarks/train_digits.py for measured numbers.
+    "digits": dict(net=dict(name="unet", base_channels=32, channel_mult=[1, 2],
+                            num_res_blocks=2, attn_resolutions=[4], sigma_data=0.75),
+                   steps=4000, batch_size=128, lr=2e-3, warmup=100, ema_decay=0.999,
+                   ckpt_every=1000, sample_n=100),
+    # 2-D toys: a residual MLP, trained for a few thousand small steps.
+    "toy": dict(net=dict(name="mlp", width=256, depth=3, emb_dim=64, sigma_data=1.0),
+                steps=3000, batch_size=512, lr=2e-3, warmup=100, ema_decay=0.995,
+                ckpt_every=3000, sample_n=4000),
+}
+
+
+def recipe(data: str, **overrides: Any) -> TrainConfig:
+    """The default training config for a bundled dataset, with ``overrides`` applied
+    (``net`` overrides are merged into the recipe's network config)."""
+    if data not in DATASETS:
+        raise ValueError(f"unknown dataset {data!r}: expected one of {list(DATASETS)}")
+    base = copy.deepcopy(RECIPES["digits" if data == "digits" else "toy"])
+    net = dict(base.pop("net"))
+    net.update(overrides.pop("net", None) or {})
+    base.update(overrides)
+    return TrainConfig(data=data, net=net, **base)
+
+
+def complete_net_config(cfg: TrainConfig, dataset: Dataset) -> dict[str, Any]:
+    """Fill the data-dependent network entries (shape, classes) from the dataset."""
+    net = dict(cfg.net)
+    name = net.setdefault("name", "unet" if dataset.is_image else "mlp")
+    if name == "unet":
+        if not dataset.is_image:
+            raise ValueError(f"net name='unet' needs image data, but {cfg.data!r} has samples of "
+                             f"shape {dataset.shape}: use net name='mlp'")
+        net.setdefault("in_channels", dataset.shape[0])
+        net.setdefault("image_size", dataset.shape[-1])
+    else:
+        net.setdefault("data_shape", list(dataset.shape))
+    if cfg.class_cond:
+        if not dataset.num_classes:
+            raise ValueError(f"class_cond=True but dataset {cfg.data!r} has no class labels")
+        net.setdefault("num_classes", dataset.num_classes)
+    return net
+
+
+def _seed_for(*parts: Any) -> int:
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    loss: float                 # mean loss over the last logging window
+    checkpoint: Path | None
+    elapsed_s: float
+    history: list[dict[str, float]]
+
+
+class Trainer:
+    """Train a score network on a bundled dataset.
+
+    Args:
+        config: a :class:`TrainConfig` (see :func:`recipe` for the defaults per dataset).
+        out_dir: where ``checkpoint.pt`` (+ ``.json``), ``log.csv``, ``config.json`` and sample
+            grids go; ``None`` keeps everything in memory (no checkpoints).
+        resume: continue from ``out_dir/checkpoint.pt`` if it exists (its network, SDE, data,
+            loss, seed and batch size must match ``config``).
+        progress: show a tqdm progress bar (rank 0 only).
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised (gloo on CPU, NCCL on
+    GPUs), the network is wrapped in DistributedDataParallel, each rank draws
+    ``batch_size / world_size`` samples per step, and rank 0 writes checkpoints and logs.
+    """
+
+    def __init__(self, config: TrainConfig, out_dir: str | os.PathLike | None = None,
+                 resume: bool = False, progress: bool = True,
+                 dataset: Dataset | None = None) -> None:
+        self.cfg = config
+        self._validate()
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.progress = progress
+        self._init_distributed()
+        self.device = _resolve_device(config.device, self.local_rank)
+
+        self.sde = get_sde(config.sde, **config.sde_kwargs)
+        self.dataset = dataset or load_dataset(config.data, seed=0, image_size=config.image_size)
+        config.net = complete_net_config(config, self.dataset)
+        with torch.random.fork_rng(devices=[]):     # initial weights depend on the seed only
+            torch.manual_seed(_seed_for(config.seed, "init"))
+            self.net = build_network(config.net).to(self.device)
+        config.net = dict(self.net.config)           # the complete, explicit network config
+        self.ema = copy.deepcopy(self.net).eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.loss_fn = DSMLoss(self.sde, config.loss, prediction=self.net.prediction,
+                               time_input=self.net.time_input, importance=config.importance,
+                               sigma_data=self.net.sigma_data)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=config.lr, betas=config.betas,
+                                     weight_decay=config.weight_decay)
+        self.step = 0
+        self.model = self.net
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DDP(self.net, device_ids=ids)
+        self.x = self.dataset.x.to(self.device)
+        self.y = self.dataset.y.to(self.device) if config.class_cond else None
+        if resume:
+            self._resume()
+
+    # --------------------------------------------------------------------- set-up
+    def _validate(self) -> None:
+        c = self.cfg
+        require(c.data in DATASETS, "data", c.data, f"one of {list(DATASETS)}")
+        require(c.sde in SDES, "sde", c.sde, f"one of {sorted(SDES)}")
+        require(c.loss in LOSSES, "loss", c.loss, f"one of {LOSSES}")
+        require(isinstance(c.steps, int) and c.steps >= 1, "steps", c.steps, "an integer >= 1")
+        require(isinstance(c.batch_size, int) and c.batch_size >= 1, "batch_size", c.batch_size,
+                "an integer >= 1")
+        require(math.isfinite(c.lr) and c.lr > 0, "lr", c.lr, "a finite number > 0")
+        require(c.lr_decay in ("cosine", "constant"), "lr_decay", c.lr_decay,
+                "'cosine' or 'constant'")
+        require(isinstance(c.warmup, int) and c.warmup >= 0, "warmup", c.warmup, "an integer >= 0")
+        require(c.grad_clip > 0, "grad_clip", c.grad_clip, "a number > 0 (use inf to disable)")
+        require(0 <= c.ema_decay < 1, "ema_decay", c.ema_decay, "0 <= ema_decay < 1")
+        require(0 <= c.label_dropout < 1, "label_dropout", c.label_dropout, "0 <= p < 1")
+        require(isinstance(c.ckpt_every, int) and c.ckpt_every >= 1, "ckpt_every", c.ckpt_every,
+                "an integer >= 1")
+        require(isinstance(c.log_every, int) and c.log_every >= 1, "log_every", c.log_every,
+                "an integer >= 1")
+
+    def _init_distributed(self) -> None:
+        self._owns_group = False
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not dist.is_initialized():
+            if not dist.is_available():
+                raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available")
+            backend = "nccl" if (torch.cuda.is_available() and self.cfg.device != "cpu") else "gloo"
+            dist.init_process_group(backend=backend)
+            self._owns_group = True
+        if dist.is_available() and dist.is_initialized():
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        else:
+            self.rank, self.world_size = 0, 1
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.cfg.batch_size % self.world_size:
+            raise ValueError(f"batch_size={self.cfg.batch_size} is invalid: expected a multiple "
+                             f"of the number of processes ({self.world_size})")
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
+
+    def _resume(self) -> None:
+        path = self.checkpoint_path
+        if path is None or not path.exists():
+            return
+        ck = load_checkpoint(path)
+        saved, now = ck["config"], self.cfg.to_dict()
+        diff = [k for k in IDENTITY_KEYS if saved.get(k) != now.get(k)]
+        if diff:
+            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}"
+                                for k in diff)
+            raise CheckpointError(f"checkpoint {str(path)!r} was written for a different "
+                                  f"configuration ({details}): use another --out directory or "
+                                  "the same settings")
+        other = [k for k in now if k not in IDENTITY_KEYS and k != "steps"
+                 and saved.get(k) != now[k]]
+        if other and self.rank == 0:
+            warnings.warn(f"resuming {path} with changed settings {other}: the run will not "
+                          "match an uninterrupted one", stacklevel=2)
+        load_state(self.net, ck["model"], path, "model")
+        load_state(self.ema, ck["ema"], path, "EMA")
+        try:
+            self.opt.load_state_dict(ck["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {str(path)!r}: optimizer state does not fit: "
+                                  f"{e}") from None
+        self.step = int(ck["step"])
+        rng = ck.get("rng", {}).get("torch")
+        if isinstance(rng, torch.Tensor) and self.rank == 0:
+            torch.set_rng_state(rng)
+
+    # ----------------------------------------------------------------- one step
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        warm = min(1.0, (step + 1) / c.warmup) if c.warmup else 1.0
+        if c.lr_decay == "cosine":
+            frac = min(1.0, step / max(1, c.steps))
+            return c.lr * warm * 0.5 * (1 + math.cos(math.pi * frac))
+        return c.lr * warm
+
+    def _batch(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b = self.cfg.batch_size // self.world_size
+        idx = torch.randint(0, self.x.shape[0], (b,), generator=g).to(self.device)
+        x0 = self.x[idx]
+        y = None
+        if self.y is not None:
+            y = self.y[idx]
+            drop = (torch.rand(b, generator=g) < self.cfg.label_dropout).to(self.device)
+            y = torch.where(drop, torch.full_like(y, self.net.num_classes), y)
+        return x0, y
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimisation step; returns ``(loss, grad_norm)`` (averaged over ranks)."""
+        k = self.step
+        g = torch.Generator().manual_seed(_seed_for(self.cfg.seed, self.rank, k, "batch"))
+        lr = self.lr_at(k)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        x0, y = self._batch(g)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed_for(self.cfg.seed, self.rank, k, "dropout"))
+            loss = self.loss_fn(self.model, x0, y, generator=g)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
+        stats = torch.stack([loss.detach().float(), gn.detach().float()]).cpu()
+        if self.world_size > 1:
+            stats = stats.to(self.device)
+            dist.all_reduce(stats)
+            stats = stats.cpu() / self.world_size
+        loss_v, gn_v = float(stats[0]), float(stats[1])
+        if not (math.isfinite(loss_v) and math.isfinite(gn_v)):
+            what = "loss" if not math.isfinite(loss_v) else "gradient norm"
+            kept = self.checkpoint_path if self.checkpoint_path and self.checkpoint_path.exists() \
+                else None
+            raise TrainingDiverged(
+                f"{what} became {loss_v if what == 'loss' else gn_v} at step {k + 1}; training "
+                f"stopped before the update. "
+                + (f"The last good checkpoint {str(kept)!r} was kept." if kept else
+                   "No checkpoint had been written yet.")
+                + " Try a lower lr, a stronger grad_clip, or check the data.")
+        self.opt.step()
+        self._update_ema(k)
+        self.step = k + 1
+        return loss_v, gn_v
+
+    @torch.no_grad()
+    def _update_ema(self, k: int) -> None:
+        decay = min(self.cfg.ema_decay, (1 + k) / (10 + k))
+        for pe, p in zip(self.ema.parameters(), self.net.parameters()):
+            pe.lerp_(p.detach(), 1 - decay)
+        for be, b in zip(self.ema.buffers(), self.net.buffers()):
+            be.copy_(b)
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self) -> Path | None:
+        """Write ``checkpoint.pt`` atomically (rank 0); checks that ranks hold equal weights."""
+        if self.world_size > 1:
+            self._check_in_sync()
+        path = self.checkpoint_path
+        if path is None or self.rank != 0:
+            if self.world_size > 1:
+                dist.barrier()
+            return path
+        save_checkpoint(path, config=self.saved_config(), model=self.net.state_dict(),
+                        ema=self.ema.state_dict(), optimizer=self.opt.state_dict(), step=self.step,
+                        extra={"world_size": self.world_size})
+        if self.world_size > 1:
+            dist.barrier()
+        return path
+
+    def saved_config(self) -> dict[str, Any]:
+        """The config stored in checkpoints: the training config plus the data ``transform``."""
+        return dict(self.cfg.to_dict(), transform=self.dataset.transform)
+
+    def _check_in_sync(self) -> None:
+        with torch.no_grad():
+            s = torch.stack([p.double().sum() for p in self.net.parameters()]).sum().reshape(1)
+            s = s.to(self.device)
+            lo, hi = s.clone(), s.clone()
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            raise RuntimeError(f"data-parallel ranks hold different weights at step {self.step} "
+                               f"(checksums {lo.item()!r} .. {hi.item()!r})")
+
+    def draw_samples(self, n: int | None = None) -> torch.Tensor:
+        """Samples from the EMA network with the configured solver (class labels cycling 0..9
+        for a class-conditional network)."""
+        from .sampling import generate
+        n = n or self.cfg.sample_n
+        y = None
+        if self.net.num_classes:
+            y = torch.arange(n) % self.net.num_classes
+        x, _ = generate(self.ema, self.sde, n, solver=self.cfg.sample_solver,
+                        steps=self.cfg.sample_steps, seed=self.cfg.seed, y=y)
+        return x
+
+    def _sample_grid(self) -> None:
+        if self.out_dir is None or self.rank != 0:
+            return
+        from .images import save_samples_png
+        try:
+            x = self.draw_samples()
+        except ImportError as e:
+            if not getattr(self, "_warned_sampler", False):
+                warnings.warn(f"sample grids skipped: the solver driver is unavailable ({e})",
+                              stacklevel=2)
+                self._warned_sampler = True
+            return
+        nrow = 10 if self.net.num_classes == 10 else None
+        save_samples_png(self.out_dir / f"samples_{self.step:07d}.png", x, nrow=nrow)
+
+    # -------------------------------------------------------------------- logging
+    def _open_log(self) -> Any:
+        assert self.out_dir is not None
+        path = self.out_dir / LOG_NAME
+        rows: list[dict[str, str]] = []
+        if path.exists():  # drop rows past the resumed step (written by an interrupted run)
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
+        f = open(path, "w", newline="")
+        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+        f.flush()
+        return f, w
+
+    # ---------------------------------------------------------------------- loop
+    def train(self, until: int | None = None) -> TrainResult:
+        """Train to ``config.steps`` (or stop early after step ``until``, e.g. to test resume)."""
+        from tqdm.auto import tqdm
+
+        end = min(self.cfg.steps, until) if until is not None else self.cfg.steps
+        main = self.rank == 0
+        logf = writer = None
+        if self.out_dir is not None and main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(
+                json.dumps(self.saved_config(), indent=2, sort_keys=True) + "\n")
+            logf, writer = self._open_log()
+        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not (self.progress and main),
+                   dynamic_ncols=True, desc=f"train {self.cfg.data}/{self.cfg.sde}")
+        history: list[dict[str, float]] = []
+        t0 = time.perf_counter()
+        win_loss, win_gn, win_n, win_t = 0.0, 0.0, 0, time.perf_counter()
+        last_loss = float("nan")
+        path = None
+        try:
+            while self.step < end:
+                loss, gn = self.train_step()
+                win_loss += loss
+                win_gn += gn
+                win_n += 1
+                bar.update(1)
+                if self.step % self.cfg.log_every == 0 or self.step == end:
+                    now = time.perf_counter()
+                    row = {"step": self.step, "loss": win_loss / win_n, "lr": self.lr_at(self.step - 1),
+                           "grad_norm": win_gn / win_n, "steps_per_s": win_n / max(now - win_t, 1e-9),
+                           "elapsed_s": now - t0}
+                    history.append(row)
+                    last_loss = row["loss"]
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.1e}")
+                    if writer is not None:
+                        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
+                                         for k, v in row.items()})
+                        logf.flush()
+                    win_loss, win_gn, win_n, win_t = 0.0, 0.0, 0, now
+                if self.step % self.cfg.ckpt_every == 0 or self.step == end:
+                    path = self.save()
+                    every = self.cfg.sample_every or self.cfg.ckpt_every
+                    if self.step % every == 0 or self.step == self.cfg.steps:
+                        self._sample_grid()
+        finally:
+            bar.close()
+            if logf is not None:
+                logf.close()
+        return TrainResult(self.step, last_loss, path, time.perf_counter() - t0, history)
+
+    def close(self) -> None:
+        """Tear down the process group if this trainer created it."""
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_group = False
+
+
