@@ -21,7 +21,7 @@ from torch import Tensor
 def sample_seeds(seed: int, n: int) -> list[int]:
     """Per-sample seeds derived from one integer seed: sample i gets a seed that depends only on
     ``(seed, i)``."""
-    return [int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0] >> 1)
+    return [int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0]) >> 1
             for i in range(n)]
 
 
