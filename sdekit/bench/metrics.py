@@ -97,7 +97,7 @@ def gaussian_kl(m1: Any, S1: Any, m2: Any, S2: Any) -> float:
     tr = (inv_L2 @ S1 @ inv_L2.T).trace()
     logdet2 = 2 * torch.log(torch.diagonal(L2)).sum()
     logdet1 = torch.log(ev1).sum()
-    return float(0.5 * (tr + dm @ dm - D + logdet2 - logdet1))
+    return max(0.0, float(0.5 * (tr + dm @ dm - D + logdet2 - logdet1)))  # >= 0 up to rounding
 
 
 def random_directions(dim: int, n: int, seed: int = 0) -> Tensor:
@@ -117,28 +117,47 @@ def _quantiles(p: Tensor, levels: Tensor) -> Tensor:
     return p[lo] * (1 - w) + p[hi] * w
 
 
+class SlicedReference:
+    """Sorted projections of a fixed reference set ``y`` on ``projections`` random unit
+    directions (or the given ``(L, D)`` directions), so that many sample sets can be compared
+    with one reference without re-sorting it (see :func:`sliced_wasserstein`)."""
+
+    def __init__(self, y: Any, projections: int | Tensor = 128, seed: int = 0) -> None:
+        b = _flat("y", y)
+        if isinstance(projections, Tensor):
+            theta = projections.to(torch.float64)
+            if theta.ndim != 2 or theta.shape[1] != b.shape[1]:
+                raise ValueError(f"projections has shape {tuple(theta.shape)}: expected "
+                                 f"(L, {b.shape[1]})")
+        else:
+            if not (isinstance(projections, int) and projections >= 1):
+                raise ValueError(f"projections={projections!r} is invalid: expected an integer "
+                                 ">= 1")
+            theta = random_directions(b.shape[1], projections, seed)
+        self.theta, self.dim = theta, b.shape[1]
+        self.sorted, _ = torch.sort(b @ theta.T, dim=0)
+
+    def distance(self, x: Any) -> float:
+        a = _flat("x", x)
+        if a.shape[1] != self.dim:
+            raise ValueError(f"shape mismatch: x has {a.shape[1]} values per sample but the "
+                             f"reference has {self.dim}")
+        pa, _ = torch.sort(a @ self.theta.T, dim=0)
+        pb = self.sorted
+        if pa.shape[0] != pb.shape[0]:
+            n = max(pa.shape[0], pb.shape[0])
+            levels = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+            pa, pb = _quantiles(pa, levels), _quantiles(pb, levels)
+        return float(((pa - pb) ** 2).mean().sqrt())
+
+
 def sliced_wasserstein(x: Any, y: Any, projections: int | Tensor = 128, seed: int = 0) -> float:
     """Sliced 2-Wasserstein distance ``sqrt(mean_theta W2^2(theta.x, theta.y))`` over
     ``projections`` random unit directions (or the given ``(L, D)`` directions). Equal sample
     sizes use sorted pairs exactly; unequal sizes compare quantile functions."""
     a, b = _flat("x", x), _flat("y", y)
     _check_dims(a, b)
-    if isinstance(projections, Tensor):
-        theta = projections.to(torch.float64)
-        if theta.ndim != 2 or theta.shape[1] != a.shape[1]:
-            raise ValueError(f"projections has shape {tuple(theta.shape)}: expected "
-                             f"(L, {a.shape[1]})")
-    else:
-        if not (isinstance(projections, int) and projections >= 1):
-            raise ValueError(f"projections={projections!r} is invalid: expected an integer >= 1")
-        theta = random_directions(a.shape[1], projections, seed)
-    pa, _ = torch.sort(a @ theta.T, dim=0)
-    pb, _ = torch.sort(b @ theta.T, dim=0)
-    if pa.shape[0] != pb.shape[0]:
-        n = max(pa.shape[0], pb.shape[0])
-        levels = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-        pa, pb = _quantiles(pa, levels), _quantiles(pb, levels)
-    return float(((pa - pb) ** 2).mean().sqrt())
+    return SlicedReference(b, projections, seed).distance(a)
 
 
 def median_bandwidth(y: Any, max_points: int = 2000) -> float:
@@ -206,4 +225,5 @@ def affine_gaussian_law(x_in: Any, y_out: Any, mean_in: Any, cov_in: Any,
 
 
 __all__ = ["rms_error", "fit_gaussian", "frechet_distance", "gaussian_kl", "random_directions",
-           "sliced_wasserstein", "median_bandwidth", "mmd", "affine_gaussian_law"]
+           "SlicedReference", "sliced_wasserstein", "mmd_self_term", "median_bandwidth", "mmd",
+           "affine_gaussian_law"]

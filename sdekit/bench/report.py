@@ -258,7 +258,8 @@ def plot(results: Mapping[str, Any], path: Path | str, configs: str = "best") ->
             if not pts:
                 continue
             nfes.update(p[0] for p in pts)
-            h, = ax.plot(*zip(*pts), color=cmap((2 * j) % 20 + (j // 10) % 2), marker=markers[j % len(markers)],
+            h, = ax.plot(*zip(*pts), color=cmap((2 * j) % 20 + (j // 10) % 2),
+                         marker=markers[j % len(markers)],
                          ms=3, lw=1.2, ls="--" if sde else "-", label=key)
             handles[key] = h
     ticks = [b for b in budgets(results) if b in nfes] or sorted(nfes)[:: max(1, len(nfes) // 6)]

@@ -45,7 +45,8 @@ DEFAULT_TOLS = (1e-2, 1e-3, 1e-4)
 
 METRIC_DOCS = {
     "rms": "per-coordinate RMS error against the reference PF-ODE solution from the same initial "
-           "state (exact flow map for Gaussians, else a converged adaptive solve); ODE solvers only",
+           "state (exact flow map for Gaussians, else a converged adaptive solve); ODE solvers "
+           "only",
     "fd": "Frechet distance (squared 2-Wasserstein between Gaussians) of the output law to the "
           "target law: exact output law for deterministic solvers on Gaussian problems ('exact'), "
           "otherwise a Gaussian fitted to the samples ('fit'); target = exact Gaussian parameters "
@@ -84,7 +85,7 @@ class SweepConfig:
     grids: Sequence[str] | None = None
     nfe: Sequence[int] = DEFAULT_NFE
     tols: Sequence[float] = DEFAULT_TOLS
-    n: int = 1000
+    n: int = 500
     n_ref: int | None = None
     seed: int = 0
     solver_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -251,7 +252,7 @@ class Prepared:
     target: tuple[Tensor, Tensor] | None
     target_method: str
     bandwidth: float | None
-    directions: Tensor | None
+    sliced: M.SlicedReference | None
     cache_dir: Path
     kyy: float | None = None
 
@@ -322,15 +323,14 @@ def prepare(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str,
     elif heldout is not None and heldout.shape[0] >= 2:
         feats = problem.features(heldout) if problem.features is not None else heldout
         target, method = M.fit_gaussian(feats), "fit to held-out samples"
-    bandwidth = directions = None
+    bandwidth = sliced = kyy = None
     if heldout is not None:
-        flat = heldout.reshape(heldout.shape[0], -1)
-        bandwidth = M.median_bandwidth(flat)
-        directions = M.random_directions(flat.shape[1], config.projections, config.seed + 2)
-        heldout = flat.double()
-    kyy = M.mmd_self_term(heldout, bandwidth) if heldout is not None else None
+        heldout = heldout.reshape(heldout.shape[0], -1).double()
+        bandwidth = M.median_bandwidth(heldout)
+        kyy = M.mmd_self_term(heldout, bandwidth)
+        sliced = M.SlicedReference(heldout, config.projections, config.seed + 2)
     return Prepared(problem, x_init, x_ref, reference, heldout, target, method, bandwidth,
-                    directions, cdir, kyy)
+                    sliced, cdir, kyy)
 
 
 def _tensor_bytes(obj: Any) -> bytes:
@@ -384,7 +384,7 @@ def evaluate(prep: Prepared, x: Tensor, stochastic: bool) -> dict[str, Any]:
         if p.gaussian_target and (how == "exact" or flat.shape[0] > flat.shape[1] + 1):
             out["kl"], out["kl_method"] = _finite(M.gaussian_kl(m, S, *prep.target)), how
     if prep.heldout is not None:
-        out["sw"] = M.sliced_wasserstein(flat, prep.heldout, prep.directions)
+        out["sw"] = prep.sliced.distance(flat)
         out["mmd"] = M.mmd(flat, prep.heldout, prep.bandwidth, prep.kyy)
     return out
 
@@ -442,7 +442,8 @@ def _env_int(name: str, default: int) -> int:
 
 def environment() -> dict[str, Any]:
     return {"sdekit": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 

@@ -72,7 +72,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                                                       "(default 5,10,20,50)")
     a("--tols", type=_csv(float, "--tols"), default=[1e-2, 1e-3, 1e-4],
       help="tolerances for adaptive solvers (default 1e-2,1e-3,1e-4)")
-    a("-n", "--n", type=int, default=1000, help="samples per cell (default 1000)")
+    a("-n", "--n", type=int, default=500, help="samples per cell, one batch (default 500)")
     a("--n-ref", type=int, default=None, help="held-out samples (default: --n)")
     a("--seed", type=int, default=0)
     a("-O", "--solver-option", type=_option, action="append", default=[],
@@ -89,7 +89,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a("--metrics", type=_csv(str, "--metrics"), default=["rms", "fd"],
       help="metrics of the terminal tables (default rms,fd; any of rms,fd,kl,sw,mmd,"
            "ms_per_sample)")
-    a("--threads", type=int, default=None, help="torch CPU threads")
+    a("--threads", type=int, default=None,
+      help="torch CPU threads (default: 1 for the built-in analytic problems, whose tiny "
+           "operations only lose from threading; torch's default otherwise)")
     a("--quiet", action="store_true", help="no progress bar")
     a("--shard-timeout", type=float, default=3600.0,
       help="seconds rank 0 waits for the other ranks' cells (default 3600)")
@@ -107,11 +109,12 @@ def run(args: argparse.Namespace) -> int:
     from ..solvers.registry import solver_names
 
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise BenchError(f"--threads={args.threads} is invalid: expected an integer >= 1")
-            torch.set_num_threads(args.threads)
         builtin = args.problem in PROBLEMS
+        if args.threads is not None and args.threads < 1:
+            raise BenchError(f"--threads={args.threads} is invalid: expected an integer >= 1")
+        threads = args.threads if args.threads is not None else (1 if builtin else None)
+        if threads is not None:
+            torch.set_num_threads(threads)
         if not builtin and (args.sde is not None or args.dim is not None):
             raise BenchError(f"--sde/--dim configure the built-in problems {sorted(PROBLEMS)} "
                              f"only, not --problem {args.problem!r}")
@@ -152,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
         return 130
     if results is None:  # a non-zero rank of a sharded run: rank 0 reports
         return 0
-    results["command"] = "sdekit " + " ".join(sys.argv[1:]) if sys.argv else "sdekit bench"
+    results["command"] = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]) \
+        if sys.argv else None  # what this process was started with
     written = report.write_reports(results, out, args.formats, args.plot)
     print(report.terminal_report(results, args.metrics))
     print("\nwrote " + ", ".join(written))
