@@ -244,64 +244,78 @@ def _problem_from_parts(spec: str, out: Any, fingerprint: dict[str, Any]) -> Ben
 
 # ------------------------------------------------------------------ a trained checkpoint
 CHECKPOINT_CONTRACT = (
-    "sdekit.training.load_checkpoint(path) returning an object or dict with 'sde' "
-    "(ForwardSDE), 'model' (DiffusionModel, EMA weights), optional 'x_test' or 'dataset' (with "
-    ".x_test: held-out data), 'shape' (event shape) and 'features' (a feature map for the "
-    "Frechet distance, e.g. the digit classifier)")
+    "sdekit.training (the trainers): checkpoint.load_model(path) -> (net, sde, config), "
+    "data.load_dataset(config['data']) for the held-out split, and sdekit.models.wrap")
 
 
-def _get(obj: Any, *names: str) -> Any:
-    for n in names:
-        if isinstance(obj, Mapping) and obj.get(n) is not None:
-            return obj[n]
-        if getattr(obj, n, None) is not None:
-            return getattr(obj, n)
-    return None
-
-
-def problem_from_checkpoint(path: str) -> BenchProblem:
-    """A problem from a trained sdekit checkpoint: the trained model sampled from its prior,
-    compared with the checkpoint's held-out data; RMS against a converged solve (cached).
-
-    The trainers live in :mod:`sdekit.training`, imported lazily here; the hook needs
-    :data:`CHECKPOINT_CONTRACT`. Where that is missing the error says so."""
-    if not os.path.isfile(path):
-        raise BenchError(f"--problem checkpoint:{path}: no such file")
-    try:
-        training = importlib.import_module("sdekit.training")
-        loader = getattr(training, "load_checkpoint")
-    except (ImportError, AttributeError) as e:
-        raise BenchError(f"--problem checkpoint:{path}: checkpoint problems need "
-                         f"{CHECKPOINT_CONTRACT}; this installation does not provide it "
-                         f"({type(e).__name__}: {e})") from e
-    try:
-        ck = loader(path)
-    except Exception as e:  # noqa: BLE001
-        raise BenchError(f"--problem checkpoint:{path}: loading failed: {type(e).__name__}: "
-                         f"{e}") from e
-    sde, model = _get(ck, "sde"), _get(ck, "model", "ema_model")
-    if not isinstance(sde, ForwardSDE) or not isinstance(model, DiffusionModel):
-        raise BenchError(f"--problem checkpoint:{path}: load_checkpoint returned "
-                         f"{type(ck).__name__} without a ForwardSDE 'sde' and a DiffusionModel "
-                         f"'model'; expected {CHECKPOINT_CONTRACT}")
-    x_test = _get(ck, "x_test", "heldout")
-    if x_test is None:
-        x_test = _get(_get(ck, "dataset", "data") or {}, "x_test")
-    shape = _get(ck, "shape") or (tuple(x_test.shape[1:]) if x_test is not None else None)
-    if shape is None:
-        raise BenchError(f"--problem checkpoint:{path}: the checkpoint gives neither 'shape' nor "
-                         "held-out data, so the sample shape is unknown")
-    shape = tuple(int(s) for s in shape)
-    std = float(sde.prior_std)
+def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def _checkpoint_label(path: str) -> str:
+    """``runs/digits-vp/checkpoint.pt`` -> ``digits-vp``; ``a/b/model_3.pt`` -> ``model_3``."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return parent if stem == "checkpoint" and parent else stem
+
+
+def problem_from_checkpoint(path: str) -> BenchProblem:
+    """A problem from a trained sdekit checkpoint (``sdekit train``): the EMA network sampled
+    from its prior (a class-conditional network unconditionally, through its null class),
+    compared with the held-out split of its dataset; RMS against a converged solve (cached).
+    For digits checkpoints the Frechet distance is FD-digits (features of the bundled digit
+    classifier, trained and cached on first use).
+
+    :mod:`sdekit.training` is imported lazily; where it is missing the error says so."""
+    if not os.path.isfile(path):
+        raise BenchError(f"--problem checkpoint:{path}: no such file")
+    try:
+        from ..models import wrap
+        from ..training.checkpoint import CheckpointError, load_model
+        from ..training.data import load_dataset
+    except ImportError as e:
+        raise BenchError(f"--problem checkpoint:{path}: checkpoint problems need "
+                         f"{CHECKPOINT_CONTRACT}; this installation does not provide it "
+                         f"({type(e).__name__}: {e})") from e
+    try:
+        net, sde, cfg = load_model(path)
+    except CheckpointError as e:
+        raise BenchError(f"--problem checkpoint:{path}: {e}") from e
+    data = cfg.get("data")
+    try:
+        ds = load_dataset(data, seed=0, image_size=int(cfg.get("image_size", 8)))
+    except (TypeError, ValueError) as e:
+        raise BenchError(f"--problem checkpoint:{path}: cannot load its dataset {data!r}: "
+                         f"{e}") from e
+    shape = tuple(int(v) for v in getattr(net, "data_shape", ds.shape))
+    x_test = ds.x_test.float()
+    if tuple(x_test.shape[1:]) != shape:
+        raise BenchError(f"--problem checkpoint:{path}: the network samples shape {shape} but "
+                         f"its dataset {data!r} has shape {tuple(x_test.shape[1:])}")
+    features = None
+    if data == "digits":
+        state: dict[str, Any] = {}
+
+        def features(x: Tensor) -> Tensor:
+            if "fd" not in state:
+                from ..training.fd_digits import FDDigits
+                state["fd"] = FDDigits()
+            return torch.from_numpy(state["fd"].features(x))
+
+    std = float(sde.prior_std)
+    model = wrap(net, sde)  # load_model froze the weights: no autograd graphs while sampling
     return BenchProblem(
-        name="checkpoint-" + os.path.splitext(os.path.basename(path))[0], sde=sde, model=model,
+        name="checkpoint-" + _checkpoint_label(path), sde=sde, model=model,
         sample_init=lambda n, g: std * torch.randn((n,) + shape, generator=g),
-        heldout=x_test, features=_get(ck, "features"), description=f"checkpoint {path}",
-        fingerprint={"problem": "checkpoint", "sha256": h.hexdigest()})
+        heldout=x_test, features=features,
+        description=f"checkpoint {path} ({data}, {cfg.get('sde')} SDE, "
+                    f"{cfg.get('net', {}).get('name', '?')} network, EMA weights"
+                    + (", FD in digit-classifier feature space" if features else "") + ")",
+        fingerprint={"problem": "checkpoint", "sha256": _sha256(path)})
 
 
 # ------------------------------------------------------------------ resolution

@@ -149,7 +149,9 @@ def _floors_line(results: Mapping[str, Any]) -> str:
     if ref.get("error_estimate") is not None:
         s += f" (estimated RMS error {fmt(ref['error_estimate'])})"
     if parts:
-        s += "; its own metrics (the Monte-Carlo floors): " + ", ".join(parts)
+        s += ("; the reference's own metrics (" + ("the Monte-Carlo floors"
+              if ref.get("exact_model") else "what a converged solve of this model reaches")
+              + "): " + ", ".join(parts))
     return s
 
 
