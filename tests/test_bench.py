@@ -197,6 +197,21 @@ def test_resume_recomputes_no_finished_cell(tmp_path, monkeypatch):
     assert len(calls) == n + 12  # --fresh recomputes
 
 
+def test_cached_cells_are_recomputed_when_the_solver_code_changes(tmp_path, monkeypatch):
+    problem = gaussian_problem(dim=4)
+    cfg = SweepConfig(solvers=["ddim", "heun"], grids=["logsnr"], nfe=[4], n=40)
+    calls: list[str] = []
+    real = runner.compute_cell
+    monkeypatch.setattr(runner, "compute_cell",
+                        lambda p, c, k: (calls.append(c["id"]), real(p, c, k))[1])
+    run_sweep(problem, cfg, tmp_path, progress=False)
+    real_fp = runner.solver_code_fingerprint
+    monkeypatch.setattr(runner, "solver_code_fingerprint",
+                        lambda name: real_fp(name) + ("-edited" if name == "heun" else ""))
+    run_sweep(problem, cfg, tmp_path, progress=False)
+    assert calls == ["ddim/logsnr/nfe=4", "heun/logsnr/nfe=4", "heun/logsnr/nfe=4"]
+
+
 def test_sharded_sweep_merges_on_rank0(tmp_path, monkeypatch):
     problem = gaussian_problem(dim=4)
     calls: list[str] = []

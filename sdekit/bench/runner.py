@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -447,6 +448,22 @@ def _env_int(name: str, default: int) -> int:
         raise BenchError(f"environment variable {name}={v!r} is invalid: expected an integer")
 
 
+def solver_code_fingerprint(name: str) -> str:
+    """A hash of the source files a cell's result depends on: the solver's module (and its
+    base classes' modules), the driver and the metrics, so a cached cell is recomputed when
+    that code changes."""
+    cls = type(get_solver(name))
+    files = {inspect.getsourcefile(k) for k in cls.__mro__ if k.__module__.startswith("sdekit")}
+    files |= {inspect.getsourcefile(sample), inspect.getsourcefile(M)}
+    h = hashlib.sha1(__version__.encode())
+    for f in sorted(f for f in files if f):
+        try:
+            h.update(Path(f).read_bytes())
+        except OSError:
+            h.update(f.encode())
+    return h.hexdigest()[:16]
+
+
 def environment() -> dict[str, Any]:
     return {"sdekit": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(),
@@ -473,6 +490,13 @@ def run_sweep(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str,
     cell_dir = prep.cache_dir / "cells"
     cell_dir.mkdir(parents=True, exist_ok=True)
 
+    codes: dict[str, str] = {}
+
+    def code_of(name: str) -> str:
+        if name not in codes:
+            codes[name] = solver_code_fingerprint(name)
+        return codes[name]
+
     def path_of(c: Mapping[str, Any]) -> Path:
         return cell_dir / (hashlib.sha1(c["id"].encode()).hexdigest()[:16] + ".json")
 
@@ -482,8 +506,9 @@ def run_sweep(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str,
                 d = json.load(f)
         except (OSError, ValueError):
             return None
-        if d.get("id") != c["id"] or (not resume and d.get("run_id") != run_id):
-            return None
+        if d.get("id") != c["id"] or (not resume and d.get("run_id") != run_id) \
+                or d.get("code") != code_of(c["solver"]):
+            return None  # another cell, a stale run, or the solver's code changed since
         return d
 
     runnable = [c for c in cells if c["status"] == "planned"]
@@ -501,7 +526,8 @@ def run_sweep(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str,
             res = compute_cell(prep, c, config)
             computed += 1
             if res["status"] != "error":
-                atomic_write_json(path_of(c), {**res, "run_id": run_id})
+                atomic_write_json(path_of(c), {**res, "run_id": run_id,
+                                               "code": code_of(c["solver"])})
             else:
                 bar.write(f"error in cell {c['id']}: {res.get('reason')}")
             done[c["id"]] = res
@@ -529,6 +555,7 @@ def run_sweep(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str,
         if r is None:
             r = {**c, "status": "error", "reason": "no result (cell failed on another rank?)"}
         r.pop("run_id", None)
+        r.pop("code", None)
         out_cells.append(r)
     ref_metrics = evaluate(prep, prep.x_ref.to(prep.x_init.dtype), False) \
         if prep.x_ref is not None else {}
