@@ -381,7 +381,7 @@ def evaluate(prep: Prepared, x: Tensor, stochastic: bool) -> dict[str, Any]:
     flat = x.reshape(x.shape[0], -1).double()
     if prep.target is not None:
         law, how = None, "fit"
-        if p.linear and p.init_gaussian is not None and p.features is None:
+        if p.linear and p.init_gaussian is not None and p.features is None and not stochastic:
             law = M.affine_gaussian_law(prep.x_init, flat, *p.init_gaussian)
             how = "exact"
         if law is None:
@@ -449,13 +449,14 @@ def _env_int(name: str, default: int) -> int:
 
 
 def solver_code_fingerprint(name: str) -> str:
-    """A hash of the source files a cell's result depends on: the solver's module (and its
-    base classes' modules), the driver and the metrics, so a cached cell is recomputed when
-    that code changes."""
+    """A hash of the code a cell's result depends on: the solver's module (and its base
+    classes' modules), the driver, the metrics and the cell evaluation, so a cached cell is
+    recomputed when that code changes."""
     cls = type(get_solver(name))
     files = {inspect.getsourcefile(k) for k in cls.__mro__ if k.__module__.startswith("sdekit")}
     files |= {inspect.getsourcefile(sample), inspect.getsourcefile(M)}
     h = hashlib.sha1(__version__.encode())
+    h.update((inspect.getsource(evaluate) + inspect.getsource(compute_cell)).encode())
     for f in sorted(f for f in files if f):
         try:
             h.update(Path(f).read_bytes())
