@@ -1,5 +1,5 @@
 """The solver registry and the built-in solvers."""
-from . import classic, ode  # noqa: F401  (registers the built-in solvers)
+from . import classic, ode, operator  # noqa: F401  (registers the built-in solvers)
 from . import deis, dpm_solver, unipc  # noqa: F401  (fast exponential-integrator solvers)
 from .base import ModelOutputError, Problem, Solver
 from .registry import get_solver, list_solvers, register, solver_names

@@ -1,0 +1,222 @@
+"""Operator distillation (DSNO, Zheng et al. 2023): teacher trajectories on disk, then a
+one-pass :class:`~sdekit.models.fno.TrajectoryOperator` trained to reproduce them.
+
+1. :func:`generate_trajectories` solves the probability-flow ODE from prior draws with any
+   registered solver and stores the states at K output times, in shards written atomically;
+   ``meta.json`` records the teacher's settings, and a rerun resumes at the first missing shard
+   (and refuses a directory made with other settings).
+2. :func:`train_operator` regresses the trajectories with the weighted L2 loss
+   ``sum_k w_k |pred_k - target_k|^2``, ``w_k = clamp(sqrt(SNR_k), 1, 1e4)`` (the paper's weights;
+   L2 instead of LPIPS), Adam, EMA, atomic checkpoints and exact resume.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .dynamics.parameterization import DiffusionModel
+from .grids import make_grid
+from .integrate import sample
+from .noise import sample_seeds
+from .sde.base import ForwardSDE
+
+SPACINGS = ("quadratic", "logsnr", "uniform")
+
+
+def output_times(sde: ForwardSDE, slots: int = 4, spacing: str = "quadratic",
+                 t_end: float | None = None) -> Tensor:
+    """K decreasing output times after ``sde.T``, the last one ``t_end`` (default ``t_min``)."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing={spacing!r} is invalid: expected one of {SPACINGS}")
+    if not (isinstance(slots, int) and slots >= 1):
+        raise ValueError(f"slots={slots!r} is invalid: expected an integer >= 1")
+    return make_grid(sde, spacing, slots, t_end=t_end)[1:]
+
+
+def teacher_grid(sde: ForwardSDE, times_out: Tensor, steps_per_segment: int) -> Tensor:
+    """A grid from T through every output time, ``steps_per_segment`` logSNR-uniform steps
+    between consecutive ones (so the output times are grid points)."""
+    knots = torch.cat([torch.tensor([sde.T], dtype=torch.float64), times_out.double()])
+    parts = [make_grid(sde, "logsnr", steps_per_segment, t_start=float(a), t_end=float(b))[:-1]
+             for a, b in zip(knots[:-1], knots[1:])]
+    return torch.cat(parts + [knots[-1:]])
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def generate_trajectories(path: str | Path, sde: ForwardSDE, model: DiffusionModel,
+                          state_shape: Sequence[int], n: int, *, solver: str = "heun",
+                          steps_per_segment: int = 16, slots: int = 4,
+                          spacing: str = "quadratic", shard_size: int = 256, seed: int = 0,
+                          progress: bool = False, **solver_options: Any) -> Path:
+    """Write (or finish writing) a teacher-trajectory dataset in directory ``path``."""
+    path = Path(path)
+    times_out = output_times(sde, slots, spacing)
+    grid = teacher_grid(sde, times_out, steps_per_segment)
+    meta = {"sde": repr(sde), "solver": solver, "solver_options": solver_options,
+            "steps_per_segment": steps_per_segment, "spacing": spacing,
+            "times_out": [float(t) for t in times_out], "t_start": sde.T, "n": int(n),
+            "shard_size": int(shard_size), "seed": int(seed),
+            "state_shape": [int(s) for s in state_shape], "teacher_nfe": None}
+    path.mkdir(parents=True, exist_ok=True)
+    mfile = path / "meta.json"
+    if mfile.exists():
+        old = json.loads(mfile.read_text())
+        for k in meta:
+            if k != "teacher_nfe" and old.get(k) != meta[k]:
+                raise ValueError(f"{mfile} was made with {k}={old.get(k)!r}, not {meta[k]!r}: "
+                                 "use another directory or the same settings")
+        meta["teacher_nfe"] = old.get("teacher_nfe")
+    seeds = sample_seeds(seed, n)
+    shards = range(math.ceil(n / shard_size))
+    if progress:
+        from tqdm.auto import tqdm
+        shards = tqdm(shards, desc="teacher trajectories")
+    for j in shards:
+        f = path / f"shard_{j:05d}.pt"
+        if f.exists():
+            continue
+        s = seeds[j * shard_size:(j + 1) * shard_size]
+        with torch.no_grad():
+            sol = sample(sde, model, shape=(len(s),) + tuple(state_shape), solver=solver,
+                         grid=grid, seeds=s, save_at=[sde.T] + meta["times_out"],
+                         **solver_options)
+        traj = torch.stack([sol.trajectory[t] for t in meta["times_out"]], 1)
+        _atomic_save({"x_T": sol.trajectory[sde.T].float(), "traj": traj.float()}, f)
+        meta["teacher_nfe"] = sol.nfe
+        mfile.write_text(json.dumps(meta, indent=1))
+    mfile.write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def load_trajectories(path: str | Path) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """``(x_T (N, *shape), traj (N, K, *shape), meta)`` from a finished dataset directory."""
+    path = Path(path)
+    mfile = path / "meta.json"
+    if not mfile.exists():
+        raise FileNotFoundError(f"{path} is not a trajectory dataset (no meta.json)")
+    meta = json.loads(mfile.read_text())
+    k = math.ceil(meta["n"] / meta["shard_size"])
+    files = [path / f"shard_{j:05d}.pt" for j in range(k)]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise ValueError(f"trajectory dataset {path} is incomplete ({len(missing)} of {k} shards "
+                         "missing): rerun generate_trajectories with the same settings to resume")
+    parts = [torch.load(f, weights_only=True) for f in files]
+    return (torch.cat([p["x_T"] for p in parts]), torch.cat([p["traj"] for p in parts]), meta)
+
+
+def default_backbone(state_shape: Sequence[int]) -> dict[str, Any]:
+    """A small MLP for vectors, a small U-Net for square images."""
+    shape = [int(s) for s in state_shape]
+    if len(shape) == 1:
+        return {"name": "mlp", "data_shape": shape, "width": 128, "depth": 2}
+    return {"name": "unet", "in_channels": shape[0], "image_size": shape[-1],
+            "base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
+            "attn_resolutions": []}
+
+
+def build_operator(config: dict[str, Any]):
+    from .models import build_network
+    from .models.fno import TrajectoryOperator
+    o = config["operator"]
+    return TrajectoryOperator(build_network(config["backbone"]), config["state_shape"],
+                              config["lambdas"], width=o["width"], layers=o["layers"],
+                              modes=o["modes"], skip=o["skip"])
+
+
+def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *, sde_name: str,
+                   sde_kwargs: dict[str, Any] | None = None, backbone: dict | None = None,
+                   width: int = 64, layers: int = 2, modes: int = 2, steps: int = 2000,
+                   batch: int = 128, lr: float = 2e-4, ema_decay: float = 0.999, seed: int = 0,
+                   checkpoint_every: int = 500, progress: bool = False):
+    """Train (or resume training) an operator on a trajectory dataset; returns the EMA operator.
+
+    The checkpoint at ``out`` stores the operator config (backbone, output times and their
+    lambdas, the SDE's name, kwargs and repr), weights, EMA, optimiser and step.
+    """
+    from .training.checkpoint import load_checkpoint, load_state, save_checkpoint
+    x_T, traj, meta = load_trajectories(data)
+    if meta["sde"] != repr(sde):
+        raise ValueError(f"the trajectories were made with {meta['sde']}, not {sde!r}")
+    shape = tuple(meta["state_shape"])
+    lambdas = [float(sde.lambda_(t)) for t in meta["times_out"]]
+    config = {"kind": "operator", "sde": sde_name, "sde_kwargs": sde_kwargs or {},
+              "sde_repr": repr(sde), "state_shape": list(shape), "times_out": meta["times_out"],
+              "t_start": meta["t_start"], "lambdas": lambdas,
+              "backbone": backbone or default_backbone(shape),
+              "operator": {"width": width, "layers": layers, "modes": modes,
+                           "skip": "full" if len(shape) == 1 else "scalar"},
+              "train": {"steps": steps, "batch": batch, "lr": lr, "ema_decay": ema_decay,
+                        "seed": seed, "data": str(data)}}
+    torch.manual_seed(seed)
+    op = build_operator(config)
+    op.fit_linear_path(x_T, traj)
+    ema = copy.deepcopy(op)
+    opt = torch.optim.Adam(op.parameters(), lr=lr)
+    step = 0
+    out = Path(out)
+    if out.exists():
+        ck = load_checkpoint(out)
+        def same(c: dict) -> dict:  # the step target may grow: resuming extends a run
+            return {**c, "train": {k: v for k, v in c["train"].items() if k != "steps"}}
+        if same(ck["config"]) != same(config):
+            raise ValueError(f"checkpoint {out} was written with another config: remove it or "
+                             "use the same settings to resume")
+        load_state(op, ck["model"], out)
+        load_state(ema, ck["ema"], out, "EMA")
+        opt.load_state_dict(ck["optimizer"])
+        step = ck["step"]
+    w = torch.tensor(lambdas).exp().clamp(1, 1e4)
+    w = (w / w.mean()).reshape((1, -1) + (1,) * len(shape))
+    it = range(step, steps)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, initial=step, total=steps, desc="operator")
+    for step in it:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # counter-based batches
+        idx = torch.randint(0, x_T.shape[0], (batch,), generator=g)
+        loss = (w * (op(x_T[idx]) - traj[idx]) ** 2).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"operator loss is {loss.item()} at step {step}; the last "
+                                     f"good checkpoint is kept at {out}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for pe, po in zip(ema.parameters(), op.parameters()):
+                pe.lerp_(po, 1 - ema_decay)
+        if progress:
+            it.set_postfix(loss=f"{loss.item():.3e}")
+        done = step + 1
+        if done % checkpoint_every == 0 or done == steps:
+            save_checkpoint(out, config=config, model=op.state_dict(), ema=ema.state_dict(),
+                            optimizer=opt.state_dict(), step=done)
+    if steps == 0:
+        save_checkpoint(out, config=config, model=op.state_dict(), ema=ema.state_dict(),
+                        optimizer=opt.state_dict(), step=0)
+    ema.eval()
+    return ema
+
+
+def load_operator(path: str | Path):
+    """``(operator, config)`` from an operator checkpoint (EMA weights)."""
+    from .training.checkpoint import CheckpointError, load_checkpoint, load_state
+    ck = load_checkpoint(path)
+    cfg = ck["config"]
+    if cfg.get("kind") != "operator":
+        raise CheckpointError(f"{path} is not an operator checkpoint (made by `sdekit distill`)")
+    op = build_operator(cfg)
+    load_state(op, ck["ema"], path, "EMA")
+    op.eval()
+    return op, cfg

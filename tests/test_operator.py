@@ -1,0 +1,120 @@
+"""The learned operator sampler (DSNO): spectral layer, linear teacher, dataset and training
+resume, bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sdekit
+from sdekit.distill import (generate_trajectories, load_operator, load_trajectories,
+                            output_times, train_operator)
+from sdekit.models.fno import TemporalSpectralConv
+
+
+def test_spectral_layer_matches_a_direct_dft():
+    torch.manual_seed(0)
+    B, K, Ci, Co, M = 2, 8, 3, 4, 3
+    layer = TemporalSpectralConv(Ci, Co, M).double()
+    h = torch.randn(B, K, Ci, 5, dtype=torch.float64)   # one trailing "spatial" axis
+    W = torch.view_as_complex(layer.weight.detach().contiguous())      # (Ci, Co, M)
+    t = torch.arange(K, dtype=torch.float64)
+    out = torch.zeros(B, K, Co, 5, dtype=torch.float64)
+    for k in range(M):
+        basis = torch.exp(-2j * math.pi * k * t / K)                       # forward DFT row
+        Hk = torch.einsum("t,btis->bis", basis, h.to(torch.complex128))
+        Yk = torch.einsum("bis,io->bos", Hk, W[:, :, k])
+        # real inverse DFT of a half spectrum: bin 0 once, bins 1..K/2-1 twice (conjugates)
+        scale = 1.0 if k == 0 else 2.0
+        out += scale * torch.real(torch.einsum("t,bos->btos", torch.exp(2j * math.pi * k * t / K),
+                                               Yk)) / K
+    torch.testing.assert_close(layer(h), out, rtol=1e-10, atol=1e-10)
+
+
+def _gaussian():
+    sde = sdekit.VPSDE()
+    return sde, sdekit.GaussianData.random(sde, dim=4, eig_min=1e-2, seed=3, mean_scale=1.0)
+
+
+def test_operator_reproduces_a_linear_teacher_exactly(tmp_path):
+    """Gaussian data: the PF-ODE trajectory is affine in x_T, and a short fit reproduces the
+    teacher (and so the exact flow to the teacher's accuracy) at every output time."""
+    sde, data = _gaussian()
+    generate_trajectories(tmp_path / "traj", sde, data.model(), (4,), 600, solver="rk4",
+                          steps_per_segment=16, shard_size=300)
+    op = train_operator(tmp_path / "traj", tmp_path / "op.pt", sde, sde_name="vp", steps=30,
+                        batch=64, checkpoint_every=30)
+    x_T = data.marginal_sample(64, sde.T, torch.Generator().manual_seed(9))
+    times = output_times(sde, 4)
+    with torch.no_grad():
+        pred = op(x_T)
+    for k, t in enumerate(times):
+        exact = data.flow(x_T.double(), sde.T, float(t))
+        assert (pred[:, k].double() - exact).abs().max() < 2e-3, f"slot {k}"
+    # through the registry, with one measured NFE
+    sol = sdekit.sample(sde, data.model(), x_T, solver="fno", operator=tmp_path / "op.pt",
+                        grid=torch.cat([torch.tensor([sde.T], dtype=torch.float64), times]))
+    assert sol.nfe == 1
+    torch.testing.assert_close(sol.x, pred[:, -1])
+
+
+def test_trajectory_dataset_resumes_and_refuses_other_settings(tmp_path):
+    sde, data = _gaussian()
+    model = data.model()
+    kw = dict(solver="heun", steps_per_segment=4, shard_size=100)
+    generate_trajectories(tmp_path, sde, model, (4,), 300, **kw)
+    x1, tr1, meta = load_trajectories(tmp_path)
+    assert x1.shape == (300, 4) and tr1.shape == (300, 4, 4) and meta["teacher_nfe"] > 0
+    (tmp_path / "shard_00001.pt").unlink()
+    with pytest.raises(ValueError, match="incomplete"):
+        load_trajectories(tmp_path)
+    before = model.nfe
+    generate_trajectories(tmp_path, sde, model, (4,), 300, **kw)
+    assert model.nfe - before == 4 * 4 * 2, "only the missing shard is recomputed"
+    x2, tr2, _ = load_trajectories(tmp_path)
+    torch.testing.assert_close(x2, x1)
+    torch.testing.assert_close(tr2, tr1)
+    with pytest.raises(ValueError, match="steps_per_segment"):
+        generate_trajectories(tmp_path, sde, model, (4,), 300, solver="heun",
+                              steps_per_segment=8, shard_size=100)
+
+
+def test_training_resume_equals_an_uninterrupted_run(tmp_path):
+    """3 steps, stop, resume to 6 == 6 steps in one go (counter-based batches, saved Adam
+    state and EMA)."""
+    sde, data = _gaussian()
+    generate_trajectories(tmp_path / "traj", sde, data.model(), (4,), 200, steps_per_segment=4,
+                          shard_size=200)
+    kw = dict(sde_name="vp", batch=32, checkpoint_every=3)
+    full = train_operator(tmp_path / "traj", tmp_path / "a.pt", sde, steps=6, **kw)
+    train_operator(tmp_path / "traj", tmp_path / "b.pt", sde, steps=3, **kw)
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["step"] == 3
+    resumed = train_operator(tmp_path / "traj", tmp_path / "b.pt", sde, steps=6, **kw)
+    for (k, p1), p2 in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(p1, p2, rtol=0, atol=0, msg=k)
+    with pytest.raises(ValueError, match="another config"):
+        train_operator(tmp_path / "traj", tmp_path / "b.pt", sde, steps=6, sde_name="vp",
+                       batch=16, checkpoint_every=3)
+
+
+def test_operator_bad_input(tmp_path):
+    sde, data = _gaussian()
+    generate_trajectories(tmp_path / "traj", sde, data.model(), (4,), 100, steps_per_segment=4,
+                          shard_size=100)
+    train_operator(tmp_path / "traj", tmp_path / "op.pt", sde, sde_name="vp", steps=0)
+    x = data.marginal_sample(3, sde.T)
+    with pytest.raises(ValueError, match="not in the operator's output grid"):
+        sdekit.sample(sde, data.model(), x, solver="fno", operator=tmp_path / "op.pt", steps=3,
+                      t_end=0.5)
+    other = sdekit.VPSDE(beta_max=10.0)
+    with pytest.raises(ValueError, match="distilled on VPSDE"):
+        sdekit.sample(other, sdekit.GaussianData.random(other, dim=4).model(), x,
+                      solver="fno", operator=tmp_path / "op.pt", steps=3)
+    with pytest.raises(ValueError, match="needs a trained operator"):
+        sdekit.sample(sde, data.model(), x, solver="fno", steps=3)
+    with pytest.raises(ValueError, match="states of shape"):
+        sdekit.sample(sde, lambda y, t: y, torch.zeros(3, 5), solver="fno",
+                      operator=tmp_path / "op.pt",
+                      grid=torch.cat([torch.tensor([sde.T], dtype=torch.float64),
+                                      output_times(sde, 4)]))
