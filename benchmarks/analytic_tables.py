@@ -39,6 +39,23 @@ PROBLEMS = {"gaussian": gaussian_problem, "gmm": gmm_problem}
 NFE = (5, 10, 20, 50)
 
 
+def git_state() -> dict[str, Any]:
+    """The commit the results came from, and any uncommitted changes to the package (the
+    recorded numbers are only reproducible from a clean tree)."""
+    import subprocess
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=HERE.parent, capture_output=True, text=True,
+                                  timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD").strip() or None,
+            "uncommitted": [ln[3:] for ln in git("status", "--porcelain", "--", "sdekit")
+                            .splitlines() if ln.strip()]}
+
+
 def write_results(results: dict[str, Any], path: Path) -> None:
     """JSON with one cell per line (readable diffs when the results are re-recorded)."""
     head = {k: v for k, v in results.items() if k != "cells"}
@@ -94,7 +111,10 @@ def markdown(all_results: dict[str, dict[str, Any]]) -> str:
                 f"n = {p['n']} samples per cell from the same initial states; "
                 f"{res['summary']['cells']} cells ({res['summary']['ok']} measured, "
                 f"{res['summary']['skipped']} skipped), sdekit {res['environment']['sdekit']}, "
-                f"torch {res['environment']['torch']}. Reference: {ref['method']}"
+                f"torch {res['environment']['torch']}, commit "
+                f"{(res.get('git', {}).get('commit') or '?')[:10]}"
+                + (" with uncommitted changes" if res.get("git", {}).get("uncommitted") else "")
+                + f". Reference: {ref['method']}"
                 + (f" (estimated RMS error {fmt(ref['error_estimate'])})"
                    if ref.get("error_estimate") is not None else "") + ".", "",
                 *first, "", "<details><summary>" + second[0].split("**")[1] + "</summary>", "",
@@ -137,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.cache_dir, progress=not args.quiet)
         res["command"] = "python benchmarks/analytic_tables.py " + " ".join(sys.argv[1:])
         res["summary"]["script_wall_s"] = time.perf_counter() - t0
+        res["git"] = git_state()
         write_results(res, path)
         results[name] = res
         print(f"{name}: {res['summary']} -> {path}", file=sys.stderr)
