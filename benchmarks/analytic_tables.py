@@ -11,6 +11,8 @@ NFE 5, 10, 20, 50 (adaptive solvers over tolerances 1e-2, 1e-3, 1e-4) and write
   RMS table (ODE solvers) and the adaptive solvers. The Gaussian's Frechet distances are exact
   for ODE solvers and lead; the mixture's are Gaussian fits with a Monte-Carlo floor, so its RMS
   table leads.
+* ``benchmarks/results/analytic_<problem>.png``: every metric against measured NFE (log-log),
+  each solver on its best grid.
 
 Run (about 10 minutes on 2 CPU cores; finished cells are cached, so an interrupted run resumes):
 
@@ -31,7 +33,7 @@ from typing import Any
 import torch
 
 from sdekit.bench import gaussian_problem, gmm_problem, run_sweep
-from sdekit.bench.report import adaptive_table, fmt, pivot
+from sdekit.bench.report import adaptive_table, fmt, pivot, plot
 from sdekit.bench.runner import SweepConfig
 
 HERE = Path(__file__).resolve().parent
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         res["summary"]["script_wall_s"] = time.perf_counter() - t0
         res["git"] = git_state()
         write_results(res, path)
+        plot(res, out / f"analytic_{name}.png")
         results[name] = res
         print(f"{name}: {res['summary']} -> {path}", file=sys.stderr)
     md = markdown(results)

@@ -245,7 +245,7 @@ def plot(results: Mapping[str, Any], path: Path | str, configs: str = "best") ->
     nrow = math.ceil(len(ms) / ncol)
     leg_cols = 4
     leg_rows = math.ceil(len(lines) / leg_cols)
-    leg_h = 0.22 * leg_rows + 0.3
+    leg_h = 0.16 * leg_rows + 0.25
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.5 * nrow + leg_h),
                              squeeze=False)
     cmap = plt.get_cmap("tab20")
