@@ -30,7 +30,7 @@ class Solution:
 
 def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
            x_init: Tensor | None = None, *, shape: Sequence[int] | None = None,
-           solver: str | Solver = "ddim", steps: int | None = 20,
+           solver: str | Solver = "unipc_bh2", steps: int | None = 20,
            grid: str | Tensor | Sequence[float] | None = None, t_start: float | None = None,
            t_end: float | None = None, prediction: str = "eps", denoise: bool = False,
            float64: bool = False, seed: int = 0, seeds: Sequence[int] | None = None,

@@ -30,10 +30,11 @@ class DEISMultistep(ExpIntegrator):
     Lagrange weights). The integrals are Gauss-Legendre sums in rho (``quad_points`` nodes;
     exact for rhoAB, closed form for logrho), tabulated at ``init``. Order r + 1 (tAB1..3: 2..4,
     the paper's naming; ``ab_order=0`` is DDIM), 1 NFE per step, ODE; the first r steps warm up
-    at orders 0..r-1."""
+    at orders 0..r-1. Default grid quadratic in t, DEIS's default time schedule (``ts_order=2``)."""
 
     family = "deis"
     kind_options = ("eps",)
+    default_grid = "quadratic"
     paper = "Zhang & Chen 2023, Fast Sampling of Diffusion Models with Exponential Integrator, Eq. 14-15"
 
     def __init__(self, ab_order: int = 3, interp: str = "t", lower_order_final: bool | None = None,
@@ -44,7 +45,7 @@ class DEISMultistep(ExpIntegrator):
             raise ValueError(f"interp={interp!r} is invalid: expected one of {INTERPS}")
         if not (isinstance(quad_points, int) and quad_points >= 2):
             raise ValueError(f"quad_points={quad_points!r} is invalid: expected an integer >= 2")
-        super().__init__("eps", lower_order_final, final_to_zero)
+        super().__init__(False, lower_order_final, final_to_zero)
         self.ab_order, self.interp, self.quad_points = ab_order, interp, quad_points
         self.order = ab_order + 1
 
@@ -114,7 +115,7 @@ class DEISRhoRK(Solver):
     table's (3kutta: 3 and 3). ODE."""
 
     family = "deis"
-    default_grid = "logsnr"
+    default_grid = "quadratic"
     paper = "Zhang & Chen 2023, Fast Sampling of Diffusion Models with Exponential Integrator, Eq. 13"
 
     def __init__(self, method: str = "3kutta") -> None:
@@ -159,10 +160,10 @@ class IPNDM(Solver):
     eps_{i-j}`` in ``v = x/alpha``, ``rho = sigma/alpha`` with a = [1], [3, -1]/2,
     [23, -16, 5]/12, [55, -59, 37, -9]/24 as history builds up (``max_order``). The weights
     assume equal steps, so the declared order is 2 on smoothly varying grids; 1 NFE per step.
-    ODE. Default grid uniform in t, as in DEIS."""
+    ODE."""
 
     family = "deis"
-    default_grid = "uniform"
+    default_grid = "quadratic"
     order = 2
     paper = "Zhang & Chen 2023, DEIS, App. (iPNDM); Liu et al. 2022, PNDM"
 

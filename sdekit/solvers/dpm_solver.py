@@ -21,6 +21,17 @@ def _check_order(order: int, allowed: tuple[int, ...]) -> None:
         raise ValueError(f"order={order!r} is invalid: expected one of {allowed}")
 
 
+def _solver_type(solver_type: str | None, order: int) -> str:
+    """``None``: the papers' update where it keeps the declared order (``'midpoint'``, the
+    published 2M/2S form, at order <= 2) and the exact Lagrange weights at order 3."""
+    if solver_type is None:
+        return "midpoint" if order <= 2 else "lagrange"
+    if solver_type not in SOLVER_TYPES:
+        raise ValueError(f"solver_type={solver_type!r} is invalid: expected one of "
+                         f"{SOLVER_TYPES} or None")
+    return solver_type
+
+
 def reference_weights(r: list[Tensor], h: Tensor, k: float) -> Tensor:
     """Weights of the published multistep formulas (``solver_type='midpoint'``): DPM-Solver++(2M)
     (Lu et al. 2022b, Alg. 2) ``h phi_1 [m0 + (m0 - m1) / (2 r0)]`` and the reference code's
@@ -42,43 +53,57 @@ def reference_weights(r: list[Tensor], h: Tensor, k: float) -> Tensor:
     return h * (phi(1, z) * e0 + phi(2, z) * D1 + phi(3, z) * D2)
 
 
-@register("dpm_solver_1", order=1, prediction="eps")
-@register("dpm_solver_2m", order=2, prediction="eps")
-@register("dpm_solver_3m", order=3, prediction="eps")
-@register("dpmpp_1", order=1, prediction="x0")
-@register("dpmpp_2m", order=2, prediction="x0")
-@register("dpmpp_3m", order=3, prediction="x0")
+@register("dpm_solver_1", order=1, predict_x0=False)
+@register("dpm_solver_2m", order=2, predict_x0=False)
+@register("dpm_solver_3m", order=3, predict_x0=False)
+@register("dpmpp_1", order=1, predict_x0=True)
+@register("dpmpp_2m", order=2, predict_x0=True)
+@register("dpmpp_3m", order=3, predict_x0=True)
 class DPMSolverMultistep(ExpIntegrator):
-    """Multistep DPM-Solver (``prediction='eps'``; Lu et al. 2022, Eq. 3.7 and App. B) and
-    DPM-Solver++ (``'x0'``; Lu et al. 2022b, Alg. 2, Eq. 9): the model outputs of the last
-    ``order`` steps, interpolated in lambda by a Lagrange polynomial whose exponentially
-    weighted integral is taken exactly. Order 1, 2 or 3 (order 1 = DDIM), 1 NFE per step, ODE.
-    The first steps warm up at orders 1, 2, ... (and with ``lower_order_final`` the last ones
-    step down). ``solver_type='midpoint'`` uses the published 2M weights (the default of
-    diffusers and DPM-Solver++'s Alg. 2; for order 3 the reference code's update, which is
-    order 2 only: see :func:`reference_weights`)."""
+    """Multistep DPM-Solver (``predict_x0=False``; Lu et al. 2022, Eq. 3.7 and App. B) and
+    DPM-Solver++ (``predict_x0=True``; Lu et al. 2022b, Alg. 2, Eq. 9): the model outputs of
+    the last ``order`` steps interpolated in lambda, integrated against the exponential
+    weights. Order 1, 2 or 3 (order 1 = DDIM), 1 NFE per step, ODE. The first steps warm up at
+    orders 1, 2, ... (and with ``lower_order_final`` the last ones step down).
+    ``solver_type``: ``'midpoint'`` (default at order 2) is the published 2M update
+    ``h phi_1 [m0 + (m0 - m1) / (2 r0)]`` (DPM-Solver++ Alg. 2, diffusers' default);
+    ``'lagrange'`` (default at order 3) integrates the Lagrange interpolant exactly (at order 2
+    this is diffusers' ``'heun'``); ``'midpoint'`` at order 3 is the reference code's 3M update,
+    which converges at order 2 only (see :func:`reference_weights`). ``warmup``: at order 3
+    the first three steps are by default one third-order singlestep block (its stages are grid
+    points 1 and 2, no extra NFE); ``'lower_order'`` starts at orders 1, 2 as the reference
+    implementations do, whose first-order first step leaves an O(h^2) term in the global error
+    (small where eps barely moves at t = T, but it shows below ~1e-7 on VE)."""
 
     paper = ("Lu et al. 2022, DPM-Solver, Eq. 3.7; Lu et al. 2022b, DPM-Solver++, Alg. 2 "
              "(multistep)")
 
-    def __init__(self, order: int = 2, prediction: str = "x0", solver_type: str = "lagrange",
-                 lower_order_final: bool | None = None, final_to_zero: bool = False,
+    def __init__(self, order: int = 2, predict_x0: bool = True, solver_type: str | None = None,
+                 warmup: str | None = None, lower_order_final: bool | None = None,
+                 final_to_zero: bool = False,
                  thresholding: bool = False, threshold_ratio: float = 0.995,
                  threshold_min: float = 1.0, threshold_max: float = math.inf) -> None:
         _check_order(order, (1, 2, 3))
-        if solver_type not in SOLVER_TYPES:
-            raise ValueError(f"solver_type={solver_type!r} is invalid: expected one of "
-                             f"{SOLVER_TYPES}")
-        super().__init__(prediction, lower_order_final, final_to_zero,
+        solver_type = _solver_type(solver_type, order)
+        super().__init__(predict_x0, lower_order_final, final_to_zero,
                          thresholding=thresholding, threshold_ratio=threshold_ratio,
                          threshold_min=threshold_min, threshold_max=threshold_max)
+        if warmup not in (None, "singlestep", "lower_order"):
+            raise ValueError(f"warmup={warmup!r} is invalid: expected 'singlestep', "
+                             "'lower_order' or None")
         self.solver_type = solver_type
+        self.warmup = warmup or ("singlestep" if order == 3 else "lower_order")
+        if self.warmup == "singlestep" and order != 3:
+            raise ValueError(f"warmup='singlestep' is for order 3, got order={order}")
         self.order = 2 if (order == 3 and solver_type == "midpoint") else order
         self.max_order = order
 
     def init(self, p: Problem, x: Tensor) -> History:
         self.check(p)
-        return History(keep=self.max_order)
+        st = History(keep=self.max_order)
+        usable = p.steps - (1 if self.final_to_zero else 0)
+        st.extra["singlestep_start"] = self.warmup == "singlestep" and usable >= 3
+        return st
 
     def weights(self, r: list[Tensor], h: Tensor) -> Tensor:
         if self.solver_type == "midpoint" and len(r) > 1:
@@ -90,6 +115,14 @@ class DPMSolverMultistep(ExpIntegrator):
         st.add(i, m)
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps), st
+        if i < 3 and st.extra["singlestep_start"]:
+            # steps 0-2 as one third-order singlestep block whose stages are grid points 1, 2
+            if i == 0:
+                st.extra["x_s"] = x
+            h = p.lam[3] - p.lam[0]
+            r = torch.stack([(p.lam[q] - p.lam[0]) / h for q in range(i + 1)])
+            W = ei_weights(r, float((p.lam[i + 1] - p.lam[0]) / h), h, self.k)
+            return self.combine(p, st.extra["x_s"], 0, i + 1, W, [st.m[q] for q in range(i + 1)]), st
         o = self.step_order(i, p.steps, self.max_order)
         h = p.lam[i + 1] - p.lam[i]
         r = [(p.lam[i - j] - p.lam[i]) / h for j in range(o)]
@@ -97,33 +130,32 @@ class DPMSolverMultistep(ExpIntegrator):
         return self.combine(p, x, i, i + 1, W, [st.m[i - j] for j in range(o)]), st
 
 
-@register("dpm_solver_2", order=2, prediction="eps")
-@register("dpm_solver_3", order=3, prediction="eps")
-@register("dpmpp_2s", order=2, prediction="x0")
+@register("dpm_solver_2", order=2, predict_x0=False)
+@register("dpm_solver_3", order=3, predict_x0=False)
+@register("dpmpp_2s", order=2, predict_x0=True)
 class DPMSolverSinglestep(ExpIntegrator):
-    """Singlestep DPM-Solver-2/3 (Lu et al. 2022, Alg. 1 and 2; ``'x0'``: DPM-Solver++(2S),
-    Lu et al. 2022b, Alg. 1) with the "fast" order schedule (Sec. 3.4) that spends exactly the
-    budget: the grid's intervals are grouped into blocks of ``order`` intervals, and the inner
-    grid points are the intermediate stages, so every interval costs one model call (NFE =
-    steps; on a logSNR grid the stages sit at r = 1/2 or 1/3, 2/3 as in the paper). One shorter
-    block takes up the remainder, at the start by default (``lower_order_at='end'`` puts it
-    last, like DPM-Solver's schedule). Order 2 or 3, 1 NFE per step (per interval), ODE.
-    ``solver_type='lagrange'`` integrates the Lagrange interpolant of all stages exactly (third
-    order for any stage positions); ``'midpoint'`` uses the papers' updates (order 3 needs
-    r2 = 2/3, i.e. a block uniform in lambda)."""
+    """Singlestep DPM-Solver-2/3 (Lu et al. 2022, Alg. 1 and 2; ``predict_x0=True``:
+    DPM-Solver++(2S), Lu et al. 2022b, Alg. 1) with the "fast" order schedule (Sec. 3.4) that
+    spends exactly the budget: the grid's intervals are grouped into blocks of ``order``
+    intervals whose inner grid points are the intermediate stages, so every interval costs one
+    model call (NFE = steps; on a logSNR grid the stages sit at r = 1/2 or 1/3, 2/3 as in the
+    paper). One shorter block takes up the remainder, at the start by default
+    (``lower_order_at='end'`` puts it last, as DPM-Solver's and diffusers' schedules do).
+    Order 2 or 3, 1 NFE per step (per interval), ODE. ``solver_type``: ``'midpoint'`` (default
+    at order 2) is Alg. 1's ``(1 / 2r)`` update; ``'lagrange'`` (default at order 3) integrates
+    the Lagrange interpolant of the block's stages exactly, third order for any stage positions
+    (Alg. 2's update, ``'midpoint'`` at order 3, needs r2 = 2/3: a block uniform in lambda)."""
 
     paper = ("Lu et al. 2022, DPM-Solver, Alg. 1-2 and Sec. 3.4 (DPM-Solver-fast); Lu et al. "
              "2022b, DPM-Solver++, Alg. 1 (2S)")
 
-    def __init__(self, order: int = 3, prediction: str = "eps", solver_type: str = "lagrange",
+    def __init__(self, order: int = 3, predict_x0: bool = False, solver_type: str | None = None,
                  lower_order_at: str = "start", final_to_zero: bool = False,
                  thresholding: bool = False, threshold_ratio: float = 0.995,
                  threshold_min: float = 1.0, threshold_max: float = math.inf) -> None:
         _check_order(order, (1, 2, 3))
-        if solver_type not in SOLVER_TYPES:
-            raise ValueError(f"solver_type={solver_type!r} is invalid: expected one of "
-                             f"{SOLVER_TYPES}")
-        super().__init__(prediction, False, final_to_zero,
+        solver_type = _solver_type(solver_type, order)
+        super().__init__(predict_x0, False, final_to_zero,
                          thresholding=thresholding, threshold_ratio=threshold_ratio,
                          threshold_min=threshold_min, threshold_max=threshold_max)
         block_plan(order, order, lower_order_at)  # validates lower_order_at
@@ -160,8 +192,8 @@ class DPMSolverSinglestep(ExpIntegrator):
         return self.combine(p, st.extra["x_s"], i0, i + 1, W, ms), st
 
 
-@register("dpm_solver_adaptive", order=3, prediction="eps")
-@register("dpmpp_adaptive", order=3, prediction="x0")
+@register("dpm_solver_adaptive", order=3, predict_x0=False)
+@register("dpmpp_adaptive", order=3, predict_x0=True)
 class DPMSolverAdaptive(ExpIntegrator):
     """Adaptive DPM-Solver-12 (``order=2``) and -23 (``order=3``; Lu et al. 2022, Alg. 4 and
     App. C): each step compares the singlestep solutions of orders ``order - 1`` and ``order``
@@ -174,7 +206,7 @@ class DPMSolverAdaptive(ExpIntegrator):
     adaptive = True
     paper = "Lu et al. 2022, DPM-Solver, Alg. 4 (adaptive step size) and App. C"
 
-    def __init__(self, order: int = 3, prediction: str = "eps", rtol: float = 0.05,
+    def __init__(self, order: int = 3, predict_x0: bool = False, rtol: float = 0.05,
                  atol: float = 0.0078, h_init: float = 0.05, theta: float = 0.9,
                  max_iters: int = 10_000, thresholding: bool = False,
                  threshold_ratio: float = 0.995,
@@ -185,7 +217,7 @@ class DPMSolverAdaptive(ExpIntegrator):
                 raise ValueError(f"{name}={v!r} is invalid: expected a finite number > 0")
         if not 0 < theta <= 1:
             raise ValueError(f"theta={theta!r} is invalid: expected a number in (0, 1]")
-        super().__init__(prediction, False, False,
+        super().__init__(predict_x0, False, False,
                          thresholding=thresholding, threshold_ratio=threshold_ratio,
                          threshold_min=threshold_min, threshold_max=threshold_max)
         self.order, self.rtol, self.atol = order, float(rtol), float(atol)
@@ -253,7 +285,7 @@ class SDEDPMSolverPP(ExpIntegrator):
     ``sde-dpmsolver++``): the reverse-time SDE in data prediction,
     ``x_t = (sigma_t/sigma_s) e^{-h} x_s + alpha_t sum_j W_j x0_j + sigma_t sqrt(1 - e^{-2h}) z``
     with ``W`` the exact weights of the kernel ``2 e^{-2(lambda_t - lambda)}`` (order 1: the
-    first-order update; order 2: 2M, ``solver_type='midpoint'`` as diffusers (default) or
+    first-order update; order 2: 2M, ``solver_type='midpoint'`` as diffusers (the default) or
     ``'lagrange'``). ``z`` is the normalised Brownian increment over the step. Ito SDE; 1 NFE
     per step; strong order 1 here (additive noise)."""
 
@@ -261,15 +293,13 @@ class SDEDPMSolverPP(ExpIntegrator):
     strong_order = 1.0
     paper = "Lu et al. 2022b, DPM-Solver++, Sec. 5 (SDE-DPM-Solver++(2M))"
 
-    def __init__(self, order: int = 2, solver_type: str = "midpoint",
+    def __init__(self, order: int = 2, solver_type: str | None = None,
                  lower_order_final: bool | None = None, final_to_zero: bool = False,
                  thresholding: bool = False, threshold_ratio: float = 0.995,
                  threshold_min: float = 1.0, threshold_max: float = math.inf) -> None:
         _check_order(order, (1, 2))
-        if solver_type not in SOLVER_TYPES:
-            raise ValueError(f"solver_type={solver_type!r} is invalid: expected one of "
-                             f"{SOLVER_TYPES}")
-        super().__init__("x0", lower_order_final, final_to_zero,
+        solver_type = _solver_type(solver_type, order)
+        super().__init__(True, lower_order_final, final_to_zero,
                          thresholding=thresholding, threshold_ratio=threshold_ratio,
                          threshold_min=threshold_min, threshold_max=threshold_max)
         self.order, self.solver_type = order, solver_type

@@ -139,8 +139,9 @@ class ExpIntegrator(Solver):
     """Options shared by the exponential-integrator solvers.
 
     Args:
-        prediction: ``"x0"`` integrates the data prediction (DPM-Solver++, UniPC default),
-            ``"eps"`` the noise prediction (DPM-Solver, DEIS).
+        predict_x0: integrate the data prediction x0 (DPM-Solver++, UniPC default) instead
+            of the noise prediction eps (DPM-Solver, DEIS). (Not ``prediction``: that argument
+            of :func:`sdekit.sample` names the network's output type.)
         lower_order_final: drop the order of the last steps to ``min(order, steps_left)`` (the
             guard of DPM-Solver++, diffusers and k-diffusion against instability at few steps);
             ``None`` (default) turns it on below 10 steps, where it helps on real models.
@@ -156,19 +157,20 @@ class ExpIntegrator(Solver):
     kind_options = ("eps", "x0")
     auto_lower_order_below = 10
 
-    def __init__(self, prediction: str = "x0", lower_order_final: bool | None = None,
+    def __init__(self, predict_x0: bool = True, lower_order_final: bool | None = None,
                  final_to_zero: bool = False, thresholding: bool = False,
                  threshold_ratio: float = 0.995, threshold_min: float = 1.0,
                  threshold_max: float = math.inf) -> None:
+        prediction = "x0" if predict_x0 else "eps"
         if prediction not in self.kind_options:
-            raise ValueError(f"prediction={prediction!r} is invalid: expected one of "
-                             f"{self.kind_options}")
+            raise ValueError(f"predict_x0={predict_x0!r} is invalid for {type(self).__name__}: "
+                             f"it integrates {self.kind_options} predictions only")
         if lower_order_final not in (None, True, False):
             raise ValueError(f"lower_order_final={lower_order_final!r} is invalid: expected "
                              "True, False or None (automatic)")
-        if thresholding and prediction != "x0":
+        if thresholding and not predict_x0:
             raise ValueError("thresholding=True needs a data-prediction solver: use "
-                             "prediction='x0' (DPM-Solver++, UniPC)")
+                             "predict_x0=True (DPM-Solver++, UniPC)")
         if not 0 < threshold_ratio <= 1:
             raise ValueError(f"threshold_ratio={threshold_ratio!r} is invalid: expected a "
                              "number in (0, 1]")
@@ -240,10 +242,6 @@ class ExpIntegrator(Solver):
             for w, m in zip(W, ms):
                 out = out + p.bcast(a_t * w, x) * m
         return out
-
-    def options_summary(self) -> dict[str, Any]:
-        return {"prediction": self.prediction, "lower_order_final": self.lower_order_final,
-                "final_to_zero": self.final_to_zero, "thresholding": self.threshold is not None}
 
 
 __all__ = ["phi", "ei_weights", "lagrange_coefficients", "lagrange_eval", "gauss_legendre",

@@ -34,8 +34,8 @@ class _Reuse:
         return from_eps(kind, eps, x, p.bcast(p.alpha[i], x), p.bcast(p.sigma[i], x))
 
 
-@register("unipc_bh1", order=3, variant="bh1")
-@register("unipc_bh2", order=3, variant="bh2")
+@register("unipc_bh1", variant="bh1")
+@register("unipc_bh2", variant="bh2")
 @register("unic_dpmpp_2m", order=2, predictor="dpmpp_2m")
 class UniPC(ExpIntegrator):
     """UniPC (Zhao et al. 2023, Alg. 2 (UniC) and 3 (UniP), the B(h) variants of Eq. 21 and
@@ -53,7 +53,7 @@ class UniPC(ExpIntegrator):
     family = "unipc"
     paper = "Zhao et al. 2023, UniPC, Alg. 2-3 and Eq. 21 (B(h) variants)"
 
-    def __init__(self, order: int = 3, variant: str = "bh2", prediction: str = "x0",
+    def __init__(self, order: int = 2, variant: str = "bh2", predict_x0: bool = True,
                  corrector: bool = True, predictor: str | Solver | None = None,
                  disable_corrector: Iterable[int] = (), lower_order_final: bool | None = None,
                  final_to_zero: bool = False, thresholding: bool = False,
@@ -63,7 +63,7 @@ class UniPC(ExpIntegrator):
             raise ValueError(f"order={order!r} is invalid: expected 1, 2 or 3")
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r} is invalid: expected one of {VARIANTS}")
-        super().__init__(prediction, lower_order_final, final_to_zero, thresholding,
+        super().__init__(predict_x0, lower_order_final, final_to_zero, thresholding,
                          threshold_ratio, threshold_min, threshold_max)
         self.max_order, self.variant, self.corrector = order, variant, bool(corrector)
         self.disable_corrector = frozenset(int(i) for i in disable_corrector)
