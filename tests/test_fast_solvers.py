@@ -36,8 +36,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------ the engine
 def test_phi_matches_closed_forms_on_both_branches():
-    z = torch.tensor([-30.0, -2.5, -1.0, -0.999, -1e-3, -1e-9, 0.0, 1e-9, 1e-3, 0.999, 1.0, 2.5, 20.0],
-                     dtype=F64)
+    z = torch.tensor([-30.0, -2.5, -1.0, -0.999, -1e-3, -1e-9, 0.0, 1e-9, 1e-3, 0.999, 1.0, 2.5,
+                      20.0], dtype=F64)
     exact = {1: lambda z: np.expm1(z) / z, 2: lambda z: (np.expm1(z) - z) / z ** 2,
              3: lambda z: (np.expm1(z) - z - z * z / 2) / z ** 3}
     for k, f in exact.items():
@@ -171,8 +171,9 @@ def test_deis_logrho_matches_diffusers(ddpm, steps, order):
     assert rel(out.x, ref) < 1e-12
 
 
-DPM_CASES = [(2, "midpoint", "dpmsolver++"), (2, "heun", "dpmsolver++"), (2, "midpoint", "dpmsolver"),
-             (2, "heun", "dpmsolver"), (3, "midpoint", "dpmsolver++"), (3, "midpoint", "dpmsolver")]
+DPM_CASES = [(2, "midpoint", "dpmsolver++"), (2, "heun", "dpmsolver++"),
+             (2, "midpoint", "dpmsolver"), (2, "heun", "dpmsolver"),
+             (3, "midpoint", "dpmsolver++"), (3, "midpoint", "dpmsolver")]
 
 
 @pytest.mark.parametrize("steps", [8, 20])
@@ -210,8 +211,8 @@ def test_dpm_solver_multistep_matches_diffusers(ddpm, steps, order, solver_type,
     assert rel(out, full) < 2e-6
 
 
-@pytest.mark.parametrize("order,steps,solver_type", [(2, 9, "heun"), (2, 9, "midpoint"),
-                                                     (3, 9, "heun"), (3, 10, "heun"), (3, 11, "heun")])
+@pytest.mark.parametrize("order,steps,solver_type", [
+    (2, 9, "heun"), (2, 9, "midpoint"), (3, 9, "heun"), (3, 10, "heun"), (3, 11, "heun")])
 @pytest.mark.parametrize("algorithm", ["dpmsolver++", "dpmsolver"])
 def test_dpm_solver_singlestep_matches_diffusers(ddpm, order, steps, solver_type, algorithm):
     """The fast schedule with the lower-order blocks last = diffusers' order list."""
@@ -339,7 +340,8 @@ def test_adaptive_meets_tolerance_per_sample(name):
 @pytest.mark.parametrize("name,opts,match", [
     ("dpmpp_2m", {"order": 4}, "order=4"), ("dpm_solver_3", {"order": 0}, "order=0"),
     ("unipc_bh2", {"order": 5}, "order=5"), ("deis_tab3", {"ab_order": 4}, "ab_order=4"),
-    ("unipc_bh2", {"variant": "bh3"}, "variant"), ("dpmpp_2m", {"solver_type": "rk"}, "solver_type"),
+    ("unipc_bh2", {"variant": "bh3"}, "variant"),
+    ("dpmpp_2m", {"solver_type": "rk"}, "solver_type"),
     ("dpm_solver_3", {"lower_order_at": "middle"}, "lower_order_at"),
     ("deis_tab1", {"interp": "sigma"}, "interp"), ("deis_rhork", {"method": "5rk"}, "method"),
     ("dpm_solver_adaptive", {"rtol": 0.0}, "rtol"),

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .base import Problem, Solver
 from .exp_integrator import ExpIntegrator, History, ei_weights, gauss_legendre, lagrange_eval
-from .ode import ButcherTable
+from .ode import TABLES, ButcherTable
 from .registry import register
 
 INTERPS = ("t", "rho", "logrho")
@@ -29,13 +29,16 @@ class DEISMultistep(ExpIntegrator):
     or ``'logrho'`` (diffusers' DEISMultistepScheduler, = multistep DPM-Solver with exact
     Lagrange weights). The integrals are Gauss-Legendre sums in rho (``quad_points`` nodes;
     exact for rhoAB, closed form for logrho), tabulated at ``init``. Order r + 1 (tAB1..3: 2..4,
-    the paper's naming; ``ab_order=0`` is DDIM), 1 NFE per step, ODE; the first r steps warm up
-    at orders 0..r-1. Default grid quadratic in t, DEIS's default time schedule (``ts_order=2``)."""
+    the paper's naming; ``ab_order=0`` is DDIM), 1 NFE per step, ODE. The first r steps warm up
+    at orders 0..r-1 as in the paper; their O(h^2), O(h^3) terms keep the measured order of
+    tAB3/rhoAB3 at about 3.2-3.6 for 16-512 steps on Gaussian and mixture data. Default grid
+    quadratic in t, DEIS's default time schedule (``ts_order=2``)."""
 
     family = "deis"
     kind_options = ("eps",)
     default_grid = "quadratic"
-    paper = "Zhang & Chen 2023, Fast Sampling of Diffusion Models with Exponential Integrator, Eq. 14-15"
+    paper = ("Zhang & Chen 2023, Fast Sampling of Diffusion Models with Exponential "
+             "Integrator, Eq. 14-15")
 
     def __init__(self, ab_order: int = 3, interp: str = "t", lower_order_final: bool | None = None,
                  final_to_zero: bool = False, quad_points: int = 20) -> None:
@@ -50,7 +53,9 @@ class DEISMultistep(ExpIntegrator):
         self.order = ab_order + 1
 
     def coefficients(self, p: Problem) -> list[Tensor]:
-        """``C[i][j]``: the weight of ``eps_{i-j}`` in step ``i`` (float64)."""
+        """``W[i][j]``: the weight of ``eps_{i-j}`` in step ``i`` in the exponential-integrator
+        form ``x_{i+1} = (alpha_{i+1}/alpha_i) x_i - sigma_{i+1} sum_j W_ij eps_{i-j}``, i.e.
+        ``W_ij = e^{lambda_{i+1}} C_ij`` (float64)."""
         rho = torch.exp(-p.lam)
         gx, gw = gauss_legendre(self.quad_points)
         out = []
@@ -59,7 +64,7 @@ class DEISMultistep(ExpIntegrator):
             if self.interp == "logrho":
                 h = p.lam[i + 1] - p.lam[i]
                 r = torch.stack([(p.lam[i - j] - p.lam[i]) / h for j in range(o)])
-                out.append(ei_weights(r, 1.0, h, 1.0) * torch.exp(-p.lam[i + 1]))
+                out.append(ei_weights(r, 1.0, h, 1.0))
                 continue
             half = (rho[i] - rho[i + 1]) / 2
             nodes_rho = rho[i + 1] + half * (gx + 1)
@@ -68,13 +73,13 @@ class DEISMultistep(ExpIntegrator):
             else:
                 u, nodes = nodes_rho, rho[i - o + 1:i + 1]
             ell = lagrange_eval(nodes.flip(0), u)          # (o, quad_points), j = 0 is step i
-            out.append((ell * gw).sum(1) * half)
+            out.append((ell * gw).sum(1) * half * torch.exp(p.lam[i + 1]))
         return out
 
     def init(self, p: Problem, x: Tensor) -> History:
         self.check(p)
         st = History(keep=self.order)
-        st.extra["C"] = self.coefficients(p)
+        st.extra["W"] = self.coefficients(p)
         return st
 
     def step(self, p: Problem, i: int, x: Tensor, st: History) -> tuple[Tensor, History]:
@@ -82,16 +87,12 @@ class DEISMultistep(ExpIntegrator):
         st.add(i, m)
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps), st
-        C = st.extra["C"][i]
-        out = p.bcast(p.alpha[i + 1] / p.alpha[i], x) * x
-        for j in range(C.numel()):
-            out = out - p.bcast(p.alpha[i + 1] * C[j], x) * st.m[i - j]
-        return out, st
+        W = st.extra["W"][i]
+        return self.combine(p, x, i, i + 1, W, [st.m[i - j] for j in range(W.numel())]), st
 
 
 RK_TABLES = {
-    "1euler": (ButcherTable([[0.0]], [1.0], [0.0]), 1),
-    "2heun": (ButcherTable([[0, 0], [1, 0]], [0.5, 0.5], [0, 1]), 2),
+    "1euler": TABLES["euler"], "2heun": TABLES["heun"], "4rk": TABLES["rk4"],
     "3kutta": (ButcherTable([[0, 0, 0], [0.5, 0, 0], [-1, 2, 0]], [1 / 6, 2 / 3, 1 / 6],
                             [0, 0.5, 1]), 3),
     "3ral": (ButcherTable([[0, 0, 0], [0.5, 0, 0], [0, 0.75, 0]], [2 / 9, 1 / 3, 4 / 9],
@@ -102,8 +103,6 @@ RK_TABLES = {
                           [0, 8 / 15, 2 / 3]), 3),
     "3ssprk": (ButcherTable([[0, 0, 0], [1, 0, 0], [0.25, 0.25, 0]], [1 / 6, 1 / 6, 2 / 3],
                             [0, 1, 0.5]), 3),
-    "4rk": (ButcherTable([[0, 0, 0, 0], [0.5, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, 1, 0]],
-                         [1 / 6, 1 / 3, 1 / 3, 1 / 6], [0, 0.5, 0.5, 1]), 4),
 }
 
 
@@ -116,7 +115,8 @@ class DEISRhoRK(Solver):
 
     family = "deis"
     default_grid = "quadratic"
-    paper = "Zhang & Chen 2023, Fast Sampling of Diffusion Models with Exponential Integrator, Eq. 13"
+    paper = ("Zhang & Chen 2023, Fast Sampling of Diffusion Models with Exponential "
+             "Integrator, Eq. 13")
 
     def __init__(self, method: str = "3kutta") -> None:
         if method not in RK_TABLES:

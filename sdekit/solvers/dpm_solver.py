@@ -119,10 +119,7 @@ class DPMSolverMultistep(ExpIntegrator):
             # steps 0-2 as one third-order singlestep block whose stages are grid points 1, 2
             if i == 0:
                 st.extra["x_s"] = x
-            h = p.lam[3] - p.lam[0]
-            r = torch.stack([(p.lam[q] - p.lam[0]) / h for q in range(i + 1)])
-            W = ei_weights(r, float((p.lam[i + 1] - p.lam[0]) / h), h, self.k)
-            return self.combine(p, st.extra["x_s"], 0, i + 1, W, [st.m[q] for q in range(i + 1)]), st
+            return self.block_stage(p, st, 0, 3, i), st
         o = self.step_order(i, p.steps, self.max_order)
         h = p.lam[i + 1] - p.lam[i]
         r = [(p.lam[i - j] - p.lam[i]) / h for j in range(o)]
@@ -178,17 +175,17 @@ class DPMSolverSinglestep(ExpIntegrator):
         if i == i0:
             st.extra["x_s"] = x
         st.add(i, m)
+        if self.solver_type != "midpoint" or i != i0 + k - 1 or k == 1:
+            return self.block_stage(p, st, i0, k, i), st
+        # the papers' final updates: Alg. 1 (k = 2), Alg. 2 (k = 3: linear through 0 and r2)
         h = p.lam[i0 + k] - p.lam[i0]
         r = [(p.lam[q] - p.lam[i0]) / h for q in range(i0, i + 1)]
-        c = (p.lam[i + 1] - p.lam[i0]) / h
-        ms = [st.m[q] for q in range(i0, i + 1)]
-        if self.solver_type == "midpoint" and i == i0 + k - 1 and k == 2:
+        if k == 2:
             W = h * abs(self.k) * phi(1, self.k * h) * torch.stack([1 - 0.5 / r[1], 0.5 / r[1]])
-        elif self.solver_type == "midpoint" and i == i0 + k - 1 and k == 3:
-            W = ei_weights(torch.stack([r[0], r[2]]), 1.0, h, self.k)
-            ms = [ms[0], ms[2]]
+            ms = [st.m[i0], st.m[i0 + 1]]
         else:
-            W = ei_weights(torch.stack(r), float(c), h, self.k)
+            W = ei_weights(torch.stack([r[0], r[2]]), 1.0, h, self.k)
+            ms = [st.m[i0], st.m[i0 + 2]]
         return self.combine(p, st.extra["x_s"], i0, i + 1, W, ms), st
 
 

@@ -3,10 +3,10 @@
 Every one of them integrates the probability-flow ODE in the half-logSNR ``lambda``, where its
 linear part is exact (Lu et al. 2022, Eq. 3.4 and 2022b, Eq. 8):
 
-* noise prediction: ``x_t = (alpha_t/alpha_s) x_s - alpha_t int_{lambda_s}^{lambda_t} e^{-lambda} eps dlambda``
-* data prediction:  ``x_t = (sigma_t/sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} e^{lambda} x0 dlambda``
+* noise prediction: ``x_t = (alpha_t/alpha_s) x_s - alpha_t int e^{-lambda} eps dlambda``
+* data prediction:  ``x_t = (sigma_t/sigma_s) x_s + sigma_t int e^{lambda} x0 dlambda``
 
-and approximates the model output under the integral by the Lagrange polynomial through the
+(integrals over ``[lambda_s, lambda_t]``), and approximates the model output under the integral by the Lagrange polynomial through the
 outputs already computed (previous steps, or earlier stages of a singlestep block). With
 ``tau = lambda - lambda_s`` and nodes ``lambda_s + r_j h`` the weight of output ``j`` over
 ``[lambda_s, lambda_s + c h]`` is ``|k| int_0^{ch} e^{k (ch - tau)} l_j(tau / h) dtau``, which
@@ -120,8 +120,8 @@ def block_plan(steps: int, order: int, lower_order_at: str) -> list[tuple[int, i
 
 @dataclass
 class History:
-    """Multistep state: model outputs and their half-logSNRs, keyed by step number; ``keep``
-    bounds the memory."""
+    """Multistep state: model outputs keyed by step number (the last ``keep`` are kept) and
+    solver-specific extras (block plans, the start of a singlestep block, coefficient tables)."""
 
     keep: int
     m: dict[int, Tensor] = field(default_factory=dict)
@@ -144,7 +144,7 @@ class ExpIntegrator(Solver):
             of :func:`sdekit.sample` names the network's output type.)
         lower_order_final: drop the order of the last steps to ``min(order, steps_left)`` (the
             guard of DPM-Solver++, diffusers and k-diffusion against instability at few steps);
-            ``None`` (default) turns it on below 10 steps, where it helps on real models.
+            ``None`` (default) turns it on below 10 steps, the DPM-Solver reference code's rule.
         final_to_zero: take the last interval to sigma = 0 at first order: the last step
             returns the clean-data estimate ``(x - sigma eps) / alpha`` of its model call (the
             data prediction itself for ``"x0"``) instead of ``x(t_end)``; no extra model call.
@@ -191,7 +191,8 @@ class ExpIntegrator(Solver):
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
             raise ValueError(
-                f"the half-logSNR lambda is {p.lam[i].item()} at grid time t={p.times[i].item():.6g}"
+                f"the half-logSNR lambda is {p.lam[i].item()} at grid time "
+                f"t={p.times[i].item():.6g}"
                 f" (alpha={p.alpha[i].item():.3g}, sigma={p.sigma[i].item():.3g}): exponential "
                 "integrators need 0 < sigma and 0 < alpha at every grid point; end the grid at "
                 "t_end > 0 (and use final_to_zero=True to finish at sigma = 0)")
@@ -213,17 +214,28 @@ class ExpIntegrator(Solver):
         return self.convert(p, x, eps, a, s), eps
 
     def convert(self, p: Problem, x: Tensor, eps: Tensor, a: Any, s: Any) -> Tensor:
-        if self.prediction == "eps":
-            return eps
+        """The output this solver integrates, from the eps of a call at ``x``."""
+        return eps if self.prediction == "eps" else self.data_estimate(p, x, eps, a, s)
+
+    def data_estimate(self, p: Problem, x: Tensor, eps: Tensor, a: Any, s: Any) -> Tensor:
+        """``(x - sigma eps) / alpha``, thresholded if enabled."""
         x0 = (x - p.bcast(s, x) * eps) / p.bcast(a, x)
         return dynamic_threshold(x0, *self.threshold) if self.threshold else x0
 
     def to_zero(self, p: Problem, i: int, x: Tensor, eps: Tensor) -> Tensor:
-        """The first-order step from grid point ``i`` to sigma = 0: the data estimate
-        ``(x - sigma eps) / alpha`` (thresholded if enabled), i.e. the data prediction of the
-        step's model call, taken at ``x`` (UniPC: the corrected state)."""
-        x0 = (x - p.bcast(p.sigma[i], x) * eps) / p.bcast(p.alpha[i], x)
-        return dynamic_threshold(x0, *self.threshold) if self.threshold else x0
+        """The first-order step from grid point ``i`` to sigma = 0: the data estimate of the
+        step's model call, taken at ``x`` (for UniPC the corrected state)."""
+        return self.data_estimate(p, x, eps, p.alpha[i], p.sigma[i])
+
+    def block_stage(self, p: Problem, st: History, i0: int, k: int, i: int) -> Tensor:
+        """A singlestep block of ``k`` grid intervals from grid point ``i0`` (state
+        ``st.extra['x_s']``): the state at grid point ``i + 1`` from the outputs at the block's
+        points ``i0..i`` (exact weights of their Lagrange interpolant in lambda)."""
+        h = p.lam[i0 + k] - p.lam[i0]
+        r = torch.stack([(p.lam[q] - p.lam[i0]) / h for q in range(i0, i + 1)])
+        W = ei_weights(r, float((p.lam[i + 1] - p.lam[i0]) / h), h, self.k)
+        ms = [st.m[q] for q in range(i0, i + 1)]
+        return self.combine(p, st.extra["x_s"], i0, i + 1, W, ms)
 
     def combine(self, p: Problem, x: Tensor, i0: int, t_idx: Any, W: Tensor, ms: list[Tensor],
                 a_t: Any = None, s_t: Any = None, a_s: Any = None, s_s: Any = None) -> Tensor:
