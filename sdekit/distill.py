@@ -120,7 +120,7 @@ def default_backbone(state_shape: Sequence[int]) -> dict[str, Any]:
     """A small MLP for vectors, a small U-Net for square images."""
     shape = [int(s) for s in state_shape]
     if len(shape) == 1:
-        return {"name": "mlp", "data_shape": shape, "width": 128, "depth": 2}
+        return {"name": "mlp", "data_shape": shape, "width": 256, "depth": 3}
     return {"name": "unet", "in_channels": shape[0], "image_size": shape[-1],
             "base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
             "attn_resolutions": []}

@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .solvers_cmd import add_parser as add_solvers; add_solvers(sub)  # noqa: E702
     from .train import add_parser as add_train; add_train(sub)  # noqa: E702
     from .sample_cmd import add_parser as add_sample; add_sample(sub)  # noqa: E702
+    from .distill_cmd import add_parser as add_distill; add_distill(sub)  # noqa: E702
     return p
 
 
