@@ -4,7 +4,6 @@ sigma and lambda (see :mod:`sdekit.solvers.exp_integrator`)."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
