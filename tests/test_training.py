@@ -203,7 +203,7 @@ def test_checkpoint_contents_are_safe_and_json_readable(tmp_path):
     raw = torch.load(path, weights_only=True)               # no code execution needed
     cfg = json.loads(raw["config"])
     assert cfg["net"]["name"] == "mlp" and cfg["sde"] == "vp" and cfg["transform"]["kind"]
-    assert cfg["net"]["prediction"] == "eps"
+    assert cfg["net"]["prediction"] == "denoiser" and cfg["loss"] == "edm"
     assert isinstance(raw["rng"]["torch"], torch.Tensor) and raw["step"] == 4
     side = json.loads((tmp_path / "checkpoint.json").read_text())
     assert side["step"] == 4 and side["config"] == cfg

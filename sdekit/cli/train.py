@@ -46,7 +46,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group("network")
     g.add_argument("--net", choices=sorted(NETWORKS), default=None)
     g.add_argument("--prediction", choices=NET_PREDICTIONS, default=None,
-                   help="network output (default eps; denoiser = EDM preconditioning)")
+                   help="network output (recipes: denoiser = EDM preconditioning; "
+                        "choosing one without --loss picks eps loss, or edm for denoiser)")
     g.add_argument("--channels", type=int, default=None, help="U-Net base channels")
     g.add_argument("--channel-mult", type=_ints, default=None, metavar="1,2")
     g.add_argument("--num-res-blocks", type=int, default=None)
@@ -106,8 +107,8 @@ def build_config(args: argparse.Namespace):
         v = getattr(args, key)
         if v is not None:
             over[key] = v
-    if args.prediction == "denoiser" and args.loss is None:
-        over["loss"] = "edm"
+    if args.prediction is not None and args.loss is None:   # the natural loss for the output
+        over["loss"] = "edm" if args.prediction == "denoiser" else "eps"
     cfg = recipe(args.data, **over)
     if cfg.net.get("name") == "mlp":   # drop U-Net-only keys from an MLP recipe and vice versa
         for k in ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions"):

@@ -201,44 +201,81 @@ def _nearest(a: Tensor, b: Tensor, chunk: int = 2048) -> tuple[Tensor, Tensor]:
     return torch.cat(d_out), torch.cat(i_out)
 
 
-def mode_coverage(name: str, samples: Tensor, n_ref: int = 5000, seed: int = 12345,
-                  min_share: float = 0.25, min_on_support: float = 0.9) -> dict[str, Any]:
+def toy_skeleton(name: str, n: int = 5000) -> tuple[Tensor, Tensor, float, Tensor]:
+    """The noise-free set a toy is generated from, in data coordinates: ``(points, mode labels,
+    radius, mode weights)``. A point is *on support* if it lies within ``radius`` of the set:
+    3 noise standard deviations for the noisy toys (eight Gaussians: a 3-sigma disc around each
+    centre; swiss roll and two moons: a 3-sigma band around the curve), and 0.05 of a square's
+    side around the filled squares of the checkerboard."""
+    if name == "eight_gaussians":
+        k = torch.arange(8)
+        ang = k.double() * (2 * math.pi / 8)
+        pts = 2.0 * torch.stack([torch.cos(ang), torch.sin(ang)], 1) / 1.414
+        return pts, k, 3 * 0.1 / 1.414, torch.full((8,), 1 / 8, dtype=torch.float64)
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    if name == "swiss_roll":
+        theta = 1.5 * math.pi * (1 + 2 * u)
+        pts = torch.stack([theta * torch.cos(theta), theta * torch.sin(theta)], 1) / 7.5
+        k = torch.clamp((u * 6).long(), max=5)
+        return pts, k, 3 * 0.25 / 7.5, torch.full((6,), 1 / 6, dtype=torch.float64)
+    if name == "two_moons":
+        a = u * math.pi
+        upper = torch.stack([torch.cos(a), torch.sin(a)], 1)
+        lower = torch.stack([1 - torch.cos(a), 0.5 - torch.sin(a)], 1)
+        off = torch.tensor([0.5, 0.25], dtype=torch.float64)
+        pts = (torch.cat([upper, lower]) - off) / 0.7
+        k = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)])
+        return pts, k, 3 * 0.05 / 0.7, torch.full((2,), 0.5, dtype=torch.float64)
+    if name == "checkerboard":
+        m = 30                                       # a 30x30 lattice inside each square
+        g = (torch.arange(m, dtype=torch.float64) + 0.5) / m
+        gy, gx = torch.meshgrid(g, g, indexing="ij")
+        cell = torch.stack([gx.flatten(), gy.flatten()], 1)
+        pts, ks = [], []
+        for k in range(8):
+            row = k // 2
+            col = 2 * (k % 2) + (row % 2)
+            pts.append(cell + torch.tensor([col, row], dtype=torch.float64) - 2.0)
+            ks.append(torch.full((m * m,), k, dtype=torch.long))
+        # lattice spacing 1/30 of a side: any point of a square is within 0.024 of the lattice
+        return (torch.cat(pts) / 1.15, torch.cat(ks), 0.05 / 1.15,
+                torch.full((8,), 1 / 8, dtype=torch.float64))
+    raise ValueError(f"mode coverage is defined for the toys {sorted(TOYS)}, not {name!r}")
+
+
+def mode_coverage(name: str, samples: Tensor, min_share: float = 0.25,
+                  min_on_support: float = 0.9, seed: int = 12345) -> dict[str, Any]:
     """Mode-coverage check for a 2-D toy.
 
-    Each sample is matched to its nearest neighbour among ``n_ref`` fresh reference points; it is
-    *on support* if that distance is below the radius ``r`` that 99% of fresh real points reach
-    (estimated from another fresh real set), and it then belongs to its neighbour's mode. A mode
-    is *covered* if it receives at least ``min_share`` times its expected share of the samples.
-    The check passes if every mode is covered and at least ``min_on_support`` of the samples are
-    on support. The same statistics for fresh real data are returned as a reference.
+    Each sample is matched to the nearest point of the toy's noise-free skeleton
+    (:func:`toy_skeleton`); it is *on support* if it lies within the skeleton's radius (3 noise
+    standard deviations; real data: ~99%), and then belongs to that point's mode. A mode is
+    *covered* if it receives at least ``min_share`` times its expected share of the samples. The
+    check passes if every mode is covered and at least ``min_on_support`` of the samples are on
+    support. The same statistics for as many fresh real points are returned as a reference.
     """
     if name not in TOYS:
         raise ValueError(f"mode coverage is defined for the toys {sorted(TOYS)}, not {name!r}")
-    samples = samples.reshape(samples.shape[0], -1).detach().cpu().float()
+    samples = samples.reshape(samples.shape[0], -1).detach().cpu().double()
     if samples.shape[1] != 2:
         raise ValueError(f"shape mismatch: samples have {samples.shape[1]} dims: expected 2")
-    ref, ref_k = sample_toy(name, n_ref, seed)
-    real, _ = sample_toy(name, samples.shape[0], seed + 1)
-    d_real, _ = _nearest(real, ref)
-    r = float(torch.quantile(d_real, 0.99))
-    n_modes = TOYS[name][1]
-    expected = torch.bincount(ref_k, minlength=n_modes).double() / n_ref
+    pts, labels, r, weights = toy_skeleton(name)
+    n_modes = weights.numel()
 
     def stats(x: Tensor) -> dict[str, Any]:
         finite = torch.isfinite(x).all(1)
-        d, i = _nearest(torch.where(finite[:, None], x, torch.zeros_like(x)), ref)
+        d, i = _nearest(torch.where(finite[:, None], x, torch.full_like(x, 1e6)), pts)
         on = finite & (d <= r)
-        counts = torch.bincount(ref_k[i[on]], minlength=n_modes).double()
-        share = counts / (expected * x.shape[0])
+        counts = torch.bincount(labels[i[on]], minlength=n_modes).double()
+        share = counts / (weights * x.shape[0])
         return {"on_support": float(on.double().mean()),
-                "mode_share_ratio": [round(float(s), 4) for s in share],
+                "mode_share_ratio": [round(float(v), 4) for v in share],
                 "modes_covered": int((share >= min_share).sum())}
 
     out = stats(samples)
+    real, _ = sample_toy(name, samples.shape[0], seed)
     out.update(n_modes=n_modes, radius=r, n_samples=int(samples.shape[0]),
                passed=bool(out["modes_covered"] == n_modes and out["on_support"] >= min_on_support),
-               real=stats(real), criteria={"min_share": min_share,
-                                            "min_on_support": min_on_support})
+               real=stats(real.double()),
+               criteria={"min_share": min_share, "min_on_support": min_on_support})
     return out
-
-
