@@ -118,3 +118,26 @@ def test_operator_bad_input(tmp_path):
                       operator=tmp_path / "op.pt",
                       grid=torch.cat([torch.tensor([sde.T], dtype=torch.float64),
                                       output_times(sde, 4)]))
+
+
+def test_distill_and_sample_through_the_cli(tmp_path):
+    """train a tiny toy model -> sdekit distill -> sdekit sample --solver fno (one NFE)."""
+    import numpy as np
+
+    from sdekit.cli.main import main as cli
+    run = tmp_path / "run"
+    assert cli(["train", "--data", "eight_gaussians", "--out", str(run), "--steps", "20",
+                "--width", "32", "--depth", "1", "--ckpt-every", "20", "--no-progress",
+                "--sample-n", "16"]) == 0
+    op_dir = tmp_path / "op"
+    assert cli(["distill", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(op_dir),
+                "--n", "128", "--train-steps", "4", "--batch", "32"]) == 0
+    assert (op_dir / "operator.pt").exists() and (op_dir / "distill.json").exists()
+    out = tmp_path / "s"
+    assert cli(["sample", "--checkpoint", str(run / "checkpoint.pt"), "--solver", "fno",
+                "--operator", str(op_dir / "operator.pt"), "--n", "10", "--out", str(out)]) == 0
+    z = np.load(str(out) + ".npz")
+    assert z["x"].shape == (10, 2) and np.isfinite(z["x"]).all()
+    assert '"nfe": 1' in str(z["meta"])
+    assert cli(["sample", "--checkpoint", str(run / "checkpoint.pt"), "--solver", "ddim",
+                "--operator", str(op_dir / "operator.pt"), "--n", "4", "--out", str(out)]) == 2

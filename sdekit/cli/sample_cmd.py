@@ -24,6 +24,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
       help="class label for a class-conditional model (default: labels cycle 0..K-1)")
     a("--guidance", type=float, default=0.0, help="classifier-free guidance weight w")
     a("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    a("--operator", type=Path, default=None,
+      help="operator checkpoint for --solver fno (made by `sdekit distill`)")
     a("--out", type=Path, default=None, help="output prefix (default: <checkpoint dir>/samples)")
     a("--threads", type=int, default=None)
     p.set_defaults(func=run)
@@ -65,6 +67,12 @@ def run(args: argparse.Namespace) -> int:
               "(trained with --class-cond)", file=sys.stderr)
         return 2
     kw = {"grid": args.grid} if args.grid else {}
+    if args.operator is not None:
+        if args.solver != "fno":
+            print("sdekit sample: error: --operator is only used with --solver fno",
+                  file=sys.stderr)
+            return 2
+        kw["operator"] = args.operator
     try:
         x, nfe = generate(net, sde, args.n, solver=args.solver, steps=args.steps, seed=args.seed,
                           y=y, guidance=args.guidance, batch_size=args.batch_size, **kw)
