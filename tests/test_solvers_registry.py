@@ -73,20 +73,55 @@ ODE_NAMES = [n for n in NAMES if not SOLVERS[n].stochastic and not SOLVERS[n].ad
              and SOLVERS[n].order]
 
 
+def _ladder(s):
+    return [32, 64, 128, 256] if s.order <= 2 else [16, 32, 64, 128]
+
+
 @pytest.mark.parametrize("sde_name", sorted(ORDER_SDES))
 @pytest.mark.parametrize("name", ODE_NAMES)
-def test_ode_order(name, sde_name):
-    """Slope of log(error) vs log(step size) against the exact PF-ODE flow map is within 0.3 of
-    the declared order."""
+def test_ode_order_on_the_exact_gaussian_flow(name, sde_name):
+    """Against the exact PF-ODE flow map of Gaussian data: the fitted slope of log(error) vs
+    log(step size) is at least the declared order - 0.3. On Gaussian data the leading error term
+    of some multistep methods nearly cancels (3M methods measure close to 4 here), so the
+    two-sided check is made on a Gaussian mixture below."""
     s = SOLVERS[name]
     sde = ORDER_SDES[sde_name]()
     data = gaussian_problem(sde)
     x_T = data.marginal_sample(16, sde.T, torch.Generator().manual_seed(0), dtype=torch.float64)
     ref = data.flow(x_T, sde.T, sde.t_min)
-    ladder = [32, 64, 128, 256] if s.order <= 2 else [16, 32, 64, 128]
+    ladder = _ladder(s)
     errs = [rms(sample(sde, data.model(), x_T, solver=name, steps=n).x, ref) for n in ladder]
     slope = fitted_slope([1 / n for n in ladder], errs)
-    assert abs(slope - s.order) < 0.3, f"{name} on {sde_name}: slope {slope:.2f}, errors {errs}"
+    assert s.order - 0.3 < slope < s.order + 1.3, \
+        f"{name} on {sde_name}: slope {slope:.2f}, errors {errs}"
+
+
+@pytest.fixture(scope="module")
+def mixture_reference():
+    """A 2-D, 3-component Gaussian mixture under VP, with a reference PF-ODE endpoint from RK4
+    on 1024 logSNR steps (its error, about 5e-11, is far below every tested error)."""
+    sde = sdekit.VPSDE()
+    data = sdekit.GaussianMixtureData(sde, [0.5, 0.3, 0.2], [[1.5, 0.0], [-1.0, 1.0], [-0.5, -1.5]],
+                                      [0.3, 0.1, 0.05])
+    x_T = data.marginal_sample(16, sde.T, torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = sample(sde, data.model(), x_T, solver="rk4", steps=1024, grid="logsnr").x
+    return sde, data, x_T, ref
+
+
+@pytest.mark.parametrize("name", ODE_NAMES)
+def test_ode_order_on_a_gaussian_mixture(name, mixture_reference):
+    """Two-sided on a problem with no special structure (a nonlinear score), against a converged
+    reference, over 64-256 steps (coarser ladders are still pre-asymptotic here for third-order
+    methods): slope within [order - 0.3, order + 0.8]. The upper allowance is wider because
+    DEIS tAB-3 / rhoAB-3 (an order-4 update started at lower order, declared 3) measure 3.7-3.8
+    here; every other solver lands within 0.3 of its declared order."""
+    s = SOLVERS[name]
+    sde, data, x_T, ref = mixture_reference
+    ladder = [64, 128, 256]
+    errs = [rms(sample(sde, data.model(), x_T, solver=name, steps=n, grid="logsnr").x, ref)
+            for n in ladder]
+    slope = fitted_slope([1 / n for n in ladder], errs)
+    assert s.order - 0.3 < slope < s.order + 0.8, f"{name}: slope {slope:.2f}, errors {errs}"
 
 
 # ------------------------------------------------------------------------------ strong order
