@@ -200,6 +200,8 @@ class Trainer:
             torch.manual_seed(_seed_for(config.seed, "init"))
             self.net = build_network(config.net).to(self.device)
         config.net = dict(self.net.config)           # the complete, explicit network config
+        if self.dataset.is_image and self.device.type == "cpu":
+            self.net.to(memory_format=torch.channels_last)   # ~15% faster oneDNN convolutions
         self.ema = copy.deepcopy(self.net).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
