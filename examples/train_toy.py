@@ -2,7 +2,7 @@
 every mode is covered.
 
 Run: python examples/train_toy.py [eight_gaussians|swiss_roll|two_moons|checkerboard]
-(the same as `sdekit train --data checkerboard --threads 1`, then `sdekit sample ...`)
+(the same as `sdekit train --data checkerboard`, then `sdekit sample --checkpoint ...`)
 """
 import sys
 
@@ -14,7 +14,7 @@ from sdekit.training.images import save_samples_png
 torch.set_num_threads(1)                      # small networks: one thread is fastest
 name = sys.argv[1] if len(sys.argv) > 1 else "checkerboard"
 
-cfg = recipe(name, sde="vp", loss="eps")      # residual MLP, 3000 steps, EMA, cosine lr
+cfg = recipe(name, sde="vp")   # residual MLP, EDM-preconditioned, 2000 steps, EMA, cosine lr
 trainer = Trainer(cfg, out_dir=f"runs/{name}-vp")
 result = trainer.train()
 print(f"trained {result.step} steps in {result.elapsed_s:.0f} s, final loss {result.loss:.4f}")

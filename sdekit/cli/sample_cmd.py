@@ -90,7 +90,10 @@ def run(args: argparse.Namespace) -> int:
             "nfe": nfe, "seed": args.seed, "guidance": args.guidance, "ema": not args.raw}
     arrays = {"x": x.numpy(), "meta": np.array(json.dumps(meta))}
     if transform:
-        arrays["x_data"] = to_data_space(x, transform).numpy()
+        xd = to_data_space(x, transform)
+        if transform.get("data_range"):          # pixel values: clip to the valid range
+            xd = xd.clamp(*transform["data_range"])
+        arrays["x_data"] = xd.numpy()
     if y is not None:
         arrays["y"] = y.numpy()
     np.savez(npz, **arrays)

@@ -80,7 +80,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--sample-n", type=int, default=None)
     r.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     r.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (1 is fastest on a busy machine)")
+                   help="torch CPU threads (default: 1 for the 2-D toys, torch's default otherwise; "
+                        "1 is fastest on a busy machine)")
     r.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
     return p
@@ -131,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
+    elif args.data != "digits" and args.net in (None, "mlp"):
+        torch.set_num_threads(1)   # tiny MLP matmuls: extra threads only add contention
     out = args.out or Path("runs") / f"{args.data}-{args.sde}"
     if (out / CHECKPOINT_NAME).exists() and not args.resume:
         print(f"sdekit train: error: {out / CHECKPOINT_NAME} already exists: pass --resume to "

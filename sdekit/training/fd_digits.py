@@ -121,6 +121,7 @@ class FDDigits:
     >>> fd = FDDigits()                 # trains (or loads the cached) classifier
     >>> fd.floor                        # real-vs-real: training half vs held-out half
     >>> fd(samples)                     # samples: (N, 1, S, S) in [-1, 1]
+    >>> fd.reference(16)[1]             # the floor for digits upsampled to 16x16
     """
 
     def __init__(self, cache: str | os.PathLike | None = None, retrain: bool = False,
@@ -149,8 +150,18 @@ class FDDigits:
             p.requires_grad_(False)
         ds = load_dataset("digits")
         self.n_train, self.n_test = ds.x.shape[0], ds.x_test.shape[0]
-        self.test_stats = _stats(self.features(ds.x_test))
-        self.floor = frechet_distance(*_stats(self.features(ds.x)), *self.test_stats)
+        self._refs: dict[int, tuple[tuple[np.ndarray, np.ndarray], float]] = {}
+        self.test_stats, self.floor = self.reference(8)
+
+    def reference(self, image_size: int = 8) -> tuple[tuple[np.ndarray, np.ndarray], float]:
+        """Held-out feature statistics and the real-vs-real floor for samples of side
+        ``image_size``: upsampled digits are compared with held-out digits that went through the
+        same upsample/downsample round trip, so the floor stays meaningful."""
+        if image_size not in self._refs:
+            ds = load_dataset("digits", image_size=image_size)
+            test = _stats(self.features(ds.x_test))
+            self._refs[image_size] = (test, frechet_distance(*_stats(self.features(ds.x)), *test))
+        return self._refs[image_size]
 
     def features(self, x: Tensor) -> np.ndarray:
         """Penultimate-layer features of images ``(N, 1, S, S)`` in [-1, 1] (clamped)."""
@@ -164,4 +175,5 @@ class FDDigits:
     def __call__(self, x: Tensor) -> float:
         if x.shape[0] < 2:
             raise ValueError(f"FD needs at least 2 samples, got {x.shape[0]}")
-        return frechet_distance(*_stats(self.features(x)), *self.test_stats)
+        test, _ = self.reference(int(x.shape[-1]))
+        return frechet_distance(*_stats(self.features(x)), *test)

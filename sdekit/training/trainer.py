@@ -145,6 +145,14 @@ def complete_net_config(cfg: TrainConfig, dataset: Dataset) -> dict[str, Any]:
     return net
 
 
+def _describe_diff(key: str, old: Any, new: Any) -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return "; ".join(f"{key}.{k}: checkpoint {old.get(k)!r} vs now {new.get(k)!r}"
+                         for k in keys)
+    return f"{key}: checkpoint {old!r} vs now {new!r}"
+
+
 def _seed_for(*parts: Any) -> int:
     h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
@@ -277,8 +285,7 @@ class Trainer:
         saved, now = ck["config"], self.cfg.to_dict()
         diff = [k for k in IDENTITY_KEYS if saved.get(k) != now.get(k)]
         if diff:
-            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}"
-                                for k in diff)
+            details = "; ".join(_describe_diff(k, saved.get(k), now.get(k)) for k in diff)
             raise CheckpointError(f"checkpoint {str(path)!r} was written for a different "
                                   f"configuration ({details}): use another --out directory or "
                                   "the same settings")
