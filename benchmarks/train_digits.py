@@ -46,7 +46,8 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true", help="score an existing --out run")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                     help="extra `sdekit train` flags (recorded in the results)")
-    ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown from --results")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the Markdown from --results")
     args = ap.parse_args()
     if args.report_only:
         write_markdown(json.loads(args.results.read_text()), args)

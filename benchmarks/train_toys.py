@@ -42,7 +42,8 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/train_toys.json"))
     ap.add_argument("--png", type=Path, default=Path("docs/toy_samples.png"))
     ap.add_argument("--toys", nargs="*", default=list(TOYS))
-    ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown from --results")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the Markdown from --results")
     args = ap.parse_args()
     if args.report_only:
         write_markdown(json.loads(args.results.read_text()), args)

@@ -105,7 +105,8 @@ def test_dsm_losses_at_the_analytic_optimum(sde, prediction):
         a, s = float(sde.alpha(t[0])), float(sde.sigma(t[0]))
         eps_loss = DSMLoss(sde, "eps", prediction=prediction).per_sample(net, x0, t, noise)
         want = a * a * c * c / (a * a * c * c + s * s)
-        assert abs(float(eps_loss.mean()) - want) < 0.04 * want + 1e-3, (u, float(eps_loss.mean()), want)
+        got = float(eps_loss.mean())
+        assert abs(got - want) < 0.04 * want + 1e-3, (u, got, want)
         edm = DSMLoss(sde, "edm", prediction=prediction, sigma_data=0.5)
         st = s / a
         w = (st * st + 0.25) / (st * 0.5) ** 2
@@ -132,7 +133,8 @@ def test_likelihood_weighting_estimators_agree(sde):
         t = loss.sample_t(n, g)
         est = loss.per_sample(net, x0, t, torch.randn(n, 2, generator=g, dtype=torch.float64))
         se = float(est.std()) / math.sqrt(n)
-        assert abs(float(est.mean()) - exact) < 5 * se + 1e-3, (importance, float(est.mean()), exact)
+        got = float(est.mean())
+        assert abs(got - exact) < 5 * se + 1e-3, (importance, got, exact)
 
 
 def test_time_sampling_respects_discrete_and_edm_ranges():

@@ -12,7 +12,8 @@ def _ints(s: str) -> list[int]:
     try:
         return [int(v) for v in s.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of integers") from None
+        raise argparse.ArgumentTypeError(
+            f"{s!r} is not a comma-separated list of integers") from None
 
 
 def _json(s: str) -> dict[str, Any]:
@@ -80,8 +81,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--sample-n", type=int, default=None)
     r.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     r.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 for the 2-D toys, torch's default otherwise; "
-                        "1 is fastest on a busy machine)")
+                   help="torch CPU threads (default: 1 for the 2-D toys, torch's default "
+                        "otherwise; 1 is fastest on a busy machine)")
     r.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
     return p

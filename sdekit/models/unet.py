@@ -70,7 +70,8 @@ class UNet(ScoreNet):
 
     Args:
         in_channels, image_size: the sample shape (square images).
-        base_channels: width at full resolution; level ``i`` has ``base_channels * channel_mult[i]``.
+        base_channels: width at full resolution; level ``i`` has
+            ``base_channels * channel_mult[i]``.
         channel_mult: one entry per resolution level (each further level halves the resolution).
         num_res_blocks: residual blocks per level on the way down (one more on the way up).
         attn_resolutions: resolutions (side lengths) at which self-attention is applied; the

@@ -131,7 +131,8 @@ def _read_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("the digits dataset needs scikit-learn (pip install scikit-learn), "
                           "which bundles it")
-    csv_path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    root = Path(list(spec.submodule_search_locations)[0])
+    csv_path = root / "datasets" / "data" / "digits.csv.gz"
     if csv_path.is_file():
         table = np.loadtxt(csv_path, delimiter=",", dtype=np.float64)
         return table[:, :-1], table[:, -1].astype(np.int64)
@@ -178,7 +179,8 @@ def to_data_space(x: Tensor, transform: dict[str, Any]) -> Tensor:
         return x
     if transform["kind"] == "affine":
         return x * transform["scale"] + transform["offset"]
-    raise ValueError(f"transform kind {transform['kind']!r} is unknown: expected identity or affine")
+    raise ValueError(f"transform kind {transform['kind']!r} is unknown: expected identity or "
+                     "affine")
 
 
 def to_source_resolution(x: Tensor, transform: dict[str, Any]) -> Tensor:

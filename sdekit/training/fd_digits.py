@@ -68,7 +68,8 @@ def _shift(x: Tensor, g: torch.Generator, max_shift: int) -> Tensor:
     return out
 
 
-def train_classifier(recipe: dict[str, Any] = RECIPE, verbose: bool = False) -> tuple[DigitClassifier, float]:
+def train_classifier(recipe: dict[str, Any] = RECIPE,
+                     verbose: bool = False) -> tuple[DigitClassifier, float]:
     """Train the FD-digits classifier on the training half; returns it and held-out accuracy."""
     ds = load_dataset("digits")
     g = torch.Generator().manual_seed(recipe["seed"])

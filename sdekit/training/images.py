@@ -21,7 +21,8 @@ def encode_png(img: np.ndarray) -> bytes:
     elif img.ndim == 3 and img.shape[2] == 3:
         color = 2
     else:
-        raise ValueError(f"shape mismatch: image has shape {img.shape}: expected (H, W) or (H, W, 3)")
+        raise ValueError(f"shape mismatch: image has shape {img.shape}: expected (H, W) or "
+                         "(H, W, 3)")
     h, w = img.shape[:2]
     raw = b"".join(b"\x00" + img[r].tobytes() for r in range(h))
 

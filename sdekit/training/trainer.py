@@ -473,9 +473,9 @@ class Trainer:
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == end:
                     now = time.perf_counter()
-                    row = {"step": self.step, "loss": win_loss / win_n, "lr": self.lr_at(self.step - 1),
-                           "grad_norm": win_gn / win_n, "steps_per_s": win_n / max(now - win_t, 1e-9),
-                           "elapsed_s": now - t0}
+                    row = {"step": self.step, "loss": win_loss / win_n,
+                           "lr": self.lr_at(self.step - 1), "grad_norm": win_gn / win_n,
+                           "steps_per_s": win_n / max(now - win_t, 1e-9), "elapsed_s": now - t0}
                     history.append(row)
                     last_loss = row["loss"]
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.1e}")
