@@ -87,7 +87,7 @@ class DEISMultistep(ExpIntegrator):
         m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i])
         st.add(i, m)
         if self.final_to_zero and i == p.steps - 1:
-            return self.to_zero(p, i, x, eps), st
+            return self.to_zero(p, i, x, eps, m), st
         W = st.extra["W"][i]
         return self.combine(p, x, i, i + 1, W, [st.m[i - j] for j in range(W.numel())]), st
 

@@ -113,7 +113,7 @@ class DPMSolverMultistep(ExpIntegrator):
         m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i])
         st.add(i, m)
         if self.final_to_zero and i == p.steps - 1:
-            return self.to_zero(p, i, x, eps), st
+            return self.to_zero(p, i, x, eps, m), st
         if i < 3 and st.extra["singlestep_start"]:
             # steps 0-2 as one third-order singlestep block whose stages are grid points 1, 2
             if i == 0:
@@ -169,7 +169,7 @@ class DPMSolverSinglestep(ExpIntegrator):
     def step(self, p: Problem, i: int, x: Tensor, st: History) -> tuple[Tensor, History]:
         m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i])
         if self.final_to_zero and i == p.steps - 1:
-            return self.to_zero(p, i, x, eps), st
+            return self.to_zero(p, i, x, eps, m), st
         i0, k = st.extra["block"][i]
         if i == i0:
             st.extra["x_s"] = x
@@ -308,7 +308,7 @@ class SDEDPMSolverPP(ExpIntegrator):
         m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i])
         st.add(i, m)
         if self.final_to_zero and i == p.steps - 1:
-            return self.to_zero(p, i, x, eps), st
+            return self.to_zero(p, i, x, eps, m), st
         o = self.step_order(i, p.steps, self.order)
         h = p.lam[i + 1] - p.lam[i]
         r = torch.stack([(p.lam[i - j] - p.lam[i]) / h for j in range(o)])

@@ -207,10 +207,16 @@ class ExpIntegrator(Solver):
         o = min(order, i + 1)
         return min(o, steps - i) if self.lof(steps) else o
 
-    def evaluate(self, p: Problem, x: Tensor, t: Any, a: Any, s: Any) -> tuple[Tensor, Tensor]:
+    def evaluate(self, p: Problem, x: Tensor, t: Any, a: Any, s: Any
+                 ) -> tuple[Tensor, Tensor | None]:
         """One model call at ``(x, t)``: ``(m, eps)`` with ``m`` the output this solver
-        integrates (eps, or the possibly thresholded x0); ``a``, ``s`` are alpha and sigma at t."""
-        eps = p.predict(x, t, "eps")
+        integrates (eps, or the possibly thresholded x0); ``a``, ``s`` are alpha and sigma at t.
+        When the network already outputs what the solver integrates no conversion is made, and
+        ``eps`` is None for an x0 network (``to_zero`` then uses ``m``)."""
+        kind, out = p.predict_native(x, t)
+        if kind == self.prediction == "x0":
+            return (dynamic_threshold(out, *self.threshold) if self.threshold else out), None
+        eps = out if kind == "eps" else (x - p.bcast(a, x) * out) / p.bcast(s, x)
         return self.convert(p, x, eps, a, s), eps
 
     def convert(self, p: Problem, x: Tensor, eps: Tensor, a: Any, s: Any) -> Tensor:
@@ -219,12 +225,19 @@ class ExpIntegrator(Solver):
 
     def data_estimate(self, p: Problem, x: Tensor, eps: Tensor, a: Any, s: Any) -> Tensor:
         """``(x - sigma eps) / alpha``, thresholded if enabled."""
-        x0 = (x - p.bcast(s, x) * eps) / p.bcast(a, x)
+        if torch.as_tensor(s).numel() == 1 and torch.as_tensor(a).numel() == 1:
+            x0 = torch.add(x, eps, alpha=-float(s)).mul_(1 / float(a))
+        else:
+            x0 = (x - p.bcast(s, x) * eps) / p.bcast(a, x)
         return dynamic_threshold(x0, *self.threshold) if self.threshold else x0
 
-    def to_zero(self, p: Problem, i: int, x: Tensor, eps: Tensor) -> Tensor:
+    def to_zero(self, p: Problem, i: int, x: Tensor, eps: Tensor | None,
+                m: Tensor | None = None) -> Tensor:
         """The first-order step from grid point ``i`` to sigma = 0: the data estimate of the
-        step's model call, taken at ``x`` (for UniPC the corrected state)."""
+        step's model call, taken at ``x`` (for UniPC the corrected state); with ``eps`` None
+        (an x0 network under an x0 solver, see :meth:`evaluate`) it is that call's ``m``."""
+        if eps is None:
+            return m
         return self.data_estimate(p, x, eps, p.alpha[i], p.sigma[i])
 
     def block_stage(self, p: Problem, st: History, i0: int, k: int, i: int) -> Tensor:
@@ -245,14 +258,17 @@ class ExpIntegrator(Solver):
         s_s = p.sigma[i0] if s_s is None else s_s
         if t_idx is not None:
             a_t, s_t = p.alpha[t_idx], p.sigma[t_idx]
-        if self.prediction == "eps":
-            out = p.bcast(a_t / a_s, x) * x
-            for w, m in zip(W, ms):
-                out = out - p.bcast(s_t * w, x) * m
-        else:
-            out = p.bcast(s_t / s_s, x) * x
-            for w, m in zip(W, ms):
-                out = out + p.bcast(a_t * w, x) * m
+        sign, c_m = (-1.0, s_t) if self.prediction == "eps" else (1.0, a_t)
+        c_x = a_t / a_s if self.prediction == "eps" else s_t / s_s
+        coefs = [sign * c_m * w for w in W]
+        if all(torch.as_tensor(c).numel() == 1 for c in [c_x] + coefs):
+            out = x * float(c_x)  # grid scalars: one tensor pass per term
+            for c, m in zip(coefs, ms):
+                out = out.add_(m, alpha=float(c))
+            return out
+        out = p.bcast(c_x, x) * x  # per-sample coefficients (adaptive steps)
+        for c, m in zip(coefs, ms):
+            out = out + p.bcast(c, x) * m
         return out
 
 

@@ -33,6 +33,9 @@ class _Reuse:
         eps, self.__dict__["_eps"] = self._eps, None
         return from_eps(kind, eps, x, p.bcast(p.alpha[i], x), p.bcast(p.sigma[i], x))
 
+    def predict_native(self, x: Tensor, t: Any) -> tuple[str, Tensor]:
+        return "eps", self.predict(x, t, "eps")  # through the reuse above
+
 
 @register("unipc_bh1", variant="bh1")
 @register("unipc_bh2", variant="bh2")
