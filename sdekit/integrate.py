@@ -48,7 +48,7 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             seeds (``shape`` is then required).
         solver: a registry name (see ``sdekit.solvers.solver_names()``) or a Solver instance;
             ``solver_options`` are passed to it.
-        steps: number of steps (intervals of the grid).
+        steps: number of steps (intervals of the grid); ignored when ``grid`` is an array.
         grid: a grid name (``uniform``, ``quadratic``, ``logsnr``, ``karras``) or an explicit
             decreasing array of times; default: the solver's preferred grid.
         t_start, t_end: integration range (default ``sde.T`` down to ``sde.t_min``).
@@ -64,9 +64,9 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
     """
     dm = as_model(model, sde, prediction)
     slv = get_solver(solver, **solver_options)
-    times = make_grid(sde, grid if grid is not None else slv.default_grid, None
-                      if grid is not None and not isinstance(grid, str) else steps,
-                      t_start, t_end, **(grid_options or {}))
+    explicit = grid is not None and not isinstance(grid, str)  # an array of times
+    times = make_grid(sde, slv.default_grid if grid is None else grid,
+                      None if explicit else steps, t_start, t_end, **(grid_options or {}))
     if times.numel() - 1 < slv.min_steps:
         raise ValueError(f"steps={times.numel() - 1} is too few for solver {slv.name!r}: it needs "
                          f"at least {slv.min_steps}")
