@@ -262,3 +262,20 @@ def test_edm_heun_matches_k_diffusion_sample_heun():
     ref = K.sampling.sample_heun(lambda y, s: data.x0(y, s[0]), x, sigmas, disable=True)
     ours = sample(sde, data.model(), x, solver="edm_heun", grid=sigmas[:-1], denoise=True).x
     torch.testing.assert_close(ours, ref, rtol=1e-8, atol=1e-8)  # exp(log(sigma)) round-off
+
+
+def test_dpmpp_2m_matches_k_diffusion_sample_dpmpp_2m():
+    """Same Karras sigma grid; k-diffusion's last step to sigma = 0 is first order, which is
+    sdekit's final_to_zero (the grid's last interval becomes that jump)."""
+    K = pytest.importorskip("k_diffusion", reason="k-diffusion needs torchvision; "
+                            "run with its own environment")
+    sde = sdekit.EDMSDE()
+    data = gaussian_problem(sde, dim=3)
+    sigmas = K.sampling.get_sigmas_karras(8, 0.01, sde.sigma_max, rho=7.0).double()
+    x = data.marginal_sample(4, sde.T, dtype=torch.float64)
+    ref = K.sampling.sample_dpmpp_2m(lambda y, s: data.x0(y, s[0]), x, sigmas, disable=True)
+    grid = torch.cat([sigmas[:-1], torch.tensor([sde.sigma_min], dtype=torch.float64)])
+    ours = sample(sde, data.model(), x, solver="dpmpp_2m", grid=grid, final_to_zero=True,
+                  lower_order_final=False)
+    assert ours.nfe == 8
+    torch.testing.assert_close(ours.x, ref, rtol=1e-10, atol=1e-10)
