@@ -25,6 +25,7 @@ from .grids import make_grid
 from .integrate import sample
 from .noise import sample_seeds
 from .sde.base import ForwardSDE
+from .training.checkpoint import atomic_torch_save, atomic_write_bytes
 
 SPACINGS = ("quadratic", "logsnr", "uniform")
 
@@ -46,12 +47,6 @@ def teacher_grid(sde: ForwardSDE, times_out: Tensor, steps_per_segment: int) -> 
     parts = [make_grid(sde, "logsnr", steps_per_segment, t_start=float(a), t_end=float(b))[:-1]
              for a, b in zip(knots[:-1], knots[1:])]
     return torch.cat(parts + [knots[-1:]])
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 def generate_trajectories(path: str | Path, sde: ForwardSDE, model: DiffusionModel,
@@ -77,6 +72,8 @@ def generate_trajectories(path: str | Path, sde: ForwardSDE, model: DiffusionMod
                 raise ValueError(f"{mfile} was made with {k}={old.get(k)!r}, not {meta[k]!r}: "
                                  "use another directory or the same settings")
         meta["teacher_nfe"] = old.get("teacher_nfe")
+    else:  # settings first, so an interrupted run is only ever resumed with the same ones
+        atomic_write_bytes(mfile, json.dumps(meta, indent=1).encode())
     seeds = sample_seeds(seed, n)
     shards = range(math.ceil(n / shard_size))
     if progress:
@@ -92,10 +89,9 @@ def generate_trajectories(path: str | Path, sde: ForwardSDE, model: DiffusionMod
                          grid=grid, seeds=s, save_at=[sde.T] + meta["times_out"],
                          **solver_options)
         traj = torch.stack([sol.trajectory[t] for t in meta["times_out"]], 1)
-        _atomic_save({"x_T": sol.trajectory[sde.T].float(), "traj": traj.float()}, f)
+        atomic_torch_save(f, {"x_T": sol.trajectory[sde.T].float(), "traj": traj.float()})
         meta["teacher_nfe"] = sol.nfe
-        mfile.write_text(json.dumps(meta, indent=1))
-    mfile.write_text(json.dumps(meta, indent=1))
+    atomic_write_bytes(mfile, json.dumps(meta, indent=1).encode())
     return path
 
 

@@ -62,6 +62,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _atomic_write(Path(path), lambda f: f.write(data))
 
 
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save`` through a temporary file and ``os.replace``."""
+    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
 def save_checkpoint(path: str | os.PathLike, *, config: Mapping[str, Any], model: Mapping,
                     ema: Mapping, optimizer: Mapping, step: int,
                     extra: Mapping[str, Any] | None = None) -> Path:
@@ -73,7 +78,7 @@ def save_checkpoint(path: str | os.PathLike, *, config: Mapping[str, Any], model
                "rng": {"torch": torch.get_rng_state()}}
     if extra:
         payload["extra"] = dict(extra)
-    _atomic_write(path, lambda f: torch.save(payload, f))
+    atomic_torch_save(path, payload)
     side = {"format": FORMAT, "version": VERSION, "step": int(step), "checkpoint": path.name,
             "config": json.loads(cfg_json)}
     atomic_write_bytes(path.with_suffix(".json"),
