@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from ._utils import require
 from .dynamics.parameterization import DiffusionModel
 from .grids import make_grid
 from .integrate import sample
@@ -53,12 +54,17 @@ def generate_trajectories(path: str | Path, sde: ForwardSDE, model: DiffusionMod
                           state_shape: Sequence[int], n: int, *, solver: str = "heun",
                           steps_per_segment: int = 16, slots: int = 4,
                           spacing: str = "quadratic", shard_size: int = 256, seed: int = 0,
-                          progress: bool = False, **solver_options: Any) -> Path:
-    """Write (or finish writing) a teacher-trajectory dataset in directory ``path``."""
+                          teacher: str = "", progress: bool = False,
+                          **solver_options: Any) -> Path:
+    """Write (or finish writing) a teacher-trajectory dataset in directory ``path``.
+
+    ``x_T`` are prior draws (per-sample seeds from ``seed``); the states at the K output times
+    come from ``solver`` on :func:`teacher_grid`. ``teacher`` is a free-text description of the
+    model, recorded in ``meta.json`` and in the operator's checkpoint."""
     path = Path(path)
     times_out = output_times(sde, slots, spacing)
     grid = teacher_grid(sde, times_out, steps_per_segment)
-    meta = {"sde": repr(sde), "solver": solver, "solver_options": solver_options,
+    meta = {"teacher": teacher, "sde": repr(sde), "solver": solver, "solver_options": solver_options,
             "steps_per_segment": steps_per_segment, "spacing": spacing,
             "times_out": [float(t) for t in times_out], "t_start": sde.T, "n": int(n),
             "shard_size": int(shard_size), "seed": int(seed),
@@ -128,36 +134,52 @@ def build_operator(config: dict[str, Any]):
     o = config["operator"]
     return TrajectoryOperator(build_network(config["backbone"]), config["state_shape"],
                               config["lambdas"], width=o["width"], layers=o["layers"],
-                              modes=o["modes"], skip=o["skip"])
+                              modes=o["modes"], skip=o["skip"], experts=o.get("experts", 1))
 
 
-def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *, sde_name: str,
-                   sde_kwargs: dict[str, Any] | None = None, backbone: dict | None = None,
-                   width: int = 64, layers: int = 2, modes: int = 2, steps: int = 2000,
-                   batch: int = 128, lr: float = 2e-4, ema_decay: float = 0.999, seed: int = 0,
-                   checkpoint_every: int = 500, progress: bool = False):
+def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
+                   backbone: dict | None = None, init_backbone: dict | None = None,
+                   width: int = 64, layers: int = 2, modes: int = 2, experts: int = 1,
+                   steps: int = 2000,
+                   batch: int = 128, lr: float = 2e-4, warmup: int = 100,
+                   lr_decay: str = "cosine", grad_clip: float = 1.0, ema_decay: float = 0.999,
+                   seed: int = 0, checkpoint_every: int = 500, until: int | None = None,
+                   progress: bool = False):
     """Train (or resume training) an operator on a trajectory dataset; returns the EMA operator.
 
     The checkpoint at ``out`` stores the operator config (backbone, output times and their
-    lambdas, the SDE's name, kwargs and repr), weights, EMA, optimiser and step.
+    lambdas, the teacher's description and the SDE's repr), weights, EMA, optimiser and step.
+    The learning rate warms up over ``warmup`` steps, then follows ``lr_decay`` ("cosine" to 0
+    at ``steps``, or "constant"). ``until`` stops (with a checkpoint) before ``steps``: a later
+    call resumes exactly where it stopped.
     """
     from .training.checkpoint import load_checkpoint, load_state, save_checkpoint
+    from .training.trainer import lr_at
+    require(isinstance(steps, int) and steps >= 0, "steps", steps, "an integer >= 0")
+    require(isinstance(batch, int) and batch >= 1, "batch", batch, "an integer >= 1")
+    require(lr > 0, "lr", lr, "a positive number")
+    require(isinstance(warmup, int) and warmup >= 0, "warmup", warmup, "an integer >= 0")
+    require(lr_decay in ("cosine", "constant"), "lr_decay", lr_decay, "'cosine' or 'constant'")
+    require(0 <= ema_decay < 1, "ema_decay", ema_decay, "0 <= ema_decay < 1")
     x_T, traj, meta = load_trajectories(data)
     if meta["sde"] != repr(sde):
         raise ValueError(f"the trajectories were made with {meta['sde']}, not {sde!r}")
     shape = tuple(meta["state_shape"])
     lambdas = [float(sde.lambda_(t)) for t in meta["times_out"]]
-    config = {"kind": "operator", "sde": sde_name, "sde_kwargs": sde_kwargs or {},
-              "sde_repr": repr(sde), "state_shape": list(shape), "times_out": meta["times_out"],
+    config = {"kind": "operator", "teacher": meta.get("teacher", ""), "sde_repr": repr(sde), "state_shape": list(shape), "times_out": meta["times_out"],
               "t_start": meta["t_start"], "lambdas": lambdas,
               "backbone": backbone or default_backbone(shape),
-              "operator": {"width": width, "layers": layers, "modes": modes,
+              "operator": {"width": width, "layers": layers, "modes": modes, "experts": experts,
                            "skip": "full" if len(shape) == 1 else "scalar"},
-              "train": {"steps": steps, "batch": batch, "lr": lr, "ema_decay": ema_decay,
-                        "seed": seed, "data": str(data)}}
+              "train": {"steps": steps, "batch": batch, "lr": lr, "warmup": warmup,
+                        "lr_decay": lr_decay, "grad_clip": grad_clip, "ema_decay": ema_decay,
+                        "seed": seed, "data": str(data),
+                        "init_backbone": init_backbone is not None}}
     torch.manual_seed(seed)
     op = build_operator(config)
-    op.fit_linear_path(x_T, traj)
+    if init_backbone is not None:
+        load_state(op.backbone, init_backbone, data, "backbone initialisation")
+    op.fit_linear_path(x_T, traj, seed=seed)
     ema = copy.deepcopy(op)
     opt = torch.optim.Adam(op.parameters(), lr=lr)
     step = 0
@@ -175,7 +197,8 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *, sde_na
         step = ck["step"]
     w = torch.tensor(lambdas).exp().clamp(1, 1e4)
     w = (w / w.mean()).reshape((1, -1) + (1,) * len(shape))
-    it = range(step, steps)
+    stop = steps if until is None else min(int(until), steps)
+    it = range(step, stop)
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, initial=step, total=steps, desc="operator")
@@ -188,6 +211,10 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *, sde_na
                                      f"good checkpoint is kept at {out}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(op.parameters(), grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr, steps, warmup, lr_decay)
         opt.step()
         with torch.no_grad():
             for pe, po in zip(ema.parameters(), op.parameters()):
@@ -195,7 +222,7 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *, sde_na
         if progress:
             it.set_postfix(loss=f"{loss.item():.3e}")
         done = step + 1
-        if done % checkpoint_every == 0 or done == steps:
+        if done % checkpoint_every == 0 or done == stop:
             save_checkpoint(out, config=config, model=op.state_dict(), ema=ema.state_dict(),
                             optimizer=opt.state_dict(), step=done)
     if steps == 0:

@@ -207,7 +207,8 @@ def test_cached_cells_are_recomputed_when_the_solver_code_changes(tmp_path, monk
     run_sweep(problem, cfg, tmp_path, progress=False)
     real_fp = runner.solver_code_fingerprint
     monkeypatch.setattr(runner, "solver_code_fingerprint",
-                        lambda name: real_fp(name) + ("-edited" if name == "heun" else ""))
+                        lambda name, opts=None: real_fp(name, opts) + ("-edited" if name == "heun"
+                                                                       else ""))
     run_sweep(problem, cfg, tmp_path, progress=False)
     assert calls == ["ddim/logsnr/nfe=4", "heun/logsnr/nfe=4", "heun/logsnr/nfe=4"]
 

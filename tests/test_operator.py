@@ -43,7 +43,7 @@ def test_operator_reproduces_a_linear_teacher_exactly(tmp_path):
     sde, data = _gaussian()
     generate_trajectories(tmp_path / "traj", sde, data.model(), (4,), 600, solver="rk4",
                           steps_per_segment=16, shard_size=300)
-    op = train_operator(tmp_path / "traj", tmp_path / "op.pt", sde, sde_name="vp", steps=30,
+    op = train_operator(tmp_path / "traj", tmp_path / "op.pt", sde, steps=30,
                         batch=64, checkpoint_every=30)
     x_T = data.marginal_sample(64, sde.T, torch.Generator().manual_seed(9))
     times = output_times(sde, 4)
@@ -86,15 +86,15 @@ def test_training_resume_equals_an_uninterrupted_run(tmp_path):
     sde, data = _gaussian()
     generate_trajectories(tmp_path / "traj", sde, data.model(), (4,), 200, steps_per_segment=4,
                           shard_size=200)
-    kw = dict(sde_name="vp", batch=32, checkpoint_every=3)
+    kw = dict(batch=32, checkpoint_every=3)
     full = train_operator(tmp_path / "traj", tmp_path / "a.pt", sde, steps=6, **kw)
-    train_operator(tmp_path / "traj", tmp_path / "b.pt", sde, steps=3, **kw)
+    train_operator(tmp_path / "traj", tmp_path / "b.pt", sde, steps=6, until=3, **kw)
     assert torch.load(tmp_path / "b.pt", weights_only=True)["step"] == 3
     resumed = train_operator(tmp_path / "traj", tmp_path / "b.pt", sde, steps=6, **kw)
     for (k, p1), p2 in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(p1, p2, rtol=0, atol=0, msg=k)
     with pytest.raises(ValueError, match="another config"):
-        train_operator(tmp_path / "traj", tmp_path / "b.pt", sde, steps=6, sde_name="vp",
+        train_operator(tmp_path / "traj", tmp_path / "b.pt", sde, steps=6,
                        batch=16, checkpoint_every=3)
 
 
@@ -102,7 +102,7 @@ def test_operator_bad_input(tmp_path):
     sde, data = _gaussian()
     generate_trajectories(tmp_path / "traj", sde, data.model(), (4,), 100, steps_per_segment=4,
                           shard_size=100)
-    train_operator(tmp_path / "traj", tmp_path / "op.pt", sde, sde_name="vp", steps=0)
+    train_operator(tmp_path / "traj", tmp_path / "op.pt", sde, steps=0)
     x = data.marginal_sample(3, sde.T)
     with pytest.raises(ValueError, match="not in the operator's output grid"):
         sdekit.sample(sde, data.model(), x, solver="fno", operator=tmp_path / "op.pt", steps=3,
@@ -141,3 +141,98 @@ def test_distill_and_sample_through_the_cli(tmp_path):
     assert '"nfe": 1' in str(z["meta"])
     assert cli(["sample", "--checkpoint", str(run / "checkpoint.pt"), "--solver", "ddim",
                 "--operator", str(op_dir / "operator.pt"), "--n", "4", "--out", str(out)]) == 2
+
+
+def test_bench_runs_fno_once_at_its_own_nfe_and_rereads_a_changed_operator(tmp_path):
+    """`sdekit distill --problem gaussian` then `sdekit bench ... -O fno.operator=PATH`: the
+    operator of a linear teacher is exact, so its one-pass RMS is tiny; fno is planned on one
+    grid and only at budget 1; a retrained operator at the same path is not served from cache."""
+    import json
+
+    from sdekit.bench.runner import SweepConfig, plan_cells
+    from sdekit.cli.main import main as cli
+    cells = plan_cells(SweepConfig(solvers=["fno", "ddim"], grids=["logsnr", "karras"],
+                                   nfe=[1, 4], n=8))
+    fno = [c for c in cells if c["solver"] == "fno"]
+    assert [(c["budget"], c["status"]) for c in fno] == [(1, "planned"), (4, "skipped")]
+    assert "always costs 1 NFE" in fno[1]["reason"]
+    assert sum(c["solver"] == "ddim" for c in cells) == 4
+
+    op_dir = tmp_path / "op"
+    distill = ["distill", "--problem", "gaussian", "--dim", "3", "--out", str(op_dir),
+               "--n", "256", "--solver", "rk4", "--steps-per-segment", "16"]
+    assert cli(distill + ["--train-steps", "0"]) == 0
+    meta = json.loads((op_dir / "trajectories" / "meta.json").read_text())
+    assert meta["teacher"].startswith("3-dim Gaussian data")
+    bench = ["bench", "--problem", "gaussian", "--dim", "3", "--solvers", "fno,ddim",
+             "--grids", "logsnr", "--nfe", "1,4", "-n", "64", "--quiet", "--formats", "json",
+             "-O", f"fno.operator={op_dir / 'operator.pt'}", "--out", str(tmp_path / "b")]
+
+    def rms() -> float:
+        assert cli(bench) == 0
+        res = json.loads((tmp_path / "b" / "bench.json").read_text())
+        (cell,) = [c for c in res["cells"] if c["solver"] == "fno" and c["status"] == "ok"]
+        assert cell["nfe"] == 1
+        return cell["rms"]
+
+    assert rms() < 2e-3
+    torch.save({**torch.load(op_dir / "operator.pt", weights_only=True), "ema": {
+        k: torch.zeros_like(v) for k, v in
+        torch.load(op_dir / "operator.pt", weights_only=True)["ema"].items()}},
+        op_dir / "operator.pt")
+    assert rms() > 0.1, "the cached cell of the old operator was reused"
+
+
+def test_expert_linear_paths_recover_a_piecewise_affine_teacher():
+    """Two modes, each reached by its own affine map of x_T: k-means on the endpoints plus
+    per-cluster least squares recovers both maps exactly, and a short fit of the gate learns
+    which x_T goes where."""
+    from sdekit.models import MLPScoreNet
+    from sdekit.models.fno import TrajectoryOperator
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 2, generator=g, dtype=torch.float64)
+    A = torch.tensor([[[0.3, 0.1], [0.0, 0.2]], [[0.2, -0.1], [0.05, 0.4]]], dtype=torch.float64)
+    b = torch.tensor([[4.0, 0.0], [-4.0, 1.0]], dtype=torch.float64)
+    side = (x[:, 0] < 0).long()
+    y = torch.einsum("bij,bj->bi", A[side], x) + b[side]
+    traj = torch.stack([0.5 * y + 0.5 * x, y], 1)
+    torch.manual_seed(0)
+    op = TrajectoryOperator(MLPScoreNet((2,), width=16, depth=1), (2,), [0.0, 2.0],
+                            experts=2).double()
+    op.fit_linear_path(x, traj)
+    fitted = {round(float(op.skip_bias[e, 1, 0])): (op.skip_weight[e, 1], op.skip_bias[e, 1])
+              for e in range(2)}
+    for s, key in ((0, 4), (1, -4)):
+        torch.testing.assert_close(fitted[key][0], A[s], rtol=0, atol=1e-6)
+        torch.testing.assert_close(fitted[key][1], b[s], rtol=0, atol=1e-6)
+    rms = lambda: float((op.linear_path(x) - traj).pow(2).mean().sqrt())  # noqa: E731
+    before = rms()
+    opt = torch.optim.Adam(op.gate.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = (op.linear_path(x) - traj).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert before > 1.0 and rms() < 0.1 * before, (before, rms())
+
+
+def test_operator_passes_a_denoiser_backbone_its_sigma_tilde():
+    from sdekit.models.fno import TrajectoryOperator
+
+    class Recorder(torch.nn.Module):
+        time_input = "sigma_tilde"
+
+        def __init__(self):
+            super().__init__()
+            self.seen = None
+
+        def forward(self, x, cond):
+            self.seen = cond
+            return x
+
+    lam = [-2.0, 0.5, 3.0]
+    op = TrajectoryOperator(Recorder(), (2,), lam)
+    op(torch.zeros(4, 2))
+    torch.testing.assert_close(op.backbone.seen, torch.tensor(lam).exp().reciprocal().repeat(4))
+    with pytest.raises(ValueError, match="experts=0 is invalid"):
+        TrajectoryOperator(Recorder(), (2,), lam, experts=0)

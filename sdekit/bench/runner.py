@@ -191,11 +191,15 @@ def plan_cells(config: SweepConfig) -> list[dict[str, Any]]:
                               "budget": None, "tol": float(tol), "steps": None,
                               "expected_nfe": None, "status": "planned", "note": ""})
             continue
-        for grid in config.grid_list():
+        # a grid-free solver (a learned operator) runs once, on its default grid
+        for grid in [slv.default_grid] if slv.grid_free else config.grid_list():
             for budget in config.nfe:
                 cell = {**base, "id": f"{base['label']}/{grid}/nfe={budget}", "grid": grid,
                         "budget": int(budget), "tol": None, "status": "planned", "note": ""}
-                if slv.adaptive:
+                if slv.grid_free and slv.expected_nfe(1) != budget:
+                    cell.update(status="skipped", steps=None, expected_nfe=None,
+                                reason=f"{name!r} always costs {slv.expected_nfe(1)} NFE")
+                elif slv.adaptive:
                     per = max(int(getattr(slv, "nfe_per_step", 1) or 1), 1)
                     steps = budget // per
                     cell.update(steps=steps, expected_nfe=None,
@@ -451,10 +455,11 @@ def _env_int(name: str, default: int) -> int:
         raise BenchError(f"environment variable {name}={v!r} is invalid: expected an integer")
 
 
-def solver_code_fingerprint(name: str) -> str:
+def solver_code_fingerprint(name: str, options: Mapping[str, Any] | None = None) -> str:
     """A hash of the code a cell's result depends on: the solver's module (and its base
-    classes' modules), the driver, the metrics and the cell evaluation, so a cached cell is
-    recomputed when that code changes."""
+    classes' modules), the driver, the metrics and the cell evaluation, plus the contents of any
+    file an option names (a learned operator's checkpoint), so a cached cell is recomputed when
+    any of them changes."""
     cls = type(get_solver(name))
     files = {inspect.getsourcefile(k) for k in cls.__mro__ if k.__module__.startswith("sdekit")}
     files |= {inspect.getsourcefile(sample), inspect.getsourcefile(M)}
@@ -465,6 +470,9 @@ def solver_code_fingerprint(name: str) -> str:
             h.update(Path(f).read_bytes())
         except OSError:
             h.update(f.encode())
+    for v in (options or {}).values():
+        if isinstance(v, (str, os.PathLike)) and os.path.isfile(v):
+            h.update(Path(v).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -496,10 +504,10 @@ def run_sweep(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str,
 
     codes: dict[str, str] = {}
 
-    def code_of(name: str) -> str:
-        if name not in codes:
-            codes[name] = solver_code_fingerprint(name)
-        return codes[name]
+    def code_of(c: Mapping[str, Any]) -> str:
+        if c["label"] not in codes:
+            codes[c["label"]] = solver_code_fingerprint(c["solver"], c["options"])
+        return codes[c["label"]]
 
     def path_of(c: Mapping[str, Any]) -> Path:
         return cell_dir / (hashlib.sha1(c["id"].encode()).hexdigest()[:16] + ".json")
@@ -511,7 +519,7 @@ def run_sweep(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str,
         except (OSError, ValueError):
             return None
         if d.get("id") != c["id"] or (not resume and d.get("run_id") != run_id) \
-                or d.get("code") != code_of(c["solver"]):
+                or d.get("code") != code_of(c):
             return None  # another cell, a stale run, or the solver's code changed since
         return d
 
@@ -531,7 +539,7 @@ def run_sweep(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str,
             computed += 1
             if res["status"] != "error":
                 atomic_write_json(path_of(c), {**res, "run_id": run_id,
-                                               "code": code_of(c["solver"])})
+                                               "code": code_of(c)})
             else:
                 bar.write(f"error in cell {c['id']}: {res.get('reason')}")
             done[c["id"]] = res

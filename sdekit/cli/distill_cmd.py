@@ -17,61 +17,99 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "maps x_T to the trajectory in one pass (Zheng et al. 2023). Sample with "
                     "`sdekit sample --checkpoint TEACHER --solver fno --operator OUT/operator.pt`.")
     a = p.add_argument
-    a("--checkpoint", type=Path, required=True, help="the teacher (a `sdekit train` checkpoint)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="the teacher: a `sdekit train` checkpoint")
+    src.add_argument("--problem", help="the teacher as a `sdekit bench` problem: gaussian, gmm "
+                                       "(exact scores), checkpoint:PATH or module:factory")
+    a("--sde", default=None, help="forward SDE of a built-in problem (default vp)")
+    a("--dim", type=int, default=None, help="dimension of a built-in problem")
+    a("--problem-seed", type=int, default=0,
+      help="seed of a built-in problem (as `sdekit bench --seed`; default 0)")
     a("--out", type=Path, required=True, help="directory for trajectories and operator.pt")
-    a("--n", type=int, default=4096, help="number of teacher trajectories")
+    a("--n", type=int, default=8192, help="number of teacher trajectories (default 8192)")
     a("--solver", default="heun", help="teacher solver (any registered fixed-grid solver)")
     a("--steps-per-segment", type=int, default=8,
       help="teacher steps between consecutive output times")
     a("--slots", type=int, default=4, help="output times of the operator (the last is t_min)")
     a("--spacing", default="quadratic", help="spacing of the output times")
-    a("--train-steps", type=int, default=3000)
-    a("--batch", type=int, default=128)
-    a("--lr", type=float, default=2e-4)
-    a("--width", type=int, default=64)
-    a("--layers", type=int, default=2)
-    a("--modes", type=int, default=2)
-    a("--seed", type=int, default=0)
+    a("--train-steps", type=int, default=4000, help="optimiser steps (default 4000)")
+    a("--batch", type=int, default=256, help="trajectories per step (default 256)")
+    a("--lr", type=float, default=2e-3,
+      help="peak learning rate (default 2e-3; 100 warm-up steps, cosine decay to 0)")
+    a("--width", type=int, default=64, help="channels of the temporal Fourier layers")
+    a("--layers", type=int, default=2, help="temporal Fourier layers")
+    a("--modes", type=int, default=2, help="Fourier modes kept along the trajectory axis")
+    a("--experts", type=int, default=1,
+      help="gated affine maps in the operator's linear path (vectors; e.g. the number of "
+           "modes of the data; default 1)")
+    a("--init-from-teacher", action="store_true",
+      help="use the teacher checkpoint's network (architecture and weights) as the backbone")
+    a("--seed", type=int, default=0, help="seed of the teacher's draws and of training")
     a("--threads", type=int, default=None)
     p.set_defaults(func=run)
     return p
+
+
+def _teacher(args: argparse.Namespace) -> tuple[Any, Any, tuple[int, ...], str]:
+    """``(sde, model, state_shape, description)`` of the teacher named on the command line."""
+    import torch
+
+    from ..bench.problems import PROBLEMS, BenchError, resolve_problem
+    from ..sde import get_sde
+
+    spec = f"checkpoint:{args.checkpoint}" if args.checkpoint else args.problem
+    if spec not in PROBLEMS and (args.sde is not None or args.dim is not None):
+        raise BenchError(f"--sde/--dim configure the built-in problems {sorted(PROBLEMS)} only, "
+                         f"not {spec!r}")
+    sde = get_sde(args.sde) if args.sde is not None else None
+    problem = resolve_problem(spec, sde=sde, dim=args.dim, seed=args.problem_seed)
+    shape = tuple(problem.sample_init(1, torch.Generator().manual_seed(0)).shape[1:])
+    return problem.sde, problem.model, shape, problem.description or spec
+
+
+def _teacher_network(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The teacher checkpoint's network config and (EMA) weights, for --init-from-teacher."""
+    from ..training.checkpoint import CheckpointError, load_model
+    spec = str(args.checkpoint) if args.checkpoint else args.problem
+    if not args.checkpoint and not spec.startswith("checkpoint:"):
+        raise CheckpointError(f"--init-from-teacher needs a checkpoint teacher (--checkpoint "
+                              f"PATH or --problem checkpoint:PATH), not --problem {spec!r}")
+    net, _, _ = load_model(spec.removeprefix("checkpoint:"))
+    return dict(net.config), net.state_dict()
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..distill import generate_trajectories, train_operator
-    from ..models import wrap
-    from ..training.checkpoint import CheckpointError, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in ("n", "steps_per_segment", "slots", "batch"):
+    for name in ("n", "steps_per_segment", "slots", "batch", "experts"):
         if getattr(args, name) < 1:
             print(f"sdekit distill: error: --{name.replace('_', '-')}={getattr(args, name)} is "
                   "invalid: expected an integer >= 1", file=sys.stderr)
             return 2
-    try:
-        net, sde, cfg = load_model(args.checkpoint)
-    except CheckpointError as e:
-        print(f"sdekit distill: error: {e}", file=sys.stderr)
-        return 2
     t0 = time.perf_counter()
     try:
-        data = generate_trajectories(args.out / "trajectories", sde, wrap(net, sde),
-                                     net.data_shape, args.n, solver=args.solver,
-                                     steps_per_segment=args.steps_per_segment, slots=args.slots,
-                                     spacing=args.spacing, seed=args.seed, progress=True)
+        sde, model, shape, teacher = _teacher(args)
+        data = generate_trajectories(args.out / "trajectories", sde, model, shape, args.n,
+                                     solver=args.solver, steps_per_segment=args.steps_per_segment,
+                                     slots=args.slots, spacing=args.spacing, seed=args.seed,
+                                     teacher=teacher, progress=True)
         t1 = time.perf_counter()
-        train_operator(data, args.out / "operator.pt", sde, sde_name=cfg["sde"],
-                       sde_kwargs=cfg.get("sde_kwargs", {}), width=args.width,
-                       layers=args.layers, modes=args.modes, steps=args.train_steps,
+        backbone = init = None
+        if args.init_from_teacher:
+            backbone, init = _teacher_network(args)
+        train_operator(data, args.out / "operator.pt", sde, backbone=backbone,
+                       init_backbone=init, width=args.width, layers=args.layers,
+                       modes=args.modes, experts=args.experts, steps=args.train_steps,
                        batch=args.batch, lr=args.lr, seed=args.seed, progress=True)
-    except ValueError as e:
+    except ValueError as e:  # BenchError and CheckpointError included
         print(f"sdekit distill: error: {e}", file=sys.stderr)
         return 2
     t2 = time.perf_counter()
-    report = {"teacher": str(args.checkpoint), "trajectories_s": round(t1 - t0, 1),
+    report = {"teacher": teacher, "trajectories_s": round(t1 - t0, 1),
               "training_s": round(t2 - t1, 1), "operator": str(args.out / "operator.pt")}
     (args.out / "distill.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report))

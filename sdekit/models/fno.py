@@ -11,7 +11,10 @@
 3. a projection back to the state's channels, plus a per-slot linear path in ``x_T`` (a full
    ``D x D`` matrix per slot for vectors, ``skip='full'``, or one scalar per slot, ``'scalar'``),
    initialised by least squares on the teacher data, so a linear teacher (Gaussian data) is
-   reproduced exactly.
+   reproduced exactly. With ``experts = E > 1`` the linear path is a mixture of E affine maps,
+   weighted per slot by a softmax gate on ``x_T``: the flow map of multi-modal data is close to
+   affine on the set of x_T that reaches one mode, and a gate plus E affine maps represents that
+   with far fewer hidden units than a plain MLP needs.
 """
 from __future__ import annotations
 
@@ -63,13 +66,18 @@ class TrajectoryOperator(nn.Module):
         lambdas: half-logSNR of the K output times (the last one is the sample).
         width, layers, modes: temporal Fourier layers.
         skip: ``'full'`` (a D x D linear map per slot; vectors) or ``'scalar'``.
+        experts: number of gated affine maps in the linear path (1: one affine map per slot).
+        gate_width: hidden width of the gate (an MLP on flattened ``x_T``) when experts > 1.
     """
 
     def __init__(self, backbone: nn.Module, state_shape: Sequence[int], lambdas: Sequence[float],
-                 width: int = 64, layers: int = 2, modes: int = 2, skip: str = "full") -> None:
+                 width: int = 64, layers: int = 2, modes: int = 2, skip: str = "full",
+                 experts: int = 1, gate_width: int = 256) -> None:
         super().__init__()
         if skip not in ("full", "scalar"):
             raise ValueError(f"skip={skip!r} is invalid: expected 'full' or 'scalar'")
+        if not (isinstance(experts, int) and experts >= 1):
+            raise ValueError(f"experts={experts!r} is invalid: expected an integer >= 1")
         self.backbone = backbone
         self.state_shape = tuple(int(s) for s in state_shape)
         self.register_buffer("lambdas", torch.as_tensor(lambdas, dtype=torch.float32))
@@ -81,22 +89,36 @@ class TrajectoryOperator(nn.Module):
         self.proj = nn.Linear(width, C)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
-        self.skip = skip
-        shape = (K, D, D) if skip == "full" else (K,)
+        self.skip, self.experts = skip, experts
+        shape = (experts, K, D, D) if skip == "full" else (experts, K)
         self.skip_weight = nn.Parameter(torch.zeros(shape))
-        self.skip_bias = nn.Parameter(torch.zeros(K, D))
+        self.skip_bias = nn.Parameter(torch.zeros(experts, K, D))
+        self.gate = None
+        if experts > 1:  # softmax weights over the experts, per slot, from x_T
+            self.gate = nn.Sequential(nn.Linear(D, gate_width), nn.SiLU(),
+                                      nn.Linear(gate_width, K * experts))
+            nn.init.zeros_(self.gate[-1].weight)
+            nn.init.zeros_(self.gate[-1].bias)
 
     @property
     def slots(self) -> int:
         return self.lambdas.numel()
 
     def linear_path(self, x_T: Tensor) -> Tensor:
-        flat = x_T.reshape(x_T.shape[0], -1)
+        """The per-slot affine maps of ``x_T`` (mixed by the gate when ``experts > 1``)."""
+        B, K = x_T.shape[0], self.slots
+        flat = x_T.reshape(B, -1)
         if self.skip == "full":
-            out = torch.einsum("kde,be->bkd", self.skip_weight, flat)
+            out = torch.einsum("ekdi,bi->bekd", self.skip_weight, flat)
         else:
-            out = self.skip_weight[None, :, None] * flat[:, None, :]
-        return (out + self.skip_bias).reshape((x_T.shape[0], self.slots) + self.state_shape)
+            out = self.skip_weight[None, :, :, None] * flat[:, None, None, :]
+        out = out + self.skip_bias                                   # (B, E, K, D)
+        if self.gate is None:
+            out = out[:, 0]
+        else:
+            w = self.gate(flat).reshape(B, K, self.experts).softmax(-1)
+            out = torch.einsum("bke,bekd->bkd", w, out)
+        return out.reshape((B, K) + self.state_shape)
 
     def forward(self, x_T: Tensor) -> Tensor:
         if tuple(x_T.shape[1:]) != self.state_shape:
@@ -105,7 +127,10 @@ class TrajectoryOperator(nn.Module):
         B, K = x_T.shape[0], self.slots
         xs = x_T.unsqueeze(1).expand((B, K) + self.state_shape)
         lam = self.lambdas.to(x_T).repeat(B)
-        feat = self.backbone(xs.reshape((B * K,) + self.state_shape), lam)
+        # the backbone's declared time input: lambda, or sigma_tilde = exp(-lambda) for an
+        # EDM-preconditioned denoiser (so a teacher's own network can start the backbone)
+        cond = lam if getattr(self.backbone, "time_input", "lambda") == "lambda" else (-lam).exp()
+        feat = self.backbone(xs.reshape((B * K,) + self.state_shape), cond)
         feat = feat.reshape((B, K) + self.state_shape)
         h = _pointwise(self.lift, torch.cat([feat, xs], 2))
         for spec, mix in zip(self.specs, self.mix):
@@ -113,21 +138,46 @@ class TrajectoryOperator(nn.Module):
         return self.linear_path(x_T) + _pointwise(self.proj, h)
 
     @torch.no_grad()
-    def fit_linear_path(self, x_T: Tensor, traj: Tensor, ridge: float = 1e-8) -> None:
-        """Least-squares fit of the per-slot linear path to teacher data (exact for a linear
-        teacher, such as Gaussian data)."""
+    def fit_linear_path(self, x_T: Tensor, traj: Tensor, ridge: float = 1e-8,
+                        seed: int = 0) -> None:
+        """Least-squares fit of the per-slot affine maps to teacher data (exact for a linear
+        teacher, such as Gaussian data). With several experts, the teacher's endpoints are first
+        split by k-means and each expert is fitted to one cluster (the gate starts uniform and
+        learns the assignment in training)."""
         B = x_T.shape[0]
         X = torch.cat([x_T.reshape(B, -1).double(), torch.ones(B, 1, dtype=torch.float64)], 1)
         Y = traj.reshape(B, self.slots, -1).double()
-        for k in range(self.slots):
-            if self.skip == "full":
-                A = X.T @ X + ridge * torch.eye(X.shape[1], dtype=torch.float64)
-                coef = torch.linalg.solve(A, X.T @ Y[:, k])          # (D+1, D)
-                self.skip_weight[k] = coef[:-1].T.to(self.skip_weight)
-                self.skip_bias[k] = coef[-1].to(self.skip_bias)
-            else:
-                x = X[:, :-1].reshape(-1)
-                y = Y[:, k].reshape(-1)
-                a = float((x * y).sum() / (x * x).sum().clamp_min(1e-30))
-                self.skip_weight[k] = a
-                self.skip_bias[k] = (Y[:, k] - a * X[:, :-1]).mean(0).to(self.skip_bias)
+        labels = (kmeans(Y[:, -1], self.experts, seed) if self.experts > 1
+                  else torch.zeros(B, dtype=torch.long))
+        for e in range(self.experts):
+            Xe, Ye = X[labels == e], Y[labels == e]
+            for k in range(self.slots):
+                if self.skip == "full":
+                    A = Xe.T @ Xe
+                    A = A + (ridge * max(1.0, float(A.diagonal().mean()))
+                             * torch.eye(X.shape[1], dtype=torch.float64))
+                    coef = torch.linalg.solve(A, Xe.T @ Ye[:, k])          # (D+1, D)
+                    self.skip_weight[e, k] = coef[:-1].T.to(self.skip_weight)
+                    self.skip_bias[e, k] = coef[-1].to(self.skip_bias)
+                else:
+                    x = Xe[:, :-1].reshape(-1)
+                    y = Ye[:, k].reshape(-1)
+                    a = float((x * y).sum() / (x * x).sum().clamp_min(1e-30))
+                    self.skip_weight[e, k] = a
+                    self.skip_bias[e, k] = (Ye[:, k] - a * Xe[:, :-1]).mean(0).to(self.skip_bias)
+
+
+def kmeans(y: Tensor, k: int, seed: int = 0, iters: int = 25) -> Tensor:
+    """Cluster labels of the rows of ``y`` (k-means++ seeding, then Lloyd iterations)."""
+    if y.shape[0] < k:
+        raise ValueError(f"k-means needs at least {k} points, got {y.shape[0]}")
+    g = torch.Generator().manual_seed(seed)
+    centers = y[torch.randint(0, y.shape[0], (1,), generator=g)]
+    for _ in range(1, k):
+        d2 = torch.cdist(y, centers).min(1).values ** 2
+        centers = torch.cat([centers, y[torch.multinomial(d2 + 1e-30, 1, generator=g)]])
+    for _ in range(iters):
+        labels = torch.cdist(y, centers).argmin(1)
+        centers = torch.stack([y[labels == j].mean(0) if (labels == j).any() else centers[j]
+                               for j in range(k)])
+    return torch.cdist(y, centers).argmin(1)

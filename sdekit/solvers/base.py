@@ -94,6 +94,9 @@ class Solver:
     stochastic: bool = False
     adaptive: ClassVar[bool] = False       # picks its own steps: NFE known only afterwards
     external_loop: ClassVar[bool] = False  # runs its own loop (a backend) through integrate()
+    # True where the time grid and step count are ignored (a learned operator evaluates fixed
+    # output times at a fixed cost): a benchmark runs it once, at its own NFE
+    grid_free: ClassVar[bool] = False
     min_steps: int = 1
     default_grid: ClassVar[str] = "logsnr"
     # False where a sample's result depends on the rest of its batch (a backend's own RNG,
@@ -130,7 +133,7 @@ class Solver:
         return {"name": self.name, "family": self.family, "order": self.order,
                 "strong_order": self.strong_order, "nfe_per_step": self.nfe_per_step,
                 "kind": "SDE" if self.stochastic else "ODE", "adaptive": self.adaptive,
-                "default_grid": self.default_grid, "paper": self.paper}
+                "grid_free": self.grid_free, "default_grid": self.default_grid, "paper": self.paper}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -22,6 +22,7 @@ class OperatorSampler(Solver):
 
     family = "learned"
     external_loop = True
+    grid_free = True
     default_grid = "uniform"
     paper = "Zheng et al. 2023, Fast Sampling of Diffusion Models via Operator Learning (ICML)"
 
@@ -48,7 +49,7 @@ class OperatorSampler(Solver):
         with tempfile.TemporaryDirectory() as d:
             generate_trajectories(f"{d}/traj", sde, model, state_shape, 512, steps_per_segment=8,
                                   shard_size=512)
-            train_operator(f"{d}/traj", f"{d}/op.pt", sde, sde_name="custom", steps=0)
+            train_operator(f"{d}/traj", f"{d}/op.pt", sde, steps=0)
             return OperatorSampler(load_operator(f"{d}/op.pt"))
 
     def integrate(self, p: Problem, x: Tensor) -> Tensor:

@@ -175,6 +175,15 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
+
+def lr_at(step: int, lr: float, steps: int, warmup: int, decay: str) -> float:
+    """Learning rate at ``step``: linear warm-up over ``warmup`` steps, then ``decay``
+    ("cosine" to 0 at ``steps``, or "constant")."""
+    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if decay == "cosine":
+        return lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, steps))))
+    return lr * warm
+
 class Trainer:
     """Train a score network on a bundled dataset.
 
@@ -309,11 +318,7 @@ class Trainer:
     # ----------------------------------------------------------------- one step
     def lr_at(self, step: int) -> float:
         c = self.cfg
-        warm = min(1.0, (step + 1) / c.warmup) if c.warmup else 1.0
-        if c.lr_decay == "cosine":
-            frac = min(1.0, step / max(1, c.steps))
-            return c.lr * warm * 0.5 * (1 + math.cos(math.pi * frac))
-        return c.lr * warm
+        return lr_at(step, c.lr, c.steps, c.warmup, c.lr_decay)
 
     def _batch(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         b = self.cfg.batch_size // self.world_size
