@@ -26,7 +26,7 @@ from .grids import make_grid
 from .integrate import sample
 from .noise import sample_seeds
 from .sde.base import ForwardSDE
-from .training.checkpoint import atomic_torch_save, atomic_write_bytes
+from ._io import atomic_torch_save, atomic_write_bytes
 
 SPACINGS = ("quadratic", "logsnr", "uniform")
 

@@ -185,7 +185,7 @@ def test_bench_runs_fno_once_at_its_own_nfe_and_rereads_a_changed_operator(tmp_p
 
 def test_expert_linear_paths_recover_a_piecewise_affine_teacher():
     """Two modes, each reached by its own affine map of x_T: k-means on the endpoints plus
-    per-cluster least squares recovers both maps exactly, and a short fit of the gate learns
+    per-cluster least squares recovers both maps exactly, and the gate's classifier fit learns
     which x_T goes where."""
     from sdekit.models import MLPScoreNet
     from sdekit.models.fno import TrajectoryOperator
@@ -199,21 +199,18 @@ def test_expert_linear_paths_recover_a_piecewise_affine_teacher():
     torch.manual_seed(0)
     op = TrajectoryOperator(MLPScoreNet((2,), width=16, depth=1), (2,), [0.0, 2.0],
                             experts=2).double()
-    op.fit_linear_path(x, traj)
-    fitted = {round(float(op.skip_bias[e, 1, 0])): (op.skip_weight[e, 1], op.skip_bias[e, 1])
+    op.fit_linear_path(x, traj, gate_steps=0)
+    fitted = {round(float(op.skip_bias[e, 1, 0].detach())): (op.skip_weight[e, 1].detach(),
+                                                    op.skip_bias[e, 1].detach())
               for e in range(2)}
     for s, key in ((0, 4), (1, -4)):
         torch.testing.assert_close(fitted[key][0], A[s], rtol=0, atol=1e-6)
         torch.testing.assert_close(fitted[key][1], b[s], rtol=0, atol=1e-6)
-    rms = lambda: float((op.linear_path(x) - traj).pow(2).mean().sqrt())  # noqa: E731
-    before = rms()
-    opt = torch.optim.Adam(op.gate.parameters(), lr=1e-2)
-    for _ in range(300):
-        loss = (op.linear_path(x) - traj).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert before > 1.0 and rms() < 0.1 * before, (before, rms())
+    rms = lambda: float((op.linear_path(x) - traj).detach().pow(2).mean().sqrt())  # noqa: E731
+    uniform = rms()  # the gate is not fitted yet
+    op.fit_linear_path(x, traj)
+    fitted = rms()
+    assert uniform > 1.0 and fitted < 0.1 * uniform, (uniform, fitted)
 
 
 def test_operator_passes_a_denoiser_backbone_its_sigma_tilde():

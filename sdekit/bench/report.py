@@ -13,7 +13,8 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .runner import atomic_write_json, _atomic_write_bytes
+from .._io import atomic_write_bytes
+from .runner import atomic_write_json
 
 METRICS = ("rms", "fd", "kl", "sw", "mmd", "ms_per_sample")
 TITLES = {"rms": "RMS error vs the reference PF-ODE solution",
@@ -208,7 +209,7 @@ def write_csv(results: Mapping[str, Any], path: Path | str) -> None:
         row = dict(c)
         row["options"] = ";".join(f"{k}={v}" for k, v in (c.get("options") or {}).items())
         w.writerow(row)
-    _atomic_write_bytes(Path(path), buf.getvalue().encode())
+    atomic_write_bytes(Path(path), buf.getvalue().encode())
 
 
 # ------------------------------------------------------------------ plot
@@ -295,7 +296,7 @@ def plot(results: Mapping[str, Any], path: Path | str, configs: str = "best") ->
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(Path(path), buf.getvalue())
     return True
 
 
@@ -318,7 +319,7 @@ def write_reports(results: Mapping[str, Any], out_dir: Path | str,
         write_csv(results, out / "bench.csv")
         written.append(str(out / "bench.csv"))
     if "md" in formats:
-        _atomic_write_bytes(out / "bench.md", markdown_report(results).encode())
+        atomic_write_bytes(out / "bench.md", markdown_report(results).encode())
         written.append(str(out / "bench.md"))
     if "png" in formats:
         if plot(results, out / "bench.png", plot_configs):

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from ..integrate import sample
 from ..solvers.base import ModelOutputError, Solver
 from ..solvers.registry import get_solver, solver_names
 from . import metrics as M
+from .._io import atomic_write_bytes
 from .problems import BenchError, BenchProblem
 
 BENCH_FORMAT = "sdekit-bench/1"
@@ -218,27 +218,9 @@ def plan_cells(config: SweepConfig) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------ preparation
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def atomic_write_json(path: Path | str, obj: Any) -> None:
     """Write JSON to a temporary file in the same folder, then rename it into place."""
-    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=1, default=_json_default) + "\n")
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=1, default=_json_default) + "\n")
                         .encode())
 
 
@@ -327,7 +309,7 @@ def prepare(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str,
         else:
             x_ref, reference = _reference_solve(problem, config, x_init)
             buf = _tensor_bytes({"x": x_ref, "info": json.dumps(reference)})
-            _atomic_write_bytes(path, buf)
+            atomic_write_bytes(path, buf)
         reference = {**reference, "cached_at": str(path)}
     # the target law for the Frechet distance and KL
     target, method = None, "none"

@@ -137,13 +137,29 @@ class TrajectoryOperator(nn.Module):
             h = h + nn.functional.silu(spec(h) + _pointwise(mix, h))
         return self.linear_path(x_T) + _pointwise(self.proj, h)
 
-    @torch.no_grad()
-    def fit_linear_path(self, x_T: Tensor, traj: Tensor, ridge: float = 1e-8,
-                        seed: int = 0) -> None:
+    def fit_linear_path(self, x_T: Tensor, traj: Tensor, ridge: float = 1e-8, seed: int = 0,
+                        gate_steps: int = 1000) -> None:
         """Least-squares fit of the per-slot affine maps to teacher data (exact for a linear
         teacher, such as Gaussian data). With several experts, the teacher's endpoints are first
-        split by k-means and each expert is fitted to one cluster (the gate starts uniform and
-        learns the assignment in training)."""
+        split by k-means, each expert is fitted to one cluster, and the gate is fitted as a
+        classifier of the cluster an ``x_T`` reaches (``gate_steps`` Adam steps on the
+        cross-entropy); training then refines both."""
+        labels = self._fit_experts(x_T, traj, ridge, seed)
+        if self.gate is None or gate_steps <= 0:
+            return
+        g = torch.Generator().manual_seed(seed)
+        flat = x_T.reshape(x_T.shape[0], -1).to(self.skip_weight)
+        opt = torch.optim.Adam(self.gate.parameters(), lr=3e-3)
+        for _ in range(gate_steps):
+            idx = torch.randint(0, flat.shape[0], (min(512, flat.shape[0]),), generator=g)
+            logits = self.gate(flat[idx]).reshape(-1, self.experts)
+            loss = nn.functional.cross_entropy(logits, labels[idx].repeat_interleave(self.slots))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    @torch.no_grad()
+    def _fit_experts(self, x_T: Tensor, traj: Tensor, ridge: float, seed: int) -> Tensor:
         B = x_T.shape[0]
         X = torch.cat([x_T.reshape(B, -1).double(), torch.ones(B, 1, dtype=torch.float64)], 1)
         Y = traj.reshape(B, self.slots, -1).double()
@@ -165,6 +181,7 @@ class TrajectoryOperator(nn.Module):
                     a = float((x * y).sum() / (x * x).sum().clamp_min(1e-30))
                     self.skip_weight[e, k] = a
                     self.skip_bias[e, k] = (Ye[:, k] - a * Xe[:, :-1]).mean(0).to(self.skip_bias)
+        return labels
 
 
 def kmeans(y: Tensor, k: int, seed: int = 0, iters: int = 25) -> Tensor:

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from .._io import atomic_torch_save, atomic_write_bytes
 
 FORMAT = "sdekit-checkpoint"
 VERSION = 1
@@ -32,39 +33,6 @@ REQUIRED = ("format", "version", "config", "model", "ema", "optimizer", "step")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model it is loaded into."""
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())      # mkstemp makes 0600; use the usual file mode
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    _atomic_write(Path(path), lambda f: f.write(data))
-
-
-def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
-    """``torch.save`` through a temporary file and ``os.replace``."""
-    _atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path: str | os.PathLike, *, config: Mapping[str, Any], model: Mapping,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import _atomic_write
+from .._io import atomic_torch_save
 from .data import load_dataset, to_source_resolution
 
 RECIPE: dict[str, Any] = {"version": 1, "seed": 0, "epochs": 40, "batch_size": 64, "lr": 2e-3,
@@ -144,7 +144,7 @@ class FDDigits:
             self.clf, self.accuracy = clf, acc
             blob = {"state_dict": clf.state_dict(), "accuracy": acc, "recipe": json.dumps(RECIPE)}
             try:
-                _atomic_write(self.path, lambda f: torch.save(blob, f))
+                atomic_torch_save(self.path, blob)
             except OSError:
                 pass  # a read-only cache only costs a retrain next time
         for p in self.clf.parameters():

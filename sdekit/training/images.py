@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import atomic_write_bytes
+from .._io import atomic_write_bytes
 
 
 def encode_png(img: np.ndarray) -> bytes:
