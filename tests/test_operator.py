@@ -161,6 +161,8 @@ def test_bench_runs_fno_once_at_its_own_nfe_and_rereads_a_changed_operator(tmp_p
     op_dir = tmp_path / "op"
     distill = ["distill", "--problem", "gaussian", "--dim", "3", "--out", str(op_dir),
                "--n", "256", "--solver", "rk4", "--steps-per-segment", "16"]
+    assert cli(distill + ["--train-steps", "0", "--init-from-teacher"]) == 2  # not a checkpoint
+    assert not (op_dir / "trajectories").exists(), "the error comes before any work"
     assert cli(distill + ["--train-steps", "0"]) == 0
     meta = json.loads((op_dir / "trajectories" / "meta.json").read_text())
     assert meta["teacher"].startswith("3-dim Gaussian data")

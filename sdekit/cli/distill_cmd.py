@@ -30,6 +30,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a("--solver", default="heun", help="teacher solver (any registered fixed-grid solver)")
     a("--steps-per-segment", type=int, default=8,
       help="teacher steps between consecutive output times")
+    a("--shard-size", type=int, default=1024, help="trajectories per file (and per solve)")
     a("--slots", type=int, default=4, help="output times of the operator (the last is t_min)")
     a("--spacing", default="quadratic", help="spacing of the output times")
     a("--train-steps", type=int, default=4000, help="optimiser steps (default 4000)")
@@ -81,11 +82,12 @@ def _teacher_network(args: argparse.Namespace) -> tuple[dict, dict]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from .._io import atomic_write_bytes
     from ..distill import generate_trajectories, train_operator
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in ("n", "steps_per_segment", "slots", "batch", "experts"):
+    for name in ("n", "shard_size", "steps_per_segment", "slots", "batch", "experts"):
         if getattr(args, name) < 1:
             print(f"sdekit distill: error: --{name.replace('_', '-')}={getattr(args, name)} is "
                   "invalid: expected an integer >= 1", file=sys.stderr)
@@ -93,14 +95,15 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         sde, model, shape, teacher = _teacher(args)
-        data = generate_trajectories(args.out / "trajectories", sde, model, shape, args.n,
-                                     solver=args.solver, steps_per_segment=args.steps_per_segment,
-                                     slots=args.slots, spacing=args.spacing, seed=args.seed,
-                                     teacher=teacher, progress=True)
-        t1 = time.perf_counter()
         backbone = init = None
         if args.init_from_teacher:
             backbone, init = _teacher_network(args)
+        data = generate_trajectories(args.out / "trajectories", sde, model, shape, args.n,
+                                     solver=args.solver, steps_per_segment=args.steps_per_segment,
+                                     slots=args.slots, spacing=args.spacing,
+                                     shard_size=args.shard_size, seed=args.seed,
+                                     teacher=teacher, progress=True)
+        t1 = time.perf_counter()
         train_operator(data, args.out / "operator.pt", sde, backbone=backbone,
                        init_backbone=init, width=args.width, layers=args.layers,
                        modes=args.modes, experts=args.experts, steps=args.train_steps,
@@ -111,6 +114,6 @@ def run(args: argparse.Namespace) -> int:
     t2 = time.perf_counter()
     report = {"teacher": teacher, "trajectories_s": round(t1 - t0, 1),
               "training_s": round(t2 - t1, 1), "operator": str(args.out / "operator.pt")}
-    (args.out / "distill.json").write_text(json.dumps(report, indent=1))
+    atomic_write_bytes(args.out / "distill.json", json.dumps(report, indent=1).encode())
     print(json.dumps(report))
     return 0
