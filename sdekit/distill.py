@@ -177,13 +177,14 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
                         "init_backbone": init_backbone is not None}}
     torch.manual_seed(seed)
     op = build_operator(config)
-    if init_backbone is not None:
-        load_state(op.backbone, init_backbone, data, "backbone initialisation")
-    op.fit_linear_path(x_T, traj, seed=seed)
+    out = Path(out)
+    if not out.exists():  # a resumed run takes every weight from its checkpoint
+        if init_backbone is not None:
+            load_state(op.backbone, init_backbone, data, "backbone initialisation")
+        op.fit_linear_path(x_T, traj, seed=seed)
     ema = copy.deepcopy(op)
     opt = torch.optim.Adam(op.parameters(), lr=lr)
     step = 0
-    out = Path(out)
     if out.exists():
         ck = load_checkpoint(out)
         def same(c: dict) -> dict:  # the step target may grow: resuming extends a run
