@@ -134,18 +134,24 @@ def build_operator(config: dict[str, Any]):
     o = config["operator"]
     return TrajectoryOperator(build_network(config["backbone"]), config["state_shape"],
                               config["lambdas"], width=o["width"], layers=o["layers"],
-                              modes=o["modes"], skip=o["skip"], experts=o.get("experts", 1))
+                              modes=o["modes"], skip=o["skip"], experts=o.get("experts", 1),
+                              start=o.get("start"), coeffs=o.get("coeffs"))
 
 
 def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
                    backbone: dict | None = None, init_backbone: dict | None = None,
                    width: int = 64, layers: int = 2, modes: int = 2, experts: int = 1,
-                   steps: int = 2000,
+                   backbone_at: str = "slots", steps: int = 2000,
                    batch: int = 128, lr: float = 2e-4, warmup: int = 100,
                    lr_decay: str = "cosine", grad_clip: float = 1.0, ema_decay: float = 0.999,
                    seed: int = 0, checkpoint_every: int = 500, until: int | None = None,
                    progress: bool = False):
     """Train (or resume training) an operator on a trajectory dataset; returns the EMA operator.
+
+    ``backbone_at``: ``"slots"`` runs the backbone on ``x_T`` once per output time (conditioned
+    on it) beside a least-squares-fitted linear path; ``"start"`` runs it once, at ``x_T``'s own
+    noise level as the teacher does, and starts every slot from the one-step DDIM estimate
+    (with ``init_backbone`` the untrained operator is the teacher's 1-NFE DDIM).
 
     The checkpoint at ``out`` stores the operator config (backbone, output times and their
     lambdas, the teacher's description and the SDE's repr), weights, EMA, optimiser and step.
@@ -154,23 +160,31 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     call resumes exactly where it stopped.
     """
     from .training.checkpoint import load_checkpoint, load_state, save_checkpoint
-    from .training.trainer import lr_at
+    from .training.trainer import lr_at, update_ema
     require(isinstance(steps, int) and steps >= 0, "steps", steps, "an integer >= 0")
     require(isinstance(batch, int) and batch >= 1, "batch", batch, "an integer >= 1")
     require(lr > 0, "lr", lr, "a positive number")
     require(isinstance(warmup, int) and warmup >= 0, "warmup", warmup, "an integer >= 0")
     require(lr_decay in ("cosine", "constant"), "lr_decay", lr_decay, "'cosine' or 'constant'")
     require(0 <= ema_decay < 1, "ema_decay", ema_decay, "0 <= ema_decay < 1")
+    require(backbone_at in ("slots", "start"), "backbone_at", backbone_at, "'slots' or 'start'")
     x_T, traj, meta = load_trajectories(data)
     if meta["sde"] != repr(sde):
         raise ValueError(f"the trajectories were made with {meta['sde']}, not {sde!r}")
     shape = tuple(meta["state_shape"])
     lambdas = [float(sde.lambda_(t)) for t in meta["times_out"]]
-    config = {"kind": "operator", "teacher": meta.get("teacher", ""), "sde_repr": repr(sde), "state_shape": list(shape), "times_out": meta["times_out"],
+    operator = {"width": width, "layers": layers, "modes": modes, "experts": experts,
+                "skip": "full" if len(shape) == 1 else "scalar"}
+    if backbone_at == "start":
+        t_out = torch.tensor(meta["times_out"], dtype=torch.float64)
+        t0 = torch.tensor(float(meta["t_start"]), dtype=torch.float64)
+        operator.update(start=[float(sde.alpha(t0)), float(sde.sigma(t0))],
+                        coeffs=[sde.alpha(t_out).tolist(), sde.sigma(t_out).tolist()])
+    config = {"kind": "operator", "teacher": meta.get("teacher", ""), "sde_repr": repr(sde),
+              "state_shape": list(shape), "times_out": meta["times_out"],
               "t_start": meta["t_start"], "lambdas": lambdas,
               "backbone": backbone or default_backbone(shape),
-              "operator": {"width": width, "layers": layers, "modes": modes, "experts": experts,
-                           "skip": "full" if len(shape) == 1 else "scalar"},
+              "operator": operator,
               "train": {"steps": steps, "batch": batch, "lr": lr, "warmup": warmup,
                         "lr_decay": lr_decay, "grad_clip": grad_clip, "ema_decay": ema_decay,
                         "seed": seed, "data": str(data),
@@ -181,7 +195,8 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     if not out.exists():  # a resumed run takes every weight from its checkpoint
         if init_backbone is not None:
             load_state(op.backbone, init_backbone, data, "backbone initialisation")
-        op.fit_linear_path(x_T, traj, seed=seed)
+        if backbone_at == "slots":
+            op.fit_linear_path(x_T, traj, seed=seed)
     ema = copy.deepcopy(op)
     opt = torch.optim.Adam(op.parameters(), lr=lr)
     step = 0
@@ -217,9 +232,7 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
         for group in opt.param_groups:
             group["lr"] = lr_at(step, lr, steps, warmup, lr_decay)
         opt.step()
-        with torch.no_grad():
-            for pe, po in zip(ema.parameters(), op.parameters()):
-                pe.lerp_(po, 1 - ema_decay)
+        update_ema(ema, op, ema_decay, step)
         if progress:
             it.set_postfix(loss=f"{loss.item():.3e}")
         done = step + 1

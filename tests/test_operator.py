@@ -141,6 +141,12 @@ def test_distill_and_sample_through_the_cli(tmp_path):
     assert '"nfe": 1' in str(z["meta"])
     assert cli(["sample", "--checkpoint", str(run / "checkpoint.pt"), "--solver", "ddim",
                 "--operator", str(op_dir / "operator.pt"), "--n", "4", "--out", str(out)]) == 2
+    # --init-from-teacher: by default one backbone pass at x_T's noise level (backbone_at start)
+    assert cli(["distill", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(tmp_path / "o2"),
+                "--n", "128", "--train-steps", "2", "--batch", "32", "--init-from-teacher"]) == 0
+    _, cfg = load_operator(tmp_path / "o2" / "operator.pt")
+    assert "start" in cfg["operator"] and cfg["train"]["init_backbone"]
+    assert "start" not in load_operator(op_dir / "operator.pt")[1]["operator"]
 
 
 def test_bench_runs_fno_once_at_its_own_nfe_and_rereads_a_changed_operator(tmp_path):
@@ -235,3 +241,61 @@ def test_operator_passes_a_denoiser_backbone_its_sigma_tilde():
     torch.testing.assert_close(op.backbone.seen, torch.tensor(lam).exp().reciprocal().repeat(4))
     with pytest.raises(ValueError, match="experts=0 is invalid"):
         TrajectoryOperator(Recorder(), (2,), lam, experts=0)
+
+
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "denoiser"])
+def test_start_mode_begins_as_the_teachers_one_step_ddim(sde_name, prediction):
+    """backbone_at='start': one backbone pass at x_T's own noise level and, before any
+    training (zero correction), every slot is exactly the one-step DDIM solve from T to its time
+    with the same network, whatever its output parametrisation and forward SDE."""
+    from sdekit.distill import build_operator
+    from sdekit.models import MLPScoreNet, wrap
+    from sdekit.models.fno import TrajectoryOperator
+    from sdekit.sde import get_sde
+    sde = get_sde(sde_name)
+    torch.manual_seed(0)
+    net = MLPScoreNet((3,), width=32, depth=2, prediction=prediction).double()
+    times = output_times(sde, 3)
+    t = torch.cat([torch.tensor([sde.T], dtype=torch.float64), times])
+    op = TrajectoryOperator(net, (3,), [float(sde.lambda_(s)) for s in times],
+                            start=[float(sde.alpha(t[0])), float(sde.sigma(t[0]))],
+                            coeffs=[sde.alpha(times).tolist(), sde.sigma(times).tolist()]).double()
+    calls = []
+    op.backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    x_T = float(sde.prior_std) * torch.randn(16, 3, generator=torch.Generator().manual_seed(1),
+                                             dtype=torch.float64)
+    with torch.no_grad():
+        pred = op(x_T)
+    assert calls == [16], "one backbone pass on the batch"
+    for k in range(len(times)):
+        ddim = sdekit.sample(sde, wrap(net, sde), x_T, solver="ddim", grid=t[[0, k + 1]],
+                             dtype=torch.float64)
+        torch.testing.assert_close(pred[:, k], ddim.x, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="start and coeffs go together"):
+        TrajectoryOperator(net, (3,), [0.0, 1.0], start=[0.1, 0.99])
+    with pytest.raises(ValueError, match="needs the linear path"):
+        TrajectoryOperator(net, (3,), [0.0], start=[0.1, 0.99], coeffs=[[1.0], [0.0]], experts=2)
+
+
+def test_start_mode_trains_resumes_and_samples(tmp_path):
+    """train_operator(backbone_at='start') through its checkpoint and the fno solver; a bad
+    backbone_at value is named."""
+    sde, data = _gaussian()
+    generate_trajectories(tmp_path / "traj", sde, data.model(), (4,), 256, solver="heun",
+                          steps_per_segment=4, shard_size=256)
+    kw = dict(backbone_at="start", batch=32, checkpoint_every=4)
+    full = train_operator(tmp_path / "traj", tmp_path / "a.pt", sde, steps=8, **kw)
+    train_operator(tmp_path / "traj", tmp_path / "b.pt", sde, steps=8, until=4, **kw)
+    resumed = train_operator(tmp_path / "traj", tmp_path / "b.pt", sde, steps=8, **kw)
+    for p, q in zip(full.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    x_T, traj, _ = load_trajectories(tmp_path / "traj")
+    sol = sdekit.sample(sde, data.model(), x_T[:8], solver="fno", operator=tmp_path / "a.pt",
+                        grid=torch.cat([torch.tensor([sde.T], dtype=torch.float64),
+                                        output_times(sde, 4)]))
+    assert sol.nfe == 1 and torch.isfinite(sol.x).all()
+    with torch.no_grad():
+        torch.testing.assert_close(sol.x, full(x_T[:8])[:, -1])
+    with pytest.raises(ValueError, match="backbone_at='middle' is invalid"):
+        train_operator(tmp_path / "traj", tmp_path / "c.pt", sde, backbone_at="middle")

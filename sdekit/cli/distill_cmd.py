@@ -43,6 +43,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a("--experts", type=int, default=1,
       help="gated affine maps in the operator's linear path (vectors; e.g. the number of "
            "modes of the data; default 1)")
+    a("--backbone-at", choices=("auto", "slots", "start"), default="auto",
+      help="slots: one backbone pass per output time beside a fitted linear path; start: one "
+           "pass at x_T's own noise level, every slot starting from its one-step DDIM estimate "
+           "(with --init-from-teacher the operator starts as the teacher's 1-NFE DDIM); auto "
+           "(default): start with --init-from-teacher, slots otherwise")
     a("--init-from-teacher", action="store_true",
       help="use the teacher checkpoint's network (architecture and weights) as the backbone")
     a("--seed", type=int, default=0, help="seed of the teacher's draws and of training")
@@ -96,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         sde, model, shape, teacher = _teacher(args)
         backbone = init = None
+        backbone_at = args.backbone_at
+        if backbone_at == "auto":
+            backbone_at = "start" if args.init_from_teacher else "slots"
         if args.init_from_teacher:
             backbone, init = _teacher_network(args)
         data = generate_trajectories(args.out / "trajectories", sde, model, shape, args.n,
@@ -106,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         t1 = time.perf_counter()
         train_operator(data, args.out / "operator.pt", sde, backbone=backbone,
                        init_backbone=init, width=args.width, layers=args.layers,
-                       modes=args.modes, experts=args.experts, steps=args.train_steps,
+                       modes=args.modes, experts=args.experts, backbone_at=backbone_at,
+                       steps=args.train_steps,
                        batch=args.batch, lr=args.lr, seed=args.seed, progress=True)
     except ValueError as e:  # BenchError and CheckpointError included
         print(f"sdekit distill: error: {e}", file=sys.stderr)

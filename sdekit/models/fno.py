@@ -15,6 +15,13 @@
    weighted per slot by a softmax gate on ``x_T``: the flow map of multi-modal data is close to
    affine on the set of x_T that reaches one mode, and a gate plus E affine maps represents that
    with far fewer hidden units than a plain MLP needs.
+
+With ``start=(alpha_T, sigma_T)`` and ``coeffs=(alphas, sigmas)`` of the output times the
+backbone instead runs once, on ``x_T`` at its own noise level (as the teacher would), and each slot
+starts from the one-step DDIM estimate ``alpha_k x0_hat + sigma_k eps_hat`` built from that
+prediction: a backbone initialised from the teacher then begins as the teacher's 1-NFE DDIM, and
+one pass costs one backbone evaluation instead of K. The temporal layers add a learned correction
+per slot (a function of that slot's DDIM estimate and ``x_T``).
 """
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from ..dynamics.parameterization import to_eps
 
 
 class TemporalSpectralConv(nn.Module):
@@ -68,12 +77,20 @@ class TrajectoryOperator(nn.Module):
         skip: ``'full'`` (a D x D linear map per slot; vectors) or ``'scalar'``.
         experts: number of gated affine maps in the linear path (1: one affine map per slot).
         gate_width: hidden width of the gate (an MLP on flattened ``x_T``) when experts > 1.
+        start: ``(alpha_T, sigma_T)`` of the start time: run the backbone once there (see the
+            module docstring); requires ``coeffs``.
+        coeffs: ``(alphas, sigmas)`` of the K output times (with ``start``).
     """
 
     def __init__(self, backbone: nn.Module, state_shape: Sequence[int], lambdas: Sequence[float],
                  width: int = 64, layers: int = 2, modes: int = 2, skip: str = "full",
-                 experts: int = 1, gate_width: int = 256) -> None:
+                 experts: int = 1, gate_width: int = 256,
+                 start: Sequence[float] | None = None,
+                 coeffs: Sequence[Sequence[float]] | None = None) -> None:
         super().__init__()
+        if (start is None) != (coeffs is None):
+            raise ValueError("start and coeffs go together: give both (one backbone pass at "
+                             "the start time) or neither (one per output time)")
         if skip not in ("full", "scalar"):
             raise ValueError(f"skip={skip!r} is invalid: expected 'full' or 'scalar'")
         if not (isinstance(experts, int) and experts >= 1):
@@ -89,11 +106,23 @@ class TrajectoryOperator(nn.Module):
         self.proj = nn.Linear(width, C)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
+        self.at_start = start is not None
+        if self.at_start:
+            if len(start) != 2 or len(coeffs) != 2 or any(len(c) != K for c in coeffs):
+                raise ValueError(f"start={start!r} must be (alpha_T, sigma_T) and coeffs two "
+                                 f"sequences of {K} values (alphas, sigmas of the output times)")
+            self.register_buffer("start", torch.as_tensor(start, dtype=torch.float64))
+            self.register_buffer("coeffs", torch.as_tensor(coeffs, dtype=torch.float64))
         self.skip, self.experts = skip, experts
+        self.gate = None
+        if self.at_start:  # the DDIM estimates replace the linear path
+            if experts != 1:
+                raise ValueError(f"experts={experts} needs the linear path: with start= the "
+                                 "slots start from the DDIM estimates (use experts=1)")
+            return
         shape = (experts, K, D, D) if skip == "full" else (experts, K)
         self.skip_weight = nn.Parameter(torch.zeros(shape))
         self.skip_bias = nn.Parameter(torch.zeros(experts, K, D))
-        self.gate = None
         if experts > 1:  # softmax weights over the experts, per slot, from x_T
             self.gate = nn.Sequential(nn.Linear(D, gate_width), nn.SiLU(),
                                       nn.Linear(gate_width, K * experts))
@@ -126,16 +155,37 @@ class TrajectoryOperator(nn.Module):
                              f"{self.state_shape} but got x_T of shape {tuple(x_T.shape)}")
         B, K = x_T.shape[0], self.slots
         xs = x_T.unsqueeze(1).expand((B, K) + self.state_shape)
-        lam = self.lambdas.to(x_T).repeat(B)
-        # the backbone's declared time input: lambda, or sigma_tilde = exp(-lambda) for an
-        # EDM-preconditioned denoiser (so a teacher's own network can start the backbone)
-        cond = lam if getattr(self.backbone, "time_input", "lambda") == "lambda" else (-lam).exp()
-        feat = self.backbone(xs.reshape((B * K,) + self.state_shape), cond)
-        feat = feat.reshape((B, K) + self.state_shape)
-        h = _pointwise(self.lift, torch.cat([feat, xs], 2))
+        if self.at_start:
+            base = self._ddim_from_start(x_T)
+            h = _pointwise(self.lift, torch.cat([base, xs], 2))
+        else:
+            feat = self._backbone(xs.reshape((B * K,) + self.state_shape),
+                                  self.lambdas.to(x_T).repeat(B))
+            h = _pointwise(self.lift, torch.cat([feat.reshape((B, K) + self.state_shape), xs], 2))
         for spec, mix in zip(self.specs, self.mix):
             h = h + nn.functional.silu(spec(h) + _pointwise(mix, h))
-        return self.linear_path(x_T) + _pointwise(self.proj, h)
+        out = _pointwise(self.proj, h)
+        return base + out if self.at_start else self.linear_path(x_T) + out
+
+    def _backbone(self, x: Tensor, lam: Tensor) -> Tensor:
+        """The backbone at half-logSNR ``lam`` with its declared time input: lambda, or
+        sigma_tilde = exp(-lambda) for an EDM-preconditioned denoiser (so a teacher's own
+        network can start the backbone)."""
+        denoiser = getattr(self.backbone, "time_input", "lambda") != "lambda"
+        return self.backbone(x, (-lam).exp() if denoiser else lam)
+
+    def _ddim_from_start(self, x_T: Tensor) -> Tensor:
+        """``(B, K, *shape)``: the one-step DDIM estimates from one backbone pass at x_T."""
+        a_T, s_T = (float(v) for v in self.start)
+        kind = getattr(self.backbone, "prediction", "eps")
+        lam = torch.full((x_T.shape[0],), math.log(a_T / s_T), dtype=x_T.dtype,
+                         device=x_T.device)
+        out = self._backbone(x_T / a_T if kind == "denoiser" else x_T, lam)
+        eps = to_eps(kind, out, x_T, a_T, s_T)
+        x0 = (x_T - s_T * eps) / a_T if kind not in ("x0", "denoiser") else out
+        shape = (1, -1) + (1,) * len(self.state_shape)
+        a, s = (c.to(x_T).reshape(shape) for c in self.coeffs)
+        return a * x0.unsqueeze(1) + s * eps.unsqueeze(1)
 
     def fit_linear_path(self, x_T: Tensor, traj: Tensor, ridge: float = 1e-8, seed: int = 0,
                         gate_steps: int = 1000) -> None:
@@ -144,6 +194,9 @@ class TrajectoryOperator(nn.Module):
         split by k-means, each expert is fitted to one cluster, and the gate is fitted as a
         classifier of the cluster an ``x_T`` reaches (``gate_steps`` Adam steps on the
         cross-entropy); training then refines both."""
+        if self.at_start:
+            raise ValueError("this operator has no linear path to fit: its slots start from the "
+                             "DDIM estimates of its backbone at the start time")
         labels = self._fit_experts(x_T, traj, ridge, seed)
         if self.gate is None or gate_steps <= 0:
             return

@@ -184,6 +184,18 @@ def lr_at(step: int, lr: float, steps: int, warmup: int, decay: str) -> float:
         return lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, steps))))
     return lr * warm
 
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float, step: int) -> None:
+    """One EMA update after optimiser step ``step`` (0-based), with the usual warm-up
+    ``min(decay, (1 + step) / (10 + step))`` so early steps do not keep the initial weights
+    in the average for thousands of steps; buffers are copied."""
+    d = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - d)
+    for be, b in zip(ema.buffers(), net.buffers()):
+        be.copy_(b)
+
+
 class Trainer:
     """Train a score network on a bundled dataset.
 
@@ -230,8 +242,6 @@ class Trainer:
         # dropout is the only consumer of the global RNG in a forward pass
         self._stochastic_net = any(isinstance(m, torch.nn.Dropout) and m.p > 0
                                    for m in self.net.modules())
-        self._params = [p for p in self.net.parameters()]
-        self._ema_params = [p for p in self.ema.parameters()]
         self.step = 0
         self.model = self.net
         if self.world_size > 1:
@@ -368,12 +378,8 @@ class Trainer:
         self.step = k + 1
         return loss_v, gn_v
 
-    @torch.no_grad()
     def _update_ema(self, k: int) -> None:
-        decay = min(self.cfg.ema_decay, (1 + k) / (10 + k))
-        torch._foreach_lerp_(self._ema_params, self._params, 1 - decay)
-        for be, b in zip(self.ema.buffers(), self.net.buffers()):
-            be.copy_(b)
+        update_ema(self.ema, self.net, self.cfg.ema_decay, k)
 
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> Path | None:
