@@ -52,9 +52,9 @@ PROBLEMS = {
         "teacher": ["--checkpoint", "runs/bench-digits/checkpoint.pt"],
         "bench": ["--problem", "checkpoint:runs/bench-digits/checkpoint.pt"],
         "train": None,  # python benchmarks/train_digits.py writes runs/bench-digits
-        "distill": ["--n", "8192", "--solver", "unipc_bh2", "--slots", "2",
-                    "--train-steps", "3500", "--batch", "64", "--lr", "2e-3",
-                    "--init-from-teacher"],
+        "distill": ["--n", "16384", "--solver", "unipc_bh2", "--slots", "4",
+                    "--train-steps", "4000", "--batch", "64", "--lr", "1e-3",
+                    "--init-from-teacher", "--backbone-at", "start"],
         "nfe": "1,5,10", "n": "900", "metric": "fd",
         "solvers": ["--solvers", DIGITS_SOLVERS]},
 }

@@ -7,7 +7,11 @@ one-pass :class:`~sdekit.models.fno.TrajectoryOperator` trained to reproduce the
    (and refuses a directory made with other settings).
 2. :func:`train_operator` regresses the trajectories with the weighted L2 loss
    ``sum_k w_k |pred_k - target_k|^2``, ``w_k = clamp(sqrt(SNR_k), 1, 1e4)`` (the paper's weights;
-   L2 instead of LPIPS), Adam, EMA, atomic checkpoints and exact resume.
+   L2 instead of LPIPS), Adam, EMA, atomic checkpoints and exact resume. The backbone runs
+   either once per output time (``backbone_at="slots"``, beside a least-squares linear path:
+   exact for a linear teacher) or once at ``x_T``'s own noise level (``"start"``, each slot
+   starting from its one-step DDIM estimate: a teacher-initialised operator begins as the
+   teacher's 1-NFE DDIM and costs one backbone evaluation per sample).
 """
 from __future__ import annotations
 
