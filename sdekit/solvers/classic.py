@@ -8,15 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..dynamics.reverse import reverse_drift
 from .base import Problem, Solver
 from .registry import get_solver, register
 
 
-def reverse_drift(p: Problem, x: Tensor, t: Any) -> Tensor:
-    """``f x - g^2 score = f x + g^2 eps / sigma`` (Song et al. 2021, Eq. 6)."""
+def _drift(p: Problem, x: Tensor, t: Any) -> Tensor:
+    """The reverse-time SDE's drift from one counted, checked model call."""
     t = torch.as_tensor(t, dtype=torch.float64)
-    eps = p.predict(x, t, "eps")
-    return p.bcast(p.sde.f(t), x) * x + p.bcast(p.sde.g2(t) / p.sde.sigma(t), x) * eps
+    return reverse_drift(p.sde, x, t, p.predict(x, t, "eps"))
 
 
 @register("euler_maruyama")
@@ -37,7 +37,7 @@ class EulerMaruyama(Solver):
         dt = t1 - t0
         z = p.noise.increment(t0, t1, x)
         g = p.sde.g(t0)
-        return x + reverse_drift(p, x, t0) * float(dt) + p.bcast(g * torch.sqrt(-dt), x) * z, state
+        return x + _drift(p, x, t0) * float(dt) + p.bcast(g * torch.sqrt(-dt), x) * z, state
 
 
 @register("reverse_diffusion")
@@ -171,7 +171,7 @@ class TorchSDE(Solver):
 
             def f(self, u: Tensor, y: Tensor) -> Tensor:
                 t = (-u.double()).clamp(p.sde.t_min, p.sde.T)
-                return -reverse_drift(p, y.reshape(shape), t).reshape(y.shape)
+                return -_drift(p, y.reshape(shape), t).reshape(y.shape)
 
             def g(self, u: Tensor, y: Tensor) -> Tensor:
                 t = (-u.double()).clamp(p.sde.t_min, p.sde.T)
