@@ -73,14 +73,20 @@ def _teacher(args: argparse.Namespace) -> tuple[Any, Any, tuple[int, ...], str]:
     return problem.sde, problem.model, shape, problem.description or spec
 
 
-def _teacher_network(args: argparse.Namespace) -> tuple[dict, dict]:
-    """The teacher checkpoint's network config and (EMA) weights, for --init-from-teacher."""
-    from ..training.checkpoint import CheckpointError, load_model
+def _teacher_network(args: argparse.Namespace, model: Any) -> tuple[dict, dict]:
+    """The teacher checkpoint's network config and (EMA) weights, for --init-from-teacher,
+    taken from the already loaded teacher ``model``."""
+    from ..models import ScoreNet
+    from ..training.checkpoint import CheckpointError
     spec = str(args.checkpoint) if args.checkpoint else args.problem
     if not args.checkpoint and not spec.startswith("checkpoint:"):
         raise CheckpointError(f"--init-from-teacher needs a checkpoint teacher (--checkpoint "
                               f"PATH or --problem checkpoint:PATH), not --problem {spec!r}")
-    net, _, _ = load_model(spec.removeprefix("checkpoint:"))
+    fn = model.net.fn  # the counted callable: the ScoreNet, or a ConditionedNet around it
+    net = getattr(fn, "net", fn)
+    if not isinstance(net, ScoreNet):
+        raise CheckpointError(f"--init-from-teacher: the teacher's network is a "
+                              f"{type(net).__name__}, not an sdekit ScoreNet")
     return dict(net.config), net.state_dict()
 
 
@@ -105,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         if backbone_at == "auto":
             backbone_at = "start" if args.init_from_teacher else "slots"
         if args.init_from_teacher:
-            backbone, init = _teacher_network(args)
+            backbone, init = _teacher_network(args, model)
         data = generate_trajectories(args.out / "trajectories", sde, model, shape, args.n,
                                      solver=args.solver, steps_per_segment=args.steps_per_segment,
                                      slots=args.slots, spacing=args.spacing,
