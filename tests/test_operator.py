@@ -249,7 +249,6 @@ def test_start_mode_begins_as_the_teachers_one_step_ddim(sde_name, prediction):
     """backbone_at='start': one backbone pass at x_T's own noise level and, before any
     training (zero correction), every slot is exactly the one-step DDIM solve from T to its time
     with the same network, whatever its output parametrisation and forward SDE."""
-    from sdekit.distill import build_operator
     from sdekit.models import MLPScoreNet, wrap
     from sdekit.models.fno import TrajectoryOperator
     from sdekit.sde import get_sde

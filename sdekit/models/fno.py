@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..dynamics.parameterization import to_eps
+from ..dynamics.parameterization import from_eps, to_eps
 
 
 class TemporalSpectralConv(nn.Module):
@@ -182,7 +182,7 @@ class TrajectoryOperator(nn.Module):
                          device=x_T.device)
         out = self._backbone(x_T / a_T if kind == "denoiser" else x_T, lam)
         eps = to_eps(kind, out, x_T, a_T, s_T)
-        x0 = (x_T - s_T * eps) / a_T if kind not in ("x0", "denoiser") else out
+        x0 = out if kind in ("x0", "denoiser") else from_eps("x0", eps, x_T, a_T, s_T)
         shape = (1, -1) + (1,) * len(self.state_shape)
         a, s = (c.to(x_T).reshape(shape) for c in self.coeffs)
         return a * x0.unsqueeze(1) + s * eps.unsqueeze(1)
