@@ -2,10 +2,44 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
 from torch import Tensor
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which a solver state, times and schedule coefficients are held for data of
+    ``dtype``: its own for float32/float64, float32 for half precision (times and coefficients
+    rounded to 8-11 mantissa bits would move DDPM timesteps and stall small steps)."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+def check_float_dtype(name: str, dtype: Any) -> None:
+    """Raise unless ``dtype`` is a real floating torch dtype (the error names the argument)."""
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {dtype}: a floating dtype is needed (one of "
+                        "torch.float16, torch.bfloat16, torch.float32, torch.float64)")
+
+
+def check_seed(name: str, seed: Any) -> None:
+    """Raise unless ``seed`` is an integer in [0, 2**63)."""
+    if not (isinstance(seed, int) and not isinstance(seed, bool) or _is_int_tensor(seed)):
+        raise TypeError(f"{name}={seed!r} is invalid: expected an integer in [0, 2**63) "
+                        f"(got {type(seed).__name__})")
+    if not 0 <= int(seed) < 2 ** 63:
+        raise ValueError(f"{name}={seed!r} is invalid: expected an integer in [0, 2**63)")
+
+
+def _is_int_tensor(v: Any) -> bool:
+    import numpy as np
+    return isinstance(v, np.integer) or (isinstance(v, Tensor) and v.ndim == 0
+                                         and not v.is_floating_point() and v.dtype != torch.bool)
 
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:
@@ -34,9 +68,17 @@ def require(cond: bool, name: str, value: Any, valid: str) -> None:
         raise ValueError(f"{name}={value!r} is invalid: expected {valid}")
 
 
+def is_real(value: Any) -> bool:
+    """A finite real Python/NumPy number (not a bool, string or tensor)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def require_real(name: str, value: Any, valid: str = "a finite number") -> None:
+    require(is_real(value), name, value, valid)
+
+
 def require_finite_positive(name: str, value: float) -> None:
-    require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
-            name, value, "a finite number > 0")
+    require(is_real(value) and value > 0, name, value, "a finite number > 0")
 
 
 def check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:

@@ -5,25 +5,27 @@ Every grid is a float64 tensor of ``steps + 1`` strictly decreasing times from `
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from ._utils import is_real
 from .sde.base import ForwardSDE
 
 
-def uniform_t(sde: ForwardSDE, steps: int, t_start: float, t_end: float, **_: Any) -> Tensor:
+def uniform_t(sde: ForwardSDE, steps: int, t_start: float, t_end: float) -> Tensor:
     """Uniform in t."""
     return torch.linspace(t_start, t_end, steps + 1, dtype=torch.float64)
 
 
-def quadratic_t(sde: ForwardSDE, steps: int, t_start: float, t_end: float, **_: Any) -> Tensor:
+def quadratic_t(sde: ForwardSDE, steps: int, t_start: float, t_end: float) -> Tensor:
     """Uniform in sqrt(t) (the DDIM / DEIS "quadratic" schedule): dense near t_end."""
     return torch.linspace(t_start ** 0.5, t_end ** 0.5, steps + 1, dtype=torch.float64) ** 2
 
 
-def uniform_logsnr(sde: ForwardSDE, steps: int, t_start: float, t_end: float, **_: Any) -> Tensor:
+def uniform_logsnr(sde: ForwardSDE, steps: int, t_start: float, t_end: float) -> Tensor:
     """Uniform in the half-logSNR lambda (DPM-Solver's recommended grid)."""
     lam = torch.linspace(float(sde.lambda_(t_start)), float(sde.lambda_(t_end)), steps + 1,
                          dtype=torch.float64)
@@ -32,11 +34,10 @@ def uniform_logsnr(sde: ForwardSDE, steps: int, t_start: float, t_end: float, **
     return t
 
 
-def karras(sde: ForwardSDE, steps: int, t_start: float, t_end: float, rho: float = 7.0,
-           **_: Any) -> Tensor:
+def karras(sde: ForwardSDE, steps: int, t_start: float, t_end: float, rho: float = 7.0) -> Tensor:
     """Karras et al. 2022 Eq. 5 in the VE-equivalent sigma = exp(-lambda):
     ``sigma_i = (sigma_max^(1/rho) + i/N (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``."""
-    if not rho > 0:
+    if not (is_real(rho) and rho > 0):
         raise ValueError(f"rho={rho!r} is invalid: expected a number > 0")
     smax, smin = float(sde.sigma_tilde(t_start)), float(sde.sigma_tilde(t_end))
     r = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
@@ -62,6 +63,9 @@ def make_grid(sde: ForwardSDE, grid: str | Tensor | Any = "logsnr", steps: int |
         t_start, t_end: defaults ``sde.T`` and ``sde.t_min``.
         kwargs: grid options (``rho`` for ``karras``).
     """
+    for name, v in (("t_start", t_start), ("t_end", t_end)):
+        if v is not None and not is_real(v):
+            raise ValueError(f"{name}={v!r} is invalid: expected a finite number")
     t_start = sde.T if t_start is None else float(t_start)
     t_end = sde.t_min if t_end is None else float(t_end)
     if isinstance(grid, str):
@@ -73,8 +77,16 @@ def make_grid(sde: ForwardSDE, grid: str | Tensor | Any = "logsnr", steps: int |
         if not t_start > t_end:
             raise ValueError(f"t_start={t_start!r} must be greater than t_end={t_end!r}")
         sde.lambda_(torch.tensor([t_start, t_end], dtype=torch.float64))  # range check
-        times = GRIDS[grid](sde, steps, t_start, t_end, **kwargs)
+        fn = GRIDS[grid]
+        valid = list(inspect.signature(fn).parameters)[4:]
+        unknown = sorted(set(kwargs) - set(valid))
+        if unknown:
+            raise ValueError(f"grid_options {unknown} do not apply to grid {grid!r}: its options "
+                             f"are {valid or 'none'}")
+        times = fn(sde, steps, t_start, t_end, **kwargs)
     else:
+        if kwargs:
+            raise ValueError(f"grid_options {sorted(kwargs)} do not apply to an explicit grid")
         times = torch.as_tensor(grid, dtype=torch.float64).detach().cpu().clone()
         if times.ndim != 1 or times.numel() < 2:
             raise ValueError(f"grid must be a 1-D array of at least 2 times, got shape "

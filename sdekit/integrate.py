@@ -1,6 +1,7 @@
 """``sample()``: the single driver loop."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -9,10 +10,13 @@ from torch import Tensor
 
 from .dynamics.parameterization import DiffusionModel, as_model
 from .grids import make_grid
+from ._utils import check_float_dtype, check_seed, compute_dtype
 from .noise import SeededNoise, sample_seeds
 from .sde.base import ForwardSDE
 from .solvers.base import Problem, Solver
-from .solvers.registry import get_solver
+from .solvers.registry import DEFAULT_SOLVER, get_solver
+
+DEFAULT_STEPS = 20
 
 
 @dataclass
@@ -30,68 +34,90 @@ class Solution:
 
 def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
            x_init: Tensor | None = None, *, shape: Sequence[int] | None = None,
-           solver: str | Solver = "unipc_bh2", steps: int | None = 20,
+           solver: str | Solver = DEFAULT_SOLVER, steps: int | None = None,
            grid: str | Tensor | Sequence[float] | None = None, t_start: float | None = None,
            t_end: float | None = None, prediction: str = "eps", denoise: bool = False,
            float64: bool = False, seed: int = 0, seeds: Sequence[int] | None = None,
            noise: Any = None, save_at: Sequence[float] | None = None,
            callback: Callable[[int, float, Tensor], None] | None = None, progress: bool = False,
            dtype: torch.dtype = torch.float32, device: Any = None,
-           grid_options: dict[str, Any] | None = None, **solver_options: Any) -> Solution:
+           grid_options: dict[str, Any] | None = None, grad: str = "none",
+           **solver_options: Any) -> Solution:
     """Sample a diffusion model by solving its reverse-time SDE or probability-flow ODE.
 
     Args:
         sde: the forward process.
         model: a :class:`DiffusionModel` or a callable ``net(x, cond)`` whose output type is
             ``prediction``.
-        x_init: the initial state at ``t_start``; if None, drawn from the prior with per-sample
-            seeds (``shape`` is then required).
+        x_init: the initial state at ``t_start`` (a floating tensor of shape ``(batch, ...)``);
+            if None, drawn from the prior with per-sample seeds (``shape`` is then required).
         solver: a registry name (see ``sdekit.solvers.solver_names()``) or a Solver instance;
             ``solver_options`` are passed to it.
-        steps: number of steps (intervals of the grid); ignored when ``grid`` is an array.
+        steps: number of steps (intervals) of a named grid (default 20); with an explicit
+            array ``grid`` leave it out (or give ``len(grid) - 1``).
         grid: a grid name (``uniform``, ``quadratic``, ``logsnr``, ``karras``) or an explicit
-            decreasing array of times; default: the solver's preferred grid.
-        t_start, t_end: integration range (default ``sde.T`` down to ``sde.t_min``).
+            decreasing array of times; default: the solver's preferred grid. ``grid_options``
+            are the named grid's options (``rho`` for ``karras``).
+        t_start, t_end: integration range of a named grid (default ``sde.T`` down to
+            ``sde.t_min``); an explicit grid carries its own range.
         denoise: finish with one extra model call returning the x0 prediction at ``t_end``.
         float64: keep the solver state in float64 (the model is still called in ``dtype``).
+        dtype: the dtype of the network's input and of the result (default float32; taken from
+            ``x_init`` when it is given). For float16 / bfloat16 the network runs in that dtype
+            while the solver state is kept in float32: times, schedule coefficients and the
+            network's time input never take a half-precision dtype.
         seed, seeds: per-sample seeds (``seeds`` explicitly, else derived from ``seed``) for the
             initial state and the solver's noise; a sample does not depend on batch size or
-            position.
-        noise: a custom noise source (see :mod:`sdekit.noise`), e.g. BrownianNoise.
+            position (for every solver whose registry entry says ``batch_invariant``).
+        noise: a custom noise source (see :mod:`sdekit.noise`), e.g. BrownianNoise; it replaces
+            the seeds, so do not give ``seeds`` with it.
         save_at: grid times at which to record the state in ``Solution.trajectory``.
         callback: called as ``callback(i, t, x)`` after each step.
         progress: show a tqdm progress bar.
+        grad: autograd during the solve. ``"none"`` (default): no graph is built, memory does
+            not grow with the number of steps. ``"model"``: each model call runs with gradients
+            enabled on a state that requires grad, so a model wrapper can differentiate with
+            respect to its input (classifier guidance, posterior sampling); its output is
+            detached, so memory stays that of one call. ``"full"``: the whole solve is
+            differentiable (memory grows with every step).
     """
+    x_init, dtype = _check_inputs(x_init, shape, dtype, steps, grid, t_start, t_end, seed,
+                                  seeds, noise, callback, grad)
     dm = as_model(model, sde, prediction)
     slv = get_solver(solver, **solver_options)
     explicit = grid is not None and not isinstance(grid, str)  # an array of times
-    times = make_grid(sde, slv.default_grid if grid is None else grid,
-                      None if explicit else steps, t_start, t_end, **(grid_options or {}))
+    if not explicit and steps is None:
+        steps = DEFAULT_STEPS
+    times = make_grid(sde, slv.default_grid if grid is None else grid, steps, t_start, t_end,
+                      **(grid_options or {}))
     if times.numel() - 1 < slv.min_steps:
         raise ValueError(f"steps={times.numel() - 1} is too few for solver {slv.name!r}: it needs "
                          f"at least {slv.min_steps}")
-    if x_init is None:
-        if shape is None:
-            raise ValueError("give either x_init or shape")
-        n = int(shape[0])
-        seeds = list(seeds) if seeds is not None else sample_seeds(seed, n)
-        if noise is None:
-            noise = SeededNoise(seeds)
-        z = noise.randn(torch.empty(tuple(shape), dtype=dtype, device=device))
-        if t_start is None:
-            scale = sde.prior_std
-        else:  # the marginal scale at t_start for data of unit variance
-            scale = float((sde.alpha(times[0]) ** 2 + sde.sigma(times[0]) ** 2).sqrt())
-        x = z * scale
-    else:
-        if shape is not None and tuple(shape) != tuple(x_init.shape):
-            raise ValueError(f"shape mismatch: shape={tuple(shape)} but x_init has shape "
-                             f"{tuple(x_init.shape)}")
-        x = x_init.to(device=device) if device is not None else x_init
-        dtype = x.dtype
-        if noise is None:
-            seeds = list(seeds) if seeds is not None else sample_seeds(seed, x.shape[0])
-            noise = SeededNoise(seeds)
+    with contextlib.nullcontext() if grad == "full" else torch.no_grad():
+        if x_init is None:
+            assert shape is not None  # checked by _check_inputs
+            if noise is None:
+                noise = SeededNoise(list(seeds) if seeds is not None
+                                    else sample_seeds(seed, int(shape[0])))
+            z = noise.randn(torch.empty(tuple(shape), dtype=compute_dtype(dtype), device=device))
+            if t_start is None:
+                scale = sde.prior_std
+            else:  # the marginal scale at t_start for data of unit variance
+                scale = float((sde.alpha(times[0]) ** 2 + sde.sigma(times[0]) ** 2).sqrt())
+            x = z * scale
+        else:
+            x = x_init.to(device=device) if device is not None else x_init
+            if noise is None:
+                noise = SeededNoise(list(seeds) if seeds is not None
+                                    else sample_seeds(seed, x.shape[0]))
+        return _solve(slv, Problem(sde, dm, times, noise, solver_name=slv.name), x, dtype,
+                      float64, denoise, save_at, callback, progress, grad)
+
+
+def _solve(slv: Solver, p: Problem, x: Tensor, dtype: torch.dtype, float64: bool, denoise: bool,
+           save_at: Sequence[float] | None, callback: Callable[[int, float, Tensor], None] | None,
+           progress: bool, grad: str) -> Solution:
+    times = p.times
     save = {float(t) for t in (save_at or [])}
     missing = save - {float(t) for t in times}
     own_loop = slv.adaptive or slv.external_loop
@@ -100,11 +126,11 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
                          "first and last times of the grid")
     if missing:
         raise ValueError(f"save_at times {sorted(missing)} are not points of the grid")
-    model_dtype = None
-    if float64:
-        model_dtype, x = dtype, x.to(torch.float64)
-    p = Problem(sde, dm, times, noise, solver_name=slv.name, model_dtype=model_dtype)
-    nfe0 = dm.nfe
+    state_dtype = torch.float64 if float64 else compute_dtype(dtype)
+    p.model_dtype = dtype if state_dtype != dtype else None
+    p.grad_in_model = grad == "model"
+    x = x.to(state_dtype)
+    nfe0 = p.model.nfe
     traj: dict[float, Tensor] = {}
     if float(times[0]) in save:
         traj[float(times[0])] = x.clone()
@@ -114,7 +140,7 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             traj[float(times[-1])] = x.clone()
     else:
         state = slv.init(p, x)
-        it = range(p.steps)
+        it: Any = range(p.steps)
         if progress:
             from tqdm.auto import tqdm
             it = tqdm(it, desc=slv.name, leave=False)
@@ -129,5 +155,61 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
     if denoise:
         p.step_index = p.steps
         x = p.predict(x, times[-1], "x0")
-    return Solution(x=x.to(dtype), nfe=dm.nfe - nfe0, steps=p.steps, times=times,
+    return Solution(x=x.to(dtype), nfe=p.model.nfe - nfe0, steps=p.steps, times=times,
                     solver=slv.name, trajectory=traj)
+
+
+GRAD_MODES = ("none", "model", "full")
+
+
+def _check_inputs(x_init: Any, shape: Any, dtype: Any, steps: Any, grid: Any, t_start: Any,
+                  t_end: Any, seed: Any, seeds: Any, noise: Any, callback: Any, grad: Any
+                  ) -> tuple[Tensor | None, torch.dtype]:
+    """Validate sample()'s arguments before any work; returns ``(x_init, dtype)``."""
+    if grad not in GRAD_MODES:
+        raise ValueError(f"grad={grad!r} is invalid: expected one of {GRAD_MODES}")
+    if x_init is not None:
+        if not isinstance(x_init, Tensor):
+            raise TypeError(f"x_init must be a torch.Tensor of shape (batch, ...), got "
+                            f"{type(x_init).__name__}: convert it with torch.as_tensor(x, "
+                            "dtype=torch.float32)")
+        if x_init.ndim < 1 or x_init.shape[0] < 1:
+            raise ValueError(f"x_init has shape {tuple(x_init.shape)}: expected (batch, ...) "
+                             "with batch >= 1")
+        check_float_dtype("x_init", x_init.dtype)
+        if shape is not None and tuple(shape) != tuple(x_init.shape):
+            raise ValueError(f"shape mismatch: shape={tuple(shape)} but x_init has shape "
+                             f"{tuple(x_init.shape)}")
+        dtype = x_init.dtype
+    else:
+        if shape is None:
+            raise ValueError("give either x_init or shape")
+        dims = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else None
+        if not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
+                               for d in dims):
+            raise ValueError(f"shape={shape!r} is invalid: expected a tuple of integers >= 1, "
+                             "(batch, ...)")
+        check_float_dtype("dtype", dtype)
+    if seeds is not None:
+        if noise is not None:
+            raise ValueError("give seeds or noise, not both: a noise source carries its own "
+                             "per-sample seeds")
+        seeds = list(seeds)
+        n = x_init.shape[0] if x_init is not None else shape[0]
+        if len(seeds) != n:
+            raise ValueError(f"seeds has {len(seeds)} entries but the batch has {n} samples: "
+                             "expected one seed per sample")
+    else:
+        check_seed("seed", seed)
+    if grid is not None and not isinstance(grid, str):  # an explicit grid carries its range
+        for name, v in (("t_start", t_start), ("t_end", t_end)):
+            if v is not None:
+                raise ValueError(f"{name}={v!r} cannot be combined with an explicit grid: the "
+                                 "grid's first and last times are the range")
+        if steps is not None and steps != len(grid) - 1:
+            raise ValueError(f"steps={steps!r} disagrees with the given grid of {len(grid)} "
+                             f"times ({len(grid) - 1} steps): leave steps out")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(i, t, x), got "
+                        f"{type(callback).__name__}")
+    return x_init, dtype

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._utils import check_seed
+
 
 def sample_seeds(seed: int, n: int) -> list[int]:
     """Per-sample seeds derived from one integer seed: sample i gets a seed that depends only on
@@ -29,6 +31,8 @@ class SeededNoise:
     """Per-sample generators (on the CPU; results are moved to the state's device)."""
 
     def __init__(self, seeds: Sequence[int]) -> None:
+        for s in seeds:
+            check_seed("seeds", s)
         self.seeds = [int(s) for s in seeds]
         self.gens = [torch.Generator().manual_seed(s) for s in self.seeds]
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .._utils import append_dims, as_tensor
+from .._utils import append_dims, as_tensor, compute_dtype
 from ..sde.base import ForwardSDE
 
 PREDICTIONS = ("eps", "x0", "v", "score", "denoiser")
@@ -117,17 +117,24 @@ class DiffusionModel:
                              "or one time per sample")
         return t
 
-    def raw(self, x: Tensor, t: Any) -> Tensor:
-        """Call the network (counted) and check the output shape."""
+    def raw(self, x: Tensor, t: Any, input_dtype: torch.dtype | None = None) -> Tensor:
+        """Call the network (counted) on ``x`` cast to ``input_dtype`` (default: x's dtype) and
+        check the output. The time conditioning is never rounded to a half-precision dtype
+        (float32 then; a DDPM network's timestep 999 stays 999)."""
         tb = self._batch_time(x, t)
         inp = x
         if self.prediction == "denoiser":
             inp = x / append_dims(self.sde.alpha(tb).to(x), x.ndim)
-        out = self.net(inp, self._cond(tb).to(x.dtype))
+        if input_dtype is not None:
+            inp = inp.to(input_dtype)
+        out = self.net(inp, self._cond(tb).to(compute_dtype(inp.dtype)))
         if not isinstance(out, Tensor) or out.shape != x.shape:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"shape mismatch: the model returned shape {shape} for an input "
                              f"of shape {tuple(x.shape)}: expected the input's shape")
+        if not out.is_floating_point():
+            raise TypeError(f"the model returned dtype {out.dtype}: expected a floating dtype "
+                            "(float16, bfloat16, float32 or float64)")
         return out
 
     def _coeffs(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor]:
@@ -135,9 +142,11 @@ class DiffusionModel:
         return (append_dims(self.sde.alpha(tb).to(x), x.ndim),
                 append_dims(self.sde.sigma(tb).to(x), x.ndim))
 
-    def predict(self, x: Tensor, t: Any, kind: str) -> Tensor:
-        """One network call, converted to the prediction ``kind``."""
-        out = self.raw(x, t)
+    def predict(self, x: Tensor, t: Any, kind: str, input_dtype: torch.dtype | None = None
+                ) -> Tensor:
+        """One network call (on ``x`` cast to ``input_dtype``, if given), returned in x's dtype
+        and converted to the prediction ``kind`` in that dtype."""
+        out = self.raw(x, t, input_dtype).to(x.dtype)
         if kind == self.prediction or {kind, self.prediction} == {"x0", "denoiser"}:
             return out
         a, s = self._coeffs(x, t)

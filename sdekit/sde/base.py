@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .._utils import append_dims, as_tensor
+from .._utils import append_dims, as_tensor, is_real
 
 _BISECTION_ITERS = 100
 
@@ -35,7 +35,7 @@ class ForwardSDE(abc.ABC):
     T: float
 
     def __init__(self, t_min: float, T: float) -> None:
-        if not (math.isfinite(t_min) and math.isfinite(T) and 0 <= t_min < T):
+        if not (is_real(t_min) and is_real(T) and 0 <= t_min < T):
             raise ValueError(f"time range t_min={t_min!r}, T={T!r} is invalid: "
                              "expected finite numbers with 0 <= t_min < T")
         self.t_min = float(t_min)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils import as_tensor
+from .._utils import as_tensor, is_real, require
 from .base import ForwardSDE
 
 
@@ -50,6 +50,8 @@ class DiscreteDDPM(ForwardSDE):
                 if not (isinstance(num_timesteps, int) and num_timesteps >= 2):
                     raise ValueError(f"num_timesteps={num_timesteps!r} is invalid: expected an "
                                      "integer >= 2")
+                for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
+                    require(is_real(v) and 0 < v < 1, name, v, "a number in (0, 1)")
                 betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
             b = _table("betas", betas)
             bad = (b <= 0) | (b >= 1)

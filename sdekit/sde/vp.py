@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils import require
+from .._utils import is_real, require
 from .base import ForwardSDE
 
 
@@ -18,8 +18,8 @@ def _t_from_neg_log_alpha(m: Tensor, b0: float, b1: float) -> Tensor:
 
 
 def _check_betas(beta_min: float, beta_max: float) -> None:
-    require(math.isfinite(beta_min) and beta_min >= 0, "beta_min", beta_min, "a finite number >= 0")
-    require(math.isfinite(beta_max) and beta_max > 0, "beta_max", beta_max, "a finite number > 0")
+    require(is_real(beta_min) and beta_min >= 0, "beta_min", beta_min, "a finite number >= 0")
+    require(is_real(beta_max) and beta_max > 0, "beta_max", beta_max, "a finite number > 0")
     require(beta_max >= beta_min, "beta_max", beta_max, f"beta_max >= beta_min ({beta_min})")
 
 
@@ -31,7 +31,7 @@ class VPSDE(ForwardSDE):
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3,
                  T: float = 1.0) -> None:
         _check_betas(beta_min, beta_max)
-        require(t_min > 0, "t_min", t_min, "t_min > 0 (sigma(0) = 0 for a VP process)")
+        require(is_real(t_min) and t_min > 0, "t_min", t_min, "t_min > 0 (sigma(0) = 0 for a VP process)")
         super().__init__(t_min, T)
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
 
@@ -92,9 +92,9 @@ class CosineVPSDE(ForwardSDE):
     """
 
     def __init__(self, s: float = 0.008, t_min: float = 1e-3, T: float = 0.9946) -> None:
-        require(math.isfinite(s) and s > 0, "s", s, "a finite number > 0")
-        require(T < 1.0, "T", T, "T < 1 (alpha(1) = 0 for the cosine schedule)")
-        require(t_min > 0, "t_min", t_min, "t_min > 0 (sigma(0) = 0 for a VP process)")
+        require(is_real(s) and s > 0, "s", s, "a finite number > 0")
+        require(is_real(T) and T < 1.0, "T", T, "T < 1 (alpha(1) = 0 for the cosine schedule)")
+        require(is_real(t_min) and t_min > 0, "t_min", t_min, "t_min > 0 (sigma(0) = 0 for a VP process)")
         super().__init__(t_min, T)
         self.s = float(s)
         self._theta_s = math.pi / 2 * self.s / (1 + self.s)

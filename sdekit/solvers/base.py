@@ -37,7 +37,8 @@ class Problem:
     times: Tensor
     noise: Any
     solver_name: str = "?"
-    model_dtype: torch.dtype | None = None
+    model_dtype: torch.dtype | None = None   # the network's input dtype, if not the state's
+    grad_in_model: bool = False
     step_index: int = 0
     alpha: Tensor = field(init=False)
     sigma: Tensor = field(init=False)
@@ -53,10 +54,16 @@ class Problem:
         return self.times.numel() - 1
 
     def predict(self, x: Tensor, t: Any, kind: str = "eps") -> Tensor:
-        """One counted model call, converted to ``kind``; NaN/Inf stops the solve."""
+        """One counted model call (the network sees ``model_dtype``), converted to ``kind`` in the
+        state's dtype; NaN/Inf stops the solve. With ``grad_in_model`` the call runs with
+        autograd enabled on a detached input that requires grad (a guidance wrapper can
+        differentiate with respect to it) and its output is detached."""
         t = torch.as_tensor(t, dtype=torch.float64)
-        inp = x if self.model_dtype is None else x.to(self.model_dtype)
-        return self._checked(self.model.predict(inp, t, kind).to(x.dtype), t)
+        if not self.grad_in_model:
+            return self._checked(self.model.predict(x, t, kind, self.model_dtype), t)
+        with torch.enable_grad():
+            out = self.model.predict(x.detach().requires_grad_(True), t, kind, self.model_dtype)
+        return self._checked(out.detach(), t)
 
     def predict_native(self, x: Tensor, t: Any) -> tuple[str, Tensor]:
         """One counted model call returned as ``("x0", x0)`` for x0/denoiser networks and

@@ -6,6 +6,9 @@ from typing import Any, Callable
 
 from .base import Solver
 
+# The one default solver (sdekit.sample, sdekit sample, the trainers' sample previews).
+DEFAULT_SOLVER = "unipc_bh2"
+
 _REGISTRY: dict[str, tuple[type[Solver], dict[str, Any]]] = {}
 
 
