@@ -232,3 +232,24 @@ def test_consistent_steps_with_an_explicit_grid_is_accepted():
 def test_forward_process_arguments_are_checked(make, msg):
     with pytest.raises(ValueError, match=msg):
         make()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("prediction", ["eps", "denoiser"])
+def test_sdekit_networks_sample_in_half_precision(dtype, prediction):
+    """sdekit's own MLP and U-Net cast to a half dtype sample with ``dtype=`` that dtype; their
+    noise-level embedding is computed from float32 noise levels and float64 frequencies, so the
+    result is the float32 network's to within the half dtype's rounding."""
+    from sdekit.models import MLPScoreNet, UNet, wrap
+    torch.manual_seed(0)
+    sde = sdekit.VPSDE()
+    tol = {torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    for net, shape in [(MLPScoreNet(data_shape=(2,), width=32, prediction=prediction), (8, 2)),
+                       (UNet(in_channels=1, image_size=8, base_channels=8,
+                             prediction=prediction), (2, 1, 8, 8))]:
+        ref = sample(sde, wrap(net, sde), shape=shape, solver="ddim", steps=4, seed=0).x
+        half = sample(sde, wrap(net.to(dtype), sde), shape=shape, solver="ddim", steps=4,
+                      seed=0, dtype=dtype).x
+        assert half.dtype == dtype
+        err = (half.float() - ref).abs().max() / ref.abs().max()
+        assert err < tol, f"{type(net).__name__}: relative error {err:.3g}"

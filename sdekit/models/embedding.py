@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._utils import require
+from .._utils import compute_dtype, require
 
 NET_PREDICTIONS = ("eps", "x0", "v", "denoiser")
 EMBEDDINGS = ("sinusoidal", "fourier")
@@ -40,10 +40,15 @@ class SinusoidalEmbedding(nn.Module):
         k = torch.arange(half, dtype=torch.float64) / max(half - 1, 1)
         freqs = math.log(max_freq) + k * (math.log(min_freq) - math.log(max_freq))
         self.register_buffer("freqs", torch.exp(freqs).float(), persistent=False)
+        # a float64 master copy that ``.to(dtype)`` does not round: in a bfloat16 network the
+        # buffer's frequency 10 would be off by 0.04, the phase at lambda = 10 by 0.4 rad
+        self._freqs64 = torch.exp(freqs)
 
     def forward(self, c: Tensor) -> Tensor:
-        arg = c.float()[:, None] * self.freqs[None, :]
-        return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
+        """Computed in float32 at least, returned in the network's dtype."""
+        w = self._freqs64.to(device=c.device, dtype=compute_dtype(self.freqs.dtype))
+        arg = c.to(w.dtype)[:, None] * w[None, :]
+        return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1).to(self.freqs.dtype)
 
 
 class FourierEmbedding(nn.Module):
@@ -59,8 +64,8 @@ class FourierEmbedding(nn.Module):
         self.register_buffer("freqs", torch.randn(dim // 2, generator=g) * scale)
 
     def forward(self, c: Tensor) -> Tensor:
-        arg = 2 * math.pi * c.float()[:, None] * self.freqs[None, :]
-        return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
+        arg = 2 * math.pi * c.float()[:, None] * self.freqs[None, :].float()
+        return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1).to(self.freqs.dtype)
 
 
 def make_embedding(kind: str, dim: int) -> nn.Module:
@@ -125,9 +130,11 @@ class ScoreNet(nn.Module):
         if cond.ndim == 0:
             cond = cond.expand(x.shape[0])
         labels = self._labels(y, x.shape[0], x.device)
+        # the noise level stays float32 for a half-precision x (see sdekit._utils.compute_dtype)
+        cond = cond.to(compute_dtype(x.dtype))
         if self.prediction != "denoiser":
-            return self._forward(x, cond.to(x.dtype), labels)
-        sigma = cond.to(x.dtype)
+            return self._forward(x, cond, labels)
+        sigma = cond
         sd = self.sigma_data
         shape = (-1,) + (1,) * (x.ndim - 1)
         s = sigma.reshape(shape)
@@ -136,7 +143,8 @@ class ScoreNet(nn.Module):
         c_out = s * sd / torch.sqrt(denom)
         c_in = 1 / torch.sqrt(denom)
         c_noise = -torch.log(sigma)
-        return c_skip * x + c_out * self._forward(c_in * x, c_noise, labels)
+        out = self._forward((c_in * x).to(x.dtype), c_noise, labels)
+        return (c_skip * x + c_out * out).to(x.dtype)
 
     def _forward(self, x: Tensor, c_noise: Tensor, y: Tensor | None) -> Tensor:
         raise NotImplementedError
