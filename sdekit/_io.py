@@ -19,8 +19,9 @@ import socket
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -165,7 +166,7 @@ def read_torch(path: str | os.PathLike, what: str = "file") -> Any:
     """``torch.load(weights_only=True)`` with an :class:`IntegrityError` naming the file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+    except Exception as e:  # noqa: BLE001  (torch raises RuntimeError, UnpicklingError, ...)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise IntegrityError(f"cannot read {what} {str(path)!r}: the file is corrupt, truncated "
                              f"or not a torch file ({type(e).__name__}: {msg[:200]})") from None

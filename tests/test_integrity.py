@@ -15,20 +15,32 @@ import pytest
 import torch
 
 import sdekit
-from sdekit._io import _host, atomic_torch_save, atomic_write, clean_stale_temps, content_hash
+from sdekit._io import (
+    _host,
+    atomic_torch_save,
+    atomic_write,
+    clean_stale_temps,
+    content_hash,
+)
 from sdekit.bench.problems import BenchError, gmm_problem, problem_from_factory
 from sdekit.bench.runner import SweepConfig, run_sweep
 from sdekit.cli.main import main as cli
 from sdekit.distill import generate_trajectories, load_operator, load_trajectories
 from sdekit.models import wrap
-from sdekit.training import CheckpointError, Trainer, load_checkpoint, load_model, recipe
+from sdekit.training import (
+    CheckpointError,
+    Trainer,
+    load_checkpoint,
+    load_model,
+    recipe,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _toy(out: Path, seed: int = 0) -> Path:
-    cfg = recipe("eight_gaussians", net=dict(width=16, depth=1, emb_dim=8), steps=2,
+    cfg = recipe("eight_gaussians", net={"width": 16, "depth": 1, "emb_dim": 8}, steps=2,
                  batch_size=16, warmup=1, ckpt_every=2, log_every=1, sample_n=8, sample_steps=2,
                  device="cpu", seed=seed)
     Trainer(cfg, out, progress=False).train()
@@ -166,7 +178,7 @@ def test_distill_resumes_from_another_working_directory(teachers, tmp_path, monk
 def _gaussian_traj(path: Path):
     sde = sdekit.VPSDE()
     data = sdekit.GaussianData.random(sde, dim=3, seed=1)
-    kw = dict(solver="heun", steps_per_segment=2, shard_size=50)
+    kw = {"solver": "heun", "steps_per_segment": 2, "shard_size": 50}
     generate_trajectories(path, sde, data.model(), (3,), 100, **kw)
     return lambda: generate_trajectories(path, sde, data.model(), (3,), 100, **kw)
 

@@ -190,7 +190,7 @@ def problem_from_factory(spec: str) -> BenchProblem:
         raise _factory_error(spec, f"cannot import module {mod_name!r} ({e}; the current "
                                    "directory is not searched: set PYTHONPATH to the folder "
                                    "that holds it)") from e
-    except (Exception, SystemExit) as e:  # noqa: BLE001  (any import failure is the user's)
+    except (Exception, SystemExit) as e:  # any import failure is the user's to see
         raise _factory_error(spec, f"cannot import module {mod_name!r} "
                                    f"({type(e).__name__}: {e})") from e
     fn = getattr(mod, fn_name, None)
@@ -198,7 +198,7 @@ def problem_from_factory(spec: str) -> BenchProblem:
         raise _factory_error(spec, f"module {mod_name!r} has no callable {fn_name!r}")
     try:
         out = fn()
-    except (Exception, SystemExit) as e:  # noqa: BLE001  (exit() must not end sdekit silently)
+    except (Exception, SystemExit) as e:  # exit() must not end sdekit silently
         raise _factory_error(spec, f"calling {fn_name}() raised {type(e).__name__}: {e}") from e
     return _problem_from_parts(spec, out, {"problem": "factory", "spec": spec})
 
