@@ -114,7 +114,7 @@ def generate_trajectories(path: str | Path, sde: ForwardSDE, model: DiffusionMod
     path.mkdir(parents=True, exist_ok=True)
     mfile = path / "meta.json"
     if mfile.exists():
-        old = json.loads(mfile.read_text())
+        old = _read_meta(mfile)
         # the teacher is identified by its weights where known, not by the path as typed
         skip = {"teacher_nfe", "teacher" if teacher_sha256 and old.get("teacher_sha256")
                 else "teacher_sha256"}
@@ -150,6 +150,18 @@ def generate_trajectories(path: str | Path, sde: ForwardSDE, model: DiffusionMod
     return path
 
 
+def _read_meta(mfile: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(mfile.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{mfile} is unreadable ({type(e).__name__}: {e}): the dataset's "
+                         "settings are unknown, so remove the directory to start over") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{mfile} does not hold a JSON object: remove the directory to start "
+                         "over")
+    return meta
+
+
 def _load_shard(f: Path) -> dict[str, Tensor]:
     """One shard, its content hash checked; a ValueError naming the file otherwise."""
     try:
@@ -170,7 +182,7 @@ def load_trajectories(path: str | Path) -> tuple[Tensor, Tensor, dict[str, Any]]
     mfile = path / "meta.json"
     if not mfile.exists():
         raise FileNotFoundError(f"{path} is not a trajectory dataset (no meta.json)")
-    meta = json.loads(mfile.read_text())
+    meta = _read_meta(mfile)
     k = math.ceil(meta["n"] / meta["shard_size"])
     files = [path / f"shard_{j:05d}.pt" for j in range(k)]
     missing = [f.name for f in files if not f.exists()]

@@ -128,8 +128,6 @@ def test_an_operator_only_samples_with_its_own_teacher(teachers, tmp_path, capsy
     op = tmp_path / "op"
     assert cli(["distill", "--checkpoint", str(b), "--out", str(op), "--n", "64",
                 "--shard-size", "64", "--train-steps", "0"]) == 0
-    _, cfg = load_operator(op / "operator.pt")
-    assert cfg["teacher_sha256"] == load_checkpoint(b)["weights_sha256"]
     sample = ["sample", "--solver", "fno", "--operator", str(op / "operator.pt"), "--n", "4",
               "--out", str(tmp_path / "s")]
     assert cli(sample + ["--checkpoint", str(b)]) == 0
@@ -137,13 +135,16 @@ def test_an_operator_only_samples_with_its_own_teacher(teachers, tmp_path, capsy
     assert cli(sample + ["--checkpoint", str(a)]) == 2
     err = capsys.readouterr().err
     assert "operator.pt" in err and "distilled from a teacher" in err, err
+    _, cfg = load_operator(op / "operator.pt")
+    assert cfg["teacher_sha256"] == load_checkpoint(b)["weights_sha256"]
     # the bench, before any work
+    bench = ["bench", "--solvers", "fno", "--nfe", "1", "-n", "8", "--quiet", "--formats", "json",
+             "-O", f"fno.operator={op / 'operator.pt'}"]
     out = tmp_path / "bench"
-    assert cli(["bench", "--problem", f"checkpoint:{a}", "--solvers", "fno", "--nfe", "1",
-                "-n", "8", "--quiet", "-O", f"fno.operator={op / 'operator.pt'}",
-                "--out", str(out)]) == 2
+    assert cli(bench + ["--problem", f"checkpoint:{a}", "--out", str(out)]) == 2
     assert "distilled from a teacher" in capsys.readouterr().err
     assert not list(out.rglob("reference.pt"))
+    assert cli(bench + ["--problem", f"checkpoint:{b}", "--out", str(out)]) == 0
     # Python, where the teacher is known
     net_a, sde, _ = load_model(a)
     with pytest.raises(ValueError, match="distilled from a teacher"):
@@ -196,6 +197,9 @@ def test_a_corrupt_shard_is_named_and_regenerated(tmp_path):
             regenerate()
         x2, tr2, _ = load_trajectories(tmp_path)
         assert torch.equal(x1, x2) and torch.equal(tr1, tr2)
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"meta\.json is unreadable"):
+        load_trajectories(tmp_path)
 
 
 def test_a_corrupt_reference_cache_is_rebuilt(tmp_path):
