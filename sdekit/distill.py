@@ -3,8 +3,9 @@ one-pass :class:`~sdekit.models.fno.TrajectoryOperator` trained to reproduce the
 
 1. :func:`generate_trajectories` solves the probability-flow ODE from prior draws with any
    registered solver and stores the states at K output times, in shards written atomically;
-   ``meta.json`` records the teacher's settings, and a rerun resumes at the first missing shard
-   (and refuses a directory made with other settings).
+   ``meta.json`` records the teacher's settings (and, for a checkpoint teacher, its weights'
+   content hash), and a rerun resumes at the first missing shard (and refuses a directory made
+   with other settings or another teacher); a shard that fails its content hash is regenerated.
 2. :func:`train_operator` regresses the trajectories with the weighted L2 loss
    ``sum_k w_k |pred_k - target_k|^2``, ``w_k = clamp(sqrt(SNR_k), 1, 1e4)`` (the paper's weights;
    L2 instead of LPIPS), Adam, EMA, atomic checkpoints and exact resume. The backbone runs
@@ -12,12 +13,16 @@ one-pass :class:`~sdekit.models.fno.TrajectoryOperator` trained to reproduce the
    exact for a linear teacher) or once at ``x_T``'s own noise level (``"start"``, each slot
    starting from its one-step DDIM estimate: a teacher-initialised operator begins as the
    teacher's 1-NFE DDIM and costs one backbone evaluation per sample).
+
+The operator checkpoint records the teacher's ``weights_sha256``; the ``fno`` solver refuses a
+teacher model whose loaded weights carry another one (:func:`check_teacher`).
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,9 +35,37 @@ from .grids import make_grid
 from .integrate import sample
 from .noise import sample_seeds
 from .sde.base import ForwardSDE
-from ._io import atomic_torch_save, atomic_write_bytes
+from ._io import IntegrityError, atomic_write_bytes, content_hash, load_verified, save_verified
 
 SPACINGS = ("quadratic", "logsnr", "uniform")
+
+
+def weights_sha256_of(model: Any) -> str | None:
+    """The ``weights_sha256`` identity of the network inside ``model`` (set by
+    :func:`sdekit.training.checkpoint.load_model`), found through the wrappers (the call
+    counter, a conditioning wrapper); None for a network not loaded from a checkpoint."""
+    seen: list[Any] = [model]
+    for _ in range(6):
+        nxt = []
+        for obj in seen:
+            h = getattr(obj, "weights_sha256", None)
+            if isinstance(h, str):
+                return h
+            nxt += [getattr(obj, a) for a in ("net", "fn", "model") if hasattr(obj, a)]
+        seen = nxt
+    return None
+
+
+def check_teacher(config: dict[str, Any], model: Any, operator: str = "the operator") -> None:
+    """Raise a ValueError when ``model``'s weights are known and are not the teacher's the
+    operator was distilled from (nothing to check for a model not loaded from a checkpoint, or
+    an operator from an older sdekit)."""
+    want, have = config.get("teacher_sha256"), weights_sha256_of(model)
+    if want and have and want != have:
+        raise ValueError(f"{operator} was distilled from a teacher with weights sha256 "
+                         f"{want[:16]}..., but the model's weights have sha256 {have[:16]}...: "
+                         f"use the operator distilled from this checkpoint (teacher: "
+                         f"{config.get('teacher') or '?'})")
 
 
 def output_times(sde: ForwardSDE, slots: int = 4, spacing: str = "quadratic",
@@ -58,17 +91,22 @@ def generate_trajectories(path: str | Path, sde: ForwardSDE, model: DiffusionMod
                           state_shape: Sequence[int], n: int, *, solver: str = "heun",
                           steps_per_segment: int = 16, slots: int = 4,
                           spacing: str = "quadratic", shard_size: int = 256, seed: int = 0,
-                          teacher: str = "", progress: bool = False,
-                          **solver_options: Any) -> Path:
+                          teacher: str = "", teacher_sha256: str | None = None,
+                          progress: bool = False, **solver_options: Any) -> Path:
     """Write (or finish writing) a teacher-trajectory dataset in directory ``path``.
 
     ``x_T`` are prior draws (per-sample seeds from ``seed``); the states at the K output times
     come from ``solver`` on :func:`teacher_grid`. ``teacher`` is a free-text description of the
-    model, recorded in ``meta.json`` and in the operator's checkpoint."""
+    model, recorded in ``meta.json`` and in the operator's checkpoint; ``teacher_sha256`` its
+    weights' identity (default: :func:`weights_sha256_of` the model). A rerun resumes when the
+    settings and the teacher's identity (its weights' hash where known, else the description)
+    are the same; existing shards that fail to load are regenerated with a warning."""
     path = Path(path)
     times_out = output_times(sde, slots, spacing)
     grid = teacher_grid(sde, times_out, steps_per_segment)
-    meta = {"teacher": teacher, "sde": repr(sde), "solver": solver, "solver_options": solver_options,
+    teacher_sha256 = teacher_sha256 or weights_sha256_of(model)
+    meta = {"teacher": teacher, "teacher_sha256": teacher_sha256, "sde": repr(sde),
+            "solver": solver, "solver_options": solver_options,
             "steps_per_segment": steps_per_segment, "spacing": spacing,
             "times_out": [float(t) for t in times_out], "t_start": sde.T, "n": int(n),
             "shard_size": int(shard_size), "seed": int(seed),
@@ -76,9 +114,12 @@ def generate_trajectories(path: str | Path, sde: ForwardSDE, model: DiffusionMod
     path.mkdir(parents=True, exist_ok=True)
     mfile = path / "meta.json"
     if mfile.exists():
-        old = json.loads(mfile.read_text())
+        old = _read_meta(mfile)
+        # the teacher is identified by its weights where known, not by the path as typed
+        skip = {"teacher_nfe", "teacher" if teacher_sha256 and old.get("teacher_sha256")
+                else "teacher_sha256"}
         for k in meta:
-            if k != "teacher_nfe" and old.get(k) != meta[k]:
+            if k not in skip and old.get(k) != meta[k]:
                 raise ValueError(f"{mfile} was made with {k}={old.get(k)!r}, not {meta[k]!r}: "
                                  "use another directory or the same settings")
         meta["teacher_nfe"] = old.get("teacher_nfe")
@@ -92,33 +133,69 @@ def generate_trajectories(path: str | Path, sde: ForwardSDE, model: DiffusionMod
     for j in shards:
         f = path / f"shard_{j:05d}.pt"
         if f.exists():
-            continue
+            try:
+                _load_shard(f)
+                continue
+            except ValueError as e:
+                warnings.warn(f"{e}; regenerating it", stacklevel=2)
         s = seeds[j * shard_size:(j + 1) * shard_size]
         with torch.no_grad():
             sol = sample(sde, model, shape=(len(s),) + tuple(state_shape), solver=solver,
                          grid=grid, seeds=s, save_at=[sde.T] + meta["times_out"],
                          **solver_options)
         traj = torch.stack([sol.trajectory[t] for t in meta["times_out"]], 1)
-        atomic_torch_save(f, {"x_T": sol.trajectory[sde.T].float(), "traj": traj.float()})
+        save_verified(f, {"x_T": sol.trajectory[sde.T].float(), "traj": traj.float()})
         meta["teacher_nfe"] = sol.nfe
     atomic_write_bytes(mfile, json.dumps(meta, indent=1).encode())
     return path
 
 
+def _read_meta(mfile: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(mfile.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{mfile} is unreadable ({type(e).__name__}: {e}): the dataset's "
+                         "settings are unknown, so remove the directory to start over") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{mfile} does not hold a JSON object: remove the directory to start "
+                         "over")
+    return meta
+
+
+def _load_shard(f: Path) -> dict[str, Tensor]:
+    """One shard, its content hash checked; a ValueError naming the file otherwise."""
+    try:
+        part = load_verified(f, "trajectory shard")
+    except IntegrityError as e:
+        raise ValueError(str(e)) from None
+    if not all(isinstance(part.get(k), Tensor) for k in ("x_T", "traj")):
+        raise ValueError(f"trajectory shard {str(f)!r} lacks the tensors 'x_T' and 'traj'")
+    return part
+
+
 def load_trajectories(path: str | Path) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """``(x_T (N, *shape), traj (N, K, *shape), meta)`` from a finished dataset directory."""
+    """``(x_T (N, *shape), traj (N, K, *shape), meta)`` from a finished dataset directory.
+    A shard that fails to load (or its content hash) is named in the error; rerunning
+    :func:`generate_trajectories` (or ``sdekit distill``) with the same settings regenerates
+    it."""
     path = Path(path)
     mfile = path / "meta.json"
     if not mfile.exists():
         raise FileNotFoundError(f"{path} is not a trajectory dataset (no meta.json)")
-    meta = json.loads(mfile.read_text())
+    meta = _read_meta(mfile)
     k = math.ceil(meta["n"] / meta["shard_size"])
     files = [path / f"shard_{j:05d}.pt" for j in range(k)]
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise ValueError(f"trajectory dataset {path} is incomplete ({len(missing)} of {k} shards "
                          "missing): rerun generate_trajectories with the same settings to resume")
-    parts = [torch.load(f, weights_only=True) for f in files]
+    parts = []
+    for f in files:
+        try:
+            parts.append(_load_shard(f))
+        except ValueError as e:
+            raise ValueError(f"{e}: rerun generate_trajectories (or `sdekit distill`) with the "
+                             "same settings to regenerate it") from None
     return (torch.cat([p["x_T"] for p in parts]), torch.cat([p["traj"] for p in parts]), meta)
 
 
@@ -158,7 +235,9 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     (with ``init_backbone`` the untrained operator is the teacher's 1-NFE DDIM).
 
     The checkpoint at ``out`` stores the operator config (backbone, output times and their
-    lambdas, the teacher's description and the SDE's repr), weights, EMA, optimiser and step.
+    lambdas, the teacher's description and weights hash, the SDE's repr), weights, EMA,
+    optimiser and step. Resuming is keyed on content (the teacher's hash, the dataset's
+    settings), not on how the paths were spelled.
     The learning rate warms up over ``warmup`` steps, then follows ``lr_decay`` ("cosine" to 0
     at ``steps``, or "constant"). ``until`` stops (with a checkpoint) before ``steps``: a later
     call resumes exactly where it stopped.
@@ -184,14 +263,16 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
         t0 = torch.tensor(float(meta["t_start"]), dtype=torch.float64)
         operator.update(start=[float(sde.alpha(t0)), float(sde.sigma(t0))],
                         coeffs=[sde.alpha(t_out).tolist(), sde.sigma(t_out).tolist()])
-    config = {"kind": "operator", "teacher": meta.get("teacher", ""), "sde_repr": repr(sde),
+    data_id = content_hash({k: v for k, v in meta.items() if k not in ("teacher", "teacher_nfe")})
+    config = {"kind": "operator", "teacher": meta.get("teacher", ""),
+              "teacher_sha256": meta.get("teacher_sha256"), "sde_repr": repr(sde),
               "state_shape": list(shape), "times_out": meta["times_out"],
               "t_start": meta["t_start"], "lambdas": lambdas,
               "backbone": backbone or default_backbone(shape),
               "operator": operator,
               "train": {"steps": steps, "batch": batch, "lr": lr, "warmup": warmup,
                         "lr_decay": lr_decay, "grad_clip": grad_clip, "ema_decay": ema_decay,
-                        "seed": seed, "data": str(data),
+                        "seed": seed, "data": str(data), "data_sha256": data_id,
                         "init_backbone": init_backbone is not None}}
     torch.manual_seed(seed)
     op = build_operator(config)
@@ -206,8 +287,12 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     step = 0
     if out.exists():
         ck = load_checkpoint(out)
-        def same(c: dict) -> dict:  # the step target may grow: resuming extends a run
-            return {**c, "train": {k: v for k, v in c["train"].items() if k != "steps"}}
+        def same(c: dict) -> dict:
+            # the step target may grow (resuming extends a run); paths as typed do not count
+            # (the data is identified by data_sha256, a hashed teacher by teacher_sha256)
+            c = {k: v for k, v in c.items() if k != "teacher" or not c.get("teacher_sha256")}
+            return {**c, "train": {k: v for k, v in c["train"].items()
+                                   if k not in ("steps", "data")}}
         if same(ck["config"]) != same(config):
             raise ValueError(f"checkpoint {out} was written with another config: remove it or "
                              "use the same settings to resume")
@@ -256,7 +341,11 @@ def load_operator(path: str | Path):
     ck = load_checkpoint(path)
     cfg = ck["config"]
     if cfg.get("kind") != "operator":
-        raise CheckpointError(f"{path} is not an operator checkpoint (made by `sdekit distill`)")
+        made = ("a training checkpoint (made by `sdekit train`)" if "net" in cfg
+                else "not an operator checkpoint")
+        raise CheckpointError(f"{str(path)!r} is {made}, but an operator checkpoint (made by "
+                              "`sdekit distill`) is expected here; a training checkpoint is the "
+                              "teacher (--checkpoint)")
     op = build_operator(cfg)
     load_state(op, ck["ema"], path, "EMA")
     op.eval()

@@ -14,7 +14,8 @@ target law, the exact Gaussian parameters of that law. Built in:
   moments, SW and MMD are against exact held-out samples.
 
 Plus ``checkpoint:PATH`` (a trained sdekit checkpoint, see :func:`problem_from_checkpoint`) and
-``module:factory`` (a user's model, see :func:`problem_from_factory`).
+``module:factory`` (a user's model, see :func:`problem_from_factory`). A ``module:factory`` spec
+imports and runs that module's code: use it with trusted code only.
 
 The target law is the marginal at ``t_end = sde.t_min``, where sampling stops: what an exact
 sampler produces (for VP at t_min = 1e-3 it differs from the data law by a noise variance of
@@ -26,7 +27,6 @@ import hashlib
 import importlib
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -174,20 +174,23 @@ def _factory_error(spec: str, msg: str) -> BenchError:
 
 
 def problem_from_factory(spec: str) -> BenchProblem:
-    """Build a problem from ``'module:factory'`` (see :data:`FACTORY_CONTRACT`). The current
-    directory is importable, as with ``python -m``."""
+    """Build a problem from ``'module:factory'`` (see :data:`FACTORY_CONTRACT`).
+
+    **Trusted code only**: this imports ``module`` and calls ``factory()``, which can do
+    anything the user can. The module is found on ``sys.path`` as it is; the current directory
+    is not added (set ``PYTHONPATH`` to make a local module importable). The factory must
+    return a benchmark problem (the contract above); anything else, or an exception or
+    ``SystemExit`` while importing or calling it, is a :class:`BenchError` naming the spec."""
     mod_name, _, fn_name = spec.partition(":")
     if not mod_name or not fn_name:
         raise _factory_error(spec, "is not of the form 'module:factory'")
     try:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name is None or not mod_name.startswith(e.name) or os.getcwd() in sys.path:
-                raise
-            sys.path.insert(0, os.getcwd())
-            mod = importlib.import_module(mod_name)
-    except Exception as e:  # noqa: BLE001  (any import failure is the user's to see)
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        raise _factory_error(spec, f"cannot import module {mod_name!r} ({e}; the current "
+                                   "directory is not searched: set PYTHONPATH to the folder "
+                                   "that holds it)") from e
+    except (Exception, SystemExit) as e:  # any import failure is the user's to see
         raise _factory_error(spec, f"cannot import module {mod_name!r} "
                                    f"({type(e).__name__}: {e})") from e
     fn = getattr(mod, fn_name, None)
@@ -195,7 +198,7 @@ def problem_from_factory(spec: str) -> BenchProblem:
         raise _factory_error(spec, f"module {mod_name!r} has no callable {fn_name!r}")
     try:
         out = fn()
-    except Exception as e:  # noqa: BLE001
+    except (Exception, SystemExit) as e:  # exit() must not end sdekit silently
         raise _factory_error(spec, f"calling {fn_name}() raised {type(e).__name__}: {e}") from e
     return _problem_from_parts(spec, out, {"problem": "factory", "spec": spec})
 

@@ -9,7 +9,11 @@
 * **Cache and resume.** Every finished cell is written atomically to
   ``<cache>/<problem>-<hash>/cells/<hash>.json``, keyed by the problem's fingerprint, the
   evaluation settings and the cell id; a rerun (for instance after an interruption) loads those
-  cells instead of recomputing them. Cells that raised an unexpected error are not cached.
+  cells instead of recomputing them. Cells that raised an unexpected error are not cached. A
+  cached reference solution that fails to load or its content hash is recomputed (with a
+  warning). One sweep at a time per cache directory: a second process on the same ``--out``
+  (or ``--cache-dir``) fails at once, naming the directory and the holder's pid (an
+  ``fcntl.flock`` on ``<cache>/.bench.lock``, released however the holder exits).
 * **Sharding.** Under ``torchrun`` (or any launcher setting ``RANK``/``WORLD_SIZE``) rank r
   computes the cells ``i % WORLD_SIZE == r``; rank 0 then waits for the other ranks' cell files
   in the shared cache and merges everything into one result. No process group is needed.
@@ -24,6 +28,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -37,7 +42,8 @@ from ..integrate import sample
 from ..solvers.base import ModelOutputError, Solver
 from ..solvers.registry import get_solver, solver_names
 from . import metrics as M
-from .._io import atomic_write_bytes
+from .._io import (IntegrityError, LockedError, atomic_write_bytes, exclusive_lock,
+                   load_verified, save_verified)
 from .problems import BenchError, BenchProblem
 
 BENCH_FORMAT = "sdekit-bench/1"
@@ -303,13 +309,20 @@ def prepare(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str,
         path = cdir / "reference.pt"
         if not path.exists() and rank != 0 and world_size > 1:
             _wait_for([path], timeout, "reference solution")
+        x_ref = None
         if path.exists():
-            saved = torch.load(path, weights_only=True)
-            x_ref, reference = saved["x"], json.loads(saved["info"])
-        else:
+            try:  # a cache that fails to load is rebuilt, never trusted
+                saved = load_verified(path, "cached reference solution", legacy_ok=False)
+                x_ref, reference = saved["x"], json.loads(saved["info"])
+                if not (isinstance(x_ref, Tensor) and x_ref.shape == x_init.shape):
+                    raise ValueError(f"cached reference solution {str(path)!r} does not hold "
+                                     f"{tuple(x_init.shape)} states")
+            except (IntegrityError, ValueError, KeyError, TypeError) as e:
+                warnings.warn(f"{e}; recomputing it", stacklevel=2)
+                x_ref = None
+        if x_ref is None:
             x_ref, reference = _reference_solve(problem, config, x_init)
-            buf = _tensor_bytes({"x": x_ref, "info": json.dumps(reference)})
-            atomic_write_bytes(path, buf)
+            save_verified(path, {"x": x_ref, "info": json.dumps(reference)})
         reference = {**reference, "cached_at": str(path)}
     # the target law for the Frechet distance and KL
     target, method = None, "none"
@@ -327,13 +340,6 @@ def prepare(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str,
         sliced = M.SlicedReference(heldout, config.projections, config.seed + 2)
     return Prepared(problem, x_init, x_ref, reference, heldout, target, method, bandwidth,
                     sliced, cdir, kyy)
-
-
-def _tensor_bytes(obj: Any) -> bytes:
-    import io
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
 
 
 def _reference_solve(problem: BenchProblem, config: SweepConfig,
@@ -470,7 +476,37 @@ def run_sweep(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str,
               world_size: int | None = None, timeout: float = 3600.0) -> dict[str, Any] | None:
     """Run (or resume) the sweep; returns the merged results on rank 0 and None on other ranks.
 
-    ``rank``/``world_size`` default to the ``RANK``/``WORLD_SIZE`` environment variables."""
+    ``rank``/``world_size`` default to the ``RANK``/``WORLD_SIZE`` environment variables.
+    A learned operator given as a solver option is checked against the problem's model (its
+    teacher) before any work. Each rank holds an exclusive lock on the cache directory
+    (``.bench.lock``, ``.bench.rank<r>.lock`` for rank r > 0) while it runs: a second sweep
+    on the same cache raises a :class:`BenchError` naming the directory and the holder."""
+    config.validate()
+    for name in config.solver_list():
+        try:
+            slv = get_solver(name, **dict(config.solver_options.get(name, {})))
+        except (TypeError, ValueError):
+            continue  # plan_cells reports bad options
+        if hasattr(slv, "check_teacher"):
+            try:
+                slv.check_teacher(problem.model)
+            except ValueError as e:
+                raise BenchError(f"--solver-option {name}.operator: {e}") from None
+    r = _env_int("RANK", 0) if rank is None else rank
+    lock = Path(cache_dir) / (".bench.lock" if not r else f".bench.rank{r}.lock")
+    try:
+        with exclusive_lock(lock):
+            return _run_sweep(problem, config, cache_dir, resume=resume, progress=progress,
+                              rank=rank, world_size=world_size, timeout=timeout)
+    except LockedError as e:
+        raise BenchError(f"the cache directory {str(cache_dir)!r} is in use by another sdekit "
+                         f"bench ({e}): wait for it to finish, or use another --out / "
+                         "--cache-dir") from None
+
+
+def _run_sweep(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str, *,
+               resume: bool = True, progress: bool = True, rank: int | None = None,
+               world_size: int | None = None, timeout: float = 3600.0) -> dict[str, Any] | None:
     config.validate()
     rank = _env_int("RANK", 0) if rank is None else rank
     world = _env_int("WORLD_SIZE", 1) if world_size is None else world_size

@@ -13,7 +13,9 @@ problems:
   gaussian            16-dim Gaussian under VP, exact score and exact references (default)
   gmm                 16-dim 8-component Gaussian mixture, exact score
   checkpoint:PATH     a trained sdekit checkpoint (needs sdekit.training)
-  module:factory      your model: factory() -> {'sde', 'model', 'sample_init'[, 'reference']}
+  module:factory      your model: factory() -> {'sde', 'model', 'sample_init'[, 'reference']};
+                      TRUSTED CODE ONLY: the module is imported and run. It is found on
+                      sys.path (the current directory is not added: set PYTHONPATH)
 
 examples:
   sdekit bench                                   # every solver x grid at NFE 5,10,20,50
@@ -58,7 +60,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--problem", default="gaussian", help="gaussian (default), gmm, checkpoint:PATH or "
-                                            "module:factory")
+                                            "module:factory (trusted code only: it is run)")
     a("--sde", default=None, help="forward SDE of a built-in problem (default vp); see "
                                   "`sdekit sdes`")
     a("--dim", type=int, default=None, help="dimension of a built-in problem (gaussian: 16, "

@@ -17,7 +17,8 @@ class OperatorSampler(Solver):
     replaces the ODE solve. Order undeclared; NFE = its network passes (1). ``operator`` is an
     operator checkpoint path (from ``sdekit distill``) or a ``(TrajectoryOperator, config)``
     pair. The call's ``t_start`` must be the operator's and ``t_end`` one of its output times;
-    the forward SDE must be the one it was distilled on.
+    the forward SDE must be the one it was distilled on, and a model whose network was loaded
+    from a checkpoint must be the operator's teacher (same weights hash).
     """
 
     family = "learned"
@@ -27,12 +28,20 @@ class OperatorSampler(Solver):
     paper = "Zheng et al. 2023, Fast Sampling of Diffusion Models via Operator Learning (ICML)"
 
     def __init__(self, operator: Any = None) -> None:
+        self.source = "the operator"
         if isinstance(operator, (str, bytes)) or hasattr(operator, "__fspath__"):
             from ..distill import load_operator
+            self.source = f"operator {str(operator)!r}"
             operator = load_operator(operator)
         if operator is not None and not (isinstance(operator, tuple) and len(operator) == 2):
             raise ValueError("operator must be a checkpoint path or an (operator, config) pair")
         self.operator = operator
+
+    def check_teacher(self, model: Any) -> None:
+        """Raise a ValueError when ``model`` is known not to be the operator's teacher."""
+        if self.operator is not None:
+            from ..distill import check_teacher
+            check_teacher(self.operator[1], model, self.source)
 
     def expected_nfe(self, steps: int) -> int:
         return 1
@@ -57,6 +66,7 @@ class OperatorSampler(Solver):
             raise ValueError("the fno solver needs a trained operator: pass operator=<checkpoint "
                              "path> (made by `sdekit distill`) or an (operator, config) pair")
         op, cfg = self.operator
+        self.check_teacher(p.model)
         if cfg["sde_repr"] != repr(p.sde):
             raise ValueError(f"the operator was distilled on {cfg['sde_repr']} but sampling uses "
                              f"{p.sde!r}")

@@ -9,6 +9,12 @@ A checkpoint is a ``torch.save`` archive holding only tensors, numbers, strings,
 * ``model``, ``ema``: state dicts; ``optimizer``: the AdamW state dict; ``step``: steps completed
 * ``rng``: the torch RNG state at save time (the trainer's own randomness is counter-based: a pure
   function of seed, rank and step, so a resumed run replays exactly the same batches and noise)
+* ``weights_sha256``: the identity of the EMA weights (:func:`sdekit._io.content_hash` of the
+  state dict: every tensor's dtype, shape and bytes, in key order); an operator distilled from
+  this checkpoint records it as its teacher
+* ``sha256``: the content hash of everything else, checked on every load (torch's zip reader
+  does not check CRCs, so flipped bytes in a weight record would otherwise load silently).
+  A checkpoint from an older sdekit, without it, loads with a warning.
 
 It is read back with ``torch.load(..., weights_only=True)``, which refuses arbitrary pickled
 objects. A ``<name>.json`` file beside it repeats the config and step for people and tools.
@@ -24,7 +30,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .._io import atomic_torch_save, atomic_write_bytes
+from .._io import (IntegrityError, atomic_write_bytes, content_hash, read_torch,
+                   save_verified, verify)
 
 FORMAT = "sdekit-checkpoint"
 VERSION = 1
@@ -46,9 +53,11 @@ def save_checkpoint(path: str | os.PathLike, *, config: Mapping[str, Any], model
                "rng": {"torch": torch.get_rng_state()}}
     if extra:
         payload["extra"] = dict(extra)
-    atomic_torch_save(path, payload)
+    payload["weights_sha256"] = content_hash(payload["ema"])
+    digest = save_verified(path, payload)
     side = {"format": FORMAT, "version": VERSION, "step": int(step), "checkpoint": path.name,
-            "config": json.loads(cfg_json)}
+            "config": json.loads(cfg_json), "weights_sha256": payload["weights_sha256"],
+            "sha256": digest}
     atomic_write_bytes(path.with_suffix(".json"),
                        (json.dumps(side, indent=2, sort_keys=True) + "\n").encode())
     return path
@@ -57,22 +66,22 @@ def save_checkpoint(path: str | os.PathLike, *, config: Mapping[str, Any], model
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a checkpoint; ``config`` comes back parsed into a dict.
 
-    Raises :class:`CheckpointError` naming the file if it is missing, corrupt, truncated, not an
-    sdekit checkpoint, or from a newer format version.
+    Raises :class:`CheckpointError` naming the file if it is missing, corrupt (its content hash
+    does not match), truncated, not an sdekit checkpoint, or from a newer format version. A
+    checkpoint without a content hash (older sdekit) loads with a warning. ``weights_sha256``
+    (the EMA weights' identity) is always present in the result.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: the file is corrupt, "
-                              f"truncated or not a torch checkpoint ({type(e).__name__}: "
-                              f"{msg[:200]})") from None
-    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not an sdekit checkpoint (expected a dict with "
-                              f"format={FORMAT!r})")
+        ck = read_torch(path, "checkpoint")
+        if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+            raise CheckpointError(f"{str(path)!r} is not an sdekit checkpoint (expected a dict "
+                                  f"with format={FORMAT!r})")
+        ck = verify(path, ck, "checkpoint")
+    except IntegrityError as e:
+        raise CheckpointError(str(e)) from None
     missing = [k for k in REQUIRED if k not in ck]
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: missing {missing}")
@@ -83,6 +92,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ck["config"] = json.loads(ck["config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {str(path)!r} has an unreadable config: {e}") from None
+    if "weights_sha256" not in ck:
+        ck["weights_sha256"] = content_hash(ck["ema"])
     return ck
 
 
@@ -108,12 +119,19 @@ def load_model(path: str | os.PathLike, ema: bool = True, device: Any = "cpu"):
     """Rebuild ``(net, sde, config)`` from a checkpoint; the EMA weights by default.
 
     The network and SDE are built from the stored config, so no code is read from the file.
+    The network carries the loaded weights' identity as ``net.weights_sha256`` (checked against
+    the teacher recorded in an operator checkpoint).
     """
     from ..models import build_network
     from ..sde import get_sde
 
     ck = load_checkpoint(path)
     cfg = ck["config"]
+    if cfg.get("kind") == "operator":
+        raise CheckpointError(f"{str(path)!r} is an operator checkpoint (made by `sdekit "
+                              "distill`), but a training checkpoint (made by `sdekit train`) is "
+                              "expected here; an operator is used as `--solver fno --operator "
+                              "PATH` beside its teacher's training checkpoint")
     try:
         net = build_network(cfg["net"])
         sde = get_sde(cfg["sde"], **cfg.get("sde_kwargs", {}))
@@ -123,4 +141,5 @@ def load_model(path: str | os.PathLike, ema: bool = True, device: Any = "cpu"):
     net.to(device).eval()
     for p in net.parameters():
         p.requires_grad_(False)
+    net.weights_sha256 = ck["weights_sha256"] if ema else content_hash(ck["model"])
     return net, sde, cfg
