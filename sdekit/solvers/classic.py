@@ -270,7 +270,8 @@ class TorchSDE(Solver):
 
         y0 = x.reshape(shape[0], -1)
         ts = torch.stack([-p.times[0], -p.times[-1]]).double()   # float64 times, any state dtype
-        # a hair over the step so rounding never adds a sliver of a step at the end
+        # a hair over the step (above the float64 rounding of 1e4 sums) so that rounding never
+        # adds a sliver of a step at the end; torchsde stops exactly at ts[-1]
         ys = torchsde.sdeint(_Reverse(), y0, ts, method=self.method,
-                             dt=float(dt[0]) * (1 + 1e-9), bm=_noise_brownian(p, x, levy))
+                             dt=float(dt[0]) * (1 + 1e-11), bm=_noise_brownian(p, x, levy))
         return ys[-1].reshape(shape)
