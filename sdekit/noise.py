@@ -13,7 +13,8 @@ or churn).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ class BrownianNoise(SeededNoise):
     def __init__(self, seeds: Sequence[int], times: Any, event_shape: Sequence[int]) -> None:
         super().__init__(seeds)
         t = torch.as_tensor(times, dtype=torch.float64).flatten()
-        self.times, order = torch.sort(t)
+        self.times = torch.sort(t).values
         dt = self.times[1:] - self.times[:-1]
         if not bool((dt > 0).all()):
             raise ValueError("BrownianNoise times must be distinct")

@@ -57,7 +57,7 @@ def test_contract_determinism_and_batch_invariance(name):
     sde = sdekit.VPSDE()
     data = gaussian_problem(sde, dim=3)
     steps = _steps_for(s, 6)
-    kw = dict(solver=s.for_problem(sde, data.model(), (3,)), steps=steps, dtype=torch.float64)
+    kw = {"solver": s.for_problem(sde, data.model(), (3,)), "steps": steps, "dtype": torch.float64}
     seeds = list(range(10, 18))
     a = sample(sde, data.model(), shape=(8, 3), seeds=seeds, **kw).x
     b = sample(sde, data.model(), shape=(8, 3), seeds=seeds, **kw).x
@@ -82,7 +82,7 @@ def test_tolerance_invariant_solvers_hold_every_sample_to_tolerance(name):
     sde = sdekit.VPSDE()
     data = sdekit.GaussianMixtureData(sde, [0.5, 0.3, 0.2], [[1.5, 0.0], [-1.0, 1.0], [-0.5, -1.5]],
                                       [0.3, 0.1, 0.05])
-    kw = dict(shape=(256, 2), seed=1, dtype=torch.float64)
+    kw = {"shape": (256, 2), "seed": 1, "dtype": torch.float64}
     x = sample(sde, data.model(), solver=name, **kw).x
     ref = sample(sde, data.model(), solver=name, rtol=1e-10, atol=1e-10, **kw).x
     err = (x - ref).pow(2).sum(1).sqrt().max()
@@ -98,7 +98,7 @@ def test_pc_step_norms_declare_their_batch_invariance():
     assert get_solver("pc", step_norm="batch", n_corrector=0).batch_invariant is True
     sde = sdekit.VPSDE()
     data = gaussian_problem(sde, dim=3)
-    kw = dict(solver=batch, steps=6, dtype=torch.float64)
+    kw = {"solver": batch, "steps": 6, "dtype": torch.float64}
     a = sample(sde, data.model(), shape=(8, 3), seeds=list(range(8)), **kw).x
     c = sample(sde, data.model(), shape=(3, 3), seeds=list(range(3)), **kw).x
     assert not torch.allclose(a[:3], c), "the batch rule should depend on the batch"

@@ -3,7 +3,7 @@ reverse-diffusion predictor, predictor-corrector with Langevin correctors, and t
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -222,7 +222,8 @@ class TorchSDE(Solver):
     :func:`_noise_brownian`: per sample, so a sample never depends on its batch, and one path
     across nested grids with a BrownianNoise); srk also takes the space-time Levy area from it.
     Time is reversed (u = -t) because torchsde integrates forward. Strong order: euler and
-    milstein 1.0 here (additive noise; euler is then Euler-Maruyama step for step), srk 1.5.
+    milstein 1.0 here (additive noise; euler is then Euler-Maruyama step for step), srk 1.5
+    (2 where the drift is linear in x, e.g. Gaussian data: the order-2 stochastic terms vanish).
     NFE: torchsde evaluates the drift once more than the scheme needs (euler, milstein: steps +
     1; srk, its Roessler SRI scheme as torchsde implements it: 10 steps + 1)."""
 
@@ -231,8 +232,8 @@ class TorchSDE(Solver):
     stochastic = True
     default_grid = "uniform"
     paper = "Li et al. 2020, Scalable Gradients for SDEs (torchsde)"
-    _ORDERS = {"euler": 1.0, "milstein": 1.0, "srk": 1.5}
-    _NFE = {"euler": 1, "milstein": 1, "srk": 10}
+    _ORDERS: ClassVar[dict[str, float]] = {"euler": 1.0, "milstein": 1.0, "srk": 1.5}
+    _NFE: ClassVar[dict[str, int]] = {"euler": 1, "milstein": 1, "srk": 10}
 
     def __init__(self, method: str = "euler") -> None:
         if method not in self._ORDERS:
