@@ -215,6 +215,30 @@ def test_sde_strong_order(name, sde_name):
     assert abs(slope - expected) < 0.3, f"{name}: slope {slope:.2f}, errors {errs}"
 
 
+def test_brownian_levy_area_is_one_path_across_grids():
+    """BrownianNoise's space-time Levy area: standard normal, uncorrelated with the increment,
+    and the areas of two half steps add up to the whole step's (``U = int (W - W(t0)) ds``
+    aggregates as ``U = U1 + U2 + h2 dW1``), so every grid made of its points sees one path."""
+    B = 4000
+    tf = torch.linspace(0.0, 1.0, 65, dtype=torch.float64)
+    noise = BrownianNoise(list(range(B)), tf, (1,))
+    like = torch.empty(B, 1, dtype=torch.float64)
+
+    def wu(a, b):
+        h = abs(b - a)
+        dW = noise.increment(a, b, like) * h ** 0.5
+        return dW, h * (0.5 * dW + noise.levy_area(a, b, like) * (h / 12) ** 0.5)
+
+    t0, tm, t1 = 1.0, float(tf[24]), 0.0   # a step in the solvers' direction, split unevenly
+    (W1, U1), (W2, U2), (W, U) = wu(t0, tm), wu(tm, t1), wu(t0, t1)
+    torch.testing.assert_close(W1 + W2, W, rtol=0, atol=1e-12)
+    torch.testing.assert_close(U1 + U2 + (tm - t1) * W1, U, rtol=0, atol=1e-12)
+    z, dz = noise.levy_area(t0, t1, like), noise.increment(t0, t1, like)
+    assert abs(float(z.mean())) < 5 / B ** 0.5 and abs(float(z.std()) - 1) < 0.05
+    assert abs(float((z * dz).mean())) < 5 / B ** 0.5
+    assert torch.equal(noise.levy_area(t0, t1, like), z), "the same step gives the same area"
+
+
 @pytest.mark.parametrize("brownian", [False, True])
 def test_torchsde_euler_is_euler_maruyama_on_sdekits_noise(brownian):
     """The torchsde backend reads sdekit's noise: its Euler scheme is Euler-Maruyama step for
