@@ -3,16 +3,19 @@
 Run: python benchmarks/solver_table.py > benchmarks/results/solver_table.md
 """
 import sdekit
+from sdekit.cli.solvers_cmd import batch_invariance
 
 
 def main() -> None:
-    print("| name | family | kind | order | strong order | NFE/step | default grid | paper |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| name | family | kind | order | strong order | NFE/step | default grid | batch invariant "
+          "| paper |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for s in sdekit.list_solvers():
         nfe = "adaptive" if s["adaptive"] else s["nfe_per_step"]
-        fmt = lambda v: "-" if v is None else f"{v:g}"  # noqa: E731
+        fmt = lambda v: "-" if v is None else f"{v:g}"
         print(f"| `{s['name']}` | {s['family']} | {s['kind']} | {fmt(s['order'])} | "
-              f"{fmt(s['strong_order'])} | {nfe} | {s['default_grid']} | {s['paper']} |")
+              f"{fmt(s['strong_order'])} | {nfe} | {s['default_grid']} | {batch_invariance(s)} | "
+              f"{s['paper']} |")
 
 
 if __name__ == "__main__":

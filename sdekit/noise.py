@@ -6,12 +6,15 @@
   normal it returns for a step ``[t0, t1]`` is ``(W(t1) - W(t0)) / sqrt(|t1 - t0|)``, so every grid
   made of points of the fine grid sees the same path (what strong-order tests need).
 
-Interface used by solvers: ``increment(t0, t1, like)`` (the normal tied to a step) and
-``randn(like)`` (an extra independent normal, e.g. for Langevin correctors or churn).
+Interface used by solvers: ``increment(t0, t1, like)`` (the normal tied to a step),
+``levy_area(t0, t1, like)`` (the normal tied to the step's space-time Levy area, for schemes of
+strong order 1.5) and ``randn(like)`` (an extra independent normal, e.g. for Langevin correctors
+or churn).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +56,13 @@ class SeededNoise:
     def increment(self, t0: Any, t1: Any, like: Tensor) -> Tensor:
         return self.randn(like)
 
+    def levy_area(self, t0: Any, t1: Any, like: Tensor) -> Tensor:
+        """The standardised space-time Levy area of the step ``[t0, t1]`` (either order):
+        ``H sqrt(12 / h)`` with ``H = (1/h) int (W(s) - W(t0) - (s - t0)/(t1 - t0) (W(t1) - W(t0))) ds``
+        and ``h = |t1 - t0|``; a standard normal independent of the step's increment (Foster,
+        Lyons & Oberhauser 2020). Here a fresh normal from each sample's generator."""
+        return self.randn(like)
+
 
 class BrownianNoise(SeededNoise):
     """One Brownian path per sample on the fine grid ``times`` (any order); queries must use
@@ -61,7 +71,7 @@ class BrownianNoise(SeededNoise):
     def __init__(self, seeds: Sequence[int], times: Any, event_shape: Sequence[int]) -> None:
         super().__init__(seeds)
         t = torch.as_tensor(times, dtype=torch.float64).flatten()
-        self.times, order = torch.sort(t)
+        self.times = torch.sort(t).values
         dt = self.times[1:] - self.times[:-1]
         if not bool((dt > 0).all()):
             raise ValueError("BrownianNoise times must be distinct")
@@ -70,6 +80,23 @@ class BrownianNoise(SeededNoise):
                                        dtype=torch.float64) for g in path_gens])
         inc = inc * dt.sqrt().reshape((1, -1) + (1,) * len(event_shape))
         self.W = torch.cat([torch.zeros_like(inc[:, :1]), inc.cumsum(1)], 1)  # (B, n, *event)
+        self._event_shape = tuple(event_shape)
+        self._int_W: Tensor | None = None  # int_{times[0]}^{times[j]} W ds, built on first use
+
+    def _integral(self) -> Tensor:
+        """``int_{times[0]}^{times[j]} W(s) ds`` for every grid point j, for the path made of the
+        grid values and, between grid points, independent Brownian bridges: each interval adds
+        ``h (W_j + W_{j+1}) / 2`` plus its bridge's area, a N(0, h^3/12) drawn from the sample's
+        own generator. Every coarser grid's Levy areas then come from this one path."""
+        if self._int_W is None:
+            h = self.times[1:] - self.times[:-1]
+            area_gens = [torch.Generator().manual_seed(s ^ 0x2545F4914F6CDD1D) for s in self.seeds]
+            bridge = torch.stack([torch.randn((h.numel(),) + self._event_shape, generator=g,
+                                              dtype=torch.float64) for g in area_gens])
+            hb = h.reshape((1, -1) + (1,) * len(self._event_shape))
+            piece = hb * 0.5 * (self.W[:, 1:] + self.W[:, :-1]) + bridge * (hb ** 3 / 12).sqrt()
+            self._int_W = torch.cat([torch.zeros_like(piece[:, :1]), piece.cumsum(1)], 1)
+        return self._int_W
 
     def _index(self, t: Any) -> int:
         t = float(t)
@@ -84,3 +111,15 @@ class BrownianNoise(SeededNoise):
         i0, i1 = self._index(t0), self._index(t1)
         dW = self.W[:, i1] - self.W[:, i0]
         return (dW / abs(float(t1) - float(t0)) ** 0.5).to(dtype=like.dtype, device=like.device)
+
+    def levy_area(self, t0: Any, t1: Any, like: Tensor) -> Tensor:
+        self._check(like)
+        i0, i1 = self._index(t0), self._index(t1)
+        h = abs(float(t1) - float(t0))
+        dW = self.W[:, i1] - self.W[:, i0]
+        C = self._integral()
+        # int over the step of (W(s) - W(t0)) ds, whichever way the step runs
+        lo, hi = min(i0, i1), max(i0, i1)
+        int_dW = C[:, hi] - C[:, lo] - h * self.W[:, i0]
+        H = int_dW / h - 0.5 * dW
+        return (H * (12 / h) ** 0.5).to(dtype=like.dtype, device=like.device)

@@ -13,6 +13,11 @@ def _order(d: dict[str, Any]) -> str:
     return o
 
 
+def batch_invariance(d: dict[str, Any]) -> str:
+    """The registry's ``batch_invariant`` in words: does a sample depend on its batch?"""
+    return {True: "yes", "tolerance": "to tol.", False: "no"}.get(d.get("batch_invariant"), "?")
+
+
 def solver_rows() -> list[list[str]]:
     from ..solvers.registry import list_solvers
 
@@ -21,11 +26,11 @@ def solver_rows() -> list[list[str]]:
         nfe = "adaptive" if d.get("adaptive") else str(d.get("nfe_per_step", "?"))
         rows.append([d["name"], str(d.get("family", "?")), _order(d), nfe,
                      str(d.get("kind", "?")), str(d.get("default_grid", "?")),
-                     str(d.get("paper", ""))])
+                     batch_invariance(d), str(d.get("paper", ""))])
     return rows
 
 
-HEADER = ["name", "family", "order", "NFE/step", "ODE/SDE", "grid", "paper"]
+HEADER = ["name", "family", "order", "NFE/step", "ODE/SDE", "grid", "batch inv.", "paper"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +56,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("solvers", help="list the registered solvers",
                               description="List the solver registry: name, family, order (strong "
                                           "order for SDE solvers), NFE per step, ODE or SDE, the "
-                                          "default time grid and the paper.")
+                                          "default time grid, batch invariance (yes: a sample "
+                                          "never depends on its batch; to tol.: only to within "
+                                          "the solver's tolerance) and the paper.")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true", help="the registry metadata as JSON")
     g.add_argument("--markdown", action="store_true", help="a Markdown table")

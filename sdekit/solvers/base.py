@@ -106,9 +106,10 @@ class Solver:
     grid_free: ClassVar[bool] = False
     min_steps: int = 1
     default_grid: ClassVar[str] = "logsnr"
-    # False where a sample's result depends on the rest of its batch (a backend's own RNG,
-    # batch-averaged step sizes): then batch-size invariance is not promised
-    per_sample_noise: bool = True
+    # with per-sample seeds, is a sample's result independent of the rest of its batch? True
+    # (to float rounding), "tolerance" (batch-shared adaptive steps: equal to within the
+    # solver's tolerance) or False (e.g. batch-averaged step sizes)
+    batch_invariant: bool | str = True
     paper: ClassVar[str] = ""
 
     def __init__(self, **options: Any) -> None:
@@ -140,7 +141,8 @@ class Solver:
         return {"name": self.name, "family": self.family, "order": self.order,
                 "strong_order": self.strong_order, "nfe_per_step": self.nfe_per_step,
                 "kind": "SDE" if self.stochastic else "ODE", "adaptive": self.adaptive,
-                "grid_free": self.grid_free, "default_grid": self.default_grid, "paper": self.paper}
+                "grid_free": self.grid_free, "default_grid": self.default_grid,
+                "batch_invariant": self.batch_invariant, "paper": self.paper}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
