@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import inspect
 import json
 import sys
@@ -230,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = build_config(args)
     check_config(cfg)
     if args.print_config:
-        print(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True, default=list))
+        print(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
         return 0
     if (out / CHECKPOINT_NAME).exists() and not args.resume:
         raise UsageError(f"{out / CHECKPOINT_NAME} already exists: pass --resume to continue "
