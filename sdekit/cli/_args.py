@@ -41,8 +41,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         h = action.help or ""
-        if ("default" in h or not action.option_strings or action.default in (None, False)
-                or action.default is argparse.SUPPRESS):
+        if ("default" in h or not action.option_strings or action.default is None
+                or action.default is False or action.default is argparse.SUPPRESS):
             return h
         return h + " (default: %(default)s)"
 

@@ -32,9 +32,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a = p.add_argument
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=existing_file,
-                     help="the teacher: a `sdekit train` checkpoint")
+                     help="the teacher: a `sdekit train` checkpoint (this or --problem is "
+                          "required)")
     src.add_argument("--problem", help="the teacher as a `sdekit bench` problem: gaussian, gmm "
-                                       "(exact scores), checkpoint:PATH or module:factory")
+                                       "(exact scores), checkpoint:PATH or module:factory (this "
+                                       "or --checkpoint is required)")
     a("--sde", default=None, help="forward SDE of a built-in problem (default vp)")
     a("--dim", type=positive_int, default=None,
       help="dimension of a built-in problem (default: the problem's own)")
