@@ -350,3 +350,20 @@ def test_bench_plot_colours_by_family_and_labels_grids(tmp_path, monkeypatch):
     assert all(n == 1 for n in bold.values())                     # its best line bold
     fd_level = res["reference"]["metrics"]["fd"]                  # the FD panel's floor
     assert (report.TITLES["fd"], fd_level) in [(ax.get_title(), y) for ax, y in hlines]
+
+
+def test_a_default_out_that_is_a_file_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "two_moons-vp").write_text("x")
+    rc, _, err = run(["train", "--data", "two_moons"], capsys)
+    assert_usage_error(rc, err, "default --out", "runs/two_moons-vp")
+
+
+def test_bench_default_out_is_ignored_by_git():
+    from sdekit.cli.bench import DEFAULT_OUT
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    r = subprocess.run(["git", "check-ignore", "-q", str(DEFAULT_OUT / "gaussian" / "bench.json")],
+                       cwd=ROOT, capture_output=True)
+    assert r.returncode == 0, f"{DEFAULT_OUT} is not ignored by .gitignore"

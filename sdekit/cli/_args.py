@@ -148,6 +148,15 @@ def out_dir(s: str) -> Path:
     return check_out_dir(Path(s))
 
 
+def default_out_dir(default: Path, flag: str = "--out") -> Path:
+    """The default output directory ``default`` of an unset ``flag``, checked as :func:`out_dir`
+    checks a given one (a :class:`UsageError` if it is a file)."""
+    try:
+        return check_out_dir(default)
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"the default {flag} {e}; pass another {flag}") from None
+
+
 def out_prefix(s: str) -> Path:
     """An argparse type: an output prefix ``DIR/NAME`` (files ``DIR/NAME.<ext>``): ``DIR`` must
     be a directory (new or existing) and the prefix itself not an existing directory."""

@@ -15,6 +15,7 @@ from ._args import (
     add_command,
     add_threads,
     apply_threads,
+    default_out_dir,
     float_in,
     out_dir,
     positive_float,
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         config.validate()  # fail on names before building the problem
         sde = get_sde(args.sde) if args.sde is not None else None
         problem = resolve_problem(args.problem, sde=sde, dim=args.dim, seed=args.seed)
-        out = args.out or out_dir(str(DEFAULT_OUT / problem.name))
+        out = args.out or default_out_dir(DEFAULT_OUT / problem.name)
         cache = args.cache_dir or out / "cache"
         results = run_sweep(problem, config, cache, resume=not args.fresh,
                             progress=not args.quiet, timeout=args.shard_timeout)

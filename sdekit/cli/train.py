@@ -14,6 +14,7 @@ from ._args import (
     add_threads,
     alias,
     apply_threads,
+    default_out_dir,
     fraction,
     nonneg_float,
     nonneg_int,
@@ -224,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.checkpoint import CheckpointError
     from ..training.trainer import CHECKPOINT_NAME, Trainer, TrainingDiverged
 
-    out = args.out or out_dir(str(Path("runs") / f"{args.data}-{args.sde}"))
+    out = args.out or default_out_dir(Path("runs") / f"{args.data}-{args.sde}")
     with user_input():
         cfg = build_config(args)
     check_config(cfg)
