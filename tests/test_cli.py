@@ -367,3 +367,15 @@ def test_bench_default_out_is_ignored_by_git():
     r = subprocess.run(["git", "check-ignore", "-q", str(DEFAULT_OUT / "gaussian" / "bench.json")],
                        cwd=ROOT, capture_output=True)
     assert r.returncode == 0, f"{DEFAULT_OUT} is not ignored by .gitignore"
+
+
+def test_toy_training_defaults_to_one_thread_on_any_machine(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["train", "--data", "two_moons", "--steps", "1", *TINY,
+                     "--out", str(tmp_path / "r")]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
