@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .._io import atomic_write_bytes
-from .runner import atomic_write_json
+from .runner import atomic_write_json, describe_reference
 
 METRICS = ("rms", "fd", "kl", "sw", "mmd", "ms_per_sample")
 TITLES = {"rms": "RMS error vs the reference PF-ODE solution",
@@ -146,11 +146,7 @@ def _floors_line(results: Mapping[str, Any]) -> str:
     rm = ref.get("metrics", {})
     parts = [f"{k} {fmt(rm.get(k))}" for k in ("fd", "kl", "sw", "mmd") if rm.get(k) is not None]
     parts += [f"{k} {fmt(v)}" for k, v in ref.get("fit_floors", {}).items() if v is not None]
-    s = f"reference: {ref.get('method', '?')}"
-    if ref.get("error_estimate") is not None:
-        how = ref.get("error_estimate_method") or "the RMS difference to a looser solve"
-        s += (f" (estimated RMS error of the reference itself {fmt(ref['error_estimate'])}: "
-              f"{how}; RMS errors below it do not rank solvers)")
+    s = describe_reference(ref)
     if parts:
         s += ("; the reference's own metrics (" + ("the Monte-Carlo floors"
               if ref.get("exact_model") else "what a converged solve of this model reaches")
