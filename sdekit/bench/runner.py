@@ -517,8 +517,8 @@ def describe_reference(ref: Mapping[str, Any]) -> str:
         s += f", {ref['nfe']} NFE"
     if ref.get("error_estimate") is not None:
         s += (f"; estimated RMS error of the reference itself {ref['error_estimate']:.2e} "
-              f"({ref.get('error_estimate_method', 'vs a looser solve')}): solvers' RMS errors "
-              "below it are not resolved")
+              f"({ref.get('error_estimate_method', 'vs a looser solve')}, so an upper "
+              "estimate): solvers' RMS errors below it are not resolved")
     return s
 
 
