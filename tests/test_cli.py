@@ -168,7 +168,7 @@ def test_model_output_error_in_sample_is_one_line(run_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "sdekit.cli.main", "sample", "--checkpoint",
                         str(bad), "--solver", "ddim", "--steps", "2", "--n", "4", "--out",
                         str(tmp_path / "s")], capture_output=True, text=True, env=env,
-                       timeout=300)
+                       timeout=300, check=False)
     assert r.returncode == 1, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
@@ -203,12 +203,11 @@ def test_top_level_guard_keeps_tracebacks_for_bugs(monkeypatch, capsys):
 
 
 def test_user_input_block_turns_validation_errors_into_usage_errors():
-    with pytest.raises(_args.UsageError, match=r"^--sde-kwargs: bad value$"):
-        with _args.user_input("--sde-kwargs"):
-            raise TypeError("bad value")
-    with pytest.raises(KeyError):   # other exceptions pass through unchanged
-        with _args.user_input("--x"):
-            raise KeyError("k")
+    with (pytest.raises(_args.UsageError, match=r"^--sde-kwargs: bad value$"),
+          _args.user_input("--sde-kwargs")):
+        raise TypeError("bad value")
+    with pytest.raises(KeyError), _args.user_input("--x"):   # other exceptions pass through
+        raise KeyError("k")
 
 
 # ------------------------------------------------------------------ the front door
@@ -365,7 +364,7 @@ def test_bench_default_out_is_ignored_by_git():
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     r = subprocess.run(["git", "check-ignore", "-q", str(DEFAULT_OUT / "gaussian" / "bench.json")],
-                       cwd=ROOT, capture_output=True)
+                       cwd=ROOT, capture_output=True, check=False)
     assert r.returncode == 0, f"{DEFAULT_OUT} is not ignored by .gitignore"
 
 
