@@ -188,10 +188,10 @@ def add_threads(parser: Any, default_help: str = THREADS_HELP) -> None:
 
 def default_threads() -> int | None:
     """The default torch CPU thread count of the sdekit commands: 1 on a machine with at most
-    2 cores, where a second thread made training 2-20x slower in a measurement on a shared,
-    loaded 2-core machine (150 digits steps: 19-21 s with 1 thread, 42-94 s with 2; 300
-    two_moons steps: 4 s vs 86 s); None (torch's own default) on larger machines, where
-    nothing was measured."""
+    2 cores, where a second thread made training 2-4x slower for digits and 20-65x for a 2-D
+    toy in a measurement on a shared, loaded 2-core machine (150 digits steps: 19-21 s with 1
+    thread, 42-94 s with 2; 300 two_moons steps: 4 s against 86-285 s); None (torch's own
+    default) on larger machines, where nothing was measured."""
     return 1 if (os.cpu_count() or 1) <= 2 else None
 
 
