@@ -11,10 +11,10 @@ import csv
 import io
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .._io import atomic_write_bytes
-from .runner import atomic_write_json
+from .runner import atomic_write_json, describe_reference
 
 METRICS = ("rms", "fd", "kl", "sw", "mmd", "ms_per_sample")
 TITLES = {"rms": "RMS error vs the reference PF-ODE solution",
@@ -146,14 +146,30 @@ def _floors_line(results: Mapping[str, Any]) -> str:
     rm = ref.get("metrics", {})
     parts = [f"{k} {fmt(rm.get(k))}" for k in ("fd", "kl", "sw", "mmd") if rm.get(k) is not None]
     parts += [f"{k} {fmt(v)}" for k, v in ref.get("fit_floors", {}).items() if v is not None]
-    s = f"reference: {ref.get('method', '?')}"
-    if ref.get("error_estimate") is not None:
-        s += f" (estimated RMS error {fmt(ref['error_estimate'])})"
+    s = describe_reference(ref)
     if parts:
         s += ("; the reference's own metrics (" + ("the Monte-Carlo floors"
               if ref.get("exact_model") else "what a converged solve of this model reaches")
               + "): " + ", ".join(parts))
-    return s
+    warn = reference_warning(results)
+    return s + ("\n" + warn if warn else "")
+
+
+def reference_warning(results: Mapping[str, Any]) -> str | None:
+    """A warning when the reference's estimated error exceeds an RMS error it is used to
+    rank (those solvers are then closer to the truth than the reference can tell)."""
+    est = results.get("reference", {}).get("error_estimate")
+    ranked = [c for c in results["cells"] if c.get("status") == "ok" and c.get("rms") is not None]
+    if est is None or not ranked:
+        return None
+    low = [c for c in ranked if c["rms"] < est]
+    if not low:
+        return None
+    best = min(low, key=lambda c: c["rms"])
+    return (f"warning: the reference's estimated RMS error {fmt(est)} exceeds {len(low)} of the "
+            f"{len(ranked)} RMS errors it ranks (smallest {fmt(best['rms'])}, {best['label']} at "
+            f"NFE {best.get('nfe')}): those are below what the reference resolves; rerun with a "
+            "tighter --reference-tol")
 
 
 def _summary_line(results: Mapping[str, Any]) -> str:
@@ -213,14 +229,52 @@ def write_csv(results: Mapping[str, Any], path: Path | str) -> None:
 
 
 # ------------------------------------------------------------------ plot
+FAMILY_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+                  "#7f7f7f", "#bcbd22", "#17becf", "#000000", "#b8860b")
+
+
+def _line_score(cs: Sequence[Mapping[str, Any]], order: Sequence[str]) -> tuple[int, float]:
+    """Rank of one plotted line for 'best in its family': the first metric of ``order`` it has,
+    more budgets first, then the lowest mean log value."""
+    for i, m in enumerate(order):
+        vals = [_log(c[m]) for c in cs if c.get(m) is not None and c[m] > 0]
+        if vals:
+            return (i, -len(vals), sum(vals) / len(vals))
+    return (len(order), 0, 0.0)
+
+
+def _pack_columns(blocks: Sequence[Sequence[Any]], ncol: int, blank: Callable[[], Any]
+                  ) -> tuple[list[Any], int]:
+    """Legend entries (filled column by column) with blanks so that no block of entries (a
+    family) is split across columns unless it is longer than a column; returns the entries and
+    the number of rows."""
+    total = sum(len(b) for b in blocks)
+    rows = max(1, math.ceil(total / ncol))
+    while True:
+        out: list[Any] = []
+        for b in blocks:
+            pos = len(out) % rows
+            if pos and pos + len(b) > rows:
+                out += [blank() for _ in range(rows - pos)]
+            out += list(b)
+        if math.ceil(len(out) / rows) <= ncol:
+            return out, rows
+        rows += 1
+
+
 def plot(results: Mapping[str, Any], path: Path | str, configs: str = "best") -> bool:
     """Each metric against measured NFE (log-log), one line per solver configuration (with
-    ``configs='best'``: each solver on its best grid; ``'all'``: every grid). Returns False when
-    matplotlib is not installed."""
+    ``configs='best'``: each solver on its best grid; ``'all'``: every grid), labelled with the
+    grid it used. Lines are coloured by solver family: the family's best line (by the RMS
+    error, else the Frechet distance) is drawn bold, its other solvers faint in the same colour.
+    The sample-based panels show the level of exact samples (or of the converged reference
+    solve, for a trained model) as a dotted line. Returns False when matplotlib is not
+    installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
         from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullFormatter
     except ImportError:
         return False
@@ -235,47 +289,67 @@ def plot(results: Mapping[str, Any], path: Path | str, configs: str = "best") ->
         if c.get("status") != "ok" or c.get("nfe") is None:
             continue
         if c.get("tol") is not None:
-            key = f"{c['label']} (tol)"
+            key = f"{c['label']} [adaptive, tol]"
         else:
             b = best.get(c["label"]) or best_fd.get(c["label"])
             if configs == "best" and c["grid"] != b:
                 continue
             key = f"{c['label']} [{c['grid']}]"
         lines.setdefault(key, []).append(c)
+    order = [primary] + [m for m in ("fd", "sw", "mmd", "kl") if m != primary]
+    families: dict[str, list[str]] = {}
+    for key, cs in lines.items():
+        families.setdefault(str(cs[0].get("family") or "other"), []).append(key)
+    for fam, keys in families.items():   # the family's best line first
+        keys.sort(key=lambda k: (_line_score(lines[k], order), k))
     ncol = 3 if len(ms) > 4 else min(len(ms), 2)
     nrow = math.ceil(len(ms) / ncol)
-    leg_cols = 4
-    leg_rows = math.ceil(len(lines) / leg_cols)
-    leg_h = 0.16 * leg_rows + 0.25
+    leg_cols = 5
+    _, leg_rows = _pack_columns([[None] * (len(k) + 1) for k in families.values()], leg_cols,
+                                lambda: None)
+    leg_h = 0.155 * leg_rows + 0.35
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.5 * nrow + leg_h),
                              squeeze=False)
-    cmap = plt.get_cmap("tab20")
     markers = "osD^v<>ph*X"
-    handles = {}
+    blocks: list[list[Any]] = []
     nfes: set[int] = set()
-    for j, (key, cs) in enumerate(sorted(lines.items())):
-        cs = sorted(cs, key=lambda c: c["nfe"])
-        sde = cs[0].get("kind") == "SDE"
-        for ax, m in zip(axes.flat, ms):
-            pts = [(c["nfe"], c[m]) for c in cs if c.get(m) is not None and c[m] > 0]
-            if not pts:
-                continue
-            nfes.update(p[0] for p in pts)
-            h, = ax.plot(*zip(*pts), color=cmap((2 * j) % 20 + (j // 10) % 2),
-                         marker=markers[j % len(markers)],
-                         ms=3, lw=1.2, ls="--" if sde else "-", label=key)
-            handles[key] = h
+    for fi, fam in enumerate(sorted(families)):
+        colour = FAMILY_COLOURS[fi % len(FAMILY_COLOURS)]
+        handles = [Line2D([], [], color="none", label=fam)]   # the family's header
+        blocks.append(handles)
+        for j, key in enumerate(families[fam]):
+            cs = sorted(lines[key], key=lambda c: c["nfe"])
+            lead = j == 0
+            style = dict(color=colour, ls="--" if cs[0].get("kind") == "SDE" else "-",
+                         marker=markers[j % len(markers)], ms=3.5 if lead else 2,
+                         lw=1.9 if lead else 0.8, alpha=1.0 if lead else 0.35,
+                         zorder=3 if lead else 2)
+            for ax, m in zip(axes.flat, ms):
+                pts = [(c["nfe"], c[m]) for c in cs if c.get(m) is not None and c[m] > 0]
+                if pts:
+                    nfes.update(p[0] for p in pts)
+                    ax.plot(*zip(*pts), **style)
+            handles.append(Line2D([], [], label=("  " + key + (" (best)" if lead and
+                                                                len(families[fam]) > 1 else "")),
+                                  **style))
     ticks = [b for b in budgets(results) if b in nfes] or sorted(nfes)[:: max(1, len(nfes) // 6)]
     ref = results.get("reference", {})
-    floors = {"sw": ref.get("metrics", {}).get("sw"), "mmd": ref.get("metrics", {}).get("mmd"),
-              "fd": ref.get("fit_floors", {}).get("fd_fit"),
-              "kl": ref.get("fit_floors", {}).get("kl_fit")}
+    rm, ff = ref.get("metrics", {}), ref.get("fit_floors", {})
+    exact = bool(ref.get("exact_model"))
+    floors: dict[str, tuple[float | None, str]] = {
+        m: (rm.get(m), "exact-sample floor" if exact else "converged reference solve")
+        for m in ("sw", "mmd")}
+    for m in ("fd", "kl"):
+        if ff.get(f"{m}_fit"):
+            floors[m] = (ff[f"{m}_fit"], "exact-sample floor (fitted)")
+        elif not exact and rm.get(m):
+            floors[m] = (rm[m], "converged reference solve")
     for ax, m in zip(axes.flat, ms):
-        if floors.get(m):
-            ax.axhline(floors[m], color="0.5", ls=":", lw=1)
-            ax.annotate("exact-sample floor" + (" (fitted)" if m in ("fd", "kl") else ""),
-                        (0.99, floors[m]), xycoords=("axes fraction", "data"), ha="right",
-                        va="bottom", fontsize=6, color="0.4")
+        level, what = floors.get(m, (None, ""))
+        if level:
+            ax.axhline(level, color="0.35", ls=":", lw=1.2, zorder=1)
+            ax.annotate(f"{what} {level:.2g}", (0.99, level), xycoords=("axes fraction", "data"),
+                        ha="right", va="bottom", fontsize=6.5, color="0.3")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_major_locator(FixedLocator(ticks))
@@ -288,11 +362,16 @@ def plot(results: Mapping[str, Any], path: Path | str, configs: str = "best") ->
     for ax in list(axes.flat)[len(ms):]:
         ax.axis("off")
     H = 3.5 * nrow + leg_h
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=leg_cols,
-               fontsize=7, frameon=False)
-    fig.suptitle(f"sdekit bench: {results['problem']['description']} (dashed: SDE solvers)",
+    handles, _ = _pack_columns(blocks, leg_cols, lambda: Line2D([], [], color="none", label=" "))
+    leg = fig.legend(handles=handles, loc="lower center", ncol=leg_cols, fontsize=6.5,
+                     frameon=False, handlelength=2.2, columnspacing=1.2)
+    for h, t in zip(handles, leg.get_texts()):
+        if h.get_color() == "none":
+            t.set_fontweight("bold")
+    fig.suptitle(f"sdekit bench: {results['problem']['description']}\none colour per solver "
+                 "family, its best line bold; [grid] each line's time grid; dashed: SDE solvers",
                  fontsize=8)
-    fig.tight_layout(rect=(0, leg_h / H, 1, 1 - 0.3 / H))
+    fig.tight_layout(rect=(0, leg_h / H, 1, 1 - 0.45 / H))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
@@ -331,4 +410,4 @@ def write_reports(results: Mapping[str, Any], out_dir: Path | str,
 
 __all__ = ["terminal_report", "markdown_report", "pivot", "pivot_table", "adaptive_table",
            "full_table", "write_csv", "plot", "write_reports", "best_grids", "FORMATS",
-           "METRICS"]
+           "METRICS", "reference_warning"]

@@ -20,6 +20,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import inspect
@@ -27,11 +28,13 @@ import json
 import math
 import os
 import platform
+import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -471,6 +474,60 @@ def environment() -> dict[str, Any]:
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
+@contextlib.contextmanager
+def _phase(desc: str, progress: bool,
+           nfe_of: Callable[[], int] | None) -> Iterator[dict[str, float]]:
+    """Progress of a phase without steps of its own (drawing data, the reference solve): a
+    tqdm bar on stderr counting the model evaluations ``nfe_of()`` so far, refreshed every
+    second from a background thread; ``progress=False`` shows nothing. The yielded dict gets
+    ``elapsed`` (seconds) on exit."""
+    info: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if not progress:
+        try:
+            yield info
+        finally:
+            info["elapsed"] = time.perf_counter() - t0
+        return
+    from tqdm.auto import tqdm
+    start = nfe_of() if nfe_of else 0
+    bar = tqdm(desc=desc, unit=" NFE", total=None, dynamic_ncols=True, file=sys.stderr,
+               leave=False)
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(1.0):
+            n = (nfe_of() - start) if nfe_of else 0
+            bar.update(n - bar.n) if n > bar.n else bar.refresh()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield info
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
+        info["elapsed"] = time.perf_counter() - t0
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def describe_reference(ref: Mapping[str, Any]) -> str:
+    """One line on the reference solution and what its estimated error means."""
+    s = f"reference: {ref.get('method', '?')}"
+    if ref.get("nfe") is not None:
+        s += f", {ref['nfe']} NFE"
+    if ref.get("error_estimate") is not None:
+        s += (f"; estimated RMS error of the reference itself {ref['error_estimate']:.2e} "
+              f"({ref.get('error_estimate_method', 'vs a looser solve')}, so an upper "
+              "estimate): solvers' RMS errors below it are not resolved")
+    return s
+
+
 def run_sweep(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str, *,
               resume: bool = True, progress: bool = True, rank: int | None = None,
               world_size: int | None = None, timeout: float = 3600.0) -> dict[str, Any] | None:
@@ -516,7 +573,17 @@ def _run_sweep(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "local")
     t_start = time.perf_counter()
     cells = plan_cells(config)
-    prep = prepare(problem, config, cache_dir, rank, world, timeout)
+    show = progress and rank == 0
+    nfe = getattr(problem.model, "nfe", None)
+    how = ("the exact reference (flow map)" if problem.flow is not None else
+           f"the reference solution ({config.reference_solver}: a converged solve plus one 100x "
+           "looser to estimate its error; loaded instead when cached)")
+    _say(show, f"bench {problem.name}: n={config.n} samples per cell; preparing the initial "
+               f"states, held-out data and {how}")
+    with _phase(f"prepare {problem.name}", show,
+                (lambda: int(problem.model.nfe)) if isinstance(nfe, int) else None) as phase:
+        prep = prepare(problem, config, cache_dir, rank, world, timeout)
+    _say(show, describe_reference(prep.reference) + f" [{phase['elapsed']:.1f} s]")
     cell_dir = prep.cache_dir / "cells"
     cell_dir.mkdir(parents=True, exist_ok=True)
 

@@ -8,6 +8,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ._args import (
+    THREADS_HELP,
+    RawHelpFormatter,
+    UsageError,
+    add_command,
+    add_threads,
+    apply_threads,
+    default_out_dir,
+    float_in,
+    out_dir,
+    positive_float,
+    positive_int,
+    seed_int,
+)
+
+DEFAULT_OUT = Path("runs") / "bench"
 EPILOG = """\
 problems:
   gaussian            16-dim Gaussian under VP, exact score and exact references (default)
@@ -22,6 +38,8 @@ examples:
   sdekit bench --solvers ddim,heun --grids logsnr --nfe 10,20
   sdekit bench --problem gmm --out results/gmm
   torchrun --nproc-per-node 2 -m sdekit.cli.main bench --problem gmm   # sharded sweep
+
+Progress (the reference solve, then each cell) goes to stderr; --quiet turns it off.
 """
 
 
@@ -51,38 +69,44 @@ def _option(s: str) -> tuple[str, str, Any]:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "bench", help="NFE-versus-quality benchmark of the registered solvers",
+    p = add_command(
+        subparsers, "bench", help="NFE-versus-quality benchmark of the registered solvers",
         description="Sweep solvers x time grids x NFE budgets on a problem and report quality "
                     "(RMS vs the reference PF-ODE solution, Frechet distance, KL, sliced "
                     "Wasserstein, MMD) against measured NFE and wall time. Finished cells are "
                     "cached: rerun the same command to resume an interrupted sweep.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=RawHelpFormatter)
     a = p.add_argument
-    a("--problem", default="gaussian", help="gaussian (default), gmm, checkpoint:PATH or "
+    a("--problem", default="gaussian", help="gaussian, gmm, checkpoint:PATH or "
                                             "module:factory (trusted code only: it is run)")
-    a("--sde", default=None, help="forward SDE of a built-in problem (default vp); see "
+    a("--sde", default=None, help="forward SDE of a built-in problem (default: vp); see "
                                   "`sdekit sdes`")
-    a("--dim", type=int, default=None, help="dimension of a built-in problem (gaussian: 16, "
-                                            "gmm: 16)")
+    a("--dim", type=positive_int, default=None,
+      help="dimension of a built-in problem (default: gaussian 16, gmm 16)")
     a("--solvers", type=_csv(str, "--solvers"), default=[],
-      help="comma-separated registry names (default all; see `sdekit solvers`)")
-    a("--exclude", type=_csv(str, "--exclude"), default=[], help="solvers to leave out")
+      help="comma-separated registry names (default: all; see `sdekit solvers`)")
+    a("--exclude", type=_csv(str, "--exclude"), default=[],
+      help="solvers to leave out (default: none)")
     a("--grids", type=_csv(str, "--grids"), default=[],
-      help="comma-separated time grids (default all: uniform, quadratic, logsnr, karras)")
+      help="comma-separated time grids (default: all: uniform, quadratic, logsnr, karras)")
     a("--nfe", type=_csv(int, "--nfe"), default=[5, 10, 20, 50], help="NFE budgets "
-                                                                      "(default 5,10,20,50)")
+                                                                      "(default: 5,10,20,50)")
     a("--tols", type=_csv(float, "--tols"), default=[1e-2, 1e-3, 1e-4],
-      help="tolerances for adaptive solvers (default 1e-2,1e-3,1e-4)")
-    a("-n", "--n", type=int, default=500, help="samples per cell, one batch (default 500)")
-    a("--n-ref", type=int, default=None, help="held-out samples (default: --n)")
-    a("--seed", type=int, default=0)
+      help="tolerances for adaptive solvers (default: 1e-2,1e-3,1e-4)")
+    a("-n", "--n", type=positive_int, default=500, help="samples per cell, one batch")
+    a("--n-ref", type=positive_int, default=None, help="held-out samples (default: --n)")
+    a("--seed", type=seed_int, default=0, help="seed of the initial states and the noise")
     a("-O", "--solver-option", type=_option, action="append", default=[],
-      metavar="SOLVER.OPTION=VALUE", help="an option for one solver, e.g. pc.snr=0.1 (repeatable)")
+      metavar="SOLVER.OPTION=VALUE",
+      help="an option for one solver of --solvers, e.g. pc.snr=0.1 (repeatable; default: none)")
     a("--float64", action="store_true", help="keep solver states in float64")
-    a("--out", default=None, help="output folder (default sdekit-bench/<problem>)")
-    a("--cache-dir", default=None, help="cell cache (default <out>/cache); must be shared by "
-                                        "all ranks of a sharded run")
+    a("--reference-tol", type=float_in(0.0, 1.0, lo_open=True), default=None,
+      help="rtol = atol of the reference solve where no exact flow map exists (default: 1e-8 "
+           "for analytic models, 1e-6 for networks)")
+    a("--out", type=out_dir, default=None,
+      help=f"output folder (default: {DEFAULT_OUT}/<problem>)")
+    a("--cache-dir", type=out_dir, default=None,
+      help="cell cache (default: <out>/cache); must be shared by all ranks of a sharded run")
     a("--fresh", action="store_true", help="recompute every cell instead of resuming")
     a("--formats", type=_csv(str, "--formats"), default=["json", "csv", "md", "png"],
       help="outputs to write (default json,csv,md,png)")
@@ -91,19 +115,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a("--metrics", type=_csv(str, "--metrics"), default=["rms", "fd"],
       help="metrics of the terminal tables (default rms,fd; any of rms,fd,kl,sw,mmd,"
            "ms_per_sample)")
-    a("--threads", type=int, default=None,
-      help="torch CPU threads (default: 1 for the built-in analytic problems, whose tiny "
-           "operations only lose from threading; torch's default otherwise)")
-    a("--quiet", action="store_true", help="no progress bar")
-    a("--shard-timeout", type=float, default=3600.0,
-      help="seconds rank 0 waits for the other ranks' cells (default 3600)")
+    add_threads(p, "1 for the built-in analytic problems, whose tiny operations only lose from "
+                   "threading; otherwise " + THREADS_HELP)
+    a("--quiet", action="store_true", help="no progress output (reference solve, cells)")
+    a("--shard-timeout", type=positive_float, default=3600.0,
+      help="seconds rank 0 waits for the other ranks' cells")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..bench import report
     from ..bench.problems import PROBLEMS, BenchError, resolve_problem
     from ..bench.runner import SweepConfig, run_sweep
@@ -112,11 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         builtin = args.problem in PROBLEMS
-        if args.threads is not None and args.threads < 1:
-            raise BenchError(f"--threads={args.threads} is invalid: expected an integer >= 1")
-        threads = args.threads if args.threads is not None else (1 if builtin else None)
-        if threads is not None:
-            torch.set_num_threads(threads)
+        apply_threads(args.threads, 1 if builtin else None)
         if not builtin and (args.sde is not None or args.dim is not None):
             raise BenchError(f"--sde/--dim configure the built-in problems {sorted(PROBLEMS)} "
                              f"only, not --problem {args.problem!r}")
@@ -137,15 +154,20 @@ def run(args: argparse.Namespace) -> int:
             raise BenchError("--solvers/--exclude leave no solver to run")
         options: dict[str, dict[str, Any]] = {}
         for name, key, val in args.solver_option:
+            if name in names and name not in solvers:
+                raise UsageError(f"-O/--solver-option {name}.{key}=...: solver {name!r} is not "
+                                 f"swept (--solvers/--exclude leave {solvers}): add it to "
+                                 "--solvers or drop the option")
             options.setdefault(name, {})[key] = val
         config = SweepConfig(solvers=solvers, grids=args.grids or None, nfe=args.nfe,
                              tols=args.tols, n=args.n, n_ref=args.n_ref, seed=args.seed,
-                             solver_options=options, float64=args.float64)
+                             solver_options=options, float64=args.float64,
+                             reference_tol=args.reference_tol)
         config.validate()  # fail on names before building the problem
         sde = get_sde(args.sde) if args.sde is not None else None
         problem = resolve_problem(args.problem, sde=sde, dim=args.dim, seed=args.seed)
-        out = Path(args.out) if args.out else Path("sdekit-bench") / problem.name
-        cache = Path(args.cache_dir) if args.cache_dir else out / "cache"
+        out = args.out or default_out_dir(DEFAULT_OUT / problem.name)
+        cache = args.cache_dir or out / "cache"
         results = run_sweep(problem, config, cache, resume=not args.fresh,
                             progress=not args.quiet, timeout=args.shard_timeout)
     except (BenchError, ValueError, TypeError) as e:

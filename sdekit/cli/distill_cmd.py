@@ -5,44 +5,65 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from ._args import (
+    add_command,
+    add_threads,
+    alias,
+    apply_threads,
+    existing_file,
+    nonneg_int,
+    out_dir,
+    positive_float,
+    positive_int,
+    seed_int,
+)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "distill", help="distil a checkpoint into a one-pass operator sampler (solver 'fno')",
+    p = add_command(
+        subparsers, "distill",
+        help="distil a checkpoint into a one-pass operator sampler (solver 'fno')",
         description="Solve the probability-flow ODE of a trained checkpoint from prior draws "
                     "(resumable, on disk), then train a temporal Fourier neural operator that "
                     "maps x_T to the trajectory in one pass (Zheng et al. 2023). Sample with "
                     "`sdekit sample --checkpoint TEACHER --solver fno --operator OUT/operator.pt`.")
     a = p.add_argument
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", type=Path, help="the teacher: a `sdekit train` checkpoint")
+    src.add_argument("--checkpoint", type=existing_file,
+                     help="the teacher: a `sdekit train` checkpoint (this or --problem is "
+                          "required)")
     src.add_argument("--problem", help="the teacher as a `sdekit bench` problem: gaussian, gmm "
-                                       "(exact scores), checkpoint:PATH or module:factory")
+                                       "(exact scores), checkpoint:PATH or module:factory (this "
+                                       "or --checkpoint is required)")
     a("--sde", default=None, help="forward SDE of a built-in problem (default vp)")
-    a("--dim", type=int, default=None, help="dimension of a built-in problem")
-    a("--problem-seed", type=int, default=0,
-      help="seed of a built-in problem (as `sdekit bench --seed`; default 0)")
-    a("--out", type=Path, required=True, help="directory for trajectories and operator.pt")
-    a("--n", type=int, default=8192, help="number of teacher trajectories (default 8192)")
+    a("--dim", type=positive_int, default=None,
+      help="dimension of a built-in problem (default: the problem's own)")
+    a("--problem-seed", type=seed_int, default=0,
+      help="seed of a built-in problem (as `sdekit bench --seed`)")
+    a("--out", type=out_dir, required=True,
+      help="directory for trajectories and operator.pt (required)")
+    a("--n", type=positive_int, default=8192, help="number of teacher trajectories")
     a("--solver", default="heun", help="teacher solver (any registered fixed-grid solver)")
-    a("--steps-per-segment", type=int, default=8,
+    a("--steps-per-segment", type=positive_int, default=8,
       help="teacher steps between consecutive output times")
-    a("--shard-size", type=int, default=1024, help="trajectories per file (and per solve)")
-    a("--slots", type=int, default=4, help="output times of the operator (the last is t_min)")
+    a("--shard-size", type=positive_int, default=1024,
+      help="trajectories per file (and per solve)")
+    a("--slots", type=positive_int, default=4,
+      help="output times of the operator (the last is t_min)")
     a("--spacing", default="quadratic", help="spacing of the output times")
-    a("--train-steps", type=int, default=4000, help="optimiser steps (default 4000)")
-    a("--batch", type=int, default=256, help="trajectories per step (default 256)")
-    a("--lr", type=float, default=2e-3,
+    a("--train-steps", type=nonneg_int, default=4000, help="optimiser steps")
+    a("--batch-size", type=positive_int, default=256, help="trajectories per step")
+    alias(p, "--batch", "batch_size", type=positive_int)
+    a("--lr", type=positive_float, default=2e-3,
       help="peak learning rate (default 2e-3; 100 warm-up steps, cosine decay to 0)")
-    a("--width", type=int, default=64, help="channels of the temporal Fourier layers")
-    a("--layers", type=int, default=2, help="temporal Fourier layers")
-    a("--modes", type=int, default=2, help="Fourier modes kept along the trajectory axis")
-    a("--experts", type=int, default=1,
+    a("--width", type=positive_int, default=64, help="channels of the temporal Fourier layers")
+    a("--layers", type=positive_int, default=2, help="temporal Fourier layers")
+    a("--modes", type=positive_int, default=2, help="Fourier modes kept along the trajectory axis")
+    a("--experts", type=positive_int, default=1,
       help="gated affine maps in the operator's linear path (vectors; e.g. the number of "
-           "modes of the data; default 1)")
+           "modes of the data)")
     a("--backbone-at", choices=("auto", "slots", "start"), default="auto",
       help="slots: one backbone pass per output time beside a fitted linear path; start: one "
            "pass at x_T's own noise level, every slot starting from its one-step DDIM estimate "
@@ -50,8 +71,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
            "(default): start with --init-from-teacher, slots otherwise")
     a("--init-from-teacher", action="store_true",
       help="use the teacher checkpoint's network (architecture and weights) as the backbone")
-    a("--seed", type=int, default=0, help="seed of the teacher's draws and of training")
-    a("--threads", type=int, default=None)
+    a("--seed", type=seed_int, default=0, help="seed of the teacher's draws and of training")
+    add_threads(p)
+    a("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
 
@@ -91,18 +113,10 @@ def _teacher_network(args: argparse.Namespace, model: Any) -> tuple[dict, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from .._io import atomic_write_bytes
     from ..distill import generate_trajectories, train_operator
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    for name in ("n", "shard_size", "steps_per_segment", "slots", "batch", "experts"):
-        if getattr(args, name) < 1:
-            print(f"sdekit distill: error: --{name.replace('_', '-')}={getattr(args, name)} is "
-                  "invalid: expected an integer >= 1", file=sys.stderr)
-            return 2
+    apply_threads(args.threads)
     t0 = time.perf_counter()
     try:
         sde, model, shape, teacher = _teacher(args)
@@ -116,13 +130,14 @@ def run(args: argparse.Namespace) -> int:
                                      solver=args.solver, steps_per_segment=args.steps_per_segment,
                                      slots=args.slots, spacing=args.spacing,
                                      shard_size=args.shard_size, seed=args.seed,
-                                     teacher=teacher, progress=True)
+                                     teacher=teacher, progress=not args.quiet)
         t1 = time.perf_counter()
         train_operator(data, args.out / "operator.pt", sde, backbone=backbone,
                        init_backbone=init, width=args.width, layers=args.layers,
                        modes=args.modes, experts=args.experts, backbone_at=backbone_at,
                        steps=args.train_steps,
-                       batch=args.batch, lr=args.lr, seed=args.seed, progress=True)
+                       batch=args.batch_size, lr=args.lr, seed=args.seed,
+                       progress=not args.quiet)
     except ValueError as e:  # BenchError and CheckpointError included
         print(f"sdekit distill: error: {e}", file=sys.stderr)
         return 2

@@ -1,15 +1,25 @@
-"""The ``sdekit`` command line. Only this package and the registry turn strings into objects."""
+"""The ``sdekit`` command line. Only this package and the registry turn strings into objects.
+
+Errors: a mistake on the command line ends in one line ``sdekit <command>: error: ...`` and exit
+status 2 before any work starts. Parse errors come from argparse (:class:`._args.Parser`); later
+checks raise :class:`._args.UsageError`. :func:`main` also reports sdekit's own input-error types
+(a bad checkpoint, a bad bench problem) as one line, and a model that returned NaN/Inf
+(:class:`~sdekit.solvers.base.ModelOutputError`) as one line with status 1. Any other exception
+is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from .. import __version__
-from ..sde import SDES
+from ._args import Parser, UsageError, add_command
 
 
 def _cmd_sdes(args: argparse.Namespace) -> int:
+    from ..sde import SDES
+
     for name, cls in SDES.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         print(f"{name:8s} {cls.__name__:14s} {doc}")
@@ -17,26 +27,36 @@ def _cmd_sdes(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sdekit", description="Diffusion sampling as ODE/SDE solving.")
+    p = Parser(prog="sdekit", description="Diffusion sampling as ODE/SDE solving.")
     p.add_argument("--version", action="version", version=f"sdekit {__version__}")
     sub = p.add_subparsers(dest="command")
-    s = sub.add_parser("sdes", help="list the forward SDEs")
+    s = add_command(sub, "sdes", help="list the forward SDEs")
     s.set_defaults(func=_cmd_sdes)
-    from .bench import add_parser as add_bench; add_bench(sub)  # noqa: E702
-    from .solvers_cmd import add_parser as add_solvers; add_solvers(sub)  # noqa: E702
-    from .train import add_parser as add_train; add_train(sub)  # noqa: E702
-    from .sample_cmd import add_parser as add_sample; add_sample(sub)  # noqa: E702
-    from .distill_cmd import add_parser as add_distill; add_distill(sub)  # noqa: E702
+    from . import bench, distill_cmd, sample_cmd, solvers_cmd, train
+    for command in (bench, solvers_cmd, train, sample_cmd, distill_cmd):
+        command.add_parser(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..bench.problems import BenchError
+    from ..solvers.base import ModelOutputError
+    from ..training.checkpoint import CheckpointError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    prog = f"sdekit {args.command}"
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, CheckpointError, BenchError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except ModelOutputError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

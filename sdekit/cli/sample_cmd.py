@@ -2,32 +2,57 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import sys
-from pathlib import Path
 from typing import Any
+
+from ._args import (
+    UsageError,
+    add_command,
+    add_threads,
+    apply_threads,
+    existing_file,
+    float_in,
+    nonneg_int,
+    out_prefix,
+    positive_int,
+    seed_int,
+    user_input,
+)
+
+
+def default_solver() -> str:
+    """The default solver of :func:`sdekit.sample` (its signature is the one place it is set)."""
+    from ..integrate import sample
+    return inspect.signature(sample).parameters["solver"].default
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("sample", help="sample a trained checkpoint",
-                              description="Draw samples from a checkpoint (EMA weights) with any "
-                                          "registered solver; writes <out>.png and <out>.npz.")
+    p = add_command(subparsers, "sample", help="sample a trained checkpoint",
+                    description="Draw samples from a checkpoint (EMA weights) with any "
+                                "registered solver; writes <out>.png and <out>.npz.")
     a = p.add_argument
-    a("--checkpoint", type=Path, required=True)
-    a("--solver", default="ddim", help="registered solver name (see `sdekit solvers`)")
-    a("--steps", type=int, default=20)
+    a("--checkpoint", type=existing_file, required=True,
+      help="a `sdekit train` checkpoint (required)")
+    a("--solver", default=default_solver(),
+      help="registered solver name (see `sdekit solvers`), as in sdekit.sample()")
+    a("--steps", type=positive_int, default=20, help="solver steps")
     a("--grid", default=None, help="time grid (default: the solver's own)")
-    a("--n", type=int, default=64, help="number of samples")
-    a("--seed", type=int, default=0)
-    a("--batch-size", type=int, default=1000)
-    a("--label", type=int, default=None,
+    a("--n", type=positive_int, default=64, help="number of samples")
+    a("--seed", type=seed_int, default=0, help="seed of the per-sample seeds")
+    a("--batch-size", type=positive_int, default=1000, help="samples per solver call")
+    a("--label", type=nonneg_int, default=None,
       help="class label for a class-conditional model (default: labels cycle 0..K-1)")
-    a("--guidance", type=float, default=0.0, help="classifier-free guidance weight w")
+    a("--guidance", type=float_in(-math.inf), default=0.0,
+      help="classifier-free guidance weight w")
     a("--raw", action="store_true", help="use the raw weights instead of the EMA")
-    a("--operator", type=Path, default=None,
-      help="operator checkpoint for --solver fno (made by `sdekit distill`)")
-    a("--out", type=Path, default=None, help="output prefix (default: <checkpoint dir>/samples)")
-    a("--threads", type=int, default=None)
+    a("--operator", type=existing_file, default=None,
+      help="operator checkpoint for --solver fno (made by `sdekit distill`; default: none)")
+    a("--out", type=out_prefix, default=None,
+      help="output prefix (default: <checkpoint dir>/samples)")
+    add_threads(p)
     p.set_defaults(func=run)
     return p
 
@@ -36,19 +61,21 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from ..grids import GRIDS
+    from ..solvers.registry import get_solver
     from ..training.checkpoint import CheckpointError, load_model
     from ..training.data import to_data_space
     from ..training.images import save_samples_png
     from ..training.sampling import generate
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    for name in ("n", "steps", "batch_size"):
-        v = getattr(args, name)
-        if v < 1:
-            print(f"sdekit sample: error: --{name.replace('_', '-')}={v} is invalid: expected an "
-                  "integer >= 1", file=sys.stderr)
-            return 2
+    with user_input("--solver"):
+        slv = get_solver(args.solver)
+    if args.steps < slv.min_steps:
+        raise UsageError(f"--steps={args.steps} is too few for --solver {args.solver}: expected "
+                         f"at least {slv.min_steps}")
+    if args.grid is not None and args.grid not in GRIDS:
+        raise UsageError(f"--grid={args.grid!r} is invalid: expected one of {sorted(GRIDS)}")
+    apply_threads(args.threads)
     try:
         net, sde, cfg = load_model(args.checkpoint, ema=not args.raw)
     except CheckpointError as e:

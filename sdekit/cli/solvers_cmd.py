@@ -5,6 +5,8 @@ import argparse
 import json
 from typing import Any
 
+from ._args import add_command
+
 
 def _order(d: dict[str, Any]) -> str:
     o = "-" if d.get("order") is None else str(d["order"])
@@ -53,12 +55,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("solvers", help="list the registered solvers",
-                              description="List the solver registry: name, family, order (strong "
-                                          "order for SDE solvers), NFE per step, ODE or SDE, the "
-                                          "default time grid, batch invariance (yes: a sample "
-                                          "never depends on its batch; to tol.: only to within "
-                                          "the solver's tolerance) and the paper.")
+    p = add_command(subparsers, "solvers", help="list the registered solvers",
+                    description="List the solver registry: name, family, order (strong "
+                                "order for SDE solvers), NFE per step, ODE or SDE, the "
+                                "default time grid, batch invariance (yes: a sample never "
+                                "depends on its batch; to tol.: only to within the solver's "
+                                "tolerance) and the paper.")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true", help="the registry metadata as JSON")
     g.add_argument("--markdown", action="store_true", help="a Markdown table")

@@ -2,18 +2,40 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from ._args import (
+    THREADS_HELP,
+    UsageError,
+    add_command,
+    add_threads,
+    alias,
+    apply_threads,
+    default_out_dir,
+    fraction,
+    nonneg_float,
+    nonneg_int,
+    out_dir,
+    positive_float,
+    positive_int,
+    seed_int,
+    user_input,
+)
+
 
 def _ints(s: str) -> list[int]:
     try:
-        return [int(v) for v in s.split(",") if v.strip()]
+        v = [int(v) for v in s.split(",") if v.strip()]
     except ValueError:
+        v = None
+    if v is None or any(i < 1 for i in v):
         raise argparse.ArgumentTypeError(
-            f"{s!r} is not a comma-separated list of integers") from None
+            f"{s!r} is not a comma-separated list of integers >= 1")
+    return v
 
 
 def _json(s: str) -> dict[str, Any]:
@@ -26,64 +48,133 @@ def _json(s: str) -> dict[str, Any]:
     return d
 
 
+# flag dest -> network config key
+NET_FLAGS = {"net": "name", "prediction": "prediction", "channels": "base_channels",
+             "channel_mult": "channel_mult", "num_res_blocks": "num_res_blocks",
+             "attn_resolutions": "attn_resolutions", "width": "width", "depth": "depth",
+             "embedding": "embedding", "dropout": "dropout", "sigma_data": "sigma_data"}
+# flag dests that override a TrainConfig entry of the same name
+CONFIG_FLAGS = ("loss", "steps", "batch_size", "lr", "lr_decay", "warmup", "weight_decay",
+                "grad_clip", "ema_decay", "seed", "ckpt_every", "log_every", "sample_solver",
+                "sample_steps", "sample_n", "device", "label_dropout", "image_size")
+
+
+def _recipe_default(key: str, net: bool = False) -> str:
+    """``default: ...`` text for a flag: the recipes' value (digits vs the 2-D toys)."""
+    from ..training.trainer import RECIPES, TrainConfig
+
+    def show(v: Any) -> str:
+        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+    vals = {}
+    for r, label in (("digits", "digits"), ("toy", "toys")):
+        if net:
+            v = RECIPES[r]["net"].get(key)
+        else:
+            v = RECIPES[r].get(key, TrainConfig.__dataclass_fields__[key].default)
+        if v is not None:
+            vals[label] = show(v)
+    if not vals:
+        return "default: the network's own"
+    if len(set(vals.values())) == 1 and len(vals) == 2:
+        return f"default: {next(iter(vals.values()))}"
+    return "default: " + ", ".join(f"{k} {v}" for k, v in vals.items())
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from ..models import EMBEDDINGS, NET_PREDICTIONS, NETWORKS
     from ..sde import SDES
     from ..training.data import DATASETS
     from ..training.losses import LOSSES
 
-    p = subparsers.add_parser(
-        "train", help="train a score network on a bundled dataset",
-        description="Train a score network. Defaults come from the dataset's recipe; every flag "
-                    "overrides one entry. Run data-parallel with `torchrun --nproc_per_node N -m "
-                    "sdekit.cli.main train ...`.")
+    R = _recipe_default
+    p = add_command(
+        subparsers, "train", help="train a score network on a bundled dataset",
+        description="Train a score network. Defaults come from the dataset's recipe (digits: a "
+                    "small U-Net; the 2-D toys: a residual MLP); every flag overrides one entry. "
+                    "`--print-config` shows the resolved config. Run data-parallel with "
+                    "`torchrun --nproc-per-node N -m sdekit.cli.main train ...`.")
     a = p.add_argument
-    a("--data", required=True, choices=list(DATASETS), help="bundled dataset")
-    a("--sde", default="vp", choices=sorted(SDES), help="forward SDE (default vp)")
+    a("--data", required=True, choices=list(DATASETS), help="bundled dataset (required)")
+    a("--sde", default="vp", choices=sorted(SDES), help="forward SDE")
     a("--sde-kwargs", type=_json, default=None, metavar="JSON",
-      help='SDE keyword arguments, e.g. \'{"beta_max": 20}\'')
-    a("--out", type=Path, default=None, help="output directory (default runs/<data>-<sde>)")
+      help='SDE keyword arguments, e.g. \'{"beta_max": 20}\' (default: the SDE\'s own)')
+    a("--out", type=out_dir, default=None,
+      help="output directory (default: runs/<data>-<sde>)")
     a("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    a("--print-config", action="store_true",
+      help="print the resolved training config as JSON and exit without training")
     g = p.add_argument_group("network")
-    g.add_argument("--net", choices=sorted(NETWORKS), default=None)
+    g.add_argument("--net", choices=sorted(NETWORKS), default=None,
+                   help="network architecture (" + R("name", net=True) + ")")
     g.add_argument("--prediction", choices=NET_PREDICTIONS, default=None,
-                   help="network output (recipes: denoiser = EDM preconditioning; "
-                        "choosing one without --loss picks eps loss, or edm for denoiser)")
-    g.add_argument("--channels", type=int, default=None, help="U-Net base channels")
-    g.add_argument("--channel-mult", type=_ints, default=None, metavar="1,2")
-    g.add_argument("--num-res-blocks", type=int, default=None)
-    g.add_argument("--attn-resolutions", type=_ints, default=None, metavar="4")
-    g.add_argument("--width", type=int, default=None, help="MLP width")
-    g.add_argument("--depth", type=int, default=None, help="MLP residual blocks")
-    g.add_argument("--embedding", choices=EMBEDDINGS, default=None)
-    g.add_argument("--dropout", type=float, default=None)
-    g.add_argument("--sigma-data", type=float, default=None)
+                   help="network output (denoiser = EDM preconditioning; choosing one without "
+                        "--loss picks eps loss, or edm for denoiser; "
+                        + R("prediction", net=True) + ")")
+    g.add_argument("--channels", type=positive_int, default=None,
+                   help="U-Net base channels (" + R("base_channels", net=True) + ")")
+    g.add_argument("--channel-mult", type=_ints, default=None, metavar="1,2",
+                   help="U-Net channel multipliers per level (" + R("channel_mult", net=True)
+                   + ")")
+    g.add_argument("--num-res-blocks", type=positive_int, default=None,
+                   help="U-Net residual blocks per level (" + R("num_res_blocks", net=True) + ")")
+    g.add_argument("--attn-resolutions", type=_ints, default=None, metavar="4",
+                   help="U-Net resolutions with self-attention (default: none)")
+    g.add_argument("--width", type=positive_int, default=None,
+                   help="MLP width (" + R("width", net=True) + ")")
+    g.add_argument("--depth", type=positive_int, default=None,
+                   help="MLP residual blocks (" + R("depth", net=True) + ")")
+    g.add_argument("--embedding", choices=EMBEDDINGS, default=None,
+                   help="time embedding (" + R("embedding", net=True) + ")")
+    g.add_argument("--dropout", type=fraction, default=None,
+                   help="dropout probability (" + R("dropout", net=True) + ")")
+    g.add_argument("--sigma-data", type=positive_float, default=None,
+                   help="data scale of the EDM preconditioning ("
+                   + R("sigma_data", net=True) + ")")
     g.add_argument("--class-cond", action="store_true",
                    help="condition on labels (with a null class for classifier-free guidance)")
-    g.add_argument("--label-dropout", type=float, default=None)
-    g.add_argument("--image-size", type=int, default=None, help="upsample digits to this size")
+    g.add_argument("--label-dropout", type=fraction, default=None,
+                   help="probability of the null class in training (" + R("label_dropout") + ")")
+    g.add_argument("--image-size", type=positive_int, default=None,
+                   help="upsample digits to this size (" + R("image_size") + ")")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--loss", choices=LOSSES, default=None)
-    o.add_argument("--steps", type=int, default=None)
-    o.add_argument("--batch-size", type=int, default=None)
-    o.add_argument("--lr", type=float, default=None)
-    o.add_argument("--lr-decay", choices=("cosine", "constant"), default=None)
-    o.add_argument("--warmup", type=int, default=None)
-    o.add_argument("--weight-decay", type=float, default=None)
-    o.add_argument("--grad-clip", type=float, default=None)
-    o.add_argument("--ema-decay", type=float, default=None)
-    o.add_argument("--seed", type=int, default=None)
+    o.add_argument("--loss", choices=LOSSES, default=None,
+                   help="training loss (" + R("loss") + ")")
+    o.add_argument("--steps", type=positive_int, default=None, help="optimiser steps ("
+                   + R("steps") + ")")
+    o.add_argument("--batch-size", type=positive_int, default=None,
+                   help="global batch size (" + R("batch_size") + ")")
+    o.add_argument("--lr", type=positive_float, default=None,
+                   help="peak learning rate (" + R("lr") + ")")
+    o.add_argument("--lr-decay", choices=("cosine", "constant"), default=None,
+                   help="learning-rate schedule after the warm-up (" + R("lr_decay") + ")")
+    o.add_argument("--warmup", type=nonneg_int, default=None,
+                   help="linear warm-up steps (" + R("warmup") + ")")
+    o.add_argument("--weight-decay", type=nonneg_float, default=None,
+                   help="AdamW weight decay (" + R("weight_decay") + ")")
+    o.add_argument("--grad-clip", type=positive_float, default=None,
+                   help="gradient-norm clip (" + R("grad_clip") + ")")
+    o.add_argument("--ema-decay", type=fraction, default=None,
+                   help="EMA decay of the sampled weights (" + R("ema_decay") + ")")
+    o.add_argument("--seed", type=seed_int, default=None,
+                   help="seed of the weights and batches (" + R("seed") + ")")
     r = p.add_argument_group("output")
-    r.add_argument("--ckpt-every", type=int, default=None)
-    r.add_argument("--log-every", type=int, default=None)
-    r.add_argument("--sample-solver", default=None, help="solver for checkpoint sample grids")
-    r.add_argument("--sample-steps", type=int, default=None)
-    r.add_argument("--sample-n", type=int, default=None)
-    r.add_argument("--device", default=None, help="auto (default), cpu or cuda")
-    r.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 for the 2-D toys, torch's default "
-                        "otherwise; 1 is fastest on a busy machine)")
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--ckpt-every", type=positive_int, default=None,
+                   help="steps between checkpoints (" + R("ckpt_every") + ")")
+    r.add_argument("--log-every", type=positive_int, default=None,
+                   help="steps between log rows (" + R("log_every") + ")")
+    r.add_argument("--sample-solver", default=None,
+                   help="solver of the sample grid at each checkpoint (" + R("sample_solver")
+                   + "; see `sdekit solvers`)")
+    r.add_argument("--sample-steps", type=positive_int, default=None,
+                   help="its steps (" + R("sample_steps") + ")")
+    r.add_argument("--sample-n", type=positive_int, default=None,
+                   help="samples in the grid (" + R("sample_n") + ")")
+    r.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda if available (default: auto)")
+    add_threads(r, "1 for the 2-D toys' MLP; otherwise " + THREADS_HELP)
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    alias(r, "--no-progress", "quiet", action="store_true")
     p.set_defaults(func=run)
     return p
 
@@ -91,24 +182,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def build_config(args: argparse.Namespace):
     from ..training.trainer import recipe
 
-    net: dict[str, Any] = {}
-    for flag, key in (("net", "name"), ("prediction", "prediction"), ("channels", "base_channels"),
-                      ("channel_mult", "channel_mult"), ("num_res_blocks", "num_res_blocks"),
-                      ("attn_resolutions", "attn_resolutions"), ("width", "width"),
-                      ("depth", "depth"), ("embedding", "embedding"), ("dropout", "dropout"),
-                      ("sigma_data", "sigma_data")):
-        v = getattr(args, flag)
-        if v is not None:
-            net[key] = v
+    net = {key: getattr(args, flag) for flag, key in NET_FLAGS.items()
+           if getattr(args, flag) is not None}
     over: dict[str, Any] = {"sde": args.sde, "net": net, "class_cond": bool(args.class_cond)}
     if args.sde_kwargs:
         over["sde_kwargs"] = args.sde_kwargs
-    for key in ("loss", "steps", "batch_size", "lr", "lr_decay", "warmup", "weight_decay",
-                "grad_clip", "ema_decay", "seed", "ckpt_every", "log_every", "sample_solver",
-                "sample_steps", "sample_n", "device", "label_dropout", "image_size"):
-        v = getattr(args, key)
-        if v is not None:
-            over[key] = v
+    over.update({k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None})
     if args.prediction is not None and args.loss is None:   # the natural loss for the output
         over["loss"] = "edm" if args.prediction == "denoiser" else "eps"
     cfg = recipe(args.data, **over)
@@ -121,32 +200,51 @@ def build_config(args: argparse.Namespace):
     return cfg
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def check_config(cfg: Any) -> None:
+    """Reject what would only fail later (the SDE's keyword arguments, the checkpoint sampler)
+    with a :class:`UsageError` naming the flag."""
+    from ..sde import SDES, get_sde
+    from ..solvers.registry import get_solver
 
-    from ..training.checkpoint import CheckpointError
+    params = inspect.signature(SDES[cfg.sde].__init__).parameters
+    if not any(v.kind is v.VAR_KEYWORD for v in params.values()):
+        valid = [k for k in params if k != "self"]
+        bad = sorted(set(cfg.sde_kwargs) - set(valid))
+        if bad:
+            raise UsageError(f"--sde-kwargs: unknown keyword(s) {bad} for --sde {cfg.sde} "
+                             f"({SDES[cfg.sde].__name__}): expected some of {valid}")
+    with user_input("--sde-kwargs"):
+        get_sde(cfg.sde, **cfg.sde_kwargs)
+    with user_input("--sample-solver"):
+        slv = get_solver(cfg.sample_solver)
+    if cfg.sample_steps < slv.min_steps:
+        raise UsageError(f"--sample-steps={cfg.sample_steps} is too few for --sample-solver "
+                         f"{cfg.sample_solver}: expected at least {slv.min_steps}")
+
+
+def run(args: argparse.Namespace) -> int:
     from ..training.trainer import CHECKPOINT_NAME, Trainer, TrainingDiverged
 
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"sdekit train: error: --threads={args.threads} is invalid: expected >= 1",
-                  file=sys.stderr)
-            return 2
-        torch.set_num_threads(args.threads)
-    elif args.data != "digits" and args.net in (None, "mlp"):
-        torch.set_num_threads(1)   # tiny MLP matmuls: extra threads only add contention
-    out = args.out or Path("runs") / f"{args.data}-{args.sde}"
-    if (out / CHECKPOINT_NAME).exists() and not args.resume:
-        print(f"sdekit train: error: {out / CHECKPOINT_NAME} already exists: pass --resume to "
-              "continue that run, or choose another --out", file=sys.stderr)
-        return 2
-    try:
+    out = args.out or default_out_dir(Path("runs") / f"{args.data}-{args.sde}")
+    with user_input():
         cfg = build_config(args)
-        trainer = Trainer(cfg, out, resume=args.resume, progress=not args.no_progress)
-    except (ValueError, CheckpointError) as e:
-        print(f"sdekit train: error: {e}", file=sys.stderr)
-        return 2
+    check_config(cfg)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+        return 0
+    if (out / CHECKPOINT_NAME).exists() and not args.resume:
+        raise UsageError(f"{out / CHECKPOINT_NAME} already exists: pass --resume to continue "
+                         "that run, or choose another --out")
+    toy_mlp = args.data != "digits" and cfg.net.get("name") == "mlp"
+    apply_threads(args.threads, 1 if toy_mlp else None)   # tiny MLP matmuls: 1 thread is fastest
+    with user_input():   # bad settings and checkpoints (CheckpointError is a ValueError)
+        trainer = Trainer(cfg, out, resume=args.resume, progress=not args.quiet)
     try:
+        if trainer.step >= cfg.steps:   # a finished run resumed with the same --steps
+            if trainer.rank == 0:
+                print(f"nothing to do: {trainer.checkpoint_path} is already at step "
+                      f"{trainer.step} = --steps; pass a larger --steps to train further")
+            return 0
         if trainer.rank == 0:
             start = f" (resumed at step {trainer.step})" if trainer.step else ""
             n = sum(p.numel() for p in trainer.net.parameters())

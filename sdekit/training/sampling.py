@@ -8,10 +8,11 @@ from torch import Tensor
 
 from ..models import ScoreNet, wrap
 from ..sde.base import ForwardSDE
+from ..solvers.registry import DEFAULT_SOLVER
 
 
-def generate(net: ScoreNet, sde: ForwardSDE, n: int, *, solver: str = "ddim", steps: int = 20,
-             seed: int = 0, y: Tensor | int | None = None, guidance: float = 0.0,
+def generate(net: ScoreNet, sde: ForwardSDE, n: int, *, solver: str = DEFAULT_SOLVER,
+             steps: int = 20, seed: int = 0, y: Tensor | int | None = None, guidance: float = 0.0,
              batch_size: int = 1000, shape: tuple[int, ...] | None = None,
              **solver_kwargs: Any) -> tuple[Tensor, int]:
     """``n`` samples from ``net`` with ``sdekit.sample`` (in batches); returns ``(x, nfe)`` where

@@ -308,6 +308,10 @@ class Trainer:
             raise CheckpointError(f"checkpoint {str(path)!r} was written for a different "
                                   f"configuration ({details}): use another --out directory or "
                                   "the same settings")
+        require(int(ck["step"]) <= self.cfg.steps, "steps", self.cfg.steps,
+                f"an integer >= {int(ck['step'])}: checkpoint {str(path)!r} is already at step "
+                f"{int(ck['step'])}, past the requested steps (start a new run in another "
+                "output directory to train for fewer steps)")
         other = [k for k in now if k not in IDENTITY_KEYS and k != "steps"
                  and saved.get(k) != now[k]]
         if other and self.rank == 0:
