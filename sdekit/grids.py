@@ -6,6 +6,7 @@ Every grid is a float64 tensor of ``steps + 1`` strictly decreasing times from `
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable
 
 import torch
@@ -25,8 +26,26 @@ def quadratic_t(sde: ForwardSDE, steps: int, t_start: float, t_end: float) -> Te
     return torch.linspace(t_start ** 0.5, t_end ** 0.5, steps + 1, dtype=torch.float64) ** 2
 
 
+def _infinite_start(fn: Callable[..., Tensor], sde: ForwardSDE, steps: int, t_start: float,
+                    t_end: float, **kwargs: Any) -> Tensor:
+    """A grid whose variable is infinite at ``t_start`` (lambda = -inf, sigma_tilde = inf where
+    alpha(t_start) = 0, e.g. flow matching at t = 1): the first interval runs from ``t_start`` to
+    the first interior point of the uniform-in-t grid, ``t_1 = t_start - (t_start - t_end) /
+    steps`` (the step from alpha = 0 is first order in alpha_1 = alpha(t_1), so alpha_1 = O(1/steps)
+    keeps it at the size of the other steps' errors); the remaining ``steps - 1`` intervals are
+    the named grid on ``[t_1, t_end]``."""
+    if steps == 1:
+        return torch.tensor([t_start, t_end], dtype=torch.float64)
+    t1 = t_start - (t_start - t_end) / steps
+    return torch.cat([torch.tensor([t_start], dtype=torch.float64),
+                      fn(sde, steps - 1, t1, t_end, **kwargs)])
+
+
 def uniform_logsnr(sde: ForwardSDE, steps: int, t_start: float, t_end: float) -> Tensor:
-    """Uniform in the half-logSNR lambda (DPM-Solver's recommended grid)."""
+    """Uniform in the half-logSNR lambda (DPM-Solver's recommended grid). From a start where
+    lambda = -inf (alpha = 0, flow matching at t = 1) see :func:`_infinite_start`."""
+    if not math.isfinite(float(sde.lambda_(t_start))):
+        return _infinite_start(uniform_logsnr, sde, steps, t_start, t_end)
     lam = torch.linspace(float(sde.lambda_(t_start)), float(sde.lambda_(t_end)), steps + 1,
                          dtype=torch.float64)
     t = sde.t_of_lambda(lam)
@@ -36,9 +55,12 @@ def uniform_logsnr(sde: ForwardSDE, steps: int, t_start: float, t_end: float) ->
 
 def karras(sde: ForwardSDE, steps: int, t_start: float, t_end: float, rho: float = 7.0) -> Tensor:
     """Karras et al. 2022 Eq. 5 in the VE-equivalent sigma = exp(-lambda):
-    ``sigma_i = (sigma_max^(1/rho) + i/N (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``."""
+    ``sigma_i = (sigma_max^(1/rho) + i/N (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``. From a
+    start where sigma_tilde = inf (alpha = 0) see :func:`_infinite_start`."""
     if not (is_real(rho) and rho > 0):
         raise ValueError(f"rho={rho!r} is invalid: expected a number > 0")
+    if not math.isfinite(float(sde.sigma_tilde(t_start))):
+        return _infinite_start(karras, sde, steps, t_start, t_end, rho=rho)
     smax, smin = float(sde.sigma_tilde(t_start)), float(sde.sigma_tilde(t_end))
     r = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     sig = (smax ** (1 / rho) + r * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho

@@ -133,11 +133,14 @@ class DDIM(Solver):
     ``c = eta sigma_s sqrt(1 - exp(-2 (lambda_s - lambda_t)))``. Order 1, 1 NFE per step.
     ``eta = 0``: deterministic (= DPM-Solver-1); ``eta = 1``: ancestral sampling from the
     posterior ``q(x_s | x_t, x0_hat)`` (DDPM for VP, SMLD for VE; registered as ``ancestral``),
-    an Ito-SDE sampler of strong order 1 here (additive noise)."""
+    an Ito-SDE sampler of strong order 1 here (additive noise). Starts at alpha = 0 (flow
+    matching's t = 1) from the x0 prediction there: ``x_s = alpha_s x0 + (d / sigma_t) x + c z``
+    (a flow, v or x0 network; an eps network carries no x0 at alpha = 0)."""
 
     family = "ddim"
     paper = "Song, Meng & Ermon 2021, Denoising Diffusion Implicit Models, Eq. 12"
     order = 1
+    starts_at_alpha_zero = True  # from alpha = 0: x_s = alpha_s x0 + d x / sigma_0 + c z
 
     def __init__(self, eta: float = 0.0) -> None:
         if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
@@ -156,7 +159,10 @@ class DDIM(Solver):
             d = math.sqrt(max(s1 * s1 - c * c, 0.0))   # weight of eps in the mean
         else:
             c, d = 0.0, s1
-        kind, m = p.predict_native(x, p.times[i])
+        if a0 == 0.0:  # alpha = 0 (flow matching at t = 1): only x0 is defined there
+            kind, m = "x0", p.predict(x, p.times[i], "x0")
+        else:
+            kind, m = p.predict_native(x, p.times[i])
         # x_s = a1 x0 + d eps with x = a0 x0 + s0 eps, written in the network's own output
         if kind == "eps":
             out = p.lin(a1 / a0, x, d - a1 * s0 / a0, m)
