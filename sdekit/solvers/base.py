@@ -66,9 +66,10 @@ class Problem:
         return self._checked(out.detach(), t)
 
     def predict_native(self, x: Tensor, t: Any) -> tuple[str, Tensor]:
-        """One counted model call returned as ``("x0", x0)`` for x0/denoiser networks and
-        ``("eps", eps)`` otherwise, so linear update rules skip a conversion."""
-        kind = "x0" if self.model.prediction in ("x0", "denoiser") else "eps"
+        """One counted model call returned as ``("x0", x0)`` for x0/denoiser/flow networks
+        (flow -> x0 is one linear combination, finite at alpha = 0) and ``("eps", eps)``
+        otherwise, so linear update rules skip a conversion."""
+        kind = "x0" if self.model.prediction in ("x0", "denoiser", "flow") else "eps"
         return kind, self.predict(x, t, kind)
 
     def _checked(self, out: Tensor, t: Tensor) -> Tensor:
