@@ -75,7 +75,8 @@ def to_eps(kind: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor,
     if kind == "score":
         return -sigma * out
     if kind == "flow":
-        return (alpha * out - alpha_dot * x) / _flow_det(kind, alpha, sigma, alpha_dot, sigma_dot)
+        det = _flow_det(kind, alpha, sigma, alpha_dot, sigma_dot)
+        return (alpha * out - alpha_dot * x) / det
     raise ValueError(f"prediction={kind!r} is invalid: expected one of {PREDICTIONS}")
 
 
@@ -92,7 +93,8 @@ def to_x0(kind: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor,
     if kind == "score":
         return (x + sigma * sigma * out) / alpha
     if kind == "flow":
-        return (sigma_dot * x - sigma * out) / _flow_det(kind, alpha, sigma, alpha_dot, sigma_dot)
+        det = _flow_det(kind, alpha, sigma, alpha_dot, sigma_dot)
+        return (sigma_dot * x - sigma * out) / det
     raise ValueError(f"prediction={kind!r} is invalid: expected one of {PREDICTIONS}")
 
 
@@ -116,17 +118,24 @@ def from_eps(kind: str, eps: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor,
 
 def convert(src: str, dst: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor,
             alpha_dot: Tensor | None = None, sigma_dot: Tensor | None = None) -> Tensor:
-    """Convert a prediction of type ``src`` to type ``dst``: x0 directly (:func:`to_x0`), flow as
-    ``alpha' x0 + sigma' eps`` from both, every other kind through eps."""
+    """Convert a prediction of type ``src`` to type ``dst`` through x0 and eps, each computed
+    directly from ``src`` (:func:`to_x0`, :func:`to_eps`), so the result is finite wherever
+    ``src`` determines the two (at alpha = 0: flow, v, x0)."""
     c = (x, alpha, sigma, alpha_dot, sigma_dot)
     if src == dst or {src, dst} == {"x0", "denoiser"}:
         return out
     if dst in ("x0", "denoiser"):
         return to_x0(src, out, *c)
+    if dst == "eps":
+        return to_eps(src, out, *c)
+    if dst == "score":
+        return -to_eps(src, out, *c) / sigma
+    if dst == "v":
+        return alpha * to_eps(src, out, *c) - sigma * to_x0(src, out, *c)
     if dst == "flow":
         _flow_det(dst, alpha, sigma, alpha_dot, sigma_dot)
         return alpha_dot * to_x0(src, out, *c) + sigma_dot * to_eps(src, out, *c)
-    return from_eps(dst, to_eps(src, out, *c), *c)
+    raise ValueError(f"prediction={dst!r} is invalid: expected one of {PREDICTIONS}")
 
 
 class DiffusionModel:

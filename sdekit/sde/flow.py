@@ -16,6 +16,8 @@ data-prediction exponential integrators take the first step in closed form; meth
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -40,6 +42,14 @@ class FlowSDE(ForwardSDE):
 
     def _log_sigma(self, t: Tensor) -> Tensor:
         return torch.log(t)
+
+    def alpha(self, t: Any) -> Tensor:
+        """``1 - t`` exactly (not through exp(log))."""
+        return self._eval(lambda u: 1 - u, t)
+
+    def sigma(self, t: Any) -> Tensor:
+        """``t`` exactly."""
+        return self._eval(lambda u: u, t)
 
     def _lambda(self, t: Tensor) -> Tensor:
         return torch.log1p(-t) - torch.log(t)
