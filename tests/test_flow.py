@@ -285,3 +285,45 @@ def test_shift_on_other_processes_and_explicit_grids():
     with pytest.raises(ValueError, match="do not apply to an explicit grid"):
         make_grid(FLOW, [1.0, 0.5, 0.1], shift=2.0)
     assert shift_factor() == 1.0 and shift_times(FLOW, base, 1.0) is base
+
+
+# ------------------------------------------------------------ cross-check against diffusers
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_ddim_on_flow_is_diffusers_flow_match_euler_step_for_step(shift):
+    """On rectified flow DDIM is Euler in t on the velocity (x0 and eps are constant along the
+    straight interpolant: x_s = x + (s - t) u), i.e. diffusers' FlowMatchEulerDiscreteScheduler.
+    Its grid is shift(linspace(1, shift(1/1000), N)) followed by sigma = 0, computed in float32;
+    sdekit's uniform grid with the same shift gives it to float32 rounding. Its step rounds the
+    state to float32 before ``x + dt u`` (a documented upcast: ``sample.to(torch.float32)``) and
+    takes ``dt`` as the float32 difference of its float32 sigmas, so step for step, from the
+    same float32-rounded state and over the same dt, sdekit's DDIM must give diffusers' state to
+    1e-12 in float64; the last step, to sigma = 0, is the x0 prediction x - t u (sdekit's
+    ``denoise=True``). Over the whole run the two agree to float32 rounding."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional test dependency")
+    N = 8
+    sch = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    sch.set_timesteps(N)
+    sig = sch.sigmas.double()
+    assert sig[-1] == 0 and sig[0] == 1
+    t_end = shift * 1e-3 / (1 + (shift - 1) * 1e-3)
+    ours = make_grid(FLOW, "uniform", N - 1, t_end=t_end, shift=shift)
+    torch.testing.assert_close(ours, sig[:-1], rtol=2e-7, atol=0)
+    data = gaussian_problem(FLOW, dim=4)
+    model = data.model("flow")
+    x = data.marginal_sample(8, 1.0, torch.Generator().manual_seed(3), dtype=F64)
+    for i, ts in enumerate(sch.timesteps):
+        x = x.float().double()  # the state as diffusers' step rounds it
+        x_next = sch.step(model.flow(x, sig[i]), ts, x, return_dict=False)[0]
+        assert x_next.dtype == F64
+        if i < N - 1:
+            # diffusers' step size is the float32 difference of its float32 sigmas
+            dt = float(sch.sigmas[i + 1] - sch.sigmas[i])
+            mine = sample(FLOW, model, x, solver="ddim", grid=[sig[i], sig[i] + dt]).x
+        else:  # the step to sigma = 0: the x0 prediction (what sample(denoise=True) returns)
+            mine = model.x0(x, sig[i])
+        torch.testing.assert_close(mine, x_next, rtol=0, atol=1e-12, msg=f"step {i}")
+        x = x_next
+    # the whole run: sdekit in float64 on the same grid vs diffusers' float32-rounded loop
+    x0 = data.marginal_sample(8, 1.0, torch.Generator().manual_seed(3), dtype=F64)
+    full = sample(FLOW, model, x0, solver="ddim", grid=sig[:-1], denoise=True).x
+    torch.testing.assert_close(full, x, rtol=0, atol=1e-5)
