@@ -39,7 +39,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "sdekit.cli.main train ...`.")
     a = p.add_argument
     a("--data", required=True, choices=list(DATASETS), help="bundled dataset")
-    a("--sde", default="vp", choices=sorted(SDES), help="forward SDE (default vp)")
+    a("--sde", default=None, choices=sorted(SDES),
+      help="forward SDE (default vp; flow with --objective flow)")
     a("--sde-kwargs", type=_json, default=None, metavar="JSON",
       help='SDE keyword arguments, e.g. \'{"beta_max": 20}\'')
     a("--out", type=Path, default=None, help="output directory (default runs/<data>-<sde>)")
@@ -64,6 +65,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, default=None, help="upsample digits to this size")
     o = p.add_argument_group("optimisation")
     o.add_argument("--loss", choices=LOSSES, default=None)
+    o.add_argument("--objective", choices=("flow",), default=None,
+                   help="flow: flow matching (--sde flow, --prediction flow, --loss flow, "
+                        "each unless given)")
     o.add_argument("--steps", type=int, default=None)
     o.add_argument("--batch-size", type=int, default=None)
     o.add_argument("--lr", type=float, default=None)
@@ -88,6 +92,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _default_sde(args: argparse.Namespace) -> str:
+    return "flow" if args.objective == "flow" else "vp"
+
+
 def build_config(args: argparse.Namespace):
     from ..training.trainer import recipe
 
@@ -100,6 +108,10 @@ def build_config(args: argparse.Namespace):
         v = getattr(args, flag)
         if v is not None:
             net[key] = v
+    if args.objective == "flow":   # flow matching: the rectified-flow process, velocity, CFM
+        net.setdefault("prediction", "flow")
+        args.loss = args.loss or "flow"
+    args.sde = args.sde or _default_sde(args)
     over: dict[str, Any] = {"sde": args.sde, "net": net, "class_cond": bool(args.class_cond)}
     if args.sde_kwargs:
         over["sde_kwargs"] = args.sde_kwargs
@@ -110,7 +122,7 @@ def build_config(args: argparse.Namespace):
         if v is not None:
             over[key] = v
     if args.prediction is not None and args.loss is None:   # the natural loss for the output
-        over["loss"] = "edm" if args.prediction == "denoiser" else "eps"
+        over["loss"] = {"denoiser": "edm", "flow": "flow"}.get(args.prediction, "eps")
     cfg = recipe(args.data, **over)
     if cfg.net.get("name") == "mlp":   # drop U-Net-only keys from an MLP recipe and vice versa
         for k in ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions"):
@@ -135,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     elif args.data != "digits" and args.net in (None, "mlp"):
         torch.set_num_threads(1)   # tiny MLP matmuls: extra threads only add contention
-    out = args.out or Path("runs") / f"{args.data}-{args.sde}"
+    out = args.out or Path("runs") / f"{args.data}-{args.sde or _default_sde(args)}"
     if (out / CHECKPOINT_NAME).exists() and not args.resume:
         print(f"sdekit train: error: {out / CHECKPOINT_NAME} already exists: pass --resume to "
               "continue that run, or choose another --out", file=sys.stderr)
