@@ -400,3 +400,16 @@ def test_cli_train_objective_flow_then_sample(tmp_path):
     # a solver that cannot start at t = 1 is refused with the reason
     assert cli(["sample", "--checkpoint", str(out / "checkpoint.pt"), "--solver", "heun",
                 "--steps", "3", "--n", "4", "--out", str(tmp_path / "h")]) == 2
+
+
+def test_bench_problems_on_flow_use_a_flow_model():
+    from sdekit.bench.problems import gaussian_problem as bench_gaussian
+    from sdekit.bench.problems import gmm_problem
+    for make in (bench_gaussian, gmm_problem):
+        prob = make(FLOW, dim=3)
+        assert prob.model.prediction == "flow"
+        g = torch.Generator().manual_seed(0)
+        x = sample(FLOW, prob.model, prob.sample_init(8, g).double(), solver="unipc_bh2",
+                   steps=10).x
+        assert torch.isfinite(x).all()
+        assert make(sdekit.VPSDE(), dim=3).model.prediction == "eps"
