@@ -96,11 +96,16 @@ class TorchDiffEq(Solver):
     """Adaptive solve of the probability-flow ODE in lambda (see :func:`pf_ode_lambda`) through
     torchdiffeq (``method`` any of
     torchdiffeq's: dopri5, bosh3, adaptive_heun, dopri8, ...; ``rtol``, ``atol``). NFE is
-    measured by the call counter. ODE. Dormand & Prince 1980 (dopri5); Chen et al. 2018."""
+    measured by the call counter. ODE. From a start where alpha = 0 (flow matching at t = 1)
+    it integrates the same ODE in t, ``dx/dt = u(x, t)`` with the velocity (flow prediction;
+    a flow, v or x0 network). Dormand & Prince 1980 (dopri5); Chen et al. 2018."""
 
     family = "adaptive"
     adaptive = True
     paper = "Dormand & Prince 1980; torchdiffeq (Chen et al. 2018)"
+    # from alpha = 0 (flow matching at t = 1) it integrates dx/dt = u(x, t), the velocity
+    # (flow prediction), in t: finite there, where lambda is not
+    starts_at_alpha_zero = True
 
     def __init__(self, method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5) -> None:
         from torchdiffeq._impl.odeint import SOLVERS
@@ -116,6 +121,15 @@ class TorchDiffEq(Solver):
     def integrate(self, p: Problem, x: Tensor) -> Tensor:
         from torchdiffeq import odeint
 
+        if float(p.alpha[0]) == 0.0:  # lambda = -inf at the start: integrate in t
+            t_lo, t_hi = p.sde.t_min, p.sde.T
+
+            def velocity(t: Tensor, y: Tensor) -> Tensor:
+                return p.predict(y, t.double().clamp(t_lo, t_hi), "flow")
+
+            ts = torch.stack([p.times[0], p.times[-1]]).to(dtype=x.dtype, device=x.device)
+            return odeint(velocity, x, ts, method=self.method, rtol=self.rtol,
+                          atol=self.atol)[-1]
         lo, hi = p.sde.lambda_min, p.sde.lambda_max
 
         def func(lam: Tensor, y: Tensor) -> Tensor:
