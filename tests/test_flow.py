@@ -423,3 +423,43 @@ def test_bench_problems_on_flow_use_a_flow_model():
                    steps=10).x
         assert torch.isfinite(x).all()
         assert make(sdekit.VPSDE(), dim=3).model.prediction == "eps"
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("which", ["dpmsolver", "unipc"])
+def test_dpmpp_2m_and_unipc_match_diffusers_flow_sigma_schedulers(which, shift):
+    """diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler with
+    ``use_flow_sigmas=True, prediction_type='flow_prediction'`` against sdekit's dpmpp_2m /
+    unipc_bh2 (order 2) on the same sigmas (diffusers' grid starts just below 1, ends at 0:
+    sdekit takes its points and finishes with final_to_zero). Documented differences: diffusers
+    holds its sigmas and half-logSNRs in float32, so the two agree to float32 rounding (~1e-7
+    here), not to 1e-10; and diffusers' UniPC takes its last step (to sigma = 0) from the
+    uncorrected state's x0, while sdekit's final_to_zero returns the data estimate at the
+    corrected state, so for UniPC every state but the last is compared."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional test dependency")
+    cls, solver, kw = {
+        "dpmsolver": (diffusers.DPMSolverMultistepScheduler, "dpmpp_2m",
+                      dict(algorithm_type="dpmsolver++", solver_order=2)),
+        "unipc": (diffusers.UniPCMultistepScheduler, "unipc_bh2", dict(solver_order=2))}[which]
+    sde = FlowSDE(t_min=1e-4)
+    N = 8
+    sch = cls(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift, **kw)
+    sch.set_timesteps(N)
+    sig = sch.sigmas.double()
+    assert sig[-1] == 0 and sig.numel() == N + 1
+    data = gaussian_problem(sde, dim=4)
+    model = data.model("flow")
+    x = data.marginal_sample(8, float(sig[0]), torch.Generator().manual_seed(3), dtype=F64)
+    states, xs = [], x.clone()
+    for i, ts in enumerate(sch.timesteps):
+        xs = sch.step(model.flow(xs, sig[i]), ts, xs, return_dict=False)[0]
+        states.append(xs.double())
+    grid = torch.cat([sig[:N], torch.tensor([sde.t_min], dtype=F64)])
+    opts = dict(order=2) if which == "unipc" else {}
+    sol = sample(sde, model, x, solver=solver, grid=grid, final_to_zero=True,
+                 lower_order_final=True, save_at=grid[1:N].tolist(), **opts)
+    for i in range(N - 1):
+        torch.testing.assert_close(sol.trajectory[float(grid[i + 1])], states[i], rtol=0,
+                                   atol=1e-6, msg=f"step {i}")
+    if which == "dpmsolver":
+        torch.testing.assert_close(sol.x, states[-1], rtol=0, atol=1e-6)
