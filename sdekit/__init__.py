@@ -5,14 +5,14 @@ from .dynamics import (DiffusionModel, NFECounter, ProbabilityFlowODE, ReverseSD
 from .grids import GRIDS, make_grid
 from .integrate import Solution, sample
 from .noise import BrownianNoise, SeededNoise
-from .sde import (EDMSDE, VESDE, VPSDE, CosineVPSDE, CustomSDE, DiscreteDDPM, ForwardSDE,
-                  SubVPSDE, get_sde)
+from .sde import (EDMSDE, VESDE, VPSDE, CosineVPSDE, CustomSDE, DiscreteDDPM, FlowSDE,
+                  ForwardSDE, SubVPSDE, get_sde)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ForwardSDE", "VPSDE", "CosineVPSDE", "SubVPSDE", "VESDE", "EDMSDE", "DiscreteDDPM",
-    "CustomSDE", "get_sde", "DiffusionModel", "NFECounter", "as_model", "ReverseSDE",
+    "FlowSDE", "CustomSDE", "get_sde", "DiffusionModel", "NFECounter", "as_model", "ReverseSDE",
     "ProbabilityFlowODE", "GaussianData", "GaussianMixtureData", "__version__",
     "sample", "Solution", "GRIDS", "make_grid", "SeededNoise", "BrownianNoise", "Solver",
     "get_solver", "list_solvers", "register", "solver_names",

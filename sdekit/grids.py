@@ -6,6 +6,7 @@ Every grid is a float64 tensor of ``steps + 1`` strictly decreasing times from `
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable
 
 import torch
@@ -25,8 +26,26 @@ def quadratic_t(sde: ForwardSDE, steps: int, t_start: float, t_end: float) -> Te
     return torch.linspace(t_start ** 0.5, t_end ** 0.5, steps + 1, dtype=torch.float64) ** 2
 
 
+def _infinite_start(fn: Callable[..., Tensor], sde: ForwardSDE, steps: int, t_start: float,
+                    t_end: float, **kwargs: Any) -> Tensor:
+    """A grid whose variable is infinite at ``t_start`` (lambda = -inf, sigma_tilde = inf where
+    alpha(t_start) = 0, e.g. flow matching at t = 1): the first interval runs from ``t_start`` to
+    the first interior point of the uniform-in-t grid, ``t_1 = t_start - (t_start - t_end) /
+    steps`` (the step from alpha = 0 is first order in alpha_1 = alpha(t_1), so alpha_1 = O(1/steps)
+    keeps it at the size of the other steps' errors); the remaining ``steps - 1`` intervals are
+    the named grid on ``[t_1, t_end]``."""
+    if steps == 1:
+        return torch.tensor([t_start, t_end], dtype=torch.float64)
+    t1 = t_start - (t_start - t_end) / steps
+    return torch.cat([torch.tensor([t_start], dtype=torch.float64),
+                      fn(sde, steps - 1, t1, t_end, **kwargs)])
+
+
 def uniform_logsnr(sde: ForwardSDE, steps: int, t_start: float, t_end: float) -> Tensor:
-    """Uniform in the half-logSNR lambda (DPM-Solver's recommended grid)."""
+    """Uniform in the half-logSNR lambda (DPM-Solver's recommended grid). From a start where
+    lambda = -inf (alpha = 0, flow matching at t = 1) see :func:`_infinite_start`."""
+    if not math.isfinite(float(sde.lambda_(t_start))):
+        return _infinite_start(uniform_logsnr, sde, steps, t_start, t_end)
     lam = torch.linspace(float(sde.lambda_(t_start)), float(sde.lambda_(t_end)), steps + 1,
                          dtype=torch.float64)
     t = sde.t_of_lambda(lam)
@@ -36,9 +55,12 @@ def uniform_logsnr(sde: ForwardSDE, steps: int, t_start: float, t_end: float) ->
 
 def karras(sde: ForwardSDE, steps: int, t_start: float, t_end: float, rho: float = 7.0) -> Tensor:
     """Karras et al. 2022 Eq. 5 in the VE-equivalent sigma = exp(-lambda):
-    ``sigma_i = (sigma_max^(1/rho) + i/N (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``."""
+    ``sigma_i = (sigma_max^(1/rho) + i/N (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``. From a
+    start where sigma_tilde = inf (alpha = 0) see :func:`_infinite_start`."""
     if not (is_real(rho) and rho > 0):
         raise ValueError(f"rho={rho!r} is invalid: expected a number > 0")
+    if not math.isfinite(float(sde.sigma_tilde(t_start))):
+        return _infinite_start(karras, sde, steps, t_start, t_end, rho=rho)
     smax, smin = float(sde.sigma_tilde(t_start)), float(sde.sigma_tilde(t_end))
     r = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     sig = (smax ** (1 / rho) + r * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
@@ -51,6 +73,92 @@ GRIDS: dict[str, Callable[..., Tensor]] = {
     "uniform": uniform_t, "quadratic": quadratic_t, "logsnr": uniform_logsnr, "karras": karras,
 }
 
+# ------------------------------------------------------------------------------ timestep shift
+#: grid options that apply to every named grid (handled by make_grid, see shift_times)
+SHIFT_OPTIONS = ("shift", "mu", "image_seq_len", "shift_type")
+SHIFT_TYPES = ("exponential", "linear")
+
+
+def flux_mu(image_seq_len: float, base_seq_len: float = 256, max_seq_len: float = 4096,
+            base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """The resolution-dependent shift parameter of Flux (Black Forest Labs' reference sampler,
+    ``get_lin_function(x1=256, y1=0.5, x2=4096, y2=1.15)``; diffusers' ``calculate_shift``):
+    ``mu`` linear in the image's sequence length (number of latent patches), through
+    ``(base_seq_len, base_shift)`` and ``(max_seq_len, max_shift)``."""
+    for name, v in (("image_seq_len", image_seq_len), ("base_seq_len", base_seq_len),
+                    ("max_seq_len", max_seq_len), ("base_shift", base_shift),
+                    ("max_shift", max_shift)):
+        if not is_real(v):
+            raise ValueError(f"{name}={v!r} is invalid: expected a finite number")
+    if not image_seq_len > 0:
+        raise ValueError(f"image_seq_len={image_seq_len!r} is invalid: expected a number > 0")
+    if max_seq_len == base_seq_len:
+        raise ValueError(f"max_seq_len={max_seq_len!r} must differ from base_seq_len")
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return float(base_shift + m * (image_seq_len - base_seq_len))
+
+
+def shift_factor(shift: float | None = None, mu: float | None = None,
+                 image_seq_len: float | None = None, shift_type: str = "exponential") -> float:
+    """The factor ``s`` of a timestep shift, validated: ``shift`` itself (SD3, Esser et al.
+    2024, Eq. 23: ``sigma' = s sigma / (1 + (s - 1) sigma)``), or Flux's dynamic shift from
+    ``mu`` (or from ``image_seq_len`` through :func:`flux_mu`): ``shift_type='exponential'``,
+    ``sigma' = e^mu / (e^mu + (1/sigma - 1))``, is ``s = e^mu``; ``'linear'``,
+    ``sigma' = mu / (mu + (1/sigma - 1))``, is ``s = mu`` (diffusers' ``time_shift_type``)."""
+    if shift_type not in SHIFT_TYPES:
+        raise ValueError(f"shift_type={shift_type!r} is invalid: expected one of {SHIFT_TYPES}")
+    given = [k for k, v in (("shift", shift), ("mu", mu), ("image_seq_len", image_seq_len))
+             if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"grid_options {given} are exclusive: give a static shift, or mu, or "
+                         "image_seq_len (Flux's dynamic shift)")
+    if shift is not None:
+        if not (is_real(shift) and shift > 0):
+            raise ValueError(f"shift={shift!r} is invalid: expected a finite number > 0 "
+                             "(1 = no shift; SD3 uses 3.0)")
+        return float(shift)
+    if image_seq_len is not None:
+        mu = flux_mu(image_seq_len)
+    if mu is None:
+        return 1.0
+    if not is_real(mu):
+        raise ValueError(f"mu={mu!r} is invalid: expected a finite number")
+    if shift_type == "linear":
+        if not mu > 0:
+            raise ValueError(f"mu={mu!r} is invalid for shift_type='linear': expected mu > 0")
+        return float(mu)
+    return math.exp(mu)
+
+
+def shift_times(sde: ForwardSDE, times: Tensor, s: float) -> Tensor:
+    """Shift every time of a grid by the factor ``s`` towards noise (``s > 1``) or data
+    (``s < 1``). For flow matching (sigma = t) this is SD3's ``sigma' = s sigma / (1 + (s - 1)
+    sigma)`` (Esser et al. 2024, Eq. 23), computed so. That map multiplies the noise-to-signal
+    ratio ``sigma / alpha`` by ``s``, i.e. translates the half-logSNR: ``lambda' = lambda -
+    log s``, which is how it is applied to any other forward SDE. t = 1 of flow matching
+    (lambda = -inf) stays at 1. Uniform-logSNR and Karras grids are translation- (scale-)
+    invariant, so for them the shift only moves the grid's range (its ends included, as in
+    diffusers' schedulers; finish at sigma = 0 with ``final_to_zero`` / ``denoise``)."""
+    from .sde.flow import FlowSDE
+    if s == 1.0:
+        return times
+    if isinstance(sde, FlowSDE):
+        out = s * times / (1 + (s - 1) * times)
+    else:
+        lam = sde.lambda_(times) - math.log(s)
+        lo, hi = sde.lambda_min, sde.lambda_max
+        if bool((lam < lo).any() | (lam > hi).any()):
+            raise ValueError(f"shift={s:g} moves the grid outside the time range of {sde!r} "
+                             f"(half-logSNR {float(lam.min()):.4g} .. {float(lam.max()):.4g}, "
+                             f"valid {lo:.4g} .. {hi:.4g}): use a smaller shift or a narrower "
+                             "t_start / t_end")
+        out = sde.t_of_lambda(lam)
+    if bool((out < sde.t_min).any()):
+        raise ValueError(f"shift={s:g} moves t_end={float(times[-1]):.6g} to "
+                         f"{float(out[-1]):.6g}, below t_min={sde.t_min:g} of {sde!r}: use a "
+                         "larger t_end or a shift >= 1")
+    return out
+
 
 def make_grid(sde: ForwardSDE, grid: str | Tensor | Any = "logsnr", steps: int | None = None,
               t_start: float | None = None, t_end: float | None = None, **kwargs: Any) -> Tensor:
@@ -61,7 +169,10 @@ def make_grid(sde: ForwardSDE, grid: str | Tensor | Any = "logsnr", steps: int |
             or equal ``len(grid) - 1``).
         steps: number of intervals.
         t_start, t_end: defaults ``sde.T`` and ``sde.t_min``.
-        kwargs: grid options (``rho`` for ``karras``).
+        kwargs: grid options (``rho`` for ``karras``), and for every named grid a timestep
+            shift (:func:`shift_times`): ``shift`` (SD3's static factor), or Flux's dynamic
+            shift from ``mu`` or ``image_seq_len`` with ``shift_type`` ``'exponential'``
+            (default) or ``'linear'`` (:func:`shift_factor`).
     """
     for name, v in (("t_start", t_start), ("t_end", t_end)):
         if v is not None and not is_real(v):
@@ -79,11 +190,12 @@ def make_grid(sde: ForwardSDE, grid: str | Tensor | Any = "logsnr", steps: int |
         sde.lambda_(torch.tensor([t_start, t_end], dtype=torch.float64))  # range check
         fn = GRIDS[grid]
         valid = list(inspect.signature(fn).parameters)[4:]
-        unknown = sorted(set(kwargs) - set(valid))
+        unknown = sorted(set(kwargs) - set(valid) - set(SHIFT_OPTIONS))
         if unknown:
             raise ValueError(f"grid_options {unknown} do not apply to grid {grid!r}: its options "
-                             f"are {valid or 'none'}")
-        times = fn(sde, steps, t_start, t_end, **kwargs)
+                             f"are {valid + list(SHIFT_OPTIONS)}")
+        s = shift_factor(**{k: kwargs.pop(k) for k in SHIFT_OPTIONS if k in kwargs})
+        times = shift_times(sde, fn(sde, steps, t_start, t_end, **kwargs), s)
     else:
         if kwargs:
             raise ValueError(f"grid_options {sorted(kwargs)} do not apply to an explicit grid")

@@ -57,7 +57,9 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             array ``grid`` leave it out (or give ``len(grid) - 1``).
         grid: a grid name (``uniform``, ``quadratic``, ``logsnr``, ``karras``) or an explicit
             decreasing array of times; default: the solver's preferred grid. ``grid_options``
-            are the named grid's options (``rho`` for ``karras``).
+            are the named grid's options (``rho`` for ``karras``; for every named grid a
+            timestep shift: ``shift``, ``mu``, ``image_seq_len``, ``shift_type``, see
+            :func:`sdekit.grids.shift_times`).
         t_start, t_end: integration range of a named grid (default ``sde.T`` down to
             ``sde.t_min``); an explicit grid carries its own range.
         denoise: finish with one extra model call returning the x0 prediction at ``t_end``.
@@ -93,6 +95,8 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
     if times.numel() - 1 < slv.min_steps:
         raise ValueError(f"steps={times.numel() - 1} is too few for solver {slv.name!r}: it needs "
                          f"at least {slv.min_steps}")
+    problem = Problem(sde, dm, times, None, solver_name=slv.name)
+    slv.check_start(problem)  # alpha = 0 at t_start (flow matching at t = 1)
     with contextlib.nullcontext() if grad == "full" else torch.no_grad():
         if x_init is None:
             assert shape is not None  # checked by _check_inputs
@@ -110,8 +114,8 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             if noise is None:
                 noise = SeededNoise(list(seeds) if seeds is not None
                                     else sample_seeds(seed, x.shape[0]))
-        return _solve(slv, Problem(sde, dm, times, noise, solver_name=slv.name), x, dtype,
-                      float64, denoise, save_at, callback, progress, grad)
+        problem.noise = noise
+        return _solve(slv, problem, x, dtype, float64, denoise, save_at, callback, progress, grad)
 
 
 def _solve(slv: Solver, p: Problem, x: Tensor, dtype: torch.dtype, float64: bool, denoise: bool,

@@ -161,8 +161,18 @@ class GaussianData:
             raise ValueError(f"prediction={prediction!r} is invalid: expected one of "
                              f"{[p for p in PREDICTIONS if p != 'denoiser']}")
         fn = {"eps": self.eps, "x0": self.x0, "score": self.score,
-              "v": lambda x, t: self._v(x, t)}[prediction]
+              "v": lambda x, t: self._v(x, t), "flow": self.flow_velocity}[prediction]
         return DiffusionModel(fn, self.sde, prediction, time_input="t")
+
+    def flow_velocity(self, x: Tensor, t: Any) -> Tensor:
+        """Exact velocity ``E[alpha' x0 + sigma' eps | x_t]`` (flow prediction; the PF-ODE's
+        dx/dt), from x0 and eps computed directly (finite at alpha = 0)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        ad = self.sde.alpha_dot(t).double().reshape(-1, 1).expand(x.shape[0], 1).reshape(shape)
+        sd = self.sde.sigma_dot(t).double().reshape(-1, 1).expand(x.shape[0], 1).reshape(shape)
+        return (ad.to(x.device) * self.x0(x, t).double()
+                + sd.to(x.device) * self.eps(x, t).double()).to(x.dtype)
 
     def _v(self, x: Tensor, t: Any) -> Tensor:
         a, s, _ = self._ac(t, x.shape[0], x.device)
@@ -249,10 +259,17 @@ class GaussianMixtureData:
                dtype: torch.dtype = torch.float32) -> Tensor:
         return self.marginal_sample(n, None, generator, dtype)
 
+    def flow_velocity(self, x: Tensor, t: Any) -> Tensor:
+        """Exact velocity ``E[alpha' x0 + sigma' eps | x_t]`` (linear in x0 and eps, so the
+        components' velocities mix with the same responsibilities)."""
+        return self._mix(x, t, "flow_velocity")
+
     def model(self, prediction: str = "eps") -> DiffusionModel:
-        if prediction not in ("eps", "x0", "score"):
-            raise ValueError(f"prediction={prediction!r} is invalid: expected 'eps', 'x0' or 'score'")
-        return DiffusionModel(getattr(self, prediction), self.sde, prediction, time_input="t")
+        if prediction not in ("eps", "x0", "score", "flow"):
+            raise ValueError(f"prediction={prediction!r} is invalid: expected 'eps', 'x0', "
+                             "'score' or 'flow'")
+        fn = self.flow_velocity if prediction == "flow" else getattr(self, prediction)
+        return DiffusionModel(fn, self.sde, prediction, time_input="t")
 
     def __repr__(self) -> str:
         return f"GaussianMixtureData(K={len(self.components)}, dim={self.dim}, sde={self.sde!r})"

@@ -88,11 +88,18 @@ class BenchProblem:
 
 
 # ------------------------------------------------------------------ built-in problems
+def _default_prediction(sde: ForwardSDE) -> str:
+    """The exact model's output: eps, or flow where the prior has alpha = 0 (flow matching)."""
+    return "flow" if float(sde.alpha(sde.T)) == 0.0 else "eps"
+
+
 def gaussian_problem(sde: ForwardSDE | None = None, dim: int = 16, seed: int = 0,
                      eig_max: float = 1.0, eig_min: float = 1e-4, mean_scale: float = 1.0,
-                     prediction: str = "eps") -> BenchProblem:
-    """Gaussian data (see the module docstring); every reference is exact."""
+                     prediction: str | None = None) -> BenchProblem:
+    """Gaussian data (see the module docstring); every reference is exact. ``prediction``:
+    default eps, flow where alpha(T) = 0 (flow matching: an eps model has no x0 there)."""
     sde = sde if sde is not None else VPSDE()
+    prediction = prediction or _default_prediction(sde)
     if not (isinstance(dim, int) and dim >= 1):
         raise BenchError(f"dim={dim!r} is invalid: expected an integer >= 1")
     data = GaussianData.random(sde, dim, eig_max, eig_min, seed, mean_scale)
@@ -115,10 +122,12 @@ def gaussian_problem(sde: ForwardSDE | None = None, dim: int = 16, seed: int = 0
 
 def gmm_problem(sde: ForwardSDE | None = None, dim: int = 16, components: int = 8, seed: int = 0,
                 spread: float = 1.0, eig_max: float = 0.1, eig_min: float = 1e-3,
-                prediction: str = "eps") -> BenchProblem:
+                prediction: str | None = None) -> BenchProblem:
     """A Gaussian mixture: ``components`` equally weighted modes with means ``spread * N(0, I)``
-    and covariances with eigenvalues log-spaced from ``eig_max`` to ``eig_min`` in random bases."""
+    and covariances with eigenvalues log-spaced from ``eig_max`` to ``eig_min`` in random bases
+    (``prediction`` as for :func:`gaussian_problem`)."""
     sde = sde if sde is not None else VPSDE()
+    prediction = prediction or _default_prediction(sde)
     for k, v, lo in (("dim", dim, 1), ("components", components, 1)):
         if not (isinstance(v, int) and v >= lo):
             raise BenchError(f"{k}={v!r} is invalid: expected an integer >= {lo}")

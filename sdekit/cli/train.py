@@ -96,7 +96,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "`torchrun --nproc-per-node N -m sdekit.cli.main train ...`.")
     a = p.add_argument
     a("--data", required=True, choices=list(DATASETS), help="bundled dataset (required)")
-    a("--sde", default="vp", choices=sorted(SDES), help="forward SDE")
+    a("--sde", default=None, choices=sorted(SDES),
+      help="forward SDE (default: vp; flow with --objective flow)")
     a("--sde-kwargs", type=_json, default=None, metavar="JSON",
       help='SDE keyword arguments, e.g. \'{"beta_max": 20}\' (default: the SDE\'s own)')
     a("--out", type=out_dir, default=None,
@@ -140,6 +141,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     o = p.add_argument_group("optimisation")
     o.add_argument("--loss", choices=LOSSES, default=None,
                    help="training loss (" + R("loss") + ")")
+    o.add_argument("--objective", choices=("flow",), default=None,
+                   help="flow: flow matching (--sde flow, --prediction flow, --loss flow, "
+                        "each unless given; default: none, denoising score matching)")
     o.add_argument("--steps", type=positive_int, default=None, help="optimiser steps ("
                    + R("steps") + ")")
     o.add_argument("--batch-size", type=positive_int, default=None,
@@ -179,17 +183,25 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _default_sde(args: argparse.Namespace) -> str:
+    return "flow" if args.objective == "flow" else "vp"
+
+
 def build_config(args: argparse.Namespace):
     from ..training.trainer import recipe
 
     net = {key: getattr(args, flag) for flag, key in NET_FLAGS.items()
            if getattr(args, flag) is not None}
+    if args.objective == "flow":   # flow matching: the rectified-flow process, velocity, CFM
+        net.setdefault("prediction", "flow")
+        args.loss = args.loss or "flow"
+    args.sde = args.sde or _default_sde(args)
     over: dict[str, Any] = {"sde": args.sde, "net": net, "class_cond": bool(args.class_cond)}
     if args.sde_kwargs:
         over["sde_kwargs"] = args.sde_kwargs
     over.update({k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None})
     if args.prediction is not None and args.loss is None:   # the natural loss for the output
-        over["loss"] = "edm" if args.prediction == "denoiser" else "eps"
+        over["loss"] = {"denoiser": "edm", "flow": "flow"}.get(args.prediction, "eps")
     cfg = recipe(args.data, **over)
     if cfg.net.get("name") == "mlp":   # drop U-Net-only keys from an MLP recipe and vice versa
         for k in ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions"):
@@ -225,7 +237,8 @@ def check_config(cfg: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..training.trainer import CHECKPOINT_NAME, Trainer, TrainingDiverged
 
-    out = args.out or default_out_dir(Path("runs") / f"{args.data}-{args.sde}")
+    sde_name = args.sde or _default_sde(args)
+    out = args.out or default_out_dir(Path("runs") / f"{args.data}-{sde_name}")
     with user_input():
         cfg = build_config(args)
     check_config(cfg)

@@ -8,6 +8,18 @@ Conventions (``x = alpha x0 + sigma eps``, any forward SDE):
 * score:    score = -eps / sigma
 * denoiser: k-diffusion / EDM style ``D(x / alpha, sigma / alpha) = x0`` in the VE-equivalent
   space (``sigma_tilde = sigma / alpha = exp(-lambda)``).
+* flow:     u = alpha'(t) x0 + sigma'(t) eps, the velocity ``dx_t/dt`` of the interpolant (flow
+  matching, Lipman et al. 2023; rectified flow, Liu et al. 2023: ``u = eps - x0`` for
+  ``alpha = 1 - t``, ``sigma = t``). Its conversions need ``alpha' = d alpha/dt`` and
+  ``sigma' = d sigma/dt`` (``ForwardSDE.alpha_dot`` / ``sigma_dot``). Solving the 2x2 system
+  ``x = alpha x0 + sigma eps``, ``u = alpha' x0 + sigma' eps`` with determinant
+  ``D = alpha sigma' - sigma alpha' = -alpha sigma dlambda/dt > 0``:
+  ``x0 = (sigma' x - sigma u) / D`` and ``eps = (alpha u - alpha' x) / D``, both finite at
+  alpha = 0 (flow matching at t = 1: ``x0 = x - t u``, ``eps = x + (1 - t) u``).
+
+Conversions to x0 are written directly (:func:`to_x0`), not through eps, so that x0 stays finite
+where alpha = 0 for the kinds that determine it there (flow, v, x0); eps and score carry no
+information about x0 at alpha = 0.
 
 Every network call goes through an :class:`NFECounter`, so NFE is measured, never assumed.
 """
@@ -21,8 +33,9 @@ from torch import Tensor
 from .._utils import append_dims, as_tensor, compute_dtype
 from ..sde.base import ForwardSDE
 
-PREDICTIONS = ("eps", "x0", "v", "score", "denoiser")
-TIME_INPUTS = ("model_time", "t", "sigma_tilde", "lambda")
+PREDICTIONS = ("eps", "x0", "v", "score", "denoiser", "flow")
+#: ``t1000``: 1000 t, the timestep scale diffusers' flow-matching transformers (SD3, Flux) take
+TIME_INPUTS = ("model_time", "t", "sigma_tilde", "lambda", "t1000")
 
 
 class NFECounter:
@@ -40,8 +53,19 @@ class NFECounter:
         self.count = 0
 
 
-def to_eps(kind: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    """Convert a prediction of type ``kind`` to eps (``alpha``, ``sigma`` broadcastable to x)."""
+def _flow_det(kind: str, alpha: Tensor, sigma: Tensor, alpha_dot: Tensor | None,
+              sigma_dot: Tensor | None) -> Tensor:
+    """``D = alpha sigma' - sigma alpha'`` for the flow kind (an error without the derivatives)."""
+    if alpha_dot is None or sigma_dot is None:
+        raise ValueError(f"prediction={kind!r} needs alpha_dot and sigma_dot (d alpha/dt, "
+                         "d sigma/dt: ForwardSDE.alpha_dot / sigma_dot) for its conversions")
+    return alpha * sigma_dot - sigma * alpha_dot
+
+
+def to_eps(kind: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor,
+           alpha_dot: Tensor | None = None, sigma_dot: Tensor | None = None) -> Tensor:
+    """Convert a prediction of type ``kind`` to eps (``alpha``, ``sigma`` broadcastable to x;
+    ``alpha_dot``, ``sigma_dot`` are needed for ``kind='flow'`` only)."""
     if kind == "eps":
         return out
     if kind in ("x0", "denoiser"):
@@ -50,10 +74,32 @@ def to_eps(kind: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> T
         return (alpha * out + sigma * x) / (alpha * alpha + sigma * sigma)
     if kind == "score":
         return -sigma * out
+    if kind == "flow":
+        det = _flow_det(kind, alpha, sigma, alpha_dot, sigma_dot)
+        return (alpha * out - alpha_dot * x) / det
     raise ValueError(f"prediction={kind!r} is invalid: expected one of {PREDICTIONS}")
 
 
-def from_eps(kind: str, eps: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+def to_x0(kind: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor,
+          alpha_dot: Tensor | None = None, sigma_dot: Tensor | None = None) -> Tensor:
+    """Convert a prediction of type ``kind`` to x0 directly (finite at alpha = 0 for flow, v and
+    x0 predictions; see the module docstring)."""
+    if kind in ("x0", "denoiser"):
+        return out
+    if kind == "eps":
+        return (x - sigma * out) / alpha
+    if kind == "v":
+        return (alpha * x - sigma * out) / (alpha * alpha + sigma * sigma)
+    if kind == "score":
+        return (x + sigma * sigma * out) / alpha
+    if kind == "flow":
+        det = _flow_det(kind, alpha, sigma, alpha_dot, sigma_dot)
+        return (sigma_dot * x - sigma * out) / det
+    raise ValueError(f"prediction={kind!r} is invalid: expected one of {PREDICTIONS}")
+
+
+def from_eps(kind: str, eps: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor,
+             alpha_dot: Tensor | None = None, sigma_dot: Tensor | None = None) -> Tensor:
     """Convert eps to a prediction of type ``kind`` (inverse of :func:`to_eps`)."""
     if kind == "eps":
         return eps
@@ -64,7 +110,32 @@ def from_eps(kind: str, eps: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) ->
         return alpha * eps - sigma * x0
     if kind == "score":
         return -eps / sigma
+    if kind == "flow":
+        _flow_det(kind, alpha, sigma, alpha_dot, sigma_dot)
+        return alpha_dot * (x - sigma * eps) / alpha + sigma_dot * eps
     raise ValueError(f"prediction={kind!r} is invalid: expected one of {PREDICTIONS}")
+
+
+def convert(src: str, dst: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor,
+            alpha_dot: Tensor | None = None, sigma_dot: Tensor | None = None) -> Tensor:
+    """Convert a prediction of type ``src`` to type ``dst`` through x0 and eps, each computed
+    directly from ``src`` (:func:`to_x0`, :func:`to_eps`), so the result is finite wherever
+    ``src`` determines the two (at alpha = 0: flow, v, x0)."""
+    c = (x, alpha, sigma, alpha_dot, sigma_dot)
+    if src == dst or {src, dst} == {"x0", "denoiser"}:
+        return out
+    if dst in ("x0", "denoiser"):
+        return to_x0(src, out, *c)
+    if dst == "eps":
+        return to_eps(src, out, *c)
+    if dst == "score":
+        return -to_eps(src, out, *c) / sigma
+    if dst == "v":
+        return alpha * to_eps(src, out, *c) - sigma * to_x0(src, out, *c)
+    if dst == "flow":
+        _flow_det(dst, alpha, sigma, alpha_dot, sigma_dot)
+        return alpha_dot * to_x0(src, out, *c) + sigma_dot * to_eps(src, out, *c)
+    raise ValueError(f"prediction={dst!r} is invalid: expected one of {PREDICTIONS}")
 
 
 class DiffusionModel:
@@ -74,10 +145,11 @@ class DiffusionModel:
         net: ``net(x, cond) -> Tensor`` of x's shape. For ``prediction='denoiser'`` it is called as
             ``net(x / alpha, sigma_tilde)`` and returns x0.
         sde: the forward process the network was trained on.
-        prediction: what the network outputs: one of ``eps, x0, v, score, denoiser``.
+        prediction: what the network outputs: one of ``eps, x0, v, score, denoiser, flow``.
         time_input: the conditioning passed to the network: ``model_time`` (default:
             ``sde.model_time(t)``, the integer-timestep scale for :class:`DiscreteDDPM`, t otherwise),
-            ``t``, ``sigma_tilde``, ``lambda``, or a callable ``t -> cond``.
+            ``t``, ``sigma_tilde``, ``lambda``, ``t1000`` (1000 t: diffusers' flow transformers),
+            or a callable ``t -> cond``.
     """
 
     def __init__(self, net: Callable[[Tensor, Tensor], Tensor], sde: ForwardSDE,
@@ -104,7 +176,8 @@ class DiffusionModel:
         if callable(ti):
             return ti(t)
         fn = {"model_time": self.sde.model_time, "t": lambda u: self.sde._time(u)[0],
-              "sigma_tilde": self.sde.sigma_tilde, "lambda": self.sde.lambda_}[ti]
+              "sigma_tilde": self.sde.sigma_tilde, "lambda": self.sde.lambda_,
+              "t1000": lambda u: 1000 * self.sde._time(u)[0]}[ti]
         return fn(t)
 
     def _batch_time(self, x: Tensor, t: Any) -> Tensor:
@@ -137,10 +210,12 @@ class DiffusionModel:
                             "(float16, bfloat16, float32 or float64)")
         return out
 
-    def _coeffs(self, x: Tensor, t: Any) -> tuple[Tensor, Tensor]:
+    def _coeffs(self, x: Tensor, t: Any, dots: bool = False) -> tuple[Tensor, ...]:
+        """alpha, sigma (and with ``dots`` alpha', sigma') broadcastable against ``x``."""
         tb = self._batch_time(x, t)
-        return (append_dims(self.sde.alpha(tb).to(x), x.ndim),
-                append_dims(self.sde.sigma(tb).to(x), x.ndim))
+        fns = [self.sde.alpha, self.sde.sigma] + ([self.sde.alpha_dot, self.sde.sigma_dot]
+                                                   if dots else [])
+        return tuple(append_dims(fn(tb).to(x), x.ndim) for fn in fns)
 
     def predict(self, x: Tensor, t: Any, kind: str, input_dtype: torch.dtype | None = None
                 ) -> Tensor:
@@ -149,8 +224,10 @@ class DiffusionModel:
         out = self.raw(x, t, input_dtype).to(x.dtype)
         if kind == self.prediction or {kind, self.prediction} == {"x0", "denoiser"}:
             return out
-        a, s = self._coeffs(x, t)
-        return from_eps(kind, to_eps(self.prediction, out, x, a, s), x, a, s)
+        if kind not in PREDICTIONS:
+            raise ValueError(f"prediction={kind!r} is invalid: expected one of {PREDICTIONS}")
+        c = self._coeffs(x, t, dots="flow" in (kind, self.prediction))
+        return convert(self.prediction, kind, out, x, *c)
 
     def eps(self, x: Tensor, t: Any) -> Tensor:
         return self.predict(x, t, "eps")
@@ -163,6 +240,10 @@ class DiffusionModel:
 
     def score(self, x: Tensor, t: Any) -> Tensor:
         return self.predict(x, t, "score")
+
+    def flow(self, x: Tensor, t: Any) -> Tensor:
+        """The velocity ``u = alpha' x0 + sigma' eps`` (= the probability-flow ODE's dx/dt)."""
+        return self.predict(x, t, "flow")
 
     __call__ = eps
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .._utils import compute_dtype, require
 
-NET_PREDICTIONS = ("eps", "x0", "v", "denoiser")
+NET_PREDICTIONS = ("eps", "x0", "v", "denoiser", "flow")
 EMBEDDINGS = ("sinusoidal", "fourier")
 
 
@@ -83,7 +83,8 @@ class ScoreNet(nn.Module):
     :func:`sdekit.models.build_network` turns back into the same architecture).
 
     ``forward(x, cond, y=None)`` receives what :class:`~sdekit.dynamics.DiffusionModel` passes:
-    the half-logSNR ``lambda`` for eps / x0 / v networks (``time_input = 'lambda'``) and
+    the half-logSNR ``lambda`` for eps / x0 / v networks (``time_input = 'lambda'``), ``t`` for
+    flow (velocity) networks and
     ``sigma_tilde = exp(-lambda)`` for EDM-preconditioned denoisers. ``y`` is an optional integer
     class label per sample; the label ``num_classes`` (or ``None``) is the null class.
     """
@@ -104,7 +105,10 @@ class ScoreNet(nn.Module):
 
     @property
     def time_input(self) -> str:
-        """What :class:`DiffusionModel` should pass as ``cond``."""
+        """What :class:`DiffusionModel` should pass as ``cond``: ``t`` for flow networks (finite
+        at t = 1 of flow matching, where lambda = -inf)."""
+        if self.prediction == "flow":
+            return "t"
         return "sigma_tilde" if self.prediction == "denoiser" else "lambda"
 
     def _labels(self, y: Tensor | None, batch: int, device: Any) -> Tensor | None:

@@ -24,6 +24,14 @@ from .._utils import append_dims, as_tensor, is_real
 _BISECTION_ITERS = 100
 
 
+def _derivative(fn, t: Tensor) -> Tensor:
+    """``d fn / dt`` by autograd (``+ 0 * tt`` keeps a graph for a constant ``fn``)."""
+    with torch.enable_grad():
+        tt = t.detach().clone().requires_grad_(True)
+        (d,) = torch.autograd.grad((fn(tt) + 0 * tt).sum(), tt)
+    return d
+
+
 class ForwardSDE(abc.ABC):
     """A linear forward SDE ``dx = f(t) x dt + g(t) dw`` on the time range ``[t_min, T]``.
 
@@ -65,6 +73,12 @@ class ForwardSDE(abc.ABC):
             s2 = torch.exp(2 * self._log_sigma(tt)) + 0 * tt
             (ds2,) = torch.autograd.grad(s2.sum(), tt)
         return ds2 - 2 * self._f(t) * s2.detach()
+
+    def _alpha_dot(self, t: Tensor) -> Tensor:
+        return _derivative(lambda u: torch.exp(self._log_alpha(u)), t)
+
+    def _sigma_dot(self, t: Tensor) -> Tensor:
+        return _derivative(lambda u: torch.exp(self._log_sigma(u)), t)
 
     def _t_of_lambda(self, lam: Tensor) -> Tensor:
         """Invert lambda(t) by bisection (lambda is strictly decreasing in t)."""
@@ -142,9 +156,12 @@ class ForwardSDE(abc.ABC):
         """Validate float64 lambdas that came from a tensor of ``dtype``, invert, cast back."""
         lo, hi = self.lambda_min, self.lambda_max
         # lambda_() rounds its output to the input's dtype, so a float32 lambda of t_min or T can
-        # land a few ulps outside [lo, hi]: allow for the rounding of the caller's dtype.
+        # land a few ulps outside [lo, hi]: allow for the rounding of the caller's dtype. An
+        # infinite end (lambda(T) = -inf for flow matching) does not widen the tolerance.
         ulp = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
-        tol = 1e-9 * (hi - lo) + 1e-12 + 4 * ulp * max(abs(lo), abs(hi))
+        finite = [abs(v) for v in (lo, hi) if math.isfinite(v)]
+        span = hi - lo if len(finite) == 2 else 0.0
+        tol = 1e-9 * span + 1e-12 + 4 * ulp * max(finite, default=0.0)
         bad = torch.isnan(l64) | (l64 < lo - tol) | (l64 > hi + tol)
         if bool(bad.any()):
             val = l64[bad].flatten()[0].item()
@@ -163,6 +180,14 @@ class ForwardSDE(abc.ABC):
     def f(self, t: Any) -> Tensor:
         """Drift coefficient: ``f(t) = d log alpha / dt``."""
         return self._eval(self._f, t)
+
+    def alpha_dot(self, t: Any) -> Tensor:
+        """``d alpha / dt`` (autograd by default; closed forms in subclasses where they exist)."""
+        return self._eval(self._alpha_dot, t)
+
+    def sigma_dot(self, t: Any) -> Tensor:
+        """``d sigma / dt`` (autograd by default; closed forms in subclasses where they exist)."""
+        return self._eval(self._sigma_dot, t)
 
     def g2(self, t: Any) -> Tensor:
         """Squared diffusion: ``g(t)^2 = d sigma^2/dt - 2 f(t) sigma^2``."""

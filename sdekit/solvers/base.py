@@ -66,9 +66,10 @@ class Problem:
         return self._checked(out.detach(), t)
 
     def predict_native(self, x: Tensor, t: Any) -> tuple[str, Tensor]:
-        """One counted model call returned as ``("x0", x0)`` for x0/denoiser networks and
-        ``("eps", eps)`` otherwise, so linear update rules skip a conversion."""
-        kind = "x0" if self.model.prediction in ("x0", "denoiser") else "eps"
+        """One counted model call returned as ``("x0", x0)`` for x0/denoiser/flow networks
+        (flow -> x0 is one linear combination, finite at alpha = 0) and ``("eps", eps)``
+        otherwise, so linear update rules skip a conversion."""
+        kind = "x0" if self.model.prediction in ("x0", "denoiser", "flow") else "eps"
         return kind, self.predict(x, t, kind)
 
     def _checked(self, out: Tensor, t: Tensor) -> Tensor:
@@ -111,6 +112,11 @@ class Solver:
     # solver's tolerance) or False (e.g. batch-averaged step sizes)
     batch_invariant: bool | str = True
     paper: ClassVar[str] = ""
+    # True where the solver's first step from a grid point with alpha = 0 (lambda = -inf: the
+    # flow-matching prior at t = 1) is well defined: the data-prediction exponential integrators
+    # and DDIM take it in closed form, x_1 = sigma_1 / sigma_0 x + alpha_1 x0_hat. Every other
+    # solver works in x / alpha, in lambda steps or in the SDE's f and g, all infinite there.
+    starts_at_alpha_zero: bool = False
 
     def __init__(self, **options: Any) -> None:
         if options:
@@ -127,6 +133,27 @@ class Solver:
     def integrate(self, p: Problem, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def check_start(self, p: Problem) -> None:
+        """Raise before any work when the grid starts where alpha = 0 and this solver, or the
+        model's output type, cannot start there."""
+        if float(p.alpha[0]) != 0.0:
+            return
+        t0 = float(p.times[0])
+        if not self.starts_at_alpha_zero:
+            from .registry import list_solvers
+            ok = [d["name"] for d in list_solvers() if d["starts_at_alpha_zero"]]
+            raise ValueError(
+                f"solver {self.name!r} cannot start at t_start={t0:g}, where alpha = 0 (lambda = "
+                "-inf): it steps in x / alpha, in lambda or with the SDE's f and g, all infinite "
+                f"there. Use t_start < {t0:g} (e.g. t_start={t0 - 1e-3 * t0:g}) or a solver that "
+                f"starts there: {ok}")
+        if p.model.prediction in ("eps", "score", "denoiser"):
+            raise ValueError(
+                f"a model with prediction={p.model.prediction!r} cannot be sampled from "
+                f"t_start={t0:g}, where alpha = 0: there x = sigma eps carries no information "
+                "about x0 (x0 = (x - sigma eps) / alpha is 0/0). Use t_start < "
+                f"{t0:g}, or a network predicting 'flow', 'v' or 'x0'")
+
     def for_problem(self, sde: ForwardSDE, model: DiffusionModel, state_shape: Any) -> "Solver":
         """A solver ready for this problem: learned solvers fit themselves here when they were
         built without a trained artefact; classic solvers return themselves."""
@@ -142,7 +169,8 @@ class Solver:
                 "strong_order": self.strong_order, "nfe_per_step": self.nfe_per_step,
                 "kind": "SDE" if self.stochastic else "ODE", "adaptive": self.adaptive,
                 "grid_free": self.grid_free, "default_grid": self.default_grid,
-                "batch_invariant": self.batch_invariant, "paper": self.paper}
+                "batch_invariant": self.batch_invariant,
+                "starts_at_alpha_zero": self.starts_at_alpha_zero, "paper": self.paper}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -100,7 +100,8 @@ class DPMSolverMultistep(ExpIntegrator):
     def init(self, p: Problem, x: Tensor) -> History:
         self.check(p)
         st = History(keep=self.max_order)
-        usable = p.steps - (1 if self.final_to_zero else 0)
+        st.extra["start"] = start = self.start_index(p)
+        usable = p.steps - start - (1 if self.final_to_zero else 0)
         st.extra["singlestep_start"] = self.warmup == "singlestep" and usable >= 3
         return st
 
@@ -114,12 +115,16 @@ class DPMSolverMultistep(ExpIntegrator):
         st.add(i, m)
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps, m), st
-        if i < 3 and st.extra["singlestep_start"]:
-            # steps 0-2 as one third-order singlestep block whose stages are grid points 1, 2
-            if i == 0:
+        i0 = st.extra["start"]
+        if i < i0:  # from alpha = 0
+            return self.first_step(p, x, m), st
+        if i < i0 + 3 and st.extra["singlestep_start"]:
+            # the first three steps (of finite lambda) as one third-order singlestep block
+            # whose stages are grid points i0 + 1, i0 + 2
+            if i == i0:
                 st.extra["x_s"] = x
-            return self.block_stage(p, st, 0, 3, i), st
-        o = self.step_order(i, p.steps, self.max_order)
+            return self.block_stage(p, st, i0, 3, i), st
+        o = self.step_order(i, p.steps, self.max_order, i0)
         h = p.lam[i + 1] - p.lam[i]
         r = [(p.lam[i - j] - p.lam[i]) / h for j in range(o)]
         W = self.weights(r, h)
@@ -159,10 +164,12 @@ class DPMSolverSinglestep(ExpIntegrator):
 
     def init(self, p: Problem, x: Tensor) -> History:
         self.check(p)
-        n = p.steps - (1 if self.final_to_zero else 0)
+        start = self.start_index(p)
+        n = p.steps - start - (1 if self.final_to_zero else 0)
         st = History(keep=self.order)
-        st.extra["block"] = {i0 + j: (i0, k) for i0, k in block_plan(n, self.order,
-                                                                     self.lower_order_at)
+        st.extra["start"] = start
+        st.extra["block"] = {start + i0 + j: (start + i0, k)
+                             for i0, k in block_plan(n, self.order, self.lower_order_at)
                              for j in range(k)}
         return st
 
@@ -170,6 +177,8 @@ class DPMSolverSinglestep(ExpIntegrator):
         m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i])
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps, m), st
+        if i < st.extra["start"]:  # from alpha = 0
+            return self.first_step(p, x, m), st
         i0, k = st.extra["block"][i]
         if i == i0:
             st.extra["x_s"] = x
@@ -219,6 +228,7 @@ class DPMSolverAdaptive(ExpIntegrator):
         self.order, self.rtol, self.atol = order, float(rtol), float(atol)
         self.h_init, self.theta, self.max_iters = float(h_init), float(theta), int(max_iters)
         self.r = [0.0, 0.5] if order == 2 else [0.0, 1 / 3, 2 / 3]
+        self.starts_at_alpha_zero = False  # its step sizes are in lambda, infinite at alpha = 0
 
     def _at(self, p: Problem, lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         t = p.sde.t_of_lambda(lam)
@@ -302,14 +312,21 @@ class SDEDPMSolverPP(ExpIntegrator):
 
     def init(self, p: Problem, x: Tensor) -> History:
         self.check(p)
-        return History(keep=self.order)
+        st = History(keep=self.order)
+        st.extra["start"] = self.start_index(p)
+        return st
 
     def step(self, p: Problem, i: int, x: Tensor, st: History) -> tuple[Tensor, History]:
         m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i])
         st.add(i, m)
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps, m), st
-        o = self.step_order(i, p.steps, self.order)
+        if i < st.extra["start"]:
+            # from alpha = 0 (h = inf): e^{-h} = 0, the kernel's weight 1 - e^{-2h} = 1, so the
+            # step is the exact posterior draw x_1 = alpha_1 x0 + sigma_1 z
+            z = p.noise.increment(p.times[i], p.times[i + 1], x)
+            return p.lin(float(p.alpha[i + 1]), m, float(p.sigma[i + 1]), z), st
+        o = self.step_order(i, p.steps, self.order, st.extra["start"])
         h = p.lam[i + 1] - p.lam[i]
         r = torch.stack([(p.lam[i - j] - p.lam[i]) / h for j in range(o)])
         if o == 2 and self.solver_type == "midpoint":

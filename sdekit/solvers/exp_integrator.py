@@ -12,7 +12,17 @@ outputs already computed (previous steps, or earlier stages of a singlestep bloc
 ``[lambda_s, lambda_s + c h]`` is ``|k| int_0^{ch} e^{k (ch - tau)} l_j(tau / h) dtau``, which
 :func:`ei_weights` evaluates in closed form with the phi functions (``k = +1`` eps, ``-1`` x0,
 ``-2`` the x0 term of SDE-DPM-Solver++). Only ``alpha``, ``sigma`` and ``lambda`` of the forward
-SDE enter, so the solvers run unchanged on VP, sub-VP, VE, EDM, discrete and custom schedules.
+SDE enter, so the solvers run unchanged on VP, sub-VP, VE, EDM, discrete, flow and custom
+schedules.
+
+From a grid point where alpha = 0 (lambda = -inf: flow matching at t = 1) the data-prediction
+forms start in closed form: the first step is ``x_1 = (sigma_1/sigma_0) x + alpha_1 x0`` (the
+update with ``e^{-h} = 0``), the model output there is no Lagrange node for later steps (the
+multistep warm-up restarts at grid point 1), and UniPC corrects that first step by the
+trapezoid rule in ``u = e^lambda`` (see :meth:`UniPC._correct_first`). The noise-prediction
+forms (DPM-Solver, DEIS) cannot start there: their update scales x by ``alpha_t / alpha_s``;
+they raise and ask for ``t_start < T`` or a data-prediction solver. The adaptive DPM-Solver
+steps in lambda and cannot start there either.
 """
 from __future__ import annotations
 
@@ -179,6 +189,9 @@ class ExpIntegrator(Solver):
                              "are invalid: expected 0 < threshold_min <= threshold_max")
         self.prediction = prediction
         self.k = KINDS[prediction]
+        # data prediction starts in closed form at alpha = 0 (see first_step); noise prediction
+        # cannot: its update scales x by alpha_t / alpha_s = inf
+        self.starts_at_alpha_zero = prediction == "x0"
         self.lower_order_final = lower_order_final
         self.final_to_zero = bool(final_to_zero)
         self.threshold = ((float(threshold_ratio), float(threshold_min), float(threshold_max))
@@ -186,8 +199,11 @@ class ExpIntegrator(Solver):
 
     # ------------------------------------------------------------------ helpers
     def check(self, p: Problem) -> None:
-        """Clear errors instead of NaN: every grid point needs a finite half-logSNR."""
+        """Clear errors instead of NaN: every grid point needs a finite half-logSNR (but the
+        first, lambda = -inf where alpha = 0, for the solvers that start there)."""
         bad = ~torch.isfinite(p.lam)
+        if self.starts_at_alpha_zero and float(p.alpha[0]) == 0.0:
+            bad[0] = False
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
             raise ValueError(
@@ -202,10 +218,24 @@ class ExpIntegrator(Solver):
             return steps < self.auto_lower_order_below
         return self.lower_order_final
 
-    def step_order(self, i: int, steps: int, order: int) -> int:
-        """Warm-up (order <= i + 1) and, with lower_order_final, order <= steps - i."""
-        o = min(order, i + 1)
+    def step_order(self, i: int, steps: int, order: int, start: int = 0) -> int:
+        """Warm-up (order <= i - start + 1) and, with lower_order_final, order <= steps - i.
+        ``start`` is the first grid point of finite lambda (see :meth:`start_index`)."""
+        o = min(order, i - start + 1)
         return min(o, steps - i) if self.lof(steps) else o
+
+    @staticmethod
+    def start_index(p: Problem) -> int:
+        """1 when the grid starts at alpha = 0 (lambda = -inf), else 0. The output there is the
+        first step's only node: a Lagrange node at lambda = -inf cannot be interpolated, so the
+        multistep warm-up restarts at grid point 1."""
+        return 0 if bool(torch.isfinite(p.lam[0])) else 1
+
+    def first_step(self, p: Problem, x: Tensor, m: Tensor) -> Tensor:
+        """The exact first-order data-prediction step from grid point 0, where alpha = 0, to
+        grid point 1: ``x_1 = (sigma_1 / sigma_0) x + alpha_1 (1 - e^{-h}) x0`` with ``e^{-h} =
+        0`` (h = lambda_1 - lambda_0 = inf). Local error O(alpha_1^2)."""
+        return self.combine(p, x, 0, 1, torch.ones(1, dtype=F64), [m])
 
     def evaluate(self, p: Problem, x: Tensor, t: Any, a: Any, s: Any
                  ) -> tuple[Tensor, Tensor | None]:
@@ -213,6 +243,10 @@ class ExpIntegrator(Solver):
         integrates (eps, or the possibly thresholded x0); ``a``, ``s`` are alpha and sigma at t.
         When the network already outputs what the solver integrates no conversion is made, and
         ``eps`` is None for an x0 network (``to_zero`` then uses ``m``)."""
+        if torch.as_tensor(a).numel() == 1 and float(a) == 0.0:
+            # alpha = 0: only the data prediction is defined (Solver.check_start vetted the model)
+            out = p.predict(x, t, "x0")
+            return (dynamic_threshold(out, *self.threshold) if self.threshold else out), None
         kind, out = p.predict_native(x, t)
         if kind == self.prediction == "x0":
             return (dynamic_threshold(out, *self.threshold) if self.threshold else out), None

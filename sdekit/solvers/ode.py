@@ -96,7 +96,9 @@ class TorchDiffEq(Solver):
     """Adaptive solve of the probability-flow ODE in lambda (see :func:`pf_ode_lambda`) through
     torchdiffeq (``method`` any of
     torchdiffeq's: dopri5, bosh3, adaptive_heun, dopri8, ...; ``rtol``, ``atol``). NFE is
-    measured by the call counter. ODE. Dormand & Prince 1980 (dopri5); Chen et al. 2018.
+    measured by the call counter. ODE. From a start where alpha = 0 (flow matching at t = 1)
+    it integrates the same ODE in t, ``dx/dt = u(x, t)`` with the velocity (flow prediction;
+    a flow, v or x0 network). Dormand & Prince 1980 (dopri5); Chen et al. 2018.
 
     torchdiffeq takes one step size for the whole batch, so a sample's result depends on its
     batch to within the tolerance (``batch_invariant = "tolerance"``). The error norm is the
@@ -107,6 +109,9 @@ class TorchDiffEq(Solver):
     adaptive = True
     batch_invariant = "tolerance"
     paper = "Dormand & Prince 1980; torchdiffeq (Chen et al. 2018)"
+    # from alpha = 0 (flow matching at t = 1) it integrates dx/dt = u(x, t), the velocity
+    # (flow prediction), in t: finite there, where lambda is not
+    starts_at_alpha_zero = True
 
     def __init__(self, method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5) -> None:
         from torchdiffeq._impl.odeint import SOLVERS
@@ -122,6 +127,15 @@ class TorchDiffEq(Solver):
     def integrate(self, p: Problem, x: Tensor) -> Tensor:
         from torchdiffeq import odeint
 
+        if float(p.alpha[0]) == 0.0:  # lambda = -inf at the start: integrate in t
+            t_lo, t_hi = p.sde.t_min, p.sde.T
+
+            def velocity(t: Tensor, y: Tensor) -> Tensor:
+                return p.predict(y, t.double().clamp(t_lo, t_hi), "flow")
+
+            ts = torch.stack([p.times[0], p.times[-1]]).to(dtype=x.dtype, device=x.device)
+            return odeint(velocity, x, ts, method=self.method, rtol=self.rtol,
+                          atol=self.atol)[-1]
         lo, hi = p.sde.lambda_min, p.sde.lambda_max
 
         def func(lam: Tensor, y: Tensor) -> Tensor:
@@ -145,11 +159,14 @@ class DDIM(Solver):
     ``c = eta sigma_s sqrt(1 - exp(-2 (lambda_s - lambda_t)))``. Order 1, 1 NFE per step.
     ``eta = 0``: deterministic (= DPM-Solver-1); ``eta = 1``: ancestral sampling from the
     posterior ``q(x_s | x_t, x0_hat)`` (DDPM for VP, SMLD for VE; registered as ``ancestral``),
-    an Ito-SDE sampler of strong order 1 here (additive noise)."""
+    an Ito-SDE sampler of strong order 1 here (additive noise). Starts at alpha = 0 (flow
+    matching's t = 1) from the x0 prediction there: ``x_s = alpha_s x0 + (d / sigma_t) x + c z``
+    (a flow, v or x0 network; an eps network carries no x0 at alpha = 0)."""
 
     family = "ddim"
     paper = "Song, Meng & Ermon 2021, Denoising Diffusion Implicit Models, Eq. 12"
     order = 1
+    starts_at_alpha_zero = True  # from alpha = 0: x_s = alpha_s x0 + d x / sigma_0 + c z
 
     def __init__(self, eta: float = 0.0) -> None:
         if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
@@ -168,7 +185,10 @@ class DDIM(Solver):
             d = math.sqrt(max(s1 * s1 - c * c, 0.0))   # weight of eps in the mean
         else:
             c, d = 0.0, s1
-        kind, m = p.predict_native(x, p.times[i])
+        if a0 == 0.0:  # alpha = 0 (flow matching at t = 1): only x0 is defined there
+            kind, m = "x0", p.predict(x, p.times[i], "x0")
+        else:
+            kind, m = p.predict_native(x, p.times[i])
         # x_s = a1 x0 + d eps with x = a0 x0 + s0 eps, written in the network's own output
         if kind == "eps":
             out = p.lin(a1 / a0, x, d - a1 * s0 / a0, m)

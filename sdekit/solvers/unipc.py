@@ -18,23 +18,29 @@ VARIANTS = ("bh1", "bh2")
 
 class _Reuse:
     """The problem as a predictor sees it inside UniPC: its model call at grid point ``i``
-    returns the eps already computed there (at the uncorrected state), so UniC costs no NFE."""
+    returns the output already computed there (at the uncorrected state), so UniC costs no NFE.
+    ``kind`` is that output's type: ``"eps"``, or ``"x0"`` at a point where alpha = 0."""
 
-    def __init__(self, p: Problem, i: int, eps: Tensor) -> None:
-        self.__dict__.update(_p=p, _i=i, _eps=eps)
+    def __init__(self, p: Problem, i: int, out: Tensor, kind: str = "eps") -> None:
+        self.__dict__.update(_p=p, _i=i, _out=out, _kind=kind)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._p, name)
 
     def predict(self, x: Tensor, t: Any, kind: str = "eps") -> Tensor:
         p, i = self._p, self._i
-        if self._eps is None or float(torch.as_tensor(t)) != float(p.times[i]):
+        if self._out is None or float(torch.as_tensor(t)) != float(p.times[i]):
             return p.predict(x, t, kind)
-        eps, self.__dict__["_eps"] = self._eps, None
-        return from_eps(kind, eps, x, p.bcast(p.alpha[i], x), p.bcast(p.sigma[i], x))
+        out, self.__dict__["_out"] = self._out, None
+        if kind == self._kind:
+            return out
+        a, s = p.bcast(p.alpha[i], x), p.bcast(p.sigma[i], x)
+        eps = out if self._kind == "eps" else (x - a * out) / s
+        return from_eps(kind, eps, x, a, s)
 
     def predict_native(self, x: Tensor, t: Any) -> tuple[str, Tensor]:
-        return "eps", self.predict(x, t, "eps")  # through the reuse above
+        kind = self._kind
+        return kind, self.predict(x, t, kind)  # through the reuse above
 
 
 @register("unipc_bh1", variant="bh1")
@@ -83,6 +89,7 @@ class UniPC(ExpIntegrator):
     def init(self, p: Problem, x: Tensor) -> History:
         self.check(p)
         st = History(keep=self.max_order + 1)
+        st.extra["start"] = self.start_index(p)
         if self.predictor is not None:
             st.extra["inner"] = self.predictor.init(p, x)
         return st
@@ -121,17 +128,38 @@ class UniPC(ExpIntegrator):
             out = out - p.bcast(c * B * rk, x) * d
         return out
 
+    def _correct_first(self, p: Problem, x: Tensor, st: History, m: Tensor) -> Tensor:
+        """UniC for the step from alpha = 0 (grid point 0) to grid point 1. In ``u = e^lambda =
+        alpha / sigma`` the data-prediction update reads ``x_1 = (sigma_1 / sigma_0) x_0 +
+        sigma_1 int_0^{u_1} x0 du`` (a node at u = 0 is fine where lambda = -inf is not): the
+        trapezoid rule through the outputs at u = 0 and u_1, ``alpha_1 (m_0 + m_1) / 2``, has
+        local error O(alpha_1^3), one order above the first-order predictor."""
+        return self.combine(p, x, 0, 1, torch.full((2,), 0.5, dtype=torch.float64),
+                            [st.m[0], m])
+
     def step(self, p: Problem, i: int, x: Tensor, st: History) -> tuple[Tensor, History]:
-        eps = p.predict(x, p.times[i], "eps")
-        m = self.convert(p, x, eps, p.alpha[i], p.sigma[i])
+        start = st.extra["start"]
+        if i < start:  # alpha = 0: only the data prediction is defined there
+            kind, eps = "x0", None
+            m = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i])[0]
+        else:
+            kind, eps = "eps", p.predict(x, p.times[i], "eps")
+            m = self.convert(p, x, eps, p.alpha[i], p.sigma[i])
         if self.corrector and i > 0 and (i - 1) not in self.disable_corrector:
-            x = self._update(p, i - 1, st.extra["x_base"], st, st.extra["order"], m)
+            if i - 1 < start:
+                x = self._correct_first(p, st.extra["x_base"], st, m)
+            else:
+                x = self._update(p, i - 1, st.extra["x_base"], st, st.extra["order"], m)
         st.add(i, m)
         if self.final_to_zero and i == p.steps - 1:
-            return self.to_zero(p, i, x, eps), st
-        o = self.step_order(i, p.steps, self.max_order)
+            return self.to_zero(p, i, x, eps, m), st
+        o = self.step_order(i, p.steps, self.max_order, start)
         st.extra.update(x_base=x, order=o)
         if self.predictor is None:
+            if i < start:
+                return self.first_step(p, x, m), st
             return self._update(p, i, x, st, o, None), st
-        x_next, st.extra["inner"] = self.predictor.step(_Reuse(p, i, eps), i, x, st.extra["inner"])
+        out = eps if kind == "eps" else m
+        x_next, st.extra["inner"] = self.predictor.step(_Reuse(p, i, out, kind), i, x,
+                                                        st.extra["inner"])
         return x_next, st

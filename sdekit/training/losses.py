@@ -15,6 +15,12 @@ denoiser) is converted to ``eps_hat`` by the same adapters the samplers use, and
 * ``edm``: Karras et al. 2022, Eq. 8 and Table 1: ``sigma_tilde = sigma / alpha`` log-normal with
   ``P_mean = -1.2, P_std = 1.2`` (clamped to the SDE's range), weight
   ``(sigma^2 + sd^2) / (sigma sd)^2`` on ``|x0_hat - x0|^2``.
+* ``flow``: conditional flow matching (Lipman et al. 2023, Eq. 9 with the interpolant's
+  conditional velocity; rectified flow, Liu et al. 2023): ``|u_hat - (alpha' x0 + sigma' eps)|^2``
+  with weight 1 (``eps - x0`` for :class:`~sdekit.sde.FlowSDE`), ``u_hat`` the network's output
+  converted to the flow kind; ``t`` logit-normal, ``t = sigmoid(m + s z)`` with ``m = 0, s = 1``
+  (SD3, Esser et al. 2024, Sec. 3.1, Eq. 19; ``t_sampling='logit_normal'``) or uniform
+  (``'uniform'``), clamped to ``[t_min, T]``.
 
 All losses are averaged over the data dimensions (so their scale does not grow with image size).
 """
@@ -26,12 +32,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .._utils import append_dims, require
-from ..dynamics.parameterization import PREDICTIONS, to_eps
+from .._utils import append_dims, is_real, require
+from ..dynamics.parameterization import PREDICTIONS, convert, to_eps
 from ..sde.base import ForwardSDE
 from ..sde.discrete import DiscreteDDPM
 
-LOSSES = ("eps", "likelihood", "edm")
+LOSSES = ("eps", "likelihood", "edm", "flow")
+T_SAMPLINGS = ("logit_normal", "uniform")
 
 
 class DSMLoss:
@@ -46,12 +53,20 @@ class DSMLoss:
             networks), ``t`` or ``model_time``.
         importance: for ``likelihood``: sample lambda uniformly (True) or t uniformly (False).
         p_mean, p_std, sigma_data: EDM's noise distribution and data scale.
+        t_sampling, logit_mean, logit_std: for ``flow``: ``logit_normal`` (default; ``t =
+            sigmoid(logit_mean + logit_std z)``) or ``uniform`` t.
     """
 
     def __init__(self, sde: ForwardSDE, kind: str = "eps", prediction: str = "eps",
                  time_input: str = "lambda", importance: bool = True, p_mean: float = -1.2,
-                 p_std: float = 1.2, sigma_data: float = 0.5) -> None:
+                 p_std: float = 1.2, sigma_data: float = 0.5, t_sampling: str = "logit_normal",
+                 logit_mean: float = 0.0, logit_std: float = 1.0) -> None:
         require(kind in LOSSES, "loss", kind, f"one of {LOSSES}")
+        require(t_sampling in T_SAMPLINGS, "t_sampling", t_sampling, f"one of {T_SAMPLINGS}")
+        require(is_real(logit_mean), "logit_mean", logit_mean, "a finite number")
+        require(is_real(logit_std) and logit_std > 0, "logit_std", logit_std, "a number > 0")
+        self.t_sampling, self.logit_mean, self.logit_std = t_sampling, float(logit_mean), \
+            float(logit_std)
         require(prediction in PREDICTIONS, "prediction", prediction, f"one of {PREDICTIONS}")
         require(time_input in ("lambda", "t", "model_time", "sigma_tilde"), "time_input",
                 time_input, "one of ('lambda', 't', 'model_time', 'sigma_tilde')")
@@ -72,6 +87,11 @@ class DSMLoss:
             lo, hi = math.exp(-self._lam_hi), math.exp(-self._lam_lo)
             s = torch.exp(self.p_mean + self.p_std * z).clamp(lo, hi)
             return sde.t_of_sigma_tilde(s)
+        if self.kind == "flow":
+            if self.t_sampling == "logit_normal":
+                z = torch.randn(n, generator=generator, dtype=torch.float64)
+                return torch.sigmoid(self.logit_mean + self.logit_std * z).clamp(sde.t_min, sde.T)
+            return sde.t_min + u * (sde.T - sde.t_min)
         if self.kind == "likelihood" and self.importance:
             return sde.t_of_lambda(self._lam_lo + u * (self._lam_hi - self._lam_lo))
         if isinstance(sde, DiscreteDDPM):
@@ -81,7 +101,7 @@ class DSMLoss:
 
     def weight(self, t: Tensor) -> Tensor:
         """Per-sample weight (float64) applied to the squared error at time ``t``."""
-        if self.kind == "eps" or (self.kind == "likelihood" and self.importance):
+        if self.kind in ("eps", "flow") or (self.kind == "likelihood" and self.importance):
             return torch.ones_like(t)
         if self.kind == "likelihood":
             sde = self.sde
@@ -113,6 +133,13 @@ class DSMLoss:
                              f"an input of shape {tuple(x0.shape)}")
         w = self.weight(t).to(x0.dtype)
         dims = tuple(range(1, x0.ndim))
+        if self.kind == "flow" or self.prediction == "flow":
+            da = append_dims(sde.alpha_dot(t).to(x0), x0.ndim)
+            ds = append_dims(sde.sigma_dot(t).to(x0), x0.ndim)
+            target = {"flow": da * x0 + ds * noise, "edm": x0}.get(self.kind, noise)
+            kind = {"flow": "flow", "edm": "x0"}.get(self.kind, "eps")
+            hat = convert(self.prediction, kind, out, xt, a, s, da, ds)
+            return w * (hat - target).pow(2).mean(dims)
         if self.kind == "edm":
             x0_hat = out if self.prediction == "denoiser" else \
                 (xt - s * to_eps(self.prediction, out, xt, a, s)) / a

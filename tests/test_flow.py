@@ -1,0 +1,465 @@
+"""Flow matching as a forward process: FlowSDE's closed forms, the flow prediction kind, sampling
+from t = 1 (alpha = 0, lambda = -inf) and the timestep shift."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sdekit
+from sdekit import FlowSDE, GaussianData, make_grid, sample
+from sdekit.dynamics import DiffusionModel, convert, from_eps, to_eps, to_x0
+from sdekit.grids import flux_mu, shift_factor, shift_times
+from sdekit.sde.base import ForwardSDE
+from sdekit.solvers import get_solver, solver_names
+
+from helpers import fitted_slope, gaussian_problem, rms
+
+F64 = torch.float64
+FLOW = FlowSDE()
+INNER = torch.tensor([1e-3, 0.01, 0.2, 0.5, 0.8, 0.99, 0.9999], dtype=F64)
+
+
+# ------------------------------------------------------------------------------ the process
+def test_schedule_and_exact_prior_at_t_equal_one():
+    t = torch.cat([INNER, torch.ones(1, dtype=F64)])
+    torch.testing.assert_close(FLOW.alpha(t), 1 - t, rtol=0, atol=0)
+    torch.testing.assert_close(FLOW.sigma(t), t, rtol=0, atol=0)
+    assert FLOW.T == 1.0 and float(FLOW.alpha(1.0)) == 0.0
+    assert FLOW.lambda_min == -math.inf and float(FLOW.sigma_tilde(1.0)) == math.inf
+    assert FLOW.prior_std == 1.0
+    assert float(FLOW.t_of_lambda(-math.inf)) == 1.0
+    assert float(FLOW.t_of_sigma_tilde(math.inf)) == 1.0
+    assert sdekit.get_sde("flow").T == 1.0
+    # the range check of t(lambda) survives the infinite end (its tolerance stays finite)
+    with pytest.raises(ValueError, match=r"lambda=.*outside the half-logSNR range"):
+        FLOW.t_of_lambda(FLOW.lambda_max + 1.0)
+    with pytest.raises(ValueError, match=r"lambda=nan"):
+        FLOW.t_of_lambda(float("nan"))
+
+
+def test_closed_forms_match_the_generic_autograd_and_bisection_defaults():
+    t = INNER
+    for name in ("_f", "_g2", "_alpha_dot", "_sigma_dot"):
+        closed, generic = getattr(FLOW, name)(t), getattr(ForwardSDE, name)(FLOW, t)
+        torch.testing.assert_close(closed, generic, rtol=1e-10, atol=1e-12, msg=name)
+    torch.testing.assert_close(FLOW.f(t), -1 / (1 - t), rtol=1e-14, atol=0)
+    torch.testing.assert_close(FLOW.g2(t), 2 * t / (1 - t), rtol=1e-14, atol=0)
+    lam = FLOW.lambda_(t)
+    torch.testing.assert_close(FLOW._t_of_lambda(lam), ForwardSDE._t_of_lambda(FLOW, lam),
+                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(FLOW.t_of_lambda(lam), t, rtol=1e-13, atol=0)
+    torch.testing.assert_close(FLOW.t_of_sigma_tilde(FLOW.sigma_tilde(t)), t, rtol=1e-13, atol=0)
+    # generic alpha', sigma' of another process: alpha' = f alpha, (sigma^2)' = g^2 + 2 f sigma^2
+    vp = sdekit.VPSDE()
+    tv = torch.linspace(0.01, 0.99, 9, dtype=F64)
+    torch.testing.assert_close(vp.alpha_dot(tv), vp.f(tv) * vp.alpha(tv), rtol=1e-10, atol=0)
+    torch.testing.assert_close(2 * vp.sigma(tv) * vp.sigma_dot(tv),
+                               vp.g2(tv) + 2 * vp.f(tv) * vp.sigma(tv) ** 2, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(t_min=0.0), "t_min"), (dict(t_min=-0.1), "t_min"),
+                                         (dict(T=1.5), "T"), (dict(t_min=float("nan")), "t_min")])
+def test_bad_time_range_names_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=rf"^{name}="):
+        FlowSDE(**kwargs)
+
+
+def test_flow_process_before_t_equal_one():
+    sde = FlowSDE(t_min=0.01, T=0.9)
+    assert math.isfinite(sde.lambda_min) and abs(sde.prior_std - math.hypot(0.1, 0.9)) < 1e-15
+
+
+# ------------------------------------------------------------------------ parametrisations
+KINDS = ["eps", "x0", "v", "score", "flow"]
+
+
+def _oracle(data: GaussianData, kind: str, x, t):
+    return {"eps": data.eps, "x0": data.x0, "v": data._v, "score": data.score,
+            "flow": data.flow_velocity}[kind](x, t)
+
+
+@pytest.mark.parametrize("sde_name", ["flow", "vp", "ve"])
+def test_every_parametrisation_converts_to_every_other(sde_name):
+    """A network of each kind (the exact oracle) asked for each other kind (and the denoiser)
+    reproduces that kind's oracle, on Gaussian data, per-sample times."""
+    sde = {"flow": FLOW, "vp": sdekit.VPSDE(), "ve": sdekit.VESDE()}[sde_name]
+    data = gaussian_problem(sde, dim=3)
+    t = torch.tensor([sde.t_min * 1.5, 0.3, 0.6, 0.95 * sde.T], dtype=F64)
+    x = data.marginal_sample(4, t, torch.Generator().manual_seed(0), dtype=F64)
+    for src in KINDS:
+        model = DiffusionModel(lambda xx, c, k=src: _oracle(data, k, xx, c), sde, src,
+                               time_input="t")
+        for dst in KINDS:
+            ref = _oracle(data, dst, x, t)
+            out = model.predict(x, t, dst)
+            tol = 1e-9 * (1 + float(ref.abs().max()))
+            torch.testing.assert_close(out, ref, rtol=1e-8, atol=tol, msg=f"{src} -> {dst}")
+        xt = x / sde.alpha(t)[:, None]
+        torch.testing.assert_close(model.denoiser(xt, sde.sigma_tilde(t)), data.x0(x, t),
+                                   rtol=1e-8, atol=1e-9, msg=f"{src} -> denoiser")
+
+
+def test_flow_conversions_are_inverse_and_finite_at_alpha_zero():
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(6, 3, generator=g, dtype=F64), torch.randn(6, 3, generator=g, dtype=F64)
+    t = torch.tensor([1e-3, 0.1, 0.5, 0.9, 0.999, 1.0], dtype=F64)[:, None]
+    a, s, da, ds = FLOW.alpha(t), FLOW.sigma(t), FLOW.alpha_dot(t), FLOW.sigma_dot(t)
+    x = a * x0 + s * eps
+    u = eps - x0  # rectified flow's velocity
+    torch.testing.assert_close(to_x0("flow", u, x, a, s, da, ds), x0, rtol=0, atol=1e-14)
+    torch.testing.assert_close(to_eps("flow", u, x, a, s, da, ds), eps, rtol=0, atol=1e-14)
+    for kind in ("x0", "v"):  # the kinds that determine x0 at alpha = 0
+        out = convert("flow", kind, u, x, a, s, da, ds)
+        torch.testing.assert_close(convert(kind, "flow", out, x, a, s, da, ds), u, rtol=0,
+                                   atol=1e-12, msg=kind)
+    inner = slice(0, 5)  # from eps needs alpha > 0
+    torch.testing.assert_close(from_eps("flow", eps[inner], x[inner], a[inner], s[inner],
+                                        da[inner], ds[inner]), u[inner], rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="prediction='flow' needs alpha_dot and sigma_dot"):
+        to_eps("flow", u, x, a, s)
+
+
+def test_time_input_t1000():
+    seen = []
+    model = DiffusionModel(lambda x, c: seen.append(c) or torch.zeros_like(x), FLOW, "flow",
+                           time_input="t1000")
+    model.raw(torch.zeros(2, 3, dtype=F64), torch.tensor([1.0, 0.25], dtype=F64))
+    torch.testing.assert_close(seen[0], torch.tensor([1000.0, 250.0], dtype=F64))
+
+
+# -------------------------------------------------------------------- sampling from t = 1
+STARTERS = [n for n in solver_names() if get_solver(n).starts_at_alpha_zero]
+ODE_STARTERS = [n for n in STARTERS if not get_solver(n).stochastic and not get_solver(n).adaptive]
+# UniPC corrects the step from alpha = 0 (trapezoid in u = e^lambda): its declared order holds.
+# The other multistep / singlestep solvers take that step at first order (local error
+# O(alpha_1^2)) and restart their warm-up at grid point 1, which caps them at order 2.
+FULL_ORDER = {"unipc_bh1", "unipc_bh2", "unic_dpmpp_2m"}
+
+
+def test_the_solvers_that_start_at_alpha_zero():
+    assert set(ODE_STARTERS) == {"ddim", "dpmpp_1", "dpmpp_2m", "dpmpp_3m", "dpmpp_2s",
+                                 "unipc_bh1", "unipc_bh2", "unic_dpmpp_2m"}
+    assert set(STARTERS) - set(ODE_STARTERS) == {"ancestral", "dpmpp_sde_1", "dpmpp_2m_sde",
+                                                 "dopri5"}
+
+
+def test_dopri5_from_t_equal_one_integrates_the_velocity_in_t(flow_problem):
+    data, x_T, ref = flow_problem
+    errs = []
+    for tol in (1e-4, 1e-6, 1e-8):
+        sol = sample(FLOW, data.model("flow"), x_T, solver="dopri5", rtol=tol, atol=tol)
+        errs.append(rms(sol.x, ref))
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-6, errs
+
+
+@pytest.fixture(scope="module")
+def flow_problem():
+    data = gaussian_problem(FLOW)
+    x_T = data.marginal_sample(16, 1.0, torch.Generator().manual_seed(0), dtype=F64)
+    return data, x_T, data.flow(x_T, 1.0, FLOW.t_min)
+
+
+@pytest.mark.parametrize("name", ODE_STARTERS)
+def test_exact_gaussian_flow_sampled_from_t_equal_one_converges(name, flow_problem):
+    """A flow network on the exact Gaussian flow, every deterministic solver that starts at
+    t = 1, its default (logSNR) grid from t = 1: the error falls at the expected rate."""
+    data, x_T, ref = flow_problem
+    order = get_solver(name).order
+    expected = order if name in FULL_ORDER else min(order, 2)
+    ladder = [32, 64, 128, 256]
+    errs = [rms(sample(FLOW, data.model("flow"), x_T, solver=name, steps=n).x, ref)
+            for n in ladder]
+    slope = fitted_slope([1 / n for n in ladder], errs)
+    assert expected - 0.4 < slope < order + 1.0, f"{name}: slope {slope:.2f}, errors {errs}"
+
+
+def test_first_step_from_alpha_zero_is_the_closed_form(flow_problem):
+    """One data-prediction step from t = 1: x_1 = sigma_1 x_T + alpha_1 x0_hat(x_T, 1), and at
+    t = 1 the exact x0_hat is the data mean."""
+    data, x_T, _ = flow_problem
+    t1 = 0.7
+    expect = t1 * x_T + (1 - t1) * data.mean
+    for name in ODE_STARTERS:
+        for kind in ("flow", "x0", "v"):
+            out = sample(FLOW, data.model(kind), x_T, solver=name, grid=[1.0, t1]).x
+            torch.testing.assert_close(out, expect, rtol=0, atol=1e-13, msg=f"{name} {kind}")
+
+
+@pytest.mark.parametrize("name", sorted(set(STARTERS) - set(ODE_STARTERS)))
+def test_stochastic_solvers_from_t_equal_one_sample_the_data_law(name):
+    """Started at the exact prior N(0, I) (t = 1), the stochastic solvers reproduce the data
+    mean and covariance within Monte-Carlo error."""
+    mean = torch.tensor([0.5, -1.0], dtype=F64)
+    cov = torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=F64)
+    data = GaussianData(FLOW, mean, cov)
+    n = 4000
+    x = sample(FLOW, data.model("flow"), shape=(n, 2), solver=name, steps=200, dtype=F64,
+               seed=7).x
+    target_mean, target_cov = data.marginal_mean(FLOW.t_min), data.marginal_cov(FLOW.t_min)
+    se = torch.sqrt(torch.diagonal(target_cov) / n)
+    assert ((x.mean(0) - target_mean).abs() < 5 * se + 0.02).all(), f"mean {x.mean(0)}"
+    d = torch.diagonal(target_cov)  # the registry's weak test's bound
+    se_cov = torch.sqrt((target_cov ** 2 + torch.outer(d, d)) / n)
+    C = torch.cov(x.T)
+    assert ((C - target_cov).abs() < 5 * se_cov + 0.03).all(), f"cov {C} vs {target_cov}"
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "edm_heun", "deis_tab3", "dpm_solver_2",
+                                  "dpmpp_adaptive", "euler_maruyama", "ipndm", "deis_rhork"])
+def test_solvers_that_cannot_start_at_alpha_zero_say_so(name, flow_problem):
+    data, x_T, _ = flow_problem
+    with pytest.raises(ValueError, match=rf"solver '{name}' cannot start at t_start=1.*t_start <"):
+        sample(FLOW, data.model("flow"), x_T, solver=name, steps=4)
+    # they run from t_start < 1
+    out = sample(FLOW, data.model("flow"), x_T, solver=name, steps=4, t_start=0.99).x
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kind", ["eps", "score"])
+def test_models_without_x0_at_alpha_zero_say_so(kind, flow_problem):
+    data, x_T, _ = flow_problem
+    with pytest.raises(ValueError, match=rf"prediction='{kind}' cannot be sampled from t_start=1"):
+        sample(FLOW, data.model(kind), x_T, solver="dpmpp_2m", steps=4)
+
+
+# ------------------------------------------------------------------------------------ grids
+@pytest.mark.parametrize("grid", ["logsnr", "karras"])
+def test_named_grids_from_an_infinite_start(grid):
+    n = 8
+    t = make_grid(FLOW, grid, n)
+    assert t[0] == 1.0 and t[-1] == FLOW.t_min and t.numel() == n + 1
+    assert abs(float(t[1]) - (1 - (1 - FLOW.t_min) / n)) < 1e-15
+    torch.testing.assert_close(t[1:], make_grid(FLOW, grid, n - 1, t_start=float(t[1])))
+    if grid == "logsnr":
+        dl = torch.diff(FLOW.lambda_(t[1:]))
+        torch.testing.assert_close(dl, dl[0].expand_as(dl), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("grid", ["uniform", "quadratic", "logsnr", "karras"])
+@pytest.mark.parametrize("s", [0.7, 3.0])
+def test_static_shift_is_sd3_formula_on_every_grid(grid, s):
+    t_end = 0.05
+    base = make_grid(FLOW, grid, 10, t_end=t_end)
+    out = make_grid(FLOW, grid, 10, t_end=t_end, shift=s)
+    torch.testing.assert_close(out, s * base / (1 + (s - 1) * base), rtol=0, atol=0)
+    # = a translation of the half-logSNR by -log s (how the shift applies to any SDE)
+    lam = FLOW.lambda_(base[1:]) - math.log(s)
+    torch.testing.assert_close(out[1:], FLOW.t_of_lambda(lam), rtol=1e-12, atol=0)
+
+
+def test_dynamic_shift_flux():
+    assert flux_mu(256) == pytest.approx(0.5, abs=1e-15)
+    assert flux_mu(4096) == pytest.approx(1.15, abs=1e-15)
+    assert flux_mu(1024) == pytest.approx(0.5 + 0.65 * 768 / 3840, abs=1e-15)
+    base = make_grid(FLOW, "uniform", 6)
+    mu = 0.8
+    exp_ = make_grid(FLOW, "uniform", 6, mu=mu)
+    torch.testing.assert_close(exp_, math.exp(mu) / (math.exp(mu) + (1 / base - 1)), rtol=1e-14,
+                               atol=0)
+    mu = 1.5  # the linear type needs mu >= 1 to keep t_end >= t_min
+    lin = make_grid(FLOW, "uniform", 6, mu=mu, shift_type="linear")
+    torch.testing.assert_close(lin, mu / (mu + (1 / base - 1)), rtol=1e-14, atol=0)
+    torch.testing.assert_close(make_grid(FLOW, "uniform", 6, image_seq_len=4096),
+                               make_grid(FLOW, "uniform", 6, mu=flux_mu(4096)))
+    # through sample()'s grid_options
+    data = gaussian_problem(FLOW, dim=2)
+    sol = sample(FLOW, data.model("flow"), shape=(2, 2), steps=6, grid="uniform",
+                 grid_options={"shift": 3.0})
+    torch.testing.assert_close(sol.times, make_grid(FLOW, "uniform", 6, shift=3.0))
+
+
+@pytest.mark.parametrize("opts,match", [
+    (dict(shift=0.0), r"shift=0.0 is invalid"), (dict(shift=-2.0), r"shift=-2.0 is invalid"),
+    (dict(shift=float("nan")), r"shift=nan is invalid"), (dict(shift="3"), r"shift='3'"),
+    (dict(mu=float("inf")), r"mu=inf is invalid"),
+    (dict(mu=-0.5, shift_type="linear"), r"mu=-0.5 is invalid for shift_type='linear'"),
+    (dict(mu=1.0, shift_type="cubic"), r"shift_type='cubic' is invalid"),
+    (dict(shift=3.0, mu=1.0), r"are exclusive"), (dict(image_seq_len=0), r"image_seq_len=0"),
+    (dict(shift=0.5), r"below t_min"),
+])
+def test_bad_shift_names_the_argument(opts, match):
+    with pytest.raises(ValueError, match=match):
+        make_grid(FLOW, "uniform", 4, **opts)
+
+
+def test_shift_on_other_processes_and_explicit_grids():
+    vp = sdekit.VPSDE()
+    base = make_grid(vp, "uniform", 5, t_start=0.5)
+    out = make_grid(vp, "uniform", 5, t_start=0.5, shift=2.0)
+    torch.testing.assert_close(vp.lambda_(out), vp.lambda_(base) - math.log(2.0), rtol=1e-10,
+                               atol=1e-10)
+    with pytest.raises(ValueError, match=r"shift=2 moves the grid outside the time range"):
+        make_grid(vp, "uniform", 5, shift=2.0)
+    with pytest.raises(ValueError, match="do not apply to an explicit grid"):
+        make_grid(FLOW, [1.0, 0.5, 0.1], shift=2.0)
+    assert shift_factor() == 1.0 and shift_times(FLOW, base, 1.0) is base
+
+
+# ------------------------------------------------------------ cross-check against diffusers
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_ddim_on_flow_is_diffusers_flow_match_euler_step_for_step(shift):
+    """On rectified flow DDIM is Euler in t on the velocity (x0 and eps are constant along the
+    straight interpolant: x_s = x + (s - t) u), i.e. diffusers' FlowMatchEulerDiscreteScheduler.
+    Its grid is shift(linspace(1, shift(1/1000), N)) followed by sigma = 0, computed in float32;
+    sdekit's uniform grid with the same shift gives it to float32 rounding. Its step rounds the
+    state to float32 before ``x + dt u`` (a documented upcast: ``sample.to(torch.float32)``) and
+    takes ``dt`` as the float32 difference of its float32 sigmas, so step for step, from the
+    same float32-rounded state and over the same dt, sdekit's DDIM must give diffusers' state to
+    1e-12 in float64; the last step, to sigma = 0, is the x0 prediction x - t u (sdekit's
+    ``denoise=True``). Over the whole run the two agree to float32 rounding."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional test dependency")
+    N = 8
+    sch = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    sch.set_timesteps(N)
+    sig = sch.sigmas.double()
+    assert sig[-1] == 0 and sig[0] == 1
+    t_end = shift * 1e-3 / (1 + (shift - 1) * 1e-3)
+    ours = make_grid(FLOW, "uniform", N - 1, t_end=t_end, shift=shift)
+    torch.testing.assert_close(ours, sig[:-1], rtol=2e-7, atol=0)
+    data = gaussian_problem(FLOW, dim=4)
+    model = data.model("flow")
+    x = data.marginal_sample(8, 1.0, torch.Generator().manual_seed(3), dtype=F64)
+    for i, ts in enumerate(sch.timesteps):
+        x = x.float().double()  # the state as diffusers' step rounds it
+        x_next = sch.step(model.flow(x, sig[i]), ts, x, return_dict=False)[0]
+        assert x_next.dtype == F64
+        if i < N - 1:
+            # diffusers' step size is the float32 difference of its float32 sigmas
+            dt = float(sch.sigmas[i + 1] - sch.sigmas[i])
+            mine = sample(FLOW, model, x, solver="ddim", grid=[sig[i], sig[i] + dt]).x
+        else:  # the step to sigma = 0: the x0 prediction (what sample(denoise=True) returns)
+            mine = model.x0(x, sig[i])
+        torch.testing.assert_close(mine, x_next, rtol=0, atol=1e-12, msg=f"step {i}")
+        x = x_next
+    # the whole run: sdekit in float64 on the same grid vs diffusers' float32-rounded loop
+    x0 = data.marginal_sample(8, 1.0, torch.Generator().manual_seed(3), dtype=F64)
+    full = sample(FLOW, model, x0, solver="ddim", grid=sig[:-1], denoise=True).x
+    torch.testing.assert_close(full, x, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ conditional flow matching
+def test_flow_loss_target_is_the_conditional_velocity():
+    from sdekit.training.losses import DSMLoss
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(64, 3, generator=g, dtype=F64)
+    noise = torch.randn(64, 3, generator=g, dtype=F64)
+    for sde in (FLOW, sdekit.VPSDE()):
+        loss = DSMLoss(sde, "flow", prediction="flow", time_input="t")
+        t = loss.sample_t(64, g)
+        da, ds = sde.alpha_dot(t)[:, None], sde.sigma_dot(t)[:, None]
+        exact = loss.per_sample(lambda x, c: da * x0 + ds * noise, x0, t, noise)
+        assert float(exact.abs().max()) < 1e-24, sde
+        if isinstance(sde, FlowSDE):  # rectified flow: u = eps - x0
+            assert float(loss.per_sample(lambda x, c: noise - x0, x0, t, noise).max()) < 1e-24
+
+
+def test_flow_loss_is_minimised_by_the_exact_velocity_for_any_output_kind():
+    """On Gaussian data the posterior velocity minimises the CFM loss; an eps or v network
+    holding the same function (converted by the one model contract) has the same loss."""
+    from sdekit.training.losses import DSMLoss
+    data = gaussian_problem(FLOW, dim=3)
+    g = torch.Generator().manual_seed(1)
+    x0 = data.sample(4096, g, dtype=F64)
+    noise = torch.randn(x0.shape, generator=g, dtype=F64)
+    t = DSMLoss(FLOW, "flow").sample_t(4096, g)
+    values = {}
+    for kind, fn in (("flow", data.flow_velocity), ("eps", data.eps), ("v", data._v)):
+        loss = DSMLoss(FLOW, "flow", prediction=kind, time_input="t")
+        values[kind] = float(loss.per_sample(fn, x0, t, noise).mean())
+    assert values["eps"] == pytest.approx(values["flow"], rel=1e-9)
+    assert values["v"] == pytest.approx(values["flow"], rel=1e-9)
+    loss = DSMLoss(FLOW, "flow", prediction="flow", time_input="t")
+    worse = float(loss.per_sample(lambda x, c: 1.05 * data.flow_velocity(x, c), x0, t,
+                                  noise).mean())
+    assert worse > values["flow"]
+
+
+def test_flow_loss_time_sampling():
+    from sdekit.training.losses import DSMLoss
+    g = torch.Generator().manual_seed(2)
+    t = DSMLoss(FLOW, "flow").sample_t(20000, g)
+    z = torch.logit(t)
+    assert abs(float(z.mean())) < 0.05 and abs(float(z.std()) - 1) < 0.03
+    t = DSMLoss(FLOW, "flow", t_sampling="logit_normal", logit_mean=1.0, logit_std=0.5).sample_t(
+        20000, g)
+    assert abs(float(torch.logit(t).mean()) - 1) < 0.03
+    t = DSMLoss(FLOW, "flow", t_sampling="uniform").sample_t(20000, g)
+    assert FLOW.t_min <= float(t.min()) and float(t.max()) <= 1
+    assert abs(float(t.mean()) - 0.5) < 0.01
+    for kw, name in ((dict(t_sampling="beta"), "t_sampling"), (dict(logit_std=0.0), "logit_std"),
+                     (dict(logit_mean=float("nan")), "logit_mean")):
+        with pytest.raises(ValueError, match=rf"^{name}="):
+            DSMLoss(FLOW, "flow", **kw)
+
+
+def test_cli_train_objective_flow_then_sample(tmp_path):
+    import json
+
+    from sdekit.cli.main import main as cli
+    out = tmp_path / "run"
+    args = ["train", "--data", "two_moons", "--objective", "flow", "--steps", "3", "--width",
+            "16", "--depth", "1", "--batch-size", "32", "--ckpt-every", "3", "--sample-n", "16",
+            "--sample-steps", "2", "--no-progress", "--device", "cpu", "--out", str(out)]
+    assert cli(args) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["sde"], cfg["loss"], cfg["net"]["prediction"]) == ("flow", "flow", "flow")
+    assert cli(["sample", "--checkpoint", str(out / "checkpoint.pt"), "--solver", "dpmpp_2m",
+                "--steps", "3", "--n", "12", "--out", str(tmp_path / "s")]) == 0
+    # a solver that cannot start at t = 1 is refused with the reason
+    assert cli(["sample", "--checkpoint", str(out / "checkpoint.pt"), "--solver", "heun",
+                "--steps", "3", "--n", "4", "--out", str(tmp_path / "h")]) == 2
+
+
+def test_bench_problems_on_flow_use_a_flow_model():
+    from sdekit.bench.problems import gaussian_problem as bench_gaussian
+    from sdekit.bench.problems import gmm_problem
+    for make in (bench_gaussian, gmm_problem):
+        prob = make(FLOW, dim=3)
+        assert prob.model.prediction == "flow"
+        g = torch.Generator().manual_seed(0)
+        x = sample(FLOW, prob.model, prob.sample_init(8, g).double(), solver="unipc_bh2",
+                   steps=10).x
+        assert torch.isfinite(x).all()
+        assert make(sdekit.VPSDE(), dim=3).model.prediction == "eps"
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("which", ["dpmsolver", "unipc"])
+def test_dpmpp_2m_and_unipc_match_diffusers_flow_sigma_schedulers(which, shift):
+    """diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler with
+    ``use_flow_sigmas=True, prediction_type='flow_prediction'`` against sdekit's dpmpp_2m /
+    unipc_bh2 (order 2) on the same sigmas (diffusers' grid starts just below 1, ends at 0:
+    sdekit takes its points and finishes with final_to_zero). Documented differences: diffusers
+    holds its sigmas and half-logSNRs in float32, so the two agree to float32 rounding (~1e-7
+    here), not to 1e-10; and diffusers' UniPC takes its last step (to sigma = 0) from the
+    uncorrected state's x0, while sdekit's final_to_zero returns the data estimate at the
+    corrected state, so for UniPC every state but the last is compared."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional test dependency")
+    cls, solver, kw = {
+        "dpmsolver": (diffusers.DPMSolverMultistepScheduler, "dpmpp_2m",
+                      dict(algorithm_type="dpmsolver++", solver_order=2)),
+        "unipc": (diffusers.UniPCMultistepScheduler, "unipc_bh2", dict(solver_order=2))}[which]
+    sde = FlowSDE(t_min=1e-4)
+    N = 8
+    sch = cls(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift, **kw)
+    sch.set_timesteps(N)
+    sig = sch.sigmas.double()
+    assert sig[-1] == 0 and sig.numel() == N + 1
+    data = gaussian_problem(sde, dim=4)
+    model = data.model("flow")
+    x = data.marginal_sample(8, float(sig[0]), torch.Generator().manual_seed(3), dtype=F64)
+    states, xs = [], x.clone()
+    for i, ts in enumerate(sch.timesteps):
+        xs = sch.step(model.flow(xs, sig[i]), ts, xs, return_dict=False)[0]
+        states.append(xs.double())
+    grid = torch.cat([sig[:N], torch.tensor([sde.t_min], dtype=F64)])
+    opts = dict(order=2) if which == "unipc" else {}
+    sol = sample(sde, model, x, solver=solver, grid=grid, final_to_zero=True,
+                 lower_order_final=True, save_at=grid[1:N].tolist(), **opts)
+    for i in range(N - 1):
+        torch.testing.assert_close(sol.trajectory[float(grid[i + 1])], states[i], rtol=0,
+                                   atol=1e-6, msg=f"step {i}")
+    if which == "dpmsolver":
+        torch.testing.assert_close(sol.x, states[-1], rtol=0, atol=1e-6)
