@@ -12,7 +12,7 @@ def main() -> None:
         nfe = "adaptive" if s["adaptive"] else s["nfe_per_step"]
         fmt = lambda v: "-" if v is None else f"{v:g}"  # noqa: E731
         print(f"| `{s['name']}` | {s['family']} | {s['kind']} | {fmt(s['order'])} | "
-              f"{fmt(s['strong_order'])} | {nfe} | {s['default_grid']} | {s['paper']} |")
+              f"{fmt(s['strong_order'])} | {nfe} | {s['grid_rule']} | {s['paper']} |")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             ``solver_options`` are passed to it.
         steps: number of steps (intervals of the grid); ignored when ``grid`` is an array.
         grid: a grid name (``uniform``, ``quadratic``, ``logsnr``, ``karras``) or an explicit
-            decreasing array of times; default: the solver's preferred grid.
+            decreasing array of times; default: the solver's grid for this SDE
+            (``Solver.grid_for(sde)``).
         t_start, t_end: integration range (default ``sde.T`` down to ``sde.t_min``).
         denoise: finish with one extra model call returning the x0 prediction at ``t_end``.
         float64: keep the solver state in float64 (the model is still called in ``dtype``).
@@ -65,7 +66,7 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
     dm = as_model(model, sde, prediction)
     slv = get_solver(solver, **solver_options)
     explicit = grid is not None and not isinstance(grid, str)  # an array of times
-    times = make_grid(sde, slv.default_grid if grid is None else grid,
+    times = make_grid(sde, slv.grid_for(sde) if grid is None else grid,
                       None if explicit else steps, t_start, t_end, **(grid_options or {}))
     if times.numel() - 1 < slv.min_steps:
         raise ValueError(f"steps={times.numel() - 1} is too few for solver {slv.name!r}: it needs "

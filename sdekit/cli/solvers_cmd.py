@@ -20,7 +20,7 @@ def solver_rows() -> list[list[str]]:
     for d in list_solvers():
         nfe = "adaptive" if d.get("adaptive") else str(d.get("nfe_per_step", "?"))
         rows.append([d["name"], str(d.get("family", "?")), _order(d), nfe,
-                     str(d.get("kind", "?")), str(d.get("default_grid", "?")),
+                     str(d.get("kind", "?")), str(d.get("grid_rule", d.get("default_grid", "?"))),
                      str(d.get("paper", ""))])
     return rows
 
@@ -51,7 +51,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("solvers", help="list the registered solvers",
                               description="List the solver registry: name, family, order (strong "
                                           "order for SDE solvers), NFE per step, ODE or SDE, the "
-                                          "default time grid and the paper.")
+                                          "default time grid (its rule per forward SDE) and the paper.")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true", help="the registry metadata as JSON")
     g.add_argument("--markdown", action="store_true", help="a Markdown table")

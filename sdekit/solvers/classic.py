@@ -141,6 +141,7 @@ class TorchSDE(Solver):
     external_loop = True
     stochastic = True
     default_grid = "uniform"
+    max_lambda_step_ratio = math.inf  # the backend steps uniformly in t: no other grid
     per_sample_noise = False
     paper = "Li et al. 2020, Scalable Gradients for SDEs (torchsde)"
     _ORDERS = {"euler": 1.0, "milstein": 1.0, "srk": 1.5}
