@@ -171,21 +171,37 @@ def test_sde_strong_order(name, sde_name):
 
 # ---------------------------------------------------------------------------- weak correctness
 WEAK_NAMES = [n for n in NAMES if SOLVERS[n].stochastic]
+# One forward SDE of each kind (the CustomSDE is EDM's schedule given as functions, so the grid
+# rule is exercised on a schedule it knows nothing about).
+WEAK_SDES = ["vp", "cosine", "subvp", "ve", "edm", "ddpm", "custom_edm"]
+# Known, measured departures from the exact law at the option-free call, with their cause.
+WEAK_LIMITS = {
+    (name, sde_name): "the torchsde backend steps uniformly in t only: on EDM (sigma = t) its last "
+                      "step spans sigma 0.8 -> 0.002 at 100 steps (the grid rule moves every other "
+                      "solver to logsnr there); measured covariance [0, 0] 1.61 vs 1.0 (13 "
+                      "standard errors; torchsde_srk at 20 steps: mean off by 0.36, 11 s.e.)"
+    for name in ("torchsde", "torchsde_milstein", "torchsde_srk") for sde_name in ("edm", "custom_edm")
+}
 
 
+@pytest.mark.parametrize("sde_name", WEAK_SDES)
 @pytest.mark.parametrize("name", WEAK_NAMES)
-def test_weak_correctness(name):
-    """With the exact score, samples reproduce the data mean and covariance (at t_min) within
-    Monte-Carlo error."""
-    sde = sdekit.VPSDE()
+def test_weak_correctness(name, sde_name):
+    """The option-free call (the solver's grid for this SDE, samples from the prior) with the
+    exact score reproduces the data mean and covariance at t_min within Monte-Carlo error:
+    5 standard errors of the sample mean / covariance for n samples, plus a discretisation
+    allowance of 0.02 / 0.03 at 100 NFE (at least 20 steps). (With the uniform grid on EDM, the default before
+    Solver.grid_for, the covariance was off by 10-60 standard errors.)"""
+    if (name, sde_name) in WEAK_LIMITS:
+        pytest.xfail(WEAK_LIMITS[name, sde_name])
+    sde = make_sde(sde_name)
     mean = torch.tensor([0.5, -1.0], dtype=torch.float64)
     cov = torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=torch.float64)
     data = sdekit.GaussianData(sde, mean, cov)
-    n = 4000
+    n = 1000
     s = SOLVERS[name]
-    steps = 200 // s.nfe_per_step
-    x = sample(sde, data.model(), shape=(n, 2), solver=name, steps=steps, dtype=torch.float64,
-               seed=7).x
+    x = sample(sde, data.model(), shape=(n, 2), solver=name, steps=max(100 // s.nfe_per_step, 20),
+               dtype=torch.float64, seed=7).x
     target_mean, target_cov = data.marginal_mean(sde.t_min), data.marginal_cov(sde.t_min)
     m, C = x.mean(0), torch.cov(x.T)
     se_mean = torch.sqrt(torch.diagonal(target_cov) / n)
@@ -193,6 +209,21 @@ def test_weak_correctness(name):
     se_cov = torch.sqrt((target_cov ** 2 + torch.outer(torch.diagonal(target_cov),
                                                        torch.diagonal(target_cov))) / n)
     assert ((C - target_cov).abs() < 5 * se_cov + 0.03).all(), f"cov {C} vs {target_cov}"
+
+
+def test_the_option_free_grid_is_the_solvers_grid_for_the_sde():
+    """sample() without a grid uses Solver.grid_for(sde): uniform-in-t solvers keep the papers'
+    uniform grid on VP and move to logsnr on EDM (sigma = t); DEIS keeps quadratic on VP and
+    moves to logsnr on the cosine schedule."""
+    cases = [("euler_maruyama", sdekit.VPSDE(), "uniform"), ("euler_maruyama", sdekit.EDMSDE(),
+             "logsnr"), ("deis_tab3", sdekit.VPSDE(), "quadratic"),
+             ("deis_tab3", sdekit.CosineVPSDE(), "logsnr"), ("torchsde", sdekit.EDMSDE(), "uniform")]
+    for name, sde, grid in cases:
+        assert SOLVERS[name].grid_for(sde) == grid, (name, sde)
+        data = gaussian_problem(sde, dim=2)
+        sol = sample(sde, data.model(), shape=(2, 2), solver=name, steps=8)
+        torch.testing.assert_close(sol.times, make_grid(sde, grid, 8), rtol=0, atol=0)
+    assert "logsnr where" in SOLVERS["pc"].describe()["grid_rule"]
 
 
 # ---------------------------------------------------------------------- adaptive step control
