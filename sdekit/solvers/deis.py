@@ -43,9 +43,13 @@ class DEISMultistep(ExpIntegrator):
     beta is 0.999) its first steps are huge in lambda (cosine, n = 512: 0.53, 0.34, 0.25 against
     a median of 0.011; 15x and 43x the mean at 100 steps, growing with n), and the warm-up's
     first-order first step leaves an O(h^2) error there that dominates: tAB2, tAB3 and rhoAB
-    measured order 2.0 on cosine at 32-4096 steps. On logsnr they measure 2.8-3.7. (A singlestep
-    warm-up was tried: it restores slope 3 on the cosine quadratic grid, but extrapolating over
-    those first steps made the errors 3-7x larger and rhoAB diverge at 32 steps.)"""
+    measured order 2.0-2.3 on cosine at 32-4096 steps (errors 1.5e-7 at 4096). On logsnr they
+    measure 2.8-3.7 over 32-256 steps and tAB2 3.0, rhoAB 3.4 over 512-4096 (errors ~1e-10).
+    The warm-up's O(h^2) term is still there on every grid, only small: it caps tAB3 at slope
+    2.5 over 512-4096 logsnr steps on cosine (below 5e-10) and 2.7 on VE (see the order test's
+    limits). (A singlestep warm-up was tried: slope 3 on the cosine quadratic grid, but
+    extrapolating over those first steps made the errors 3-7x larger and rhoAB diverge at 32
+    steps.)"""
 
     family = "deis"
     kind_options = ("eps",)
