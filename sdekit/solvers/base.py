@@ -23,8 +23,8 @@ from ..sde.base import ForwardSDE
 
 
 def lambda_step_ratios(sde: ForwardSDE, grid: str, steps: int = 100) -> Tensor:
-    """The lambda steps of a named grid of ``steps`` steps on ``sde``, over their mean (1 for a
-    grid uniform in lambda)."""
+    """The lambda steps of a named grid of ``steps`` steps over the SDE's whole range, divided by
+    their mean (all 1 for a grid uniform in lambda)."""
     dl = torch.diff(sde.lambda_(make_grid(sde, grid, steps)))
     return dl / dl.mean()
 
@@ -142,10 +142,15 @@ class Solver:
         ``max_lambda_step_ratio`` times its mean step in lambda. The 25 keeps the papers'
         uniform grid on VP, sub-VP, cosine, VE and DDPM (largest step 1-22x the mean: their last
         step, below the data's scale) and moves EDM (sigma = t: 57x, one step from sigma 0.8 to
-        0.002, where data of unit scale resolves; covariance z-scores 9-58 at 200 NFE)."""
+        0.002, where data of unit scale resolves; covariance z-scores 9-58 at 200 NFE), as well
+        as the squared-cosine DDPM table (39x, its last beta is 0.999) and constant-beta VP (30x).
+        """
         if self.grid_free or self.default_grid == "logsnr":
             return self.default_grid
-        ratio = float(lambda_step_ratios(sde, self.default_grid).max())
+        try:
+            ratio = float(lambda_step_ratios(sde, self.default_grid).max())
+        except ValueError:  # the grid cannot be built on this SDE: logsnr always can
+            return "logsnr"
         return self.default_grid if ratio <= self.max_lambda_step_ratio else "logsnr"
 
     def grid_rule(self) -> str:

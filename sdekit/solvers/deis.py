@@ -71,7 +71,10 @@ class DEISMultistep(ExpIntegrator):
         self.order = min(ab_order + 1, 3)
 
     def grid_for(self, sde: ForwardSDE) -> str:
-        first = float(lambda_step_ratios(sde, self.default_grid)[0])
+        try:
+            first = float(lambda_step_ratios(sde, self.default_grid)[0])
+        except ValueError:
+            return "logsnr"
         return self.default_grid if first <= self.FIRST_STEP_RATIO else "logsnr"
 
     def grid_rule(self) -> str:
