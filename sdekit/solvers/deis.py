@@ -11,7 +11,13 @@ from torch import Tensor
 
 from ..sde.base import ForwardSDE
 from .base import Problem, Solver, lambda_step_ratios
-from .exp_integrator import ExpIntegrator, History, ei_weights, gauss_legendre, lagrange_eval
+from .exp_integrator import (
+    ExpIntegrator,
+    History,
+    ei_weights,
+    gauss_legendre,
+    lagrange_eval,
+)
 from .ode import TABLES, ButcherTable
 from .registry import register
 
