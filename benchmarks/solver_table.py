@@ -14,7 +14,7 @@ def main() -> None:
         nfe = "adaptive" if s["adaptive"] else s["nfe_per_step"]
         fmt = lambda v: "-" if v is None else f"{v:g}"
         print(f"| `{s['name']}` | {s['family']} | {s['kind']} | {fmt(s['order'])} | "
-              f"{fmt(s['strong_order'])} | {nfe} | {s['default_grid']} | {batch_invariance(s)} | "
+              f"{fmt(s['strong_order'])} | {nfe} | {s['grid_rule']} | {batch_invariance(s)} | "
               f"{s['paper']} |")
 
 

@@ -56,7 +56,8 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
         steps: number of steps (intervals) of a named grid (default 20); with an explicit
             array ``grid`` leave it out (or give ``len(grid) - 1``).
         grid: a grid name (``uniform``, ``quadratic``, ``logsnr``, ``karras``) or an explicit
-            decreasing array of times; default: the solver's preferred grid. ``grid_options``
+            decreasing array of times; default: the solver's grid for this SDE
+            (``Solver.grid_for(sde)``). ``grid_options``
             are the named grid's options (``rho`` for ``karras``; for every named grid a
             timestep shift: ``shift``, ``mu``, ``image_seq_len``, ``shift_type``, see
             :func:`sdekit.grids.shift_times`).
@@ -90,7 +91,7 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
     explicit = grid is not None and not isinstance(grid, str)  # an array of times
     if not explicit and steps is None:
         steps = DEFAULT_STEPS
-    times = make_grid(sde, slv.default_grid if grid is None else grid, steps, t_start, t_end,
+    times = make_grid(sde, slv.grid_for(sde) if grid is None else grid, steps, t_start, t_end,
                       **(grid_options or {}))
     if times.numel() - 1 < slv.min_steps:
         raise ValueError(f"steps={times.numel() - 1} is too few for solver {slv.name!r}: it needs "

@@ -11,6 +11,8 @@ from sdekit.analytic import GaussianData
 
 ORDER_SDES = {
     "vp": lambda: sdekit.VPSDE(),
+    "cosine": lambda: sdekit.CosineVPSDE(),
+    "subvp": lambda: sdekit.SubVPSDE(),
     "ve": lambda: sdekit.VESDE(),
     "ddpm": lambda: sdekit.DiscreteDDPM(),
 }

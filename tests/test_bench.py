@@ -168,6 +168,29 @@ def _small_config(**kw):
                           "nfe": [4, 6], "n": 80, **kw})
 
 
+def test_finite_blow_ups_count_as_diverged(tmp_path):
+    """A finite error far above the data's scale counts as diverged (one Euler / Euler-Maruyama
+    step over VE's whole range: RMS error ~370, FD ~1e6 on unit-scale data; the summary said
+    0 diverged while torchsde_srk reached FD 3.1e7), with its metrics and reason kept; an
+    ordinary coarse result (one DDIM step) stays ok, and the printed count states the rule."""
+    import sdekit
+    from sdekit.bench.report import terminal_report
+    problem = gaussian_problem(sdekit.VESDE(), dim=4)
+    config = SweepConfig(solvers=["ddim", "euler", "euler_maruyama"], grids=["logsnr"], nfe=[1],
+                         n=80)
+    res = run_sweep(problem, config, tmp_path, progress=False)
+    cells = {c["solver"]: c for c in res["cells"]}
+    assert res["summary"]["diverged"] == 2 and res["summary"]["ok"] == 1
+    assert cells["ddim"]["status"] == "ok" and cells["ddim"]["rms"] < 1
+    assert cells["euler"]["status"] == "diverged" and "RMS error" in cells["euler"]["reason"]
+    assert cells["euler"]["rms"] > 100 and cells["euler"]["fd"] > 1e4
+    em = cells["euler_maruyama"]
+    assert em["status"] == "diverged" and "FD" in em["reason"] and em["fd"] > 1e4
+    text = terminal_report(res)
+    assert "2 diverged (diverged = NaN/Inf, or RMS error > 10x" in text
+    assert "diverged: euler: RMS error" in text
+
+
 def test_resume_recomputes_no_finished_cell(tmp_path, monkeypatch):
     problem = gaussian_problem(dim=4)
     calls: list[str] = []

@@ -11,6 +11,7 @@ import sdekit
 from sdekit import BrownianNoise, make_grid, sample
 from sdekit.solvers import get_solver, solver_names
 
+from conftest import SDE_NAMES, make_sde
 from helpers import ORDER_SDES, fitted_slope, gaussian_problem, rms
 
 NAMES = solver_names()
@@ -272,21 +273,37 @@ def test_torchsde_srk_needs_a_levy_area():
 
 # ---------------------------------------------------------------------------- weak correctness
 WEAK_NAMES = [n for n in NAMES if SOLVERS[n].stochastic]
+# One forward SDE of each kind (the CustomSDE is EDM's schedule given as functions, so the grid
+# rule is exercised on a schedule it knows nothing about).
+WEAK_SDES = ["vp", "cosine", "subvp", "ve", "edm", "ddpm", "custom_edm"]
+# Known, measured departures from the exact law at the option-free call, with their cause.
+WEAK_LIMITS = {
+    (name, sde_name): "the torchsde backend steps uniformly in t only: on EDM (sigma = t) its last "
+                      "step spans sigma 0.8 -> 0.002 at 100 steps (the grid rule moves every other "
+                      "solver to logsnr there); measured covariance [0, 0] 1.61 vs 1.0 (13 "
+                      "standard errors; torchsde_srk at 20 steps: mean off by 0.36, 11 s.e.)"
+    for name in ("torchsde", "torchsde_milstein", "torchsde_srk") for sde_name in ("edm", "custom_edm")
+}
 
 
+@pytest.mark.parametrize("sde_name", WEAK_SDES)
 @pytest.mark.parametrize("name", WEAK_NAMES)
-def test_weak_correctness(name):
-    """With the exact score, samples reproduce the data mean and covariance (at t_min) within
-    Monte-Carlo error."""
-    sde = sdekit.VPSDE()
+def test_weak_correctness(name, sde_name):
+    """The option-free call (the solver's grid for this SDE, samples from the prior) with the
+    exact score reproduces the data mean and covariance at t_min within Monte-Carlo error:
+    5 standard errors of the sample mean / covariance for n samples, plus a discretisation
+    allowance of 0.02 / 0.03 at 100 NFE (at least 20 steps). (With the uniform grid on EDM, the default before
+    Solver.grid_for, the covariance was off by 10-60 standard errors.)"""
+    if (name, sde_name) in WEAK_LIMITS:
+        pytest.xfail(WEAK_LIMITS[name, sde_name])
+    sde = make_sde(sde_name)
     mean = torch.tensor([0.5, -1.0], dtype=torch.float64)
     cov = torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=torch.float64)
     data = sdekit.GaussianData(sde, mean, cov)
-    n = 4000
+    n = 1000
     s = SOLVERS[name]
-    steps = 200 // s.nfe_per_step
-    x = sample(sde, data.model(), shape=(n, 2), solver=name, steps=steps, dtype=torch.float64,
-               seed=7).x
+    x = sample(sde, data.model(), shape=(n, 2), solver=name, steps=max(100 // s.nfe_per_step, 20),
+               dtype=torch.float64, seed=7).x
     target_mean, target_cov = data.marginal_mean(sde.t_min), data.marginal_cov(sde.t_min)
     m, C = x.mean(0), torch.cov(x.T)
     se_mean = torch.sqrt(torch.diagonal(target_cov) / n)
@@ -294,6 +311,95 @@ def test_weak_correctness(name):
     se_cov = torch.sqrt((target_cov ** 2 + torch.outer(torch.diagonal(target_cov),
                                                        torch.diagonal(target_cov))) / n)
     assert ((C - target_cov).abs() < 5 * se_cov + 0.03).all(), f"cov {C} vs {target_cov}"
+
+
+def test_the_option_free_grid_is_the_solvers_grid_for_the_sde():
+    """sample() without a grid uses Solver.grid_for(sde): uniform-in-t solvers keep the papers'
+    uniform grid on VP and move to logsnr on EDM (sigma = t); DEIS keeps quadratic on VP and
+    moves to logsnr on the cosine schedule."""
+    cases = [("euler_maruyama", sdekit.VPSDE(), "uniform"), ("euler_maruyama", sdekit.EDMSDE(),
+             "logsnr"), ("deis_tab3", sdekit.VPSDE(), "quadratic"),
+             ("deis_tab3", sdekit.CosineVPSDE(), "logsnr"), ("torchsde", sdekit.EDMSDE(), "uniform")]
+    for name, sde, grid in cases:
+        assert SOLVERS[name].grid_for(sde) == grid, (name, sde)
+        data = gaussian_problem(sde, dim=2)
+        sol = sample(sde, data.model(), shape=(2, 2), solver=name, steps=8)
+        torch.testing.assert_close(sol.times, make_grid(sde, grid, 8), rtol=0, atol=0)
+    assert "logsnr where" in SOLVERS["pc"].describe()["grid_rule"]
+
+
+# ---------------------------------------------------------------------- adaptive step control
+ADAPTIVE_NAMES = [n for n in NAMES if SOLVERS[n].adaptive and not SOLVERS[n].stochastic]
+
+
+def _vp_gaussian(n: int = 16):
+    sde = sdekit.VPSDE()
+    data = gaussian_problem(sde)
+    x_T = data.marginal_sample(n, sde.T, torch.Generator().manual_seed(0), dtype=torch.float64)
+    return sde, data, x_T, data.flow(x_T, sde.T, sde.t_min)
+
+
+@pytest.mark.parametrize("name", ADAPTIVE_NAMES)
+def test_adaptive_error_follows_rtol(name):
+    """Tightening rtol alone (every other option at its default) tightens the error against the
+    exact flow: each 10x smaller rtol at least 3x smaller error (DPM-Solver's adaptive step with
+    the paper's fixed atol = 0.0078 stalled at about 2e-3 here below rtol 1e-2)."""
+    sde, data, x_T, ref = _vp_gaussian()
+    errs = [rms(sample(sde, data.model(), x_T, solver=name, rtol=r).x, ref)
+            for r in (1e-2, 1e-3, 1e-4)]
+    assert errs[1] < errs[0] / 3 and errs[2] < errs[1] / 3, f"{name}: errors {errs}"
+
+
+@pytest.mark.parametrize("sde_name", SDE_NAMES)
+@pytest.mark.parametrize("name", ADAPTIVE_NAMES)
+def test_adaptive_default_tolerance_on_every_forward_sde(name, sde_name):
+    """At its default options an adaptive solver is accurate on every forward SDE: RMS error
+    against the exact flow below 0.5% of the data scale (unit), no sample above 1%.
+    (dpm_solver_adaptive measured 0.01-2.3 RMS on seven of these before its step cap and
+    VP-equivalent error norm.)"""
+    sde = make_sde(sde_name)
+    data = gaussian_problem(sde)
+    x_T = data.marginal_sample(16, sde.T, torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = data.flow(x_T, sde.T, sde.t_min)
+    x = sample(sde, data.model(), x_T, solver=name).x
+    per_sample = (x - ref).pow(2).mean(1).sqrt()
+    assert rms(x, ref) < 5e-3 and per_sample.max() < 1e-2, \
+        f"{name} on {sde_name}: RMS {rms(x, ref):.3g}, worst sample {per_sample.max():.3g}"
+
+
+@pytest.fixture(scope="module")
+def mixture_256():
+    """256 samples of the 2-D mixture of ``mixture_reference`` (same seed), their converged
+    endpoints and a sample's mode: the component of highest density at t_min."""
+    sde = sdekit.VPSDE()
+    data = sdekit.GaussianMixtureData(sde, [0.5, 0.3, 0.2], [[1.5, 0.0], [-1.0, 1.0], [-0.5, -1.5]],
+                                      [0.3, 0.1, 0.05])
+    x_T = data.marginal_sample(256, sde.T, torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = sample(sde, data.model(), x_T, solver="rk4", steps=256, grid="logsnr").x  # error ~1e-8
+
+    def mode(x):
+        return torch.stack([c.log_prob(x, sde.t_min) for c in data.components], 1).argmax(1)
+
+    return sde, data, x_T, ref, mode
+
+
+@pytest.mark.parametrize("name", ADAPTIVE_NAMES)
+def test_adaptive_keeps_every_mixture_sample_in_its_mode(name, mixture_256):
+    """No sample of a 2-D Gaussian mixture ends in another mode, at the default tolerance and at
+    rtol 1e-3, and the RMS error is below 2% (before their step cap, both DPM-Solver adaptive
+    solvers sent 1-3 of these 256 samples to another mode, RMS 0.03-0.31)."""
+    sde, data, x_T, ref, mode = mixture_256
+    for opts in ({}, {"rtol": 1e-3}):
+        x = sample(sde, data.model(), x_T, solver=name, **opts).x
+        switched = int((mode(x) != mode(ref)).sum())
+        assert switched == 0 and rms(x, ref) < 0.02, \
+            f"{name} {opts}: {switched} of 256 samples in another mode, RMS {rms(x, ref):.3g}"
+
+
+def test_adaptive_dpm_solver_rejects_a_bad_step_cap():
+    for bad in (0, -1.0, float("nan"), "1"):
+        with pytest.raises(ValueError, match="h_max"):
+            get_solver("dpm_solver_adaptive", h_max=bad)
 
 
 # ----------------------------------------------------------------------------- registry itself

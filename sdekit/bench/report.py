@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .._io import atomic_write_bytes
-from .runner import atomic_write_json, describe_reference
+from .runner import DIVERGENCE_RULE, atomic_write_json, describe_reference
 
 METRICS = ("rms", "fd", "kl", "sw", "mmd", "ms_per_sample")
 TITLES = {"rms": "RMS error vs the reference PF-ODE solution",
@@ -177,7 +177,7 @@ def _summary_line(results: Mapping[str, Any]) -> str:
     p = results["problem"]
     return (f"{p['name']}: {p['description']}; n={p['n']} samples, held-out n={p['n_ref']}. "
             f"{s['cells']} cells: {s['ok']} ok, {s['skipped']} skipped, {s['diverged']} "
-            f"diverged, {s['error']} errors; {s['wall_s']:.1f} s")
+            f"diverged ({DIVERGENCE_RULE}), {s['error']} errors; {s['wall_s']:.1f} s")
 
 
 def terminal_report(results: Mapping[str, Any], metrics: Sequence[str] = ("rms", "fd")) -> str:

@@ -369,6 +369,33 @@ def _reference_solve(problem: BenchProblem, config: SweepConfig,
 
 
 # ------------------------------------------------------------------ one cell
+#: A cell counts as diverged when its output has NaN/Inf or its error is this many times the
+#: data's own scale (see :func:`divergence`).
+DIVERGENCE_FACTOR = 10.0
+DIVERGENCE_RULE = (f"diverged = NaN/Inf, or RMS error > {DIVERGENCE_FACTOR:g}x the reference's RMS "
+                   f"size, or FD > {DIVERGENCE_FACTOR ** 2:g}x the target's E|x|^2")
+
+
+def divergence(prep: Prepared, metrics: Mapping[str, Any]) -> str | None:
+    """Why finite output counts as diverged, or None: an error far above the data's scale,
+    ``DIVERGENCE_FACTOR`` (10) times it. For the RMS error the scale is the reference solution's
+    per-coordinate RMS size; the FD is a squared distance, so it is compared with 10^2 times the
+    target's second moment ``E|x|^2`` (a sampler returning zeros has FD about ``E|x|^2``; at 100x
+    the law is ten times further from the target than the data from the origin)."""
+    f = DIVERGENCE_FACTOR
+    if metrics.get("rms") is not None and prep.x_ref is not None:
+        scale = float(prep.x_ref.double().pow(2).mean().sqrt())
+        if metrics["rms"] > f * scale:
+            return (f"RMS error {metrics['rms']:.3g} > {f:g}x the reference's RMS size "
+                    f"{scale:.3g}")
+    if metrics.get("fd") is not None and prep.target is not None:
+        mean, cov = prep.target
+        second = float(mean.double().pow(2).sum() + torch.diagonal(cov.double()).sum())
+        if metrics["fd"] > f * f * second:
+            return f"FD {metrics['fd']:.3g} > {f * f:g}x the target's E|x|^2 {second:.3g}"
+    return None
+
+
 def evaluate(prep: Prepared, x: Tensor, stochastic: bool) -> dict[str, Any]:
     """All metrics of the samples ``x`` (same rows as ``prep.x_init``)."""
     p = prep.problem
@@ -397,8 +424,8 @@ def evaluate(prep: Prepared, x: Tensor, stochastic: bool) -> dict[str, Any]:
 
 def compute_cell(prep: Prepared, cell: Mapping[str, Any], config: SweepConfig) -> dict[str, Any]:
     """Run one cell's solve and measure it. Bad combinations (e.g. a grid a solver rejects) give
-    status ``skipped`` with the solver's message; NaN/Inf gives ``diverged``; anything else
-    unexpected ``error``."""
+    status ``skipped`` with the solver's message; NaN/Inf or an error far above the data's scale
+    (:func:`divergence`) gives ``diverged`` (metrics kept); anything else unexpected ``error``."""
     res = dict(cell)
     opts = dict(cell["options"])
     if cell["tol"] is not None:
@@ -432,6 +459,9 @@ def compute_cell(prep: Prepared, cell: Mapping[str, Any], config: SweepConfig) -
         res.update(status="diverged", reason="the solution contains NaN or Inf")
         return res
     res.update(evaluate(prep, sol.x, bool(slv.stochastic)))
+    why = divergence(prep, res)
+    if why:
+        res.update(status="diverged", reason=why)
     return res
 
 
@@ -455,7 +485,8 @@ def solver_code_fingerprint(name: str, options: Mapping[str, Any] | None = None)
     files = {inspect.getsourcefile(k) for k in cls.__mro__ if k.__module__.startswith("sdekit")}
     files |= {inspect.getsourcefile(sample), inspect.getsourcefile(M)}
     h = hashlib.sha1(__version__.encode())
-    h.update((inspect.getsource(evaluate) + inspect.getsource(compute_cell)).encode())
+    h.update((inspect.getsource(evaluate) + inspect.getsource(compute_cell)
+              + inspect.getsource(divergence)).encode())
     for f in sorted(f for f in files if f):
         try:
             h.update(Path(f).read_bytes())
@@ -697,5 +728,6 @@ def _fit_floors(prep: Prepared) -> dict[str, Any]:
 
 
 __all__ = ["SweepConfig", "plan_cells", "steps_for_budget", "prepare", "Prepared", "evaluate",
-           "compute_cell", "run_sweep", "atomic_write_json", "BENCH_FORMAT", "DEFAULT_NFE",
+           "compute_cell", "divergence", "DIVERGENCE_RULE", "run_sweep", "atomic_write_json",
+           "BENCH_FORMAT", "DEFAULT_NFE",
            "DEFAULT_TOLS", "METRIC_DOCS"]

@@ -27,7 +27,7 @@ def solver_rows() -> list[list[str]]:
     for d in list_solvers():
         nfe = "adaptive" if d.get("adaptive") else str(d.get("nfe_per_step", "?"))
         rows.append([d["name"], str(d.get("family", "?")), _order(d), nfe,
-                     str(d.get("kind", "?")), str(d.get("default_grid", "?")),
+                     str(d.get("kind", "?")), str(d.get("grid_rule", d.get("default_grid", "?"))),
                      batch_invariance(d), str(d.get("paper", ""))])
     return rows
 
@@ -58,7 +58,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = add_command(subparsers, "solvers", help="list the registered solvers",
                     description="List the solver registry: name, family, order (strong "
                                 "order for SDE solvers), NFE per step, ODE or SDE, the "
-                                "default time grid, batch invariance (yes: a sample never "
+                                "default time grid (its rule per forward SDE), batch invariance (yes: a sample never "
                                 "depends on its batch; to tol.: only to within the solver's "
                                 "tolerance) and the paper.")
     g = p.add_mutually_exclusive_group()

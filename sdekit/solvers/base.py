@@ -9,6 +9,7 @@ own steps (``adaptive = True``) or run a backend's loop (``external_loop = True`
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,7 +18,15 @@ from torch import Tensor
 
 from .._utils import append_dims
 from ..dynamics.parameterization import DiffusionModel
+from ..grids import make_grid
 from ..sde.base import ForwardSDE
+
+
+def lambda_step_ratios(sde: ForwardSDE, grid: str, steps: int = 100) -> Tensor:
+    """The lambda steps of a named grid of ``steps`` steps over the SDE's whole range, divided by
+    their mean (all 1 for a grid uniform in lambda)."""
+    dl = torch.diff(sde.lambda_(make_grid(sde, grid, steps)))
+    return dl / dl.mean()
 
 
 class ModelOutputError(FloatingPointError):
@@ -106,7 +115,10 @@ class Solver:
     # output times at a fixed cost): a benchmark runs it once, at its own NFE
     grid_free: ClassVar[bool] = False
     min_steps: int = 1
-    default_grid: ClassVar[str] = "logsnr"
+    default_grid: ClassVar[str] = "logsnr"   # the preferred grid; the one used is grid_for(sde)
+    # grid_for(): where default_grid, at 100 steps on a forward SDE, makes a step more than this
+    # many times its mean step in lambda, an option-free call uses logsnr instead
+    max_lambda_step_ratio: ClassVar[float] = 25.0
     # with per-sample seeds, is a sample's result independent of the rest of its batch? True
     # (to float rounding), "tolerance" (batch-shared adaptive steps: equal to within the
     # solver's tolerance) or False (e.g. batch-averaged step sizes)
@@ -159,6 +171,30 @@ class Solver:
         built without a trained artefact; classic solvers return themselves."""
         return self
 
+    def grid_for(self, sde: ForwardSDE) -> str:
+        """The grid an option-free call uses on ``sde`` (the driver, bench and CLI read this):
+        ``default_grid``, or ``logsnr`` where ``default_grid`` (100 steps) makes a step more than
+        ``max_lambda_step_ratio`` times its mean step in lambda. The 25 keeps the papers'
+        uniform grid on VP, sub-VP, cosine, VE and DDPM (largest step 1-22x the mean: their last
+        step, below the data's scale) and moves EDM (sigma = t: 57x, one step from sigma 0.8 to
+        0.002, where data of unit scale resolves; covariance z-scores 9-58 at 200 NFE), as well
+        as the squared-cosine DDPM table (39x, its last beta is 0.999) and constant-beta VP (30x).
+        """
+        if self.grid_free or self.default_grid == "logsnr":
+            return self.default_grid
+        try:
+            ratio = float(lambda_step_ratios(sde, self.default_grid).max())
+        except ValueError:  # the grid cannot be built on this SDE: logsnr always can
+            return "logsnr"
+        return self.default_grid if ratio <= self.max_lambda_step_ratio else "logsnr"
+
+    def grid_rule(self) -> str:
+        """:meth:`grid_for` in words (shown by ``sdekit solvers``)."""
+        if self.grid_free or self.default_grid == "logsnr" or self.max_lambda_step_ratio == math.inf:
+            return self.default_grid
+        return (f"{self.default_grid}; logsnr where a step > {self.max_lambda_step_ratio:g}x "
+                "the mean lambda step")
+
     def expected_nfe(self, steps: int) -> int | None:
         """The NFE a fixed-grid solve of ``steps`` steps costs (None where it is not known in
         advance, e.g. adaptive solvers)."""
@@ -169,7 +205,7 @@ class Solver:
                 "strong_order": self.strong_order, "nfe_per_step": self.nfe_per_step,
                 "kind": "SDE" if self.stochastic else "ODE", "adaptive": self.adaptive,
                 "grid_free": self.grid_free, "default_grid": self.default_grid,
-                "batch_invariant": self.batch_invariant,
+                "batch_invariant": self.batch_invariant, "grid_rule": self.grid_rule(),
                 "starts_at_alpha_zero": self.starts_at_alpha_zero, "paper": self.paper}
 
     def __repr__(self) -> str:

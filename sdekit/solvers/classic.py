@@ -233,6 +233,7 @@ class TorchSDE(Solver):
     external_loop = True
     stochastic = True
     default_grid = "uniform"
+    max_lambda_step_ratio = math.inf  # the backend steps uniformly in t: no other grid
     paper = "Li et al. 2020, Scalable Gradients for SDEs (torchsde)"
     _ORDERS: ClassVar[dict[str, float]] = {"euler": 1.0, "milstein": 1.0, "srk": 1.5}
     _NFE: ClassVar[dict[str, int]] = {"euler": 1, "milstein": 1, "srk": 10}
