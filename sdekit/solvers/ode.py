@@ -113,10 +113,14 @@ class TorchDiffEq(Solver):
     # (flow prediction), in t: finite there, where lambda is not
     starts_at_alpha_zero = True
 
-    def __init__(self, method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    def __init__(self, method: str = "dopri5", rtol: float = 1e-5,
+                 atol: float | None = None) -> None:
+        """``atol`` defaults to ``rtol`` (the states are of unit scale), so that tightening
+        ``rtol`` alone tightens the solve."""
         from torchdiffeq._impl.odeint import SOLVERS
         if method not in SOLVERS:
             raise ValueError(f"method={method!r} is invalid: expected one of {sorted(SOLVERS)}")
+        atol = rtol if atol is None else atol
         for k, v in (("rtol", rtol), ("atol", atol)):
             if not (isinstance(v, (int, float)) and v > 0):
                 raise ValueError(f"{k}={v!r} is invalid: expected a number > 0")

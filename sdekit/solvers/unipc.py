@@ -86,6 +86,13 @@ class UniPC(ExpIntegrator):
         base = order if self.predictor is None else (self.predictor.order or 1)
         self.order = base + 1 if self.corrector else base
 
+    def grid_for(self, sde: Any) -> str:
+        """UniC on another predictor uses that predictor's grid rule (e.g. DEIS's)."""
+        return super().grid_for(sde) if self.predictor is None else self.predictor.grid_for(sde)
+
+    def grid_rule(self) -> str:
+        return super().grid_rule() if self.predictor is None else self.predictor.grid_rule()
+
     def init(self, p: Problem, x: Tensor) -> History:
         self.check(p)
         st = History(keep=self.max_order + 1)
