@@ -147,15 +147,14 @@ class PredictorCorrector(Solver):
 
 def _noise_brownian(p: Problem, like: Tensor, levy: bool) -> Any:
     """A torchsde Brownian motion (its ``BaseBrownian`` interface) read from sdekit's noise
-    source, in the backend's time ``u = -t``: the increment over grid step k is
-    ``sqrt(h) p.noise.increment(t_k, t_{k+1})`` (the same draw Euler-Maruyama makes), so a
-    sample's path depends only on its own seed and, with a :class:`~sdekit.noise.BrownianNoise`,
-    every grid made of its points sees one path. ``levy``: also the space-time Levy area
-    ``U = int (W(u) - W(u_a)) du`` from ``p.noise.levy_area`` (what torchsde's SRK scheme needs).
-    Queries must run between grid points."""
+    source, in the backend's time ``s`` = the grid index (unit steps, see :class:`TorchSDE`):
+    the increment over grid step k is ``p.noise.increment(t_k, t_{k+1})`` (the standard normal
+    Euler-Maruyama draws for that step), so a sample's path depends only on its own seed and,
+    with a :class:`~sdekit.noise.BrownianNoise`, every grid made of its points sees one path.
+    ``levy``: also the space-time Levy area ``U = int (W(s) - W(s_a)) ds`` from
+    ``p.noise.levy_area`` (what torchsde's SRK scheme needs). Queries must be grid indices."""
     from torchsde import BaseBrownian
 
-    u = (-p.times).double()
     B = like.shape[0]
 
     class NoiseBrownian(BaseBrownian):
@@ -163,24 +162,20 @@ def _noise_brownian(p: Problem, like: Tensor, levy: bool) -> Any:
             self._cache: dict[int, tuple[Tensor, Tensor | None]] = {}
 
         def _index(self, v: Any) -> int:
-            v = float(v)
-            j = int(torch.searchsorted(u, torch.tensor(v, dtype=torch.float64)))
-            for k in (j - 1, j):
-                if 0 <= k < u.numel() and abs(float(u[k]) - v) <= 1e-7 * float(u[-1] - u[0]):
-                    return k
-            raise ValueError(f"torchsde queried the Brownian motion at u={v!r}, which is not a "
-                             "point of the grid")
+            k = round(float(v))
+            if 0 <= k <= p.steps and abs(float(v) - k) <= 1e-7:
+                return k
+            raise ValueError(f"torchsde queried the Brownian motion at s={float(v)!r}, which is "
+                             "not a grid index")
 
         def _step(self, k: int) -> tuple[Tensor, Tensor | None]:
             """(dW, U) of grid step k, drawn once."""
             if k not in self._cache:
                 t0, t1 = p.times[k], p.times[k + 1]
-                h = float(t0 - t1)
-                dW = p.noise.increment(t0, t1, like) * h ** 0.5
+                dW = p.noise.increment(t0, t1, like)   # unit step in s
                 U = None
                 if levy:
-                    U = h * (0.5 * dW + p.noise.levy_area(t0, t1, like) * (h / 12) ** 0.5)
-                    U = U.reshape(B, -1)
+                    U = (0.5 * dW + p.noise.levy_area(t0, t1, like) * 12 ** -0.5).reshape(B, -1)
                 self._cache[k] = (dW.reshape(B, -1), U)
             return self._cache[k]
 
@@ -198,7 +193,7 @@ def _noise_brownian(p: Problem, like: Tensor, levy: bool) -> Any:
             for k in range(a, b):   # U over [a, b] = sum of h_k (W(u_k) - W(u_a)) + U_k
                 dW, Uk = self._step(k)
                 if return_U:
-                    U = U + float(u[k + 1] - u[k]) * W + Uk
+                    U = U + W + Uk
                 W = W + dW
             for k in [k for k in self._cache if k < a]:   # queries move forward: drop old steps
                 del self._cache[k]
@@ -220,20 +215,24 @@ def _noise_brownian(p: Problem, like: Tensor, levy: bool) -> Any:
 @register("torchsde_srk", method="srk")
 class TorchSDE(Solver):
     """The reverse-time SDE solved by torchsde (Li et al. 2020) with one of its Ito methods
-    (``euler``, ``milstein``, ``srk``) on a uniform grid, driven by sdekit's noise source (see
+    (``euler``, ``milstein``, ``srk``) on any grid, driven by sdekit's noise source (see
     :func:`_noise_brownian`: per sample, so a sample never depends on its batch, and one path
     across nested grids with a BrownianNoise); srk also takes the space-time Levy area from it.
-    Time is reversed (u = -t) because torchsde integrates forward. Strong order: euler and
-    milstein 1.0 here (additive noise; euler is then Euler-Maruyama step for step), srk 1.5
-    (2 where the drift is linear in x, e.g. Gaussian data: the order-2 stochastic terms vanish).
-    NFE: torchsde evaluates the drift once more than the scheme needs (euler, milstein: steps +
-    1; srk, its Roessler SRI scheme as torchsde implements it: 10 steps + 1)."""
+    torchsde steps uniformly and forward in its own time, so the SDE is handed over after the
+    time change ``t = tau(s)``, ``s`` in ``[0, steps]``, with ``tau`` the monotone cubic (PCHIP)
+    interpolant of the grid (``tau(k) = t_k``): drift ``tau'(s) b(x, tau(s))`` and diffusion
+    ``g(tau(s)) sqrt(|tau'(s)|)`` (Oksendal 2003, Thm. 8.5.7), stepped with ``ds = 1``. On a
+    uniform grid ``tau`` is linear and this is the plain solve in t (euler is then
+    Euler-Maruyama step for step); on another grid it is a smooth reparametrisation, so the
+    orders hold. Strong order: euler and milstein 1.0 here (additive noise), srk 1.5 (2 where
+    the drift is linear in x, e.g. Gaussian data: the order-2 stochastic terms vanish). NFE:
+    torchsde evaluates the drift once more than the scheme needs (euler, milstein: steps + 1;
+    srk, its Roessler SRI scheme as torchsde implements it: 10 steps + 1)."""
 
     family = "torchsde"
     external_loop = True
     stochastic = True
     default_grid = "uniform"
-    max_lambda_step_ratio = math.inf  # the backend steps uniformly in t: no other grid
     paper = "Li et al. 2020, Scalable Gradients for SDEs (torchsde)"
     _ORDERS: ClassVar[dict[str, float]] = {"euler": 1.0, "milstein": 1.0, "srk": 1.5}
     _NFE: ClassVar[dict[str, int]] = {"euler": 1, "milstein": 1, "srk": 10}
@@ -251,31 +250,37 @@ class TorchSDE(Solver):
 
     def integrate(self, p: Problem, x: Tensor) -> Tensor:
         import torchsde
+        from scipy.interpolate import PchipInterpolator
 
-        dt = (p.times[1:] - p.times[:-1]).neg()
-        if float(dt.max() - dt.min()) > 1e-9 * float(dt.mean()):
-            raise ValueError("the torchsde backend needs a uniform grid: pass grid='uniform'")
         levy = self.method == "srk"
         if levy and not callable(getattr(p.noise, "levy_area", None)):
             raise ValueError(f"solver {self.name!r} needs the space-time Levy area: the noise "
                              f"source {type(p.noise).__name__} has no levy_area(t0, t1, like)")
         shape = x.shape
+        tau = PchipInterpolator(range(p.steps + 1), p.times.numpy())
+        dtau = tau.derivative()
+
+        def at(s: Tensor) -> tuple[Tensor, float]:
+            """(t, dt/ds) at backend time s, within the grid's range."""
+            v = min(max(float(s), 0.0), float(p.steps))
+            t = torch.tensor(float(tau(v)), dtype=torch.float64).clamp(p.sde.t_min, p.sde.T)
+            return t, float(dtau(v))
 
         class _Reverse(torch.nn.Module):
             noise_type, sde_type = "diagonal", "ito"
 
-            def f(self, u: Tensor, y: Tensor) -> Tensor:
-                t = (-u.double()).clamp(p.sde.t_min, p.sde.T)
-                return -_drift(p, y.reshape(shape), t).reshape(y.shape)
+            def f(self, s: Tensor, y: Tensor) -> Tensor:
+                t, d = at(s)
+                return (_drift(p, y.reshape(shape), t) * d).reshape(y.shape)
 
-            def g(self, u: Tensor, y: Tensor) -> Tensor:
-                t = (-u.double()).clamp(p.sde.t_min, p.sde.T)
-                return p.sde.g(t).to(y) * torch.ones_like(y)
+            def g(self, s: Tensor, y: Tensor) -> Tensor:
+                t, d = at(s)
+                return (p.sde.g(t) * abs(d) ** 0.5).to(y) * torch.ones_like(y)
 
         y0 = x.reshape(shape[0], -1)
-        ts = torch.stack([-p.times[0], -p.times[-1]]).double()   # float64 times, any state dtype
-        # a hair over the step (above the float64 rounding of 1e4 sums) so that rounding never
-        # adds a sliver of a step at the end; torchsde stops exactly at ts[-1]
-        ys = torchsde.sdeint(_Reverse(), y0, ts, method=self.method,
-                             dt=float(dt[0]) * (1 + 1e-11), bm=_noise_brownian(p, x, levy))
+        ts = torch.tensor([0.0, float(p.steps)], dtype=torch.float64)
+        # a hair over the unit step so that rounding never adds a sliver of a step at the end;
+        # torchsde stops exactly at ts[-1]
+        ys = torchsde.sdeint(_Reverse(), y0, ts, method=self.method, dt=1 + 1e-11,
+                             bm=_noise_brownian(p, x, levy))
         return ys[-1].reshape(shape)
