@@ -110,7 +110,8 @@ def markdown(all_results: dict[str, dict[str, Any]]) -> str:
                table(res, "rms", ("ODE",)))
         first, second = (fd, rms) if name == "gaussian" else (rms, fd)
         out += [f"### {p['description']}", "",
-                f"n = {p['n']} samples per cell from the same initial states; "
+                f"n = {p['n']} samples per cell from the same initial states (this script's "
+                "default; a plain `sdekit bench` uses n = 500); "
                 f"{res['summary']['cells']} cells ({res['summary']['ok']} measured, "
                 f"{res['summary']['skipped']} skipped), sdekit {res['environment']['sdekit']}, "
                 f"torch {res['environment']['torch']}, commit "
