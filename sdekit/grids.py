@@ -69,9 +69,79 @@ def karras(sde: ForwardSDE, steps: int, t_start: float, t_end: float, rho: float
     return t
 
 
+def polyexponential(sde: ForwardSDE, steps: int, t_start: float, t_end: float,
+                    rho: float = 2.0) -> Tensor:
+    """Polyexponential in the VE-equivalent sigma = exp(-lambda): ``log sigma_i = log sigma_min +
+    (1 - i/N)^rho (log sigma_max - log sigma_min)``, i.e. the half-logSNR ``lambda_i =
+    lambda_end + (1 - i/N)^rho (lambda_start - lambda_end)`` (k-diffusion's
+    ``get_sigmas_polyexponential``, Crowson 2022). ``rho = 1`` is the uniform-logSNR grid;
+    ``rho > 1`` moves steps towards low noise. From a start where lambda = -inf see
+    :func:`_infinite_start`."""
+    if not (is_real(rho) and rho > 0):
+        raise ValueError(f"rho={rho!r} is invalid: expected a number > 0")
+    l0, l1 = float(sde.lambda_(t_start)), float(sde.lambda_(t_end))
+    if not math.isfinite(l0):
+        return _infinite_start(polyexponential, sde, steps, t_start, t_end, rho=rho)
+    ramp = torch.linspace(1, 0, steps + 1, dtype=torch.float64) ** rho
+    t = sde.t_of_lambda(l1 + ramp * (l0 - l1))
+    t[0], t[-1] = t_start, t_end
+    return t
+
+
+def kl_optimal(sde: ForwardSDE, steps: int, t_start: float, t_end: float) -> Tensor:
+    """The KL-optimal schedule of Sabour et al. 2024 (Align Your Steps, Sec. 3.3): uniform in
+    ``arctan`` of the VE-equivalent sigma, ``sigma_i = tan((1 - i/N) atan(sigma_max) + i/N
+    atan(sigma_min))``; finite at a start with sigma = inf (alpha = 0: atan = pi/2)."""
+    a0 = math.atan(float(sde.sigma_tilde(t_start)))
+    a1 = math.atan(float(sde.sigma_tilde(t_end)))
+    r = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    sig = torch.tan(a0 + r * (a1 - a0))
+    t = torch.empty_like(sig)
+    t[1:-1] = sde.t_of_sigma_tilde(sig[1:-1])
+    t[0], t[-1] = t_start, t_end
+    return t
+
+
+def interpolated(sde: ForwardSDE, steps: int, t_start: float, t_end: float,
+                 base: Any = None) -> Tensor:
+    """A stored grid ``base`` (decreasing times, e.g. an Align Your Steps schedule or a tuned
+    grid) carried to another step count as AYS does (Sabour et al. 2024, App. B): its
+    half-logSNR, linear in the normalised index ``i / (len(base) - 1)``, is interpolated at
+    ``steps + 1`` equally spaced points; the ends are ``base``'s, which must match ``t_start``
+    and ``t_end`` (leave those at their defaults or give base's ends). A start where lambda =
+    -inf is kept and the rest interpolated."""
+    if base is None:
+        raise ValueError("grid 'interpolated' needs grid_options={'base': <decreasing times>}")
+    b = torch.as_tensor(base, dtype=torch.float64).flatten()
+    if b.numel() < 2:
+        raise ValueError(f"base must hold at least 2 times, got {b.numel()}")
+    validate_grid(sde, b)
+    for name, v, bv in (("t_start", t_start, b[0]), ("t_end", t_end, b[-1])):
+        if abs(v - float(bv)) > 1e-9:
+            raise ValueError(f"{name}={v!r} differs from the base grid's end {float(bv)!r}: the "
+                             "interpolated grid keeps base's range")
+    lam = sde.lambda_(b)
+    head = []
+    if not math.isfinite(float(lam[0])):   # keep the alpha = 0 start as its own point
+        if steps == 1 or b.numel() == 2:
+            return torch.tensor([float(b[0]), float(b[-1])], dtype=torch.float64)
+        head, lam, steps = [float(b[0])], lam[1:], steps - 1
+    xs = torch.linspace(0, 1, lam.numel(), dtype=torch.float64)
+    new = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    j = torch.searchsorted(xs, new, right=True).clamp(1, xs.numel() - 1)
+    w = (new - xs[j - 1]) / (xs[j] - xs[j - 1])
+    t = sde.t_of_lambda(lam[j - 1] + w * (lam[j] - lam[j - 1]))
+    t[-1] = float(b[-1])
+    t[0] = float(b[1]) if head else float(b[0])
+    return torch.cat([torch.tensor(head, dtype=torch.float64), t])
+
+
 GRIDS: dict[str, Callable[..., Tensor]] = {
     "uniform": uniform_t, "quadratic": quadratic_t, "logsnr": uniform_logsnr, "karras": karras,
+    "polyexponential": polyexponential, "kl_optimal": kl_optimal, "interpolated": interpolated,
 }
+#: the grids ``sdekit bench`` sweeps when none are named (``interpolated`` needs a base grid)
+BENCH_GRIDS = ("uniform", "quadratic", "logsnr", "karras")
 
 # ------------------------------------------------------------------------------ timestep shift
 #: grid options that apply to every named grid (handled by make_grid, see shift_times)

@@ -55,12 +55,13 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             ``solver_options`` are passed to it.
         steps: number of steps (intervals) of a named grid (default 20); with an explicit
             array ``grid`` leave it out (or give ``len(grid) - 1``).
-        grid: a grid name (``uniform``, ``quadratic``, ``logsnr``, ``karras``) or an explicit
-            decreasing array of times; default: the solver's grid for this SDE
-            (``Solver.grid_for(sde)``). ``grid_options``
-            are the named grid's options (``rho`` for ``karras``; for every named grid a
-            timestep shift: ``shift``, ``mu``, ``image_seq_len``, ``shift_type``, see
-            :func:`sdekit.grids.shift_times`).
+        grid: a grid name (``uniform``, ``quadratic``, ``logsnr``, ``karras``,
+            ``polyexponential``, ``kl_optimal``, ``interpolated``; see :mod:`sdekit.grids`) or
+            an explicit decreasing array of times; default: the solver's grid for this SDE
+            (``Solver.grid_for(sde)``). ``grid_options`` are the named grid's options (``rho``
+            for ``karras`` and ``polyexponential``, ``base`` for ``interpolated``; for every
+            named grid a timestep shift: ``shift``, ``mu``, ``image_seq_len``, ``shift_type``,
+            see :func:`sdekit.grids.shift_times`).
         t_start, t_end: integration range of a named grid (default ``sde.T`` down to
             ``sde.t_min``); an explicit grid carries its own range.
         denoise: finish with one extra model call returning the x0 prediction at ``t_end``.

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .. import __version__
-from ..grids import GRIDS
+from ..grids import BENCH_GRIDS, GRIDS
 from ..integrate import sample
 from ..solvers.base import ModelOutputError, Solver
 from ..solvers.registry import get_solver, solver_names
@@ -79,7 +79,7 @@ class SweepConfig:
 
     Attributes:
         solvers: registry names (None: every registered solver).
-        grids: grid names (None: every grid in :data:`sdekit.grids.GRIDS`).
+        grids: grid names (None: :data:`sdekit.grids.BENCH_GRIDS`).
         nfe: NFE budgets for fixed-grid solvers.
         tols: tolerances (rtol = atol) for adaptive solvers.
         n: samples per cell (one batch); n_ref: held-out samples (default n).
@@ -138,7 +138,7 @@ class SweepConfig:
         return list(self.solvers) if self.solvers else solver_names()
 
     def grid_list(self) -> list[str]:
-        return list(self.grids) if self.grids else list(GRIDS)
+        return list(self.grids) if self.grids else list(BENCH_GRIDS)
 
 
 # ------------------------------------------------------------------ planning
