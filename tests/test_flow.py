@@ -632,3 +632,26 @@ def test_solver_listings_say_which_solvers_start_at_t_equal_one(capsys):
     got = {r.strip("|").split("|")[0].strip().strip("`"): r.strip("|").split("|")[col].strip()
            for r in body}
     assert got == rows
+
+
+def test_resuming_a_checkpoint_from_before_configurable_t_sampling(tmp_path):
+    import warnings
+
+    from sdekit.training.checkpoint import load_checkpoint, save_checkpoint
+    from sdekit.training.trainer import Trainer, recipe
+
+    def cfg(**kw):
+        return recipe("two_moons", objective="flow", t_sampling="logit_normal", steps=3,
+                      net={"width": 16, "depth": 1}, batch_size=8, device="cpu", **kw)
+    Trainer(cfg(), tmp_path, progress=False).train(until=2)
+    path = tmp_path / "checkpoint.pt"
+    ck = load_checkpoint(path)
+    old = {k: v for k, v in ck["config"].items() if k not in ("t_sampling", "logit_mean",
+                                                                "logit_std")}
+    save_checkpoint(path, config=old, model=ck["model"], ema=ck["ema"],
+                    optimizer=ck["optimizer"], step=ck["step"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # it was trained with today's defaults: no warning
+        assert Trainer(cfg(), tmp_path, resume=True, progress=False).step == 2
+    with pytest.warns(UserWarning, match=r"changed settings \['logit_mean'\]"):
+        Trainer(cfg(logit_mean=0.5), tmp_path, resume=True, progress=False)

@@ -38,6 +38,9 @@ LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "steps_per_s", "elapsed_s")
 # config keys that must match when resuming (they define the model and the training problem)
 IDENTITY_KEYS = ("net", "sde", "sde_kwargs", "data", "image_size", "loss", "class_cond", "seed",
                  "batch_size")
+# config keys added after checkpoints were first written: a checkpoint without them was trained
+# with these values (the flow loss's t sampling before it was configurable)
+ADDED_KEYS = ("t_sampling", "logit_mean", "logit_std")
 
 
 class TrainingDiverged(RuntimeError):
@@ -340,8 +343,9 @@ class Trainer:
                 f"an integer >= {int(ck['step'])}: checkpoint {str(path)!r} is already at step "
                 f"{int(ck['step'])}, past the requested steps (start a new run in another "
                 "output directory to train for fewer steps)")
+        added = {k: TrainConfig.__dataclass_fields__[k].default for k in ADDED_KEYS}
         other = [k for k in now if k not in IDENTITY_KEYS and k != "steps"
-                 and saved.get(k) != now[k]]
+                 and saved.get(k, added.get(k)) != now[k]]
         if other and self.rank == 0:
             warnings.warn(f"resuming {path} with changed settings {other}: the run will not "
                           "match an uninterrupted one", stacklevel=2)
