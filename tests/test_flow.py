@@ -497,6 +497,8 @@ def test_flow_recipes_change_only_the_flow_entries():
         changed = sorted(k for k in dsm if dsm[k] != flow[k])
         assert set(changed) <= {"sde", "loss", "net", "t_sampling"}, changed
         assert {k for k in dsm["net"] if dsm["net"][k] != flow["net"][k]} == {"prediction"}
+        # the flow loss chosen without the objective samples t as the flow recipe does
+        assert recipe(data, loss="flow").t_sampling == t_sampling
     over = recipe("digits", objective="flow", logit_mean=-0.5, net={"base_channels": 8})
     assert over.logit_mean == -0.5 and over.net["base_channels"] == 8
     with pytest.raises(ValueError, match=r"^objective='score' is invalid"):

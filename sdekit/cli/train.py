@@ -151,8 +151,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     o.add_argument("--loss", choices=LOSSES, default=None,
                    help="training loss (" + R("loss") + ")")
     o.add_argument("--objective", choices=("flow",), default=None,
-                   help="flow: flow matching (--sde flow, --prediction flow, --loss flow, "
-                        "each unless given; default: none, denoising score matching)")
+                   help="flow: flow matching (--sde flow, --prediction flow, --loss flow and "
+                        "the flow recipe's --t-sampling, each unless given; default: none, "
+                        "denoising score matching)")
     o.add_argument("--t-sampling", choices=T_SAMPLINGS, default=None,
                    help="training times of the flow loss: logit_normal, t = sigmoid(m + s z) "
                         "(SD3), or uniform (" + R("t_sampling", flow=True) + ")")
@@ -258,6 +259,14 @@ def check_config(cfg: Any) -> None:
                          f"{cfg.sample_solver}: expected at least {slv.min_steps}")
 
 
+def _t_sampling(cfg: Any) -> str:
+    if cfg.loss != "flow":
+        return ""
+    if cfg.t_sampling == "uniform":
+        return " (t uniform)"
+    return f" (t logit-normal, mean {cfg.logit_mean:g}, std {cfg.logit_std:g})"
+
+
 def run(args: argparse.Namespace) -> int:
     from ..training.trainer import CHECKPOINT_NAME, Trainer, TrainingDiverged
 
@@ -286,7 +295,8 @@ def run(args: argparse.Namespace) -> int:
             start = f" (resumed at step {trainer.step})" if trainer.step else ""
             n = sum(p.numel() for p in trainer.net.parameters())
             print(f"training {cfg.net['name']} ({n:,} parameters, prediction "
-                  f"{trainer.net.prediction}) on {cfg.data} with {cfg.sde}/{cfg.loss} loss for "
+                  f"{trainer.net.prediction}) on {cfg.data} with {cfg.sde}/{cfg.loss} loss"
+                  f"{_t_sampling(cfg)} for "
                   f"{cfg.steps} steps{start}; world size {trainer.world_size}; output {out}")
         res = trainer.train()
         if trainer.rank == 0:

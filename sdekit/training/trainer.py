@@ -136,7 +136,8 @@ OBJECTIVES = ("dsm", "flow")
 def recipe(data: str, objective: str = "dsm", **overrides: Any) -> TrainConfig:
     """The default training config for a bundled dataset, with ``overrides`` applied
     (``net`` overrides are merged into the recipe's network config). ``objective='flow'``
-    applies the flow-matching changes of :data:`FLOW_RECIPES` first."""
+    applies the flow-matching changes of :data:`FLOW_RECIPES` first; the flow loss chosen
+    without it (``loss='flow'``) takes its t sampling from there too."""
     if data not in DATASETS:
         raise ValueError(f"unknown dataset {data!r}: expected one of {list(DATASETS)}")
     require(objective in OBJECTIVES, "objective", objective, f"one of {OBJECTIVES}")
@@ -147,6 +148,8 @@ def recipe(data: str, objective: str = "dsm", **overrides: Any) -> TrainConfig:
         flow = copy.deepcopy(FLOW_RECIPES[kind])
         net.update(flow.pop("net"))
         base.update(flow)
+    elif overrides.get("loss") == "flow":
+        base.update({k: v for k, v in FLOW_RECIPES[kind].items() if k in ADDED_KEYS})
     net.update(overrides.pop("net", None) or {})
     base.update(overrides)
     return TrainConfig(data=data, net=net, **base)
