@@ -3,19 +3,19 @@
 Run: python benchmarks/solver_table.py > benchmarks/results/solver_table.md
 """
 import sdekit
-from sdekit.cli.solvers_cmd import batch_invariance
+from sdekit.cli.solvers_cmd import batch_invariance, starts_at_t1
 
 
 def main() -> None:
     print("| name | family | kind | order | strong order | NFE/step | default grid | batch invariant "
-          "| paper |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| starts at alpha = 0 (t = 1 of flow) | paper |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for s in sdekit.list_solvers():
         nfe = "adaptive" if s["adaptive"] else s["nfe_per_step"]
         fmt = lambda v: "-" if v is None else f"{v:g}"
         print(f"| `{s['name']}` | {s['family']} | {s['kind']} | {fmt(s['order'])} | "
               f"{fmt(s['strong_order'])} | {nfe} | {s['grid_rule']} | {batch_invariance(s)} | "
-              f"{s['paper']} |")
+              f"{starts_at_t1(s)} | {s['paper']} |")
 
 
 if __name__ == "__main__":

@@ -463,3 +463,197 @@ def test_dpmpp_2m_and_unipc_match_diffusers_flow_sigma_schedulers(which, shift):
                                    atol=1e-6, msg=f"step {i}")
     if which == "dpmsolver":
         torch.testing.assert_close(sol.x, states[-1], rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------ recipes, CLI, checkpoints
+TINY_FLOW = ["--width", "16", "--depth", "1", "--batch-size", "32", "--sample-n", "16",
+             "--sample-steps", "2", "--device", "cpu", "--quiet"]
+
+
+def _cli(argv, capsys):
+    """``(exit status, stdout, stderr)`` of ``sdekit argv`` run in this process."""
+    from sdekit.cli.main import main as cli
+    try:
+        rc = cli([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_line_error(rc, err, *names):
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and ": error: " in lines[0], err
+    for n in names:
+        assert n in lines[0], (n, err)
+
+
+def test_flow_recipes_change_only_the_flow_entries():
+    from sdekit.training.trainer import recipe
+    for data, t_sampling in (("digits", "logit_normal"), ("two_moons", "uniform")):
+        dsm, flow = recipe(data).to_dict(), recipe(data, objective="flow").to_dict()
+        assert (flow["sde"], flow["loss"], flow["net"]["prediction"]) == ("flow", "flow", "flow")
+        assert flow["t_sampling"] == t_sampling
+        changed = sorted(k for k in dsm if dsm[k] != flow[k])
+        assert set(changed) <= {"sde", "loss", "net", "t_sampling"}, changed
+        assert {k for k in dsm["net"] if dsm["net"][k] != flow["net"][k]} == {"prediction"}
+        # the flow loss chosen without the objective samples t as the flow recipe does
+        assert recipe(data, loss="flow").t_sampling == t_sampling
+    over = recipe("digits", objective="flow", logit_mean=-0.5, net={"base_channels": 8})
+    assert over.logit_mean == -0.5 and over.net["base_channels"] == 8
+    with pytest.raises(ValueError, match=r"^objective='score' is invalid"):
+        recipe("digits", objective="score")
+
+
+def test_trainer_samples_the_configured_flow_times_and_validates_them():
+    from sdekit.training.trainer import Trainer, recipe
+    small = {"net": {"width": 16, "depth": 1}, "batch_size": 8, "device": "cpu"}
+    tr = Trainer(recipe("two_moons", objective="flow", t_sampling="logit_normal",
+                        logit_mean=1.5, logit_std=0.25, **small), progress=False)
+    assert (tr.loss_fn.t_sampling, tr.loss_fn.logit_mean, tr.loss_fn.logit_std) == \
+        ("logit_normal", 1.5, 0.25)
+    t = tr.loss_fn.sample_t(4000, torch.Generator().manual_seed(0))
+    assert abs(float(torch.logit(t).mean()) - 1.5) < 0.02   # the configured mean, not SD3's 0
+    for key, bad in (("t_sampling", "beta"), ("logit_std", 0.0), ("logit_mean", math.nan)):
+        with pytest.raises(ValueError, match=rf"^{key}="):
+            Trainer(recipe("two_moons", objective="flow", **{key: bad}, **small),
+                    progress=False)
+
+
+def test_cli_t_sampling_flags_defaults_and_bad_input(capsys):
+    rc, out, _ = _cli(["train", "--help"], capsys)
+    assert rc == 0
+    flat = " ".join(out.split())
+    assert "--t-sampling {logit_normal,uniform}" in flat
+    assert "default: digits logit_normal, toys uniform" in flat
+    assert "default: 0.0" in flat and "default: 1.0" in flat
+    rc, out, _ = _cli(["train", "--data", "digits", "--objective", "flow", "--logit-mean",
+                       "-0.5", "--logit-std", "1.5", "--print-config"], capsys)
+    import json
+    cfg = json.loads(out)
+    assert rc == 0 and (cfg["t_sampling"], cfg["logit_mean"], cfg["logit_std"]) == \
+        ("logit_normal", -0.5, 1.5)
+    rc, out, _ = _cli(["train", "--data", "two_moons", "--objective",
+                       "flow", "--print-config"], capsys)
+    assert rc == 0 and json.loads(out)["t_sampling"] == "uniform"
+    for argv, names in (
+            (["--t-sampling", "uniform"], ["--t-sampling", "'edm'", "--loss flow"]),
+            (["--objective", "flow", "--t-sampling", "uniform", "--logit-std", "2"],
+             ["--logit-std", "'uniform'", "logit_normal"]),
+            (["--objective", "flow", "--logit-std", "0"], ["--logit-std", "> 0"]),
+            (["--objective", "flow", "--logit-mean", "nan"], ["--logit-mean", "finite"]),
+            (["--objective", "flow", "--t-sampling", "beta"], ["--t-sampling", "'beta'"])):
+        rc, _, err = _cli(["train", "--data", "digits", *argv, "--print-config"], capsys)
+        _one_line_error(rc, err, *names)
+
+
+@pytest.fixture(scope="module")
+def flow_and_dsm_runs(tmp_path_factory):
+    """Tiny two_moons runs: flow matching (logit-normal t, m = -0.5) and the diffusion recipe."""
+    from sdekit.cli.main import main as cli
+    root = tmp_path_factory.mktemp("flowruns")
+    assert cli(["train", "--data", "two_moons", "--objective", "flow", "--t-sampling",
+                "logit_normal", "--logit-mean", "-0.5", "--steps", "3", *TINY_FLOW,
+                "--out", str(root / "flow")]) == 0
+    assert cli(["train", "--data", "two_moons", "--steps", "3", *TINY_FLOW,
+                "--out", str(root / "dsm")]) == 0
+    return root / "flow" / "checkpoint.pt", root / "dsm" / "checkpoint.pt"
+
+
+def test_checkpoint_records_the_flow_objective_and_sampling_needs_no_flags(
+        flow_and_dsm_runs, tmp_path, capsys):
+    from sdekit.training.checkpoint import load_model
+    flow_ck, _ = flow_and_dsm_runs
+    net, sde, cfg = load_model(flow_ck)
+    assert isinstance(sde, FlowSDE) and net.prediction == "flow" and net.time_input == "t"
+    assert (cfg["loss"], cfg["t_sampling"], cfg["logit_mean"], cfg["logit_std"]) == \
+        ("flow", "logit_normal", -0.5, 1.0)
+    # the recorded SDE and prediction may be restated; the default solver starts at t = 1
+    rc, _, err = _cli(["sample", "--checkpoint", flow_ck, "--sde", "flow", "--prediction",
+                       "flow", "--steps", "2", "--n", "4", "--out", tmp_path / "s"], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "s.npz").exists()
+
+
+def test_sampling_with_another_prediction_or_sde_than_recorded_is_an_error(
+        flow_and_dsm_runs, tmp_path, capsys):
+    flow_ck, dsm_ck = flow_and_dsm_runs
+    for ck, argv, names in (
+            (dsm_ck, ["--prediction", "flow"], ["--prediction='flow'", "'denoiser'", "'edm'"]),
+            (flow_ck, ["--prediction", "eps"], ["--prediction='eps'", "expected 'flow'"]),
+            (flow_ck, ["--sde", "vp"], ["--sde='vp'", "expected 'flow'"]),
+            (dsm_ck, ["--sde", "flow"], ["--sde='flow'", "expected 'vp'"])):
+        out = tmp_path / "bad"
+        rc, _, err = _cli(["sample", "--checkpoint", ck, *argv, "--steps", "2", "--n", "4",
+                           "--out", out], capsys)
+        _one_line_error(rc, err, *names)
+        assert not out.with_suffix(".npz").exists()
+    # a solver that cannot start at t = 1 (alpha = 0): one line naming it and what can
+    rc, _, err = _cli(["sample", "--checkpoint", flow_ck, "--solver", "heun", "--steps", "2",
+                       "--n", "4", "--out", tmp_path / "h"], capsys)
+    _one_line_error(rc, err, "'heun'", "t_start=1", "dpmpp_2m")
+    # bench: a checkpoint brings its own SDE
+    rc, _, err = _cli(["bench", "--problem", f"checkpoint:{flow_ck}", "--sde", "vp",
+                       "--out", tmp_path / "b"], capsys)
+    _one_line_error(rc, err, "--sde", "built-in problems")
+
+
+def test_bench_of_a_flow_checkpoint_needs_no_flags(flow_and_dsm_runs, tmp_path, capsys):
+    import json
+    flow_ck, _ = flow_and_dsm_runs
+    rc, _, err = _cli(["bench", "--problem", f"checkpoint:{flow_ck}", "--solvers",
+                       "ddim,dpmpp_2m,heun", "--grids", "uniform", "--nfe", "4", "-n", "16",
+                       "--quiet", "--formats", "json", "--out", tmp_path / "b"], capsys)
+    assert rc == 0, err
+    cells = {c["solver"]: c for c in json.loads((tmp_path / "b" / "bench.json").read_text())
+             ["cells"]}
+    assert cells["ddim"]["status"] == "ok" and cells["dpmpp_2m"]["status"] == "ok"
+    assert cells["heun"]["status"] == "skipped" and "t_start=1" in cells["heun"]["reason"]
+
+
+def test_solver_listings_say_which_solvers_start_at_t_equal_one(capsys):
+    import subprocess
+    import sys
+    from pathlib import Path
+    starts = {d["name"]: d["starts_at_alpha_zero"] for d in sdekit.list_solvers()}
+    assert starts["dpmpp_2m"] and starts["unipc_bh2"] and not starts["heun"]
+    rc, out, _ = _cli(["solvers", "--markdown"], capsys)
+    assert rc == 0
+    lines = out.strip().splitlines()
+    col = [c.strip() for c in lines[0].strip("|").split("|")].index("alpha=0")
+    rows = {r.strip("|").split("|")[0].strip(): r.strip("|").split("|")[col].strip()
+            for r in lines[2:]}
+    assert rows == {k: "yes" if v else "no" for k, v in starts.items()}
+    root = Path(__file__).resolve().parents[1]
+    table = subprocess.run([sys.executable, str(root / "benchmarks" / "solver_table.py")],
+                           capture_output=True, text=True, check=True, cwd=root,
+                           env={**__import__("os").environ, "PYTHONPATH": str(root)}).stdout
+    head, _, *body = table.strip().splitlines()
+    col = [c.strip() for c in head.strip("|").split("|")].index(
+        "starts at alpha = 0 (t = 1 of flow)")
+    got = {r.strip("|").split("|")[0].strip().strip("`"): r.strip("|").split("|")[col].strip()
+           for r in body}
+    assert got == rows
+
+
+def test_resuming_a_checkpoint_from_before_configurable_t_sampling(tmp_path):
+    import warnings
+
+    from sdekit.training.checkpoint import load_checkpoint, save_checkpoint
+    from sdekit.training.trainer import Trainer, recipe
+
+    def cfg(**kw):
+        return recipe("two_moons", objective="flow", t_sampling="logit_normal", steps=3,
+                      net={"width": 16, "depth": 1}, batch_size=8, device="cpu", **kw)
+    Trainer(cfg(), tmp_path, progress=False).train(until=2)
+    path = tmp_path / "checkpoint.pt"
+    ck = load_checkpoint(path)
+    old = {k: v for k, v in ck["config"].items() if k not in ("t_sampling", "logit_mean",
+                                                                "logit_std")}
+    save_checkpoint(path, config=old, model=ck["model"], ema=ck["ema"],
+                    optimizer=ck["optimizer"], step=ck["step"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # it was trained with today's defaults: no warning
+        assert Trainer(cfg(), tmp_path, resume=True, progress=False).step == 2
+    with pytest.warns(UserWarning, match=r"changed settings \['logit_mean'\]"):
+        Trainer(cfg(logit_mean=0.5), tmp_path, resume=True, progress=False)

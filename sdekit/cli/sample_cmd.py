@@ -47,6 +47,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
       help="class label for a class-conditional model (default: labels cycle 0..K-1)")
     a("--guidance", type=float_in(-math.inf), default=0.0,
       help="classifier-free guidance weight w")
+    a("--sde", default=None,
+      help="forward SDE to sample (default: the one the checkpoint records, the only valid one)")
+    a("--prediction", default=None,
+      help="the network's output kind (default: the one the checkpoint records, the only valid "
+           "one)")
     a("--raw", action="store_true", help="use the raw weights instead of the EMA")
     a("--operator", type=existing_file, default=None,
       help="operator checkpoint for --solver fno (made by `sdekit distill`; default: none)")
@@ -81,6 +86,15 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         print(f"sdekit sample: error: {e}", file=sys.stderr)
         return 2
+    for flag, given, recorded in (("--sde", args.sde, cfg.get("sde")),
+                                  ("--prediction", args.prediction, net.prediction)):
+        if given is not None and given != recorded:
+            what = "trained on the SDE" if flag == "--sde" else "trained to predict"
+            print(f"sdekit sample: error: {flag}={given!r} is invalid for checkpoint "
+                  f"{str(args.checkpoint)!r}: its network was {what} {recorded!r} (loss "
+                  f"{cfg.get('loss')!r}): expected {recorded!r}, or omit {flag}",
+                  file=sys.stderr)
+            return 2
     y = None
     if net.num_classes:
         y = (torch.full((args.n,), args.label) if args.label is not None

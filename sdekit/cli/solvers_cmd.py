@@ -20,6 +20,12 @@ def batch_invariance(d: dict[str, Any]) -> str:
     return {True: "yes", "tolerance": "to tol.", False: "no"}.get(d.get("batch_invariant"), "?")
 
 
+def starts_at_t1(d: dict[str, Any]) -> str:
+    """The registry's ``starts_at_alpha_zero`` in words: can it start where alpha = 0 (t = 1 of
+    flow matching)?"""
+    return {True: "yes", False: "no"}.get(d.get("starts_at_alpha_zero"), "?")
+
+
 def solver_rows() -> list[list[str]]:
     from ..solvers.registry import list_solvers
 
@@ -28,11 +34,12 @@ def solver_rows() -> list[list[str]]:
         nfe = "adaptive" if d.get("adaptive") else str(d.get("nfe_per_step", "?"))
         rows.append([d["name"], str(d.get("family", "?")), _order(d), nfe,
                      str(d.get("kind", "?")), str(d.get("grid_rule", d.get("default_grid", "?"))),
-                     batch_invariance(d), str(d.get("paper", ""))])
+                     batch_invariance(d), starts_at_t1(d), str(d.get("paper", ""))])
     return rows
 
 
-HEADER = ["name", "family", "order", "NFE/step", "ODE/SDE", "grid", "batch inv.", "paper"]
+HEADER = ["name", "family", "order", "NFE/step", "ODE/SDE", "grid", "batch inv.", "alpha=0",
+          "paper"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,7 +67,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                 "order for SDE solvers), NFE per step, ODE or SDE, the "
                                 "default time grid (its rule per forward SDE), batch invariance (yes: a sample never "
                                 "depends on its batch; to tol.: only to within the solver's "
-                                "tolerance) and the paper.")
+                                "tolerance), whether it starts where alpha = 0 (alpha=0: t = 1 "
+                                "of flow matching, an exact prior) and the paper.")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true", help="the registry metadata as JSON")
     g.add_argument("--markdown", action="store_true", help="a Markdown table")

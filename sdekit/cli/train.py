@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from ._args import (
     alias,
     apply_threads,
     default_out_dir,
+    float_in,
     fraction,
     nonneg_float,
     nonneg_int,
@@ -56,19 +58,26 @@ NET_FLAGS = {"net": "name", "prediction": "prediction", "channels": "base_channe
 # flag dests that override a TrainConfig entry of the same name
 CONFIG_FLAGS = ("loss", "steps", "batch_size", "lr", "lr_decay", "warmup", "weight_decay",
                 "grad_clip", "ema_decay", "seed", "ckpt_every", "log_every", "sample_solver",
-                "sample_steps", "sample_n", "device", "label_dropout", "image_size")
+                "sample_steps", "sample_n", "device", "label_dropout", "image_size",
+                "t_sampling", "logit_mean", "logit_std")
+# flags of the flow-matching loss's t sampling: (dest, flag)
+T_FLAGS = (("t_sampling", "--t-sampling"), ("logit_mean", "--logit-mean"),
+           ("logit_std", "--logit-std"))
 
 
-def _recipe_default(key: str, net: bool = False) -> str:
-    """``default: ...`` text for a flag: the recipes' value (digits vs the 2-D toys)."""
-    from ..training.trainer import RECIPES, TrainConfig
+def _recipe_default(key: str, net: bool = False, flow: bool = False) -> str:
+    """``default: ...`` text for a flag: the recipes' value (digits vs the 2-D toys; the
+    flow-matching recipes with ``flow``)."""
+    from ..training.trainer import FLOW_RECIPES, RECIPES, TrainConfig
 
     def show(v: Any) -> str:
         return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
     vals = {}
     for r, label in (("digits", "digits"), ("toy", "toys")):
-        if net:
+        if flow:
+            v = FLOW_RECIPES[r].get(key, TrainConfig.__dataclass_fields__[key].default)
+        elif net:
             v = RECIPES[r]["net"].get(key)
         else:
             v = RECIPES[r].get(key, TrainConfig.__dataclass_fields__[key].default)
@@ -85,7 +94,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from ..models import EMBEDDINGS, NET_PREDICTIONS, NETWORKS
     from ..sde import SDES
     from ..training.data import DATASETS
-    from ..training.losses import LOSSES
+    from ..training.losses import LOSSES, T_SAMPLINGS
 
     R = _recipe_default
     p = add_command(
@@ -142,8 +151,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     o.add_argument("--loss", choices=LOSSES, default=None,
                    help="training loss (" + R("loss") + ")")
     o.add_argument("--objective", choices=("flow",), default=None,
-                   help="flow: flow matching (--sde flow, --prediction flow, --loss flow, "
-                        "each unless given; default: none, denoising score matching)")
+                   help="flow: flow matching (--sde flow, --prediction flow, --loss flow and "
+                        "the flow recipe's --t-sampling, each unless given; default: none, "
+                        "denoising score matching)")
+    o.add_argument("--t-sampling", choices=T_SAMPLINGS, default=None,
+                   help="training times of the flow loss: logit_normal, t = sigmoid(m + s z) "
+                        "(SD3), or uniform (" + R("t_sampling", flow=True) + ")")
+    o.add_argument("--logit-mean", type=float_in(-math.inf), default=None, metavar="M",
+                   help="m of --t-sampling logit_normal (" + R("logit_mean", flow=True) + ")")
+    o.add_argument("--logit-std", type=positive_float, default=None, metavar="S",
+                   help="s of --t-sampling logit_normal (" + R("logit_std", flow=True) + ")")
     o.add_argument("--steps", type=positive_int, default=None, help="optimiser steps ("
                    + R("steps") + ")")
     o.add_argument("--batch-size", type=positive_int, default=None,
@@ -192,17 +209,25 @@ def build_config(args: argparse.Namespace):
 
     net = {key: getattr(args, flag) for flag, key in NET_FLAGS.items()
            if getattr(args, flag) is not None}
-    if args.objective == "flow":   # flow matching: the rectified-flow process, velocity, CFM
-        net.setdefault("prediction", "flow")
-        args.loss = args.loss or "flow"
     args.sde = args.sde or _default_sde(args)
     over: dict[str, Any] = {"sde": args.sde, "net": net, "class_cond": bool(args.class_cond)}
     if args.sde_kwargs:
         over["sde_kwargs"] = args.sde_kwargs
     over.update({k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None})
-    if args.prediction is not None and args.loss is None:   # the natural loss for the output
+    if (args.objective != "flow" and args.prediction is not None
+            and args.loss is None):   # the natural loss for the output
         over["loss"] = {"denoiser": "edm", "flow": "flow"}.get(args.prediction, "eps")
-    cfg = recipe(args.data, **over)
+    # flow matching: the recipe's rectified-flow process, velocity network and CFM loss
+    cfg = recipe(args.data, objective=args.objective or "dsm", **over)
+    given = [flag for dest, flag in T_FLAGS if getattr(args, dest) is not None]
+    if given and cfg.loss != "flow":
+        raise ValueError(f"{given[0]} sets the training times of the flow loss, but the loss is "
+                         f"{cfg.loss!r}: expected --loss flow or --objective flow with it")
+    mn = [flag for dest, flag in T_FLAGS[1:] if getattr(args, dest) is not None]
+    if mn and cfg.t_sampling != "logit_normal":
+        raise ValueError(f"{mn[0]} is a parameter of --t-sampling logit_normal, but "
+                         f"--t-sampling is {cfg.t_sampling!r}: drop {mn[0]} or use "
+                         "--t-sampling logit_normal")
     if cfg.net.get("name") == "mlp":   # drop U-Net-only keys from an MLP recipe and vice versa
         for k in ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions"):
             cfg.net.pop(k, None)
@@ -234,6 +259,14 @@ def check_config(cfg: Any) -> None:
                          f"{cfg.sample_solver}: expected at least {slv.min_steps}")
 
 
+def _t_sampling(cfg: Any) -> str:
+    if cfg.loss != "flow":
+        return ""
+    if cfg.t_sampling == "uniform":
+        return " (t uniform)"
+    return f" (t logit-normal, mean {cfg.logit_mean:g}, std {cfg.logit_std:g})"
+
+
 def run(args: argparse.Namespace) -> int:
     from ..training.trainer import CHECKPOINT_NAME, Trainer, TrainingDiverged
 
@@ -262,7 +295,8 @@ def run(args: argparse.Namespace) -> int:
             start = f" (resumed at step {trainer.step})" if trainer.step else ""
             n = sum(p.numel() for p in trainer.net.parameters())
             print(f"training {cfg.net['name']} ({n:,} parameters, prediction "
-                  f"{trainer.net.prediction}) on {cfg.data} with {cfg.sde}/{cfg.loss} loss for "
+                  f"{trainer.net.prediction}) on {cfg.data} with {cfg.sde}/{cfg.loss} loss"
+                  f"{_t_sampling(cfg)} for "
                   f"{cfg.steps} steps{start}; world size {trainer.world_size}; output {out}")
         res = trainer.train()
         if trainer.rank == 0:

@@ -25,12 +25,12 @@ import torch
 import torch.distributed as dist
 
 
-from .._utils import require
+from .._utils import is_real, require
 from ..models import build_network
 from ..sde import SDES, get_sde
 from .checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from .data import DATASETS, Dataset, load_dataset
-from .losses import LOSSES, DSMLoss
+from .losses import LOSSES, T_SAMPLINGS, DSMLoss
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.csv"
@@ -38,6 +38,9 @@ LOG_FIELDS = ("step", "loss", "lr", "grad_norm", "steps_per_s", "elapsed_s")
 # config keys that must match when resuming (they define the model and the training problem)
 IDENTITY_KEYS = ("net", "sde", "sde_kwargs", "data", "image_size", "loss", "class_cond", "seed",
                  "batch_size")
+# config keys added after checkpoints were first written: a checkpoint without them was trained
+# with these values (the flow loss's t sampling before it was configurable)
+ADDED_KEYS = ("t_sampling", "logit_mean", "logit_std")
 
 
 class TrainingDiverged(RuntimeError):
@@ -58,6 +61,9 @@ class TrainConfig:
     net: dict[str, Any] = field(default_factory=dict)
     loss: str = "eps"
     importance: bool = True            # likelihood loss: sample lambda uniformly
+    t_sampling: str = "logit_normal"   # flow loss: t = sigmoid(logit_mean + logit_std z), or uniform
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
     image_size: int = 8
     class_cond: bool = False
     label_dropout: float = 0.1         # CFG: probability of replacing a label by the null class
@@ -113,14 +119,37 @@ RECIPES: dict[str, dict[str, Any]] = {
                 ckpt_every=2000, sample_n=4000),
 }
 
+# Flow matching (``objective='flow'``): what differs from the recipes above. The rectified-flow
+# process, a velocity network (conditioned on t; no EDM preconditioning, so sigma_data is
+# unused) and the conditional flow-matching loss. t sampling: logit-normal(0, 1) for digits,
+# SD3's default for images (Esser et al. 2024, Sec. 3.1); uniform for the 2-D toys, as in
+# rectified flow and flow matching (Liu et al. 2023; Lipman et al. 2023), whose fine structure
+# near t = 0 a logit-normal t would rarely train.
+FLOW_RECIPES: dict[str, dict[str, Any]] = {
+    "digits": {"sde": "flow", "net": {"prediction": "flow"}, "loss": "flow",
+               "t_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0},
+    "toy": {"sde": "flow", "net": {"prediction": "flow"}, "loss": "flow", "t_sampling": "uniform"},
+}
+OBJECTIVES = ("dsm", "flow")
 
-def recipe(data: str, **overrides: Any) -> TrainConfig:
+
+def recipe(data: str, objective: str = "dsm", **overrides: Any) -> TrainConfig:
     """The default training config for a bundled dataset, with ``overrides`` applied
-    (``net`` overrides are merged into the recipe's network config)."""
+    (``net`` overrides are merged into the recipe's network config). ``objective='flow'``
+    applies the flow-matching changes of :data:`FLOW_RECIPES` first; the flow loss chosen
+    without it (``loss='flow'``) takes its t sampling from there too."""
     if data not in DATASETS:
         raise ValueError(f"unknown dataset {data!r}: expected one of {list(DATASETS)}")
-    base = copy.deepcopy(RECIPES["digits" if data == "digits" else "toy"])
+    require(objective in OBJECTIVES, "objective", objective, f"one of {OBJECTIVES}")
+    kind = "digits" if data == "digits" else "toy"
+    base = copy.deepcopy(RECIPES[kind])
     net = dict(base.pop("net"))
+    if objective == "flow":
+        flow = copy.deepcopy(FLOW_RECIPES[kind])
+        net.update(flow.pop("net"))
+        base.update(flow)
+    elif overrides.get("loss") == "flow":
+        base.update({k: v for k, v in FLOW_RECIPES[kind].items() if k in ADDED_KEYS})
     net.update(overrides.pop("net", None) or {})
     base.update(overrides)
     return TrainConfig(data=data, net=net, **base)
@@ -236,7 +265,8 @@ class Trainer:
             p.requires_grad_(False)
         self.loss_fn = DSMLoss(self.sde, config.loss, prediction=self.net.prediction,
                                time_input=self.net.time_input, importance=config.importance,
-                               sigma_data=self.net.sigma_data)
+                               sigma_data=self.net.sigma_data, t_sampling=config.t_sampling,
+                               logit_mean=config.logit_mean, logit_std=config.logit_std)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=config.lr, betas=config.betas,
                                      weight_decay=config.weight_decay, foreach=True)
         # dropout is the only consumer of the global RNG in a forward pass
@@ -259,6 +289,10 @@ class Trainer:
         require(c.data in DATASETS, "data", c.data, f"one of {list(DATASETS)}")
         require(c.sde in SDES, "sde", c.sde, f"one of {sorted(SDES)}")
         require(c.loss in LOSSES, "loss", c.loss, f"one of {LOSSES}")
+        require(c.t_sampling in T_SAMPLINGS, "t_sampling", c.t_sampling, f"one of {T_SAMPLINGS}")
+        require(is_real(c.logit_mean), "logit_mean", c.logit_mean, "a finite number")
+        require(is_real(c.logit_std) and c.logit_std > 0, "logit_std", c.logit_std,
+                "a finite number > 0")
         require(isinstance(c.steps, int) and c.steps >= 1, "steps", c.steps, "an integer >= 1")
         require(isinstance(c.batch_size, int) and c.batch_size >= 1, "batch_size", c.batch_size,
                 "an integer >= 1")
@@ -312,8 +346,9 @@ class Trainer:
                 f"an integer >= {int(ck['step'])}: checkpoint {str(path)!r} is already at step "
                 f"{int(ck['step'])}, past the requested steps (start a new run in another "
                 "output directory to train for fewer steps)")
+        added = {k: TrainConfig.__dataclass_fields__[k].default for k in ADDED_KEYS}
         other = [k for k in now if k not in IDENTITY_KEYS and k != "steps"
-                 and saved.get(k) != now[k]]
+                 and saved.get(k, added.get(k)) != now[k]]
         if other and self.rank == 0:
             warnings.warn(f"resuming {path} with changed settings {other}: the run will not "
                           "match an uninterrupted one", stacklevel=2)
