@@ -657,3 +657,43 @@ def test_resuming_a_checkpoint_from_before_configurable_t_sampling(tmp_path):
         assert Trainer(cfg(), tmp_path, resume=True, progress=False).step == 2
     with pytest.warns(UserWarning, match=r"changed settings \['logit_mean'\]"):
         Trainer(cfg(logit_mean=0.5), tmp_path, resume=True, progress=False)
+
+
+# ------------------------------------------------- the flow comparison against diffusers (peers)
+def _peers_harness():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "peers" / "run.py"
+    spec = importlib.util.spec_from_file_location("peers_run", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_peers_flow_harness_measures_the_same_work_the_same():
+    """benchmarks/peers/run.py --sde flow: its exact map from t = 1 reaches the data law at
+    sigma = 0, and on the same grid sdekit's DDIM (+ the final x0 jump) and diffusers'
+    FlowMatchEulerDiscreteScheduler, run each through the harness's own runner from the same
+    states, get the same measured RMS (to diffusers' float32 state) and NFE."""
+    pytest.importorskip("diffusers", reason="diffusers is an optional test dependency")
+    run = _peers_harness()
+    prob = run.FlowProblem("gaussian", dim=8)
+    end = prob.at(0.0)
+    torch.testing.assert_close(end.T @ end, prob.data.cov, rtol=0, atol=1e-12)
+    torch.testing.assert_close(prob.at(0.3), prob.data.flow(prob.x1, 1.0, 0.3), rtol=0,
+                               atol=1e-12)
+    peer = run.flow_diffusers_runner(prob, "FlowMatchEulerDiscreteScheduler", 8, shift=3.0)
+    theirs = run.flow_evaluate(prob, peer)
+    import diffusers
+    sch = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sch.set_timesteps(peer["steps"])
+    grid = sch.sigmas.double()[:-1]
+
+    def ddim(x):
+        sol = sample(run.FLOW, prob.model, x, solver="ddim", grid=grid, denoise=True)
+        return sol.x, sol.nfe
+
+    ours = run.flow_evaluate(prob, {"sig0": 1.0, "sig1": 0.0, "run": ddim})
+    assert theirs["nfe"] == ours["nfe"] == 8
+    assert ours["rms"] == pytest.approx(theirs["rms"], rel=1e-4)
+    assert theirs["rms"] > 1e-3   # a real error, not a trivially exact solve
