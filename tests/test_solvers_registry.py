@@ -311,11 +311,13 @@ def test_weak_correctness(name, sde_name):
 
 def test_the_option_free_grid_is_the_solvers_grid_for_the_sde():
     """sample() without a grid uses Solver.grid_for(sde): uniform-in-t solvers keep the papers'
-    uniform grid on VP and move to logsnr on EDM (sigma = t); DEIS keeps quadratic on VP and
-    moves to logsnr on the cosine schedule."""
+    uniform grid on VP and move to logsnr on EDM (sigma = t), the torchsde backend too (it runs
+    on any grid through its time change); DEIS keeps quadratic on VP and moves to logsnr on the
+    cosine schedule."""
     cases = [("euler_maruyama", sdekit.VPSDE(), "uniform"), ("euler_maruyama", sdekit.EDMSDE(),
              "logsnr"), ("deis_tab3", sdekit.VPSDE(), "quadratic"),
-             ("deis_tab3", sdekit.CosineVPSDE(), "logsnr"), ("torchsde", sdekit.EDMSDE(), "uniform")]
+             ("deis_tab3", sdekit.CosineVPSDE(), "logsnr"), ("torchsde", sdekit.EDMSDE(), "logsnr"),
+             ("torchsde", sdekit.VPSDE(), "uniform")]
     for name, sde, grid in cases:
         assert SOLVERS[name].grid_for(sde) == grid, (name, sde)
         data = gaussian_problem(sde, dim=2)
