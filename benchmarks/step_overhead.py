@@ -1,93 +1,120 @@
-"""Per-step overhead of each solver, excluding the model, beside k-diffusion's equivalent.
+"""Per-step overhead of sdekit's solvers beside k-diffusion's equivalents, measured side by side.
 
-A trivial denoiser (x0 = x / 2, one tensor op) on a batch of 256 x 3 x 32 x 32 under the EDM
-process (sigma(t) = t, so k-diffusion's sigma grid is sdekit's time grid). Both libraries run in
-the same process, interleaved, and the ratio sdekit / k-diffusion of the median time per step is
-reported. k-diffusion needs torchvision, so run this in its own environment:
+A near-free denoiser (x0 = x / 2, one tensor op) under the EDM process (sigma(t) = t, so
+k-diffusion's sigma grid is sdekit's time grid), one CPU thread, in one process. For every pair
+the two contenders are timed interleaved (sdekit, k-diffusion, sdekit, ...; ``--rounds`` rounds),
+on the same Karras grid of ``--steps`` steps ending at sigma_min (no final step to 0, so both
+take exactly ``steps`` steps), from the same state, each through its natural model path: sdekit
+a ``DiffusionModel(prediction="denoiser")`` (k-diffusion's convention, D(x, sigma) -> x0), and
+k-diffusion the same callable. The network calls of both are counted and must agree. Reported:
+min and median ms per step of each, and the ratio sdekit / k-diffusion of the medians (and of the
+mins). Two regimes: small states (64 x 2, 1,000 steps: Python overhead decides) and images
+(256 x 3 x 32 x 32, 20 steps). k-diffusion: ``pip install --no-deps k-diffusion`` is enough (only
+``k_diffusion.sampling`` is loaded, as in benchmarks/peers/run.py). Run:
 
-    python3 -m venv /tmp/kd && /tmp/kd/bin/pip install torch==2.14.1 torchvision==0.29.1 \
-        k-diffusion -e .
-    /tmp/kd/bin/python benchmarks/step_overhead.py --out benchmarks/results/step_overhead.json
-
-Without k-diffusion it still times sdekit alone. Target: ratio <= 1.0.
+    python benchmarks/step_overhead.py --out benchmarks/results/step_overhead.json
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import sdekit
 
-PAIRS = {  # sdekit solver -> k-diffusion sampler with the same update rule and NFE
-    "ddim": "sample_euler",
-    "edm_euler": "sample_euler",
-    "edm_heun": "sample_heun",
-    "ancestral": "sample_euler_ancestral",
-    "dpmpp_2m": "sample_dpmpp_2m",
-    "dpmpp_2m_sde": "sample_dpmpp_2m_sde",
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+from run import load_kdiffusion  # noqa: E402
+
+PAIRS = [  # sdekit solver, k-diffusion sampler, its options: the same update rule and NFE
+    ("ddim", "sample_euler", {}),
+    ("edm_euler", "sample_euler", {}),
+    ("edm_heun", "sample_heun", {}),
+    ("ancestral", "sample_euler_ancestral", {}),
+    ("dpmpp_2m", "sample_dpmpp_2m", {}),
+    ("dpmpp_3m", "sample_dpmpp_3m_sde", {"eta": 0.0}),
+]
+REGIMES = {"small": ((64, 2), 1000), "images": ((256, 3, 32, 32), 20)}
 
 
-def _time(fn, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(kd, shape: tuple[int, ...], steps: int, rounds: int) -> list[dict]:
+    sde = sdekit.EDMSDE()
+    calls = {"sdekit": 0, "k-diffusion": 0}
+
+    def denoiser(who: str):
+        def D(x, sigma):
+            calls[who] += 1
+            return x * 0.5
+        return D
+
+    model = sdekit.DiffusionModel(denoiser("sdekit"), sde, prediction="denoiser")
+    grid = sdekit.make_grid(sde, "karras", steps)
+    sigmas = grid.float()  # EDM: t = sigma
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * sde.sigma_max
+    rows = []
+    for name, kname, kopts in PAIRS:
+        kfn = getattr(kd.sampling if hasattr(kd, "sampling") else kd, kname)
+
+        def ours():
+            sdekit.sample(sde, model, x, solver=name, grid=grid, seed=0)
+
+        def theirs():
+            kfn(denoiser("k-diffusion"), x, sigmas, disable=True, **kopts)
+
+        ours(), theirs()  # warm-up (also checks the work is the same)
+        calls.update({"sdekit": 0, "k-diffusion": 0})
+        ours(), theirs()
+        if calls["sdekit"] != calls["k-diffusion"]:
+            raise SystemExit(f"{name} vs {kname}: {calls} network calls differ")
+        nfe = calls["sdekit"]
+        a, b = [], []
+        for _ in range(rounds):  # interleaved A B A B
+            a.append(_timed(ours) / steps * 1e3)
+            b.append(_timed(theirs) / steps * 1e3)
+        row = {"regime": f"{'x'.join(map(str, shape))}, {steps} steps", "solver": name,
+               "kdiffusion": kname + (f"({', '.join(f'{k}={v}' for k, v in kopts.items())})"
+                                      if kopts else ""),
+               "nfe": nfe, "sdekit_ms_min": min(a), "sdekit_ms_median":
+               statistics.median(a), "kdiffusion_ms_min": min(b),
+               "kdiffusion_ms_median": statistics.median(b)}
+        row["ratio_median"] = row["sdekit_ms_median"] / row["kdiffusion_ms_median"]
+        row["ratio_min"] = row["sdekit_ms_min"] / row["kdiffusion_ms_min"]
+        rows.append(row)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                          for k, v in row.items()}), flush=True)
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--regimes", default="small,images")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    try:
-        import k_diffusion as K
-    except ImportError:
-        K = None
-        print("k-diffusion not importable: timing sdekit alone")
-    sde = sdekit.EDMSDE()
-    model = sdekit.DiffusionModel(lambda x, s: x * 0.5, sde, prediction="x0", time_input="t")
-    x = torch.randn(args.batch, 3, 32, 32) * sde.sigma_max
-    grid = sdekit.make_grid(sde, "karras", args.steps)
+    kd = load_kdiffusion()
+    if kd is None:
+        sys.exit("k-diffusion is not importable: pip install --no-deps k-diffusion")
     rows = []
-    for name in sdekit.solver_names():
-        s = sdekit.get_solver(name)
-        if s.adaptive or s.external_loop:
-            continue
-
-        def run_ours():
-            sdekit.sample(sde, model, x, solver=name, grid=grid)
-
-        ours = _time(run_ours, args.repeats) / args.steps
-        row = {"solver": name, "sdekit_ms_per_step": ours * 1e3}
-        kname = PAIRS.get(name)
-        if K is not None and kname and hasattr(K.sampling, kname):
-            sigmas = torch.cat([grid.float(), grid.new_zeros(1).float()])[:-1]
-            # same grid, ending at sigma_min (no final step to 0), same trivial denoiser
-            kfn = getattr(K.sampling, kname)
-
-            def run_kd():
-                kfn(lambda y, sg: y * 0.5, x, torch.cat([sigmas, sigmas[-1:] * 0.999]),
-                    disable=True)
-
-            theirs = _time(run_kd, args.repeats) / args.steps
-            row.update(kdiffusion=kname, kdiffusion_ms_per_step=theirs * 1e3,
-                       ratio=ours / theirs)
-        rows.append(row)
-        print(json.dumps(row))
+    for r in args.regimes.split(","):
+        shape, steps = REGIMES[r]
+        rows += measure(kd, shape, steps, args.rounds)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"batch": args.batch, "steps": args.steps, "rows": rows,
-                       "torch": torch.__version__}, f, indent=1)
+            json.dump({"command": "python benchmarks/step_overhead.py "
+                       + " ".join(sys.argv[1:]), "rounds": args.rounds, "threads": 1,
+                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+            f.write("\n")
 
 
 if __name__ == "__main__":
