@@ -30,3 +30,19 @@ def fitted_slope(hs, errs) -> float:
 
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.sqrt(float((a.double() - b.double()).pow(2).mean()))
+
+
+# flags of a tiny, fast `sdekit train` run
+TINY_TRAIN = ["--width", "16", "--depth", "1", "--batch-size", "32", "--sample-n", "16",
+              "--sample-steps", "2", "--device", "cpu", "--quiet"]
+
+
+def run_cli(argv, capsys):
+    """``(exit status, stdout, stderr)`` of ``sdekit argv`` run in this process."""
+    from sdekit.cli.main import main
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err

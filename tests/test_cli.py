@@ -19,20 +19,12 @@ from sdekit.cli.main import build_parser, main
 from sdekit.training import load_checkpoint
 from sdekit.training.checkpoint import save_checkpoint
 
+from helpers import TINY_TRAIN, run_cli
+
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--width", "16", "--depth", "1", "--batch-size", "32", "--sample-n", "16",
-        "--sample-steps", "2", "--device", "cpu", "--quiet"]
-
-
-def run(argv, capsys):
-    """``(exit status, stdout, stderr)`` of ``sdekit argv`` run in this process."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+TINY = TINY_TRAIN
+run = run_cli
 
 
 def assert_usage_error(rc, err, *names):

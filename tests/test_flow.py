@@ -14,7 +14,7 @@ from sdekit.grids import flux_mu, shift_factor, shift_times
 from sdekit.sde.base import ForwardSDE
 from sdekit.solvers import get_solver, solver_names
 
-from helpers import fitted_slope, gaussian_problem, rms
+from helpers import TINY_TRAIN, fitted_slope, gaussian_problem, rms, run_cli
 
 F64 = torch.float64
 FLOW = FlowSDE()
@@ -466,19 +466,8 @@ def test_dpmpp_2m_and_unipc_match_diffusers_flow_sigma_schedulers(which, shift):
 
 
 # ------------------------------------------------------------ recipes, CLI, checkpoints
-TINY_FLOW = ["--width", "16", "--depth", "1", "--batch-size", "32", "--sample-n", "16",
-             "--sample-steps", "2", "--device", "cpu", "--quiet"]
-
-
-def _cli(argv, capsys):
-    """``(exit status, stdout, stderr)`` of ``sdekit argv`` run in this process."""
-    from sdekit.cli.main import main as cli
-    try:
-        rc = cli([str(a) for a in argv])
-    except SystemExit as e:  # argparse
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+TINY_FLOW = TINY_TRAIN
+_cli = run_cli
 
 
 def _one_line_error(rc, err, *names):
