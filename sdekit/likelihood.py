@@ -25,8 +25,9 @@ t_min (the data convolved with N(0, sigma(t_min)^2)), not ``log p_0``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -179,6 +180,7 @@ def likelihood(sde: ForwardSDE, model: DiffusionModel | Any, x: Tensor, *,
         return torch.cat([v.detach().reshape(B, D), div.detach().to(y)], 1)
 
     from torchdiffeq import odeint
+
     from .solvers.ode import _per_sample_rms_max
 
     a, b = (lo_s, hi_s) if in_t else (hi_s, lo_s)
