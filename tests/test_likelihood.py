@@ -161,3 +161,59 @@ def test_bad_x():
         likelihood(sde, model, torch.tensor([[float("nan"), 0.0]]))
     with pytest.raises(ValueError, match="x"):
         likelihood(sde, model, torch.zeros(2))
+
+
+# ------------------------------------------------------------------ sdekit likelihood (CLI)
+TINY = ["--width", "8", "--depth", "1", "--batch-size", "16", "--sample-n", "4",
+        "--sample-steps", "2", "--device", "cpu", "--quiet"]
+
+
+def _cli(argv, capsys):
+    from sdekit.cli.main import main
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def digits_ckpt(tmp_path_factory):
+    from sdekit.cli.main import main
+    out = tmp_path_factory.mktemp("lik") / "digits"
+    assert main(["train", "--data", "digits", "--steps", "2", *TINY, "--out", str(out)]) == 0
+    return out / "checkpoint.pt"
+
+
+def test_cli_bits_per_dim(digits_ckpt, capsys):
+    import json
+    rc, out, err = _cli(["likelihood", "--checkpoint", digits_ckpt, "--n", "6", "--batch-size",
+                         "4", "--rtol", "1e-3", "--json", "--threads", "1"], capsys)
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["n"] == 6 and res["nfe"] > 0
+    assert math.isfinite(res["bpd"]) and res["bpd"] > 0 and res["bpd_se"] > 0
+
+
+@pytest.mark.parametrize("extra,names", [
+    (["--solver", "dopri5", "--steps", "5"], ["--steps"]),
+    (["--solver", "rk4"], ["steps"]),
+    (["--solver", "nope"], ["solver", "'nope'"]),
+    (["--probes", "0"], ["--probes"]),
+])
+def test_cli_bad_input(digits_ckpt, capsys, extra, names):
+    rc, _, err = _cli(["likelihood", "--checkpoint", digits_ckpt, *extra], capsys)
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and ": error: " in lines[0] and "Traceback" not in err, err
+    for n in names:
+        assert n in lines[0], (n, err)
+
+
+def test_cli_rejects_data_off_a_lattice(tmp_path, capsys):
+    from sdekit.cli.main import main
+    out = tmp_path / "moons"
+    assert main(["train", "--data", "two_moons", "--steps", "2", *TINY, "--out", str(out)]) == 0
+    rc, _, err = _cli(["likelihood", "--checkpoint", out / "checkpoint.pt"], capsys)
+    assert rc == 2 and "pixel lattice" in err, err
