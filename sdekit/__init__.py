@@ -4,6 +4,7 @@ from .solvers import Solver, get_solver, list_solvers, register, solver_names
 from .dynamics import (DiffusionModel, NFECounter, ProbabilityFlowODE, ReverseSDE, as_model)
 from .grids import GRIDS, make_grid
 from .integrate import Solution, sample
+from .likelihood import LikelihoodResult, likelihood
 from .noise import BrownianNoise, SeededNoise
 from .sde import (EDMSDE, VESDE, VPSDE, CosineVPSDE, CustomSDE, DiscreteDDPM, FlowSDE,
                   ForwardSDE, SubVPSDE, get_sde)
@@ -15,5 +16,5 @@ __all__ = [
     "FlowSDE", "CustomSDE", "get_sde", "DiffusionModel", "NFECounter", "as_model", "ReverseSDE",
     "ProbabilityFlowODE", "GaussianData", "GaussianMixtureData", "__version__",
     "sample", "Solution", "GRIDS", "make_grid", "SeededNoise", "BrownianNoise", "Solver",
-    "get_solver", "list_solvers", "register", "solver_names",
+    "get_solver", "list_solvers", "register", "solver_names", "likelihood", "LikelihoodResult",
 ]
