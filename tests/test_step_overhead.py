@@ -54,8 +54,9 @@ def test_multistep_coefficients_not_recomputed_per_step(solver, monkeypatch):
         assert calls["phi"] <= 12  # a few per order, independent of the number of steps
 
 
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "ddim", "edm_euler", "edm_heun"])
 @pytest.mark.parametrize("prediction", ["denoiser", "eps"])
-def test_model_schedule_factors_computed_once_per_grid_time(prediction, monkeypatch):
+def test_model_schedule_factors_computed_once_per_grid_time(solver, prediction, monkeypatch):
     """The model's conditioning and alpha / sigma at a grid time are evaluated (and validated)
     once per time and batch, not on every call; other times still work and are still checked."""
     sde = sdekit.EDMSDE()
@@ -70,9 +71,9 @@ def test_model_schedule_factors_computed_once_per_grid_time(prediction, monkeypa
     monkeypatch.setattr(type(sde), "_time", counted)
     x = torch.randn(4, 2) * 80
     grid = sdekit.make_grid(sde, "karras", 50)
-    first = sdekit.sample(sde, model, x, solver="dpmpp_2m", grid=grid).x
+    first = sdekit.sample(sde, model, x, solver=solver, grid=grid).x
     calls["time"] = 0
-    again = sdekit.sample(sde, model, x, solver="dpmpp_2m", grid=grid).x
+    again = sdekit.sample(sde, model, x, solver=solver, grid=grid).x
     assert torch.equal(first, again)
     assert calls["time"] <= 10  # the grid's schedule, not one check per model call
     assert torch.isfinite(model.x0(x, 3.14159)).all()
