@@ -180,12 +180,18 @@ class DDIM(Solver):
         self.strong_order = 1.0 if self.stochastic else None
         self.default_grid = "uniform" if self.stochastic else "logsnr"
 
+    def init(self, p: Problem, x: Tensor) -> tuple[list[float], ...]:
+        """alpha, sigma and ``sqrt(1 - exp(-2 h))`` of every step, once per grid, as plain
+        numbers."""
+        h = p.lam[1:] - p.lam[:-1]
+        return p.alpha.tolist(), p.sigma.tolist(), torch.sqrt(-torch.expm1(-2 * h)).tolist()
+
     def step(self, p: Problem, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
-        a0, s0 = float(p.alpha[i]), float(p.sigma[i])
-        a1, s1 = float(p.alpha[i + 1]), float(p.sigma[i + 1])
+        alpha, sigma, root = state
+        a0, s0 = alpha[i], sigma[i]
+        a1, s1 = alpha[i + 1], sigma[i + 1]
         if self.stochastic:
-            h = p.lam[i + 1] - p.lam[i]
-            c = self.eta * s1 * float(torch.sqrt(-torch.expm1(-2 * h)))
+            c = self.eta * s1 * root[i]
             d = math.sqrt(max(s1 * s1 - c * c, 0.0))   # weight of eps in the mean
         else:
             c, d = 0.0, s1
