@@ -125,7 +125,8 @@ def _solve(slv: Solver, p: Problem, x: Tensor, dtype: torch.dtype, float64: bool
            progress: bool, grad: str) -> Solution:
     times = p.times
     save = {float(t) for t in (save_at or [])}
-    missing = save - {float(t) for t in times}
+    grid_times = times.tolist()  # the grid as plain numbers (float(times[i]) for each i)
+    missing = save - set(grid_times)
     own_loop = slv.adaptive or slv.external_loop
     if own_loop and save - {float(times[0]), float(times[-1])}:
         raise ValueError(f"solver {slv.name!r} runs its own loop: save_at can only hold the "
@@ -153,7 +154,7 @@ def _solve(slv: Solver, p: Problem, x: Tensor, dtype: torch.dtype, float64: bool
         for i in it:
             p.step_index = i
             x, state = slv.step(p, i, x, state)
-            t_next = float(times[i + 1])
+            t_next = grid_times[i + 1]
             if t_next in save:
                 traj[t_next] = x.clone()
             if callback is not None:

@@ -25,7 +25,8 @@ Every network call goes through an :class:`NFECounter`, so NFE is measured, neve
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -166,6 +167,37 @@ class DiffusionModel:
         self.sde = sde
         self.prediction = prediction
         self.time_input = time_input
+        self._memo: dict[tuple, tuple[Tensor, ...]] = {}
+
+    #: entries of the per-time cache of schedule factors (see :meth:`_cached`) before it is cleared
+    MEMO_SIZE = 8192
+
+    def _cached(self, what: str, x: Tensor, t: Any, fn: Callable[[], tuple[Tensor, ...]]
+                ) -> tuple[Tensor, ...]:
+        """``fn()`` (factors that depend only on a scalar time, the batch size, device and
+        dtypes), computed once per key: a solver calls the model at the same grid times with
+        the same batch, and validating and evaluating the schedule there on every call is most
+        of a small state's step. Per-sample times, a callable ``time_input`` and factors that
+        require grad (a learned schedule) are not cached.
+        The tensors are shared between the calls: the network must not modify its
+        conditioning in place."""
+        if isinstance(t, Tensor):
+            if t.ndim != 0 or t.device.type != "cpu":
+                return fn()
+            tv = float(t)
+        elif isinstance(t, (int, float)):
+            tv = float(t)
+        else:
+            return fn()
+        key = (what, tv, x.shape[0], x.ndim, x.dtype, x.device)
+        out = self._memo.get(key)
+        if out is None:
+            if len(self._memo) >= self.MEMO_SIZE:
+                self._memo.clear()
+            out = fn()
+            if not any(v.requires_grad for v in out):
+                self._memo[key] = out
+        return out
 
     @property
     def nfe(self) -> int:
@@ -194,13 +226,20 @@ class DiffusionModel:
         """Call the network (counted) on ``x`` cast to ``input_dtype`` (default: x's dtype) and
         check the output. The time conditioning is never rounded to a half-precision dtype
         (float32 then; a DDPM network's timestep 999 stays 999)."""
-        tb = self._batch_time(x, t)
-        inp = x
-        if self.prediction == "denoiser":
-            inp = x / append_dims(self.sde.alpha(tb).to(x), x.ndim)
+        in_dtype = x.dtype if input_dtype is None else input_dtype
+
+        def factors() -> tuple[Tensor, ...]:
+            tb = self._batch_time(x, t)
+            a = append_dims(self.sde.alpha(tb).to(x), x.ndim) if self.prediction == "denoiser" \
+                else tb
+            return a, self._cond(tb).to(compute_dtype(in_dtype))
+
+        a, cond = (self._cached(("raw", in_dtype), x, t, factors) if not callable(self.time_input)
+                   else factors())
+        inp = x / a if self.prediction == "denoiser" else x
         if input_dtype is not None:
             inp = inp.to(input_dtype)
-        out = self.net(inp, self._cond(tb).to(compute_dtype(inp.dtype)))
+        out = self.net(inp, cond)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"shape mismatch: the model returned shape {shape} for an input "
@@ -212,10 +251,12 @@ class DiffusionModel:
 
     def _coeffs(self, x: Tensor, t: Any, dots: bool = False) -> tuple[Tensor, ...]:
         """alpha, sigma (and with ``dots`` alpha', sigma') broadcastable against ``x``."""
-        tb = self._batch_time(x, t)
-        fns = [self.sde.alpha, self.sde.sigma] + ([self.sde.alpha_dot, self.sde.sigma_dot]
-                                                   if dots else [])
-        return tuple(append_dims(fn(tb).to(x), x.ndim) for fn in fns)
+        def factors() -> tuple[Tensor, ...]:
+            tb = self._batch_time(x, t)
+            fns = [self.sde.alpha, self.sde.sigma] + ([self.sde.alpha_dot, self.sde.sigma_dot]
+                                                       if dots else [])
+            return tuple(append_dims(fn(tb).to(x), x.ndim) for fn in fns)
+        return self._cached(("coeffs", dots), x, t, factors)
 
     def predict(self, x: Tensor, t: Any, kind: str, input_dtype: torch.dtype | None = None
                 ) -> Tensor:

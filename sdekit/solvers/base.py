@@ -83,7 +83,7 @@ class Problem:
 
     def _checked(self, out: Tensor, t: Tensor) -> Tensor:
         # one reduction: the sum is NaN/Inf iff an element is (short of float overflow)
-        if not bool(torch.isfinite(out.sum())):
+        if not math.isfinite(out.sum().item()):
             raise ModelOutputError(
                 f"the model returned NaN or Inf at step {self.step_index} "
                 f"(t={float(t.flatten()[0]):.6g}) of solver {self.solver_name!r}")
@@ -166,7 +166,7 @@ class Solver:
                 "about x0 (x0 = (x - sigma eps) / alpha is 0/0). Use t_start < "
                 f"{t0:g}, or a network predicting 'flow', 'v' or 'x0'")
 
-    def for_problem(self, sde: ForwardSDE, model: DiffusionModel, state_shape: Any) -> "Solver":
+    def for_problem(self, sde: ForwardSDE, model: DiffusionModel, state_shape: Any) -> Solver:
         """A solver ready for this problem: learned solvers fit themselves here when they were
         built without a trained artefact; classic solvers return themselves."""
         return self

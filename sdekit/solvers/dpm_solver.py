@@ -9,7 +9,14 @@ import torch
 from torch import Tensor
 
 from .base import Problem
-from .exp_integrator import ExpIntegrator, History, block_plan, ei_weights, phi
+from .exp_integrator import (
+    ExpIntegrator,
+    History,
+    block_plan,
+    ei_weights,
+    ei_weights_per_step,
+    phi,
+)
 from .registry import register
 
 SOLVER_TYPES = ("lagrange", "midpoint")
@@ -39,7 +46,7 @@ def reference_weights(r: list[Tensor], h: Tensor, k: float) -> Tensor:
     at order 2 (the default ``'lagrange'`` weights are exact for the interpolant: order 3)."""
     z = k * h
     if len(r) == 1:
-        return (h * abs(k) * phi(1, z)).reshape(1)
+        return (h * abs(k) * phi(1, z)).reshape(1, *h.shape)
     r0 = -r[1]
     if len(r) == 2:
         return h * phi(1, z) * torch.stack([1 + 0.5 / r0, -0.5 / r0])
@@ -48,7 +55,7 @@ def reference_weights(r: list[Tensor], h: Tensor, k: float) -> Tensor:
     D11 = torch.stack([torch.zeros_like(r1), 1 / r1, -1 / r1])
     D1 = D10 + r0 / (r0 + r1) * (D10 - D11)
     D2 = (D10 - D11) / (r0 + r1)
-    e0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    e0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64).reshape(3, *[1] * h.ndim)
     return h * (phi(1, z) * e0 + phi(2, z) * D1 + phi(3, z) * D2)
 
 
@@ -107,7 +114,29 @@ class DPMSolverMultistep(ExpIntegrator):
         st.extra["singlestep_start"] = usable >= 3 and (
             self.warmup == "singlestep"
             or (self.warmup == "auto" and self.even_start(p.lam[start:start + 4])))
+        st.extra["table"] = self.step_table(p, st.extra)
         return st
+
+    def step_table(self, p: Problem, extra: dict) -> dict[int, tuple[float, list[float]]]:
+        """The coefficients of every multistep update (step ``i`` -> :meth:`combine`'s
+        ``(c_x, [c_j])``), computed once per grid, vectorised over the steps of each order."""
+        i0 = extra["start"]
+        first = i0 + 3 if extra["singlestep_start"] else i0
+        last = p.steps - 1 if self.final_to_zero else p.steps
+        by_order: dict[int, list[int]] = {}
+        for i in range(first, last):
+            by_order.setdefault(self.step_order(i, p.steps, self.max_order, i0), []).append(i)
+        table = {}
+        for o, idx in by_order.items():
+            steps = torch.tensor(idx)
+            h = p.lam[steps + 1] - p.lam[steps]
+            r = [(p.lam[steps - j] - p.lam[steps]) / h for j in range(o)]
+            if self.solver_type == "midpoint" and o > 1:
+                W = reference_weights(r, h, self.k)
+            else:
+                W = ei_weights_per_step(torch.stack(r, 1), h, self.k)
+            table.update(zip(idx, self.coefficients(p, steps, W)))
+        return table
 
     #: the automatic warm-up takes the singlestep block only where the block's first three
     #: lambda steps are within this ratio of each other (see :meth:`even_start`)
@@ -125,11 +154,6 @@ class DPMSolverMultistep(ExpIntegrator):
         h = lam[1:] - lam[:-1]
         return bool((h.max() / h.min()) <= cls.SINGLESTEP_MAX_RATIO)
 
-    def weights(self, r: list[Tensor], h: Tensor) -> Tensor:
-        if self.solver_type == "midpoint" and len(r) > 1:
-            return reference_weights(r, h, self.k)
-        return ei_weights(torch.stack(r), 1.0, h, self.k)
-
     def step(self, p: Problem, i: int, x: Tensor, st: History) -> tuple[Tensor, History]:
         m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i])
         st.add(i, m)
@@ -144,11 +168,8 @@ class DPMSolverMultistep(ExpIntegrator):
             if i == i0:
                 st.extra["x_s"] = x
             return self.block_stage(p, st, i0, 3, i), st
-        o = self.step_order(i, p.steps, self.max_order, i0)
-        h = p.lam[i + 1] - p.lam[i]
-        r = [(p.lam[i - j] - p.lam[i]) / h for j in range(o)]
-        W = self.weights(r, h)
-        return self.combine(p, x, i, i + 1, W, [st.m[i - j] for j in range(o)]), st
+        c = st.extra["table"][i]
+        return self.apply(x, c, [st.m[i - j] for j in range(len(c[1]))]), st
 
 
 @register("dpm_solver_2", order=2, predict_x0=False)

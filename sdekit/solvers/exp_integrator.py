@@ -77,6 +77,19 @@ def ei_weights(r: Any, c: float, h: Any, k: float) -> Tensor:
     return torch.tensordot(A, mom, dims=1)
 
 
+def ei_weights_per_step(R: Tensor, h: Tensor, k: float) -> Tensor:
+    """:func:`ei_weights` (``c = 1``) of many steps at once: ``R[n]`` the nodes and ``h[n]`` the
+    step of step ``n``; shape ``(R.shape[1], n_steps)``. Each step's weights are the numbers
+    :func:`ei_weights` gives (the last contraction runs per step: a batched one rounds
+    differently)."""
+    V = R[:, :, None] ** torch.arange(R.shape[1], dtype=F64)
+    A = torch.linalg.inv(V).mT
+    H = torch.as_tensor(h, dtype=F64)
+    mom = torch.stack([abs(k) * math.factorial(m) * 1.0 ** m * H * phi(m + 1, k * H)
+                       for m in range(R.shape[1])])
+    return torch.stack([torch.tensordot(A[n], mom[:, n], dims=1) for n in range(R.shape[0])], 1)
+
+
 def gauss_legendre(n: int) -> tuple[Tensor, Tensor]:
     """Nodes and weights of the n-point Gauss-Legendre rule on [-1, 1] (float64)."""
     x, w = np.polynomial.legendre.leggauss(n)
@@ -284,6 +297,25 @@ class ExpIntegrator(Solver):
         ms = [st.m[q] for q in range(i0, i + 1)]
         return self.combine(p, st.extra["x_s"], i0, i + 1, W, ms)
 
+    def coefficients(self, p: Problem, steps: Tensor, W: Tensor) -> list[tuple[float, list[float]]]:
+        """:meth:`combine`'s coefficients for the grid steps ``steps`` (``i -> i + 1``, from the
+        point ``i``) with weights ``W[j, n]`` of step ``steps[n]``, all at once as plain numbers:
+        ``(c_x, [c_j])`` with ``x_{i+1} = c_x x + sum_j c_j m_j`` (elementwise the same
+        arithmetic as :meth:`combine`, so the same numbers)."""
+        a_s, s_s, a_t, s_t = p.alpha[steps], p.sigma[steps], p.alpha[steps + 1], p.sigma[steps + 1]
+        sign, c_m = (-1.0, s_t) if self.prediction == "eps" else (1.0, a_t)
+        c_x = a_t / a_s if self.prediction == "eps" else s_t / s_s
+        coefs = torch.stack([sign * c_m * w for w in W], 1)
+        return list(zip(c_x.tolist(), coefs.tolist()))
+
+    @staticmethod
+    def apply(x: Tensor, c: tuple[float, list[float]], ms: list[Tensor]) -> Tensor:
+        """``c_x x + sum_j c_j m_j`` for coefficients from :meth:`coefficients`."""
+        out = x * c[0]
+        for cj, m in zip(c[1], ms):
+            out = out.add_(m, alpha=cj)
+        return out
+
     def combine(self, p: Problem, x: Tensor, i0: int, t_idx: Any, W: Tensor, ms: list[Tensor],
                 a_t: Any = None, s_t: Any = None, a_s: Any = None, s_s: Any = None) -> Tensor:
         """``x_t`` from ``x`` at grid point ``i0`` and the weighted outputs (see module doc);
@@ -306,5 +338,15 @@ class ExpIntegrator(Solver):
         return out
 
 
-__all__ = ["phi", "ei_weights", "lagrange_coefficients", "lagrange_eval", "gauss_legendre",
-           "dynamic_threshold", "block_plan", "History", "ExpIntegrator"]
+__all__ = [
+    "ExpIntegrator",
+    "History",
+    "block_plan",
+    "dynamic_threshold",
+    "ei_weights",
+    "ei_weights_per_step",
+    "gauss_legendre",
+    "lagrange_coefficients",
+    "lagrange_eval",
+    "phi",
+]

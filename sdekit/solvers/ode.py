@@ -180,12 +180,18 @@ class DDIM(Solver):
         self.strong_order = 1.0 if self.stochastic else None
         self.default_grid = "uniform" if self.stochastic else "logsnr"
 
+    def init(self, p: Problem, x: Tensor) -> tuple[list[float], ...]:
+        """alpha, sigma and ``sqrt(1 - exp(-2 h))`` of every step, once per grid, as plain
+        numbers."""
+        h = p.lam[1:] - p.lam[:-1]
+        return p.alpha.tolist(), p.sigma.tolist(), torch.sqrt(-torch.expm1(-2 * h)).tolist()
+
     def step(self, p: Problem, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
-        a0, s0 = float(p.alpha[i]), float(p.sigma[i])
-        a1, s1 = float(p.alpha[i + 1]), float(p.sigma[i + 1])
+        alpha, sigma, root = state
+        a0, s0 = alpha[i], sigma[i]
+        a1, s1 = alpha[i + 1], sigma[i + 1]
         if self.stochastic:
-            h = p.lam[i + 1] - p.lam[i]
-            c = self.eta * s1 * float(torch.sqrt(-torch.expm1(-2 * h)))
+            c = self.eta * s1 * root[i]
             d = math.sqrt(max(s1 * s1 - c * c, 0.0))   # weight of eps in the mean
         else:
             c, d = 0.0, s1
@@ -231,28 +237,34 @@ class EDMHeun(Solver):
         self.nfe_per_step = 2 if self.heun else 1
         self.stochastic = self.S_churn > 0
 
+    def init(self, p: Problem, x: Tensor) -> tuple[list[float], list[float]]:
+        """sigma_tilde and alpha at the grid points, once per grid, as plain numbers."""
+        return torch.exp(-p.lam).tolist(), p.alpha.tolist()
+
     def step(self, p: Problem, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
-        s_cur, s_next = float(torch.exp(-p.lam[i])), float(torch.exp(-p.lam[i + 1]))
-        t_hat, s_hat = p.times[i], s_cur
-        a_cur = float(p.alpha[i])
+        sig, alpha = state
+        s_cur, s_next = sig[i], sig[i + 1]
+        t_hat, s_hat, a_hat = p.times[i], s_cur, alpha[i]
+        a_cur = alpha[i]
         xt = x if a_cur == 1.0 else x / a_cur
         if self.stochastic and self.S_tmin <= s_cur <= self.S_tmax:
             gamma = min(self.S_churn / p.steps, math.sqrt(2) - 1)
             s_hat = min(s_cur * (1 + gamma), float(p.sde.sigma_tilde(p.sde.T)))
             t_hat = p.sde.t_of_sigma_tilde(torch.tensor(s_hat, dtype=torch.float64))
+            a_hat = float(p.sde.alpha(t_hat))
             z = p.noise.randn(x)
             xt = xt + math.sqrt(s_hat ** 2 - s_cur ** 2) * self.S_noise * z
-        d = self._slope(p, xt, t_hat, s_hat)
+        d = self._slope(p, xt, t_hat, s_hat, a_hat)
         xn = torch.add(xt, d, alpha=s_next - s_hat)
+        a_next = alpha[i + 1]
         if self.heun:
-            d2 = self._slope(p, xn, p.times[i + 1], s_next)
+            d2 = self._slope(p, xn, p.times[i + 1], s_next, a_next)
             xn = torch.add(xt, d.add_(d2), alpha=0.5 * (s_next - s_hat))
-        a_next = float(p.alpha[i + 1])
         return (xn if a_next == 1.0 else xn * a_next), state
 
     @staticmethod
-    def _slope(p: Problem, xt: Tensor, t: Any, s: float) -> Tensor:
-        """``d = (x_tilde - x0) / sigma_tilde``, which is exactly eps for eps networks."""
-        a = float(p.sde.alpha(t))
+    def _slope(p: Problem, xt: Tensor, t: Any, s: float, a: float) -> Tensor:
+        """``d = (x_tilde - x0) / sigma_tilde``, which is exactly eps for eps networks (``a``:
+        alpha at t)."""
         kind, m = p.predict_native(xt if a == 1.0 else xt * a, t)
         return m if kind == "eps" else (xt - m).div_(s)

@@ -1,0 +1,81 @@
+"""Per-step overhead: the multistep exponential integrators compute their step coefficients once
+per grid (vectorised), not in every step, and the vectorised coefficients are the numbers the
+one-step formulas give (bit for bit)."""
+import pytest
+import torch
+
+import sdekit
+from sdekit.solvers import dpm_solver, exp_integrator
+from sdekit.solvers.dpm_solver import reference_weights
+from sdekit.solvers.exp_integrator import ei_weights, ei_weights_per_step
+
+
+def _nodes(grid: str, steps: int, order: int):
+    sde = sdekit.EDMSDE()
+    lam = sde.lambda_(sdekit.make_grid(sde, grid, steps)).double()
+    idx = torch.arange(order - 1, steps)
+    h = lam[idx + 1] - lam[idx]
+    return [(lam[idx - j] - lam[idx]) / h for j in range(order)], h
+
+
+@pytest.mark.parametrize("grid", ["karras", "logsnr", "uniform"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("k", [1.0, -1.0])
+def test_vectorised_weights_equal_one_step_weights(grid, order, k):
+    r, h = _nodes(grid, 50, order)
+    W = ei_weights_per_step(torch.stack(r, 1), h, k)
+    one = torch.stack([ei_weights(torch.stack([q[n] for q in r]), 1.0, h[n], k)
+                       for n in range(h.numel())], 1)
+    assert torch.equal(W, one)
+    if order > 1:
+        W = reference_weights(r, h, k)
+        one = torch.stack([reference_weights([q[n] for q in r], h[n], k)
+                           for n in range(h.numel())], 1)
+        assert torch.equal(W, one)
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "dpmpp_3m", "dpm_solver_3m"])
+def test_multistep_coefficients_not_recomputed_per_step(solver, monkeypatch):
+    sde = sdekit.EDMSDE()
+    model = sdekit.DiffusionModel(lambda x, s: x * 0.5, sde, prediction="denoiser")
+    x = torch.randn(4, 2) * 80
+    calls = {"phi": 0}
+    phi = exp_integrator.phi
+
+    def counted(*a):
+        calls["phi"] += 1
+        return phi(*a)
+
+    monkeypatch.setattr(exp_integrator, "phi", counted)
+    monkeypatch.setattr(dpm_solver, "phi", counted)
+    for steps in (50, 200):
+        calls["phi"] = 0
+        sdekit.sample(sde, model, x, solver=solver, grid=sdekit.make_grid(sde, "karras", steps))
+        assert calls["phi"] <= 12  # a few per order, independent of the number of steps
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "ddim", "edm_euler", "edm_heun"])
+@pytest.mark.parametrize("prediction", ["denoiser", "eps"])
+def test_model_schedule_factors_computed_once_per_grid_time(solver, prediction, monkeypatch):
+    """The model's conditioning and alpha / sigma at a grid time are evaluated (and validated)
+    once per time and batch, not on every call; other times still work and are still checked."""
+    sde = sdekit.EDMSDE()
+    model = sdekit.DiffusionModel(lambda x, s: x * 0.5, sde, prediction=prediction)
+    calls = {"time": 0}
+    check = type(sde)._time
+
+    def counted(self, *a, **k):
+        calls["time"] += 1
+        return check(self, *a, **k)
+
+    monkeypatch.setattr(type(sde), "_time", counted)
+    x = torch.randn(4, 2) * 80
+    grid = sdekit.make_grid(sde, "karras", 50)
+    first = sdekit.sample(sde, model, x, solver=solver, grid=grid).x
+    calls["time"] = 0
+    again = sdekit.sample(sde, model, x, solver=solver, grid=grid).x
+    assert torch.equal(first, again)
+    assert calls["time"] <= 10  # the grid's schedule, not one check per model call
+    assert torch.isfinite(model.x0(x, 3.14159)).all()
+    with pytest.raises(ValueError, match="outside the time range"):
+        model.x0(x, 1e6)
