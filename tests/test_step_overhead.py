@@ -79,3 +79,22 @@ def test_model_schedule_factors_computed_once_per_grid_time(solver, prediction, 
     assert torch.isfinite(model.x0(x, 3.14159)).all()
     with pytest.raises(ValueError, match="outside the time range"):
         model.x0(x, 1e6)
+
+
+def test_a_network_that_edits_its_conditioning_in_place_does_not_corrupt_the_cache():
+    sde = sdekit.VPSDE()
+
+    def rude(x, t):
+        out = torch.zeros_like(x) + t.reshape(-1, 1)
+        t.mul_(0)   # modifies its conditioning in place
+        return out
+
+    def polite(x, t):
+        return torch.zeros_like(x) + t.reshape(-1, 1)
+
+    kw = dict(shape=(2, 3), solver="ddim", steps=4, seed=0)
+    model = sdekit.DiffusionModel(rude, sde)   # reused: the second solve meets cached times
+    first, second = (sdekit.sample(sde, model, **kw).x for _ in range(2))
+    expected = sdekit.sample(sde, polite, **kw).x
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)

@@ -179,8 +179,8 @@ class DiffusionModel:
         the same batch, and validating and evaluating the schedule there on every call is most
         of a small state's step. Per-sample times, a callable ``time_input`` and factors that
         require grad (a learned schedule) are not cached.
-        The tensors are shared between the calls: the network must not modify its
-        conditioning in place."""
+        The cached tensors are shared between calls; the network gets a copy of its
+        conditioning (see :meth:`raw`), so modifying it in place is harmless."""
         if isinstance(t, Tensor):
             if t.ndim != 0 or t.device.type != "cpu":
                 return fn()
@@ -239,7 +239,7 @@ class DiffusionModel:
         inp = x / a if self.prediction == "denoiser" else x
         if input_dtype is not None:
             inp = inp.to(input_dtype)
-        out = self.net(inp, cond)
+        out = self.net(inp, cond.clone())   # the cached conditioning stays intact
         if not isinstance(out, Tensor) or out.shape != x.shape:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"shape mismatch: the model returned shape {shape} for an input "
