@@ -73,10 +73,6 @@ def is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def require_real(name: str, value: Any, valid: str = "a finite number") -> None:
-    require(is_real(value), name, value, valid)
-
-
 def require_finite_positive(name: str, value: float) -> None:
     require(is_real(value) and value > 0, name, value, "a finite number > 0")
 

@@ -99,12 +99,12 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
                          f"at least {slv.min_steps}")
     problem = Problem(sde, dm, times, None, solver_name=slv.name)
     slv.check_start(problem)  # alpha = 0 at t_start (flow matching at t = 1)
+    if noise is None:
+        n = int(shape[0]) if x_init is None else x_init.shape[0]
+        noise = SeededNoise(list(seeds) if seeds is not None else sample_seeds(seed, n))
+    problem.noise = noise
     with contextlib.nullcontext() if grad == "full" else torch.no_grad():
         if x_init is None:
-            assert shape is not None  # checked by _check_inputs
-            if noise is None:
-                noise = SeededNoise(list(seeds) if seeds is not None
-                                    else sample_seeds(seed, int(shape[0])))
             z = noise.randn(torch.empty(tuple(shape), dtype=compute_dtype(dtype), device=device))
             if t_start is None:
                 scale = sde.prior_std
@@ -113,10 +113,6 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             x = z * scale
         else:
             x = x_init.to(device=device) if device is not None else x_init
-            if noise is None:
-                noise = SeededNoise(list(seeds) if seeds is not None
-                                    else sample_seeds(seed, x.shape[0]))
-        problem.noise = noise
         return _solve(slv, problem, x, dtype, float64, denoise, save_at, callback, progress, grad)
 
 

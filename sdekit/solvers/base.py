@@ -190,7 +190,7 @@ class Solver:
 
     def grid_rule(self) -> str:
         """:meth:`grid_for` in words (shown by ``sdekit solvers``)."""
-        if self.grid_free or self.default_grid == "logsnr" or self.max_lambda_step_ratio == math.inf:
+        if self.grid_free or self.default_grid == "logsnr":
             return self.default_grid
         return (f"{self.default_grid}; logsnr where a step > {self.max_lambda_step_ratio:g}x "
                 "the mean lambda step")

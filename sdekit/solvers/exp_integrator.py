@@ -85,7 +85,7 @@ def ei_weights_per_step(R: Tensor, h: Tensor, k: float) -> Tensor:
     V = R[:, :, None] ** torch.arange(R.shape[1], dtype=F64)
     A = torch.linalg.inv(V).mT
     H = torch.as_tensor(h, dtype=F64)
-    mom = torch.stack([abs(k) * math.factorial(m) * 1.0 ** m * H * phi(m + 1, k * H)
+    mom = torch.stack([abs(k) * math.factorial(m) * H * phi(m + 1, k * H)
                        for m in range(R.shape[1])])
     return torch.stack([torch.tensordot(A[n], mom[:, n], dims=1) for n in range(R.shape[0])], 1)
 
