@@ -150,12 +150,14 @@ def test_names_in_backticks_exist():
     """Backticked repository paths exist; ``sdekit.x.y`` names import; ``Class.member``,
     ``CamelCase``, ``UPPER_CASE``, ``test_...`` and ``function()`` names are defined in sdekit
     (or, for the test lists and test names the documents point to, in the tests). Plain
-    lower-case words (option values, attributes), other libraries' names and the reader's own
-    files and names in the examples (``my_...``) are not checked."""
+    lower-case words (option values, attributes), other libraries' names, and the reader's own
+    files and names (``my_...``, classes and functions the examples define) are not checked."""
     index = sdekit_index()
     tests_text = "\n".join(p.read_text() for p in (ROOT / "tests").glob("*.py"))
-    examples = {m for d in DOCS.values() for _, c in fenced_blocks(d, "python")
-                for m in FILE_TAG.findall(c)}
+    code = [c for d in DOCS.values() for _, c in fenced_blocks(d, "python")]
+    examples = {m for c in code for m in FILE_TAG.findall(c)}   # the reader's files
+    own = {m for c in code for m in re.findall(r"^(?:class|def) (\w+)", c, re.MULTILINE)}
+    unchecked = FOREIGN | own
     missing = []
     for doc, path in DOCS.items():
         for span in inline_code(path):
@@ -172,7 +174,7 @@ def test_names_in_backticks_exist():
                     missing.append((doc, token, "no such file"))
                 continue
             name = token.removesuffix("()")
-            if not DOTTED.match(name) or name.split(".")[0] in FOREIGN:
+            if not DOTTED.match(name) or name.split(".")[0] in unchecked:
                 continue
             root, *rest = name.split(".")
             if rest and root in INSTANCES:
