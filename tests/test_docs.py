@@ -1,5 +1,6 @@
-"""The documentation cannot rot: the examples of docs/extending.md run, and every path and
-sdekit name that docs/architecture.md and docs/extending.md mention in backticks exists.
+"""The documentation cannot rot: the examples of docs/extending.md run, every path and sdekit
+name that docs/architecture.md and docs/extending.md mention in backticks exists, and the package
+keeps the layering that docs/architecture.md describes.
 
 The examples run in a fresh interpreter (one per document, blocks in order in one namespace), so
 a solver they register or a grid they add never reaches the registry the other tests see. A block
@@ -200,3 +201,66 @@ def test_names_in_backticks_exist():
                 missing.append((doc, token, f"{root} has no member {rest[0]!r}"))
     assert not missing, "names or paths in the docs that do not exist:\n" + \
         "\n".join(f"  {d}: `{t}`: {why}" for d, t, why in missing)
+
+
+# ------------------------------------------------------------------------------ layering
+#: docs/architecture.md's layer table, bottom up: a module may import its own layer and the
+#: layers before it (module-name prefixes; the longest prefix decides)
+LAYERS = ["sdekit._utils sdekit._io", "sdekit.sde", "sdekit.dynamics.parameterization",
+          "sdekit.dynamics", "sdekit.grids", "sdekit.noise", "sdekit.solvers", "sdekit.integrate",
+          "sdekit.analytic", "sdekit.likelihood", "sdekit.models", "sdekit.training",
+          "sdekit.distill", "sdekit.bench", "sdekit.cli"]
+#: the documented exception: the fno solver imports distill (lazily) to fit or load its operator
+LAYER_EXCEPTIONS = {("sdekit.solvers.operator", "sdekit.distill")}
+
+
+def layer_of(module: str) -> int | None:
+    best = None
+    for rank, prefixes in enumerate(LAYERS):
+        for p in prefixes.split():
+            if (module == p or module.startswith(p + ".")) and (best is None or len(p) > best[0]):
+                best = (len(p), rank)
+    return None if best is None else best[1]
+
+
+def sdekit_imports(path: Path, module: str) -> set[str]:
+    """The sdekit modules ``path`` imports, at module level or inside functions."""
+    import ast
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            if node.level:
+                base = base[:len(base) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            out.add(name)
+            out |= {f"{name}.{a.name}" for a in node.names}   # ``from . import ode``
+    return {m for m in out if m == "sdekit" or m.startswith("sdekit.")}
+
+
+def test_layers_import_only_the_layers_below_them():
+    """The rule docs/architecture.md states, checked over every module of the package."""
+    bad, unranked = [], []
+    for path in sorted((ROOT / "sdekit").rglob("*.py")):
+        rel = path.relative_to(ROOT).with_suffix("")
+        module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        if module == "sdekit":
+            continue   # the public API re-exports every layer
+        rank = layer_of(module)
+        if rank is None:
+            unranked.append(module)
+            continue
+        for imp in sdekit_imports(path, module):
+            r = layer_of(imp)
+            excepted = any(module == m and (imp == t or imp.startswith(t + "."))
+                           for m, t in LAYER_EXCEPTIONS)
+            if r is not None and r > rank and not excepted:
+                bad.append(f"{module} imports {imp}")
+    assert not unranked, (f"modules {unranked} have no layer: add them to LAYERS in "
+                          "tests/test_docs.py and to the layer table of docs/architecture.md")
+    assert not bad, "imports against the layering of docs/architecture.md:\n  " + "\n  ".join(bad)
