@@ -76,6 +76,7 @@ def test_python_examples_run(doc, tmp_path):
     (tmp_path / "blocks.json").write_text(json.dumps(blocks))
     (tmp_path / "runner.py").write_text(RUNNER)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg",
+               TMPDIR=str(tmp_path),   # what the examples write stays in this test's folder
                PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]))
     proc = subprocess.run([sys.executable, "runner.py", "blocks.json", f"docs/{doc}"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
