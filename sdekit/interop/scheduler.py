@@ -30,7 +30,7 @@ from __future__ import annotations
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -44,6 +44,7 @@ from ..noise import sample_seeds
 from ..sde.base import ForwardSDE
 from ..solvers.base import Solver
 from ..solvers.registry import DEFAULT_SOLVER, get_solver
+from .config import TimestepScale
 
 #: diffusers' ``timestep_spacing`` rules, accepted as ``grid`` names (integer timesteps of a
 #: discrete table; see :func:`spacing_timesteps`)
@@ -122,7 +123,7 @@ class _Worker:
                 msg: tuple = ("done", target(self._ask))
         except _Abort:
             msg = ("aborted",)
-        except BaseException as e:  # handed to the main thread, raised there
+        except BaseException as e:  # noqa: BLE001  (handed to the main thread, raised there)
             msg = ("error", e)
         self._to_main.put(msg)
 
@@ -208,6 +209,8 @@ class SchedulerCore:
             t = sde.t_of_sigma_tilde(v)
         elif ti == "lambda":
             t = sde.t_of_lambda(v)
+        elif isinstance(ti, TimestepScale):   # flow models told N sigma, N != 1000
+            t = v / ti.scale
         else:
             raise ValueError(f"timesteps cannot be given for a callable time_input: give sdekit "
                              f"times as grid= instead (time_input={ti!r})")
@@ -378,3 +381,218 @@ class SchedulerCore:
             self._worker.close()
             self._finalizer.detach()
             self._worker = None
+
+
+#: the model config of a bare ``SdekitScheduler()``: diffusers' DDPMScheduler defaults
+DDPM_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+                 "beta_schedule": "linear", "trained_betas": None, "prediction_type": "epsilon"}
+#: SdekitScheduler's own config fields (the rest of its config is the model's scheduler config)
+OWN_FIELDS = ("solver", "grid", "denoise", "seed", "seeds", "float64", "grid_options",
+              "solver_options", "source_class")
+
+
+def _build() -> dict[str, type]:
+    try:
+        from diffusers.configuration_utils import ConfigMixin
+        from diffusers.schedulers.scheduling_utils import SchedulerMixin
+        from diffusers.utils import BaseOutput
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("SdekitScheduler needs diffusers: pip install diffusers") from e
+    from dataclasses import dataclass
+
+    from ..grids import GRIDS
+    from .config import read_scheduler_config
+
+    @dataclass
+    class SdekitSchedulerOutput(BaseOutput):
+        """``prev_sample``: the state at which the pipeline calls the network next (after the
+        last call: the result); ``pred_original_sample``: the x0 prediction of the output just
+        given (None for an output the solver discards, see :class:`SdekitScheduler`)."""
+
+        prev_sample: Tensor
+        pred_original_sample: Tensor | None = None
+
+    class SdekitScheduler(SchedulerMixin, ConfigMixin):
+        """Any fixed-grid sdekit solver as a diffusers scheduler (see the module docstring for
+        the design): ``pipe.scheduler = SdekitScheduler.from_config(pipe.scheduler.config,
+        solver="dpmpp_3m")`` and the unchanged pipeline loop runs sdekit's solver.
+
+        Args:
+            solver: a registry name (``sdekit.solver_names()``) or a Solver; ``solver_options``
+                are its options (e.g. ``order=3`` or ``S_churn=...``). Adaptive solvers and
+                ``fno`` are refused (no timesteps list exists for them in advance).
+            grid: ``None`` (the solver's own grid, as :func:`sdekit.sample`), an sdekit grid name
+                (``logsnr``, ``karras``, ...; ``grid_options`` are its options), one of diffusers'
+                spacings ``leading``, ``trailing``, ``linspace`` (integer timesteps spaced as
+                DDIMScheduler does, with the config's ``steps_offset``), or an explicit array of
+                sdekit times.
+            denoise: finish with the x0 prediction at the grid's last time, as DDIM with
+                ``set_alpha_to_one`` and DPM-Solver with ``final_sigmas_type='zero'`` do (the
+                default). ``set_timesteps(n)`` on a named grid then takes ``n - 1`` steps and the
+                final x0 (``n`` model calls for a one-call-per-step solver); without denoise
+                ``n`` steps ending at the process's last time. A spacing grid's ``n`` timesteps,
+                and explicit ``timesteps``, are the grid's points.
+            seed, seeds: per-sample seeds of a stochastic solver's noise: ``seeds`` (one per
+                sample), else drawn from the pipeline's ``generator`` (one per sample from a list
+                of generators), else derived from ``seed`` as :func:`sdekit.sample` does.
+            float64: keep the solver state in float64 (the network still sees its dtype).
+            scheduler_config: the model's diffusers scheduler config (default: DDPMScheduler's),
+                read by :func:`sdekit.interop.read_scheduler_config`; its sampler fields
+                (``clip_sample``, ``solver_order``, ``timestep_spacing``, ...) do not apply here:
+                sdekit's solver, grid and options replace them. ``source_class``: its class name.
+
+        ``timesteps`` holds one entry per network evaluation, in the network's time units (DDPM
+        timesteps ``0 .. N-1``, fractional between table points; ``N sigma`` for flow models), so
+        ``len(timesteps)`` is the NFE; ``order`` is the solver's NFE per step. ``step`` must be
+        called with those timesteps in order, on the ``prev_sample`` it returned (the solver
+        keeps its own history: latents edited between steps are refused). A solver that moves
+        the state before its first model call (EDM churn where it applies at the first step)
+        gets one extra leading timestep whose output it discards.
+        """
+
+        config_name = "scheduler_config.json"
+
+        def __init__(self, solver: str | Solver = DEFAULT_SOLVER, grid: Any = None,
+                     denoise: bool = True, seed: int = 0, seeds: Sequence[int] | None = None,
+                     float64: bool = False, grid_options: dict[str, Any] | None = None,
+                     source_class: str | None = None,
+                     scheduler_config: dict[str, Any] | None = None,
+                     **solver_options: Any) -> None:
+            src = {k: v for k, v in dict(DDPM_DEFAULTS if scheduler_config is None
+                                         else scheduler_config).items() if not k.startswith("_")}
+            schedule = read_scheduler_config({**src, "_class_name": source_class}
+                                             if source_class else src)
+            if isinstance(grid, str) and grid not in GRIDS and grid not in SPACINGS:
+                raise ValueError(f"grid={grid!r} is invalid: expected None, an sdekit grid "
+                                 f"{sorted(GRIDS)}, a diffusers spacing {list(SPACINGS)} or an "
+                                 "array of times")
+            if isinstance(grid, str) and grid in SPACINGS and schedule.kind != "ddpm":
+                raise ValueError(f"grid={grid!r} (a diffusers timestep spacing) needs a DDPM "
+                                 f"table; this model's scheduler config is {schedule.kind}")
+            self._schedule = schedule
+            self._grid_options = dict(grid_options or {})
+            self._core = SchedulerCore(
+                schedule.sde, schedule.prediction, schedule.time_input, solver, grid,
+                denoise=denoise, seed=seed, seeds=seeds, float64=float64,
+                num_train_timesteps=schedule.num_train_timesteps if schedule.kind == "ddpm"
+                else None, steps_offset=schedule.steps_offset, solver_options=solver_options)
+            self.num_inference_steps: int | None = None
+            self.register_to_config(
+                solver=self._core.solver.name, solver_options=dict(solver_options),
+                grid=grid if grid is None or isinstance(grid, str) else
+                torch.as_tensor(grid, dtype=torch.float64).tolist(),
+                denoise=bool(denoise), seed=seed, seeds=None if seeds is None else list(seeds),
+                float64=bool(float64), grid_options=self._grid_options,
+                source_class=source_class or schedule.scheduler_class, **src)
+
+        @classmethod
+        def from_config(cls, config: Any = None, return_unused_kwargs: bool = False,
+                        **kwargs: Any) -> Any:
+            """From any diffusers scheduler's config (or the scheduler itself, or a saved
+            SdekitScheduler config): its model fields are kept, ``kwargs`` name the solver, the
+            grid and the other arguments of :class:`SdekitScheduler`; any other keyword is a
+            solver option. To change a model field, edit the config dict."""
+            if config is None:
+                raise ValueError("config is required: a diffusers scheduler or its .config")
+            cls_name = None
+            if not isinstance(config, Mapping) and isinstance(getattr(config, "config", None),
+                                                              Mapping):
+                cls_name = type(config).__name__
+                config = config.config
+            if not isinstance(config, Mapping):
+                raise TypeError(f"config must be a diffusers scheduler config (a dict or "
+                                f"FrozenDict) or a scheduler, got {type(config).__name__}")
+            cfg = dict(config)
+            own = {k: cfg.pop(k) for k in OWN_FIELDS if k in cfg}  # a saved SdekitScheduler's
+            saved = own.pop("solver_options", None) or {}
+            source = cls_name or cfg.get("_class_name")
+            if source != "SdekitScheduler":
+                own["source_class"] = source
+            given = {k: v for k, v in kwargs.items() if k in OWN_FIELDS}
+            options = dict(given.pop("solver_options", None) or {})
+            options.update({k: v for k, v in kwargs.items() if k not in OWN_FIELDS})
+            if given.get("solver", own.get("solver")) == own.get("solver"):
+                options = {**saved, **options}   # the saved solver's options still apply
+            own.update(given)
+            obj = cls(**own, scheduler_config=cfg, **options)
+            return (obj, {}) if return_unused_kwargs else obj
+
+        # --- what pipelines call ------------------------------------------------------
+        @property
+        def timesteps(self) -> Tensor | None:
+            return self._core.timesteps
+
+        @property
+        def order(self) -> int:
+            return int(self._core.solver.nfe_per_step)
+
+        @property
+        def init_noise_sigma(self) -> float:
+            """The initial state's standard deviation for data of unit variance (1 for DDPM
+            and flow models)."""
+            sde, times = self._core.sde, self._core.times
+            if times is None:
+                return float(sde.prior_std)
+            scale = float((sde.alpha(times[0]) ** 2 + sde.sigma(times[0]) ** 2).sqrt())
+            return 1.0 if abs(scale - 1.0) < 1e-9 else scale
+
+        def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
+            """The network's input is the state itself (DDPM and flow models)."""
+            return sample
+
+        def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None,
+                          timesteps: Sequence[float] | None = None, mu: float | None = None
+                          ) -> None:
+            """Plan a solve: ``num_inference_steps`` on the scheduler's grid, or explicit
+            ``timesteps`` in the network's units (the grid's points). ``mu``: the dynamic
+            (resolution-dependent) shift of a flow config with ``use_dynamic_shifting``."""
+            shift = (self._schedule.grid_options(mu=mu) if mu is not None
+                     or self._schedule.dynamic_shift is not None
+                     else self._schedule.grid_options())
+            self._core.grid_options = {**shift, **self._grid_options}
+            self._core.set_timesteps(num_inference_steps, device, timesteps)
+            self.num_inference_steps = self._core.times.numel()
+
+        def step(self, model_output: Tensor, timestep: Any, sample: Tensor,
+                 generator: Any = None, return_dict: bool = True) -> Any:
+            """Hand the network's output at ``(sample, timestep)`` to the solver; returns the
+            state of the next network call (after the last one: the result)."""
+            if self._schedule.learned_variance and model_output.shape[1] == 2 * sample.shape[1]:
+                model_output = model_output[:, :sample.shape[1]]   # [eps, variance]
+            prev, x0 = self._core.step(model_output, timestep, sample, generator)
+            if not return_dict:
+                return (prev,)
+            return SdekitSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+        # --- sdekit's view --------------------------------------------------------------
+        @property
+        def times(self) -> Tensor | None:
+            """The sdekit grid of the planned solve (continuous times, float64): the ``grid``
+            that :func:`sdekit.sample` takes for the same solve."""
+            return self._core.times
+
+        @property
+        def solver(self) -> Solver:
+            return self._core.solver
+
+        @property
+        def sde(self) -> ForwardSDE:
+            return self._core.sde
+
+        def __len__(self) -> int:
+            return self._schedule.num_train_timesteps
+
+    for c in (SdekitScheduler, SdekitSchedulerOutput):
+        c.__qualname__ = c.__name__
+    return {"SdekitScheduler": SdekitScheduler, "SdekitSchedulerOutput": SdekitSchedulerOutput}
+
+
+_BUILT: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("SdekitScheduler", "SdekitSchedulerOutput"):
+        if not _BUILT:
+            _BUILT.update(_build())
+        return _BUILT[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
