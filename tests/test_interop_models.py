@@ -128,3 +128,250 @@ def test_bad_configs(cfg, match):
 def test_bad_config_type():
     with pytest.raises(TypeError, match="scheduler, its config"):
         read_scheduler_config([("beta_schedule", "linear")])
+
+
+# ------------------------------------------------------------------ diffusers networks in
+def _unet(conditional: bool = False, out_channels: int = 2):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    kw = {"sample_size": 8, "in_channels": 2, "out_channels": out_channels,
+          "block_out_channels": (8, 16), "layers_per_block": 1, "norm_num_groups": 4}
+    if conditional:
+        net = diffusers.UNet2DConditionModel(
+            **kw, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+            attention_head_dim=2)
+    else:
+        net = diffusers.UNet2DModel(**kw, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "UpBlock2D"))
+    return net.double().eval()
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return _unet()
+
+
+def _x(n=3, seed=1):
+    return torch.randn(n, 2, 8, 8, dtype=F64, generator=torch.Generator().manual_seed(seed))
+
+
+def _diffusers_loop(sched, net, x, **cond):
+    y = x.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = net(y, t, **cond)
+            y = sched.step(out.sample if hasattr(out, "sample") else out, t, y).prev_sample
+    return y
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+DDIM_CASES = [("epsilon", "leading", False), ("epsilon", "trailing", False),
+              ("v_prediction", "leading", False), ("v_prediction", "trailing", False),
+              ("sample", "leading", False), ("sample", "trailing", False),
+              ("v_prediction", "trailing", True), ("sample", "trailing", True),
+              ("epsilon", "leading", True)]
+
+
+@pytest.mark.parametrize("ptype,spacing,zero_snr", DDIM_CASES)
+def test_ddim_equals_diffusers_ddim_scheduler_on_a_unet(unet, ptype, spacing, zero_snr):
+    """sdekit's ddim on the scheduler's own timesteps (+ the final jump to alpha = 1: denoise)
+    is DDIMScheduler's loop on the same float64 UNet to float64 round-off. With zero terminal
+    SNR and trailing spacing the first step starts at alpha_T = 0 exactly, in both."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDIMScheduler(prediction_type=ptype, timestep_spacing=spacing,
+                                    rescale_betas_zero_snr=zero_snr, clip_sample=False)
+    sde, model = sdekit.interop.from_diffusers(sched, unet)
+    sched.set_timesteps(8)
+    # diffusers keeps its (identical) table in float32: promote it so both sides run in float64
+    sched.alphas_cumprod = sched.alphas_cumprod.double()
+    sched.final_alpha_cumprod = sched.final_alpha_cumprod.double()
+    x = _x()
+    ref = _diffusers_loop(sched, unet, x)
+    grid = sde.timestep_to_t(sched.timesteps.double())
+    assert (float(sde.alpha(grid[0])) == 0.0) == (zero_snr and spacing == "trailing")
+    out = sdekit.sample(sde, model, x, solver="ddim", grid=grid, denoise=True)
+    assert out.nfe == len(sched.timesteps)
+    assert _rel(out.x, ref) < 1e-12
+
+
+def test_eps_network_at_zero_terminal_snr_is_an_error_where_diffusers_returns_nan(unet):
+    """At alpha_T = 0 an eps prediction says nothing about x0: diffusers' DDIM divides by
+    sqrt(alpha_T) = 0 and returns non-finite samples; sdekit raises before any network call
+    (Lin et al. 2024 train such tables with v prediction)."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                                    clip_sample=False)
+    sde, model = sdekit.interop.from_diffusers(sched, unet)
+    sched.set_timesteps(4)
+    assert not bool(torch.isfinite(_diffusers_loop(sched, unet, _x())).all())
+    with pytest.raises(ValueError, match="prediction='eps' cannot be sampled from t_start=1"):
+        sdekit.sample(sde, model, _x(), solver="ddim",
+                      grid=sde.timestep_to_t(sched.timesteps.double()), denoise=True)
+    assert model.nfe == 0
+
+
+DPM_CASES = [("epsilon", "linspace", False), ("v_prediction", "trailing", False),
+             ("sample", "leading", False), ("v_prediction", "leading", True)]
+
+
+@pytest.mark.parametrize("ptype,spacing,zero_snr", DPM_CASES)
+def test_dpmpp_2m_equals_diffusers_dpm_solver_multistep_on_a_unet(unet, ptype, spacing, zero_snr):
+    """DPMSolverMultistepScheduler (dpmsolver++, order 2, final sigma 0: its last step is
+    first order, the jump to x0: sdekit's denoise with lower_order_final=False) on the same UNet.
+    diffusers' step() computes in float32, hence the float32 tolerance."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DPMSolverMultistepScheduler(prediction_type=ptype, timestep_spacing=spacing,
+                                                  rescale_betas_zero_snr=zero_snr)
+    sde, model = sdekit.interop.from_diffusers(sched, unet)
+    sched.set_timesteps(8)
+    x = _x()
+    ref = _diffusers_loop(sched, unet, x)
+    out = sdekit.sample(sde, model, x, solver="dpmpp_2m", denoise=True, lower_order_final=False,
+                        grid=sde.timestep_to_t(sched.timesteps.double()))
+    assert out.nfe == 8
+    assert _rel(out.x, ref) < 2e-6
+
+
+def test_dpmpp_2m_at_zero_terminal_snr_differs_from_diffusers_by_its_alpha_T_clip(unet):
+    """Documented difference: with rescale_betas_zero_snr, DPMSolverMultistepScheduler replaces
+    alpha_T^2 = 0 by 2^-24 (its table is then no longer decreasing: alphas_cumprod[998] =
+    4.2e-9 < 2^-24), so its first step from timestep 999 starts at alpha = 2^-12 instead of 0.
+    sdekit keeps the model's table (alpha_T = 0); the two differ by O(2^-12), not more."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DPMSolverMultistepScheduler(prediction_type="v_prediction",
+                                                  timestep_spacing="trailing",
+                                                  rescale_betas_zero_snr=True)
+    assert float(sched.alphas_cumprod[-1]) == 2.0 ** -24
+    sde, model = sdekit.interop.from_diffusers(sched, unet)
+    assert float(sde.alphas_cumprod[-1]) == 0.0
+    sched.set_timesteps(8)
+    x = _x()
+    ref = _diffusers_loop(sched, unet, x)
+    out = sdekit.sample(sde, model, x, solver="dpmpp_2m", denoise=True, lower_order_final=False,
+                        grid=sde.timestep_to_t(sched.timesteps.double()))
+    assert 1e-6 < _rel(out.x, ref) < 4 * 2.0 ** -12
+
+
+def test_conditional_unet_passes_conditioning_through():
+    diffusers = pytest.importorskip("diffusers")
+    net = _unet(conditional=True)
+    emb = torch.randn(3, 4, 8, dtype=F64, generator=torch.Generator().manual_seed(2))
+    sched = diffusers.DDIMScheduler(clip_sample=False, prediction_type="v_prediction")
+    sde, model = sdekit.interop.from_diffusers(sched, net, encoder_hidden_states=emb)
+    sched.set_timesteps(4)
+    sched.alphas_cumprod = sched.alphas_cumprod.double()
+    x = _x()
+    ref = _diffusers_loop(sched, net, x, encoder_hidden_states=emb)
+    grid = sde.timestep_to_t(sched.timesteps.double())
+    out = sdekit.sample(sde, model, x, solver="ddim", grid=grid, denoise=True).x
+    assert _rel(out, ref) < 1e-12
+    # the condition matters, and a call can override it (what a guidance wrapper does)
+    t = grid[1:2].expand(3)
+    cond = model.net.fn.cond["encoder_hidden_states"]
+    with torch.no_grad():
+        a = model.net.fn(x, sde.model_time(t))
+        b = model.net.fn(x, sde.model_time(t), encoder_hidden_states=torch.zeros_like(cond))
+    assert _rel(a, b) > 1e-3 and model.net.fn.cond["encoder_hidden_states"] is cond
+    with pytest.raises(TypeError, match=r"does not take the conditioning arguments \['prompt'\]"):
+        sdekit.interop.from_diffusers(sched, net, prompt="a cat")
+
+
+def test_dit_transformer_with_class_labels_and_learned_sigma():
+    """DiTTransformer2DModel: ``timestep`` keyword, class labels passed through, 2x output
+    channels (learned sigma) cut to the first half as diffusers' DiT pipeline does."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4,
+                                          in_channels=2, out_channels=4, num_layers=1,
+                                          sample_size=8, patch_size=2,
+                                          num_embeds_ada_norm=10).double().eval()
+    labels = torch.tensor([1, 2, 3])
+    sched = diffusers.DDIMScheduler(clip_sample=False)
+    sde, model = sdekit.interop.from_diffusers(sched, dit, class_labels=labels)
+    sched.set_timesteps(4)
+    sched.alphas_cumprod = sched.alphas_cumprod.double()
+    x = _x()
+    y = x.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            eps = dit(y, timestep=t.expand(3), class_labels=labels).sample[:, :2]
+            y = sched.step(eps, t, y).prev_sample
+    out = sdekit.sample(sde, model, x, solver="ddim", denoise=True,
+                        grid=sde.timestep_to_t(sched.timesteps.double())).x
+    assert _rel(out, y) < 1e-12
+
+
+def test_sd3_transformer_on_a_flow_match_scheduler():
+    """SD3Transformer2DModel with FlowMatchEulerDiscreteScheduler(shift=3): the network is told
+    1000 sigma; sdekit's ddim on flow matching is the Euler step in sigma, ending with the jump
+    to sigma = 0 (denoise). diffusers' step keeps its state in float32."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    sd3 = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=2, num_layers=1,
+                                          attention_head_dim=4, num_attention_heads=2,
+                                          joint_attention_dim=8, caption_projection_dim=8,
+                                          pooled_projection_dim=8, out_channels=2,
+                                          pos_embed_max_size=8).double().eval()
+    gen = torch.Generator().manual_seed(3)
+    cond = {"encoder_hidden_states": torch.randn(3, 4, 8, dtype=F64, generator=gen),
+            "pooled_projections": torch.randn(3, 8, dtype=F64, generator=gen)}
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sde, model = sdekit.interop.from_diffusers(sched, sd3, **cond)
+    sched.set_timesteps(6)
+    x = _x()
+    y = x.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            y = sched.step(sd3(y, timestep=t.expand(3), **cond).sample, t, y).prev_sample
+    grid = sched.sigmas[:-1].double()
+    out = sdekit.sample(sde, model, x, solver="ddim", grid=grid, denoise=True)
+    assert out.nfe == 6
+    assert _rel(out.x, y) < 1e-5
+
+
+def test_plain_callable_and_output_shape_errors():
+    sched = {"beta_schedule": "linear", "prediction_type": "epsilon"}
+    seen = {}
+
+    def net(x, t, scale=1.0):
+        seen["t"], seen["scale"] = t, scale
+        return scale * x
+
+    sde, model = sdekit.interop.from_diffusers(sched, net, scale=0.5)
+    x = _x(2)
+    eps = model.eps(x, sde.timestep_to_t(999))
+    assert torch.equal(eps, 0.5 * x) and seen["scale"] == 0.5
+    assert seen["t"].tolist() == [999.0, 999.0]            # the integer timestep, per sample
+    # a learned-variance output (2x channels) is cut to its prediction half
+    _, model = sdekit.interop.from_diffusers(sched, lambda x, t: torch.cat([x, 7 * x], 1))
+    assert torch.equal(model.eps(x, 0.5), x)
+    # anything else is an error naming both shapes
+    _, model = sdekit.interop.from_diffusers(sched, lambda x, t: x[:, :1])
+    with pytest.raises(ValueError, match=r"returned shape \(2, 1, 8, 8\) for an input of shape "
+                                         r"\(2, 2, 8, 8\)"):
+        model.eps(x, 0.5)
+    _, model = sdekit.interop.from_diffusers(sched, lambda x, t: {"out": x})
+    with pytest.raises(TypeError, match="returned dict: expected a tensor"):
+        model.eps(x, 0.5)
+    with pytest.raises(TypeError, match="network must be callable"):
+        sdekit.interop.from_diffusers(sched, "unet")
+
+
+def test_learned_variance_unet_equals_diffusers_ddpm_scheduler_split():
+    """A UNet2DModel with 2x output channels (variance_type='learned_range'): the mean half is
+    the eps prediction, as DDPMScheduler.step splits it."""
+    diffusers = pytest.importorskip("diffusers")
+    net = _unet(out_channels=4)
+    sched = diffusers.DDPMScheduler(variance_type="learned_range", clip_sample=False)
+    spec = read_scheduler_config(sched)
+    assert spec.learned_variance
+    sde, model = sdekit.interop.from_diffusers(sched, net)
+    x = _x(2)
+    with torch.no_grad():
+        full = net(x, 500).sample
+        eps = model.eps(x, sde.timestep_to_t(500))
+    assert torch.equal(eps, full[:, :2])
