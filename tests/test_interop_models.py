@@ -375,3 +375,183 @@ def test_learned_variance_unet_equals_diffusers_ddpm_scheduler_split():
         full = net(x, 500).sample
         eps = model.eps(x, sde.timestep_to_t(500))
     assert torch.equal(eps, full[:, :2])
+
+
+# ------------------------------------------------------------------------- k-diffusion
+@pytest.fixture(scope="module")
+def kd():
+    from helpers import load_k_diffusion
+    mod = load_k_diffusion()
+    if mod is None:
+        pytest.skip("k_diffusion.sampling does not load")
+    return mod
+
+
+def _gauss(dim=3, sde=None):
+    from helpers import gaussian_problem
+    return gaussian_problem(sde or sdekit.EDMSDE(), dim=dim)
+
+
+@pytest.mark.parametrize("kname,solver", [("sample_dpmpp_2m", "dpmpp_2m"),
+                                          ("sample_heun", "edm_heun"),
+                                          ("sample_euler", "edm_euler"),
+                                          ("sample_euler", "ddim")])
+def test_k_sampler_equals_k_diffusion_sampler(kd, kname, solver):
+    """Same denoiser, state and Karras sigmas (ending in 0): same samples, same NFE and the same
+    callback dicts (x, i, sigma, sigma_hat, denoised) as k-diffusion's own sampler."""
+    data = _gauss()
+    calls = {"k": 0, "s": 0}
+
+    def denoiser(who):
+        def d(y, s, scale=1.0):
+            calls[who] += 1
+            return scale * data.x0(y, s)
+        return d
+
+    sigmas = kd.get_sigmas_karras(8, 0.01, 80.0, rho=7.0).double()
+    x = data.marginal_sample(4, 80.0, dtype=F64)
+    ref_cb, ours_cb = [], []
+    extra = {"scale": 0.9}
+    ref = getattr(kd, kname)(denoiser("k"), x, sigmas, extra_args=extra, callback=ref_cb.append,
+                             disable=True)
+    out = sdekit.interop.k_sampler(solver)(denoiser("s"), x, sigmas, extra_args=extra,
+                                           callback=ours_cb.append, disable=True)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert calls["s"] == calls["k"]
+    assert [c["i"] for c in ours_cb] == [c["i"] for c in ref_cb] == list(range(8))
+    for a, b in zip(ours_cb, ref_cb):
+        for key in ("x", "sigma", "sigma_hat", "denoised"):
+            torch.testing.assert_close(torch.as_tensor(a[key]).double(),
+                                       torch.as_tensor(b[key]).double(), rtol=1e-10, atol=1e-10)
+
+
+def _no_grid(name):
+    s = sdekit.get_solver(name)
+    return s.adaptive or s.grid_free
+
+
+@pytest.mark.parametrize("name", sdekit.solver_names())
+def test_every_solver_runs_through_the_k_diffusion_signature(kd, name):
+    """Every registered solver runs as ``sample(model, x, sigmas, ...)`` on k-diffusion's Karras
+    sigmas, or (adaptive / grid-free solvers) says why it cannot. ODE solvers converge to the
+    exact flow map of Gaussian data; SDE solvers draw per-sample seeded noise (a sample does not
+    depend on its batch)."""
+    data = _gauss(dim=2)
+    if _no_grid(name):
+        with pytest.raises(ValueError, match=rf"solver '{name}' .* cannot follow a k-diffusion "
+                                             r"sigmas list: use one of \['ancestral'"):
+            sdekit.interop.k_sampler(name)
+        return
+    sampler = sdekit.interop.k_sampler(name)
+    def D(y, s):
+        return data.x0(y, s)
+    x = data.marginal_sample(64, 80.0, dtype=F64, generator=torch.Generator().manual_seed(0))
+    solver = sdekit.get_solver(name)
+    if solver.stochastic:
+        out = sampler(D, x, kd.get_sigmas_karras(12, 0.01, 80.0).double())
+        assert out.shape == x.shape and bool(torch.isfinite(out).all())
+        if solver.batch_invariant is True:
+            part = sampler(D, x[:5], kd.get_sigmas_karras(12, 0.01, 80.0).double())
+            torch.testing.assert_close(part, out[:5])
+        return
+    errs = []
+    for n in (12, 24):
+        sigmas = kd.get_sigmas_karras(n, 0.01, 80.0).double()[:-1]   # ends at 0.01: exact flow
+        out = sampler(D, x, sigmas)
+        exact = data.flow(x, 80.0, 0.01)
+        errs.append(float((out - exact).norm() / exact.norm()))
+    assert errs[1] < 0.8 * errs[0], errs
+
+
+def test_k_sampler_float32_state_and_single_sigma(kd):
+    data = _gauss()
+    x = data.marginal_sample(3, 10.0, dtype=F64).float()
+    seen = []
+    def D(y, s):
+        seen.append((y.dtype, s.shape))
+        return data.x0(y.double(), s.double()).float()
+    out = sdekit.interop.k_sampler("dpmpp_2m")(D, x, torch.tensor([10.0, 1.0, 0.0]))
+    assert out.dtype == torch.float32 and seen[0] == (torch.float32, (3,)) and len(seen) == 2
+    cb = []
+    out = sdekit.interop.k_sampler("dpmpp_2m")(D, x, torch.tensor([10.0, 0.0]), callback=cb.append)
+    torch.testing.assert_close(out, D(x, torch.full((3,), 10.0)))
+    assert len(cb) == 1 and cb[0]["i"] == 0
+
+
+@pytest.mark.parametrize("sigmas,match", [
+    ([10.0, 1.0, 2.0, 0.0], r"strictly decreasing, but sigmas\[2\]=2\.0 >= sigmas\[1\]=1\.0"),
+    ([10.0, 0.0, 0.0], r"sigmas\[1\]=0\.0 is invalid: every sigma must be > 0 except a final 0"),
+    ([10.0], "at least 2 noise levels"),
+    ([10.0, float("nan"), 0.0], "NaN or Inf"),
+])
+def test_k_sampler_bad_sigmas(sigmas, match):
+    with pytest.raises(ValueError, match=match):
+        sdekit.interop.k_sampler("dpmpp_2m")(lambda x, s: x, torch.zeros(2, 3),
+                                             torch.tensor(sigmas))
+
+
+def test_k_sampler_bad_arguments():
+    with pytest.raises(ValueError, match="unknown solver 'dpmpp_9m'"):
+        sdekit.interop.k_sampler("dpmpp_9m")
+    with pytest.raises(TypeError, match=r"got unknown options \['order_of_magnitude'\]"):
+        sdekit.interop.k_sampler("dpmpp_2m", order_of_magnitude=3)
+    sampler = sdekit.interop.k_sampler("dpmpp_2m")
+    with pytest.raises(TypeError, match="model must be a k-diffusion denoiser"):
+        sampler(None, torch.zeros(2, 3), torch.tensor([1.0, 0.0]))
+    with pytest.raises(TypeError, match="extra_args must be a dict"):
+        sampler(lambda x, s: x, torch.zeros(2, 3), torch.tensor([1.0, 0.0]), extra_args=[1])
+
+
+def test_from_k_diffusion_discrete_eps_ddpm_denoiser_is_the_vp_network_on_its_table(unet):
+    """k-diffusion's DiscreteEpsDDPMDenoiser around a UNet: from_k_diffusion builds the
+    DiscreteDDPM of its sigma table, and sampling the denoiser so is sampling the UNet itself
+    (from_diffusers) on the same table; extra_args pass through."""
+    diffusers = pytest.importorskip("diffusers")
+    from helpers import load_k_diffusion
+    ext = load_k_diffusion("external")
+    if ext is None:
+        pytest.skip("k_diffusion.external does not load")
+    sched = diffusers.DDIMScheduler()
+    cond_seen = []
+
+    class Eps(torch.nn.Module):     # k-diffusion calls its inner model as model(x, t, **extra)
+        def forward(self, x, t, bias=0.0):
+            cond_seen.append(bias)
+            return unet(x, t).sample + bias
+
+    den = ext.DiscreteEpsDDPMDenoiser(Eps(), sched.alphas_cumprod.double(), quantize=False)
+    sde, model = sdekit.interop.from_k_diffusion(den, bias=0.0)
+    assert isinstance(sde, sdekit.DiscreteDDPM) and sde.N == 1000
+    torch.testing.assert_close(sde.alphas_cumprod, sched.alphas_cumprod.double(), rtol=1e-12,
+                               atol=0)
+    sde2, model2 = sdekit.interop.from_diffusers(sched, unet)
+    x = _x(2)
+    kw = {"solver": "dpmpp_2m", "steps": 6, "grid": "logsnr", "dtype": F64}
+    a = sdekit.sample(sde, model, x, **kw).x
+    b = sdekit.sample(sde2, model2, x, **kw).x
+    assert _rel(a, b) < 1e-9 and cond_seen and set(cond_seen) == {0.0}
+
+
+def test_from_k_diffusion_edm_denoiser():
+    data = _gauss()
+
+    class EDMDenoiser:
+        sigma_min, sigma_max = 0.01, 50.0
+
+        def __call__(self, x, sigma, label=None):
+            assert label == 7
+            return data.x0(x, sigma)
+
+    sde, model = sdekit.interop.from_k_diffusion(EDMDenoiser(), label=7)
+    assert isinstance(sde, sdekit.EDMSDE) and (sde.sigma_min, sde.sigma_max) == (0.01, 50.0)
+    x = data.marginal_sample(4, 50.0, dtype=F64)
+    out = sdekit.sample(sde, model, x, solver="dpmpp_3m", steps=40, grid="karras")
+    torch.testing.assert_close(out.x, data.flow(x, 50.0, 0.01), rtol=1e-3, atol=1e-3)
+    sde, _ = sdekit.interop.from_k_diffusion(lambda x, s: x, sigma_min=0.1, sigma_max=5.0)
+    assert (sde.sigma_min, sde.sigma_max) == (0.1, 5.0)
+    with pytest.raises(ValueError, match="sigma_min / sigma_max apply to a denoiser without"):
+        sdekit.interop.from_k_diffusion(type("D", (), {"sigmas": torch.tensor([0.1, 1.0]),
+                                                       "__call__": lambda s, x, sig: x})(),
+                                        sigma_min=0.1)
+    with pytest.raises(TypeError, match="denoiser must be callable"):
+        sdekit.interop.from_k_diffusion(3)
