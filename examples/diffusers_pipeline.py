@@ -50,9 +50,10 @@ for solver, steps in [("dpmpp_3m", 10), ("unipc_bh2", 10), ("dpm_solver_3", 10),
 # 3. the same solve through sdekit.sample, on the scheduler's grid (sched.times)
 sched = pipe.scheduler = SdekitScheduler.from_config(ddim_config, solver="heun")
 images = run(6)
+pipeline_nfe = calls[0]
 x_T = torch.randn((4, 3, 8, 8), generator=torch.Generator().manual_seed(0))
 sol = sdekit.sample(sched.sde, lambda x, t: unet(x, t).sample, x_T, solver="heun",
                     grid=sched.times, denoise=True)
 diff = (images - (sol.x / 2 + 0.5).clamp(0, 1)).abs().max().item()
-print(f"heun in the pipeline vs sdekit.sample: NFE {calls[0]} vs {sol.nfe}, "
+print(f"heun in the pipeline vs sdekit.sample: NFE {pipeline_nfe} vs {sol.nfe}, "
       f"max |difference| = {diff:.1e}")

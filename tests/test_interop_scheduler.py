@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import runpy
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import torch
 import sdekit
 
 diffusers = pytest.importorskip("diffusers")
-from sdekit.interop import SdekitScheduler  # noqa: E402  (needs diffusers)
+from sdekit.interop import SdekitScheduler
 
 #: solvers a fixed timesteps list cannot serve (their call times depend on the network's
 #: outputs, or a learned operator replaces the network)
@@ -68,6 +70,12 @@ def _initial_noise(unet, batch=2, seed=0):
     """The pipeline's initial noise (diffusers' randn_tensor on the CPU)."""
     shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_scheduler_module_imports_diffusers_only_when_the_class_is_used():
+    code = ("import sys, sdekit.interop.scheduler as m; assert 'diffusers' not in sys.modules; "
+            "m.SdekitScheduler; assert 'diffusers' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_ddim_pipeline_equals_diffusers_ddim(unet):
@@ -161,8 +169,8 @@ def test_from_config_keeps_the_model_and_round_trips(tmp_path):
     sched = SdekitScheduler.from_config(src.config, solver="dpmpp_3m", grid="logsnr",
                                         lower_order_final=False)
     assert sched.config.prediction_type == "v_prediction"
-    assert sched.config.source_class == "DDIMScheduler"
     assert sched._core.prediction == "v"
+    assert SdekitScheduler.from_config(src).config.source_class == "DDIMScheduler"
     sched.save_config(tmp_path)
     again = SdekitScheduler.from_pretrained(tmp_path)
     assert again.config.solver_options == {"lower_order_final": False}
@@ -171,6 +179,29 @@ def test_from_config_keeps_the_model_and_round_trips(tmp_path):
     assert torch.equal(sched.timesteps, again.timesteps)
     with pytest.raises(ValueError, match="grid='leadin' is invalid"):
         SdekitScheduler(grid="leadin")
+
+
+def test_flow_matching_config_from_its_dot_config():
+    """A FlowMatch scheduler's .config (which has no _class_name): flow timesteps N sigma, and
+    the loop gives what sdekit.sample gives (a manual pipeline loop, as SD3's)."""
+    cfg = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    sched = SdekitScheduler.from_config(cfg, solver="dpmpp_2m")
+    sched.set_timesteps(5)
+    assert sched.sde.__class__.__name__ == "FlowSDE" and float(sched.timesteps[0]) == 1000.0
+    torch.manual_seed(0)
+    W = 0.3 * torch.randn(4, 4)
+
+    def net(x, t):   # a flow network: u = eps - x0, told 1000 t
+        return torch.tanh(x @ W) + t.reshape(-1, 1) / 1000
+
+    x_T = torch.randn(3, 4)
+    x = x_T * sched.init_noise_sigma
+    for t in sched.timesteps:
+        x = sched.step(net(sched.scale_model_input(x, t), t.expand(3)), t, x).prev_sample
+    ref = sdekit.sample(sched.sde, sdekit.DiffusionModel(net, sched.sde, "flow", "t1000"), x_T,
+                        solver="dpmpp_2m", grid=sched.times, denoise=True)
+    torch.testing.assert_close(x, ref.x, atol=1e-6, rtol=0)
+    assert len(sched.timesteps) == ref.nfe
 
 
 def test_example_runs(capsys):

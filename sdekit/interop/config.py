@@ -209,8 +209,11 @@ def ddpm_alphas_cumprod(cfg: Mapping[str, Any]) -> Tensor:
 
 
 def _flow_config(cfg: Mapping[str, Any]) -> bool:
+    # a FlowMatch* scheduler's .config carries no _class_name: it has no beta table but the
+    # dynamic-shift fields
     return bool(cfg.get("use_flow_sigmas", False)) or \
-        cfg.get("prediction_type") == "flow_prediction"
+        cfg.get("prediction_type") == "flow_prediction" or \
+        ("use_dynamic_shifting" in cfg and not any(k in cfg for k in _DDPM_KEYS))
 
 
 def read_scheduler_config(scheduler_or_config: Any) -> DiffusersSchedule:
