@@ -230,9 +230,10 @@ class SchedulerCore:
             return self.time_of_network_time(timesteps)
         if grid is not None and not isinstance(grid, str):   # explicit sdekit times
             times = torch.as_tensor(grid, dtype=torch.float64)
-            if num_inference_steps is not None and num_inference_steps != times.numel() - 1:
+            if num_inference_steps is not None and num_inference_steps != times.numel():
                 raise ValueError(f"num_inference_steps={num_inference_steps!r} disagrees with the "
-                                 f"explicit grid of {times.numel()} times: leave it out")
+                                 f"explicit grid of {times.numel()} times: pass "
+                                 f"num_inference_steps={times.numel()} (its points) or leave it out")
             return times
         if not (isinstance(num_inference_steps, int) and not isinstance(num_inference_steps, bool)
                 and num_inference_steps >= 1):
@@ -443,7 +444,8 @@ def _build() -> dict[str, type]:
                 default). ``set_timesteps(n)`` on a named grid then takes ``n - 1`` steps and the
                 final x0 (``n`` model calls for a one-call-per-step solver); without denoise
                 ``n`` steps ending at the process's last time. A spacing grid's ``n`` timesteps,
-                and explicit ``timesteps``, are the grid's points.
+                an explicit grid and ``set_timesteps(timesteps=...)`` are the grid's points
+                (a pipeline's ``num_inference_steps`` must then equal their number).
             seed, seeds: per-sample seeds of a stochastic solver's noise: ``seeds`` (one per
                 sample), else drawn from the pipeline's ``generator`` (one per sample from a list
                 of generators), else derived from ``seed`` as :func:`sdekit.sample` does.
@@ -471,7 +473,8 @@ def _build() -> dict[str, type]:
                      scheduler_config: dict[str, Any] | None = None,
                      **solver_options: Any) -> None:
             src = {k: v for k, v in dict(DDPM_DEFAULTS if scheduler_config is None
-                                         else scheduler_config).items() if not k.startswith("_")}
+                                         else scheduler_config).items()
+                   if not k.startswith("_") and k not in OWN_FIELDS}
             schedule = read_scheduler_config({**src, "_class_name": source_class}
                                              if source_class else src)
             if isinstance(grid, str) and grid not in GRIDS and grid not in SPACINGS:
@@ -563,7 +566,8 @@ def _build() -> dict[str, type]:
                      else self._schedule.grid_options())
             self._core.grid_options = {**shift, **self._grid_options}
             self._core.set_timesteps(num_inference_steps, device, timesteps)
-            self.num_inference_steps = self._core.times.numel()
+            self.num_inference_steps = (num_inference_steps if num_inference_steps is not None
+                                        else self._core.times.numel())
 
         def step(self, model_output: Tensor, timestep: Any, sample: Tensor,
                  generator: Any = None, return_dict: bool = True) -> Any:
