@@ -121,6 +121,47 @@ def test_multistage_timesteps_one_per_model_call():
     assert sched.timesteps.tolist() == [750, 500, 500, 250, 250, 0, 0]
 
 
+def test_explicit_timesteps_and_grid():
+    """set_timesteps(timesteps=...) in the network's units and an explicit sdekit grid give the
+    same plan as the spacing rule they spell out."""
+    leading = SdekitScheduler(solver="ddim", grid="leading")
+    leading.set_timesteps(5)
+    custom = SdekitScheduler(solver="ddim")
+    custom.set_timesteps(timesteps=[800, 600, 400, 200, 0])
+    explicit = SdekitScheduler(solver="ddim", grid=leading.times)
+    explicit.set_timesteps(5)
+    for s in (custom, explicit):
+        assert torch.equal(s.timesteps, leading.timesteps)
+        torch.testing.assert_close(s.times, leading.times, atol=1e-15, rtol=0)
+    with pytest.raises(ValueError, match="num_inference_steps=4 disagrees with the explicit grid "
+                                         "of 5 times"):
+        explicit.set_timesteps(4)
+
+
+def test_churn_before_the_first_call_gets_a_lead_in_timestep():
+    """EDM churn at the first step moves the state before any model call: the pipeline's first
+    output (at its own sample) is discarded and the result is still sdekit.sample's."""
+    opts = {"S_tmax": 1e9}
+    sched = SdekitScheduler(solver="edm_heun_sde", grid_options={"t_start": 0.9}, seeds=[5, 6],
+                            **opts)
+    sched.set_timesteps(5)
+    torch.manual_seed(0)
+    W = 0.3 * torch.randn(4, 4)
+
+    def net(x, t):
+        return torch.tanh(x @ W) + torch.as_tensor(t).reshape(-1, 1) / 1000
+
+    x_T = torch.randn(2, 4)
+    x, x0s = x_T, []
+    for t in sched.timesteps:
+        out = sched.step(net(x, t), t, x)
+        x, x0s = out.prev_sample, x0s + [out.pred_original_sample]
+    ref = sdekit.sample(sched.sde, net, x_T, solver="edm_heun_sde", grid=sched.times,
+                        denoise=True, seeds=[5, 6], **opts)
+    assert len(sched.timesteps) == ref.nfe + 1 and x0s[0] is None
+    torch.testing.assert_close(x, ref.x, atol=1e-6, rtol=0)
+
+
 def test_generator_gives_per_sample_seeds(unet):
     """A stochastic solver seeded from a list of generators: a sample does not depend on its
     batch (batch of 2 vs the second sample alone)."""
