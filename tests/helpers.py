@@ -46,3 +46,35 @@ def run_cli(argv, capsys):
         rc = e.code
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def load_k_diffusion(module: str = "sampling"):
+    """``k_diffusion.<module>`` (``sampling`` or ``external``), or None where it does not load.
+
+    k-diffusion's package ``__init__`` imports its training stack (torchvision, scikit-image, ...);
+    installed with ``pip install --no-deps k-diffusion`` only ``sampling.py`` and ``external.py``
+    are usable, so where the plain import fails they are loaded under a bare package object with a
+    ``utils`` stand-in providing the one helper they use, ``append_dims``."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+    try:
+        return importlib.import_module(f"k_diffusion.{module}")
+    except Exception:  # noqa: BLE001, S110  (missing optional dependencies of the package)
+        pass
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for name in [n for n in sys.modules if n == "k_diffusion" or n.startswith("k_diffusion.")]:
+        del sys.modules[name]            # a half-imported package from the failed attempt
+    pkg = types.ModuleType("k_diffusion")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    utils = types.ModuleType("k_diffusion.utils")
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+    pkg.utils = utils
+    sys.modules.update({"k_diffusion": pkg, "k_diffusion.utils": utils})
+    try:
+        return importlib.import_module(f"k_diffusion.{module}")
+    except Exception:  # noqa: BLE001
+        return None

@@ -417,7 +417,7 @@ def test_get_sde_builds_every_registered_process():
     (lambda: DiscreteDDPM(alphas_cumprod=[0.9, 0.9]), "alphas_cumprod"),
     (lambda: DiscreteDDPM(alphas_cumprod=[0.9, float("nan"), 0.1]), "alphas_cumprod"),
     (lambda: DiscreteDDPM(alphas_cumprod=[1.0, 0.5]), "alphas_cumprod"),
-    (lambda: DiscreteDDPM(alphas_cumprod=[0.5, 0.0]), "alphas_cumprod"),
+    (lambda: DiscreteDDPM(alphas_cumprod=[0.5, 0.0, 0.0]), "alphas_cumprod"),
     (lambda: DiscreteDDPM(betas=[0.1, 0.2], alphas_cumprod=[0.9, 0.7]), "alphas_cumprod"),
     (lambda: DiscreteDDPM(num_timesteps=1), "num_timesteps"),
     (lambda: get_sde("bogus"), "bogus"),

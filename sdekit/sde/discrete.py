@@ -6,6 +6,11 @@ table entry ``n`` (0-based, ``n = 0 .. N-1``) sits at ``t_n = (n + 1) / N``, and
 ``log alpha(t_n) = log(alphas_cumprod[n]) / 2``. So the process lives on ``[1/N, 1]`` and the
 time passed to the network is ``model_time(t) = N t - 1`` (equal to ``n`` at ``t_n``; fractional
 in between). ``timestep_to_t(n) = (n + 1) / N`` is the inverse.
+
+A zero-terminal-SNR table (Lin et al. 2024: the last ``alphas_cumprod`` entry is 0, its last beta
+is 1) is accepted: then ``alpha(T) = 0`` and ``lambda(T) = -inf`` exactly, as for flow matching at
+t = 1, and on the last interval ``[t_{N-2}, 1]`` alpha (not log alpha, which is -inf at the end)
+is interpolated linearly, so that ``log alpha = log alpha_{N-2} + log(1 - w)``.
 """
 from __future__ import annotations
 
@@ -54,19 +59,23 @@ class DiscreteDDPM(ForwardSDE):
                     require(is_real(v) and 0 < v < 1, name, v, "a number in (0, 1)")
                 betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
             b = _table("betas", betas)
-            bad = (b <= 0) | (b >= 1)
+            bad = (b <= 0) | (b > 1)
+            bad[:-1] |= b[:-1] == 1     # beta = 1 only last: a zero-terminal-SNR table
             if bool(bad.any()):
                 i = int(bad.nonzero()[0])
                 raise ValueError(f"betas[{i}]={b[i].item()!r} is invalid: every beta must lie in "
-                                 "the open interval (0, 1)")
+                                 "the open interval (0, 1) (the last one may be 1: zero terminal "
+                                 "SNR)")
             log_ac = torch.cumsum(torch.log1p(-b), 0)
         else:
             ac = _table("alphas_cumprod", alphas_cumprod)
-            bad = (ac <= 0) | (ac >= 1)
+            bad = (ac < 0) | (ac >= 1)
+            bad[:-1] |= ac[:-1] == 0    # 0 only last: a zero-terminal-SNR table
             if bool(bad.any()):
                 i = int(bad.nonzero()[0])
                 raise ValueError(f"alphas_cumprod[{i}]={ac[i].item()!r} is invalid: every entry "
-                                 "must lie in the open interval (0, 1)")
+                                 "must lie in the open interval (0, 1) (the last one may be 0: "
+                                 "zero terminal SNR)")
             if not bool((ac[1:] < ac[:-1]).all()):
                 i = int((ac[1:] >= ac[:-1]).nonzero()[0]) + 1
                 raise ValueError(f"alphas_cumprod must be strictly decreasing, but "
@@ -77,6 +86,8 @@ class DiscreteDDPM(ForwardSDE):
         super().__init__(1.0 / self.N, 1.0)
         self.log_alpha_table = 0.5 * log_ac                      # log alpha at the knots
         self.t_table = torch.arange(1, self.N + 1, dtype=torch.float64) / self.N
+        #: alpha(T) = 0 (lambda(T) = -inf): a zero-terminal-SNR table
+        self.zero_terminal_snr = bool(torch.isneginf(self.log_alpha_table[-1]))
 
     @property
     def alphas_cumprod(self) -> Tensor:
@@ -100,7 +111,12 @@ class DiscreteDDPM(ForwardSDE):
         la = self.log_alpha_table.to(t.device)
         i = self._segment(t)
         w = (t - self.t_table.to(t.device)[i]) * self.N
-        return la[i] + w * (la[i + 1] - la[i])
+        if not self.zero_terminal_snr:
+            return la[i] + w * (la[i + 1] - la[i])
+        last = i == self.N - 2       # alpha linear on the last interval (no -inf in the graph)
+        nxt = torch.where(last, la[i], la[i + 1])
+        return torch.where(last, la[i] + torch.log1p(-torch.where(last, w.clamp(max=1), 0 * w)),
+                           la[i] + w * (nxt - la[i]))
 
     def _log_sigma(self, t: Tensor) -> Tensor:
         return 0.5 * torch.log(-torch.expm1(2 * self._log_alpha(t)))
@@ -108,7 +124,12 @@ class DiscreteDDPM(ForwardSDE):
     def _f(self, t: Tensor) -> Tensor:
         la = self.log_alpha_table.to(t.device)
         i = self._segment(t)
-        return (la[i + 1] - la[i]) * self.N
+        if not self.zero_terminal_snr:
+            return (la[i + 1] - la[i]) * self.N
+        last = i == self.N - 2
+        w = torch.where(last, (t - self.t_table.to(t.device)[i]) * self.N, 0 * t).clamp(max=1)
+        return torch.where(last, -self.N / (1 - w), (torch.where(last, la[i], la[i + 1]) - la[i])
+                           * self.N)
 
     def _g2(self, t: Tensor) -> Tensor:
         return -2 * self._f(t)
@@ -118,6 +139,8 @@ class DiscreteDDPM(ForwardSDE):
         la = self.log_alpha_table.to(lam.device)        # decreasing
         j = torch.searchsorted(-la, -target.contiguous()).clamp(1, self.N - 1)
         frac = (target - la[j - 1]) / (la[j] - la[j - 1])
+        if self.zero_terminal_snr:    # the last interval is linear in alpha
+            frac = torch.where(j == self.N - 1, -torch.expm1(target - la[j - 1]), frac)
         return self.t_table.to(lam.device)[j - 1] + frac / self.N
 
     @property
