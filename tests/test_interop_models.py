@@ -555,3 +555,20 @@ def test_from_k_diffusion_edm_denoiser():
                                         sigma_min=0.1)
     with pytest.raises(TypeError, match="denoiser must be callable"):
         sdekit.interop.from_k_diffusion(3)
+
+
+# ------------------------------------------------------------------------- docs snippets
+def _doc_snippets():
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "docs" / "interop.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.parametrize("k", range(len(_doc_snippets())))
+def test_docs_interop_snippet_runs(k, capsys):
+    code = _doc_snippets()[k]
+    if "import diffusers" in code:
+        pytest.importorskip("diffusers")
+    exec(compile(code, f"docs/interop.md[{k}]", "exec"), {"__name__": "__doc_snippet__"})  # noqa: S102
+    assert capsys.readouterr().out.strip()      # every snippet prints its result
