@@ -361,6 +361,28 @@ def test_plain_callable_and_output_shape_errors():
         sdekit.interop.from_diffusers(sched, "unet")
 
 
+def test_flux_transformer_is_told_sigma_not_1000_sigma():
+    """diffusers' Flux pipeline passes timestep / 1000 (FluxTransformer2DModel multiplies by
+    1000 itself); other flow transformers get 1000 sigma."""
+    seen = []
+
+    class FluxTransformer2DModel(torch.nn.Module):   # the call signature of diffusers' Flux
+        def forward(self, hidden_states, encoder_hidden_states=None, timestep=None,
+                    guidance=None, return_dict=True):
+            seen.append((timestep, guidance))
+            return (hidden_states,)
+
+    cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}
+    _, model = sdekit.interop.from_diffusers(cfg, FluxTransformer2DModel(),
+                                               guidance=torch.tensor([3.5]))
+    model.flow(torch.zeros(2, 4, 3), 0.25)
+    assert seen[-1][0].tolist() == [0.25, 0.25] and seen[-1][1].tolist() == [3.5]
+    seen_t = []
+    _, model = sdekit.interop.from_diffusers(cfg, lambda x, timestep: seen_t.append(timestep) or x)
+    model.flow(torch.zeros(2, 4, 3), 0.25)
+    assert seen_t[-1].tolist() == [250.0, 250.0]
+
+
 def test_learned_variance_unet_equals_diffusers_ddpm_scheduler_split():
     """A UNet2DModel with 2x output channels (variance_type='learned_range'): the mean half is
     the eps prediction, as DDPMScheduler.step splits it."""
@@ -562,7 +584,7 @@ def _doc_snippets():
     import re
     from pathlib import Path
     text = (Path(__file__).resolve().parents[1] / "docs" / "interop.md").read_text()
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
 
 
 @pytest.mark.parametrize("k", range(len(_doc_snippets())))
