@@ -66,6 +66,26 @@ def test_zero_terminal_snr_table_is_a_forward_sde_with_alpha_T_zero():
     assert sde.prior_std == 1.0
 
 
+def test_zero_terminal_snr_sampling_from_alpha_zero_converges_to_the_exact_flow():
+    """A v-prediction model sampled from t = 1 (alpha = 0) on the zero-terminal-SNR table: the
+    data-prediction solvers converge to the exact probability-flow map of Gaussian data."""
+    from helpers import gaussian_problem
+    sde = read_scheduler_config({"rescale_betas_zero_snr": True}).sde
+    data = gaussian_problem(sde, dim=4)
+    x = torch.randn(8, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    exact = data.flow(x, 1.0, 0.5)
+    errs = [float((sdekit.sample(sde, data.model("v"), x, solver="dpmpp_3m", steps=n,
+                                 t_end=0.5).x - exact).norm() / exact.norm()) for n in (10, 40)]
+    assert errs[1] < 1e-4 and errs[1] < errs[0] / 16, errs
+
+
+def test_a_plain_dict_gets_diffusers_defaults():
+    diffusers = pytest.importorskip("diffusers")
+    spec = read_scheduler_config({})
+    assert torch.equal(spec.sde.alphas_cumprod.float(), diffusers.DDIMScheduler().alphas_cumprod)
+    assert (spec.prediction, spec.timestep_spacing, spec.steps_offset) == ("eps", "leading", 0)
+
+
 @pytest.mark.parametrize("ptype,kind", [("epsilon", "eps"), ("v_prediction", "v"),
                                         ("sample", "x0")])
 def test_prediction_types(ptype, kind):

@@ -220,14 +220,13 @@ def read_scheduler_config(scheduler_or_config: Any) -> DiffusersSchedule:
     describes something sdekit cannot represent; see the module docstring.
     """
     cfg, cls = _as_config(scheduler_or_config)
-    name = cls or "<config>"
     flow = (cls or "").startswith("FlowMatch") or _flow_config(cfg)
     n = _positive_int(cfg, "num_train_timesteps", 1000, least=2)
     common = {"num_train_timesteps": n, "scheduler_class": cls, "config": cfg}
     if flow:
-        return _read_flow(cfg, n, cls, common)
-    if not any(k in cfg for k in _DDPM_KEYS):
-        raise ValueError(f"scheduler {name} is not supported: its config has neither a DDPM beta "
+        return _read_flow(cfg, n, common)
+    if cls is not None and not any(k in cfg for k in _DDPM_KEYS):   # a plain dict: defaults
+        raise ValueError(f"scheduler {cls} is not supported: its config has neither a DDPM beta "
                          f"table ({', '.join(_DDPM_KEYS)}) nor flow-matching sigmas; sdekit reads "
                          "DDPM-table schedulers (DDIM, DDPM, DPM-Solver, UniPC, Euler, ...) and "
                          "flow-matching ones (FlowMatch*, use_flow_sigmas=True)")
@@ -246,8 +245,7 @@ def read_scheduler_config(scheduler_or_config: Any) -> DiffusersSchedule:
                              learned_variance=variance in ("learned", "learned_range"), **common)
 
 
-def _read_flow(cfg: Mapping[str, Any], n: int, cls: str | None, common: dict[str, Any]
-               ) -> DiffusersSchedule:
+def _read_flow(cfg: Mapping[str, Any], n: int, common: dict[str, Any]) -> DiffusersSchedule:
     ptype = _field(cfg, "prediction_type", ("flow_prediction",), "flow_prediction")
     if cfg.get("invert_sigmas", False):
         raise ValueError("scheduler config field invert_sigmas=True is not supported: expected "
