@@ -120,6 +120,22 @@ def test_flow_configs():
         spec.grid_options()
 
 
+@pytest.mark.parametrize("kw,mu", [({"flow_shift": 3.0}, None),
+                                   ({"use_dynamic_shifting": True}, 0.8)])
+def test_flow_grid_options_give_diffusers_flow_sigmas(kw, mu):
+    """DPMSolverMultistepScheduler with flow sigmas: uniform sigmas from 1 - 1/N down to
+    (1 - 1/N)/steps, shifted by flow_shift or exp(mu); the grid options of
+    read_scheduler_config on make_grid's uniform grid over that range are its sigmas (float32)."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True,
+                                                  prediction_type="flow_prediction", **kw)
+    sched.set_timesteps(8, **({} if mu is None else {"mu": mu}))
+    spec = read_scheduler_config(sched)
+    opts = spec.grid_options(**({} if mu is None else {"mu": mu}))
+    grid = sdekit.make_grid(spec.sde, "uniform", 7, t_start=0.999, t_end=0.999 / 8, **opts)
+    torch.testing.assert_close(grid, sched.sigmas[:-1].double(), rtol=0, atol=1e-7)
+
+
 @pytest.mark.parametrize("cfg,match", [
     ({"beta_schedule": "linear", "prediction_type": "original_sample"},
      r"prediction_type='original_sample' is not supported: expected one of \['epsilon'"),
