@@ -79,6 +79,25 @@ def test_zero_terminal_snr_sampling_from_alpha_zero_converges_to_the_exact_flow(
     assert errs[1] < 1e-4 and errs[1] < errs[0] / 16, errs
 
 
+def test_in_memory_scheduler_configs_are_recognised():
+    """``scheduler.config`` of a scheduler built in memory has no ``_class_name``: a flow-match
+    config is recognised by its fields, a VE / EDM one refused by them."""
+    diffusers = pytest.importorskip("diffusers")
+    cfg = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    assert "_class_name" not in cfg
+    spec = read_scheduler_config(cfg)
+    assert spec.kind == "flow" and spec.grid_options() == {"shift": 3.0}
+    for sched in (diffusers.EDMEulerScheduler(), diffusers.CMStochasticIterativeScheduler()):
+        for obj in (sched, sched.config):
+            with pytest.raises(ValueError, match="is not supported: its config has neither a "
+                                                 "DDPM beta table"):
+                read_scheduler_config(obj)
+    for cls in ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
+                "UniPCMultistepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
+                "DEISMultistepScheduler", "LMSDiscreteScheduler", "PNDMScheduler"):
+        assert read_scheduler_config(getattr(diffusers, cls)().config).kind == "ddpm", cls
+
+
 def test_a_plain_dict_gets_diffusers_defaults():
     diffusers = pytest.importorskip("diffusers")
     spec = read_scheduler_config({})
