@@ -110,6 +110,8 @@ def test_a_plain_dict_gets_diffusers_defaults():
 def test_prediction_types(ptype, kind):
     spec = read_scheduler_config({"beta_schedule": "linear", "prediction_type": ptype})
     assert spec.prediction == kind and spec.time_input == "model_time" and spec.kind == "ddpm"
+    model = spec.model(lambda x, t: x)
+    assert (model.sde, model.prediction, model.time_input) == (spec.sde, kind, "model_time")
 
 
 def test_flow_configs():
@@ -538,6 +540,18 @@ def test_every_solver_runs_through_the_k_diffusion_signature(kd, name):
         exact = data.flow(x, 80.0, 0.01)
         errs.append(float((out - exact).norm() / exact.norm()))
     assert errs[1] < 0.8 * errs[0], errs
+
+
+def test_k_sampler_takes_a_solver_instance(kd):
+    data = _gauss()
+    sigmas = kd.get_sigmas_karras(6, 0.01, 80.0).double()
+    x = data.marginal_sample(2, 80.0, dtype=F64)
+    def D(y, s):
+        return data.x0(y, s)
+    a = sdekit.interop.k_sampler(sdekit.get_solver("dpmpp_2m", lower_order_final=False))(D, x,
+                                                                                        sigmas)
+    torch.testing.assert_close(a, sdekit.interop.k_sampler("dpmpp_2m")(D, x, sigmas))
+    assert sdekit.interop.k_sampler("unipc_bh2").__name__ == "sample_unipc_bh2"
 
 
 def test_k_sampler_float32_state_and_single_sigma(kd):
