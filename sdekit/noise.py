@@ -13,6 +13,7 @@ or churn).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,14 +31,29 @@ def sample_seeds(seed: int, n: int) -> list[int]:
             for i in range(n)]
 
 
+#: a sample's normals are drawn in blocks of ``max(1, min(MAX_BLOCK, BLOCK_ELEMENTS // n))``
+#: draws (``n``: elements per sample), so a step costs one slice instead of one generator call
+#: per sample; the block length depends only on ``n``, never on the batch
+BLOCK_ELEMENTS = 1 << 15
+MAX_BLOCK = 64
+
+
 class SeededNoise:
-    """Per-sample generators (on the CPU; results are moved to the state's device)."""
+    """Per-sample generators (on the CPU; blocks of draws are moved to the state's device).
+
+    Sample ``i``'s normals are its own generator's stream, drawn ahead in blocks of a length that
+    depends only on the state's shape per sample: a sample's noise, and so its result, is the
+    same in any batch, and a step's noise costs one indexing op rather than one generator call
+    per sample (the block refill, every ``MAX_BLOCK`` steps for small states, costs one call per
+    sample)."""
 
     def __init__(self, seeds: Sequence[int]) -> None:
         for s in seeds:
             check_seed("seeds", s)
         self.seeds = [int(s) for s in seeds]
         self.gens = [torch.Generator().manual_seed(s) for s in self.seeds]
+        # (event shape, dtype, device) -> [block of shape (batch, draws, *event), next draw]
+        self._blocks: dict[tuple[Any, ...], list[Any]] = {}
 
     def _check(self, like: Tensor) -> None:
         if like.shape[0] != len(self.gens):
@@ -50,8 +66,16 @@ class SeededNoise:
         self._check(like)
         shape = tuple(like.shape[1:])
         dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-        z = torch.stack([torch.randn(shape, generator=g, dtype=dtype) for g in self.gens])
-        return z.to(dtype=like.dtype, device=like.device)
+        key = (shape, dtype, like.device)
+        entry = self._blocks.get(key)
+        if entry is None or entry[1] == entry[0].shape[1]:
+            draws = max(1, min(MAX_BLOCK, BLOCK_ELEMENTS // max(1, math.prod(shape))))
+            block = torch.stack([torch.randn((draws,) + shape, generator=g, dtype=dtype)
+                                 for g in self.gens]).to(like.device)
+            entry = self._blocks[key] = [block, 0]
+        z = entry[0][:, entry[1]]
+        entry[1] += 1
+        return z.to(dtype=like.dtype)
 
     def increment(self, t0: Any, t1: Any, like: Tensor) -> Tensor:
         return self.randn(like)

@@ -354,3 +354,17 @@ def test_trained_checkpoint_problem(tmp_path, capsys):
     assert res["reference"]["method"].startswith("dopri5 rtol=atol=1e-06")
     (cell,) = res["cells"]
     assert cell["status"] == "ok" and cell["nfe"] == 4 and cell["rms"] > 0 and cell["mmd"] >= 0
+
+
+def test_cell_fingerprint_covers_what_every_solve_runs_through():
+    """A cached cell is recomputed when the noise sources, grids, forward processes or model
+    contract change, not only the solver's own module (a change of the seeded-noise stream once
+    left cached stochastic cells stale)."""
+    from pathlib import Path
+
+    from sdekit.bench import runner
+    names = {Path(f).relative_to(Path(runner.__file__).parents[1]).as_posix()
+             for f in runner.fingerprint_files("ancestral")}
+    for need in ("noise.py", "grids.py", "integrate.py", "sde/vp.py", "sde/base.py",
+                 "dynamics/parameterization.py", "solvers/ode.py", "solvers/base.py"):
+        assert need in names, need

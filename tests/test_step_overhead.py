@@ -98,3 +98,28 @@ def test_a_network_that_edits_its_conditioning_in_place_does_not_corrupt_the_cac
     expected = sdekit.sample(sde, polite, **kw).x
     torch.testing.assert_close(first, expected)
     torch.testing.assert_close(second, expected)
+
+
+def test_seeded_noise_draws_blocks_not_one_call_per_sample_per_step(monkeypatch):
+    """Per-sample seeds cost one generator call per sample per block of draws, not per step,
+    and a sample's stream is the same in any batch and whatever the state's device or block
+    position."""
+    from sdekit import noise as noise_mod
+    calls = []
+    real = torch.randn
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(noise_mod.torch, "randn", counting)
+    src = noise_mod.SeededNoise([5, 6, 7])
+    like = torch.empty(3, 2)
+    draws = [src.randn(like) for _ in range(noise_mod.MAX_BLOCK + 1)]
+    assert len(calls) == 3 * 2     # one block per sample, then one refill per sample
+    monkeypatch.setattr(noise_mod.torch, "randn", real)
+    alone = noise_mod.SeededNoise([7])
+    mine = [alone.randn(torch.empty(1, 2)) for _ in range(noise_mod.MAX_BLOCK + 1)]
+    for a, b in zip(draws, mine):
+        assert torch.equal(a[2:], b)
+    assert len({tuple(d[0].tolist()) for d in draws}) == len(draws)   # fresh normals each call

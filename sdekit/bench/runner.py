@@ -476,18 +476,28 @@ def _env_int(name: str, default: int) -> int:
         raise BenchError(f"environment variable {name}={v!r} is invalid: expected an integer")
 
 
+def fingerprint_files(name: str) -> list[str]:
+    """The source files a cell of solver ``name`` depends on: the solver's module and its base
+    classes' modules, the driver, the metrics, and what every solve runs through: the noise
+    sources, the grids, the forward processes and the model contract."""
+    cls = type(get_solver(name))
+    files = {inspect.getsourcefile(k) for k in cls.__mro__ if k.__module__.startswith("sdekit")}
+    files |= {inspect.getsourcefile(sample), inspect.getsourcefile(M)}
+    root = Path(inspect.getsourcefile(sample) or ".").parent
+    files |= {str(root / f) for f in ("noise.py", "grids.py", "_utils.py")}
+    files |= {str(f) for d in ("sde", "dynamics") for f in (root / d).glob("*.py")}
+    return sorted(f for f in files if f)
+
+
 def solver_code_fingerprint(name: str, options: Mapping[str, Any] | None = None) -> str:
     """A hash of the code a cell's result depends on: the solver's module (and its base
     classes' modules), the driver, the metrics and the cell evaluation, plus the contents of any
     file an option names (a learned operator's checkpoint), so a cached cell is recomputed when
     any of them changes."""
-    cls = type(get_solver(name))
-    files = {inspect.getsourcefile(k) for k in cls.__mro__ if k.__module__.startswith("sdekit")}
-    files |= {inspect.getsourcefile(sample), inspect.getsourcefile(M)}
     h = hashlib.sha1(__version__.encode())
     h.update((inspect.getsource(evaluate) + inspect.getsource(compute_cell)
               + inspect.getsource(divergence)).encode())
-    for f in sorted(f for f in files if f):
+    for f in fingerprint_files(name):
         try:
             h.update(Path(f).read_bytes())
         except OSError:

@@ -6,6 +6,8 @@
 * :func:`from_k_diffusion`: a k-diffusion denoiser ``D(x, sigma, **extra_args)`` -> ``(sde, model)``.
 * :func:`k_sampler`: any registered solver as a k-diffusion sampler
   ``sample(model, x, sigmas, extra_args=None, callback=None, disable=None)``.
+* :class:`SdekitScheduler`: any fixed-grid solver as a diffusers scheduler, inside an unchanged
+  pipeline loop (the class is built on first access; it subclasses diffusers' mixins).
 
 The submodules are imported on first attribute access, so ``import sdekit.interop`` stays cheap.
 """
@@ -18,10 +20,11 @@ _EXPORTS = {
     "DiffusersSchedule": "config", "read_scheduler_config": "config",
     "from_diffusers": "models", "from_k_diffusion": "models",
     "k_sampler": "k_diffusion",
+    "SdekitScheduler": "scheduler",
 }
 
-__all__ = ["DiffusersSchedule", "from_diffusers", "from_k_diffusion", "k_sampler",
-           "read_scheduler_config"]
+__all__ = ["DiffusersSchedule", "SdekitScheduler", "from_diffusers", "from_k_diffusion",
+           "k_sampler", "read_scheduler_config"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,614 @@
+"""Solvers out: :class:`SdekitScheduler`, a diffusers scheduler that runs an sdekit solver inside
+a pipeline's own denoising loop.
+
+Design. The solvers stay stateless and :func:`sdekit.sample` stays the one loop that runs them;
+the adapter inverts control instead. A pipeline owns its loop: it calls the network at
+``(sample, t)``, then ``scheduler.step(model_output, t, sample)``. Here the solve runs as a
+coroutine that stops at every model call, hands the state and time out, and resumes with the
+network output the pipeline computed there. A Python generator cannot yield from inside nested
+calls (the model call sits deep inside ``Solver.step``, or inside a backend such as torchsde), so
+the coroutine is one :func:`sdekit.sample` call on a worker thread with a strict hand-off
+(:class:`_Worker`): exactly one of the two threads runs at any time while the other waits on a
+queue, so the result is bit for bit that of a single-threaded solve. The thread is a daemon and is
+ended, by an exception raised at its pending model call, when the solve finishes, when
+``set_timesteps`` starts another, or when the scheduler is garbage collected.
+
+A pipeline reads ``timesteps`` before its loop, so ``set_timesteps`` plans the solve: a dry run
+of the same solve on a (1, 1) state with a zero network records the time of every model call
+(for a fixed-grid solver these times do not depend on the network's output; the real solve is
+checked call by call against the plan). ``timesteps`` therefore has one entry per network
+evaluation (its length is the NFE): two per step for Heun, as in diffusers'
+``HeunDiscreteScheduler``, and ``order`` is the solver's NFE per step. Refused: the adaptive
+solvers (``dopri5``, ``dpm_solver_adaptive``, ``dpmpp_adaptive``: their call times depend on the
+network's outputs, so no timesteps list exists in advance) and ``fno`` (a learned operator that
+replaces the network: it makes no model call a pipeline could serve).
+
+diffusers is imported on first use of :class:`SdekitScheduler` only.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._utils import check_seed, compute_dtype
+from ..dynamics.parameterization import DiffusionModel, convert
+from ..grids import make_grid
+from ..integrate import sample
+from ..noise import sample_seeds
+from ..sde.base import ForwardSDE
+from ..solvers.base import Solver
+from ..solvers.registry import DEFAULT_SOLVER, get_solver
+from .config import TimestepScale
+
+#: diffusers' ``timestep_spacing`` rules, accepted as ``grid`` names (integer timesteps of a
+#: discrete table; see :func:`spacing_timesteps`)
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def spacing_timesteps(spacing: str, n: int, num_train_timesteps: int, steps_offset: int = 0
+                      ) -> Tensor:
+    """The ``n`` integer timesteps (decreasing) of diffusers' ``timestep_spacing`` rule:
+    ``leading``: ``k * (N // n) + steps_offset``; ``trailing``: ``round(N - k N / n) - 1``;
+    ``linspace``: ``round`` of ``n`` points evenly spaced over ``[0, N - 1]``."""
+    N = num_train_timesteps
+    if spacing == "leading":
+        ts = torch.arange(n - 1, -1, -1, dtype=torch.float64) * (N // n) + steps_offset
+    elif spacing == "trailing":
+        ts = torch.round(N - torch.arange(n, dtype=torch.float64) * (N / n)) - 1
+    elif spacing == "linspace":
+        ts = torch.round(torch.linspace(N - 1, 0, n, dtype=torch.float64))
+    else:
+        raise ValueError(f"grid={spacing!r} is not a timestep spacing: expected one of {SPACINGS}")
+    return ts
+
+
+def _near(x: Tensor, y: Tensor) -> bool:
+    """Equal up to the rounding of a solver's change of variables (e.g. ``(x / alpha) alpha``)."""
+    return torch.allclose(x.to(y.dtype), y, rtol=1e-5, atol=1e-6)
+
+
+def _time_value(t: Any) -> float:
+    return float(torch.as_tensor(t).flatten()[0])
+
+
+class _SteppedModel(DiffusionModel):
+    """A :class:`DiffusionModel` whose network is evaluated elsewhere: every call hands the state
+    (in the network's input dtype) and the continuous time to ``ask(x, t) -> output``. The output
+    goes through DiffusionModel's usual checks and conversions."""
+
+    def __init__(self, ask: Callable[[Tensor, float], Tensor], sde: ForwardSDE, prediction: str,
+                 time_input: Any) -> None:
+        super().__init__(self._net, sde, prediction, time_input)
+        self._ask = ask
+        self._pending: tuple[Tensor, float] | None = None
+
+    def raw(self, x: Tensor, t: Any, input_dtype: torch.dtype | None = None) -> Tensor:
+        self._pending = (x if input_dtype is None else x.to(input_dtype), _time_value(t))
+        return super().raw(x, t, input_dtype)
+
+    def _net(self, inp: Tensor, cond: Tensor) -> Tensor:
+        return self._ask(*self._pending)
+
+
+class _Abort(BaseException):
+    """Raised at the worker's pending model call to end an unfinished solve (a BaseException,
+    so no ``except Exception`` on the way up can swallow it)."""
+
+
+class _Worker:
+    """``target(ask) -> Tensor`` run on a daemon thread as a coroutine: each ``ask(x, t)`` posts
+    ``("call", x, t)`` and blocks until :meth:`resume` sends the output; the end posts
+    ``("done", x)`` or ``("error", exception)``. The two threads never run at the same time."""
+
+    def __init__(self, target: Callable[[Callable[[Tensor, float], Tensor]], Tensor],
+                 inference_mode: bool) -> None:
+        self._to_worker: queue.SimpleQueue = queue.SimpleQueue()
+        self._to_main: queue.SimpleQueue = queue.SimpleQueue()
+        self.finished = False
+        self._thread = threading.Thread(target=self._main, args=(target, inference_mode),
+                                        daemon=True, name="sdekit-scheduler-solve")
+        self._thread.start()
+
+    def _ask(self, x: Tensor, t: float) -> Tensor:
+        self._to_main.put(("call", x, t))
+        out = self._to_worker.get()
+        if out is _Abort:
+            raise _Abort
+        return out
+
+    def _main(self, target: Callable, inference_mode: bool) -> None:
+        try:
+            with torch.inference_mode(inference_mode):
+                msg: tuple = ("done", target(self._ask))
+        except _Abort:
+            msg = ("aborted",)
+        except BaseException as e:  # noqa: BLE001  (handed to the main thread, raised there)
+            msg = ("error", e)
+        self._to_main.put(msg)
+
+    def resume(self, out: Tensor | None = None) -> tuple:
+        """Send ``out`` (None: just wait, at the start) and wait for the next message."""
+        if out is not None:
+            self._to_worker.put(out)
+        msg = self._to_main.get()
+        if msg[0] != "call":
+            self.finished = True
+            self._thread.join()
+        return msg
+
+    def close(self) -> None:
+        """End the solve if it is still waiting at a model call, and the thread with it."""
+        if self.finished:
+            return
+        self._to_worker.put(_Abort)
+        while self._to_main.get()[0] == "call":
+            self._to_worker.put(_Abort)
+        self.finished = True
+        self._thread.join()
+
+
+class SchedulerCore:
+    """The diffusers-free part of :class:`SdekitScheduler`: the plan of one solve and its
+    step-by-step execution. ``sde``, ``prediction``, ``time_input`` describe the network
+    (:class:`~sdekit.DiffusionModel`); see :class:`SdekitScheduler` for the rest."""
+
+    def __init__(self, sde: ForwardSDE, prediction: str, time_input: Any,
+                 solver: str | Solver = DEFAULT_SOLVER, grid: Any = None, *, denoise: bool = True,
+                 seed: int = 0, seeds: Sequence[int] | None = None, float64: bool = False,
+                 grid_options: dict[str, Any] | None = None, num_train_timesteps: int | None = None,
+                 steps_offset: int = 0, solver_options: dict[str, Any] | None = None) -> None:
+        self.solver = get_solver(solver, **(solver_options or {}))
+        name = self.solver.name
+        if self.solver.adaptive:
+            raise ValueError(f"solver {name!r} is adaptive: the times of its model calls depend on "
+                             "the network's outputs, so it cannot follow a timesteps list fixed "
+                             "before the pipeline's loop; use a fixed-grid solver")
+        if self.solver.grid_free:
+            raise ValueError(f"solver {name!r} is a learned operator that replaces the network: it "
+                             "makes no model call inside the pipeline's loop; call sdekit.sample "
+                             "with it instead")
+        check_seed("seed", seed)
+        if seeds is not None:
+            seeds = [int(s) for s in seeds]
+            for s in seeds:
+                check_seed("seeds", s)
+        if isinstance(grid, str) and grid in SPACINGS and num_train_timesteps is None:
+            raise ValueError(f"grid={grid!r} (a diffusers timestep spacing) needs a discrete "
+                             "table: this scheduler's forward process has no num_train_timesteps")
+        self.sde, self.grid, self.denoise, self.float64 = sde, grid, bool(denoise), bool(float64)
+        self.seed, self.seeds, self.grid_options = seed, seeds, dict(grid_options or {})
+        self.num_train_timesteps, self.steps_offset = num_train_timesteps, steps_offset
+        self.prediction, self.time_input = prediction, time_input
+        self._clock = DiffusionModel(lambda x, c: x, sde, prediction, time_input)  # time input only
+        self.times: Tensor | None = None     # the sdekit grid (continuous times)
+        self.calls: list[float] = []         # the continuous time of every network call
+        self.timesteps: Tensor | None = None  # the same in the network's time units
+        self.lead_in = False
+        self._worker: _Worker | None = None
+        self._k = 0
+        self._prev: Tensor | None = None
+
+    # --- the plan -------------------------------------------------------------------------
+    def network_time(self, t: Tensor) -> Tensor:
+        """Continuous times -> the network's time input (e.g. DDPM timesteps ``N t - 1``)."""
+        return self._clock._cond(torch.as_tensor(t, dtype=torch.float64))
+
+    def time_of_network_time(self, v: Any) -> Tensor:
+        """The network's time input -> continuous times (the inverse of :meth:`network_time`)."""
+        v = torch.as_tensor(v, dtype=torch.float64).flatten()
+        ti, sde = self.time_input, self.sde
+        if ti == "model_time":
+            inv = getattr(sde, "timestep_to_t", None)
+            t = inv(v) if inv is not None else v
+        elif ti == "t":
+            t = v
+        elif ti == "t1000":
+            t = v / 1000
+        elif ti == "sigma_tilde":
+            t = sde.t_of_sigma_tilde(v)
+        elif ti == "lambda":
+            t = sde.t_of_lambda(v)
+        elif isinstance(ti, TimestepScale):   # flow models told N sigma, N != 1000
+            t = v / ti.scale
+        else:
+            raise ValueError(f"timesteps cannot be given for a callable time_input: give sdekit "
+                             f"times as grid= instead (time_input={ti!r})")
+        return t.double()
+
+    def make_times(self, num_inference_steps: int | None, timesteps: Any) -> Tensor:
+        """The sdekit grid for ``set_timesteps``."""
+        grid = self.grid
+        if timesteps is not None:
+            if num_inference_steps is not None:
+                raise ValueError("give num_inference_steps or timesteps, not both")
+            return self.time_of_network_time(timesteps)
+        if grid is not None and not isinstance(grid, str):   # explicit sdekit times
+            times = torch.as_tensor(grid, dtype=torch.float64)
+            if num_inference_steps is not None and num_inference_steps != times.numel():
+                raise ValueError(f"num_inference_steps={num_inference_steps!r} disagrees with the "
+                                 f"explicit grid of {times.numel()} times: pass "
+                                 f"num_inference_steps={times.numel()} (its points) or leave it out")
+            return times
+        if not (isinstance(num_inference_steps, int) and not isinstance(num_inference_steps, bool)
+                and num_inference_steps >= 1):
+            raise ValueError(f"num_inference_steps={num_inference_steps!r} is invalid: expected "
+                             "an integer >= 1")
+        if grid in SPACINGS:
+            ts = spacing_timesteps(grid, num_inference_steps, self.num_train_timesteps,
+                                   self.steps_offset)
+            return self.time_of_network_time(ts)
+        steps = num_inference_steps - 1 if self.denoise else num_inference_steps
+        if steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps} is too few with "
+                             "denoise=True: expected at least 2 (one step, then the final x0)")
+        name = self.solver.grid_for(self.sde) if grid is None else grid
+        return make_grid(self.sde, name, steps, **self.grid_options)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None,
+                      timesteps: Any = None) -> None:
+        self.close()
+        times = self.make_times(num_inference_steps, timesteps)
+        if times.numel() - 1 < self.solver.min_steps:
+            raise ValueError(f"{times.numel()} grid points ({times.numel() - 1} steps) are too few "
+                             f"for solver {self.solver.name!r}: it needs at least "
+                             f"{self.solver.min_steps} steps")
+        calls: list[float] = []
+        moved: list[bool] = []
+        x0 = torch.randn(1, 4, generator=torch.Generator().manual_seed(0))
+
+        def record(x: Tensor, t: float) -> Tensor:
+            if not calls:   # rounding aside, is the first call at the initial state?
+                moved.append(not _near(x, x0))
+            calls.append(t)
+            return torch.zeros_like(x)
+
+        sample(self.sde, _SteppedModel(record, self.sde, self.prediction, self.time_input),
+               x0, solver=self.solver, grid=times, denoise=self.denoise, seeds=[0],
+               float64=self.float64)
+        self.lead_in = bool(moved and moved[0])
+        if self.lead_in:  # the solver moves the state before its first call (EDM's churn)
+            calls.insert(0, float(times[0]))
+        self.times, self.calls = times, calls
+        ts = self.network_time(torch.tensor(calls, dtype=torch.float64))
+        # a stage time a rounding away from a table point (e.g. 6.7e-16) is that timestep
+        ts = torch.where((ts - ts.round()).abs() < 1e-6, ts.round(), ts).float()
+        if bool((ts == ts.round()).all()):   # integer timesteps, as diffusers' DDPM schedulers
+            ts = ts.long()
+        self.timesteps = ts.to(device) if device is not None else ts
+        self._k = 0
+
+    # --- the solve ------------------------------------------------------------------------
+    def _seeds_for(self, n: int, generator: Any) -> list[int]:
+        if self.seeds is not None:
+            if len(self.seeds) != n:
+                raise ValueError(f"seeds has {len(self.seeds)} entries but the batch has {n} "
+                                 "samples: expected one seed per sample")
+            return self.seeds
+        if self.solver.stochastic and generator is not None:
+            gens = generator if isinstance(generator, (list, tuple)) else None
+            if gens is not None:
+                if len(gens) != n:
+                    raise ValueError(f"generator is a list of {len(gens)} generators but the batch "
+                                     f"has {n} samples: expected one per sample")
+                return [int(torch.randint(0, 2 ** 62, (1,), generator=g, device=g.device))
+                        for g in gens]
+            return torch.randint(0, 2 ** 62, (n,), generator=generator,
+                                 device=generator.device).tolist()
+        return sample_seeds(self.seed, n)
+
+    def _start(self, x: Tensor, generator: Any) -> tuple:
+        seeds = self._seeds_for(x.shape[0], generator)
+        model = (self.sde, self.prediction, self.time_input)
+        solver, times, denoise, float64 = self.solver, self.times, self.denoise, self.float64
+
+        def target(ask: Callable[[Tensor, float], Tensor]) -> Tensor:
+            return sample(model[0], _SteppedModel(ask, *model), x, solver=solver, grid=times,
+                          denoise=denoise, seeds=seeds, float64=float64).x
+
+        self._worker = _Worker(target, torch.is_inference_mode_enabled())
+        self._finalizer = weakref.finalize(self, self._worker.close)
+        return self._worker.resume()
+
+    def step(self, model_output: Tensor, timestep: Any, x: Tensor, generator: Any = None
+             ) -> tuple[Tensor, Tensor | None]:
+        """Feed the network's output at the expected call; returns ``(prev_sample,
+        pred_original_sample)``: the state of the next call (the result after the last)."""
+        if self.timesteps is None:
+            raise RuntimeError("call set_timesteps(...) before step()")
+        k, n = self._k, len(self.calls)
+        if k >= n:
+            raise ValueError(f"step() was called {k + 1} times but scheduler.timesteps has {n} "
+                             "entries: call set_timesteps again for a new solve")
+        expected = float(self.timesteps[k])
+        got = _time_value(timestep)
+        if abs(got - expected) > 1e-5 * (1 + abs(expected)):
+            raise ValueError(f"step() got timestep={got:g} but the next model call of solver "
+                             f"{self.solver.name!r} (call {k} of {n}) is at timestep "
+                             f"{expected:g}: pass the entries of scheduler.timesteps in order")
+        if not isinstance(model_output, Tensor) or model_output.shape != x.shape:
+            shape = tuple(model_output.shape) if isinstance(model_output, Tensor) else \
+                type(model_output).__name__
+            raise ValueError(f"shape mismatch: model_output has shape {shape} but sample has "
+                             f"shape {tuple(x.shape)}: expected the network's output for sample")
+        if k == 0:
+            msg = self._start(x, generator)
+            if self.lead_in:  # the solver's first call is not at the pipeline's first sample
+                self._k = 1
+                return self._handle(msg, 1, n), None
+            self._handle(msg, 0, n)
+            if not _near(msg[1], x):
+                self.close()
+                self.timesteps = None
+                raise RuntimeError(f"solver {self.solver.name!r} made its first model call away "
+                                   "from the initial sample, which its plan does not allow for")
+        else:
+            prev = self._prev
+            if x is not prev and not torch.equal(x.to(prev.dtype), prev):
+                raise ValueError(
+                    f"step() got a sample different from the prev_sample it returned at call "
+                    f"{k - 1}: the sdekit solver keeps its own state (multistep history, "
+                    "stages), so a pipeline that edits the latents between steps (inpainting "
+                    "blends, callbacks) is not supported")
+        x0 = self._x0(model_output, x, self.calls[k])
+        msg = self._worker.resume(model_output)
+        self._k = k + 1
+        return self._handle(msg, k + 1, n), x0
+
+    def _handle(self, msg: tuple, k: int, n: int) -> Tensor:
+        kind = msg[0]
+        if kind == "error":
+            self.timesteps = None
+            raise msg[1]
+        if kind == "call":
+            if k >= n or abs(msg[2] - self.calls[k]) > 1e-9 * (1 + abs(self.calls[k])):
+                self.close()
+                self.timesteps = None
+                raise RuntimeError(f"solver {self.solver.name!r} asked for a model call at "
+                                   f"t={msg[2]:.9g}, which its plan (set_timesteps) does not hold "
+                                   f"at call {k} of {n}")
+            self._prev = msg[1]
+            return msg[1]
+        if kind == "done":
+            if k != n:
+                raise RuntimeError(f"solver {self.solver.name!r} finished after {k} of the {n} "
+                                   "planned model calls")
+            self._prev = None
+            return msg[1]
+        raise RuntimeError(f"unexpected message {kind!r} from the solve")
+
+    def _x0(self, out: Tensor, x: Tensor, t: float) -> Tensor:
+        """The x0 prediction of the network's output at ``(x, t)``."""
+        dt = compute_dtype(x.dtype)
+        xs = x.to(dt)
+        c = self._clock._coeffs(xs, t, dots="flow" in (self.prediction,))
+        return convert(self.prediction, "x0", out.to(dt), xs, *c).to(x.dtype)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._finalizer.detach()
+            self._worker = None
+
+
+#: the model config of a bare ``SdekitScheduler()``: diffusers' DDPMScheduler defaults
+DDPM_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+                 "beta_schedule": "linear", "trained_betas": None, "prediction_type": "epsilon"}
+#: SdekitScheduler's own config fields (the rest of its config is the model's scheduler config)
+OWN_FIELDS = ("solver", "grid", "denoise", "seed", "seeds", "float64", "grid_options",
+              "solver_options", "source_class")
+
+
+def _build() -> dict[str, type]:
+    try:
+        from diffusers.configuration_utils import ConfigMixin
+        from diffusers.schedulers.scheduling_utils import SchedulerMixin
+        from diffusers.utils import BaseOutput
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("SdekitScheduler needs diffusers: pip install diffusers") from e
+    from dataclasses import dataclass
+
+    from ..grids import GRIDS
+    from .config import read_scheduler_config
+
+    @dataclass
+    class SdekitSchedulerOutput(BaseOutput):
+        """``prev_sample``: the state at which the pipeline calls the network next (after the
+        last call: the result); ``pred_original_sample``: the x0 prediction of the output just
+        given (None for an output the solver discards, see :class:`SdekitScheduler`)."""
+
+        prev_sample: Tensor
+        pred_original_sample: Tensor | None = None
+
+    class SdekitScheduler(SchedulerMixin, ConfigMixin):
+        """Any fixed-grid sdekit solver as a diffusers scheduler (see the module docstring for
+        the design): ``pipe.scheduler = SdekitScheduler.from_config(pipe.scheduler.config,
+        solver="dpmpp_3m")`` and the unchanged pipeline loop runs sdekit's solver.
+
+        Args:
+            solver: a registry name (``sdekit.solver_names()``) or a Solver; ``solver_options``
+                are its options (e.g. ``order=3`` or ``S_churn=...``). Adaptive solvers and
+                ``fno`` are refused (no timesteps list exists for them in advance).
+            grid: ``None`` (the solver's own grid, as :func:`sdekit.sample`), an sdekit grid name
+                (``logsnr``, ``karras``, ...; ``grid_options`` are its options), one of diffusers'
+                spacings ``leading``, ``trailing``, ``linspace`` (integer timesteps spaced as
+                DDIMScheduler does, with the config's ``steps_offset``), or an explicit array of
+                sdekit times.
+            denoise: finish with the x0 prediction at the grid's last time, as DDIM with
+                ``set_alpha_to_one`` and DPM-Solver with ``final_sigmas_type='zero'`` do (the
+                default). ``set_timesteps(n)`` on a named grid then takes ``n - 1`` steps and the
+                final x0 (``n`` model calls for a one-call-per-step solver); without denoise
+                ``n`` steps ending at the process's last time. A spacing grid's ``n`` timesteps,
+                an explicit grid and ``set_timesteps(timesteps=...)`` are the grid's points
+                (a pipeline's ``num_inference_steps`` must then equal their number).
+            seed, seeds: per-sample seeds of a stochastic solver's noise: ``seeds`` (one per
+                sample), else drawn from the pipeline's ``generator`` (one per sample from a list
+                of generators), else derived from ``seed`` as :func:`sdekit.sample` does.
+            float64: keep the solver state in float64 (the network still sees its dtype).
+            scheduler_config: the model's diffusers scheduler config (default: DDPMScheduler's),
+                read by :func:`sdekit.interop.read_scheduler_config`; its sampler fields
+                (``clip_sample``, ``solver_order``, ``timestep_spacing``, ...) do not apply here:
+                sdekit's solver, grid and options replace them. ``source_class``: its class name.
+
+        ``timesteps`` holds one entry per network evaluation, in the network's time units (DDPM
+        timesteps ``0 .. N-1``, fractional between table points; ``N sigma`` for flow models), so
+        ``len(timesteps)`` is the NFE; ``order`` is the solver's NFE per step. ``step`` must be
+        called with those timesteps in order, on the ``prev_sample`` it returned (the solver
+        keeps its own history: latents edited between steps are refused). A solver that moves
+        the state before its first model call (EDM churn where it applies at the first step)
+        gets one extra leading timestep whose output it discards.
+        """
+
+        config_name = "scheduler_config.json"
+
+        def __init__(self, solver: str | Solver = DEFAULT_SOLVER, grid: Any = None,
+                     denoise: bool = True, seed: int = 0, seeds: Sequence[int] | None = None,
+                     float64: bool = False, grid_options: dict[str, Any] | None = None,
+                     source_class: str | None = None,
+                     scheduler_config: dict[str, Any] | None = None,
+                     **solver_options: Any) -> None:
+            src = {k: v for k, v in dict(DDPM_DEFAULTS if scheduler_config is None
+                                         else scheduler_config).items()
+                   if not k.startswith("_") and k not in OWN_FIELDS}
+            schedule = read_scheduler_config({**src, "_class_name": source_class}
+                                             if source_class else src)
+            if isinstance(grid, str) and grid not in GRIDS and grid not in SPACINGS:
+                raise ValueError(f"grid={grid!r} is invalid: expected None, an sdekit grid "
+                                 f"{sorted(GRIDS)}, a diffusers spacing {list(SPACINGS)} or an "
+                                 "array of times")
+            if isinstance(grid, str) and grid in SPACINGS and schedule.kind != "ddpm":
+                raise ValueError(f"grid={grid!r} (a diffusers timestep spacing) needs a DDPM "
+                                 f"table; this model's scheduler config is {schedule.kind}")
+            self._schedule = schedule
+            self._grid_options = dict(grid_options or {})
+            self._core = SchedulerCore(
+                schedule.sde, schedule.prediction, schedule.time_input, solver, grid,
+                denoise=denoise, seed=seed, seeds=seeds, float64=float64,
+                num_train_timesteps=schedule.num_train_timesteps if schedule.kind == "ddpm"
+                else None, steps_offset=schedule.steps_offset, solver_options=solver_options)
+            self.num_inference_steps: int | None = None
+            self.register_to_config(
+                solver=self._core.solver.name, solver_options=dict(solver_options),
+                grid=grid if grid is None or isinstance(grid, str) else
+                torch.as_tensor(grid, dtype=torch.float64).tolist(),
+                denoise=bool(denoise), seed=seed, seeds=None if seeds is None else list(seeds),
+                float64=bool(float64), grid_options=self._grid_options,
+                source_class=source_class or schedule.scheduler_class, **src)
+
+        @classmethod
+        def from_config(cls, config: Any = None, return_unused_kwargs: bool = False,
+                        **kwargs: Any) -> Any:
+            """From any diffusers scheduler's config (or the scheduler itself, or a saved
+            SdekitScheduler config): its model fields are kept, ``kwargs`` name the solver, the
+            grid and the other arguments of :class:`SdekitScheduler`; any other keyword is a
+            solver option. To change a model field, edit the config dict."""
+            if config is None:
+                raise ValueError("config is required: a diffusers scheduler or its .config")
+            cls_name = None
+            if not isinstance(config, Mapping) and isinstance(getattr(config, "config", None),
+                                                              Mapping):
+                cls_name = type(config).__name__
+                config = config.config
+            if not isinstance(config, Mapping):
+                raise TypeError(f"config must be a diffusers scheduler config (a dict or "
+                                f"FrozenDict) or a scheduler, got {type(config).__name__}")
+            cfg = dict(config)
+            own = {k: cfg.pop(k) for k in OWN_FIELDS if k in cfg}  # a saved SdekitScheduler's
+            saved = own.pop("solver_options", None) or {}
+            source = cls_name or cfg.get("_class_name")
+            if source != "SdekitScheduler":
+                own["source_class"] = source
+            given = {k: v for k, v in kwargs.items() if k in OWN_FIELDS}
+            options = dict(given.pop("solver_options", None) or {})
+            options.update({k: v for k, v in kwargs.items() if k not in OWN_FIELDS})
+            if given.get("solver", own.get("solver")) == own.get("solver"):
+                options = {**saved, **options}   # the saved solver's options still apply
+            own.update(given)
+            obj = cls(**own, scheduler_config=cfg, **options)
+            return (obj, {}) if return_unused_kwargs else obj
+
+        # --- what pipelines call ------------------------------------------------------
+        @property
+        def timesteps(self) -> Tensor | None:
+            return self._core.timesteps
+
+        @property
+        def order(self) -> int:
+            return int(self._core.solver.nfe_per_step)
+
+        @property
+        def init_noise_sigma(self) -> float:
+            """The initial state's standard deviation for data of unit variance (1 for DDPM
+            and flow models)."""
+            sde, times = self._core.sde, self._core.times
+            if times is None:
+                return float(sde.prior_std)
+            scale = float((sde.alpha(times[0]) ** 2 + sde.sigma(times[0]) ** 2).sqrt())
+            return 1.0 if abs(scale - 1.0) < 1e-9 else scale
+
+        def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
+            """The network's input is the state itself (DDPM and flow models)."""
+            return sample
+
+        def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None,
+                          timesteps: Sequence[float] | None = None, mu: float | None = None
+                          ) -> None:
+            """Plan a solve: ``num_inference_steps`` on the scheduler's grid, or explicit
+            ``timesteps`` in the network's units (the grid's points). ``mu``: the dynamic
+            (resolution-dependent) shift of a flow config with ``use_dynamic_shifting``."""
+            shift = (self._schedule.grid_options(mu=mu) if mu is not None
+                     or self._schedule.dynamic_shift is not None
+                     else self._schedule.grid_options())
+            self._core.grid_options = {**shift, **self._grid_options}
+            self._core.set_timesteps(num_inference_steps, device, timesteps)
+            self.num_inference_steps = (num_inference_steps if num_inference_steps is not None
+                                        else self._core.times.numel())
+
+        def step(self, model_output: Tensor, timestep: Any, sample: Tensor,
+                 generator: Any = None, return_dict: bool = True) -> Any:
+            """Hand the network's output at ``(sample, timestep)`` to the solver; returns the
+            state of the next network call (after the last one: the result)."""
+            if self._schedule.learned_variance and model_output.shape[1] == 2 * sample.shape[1]:
+                model_output = model_output[:, :sample.shape[1]]   # [eps, variance]
+            prev, x0 = self._core.step(model_output, timestep, sample, generator)
+            if not return_dict:
+                return (prev,)
+            return SdekitSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+        # --- sdekit's view --------------------------------------------------------------
+        @property
+        def times(self) -> Tensor | None:
+            """The sdekit grid of the planned solve (continuous times, float64): the ``grid``
+            that :func:`sdekit.sample` takes for the same solve."""
+            return self._core.times
+
+        @property
+        def solver(self) -> Solver:
+            return self._core.solver
+
+        @property
+        def sde(self) -> ForwardSDE:
+            return self._core.sde
+
+        def __len__(self) -> int:
+            return self._schedule.num_train_timesteps
+
+    for c in (SdekitScheduler, SdekitSchedulerOutput):
+        c.__qualname__ = c.__name__
+    return {"SdekitScheduler": SdekitScheduler, "SdekitSchedulerOutput": SdekitSchedulerOutput}
+
+
+_BUILT: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("SdekitScheduler", "SdekitSchedulerOutput"):
+        if not _BUILT:
+            _BUILT.update(_build())
+        return _BUILT[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
