@@ -623,6 +623,29 @@ def test_from_k_diffusion_discrete_eps_ddpm_denoiser_is_the_vp_network_on_its_ta
     assert _rel(a, b) < 1e-9 and cond_seen and set(cond_seen) == {0.0}
 
 
+def test_k_sampler_on_a_k_diffusion_wrapped_unet_equals_sample_dpmpp_2m(kd, unet):
+    """The everyday k-diffusion call: a VP network in DiscreteEpsDDPMDenoiser, its own
+    get_sigmas(n) (discrete table sigmas plus 0), sampled by k_sampler and by k-diffusion."""
+    diffusers = pytest.importorskip("diffusers")
+    from helpers import load_k_diffusion
+    ext = load_k_diffusion("external")
+    if ext is None:
+        pytest.skip("k_diffusion.external does not load")
+
+    class Eps(torch.nn.Module):
+        def forward(self, x, t):
+            return unet(x, t).sample
+
+    den = ext.DiscreteEpsDDPMDenoiser(Eps(), diffusers.DDPMScheduler().alphas_cumprod.double(),
+                                      quantize=True)
+    sigmas = den.get_sigmas(8)
+    x = _x(2) * sigmas[0]
+    with torch.no_grad():
+        ref = kd.sample_dpmpp_2m(den, x, sigmas, disable=True)
+        out = sdekit.interop.k_sampler("dpmpp_2m")(den, x, sigmas)
+    assert _rel(out, ref) < 1e-10
+
+
 def test_from_k_diffusion_edm_denoiser():
     data = _gauss()
 
