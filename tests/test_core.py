@@ -11,7 +11,7 @@ from sdekit import BrownianNoise, SeededNoise, make_grid, sample
 from sdekit.grids import GRIDS
 from sdekit.solvers import ModelOutputError
 
-from helpers import gaussian_problem, rms
+from helpers import gaussian_problem, load_k_diffusion, rms
 
 ALL_SDES = [sdekit.VPSDE, sdekit.CosineVPSDE, sdekit.SubVPSDE, sdekit.VESDE, sdekit.EDMSDE,
             sdekit.DiscreteDDPM]
@@ -264,15 +264,21 @@ def test_ddim_matches_diffusers_ddim_scheduler():
     torch.testing.assert_close(ours.x, y, rtol=1e-11, atol=1e-11)
 
 
+def _k_diffusion_sampling():
+    kd = load_k_diffusion()
+    if kd is None:
+        pytest.skip("k_diffusion.sampling does not load (pip install --no-deps k-diffusion)")
+    return kd
+
+
 def test_edm_heun_matches_k_diffusion_sample_heun():
-    K = pytest.importorskip("k_diffusion", reason="k-diffusion needs torchvision; "
-                            "run benchmarks/peers with its own environment")
+    K = _k_diffusion_sampling()
     sde = sdekit.EDMSDE()
     data = gaussian_problem(sde, dim=3)
-    sigmas = K.sampling.get_sigmas_karras(6, sde.sigma_min, sde.sigma_max, rho=7.0).double()
+    sigmas = K.get_sigmas_karras(6, sde.sigma_min, sde.sigma_max, rho=7.0).double()
     x = data.marginal_sample(4, sde.T, dtype=torch.float64)
     # k-diffusion ends with an Euler step to sigma = 0, which returns D: our denoise=True
-    ref = K.sampling.sample_heun(lambda y, s: data.x0(y, s[0]), x, sigmas, disable=True)
+    ref = K.sample_heun(lambda y, s: data.x0(y, s[0]), x, sigmas, disable=True)
     ours = sample(sde, data.model(), x, solver="edm_heun", grid=sigmas[:-1], denoise=True).x
     torch.testing.assert_close(ours, ref, rtol=1e-8, atol=1e-8)  # exp(log(sigma)) round-off
 
@@ -280,13 +286,12 @@ def test_edm_heun_matches_k_diffusion_sample_heun():
 def test_dpmpp_2m_matches_k_diffusion_sample_dpmpp_2m():
     """Same Karras sigma grid; k-diffusion's last step to sigma = 0 is first order, which is
     sdekit's final_to_zero (the grid's last interval becomes that jump)."""
-    K = pytest.importorskip("k_diffusion", reason="k-diffusion needs torchvision; "
-                            "run with its own environment")
+    K = _k_diffusion_sampling()
     sde = sdekit.EDMSDE()
     data = gaussian_problem(sde, dim=3)
-    sigmas = K.sampling.get_sigmas_karras(8, 0.01, sde.sigma_max, rho=7.0).double()
+    sigmas = K.get_sigmas_karras(8, 0.01, sde.sigma_max, rho=7.0).double()
     x = data.marginal_sample(4, sde.T, dtype=torch.float64)
-    ref = K.sampling.sample_dpmpp_2m(lambda y, s: data.x0(y, s[0]), x, sigmas, disable=True)
+    ref = K.sample_dpmpp_2m(lambda y, s: data.x0(y, s[0]), x, sigmas, disable=True)
     grid = torch.cat([sigmas[:-1], torch.tensor([sde.sigma_min], dtype=torch.float64)])
     ours = sample(sde, data.model(), x, solver="dpmpp_2m", grid=grid, final_to_zero=True,
                   lower_order_final=False)

@@ -66,11 +66,52 @@ def test_zero_terminal_snr_table_is_a_forward_sde_with_alpha_T_zero():
     assert sde.prior_std == 1.0
 
 
+def test_zero_terminal_snr_sampling_from_alpha_zero_converges_to_the_exact_flow():
+    """A v-prediction model sampled from t = 1 (alpha = 0) on the zero-terminal-SNR table: the
+    data-prediction solvers converge to the exact probability-flow map of Gaussian data."""
+    from helpers import gaussian_problem
+    sde = read_scheduler_config({"rescale_betas_zero_snr": True}).sde
+    data = gaussian_problem(sde, dim=4)
+    x = torch.randn(8, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    exact = data.flow(x, 1.0, 0.5)
+    errs = [float((sdekit.sample(sde, data.model("v"), x, solver="dpmpp_3m", steps=n,
+                                 t_end=0.5).x - exact).norm() / exact.norm()) for n in (10, 40)]
+    assert errs[1] < 1e-4 and errs[1] < errs[0] / 16, errs
+
+
+def test_in_memory_scheduler_configs_are_recognised():
+    """``scheduler.config`` of a scheduler built in memory has no ``_class_name``: a flow-match
+    config is recognised by its fields, a VE / EDM one refused by them."""
+    diffusers = pytest.importorskip("diffusers")
+    cfg = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    assert "_class_name" not in cfg
+    spec = read_scheduler_config(cfg)
+    assert spec.kind == "flow" and spec.grid_options() == {"shift": 3.0}
+    for sched in (diffusers.EDMEulerScheduler(), diffusers.CMStochasticIterativeScheduler()):
+        for obj in (sched, sched.config):
+            with pytest.raises(ValueError, match="is not supported: its config has neither a "
+                                                 "DDPM beta table"):
+                read_scheduler_config(obj)
+    for cls in ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
+                "UniPCMultistepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
+                "DEISMultistepScheduler", "LMSDiscreteScheduler", "PNDMScheduler"):
+        assert read_scheduler_config(getattr(diffusers, cls)().config).kind == "ddpm", cls
+
+
+def test_a_plain_dict_gets_diffusers_defaults():
+    diffusers = pytest.importorskip("diffusers")
+    spec = read_scheduler_config({})
+    assert torch.equal(spec.sde.alphas_cumprod.float(), diffusers.DDIMScheduler().alphas_cumprod)
+    assert (spec.prediction, spec.timestep_spacing, spec.steps_offset) == ("eps", "leading", 0)
+
+
 @pytest.mark.parametrize("ptype,kind", [("epsilon", "eps"), ("v_prediction", "v"),
                                         ("sample", "x0")])
 def test_prediction_types(ptype, kind):
     spec = read_scheduler_config({"beta_schedule": "linear", "prediction_type": ptype})
     assert spec.prediction == kind and spec.time_input == "model_time" and spec.kind == "ddpm"
+    model = spec.model(lambda x, t: x)
+    assert (model.sde, model.prediction, model.time_input) == (spec.sde, kind, "model_time")
 
 
 def test_flow_configs():
@@ -98,6 +139,22 @@ def test_flow_configs():
     assert spec.grid_options(mu=0.7) == {"mu": 0.7, "shift_type": "linear"}
     with pytest.raises(ValueError, match="image_seq_len"):
         spec.grid_options()
+
+
+@pytest.mark.parametrize("kw,mu", [({"flow_shift": 3.0}, None),
+                                   ({"use_dynamic_shifting": True}, 0.8)])
+def test_flow_grid_options_give_diffusers_flow_sigmas(kw, mu):
+    """DPMSolverMultistepScheduler with flow sigmas: uniform sigmas from 1 - 1/N down to
+    (1 - 1/N)/steps, shifted by flow_shift or exp(mu); the grid options of
+    read_scheduler_config on make_grid's uniform grid over that range are its sigmas (float32)."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True,
+                                                  prediction_type="flow_prediction", **kw)
+    sched.set_timesteps(8, **({} if mu is None else {"mu": mu}))
+    spec = read_scheduler_config(sched)
+    opts = spec.grid_options(**({} if mu is None else {"mu": mu}))
+    grid = sdekit.make_grid(spec.sde, "uniform", 7, t_start=0.999, t_end=0.999 / 8, **opts)
+    torch.testing.assert_close(grid, sched.sigmas[:-1].double(), rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("cfg,match", [
@@ -361,6 +418,28 @@ def test_plain_callable_and_output_shape_errors():
         sdekit.interop.from_diffusers(sched, "unet")
 
 
+def test_flux_transformer_is_told_sigma_not_1000_sigma():
+    """diffusers' Flux pipeline passes timestep / 1000 (FluxTransformer2DModel multiplies by
+    1000 itself); other flow transformers get 1000 sigma."""
+    seen = []
+
+    class FluxTransformer2DModel(torch.nn.Module):   # the call signature of diffusers' Flux
+        def forward(self, hidden_states, encoder_hidden_states=None, timestep=None,
+                    guidance=None, return_dict=True):
+            seen.append((timestep, guidance))
+            return (hidden_states,)
+
+    cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}
+    _, model = sdekit.interop.from_diffusers(cfg, FluxTransformer2DModel(),
+                                               guidance=torch.tensor([3.5]))
+    model.flow(torch.zeros(2, 4, 3), 0.25)
+    assert seen[-1][0].tolist() == [0.25, 0.25] and seen[-1][1].tolist() == [3.5]
+    seen_t = []
+    _, model = sdekit.interop.from_diffusers(cfg, lambda x, timestep: seen_t.append(timestep) or x)
+    model.flow(torch.zeros(2, 4, 3), 0.25)
+    assert seen_t[-1].tolist() == [250.0, 250.0]
+
+
 def test_learned_variance_unet_equals_diffusers_ddpm_scheduler_split():
     """A UNet2DModel with 2x output channels (variance_type='learned_range'): the mean half is
     the eps prediction, as DDPMScheduler.step splits it."""
@@ -463,6 +542,18 @@ def test_every_solver_runs_through_the_k_diffusion_signature(kd, name):
     assert errs[1] < 0.8 * errs[0], errs
 
 
+def test_k_sampler_takes_a_solver_instance(kd):
+    data = _gauss()
+    sigmas = kd.get_sigmas_karras(6, 0.01, 80.0).double()
+    x = data.marginal_sample(2, 80.0, dtype=F64)
+    def D(y, s):
+        return data.x0(y, s)
+    a = sdekit.interop.k_sampler(sdekit.get_solver("dpmpp_2m", lower_order_final=False))(D, x,
+                                                                                        sigmas)
+    torch.testing.assert_close(a, sdekit.interop.k_sampler("dpmpp_2m")(D, x, sigmas))
+    assert sdekit.interop.k_sampler("unipc_bh2").__name__ == "sample_unipc_bh2"
+
+
 def test_k_sampler_float32_state_and_single_sigma(kd):
     data = _gauss()
     x = data.marginal_sample(3, 10.0, dtype=F64).float()
@@ -532,6 +623,29 @@ def test_from_k_diffusion_discrete_eps_ddpm_denoiser_is_the_vp_network_on_its_ta
     assert _rel(a, b) < 1e-9 and cond_seen and set(cond_seen) == {0.0}
 
 
+def test_k_sampler_on_a_k_diffusion_wrapped_unet_equals_sample_dpmpp_2m(kd, unet):
+    """The everyday k-diffusion call: a VP network in DiscreteEpsDDPMDenoiser, its own
+    get_sigmas(n) (discrete table sigmas plus 0), sampled by k_sampler and by k-diffusion."""
+    diffusers = pytest.importorskip("diffusers")
+    from helpers import load_k_diffusion
+    ext = load_k_diffusion("external")
+    if ext is None:
+        pytest.skip("k_diffusion.external does not load")
+
+    class Eps(torch.nn.Module):
+        def forward(self, x, t):
+            return unet(x, t).sample
+
+    den = ext.DiscreteEpsDDPMDenoiser(Eps(), diffusers.DDPMScheduler().alphas_cumprod.double(),
+                                      quantize=True)
+    sigmas = den.get_sigmas(8)
+    x = _x(2) * sigmas[0]
+    with torch.no_grad():
+        ref = kd.sample_dpmpp_2m(den, x, sigmas, disable=True)
+        out = sdekit.interop.k_sampler("dpmpp_2m")(den, x, sigmas)
+    assert _rel(out, ref) < 1e-10
+
+
 def test_from_k_diffusion_edm_denoiser():
     data = _gauss()
 
@@ -555,3 +669,20 @@ def test_from_k_diffusion_edm_denoiser():
                                         sigma_min=0.1)
     with pytest.raises(TypeError, match="denoiser must be callable"):
         sdekit.interop.from_k_diffusion(3)
+
+
+# ------------------------------------------------------------------------- docs snippets
+def _doc_snippets():
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "docs" / "interop.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+
+
+@pytest.mark.parametrize("k", range(len(_doc_snippets())))
+def test_docs_interop_snippet_runs(k, capsys):
+    code = _doc_snippets()[k]
+    if "import diffusers" in code:
+        pytest.importorskip("diffusers")
+    exec(compile(code, f"docs/interop.md[{k}]", "exec"), {"__name__": "__doc_snippet__"})  # noqa: S102
+    assert capsys.readouterr().out.strip()      # every snippet prints its result

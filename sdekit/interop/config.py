@@ -10,8 +10,9 @@ was trained on, what it predicts, which time it is told) and returns a :class:`D
   alpha_T = 0 exactly; diffusers' DPM-Solver / UniPC / Euler schedulers replace that 0 by 2^-24
   for their own arithmetic, the model's table is the 0). The network is told the integer timestep
   ``n = 0 .. N-1`` (sdekit's ``model_time``).
-* flow-matching schedulers (``FlowMatch*``, or ``use_flow_sigmas`` / ``prediction_type=
-  'flow_prediction'``): :class:`~sdekit.sde.flow.FlowSDE` on ``[1/N, 1]``, the network told
+* flow-matching schedulers (``FlowMatch*``, ``use_flow_sigmas`` / ``prediction_type=
+  'flow_prediction'``, or a config with flow-shift fields and no beta table: an in-memory
+  ``scheduler.config`` has no ``_class_name``): :class:`~sdekit.sde.flow.FlowSDE` on ``[1/N, 1]``, the network told
   ``N sigma`` (diffusers' flow transformers' 0..1000 scale); the static ``shift`` /
   ``flow_shift`` or the dynamic (resolution-dependent) shift become the grid options of
   :func:`sdekit.grids.make_grid` (:meth:`DiffusersSchedule.grid_options`).
@@ -46,6 +47,12 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log",
                   "learned", "learned_range")
 _DDPM_KEYS = ("beta_schedule", "trained_betas", "beta_start", "beta_end")
+#: fields of FlowMatchEulerDiscreteScheduler's config (which has no beta table)
+_FLOW_KEYS = ("shift", "use_dynamic_shifting", "base_image_seq_len", "max_image_seq_len",
+              "invert_sigmas", "shift_terminal")
+#: fields of the VE / EDM-type schedulers (EDMEuler, EDMDPMSolver, CMStochasticIterative,
+#: ScoreSdeVe), which have no beta table either
+_VE_KEYS = ("sigma_min", "sigma_max", "sigma_data", "sigma_schedule")
 
 
 class TimestepScale:
@@ -208,12 +215,13 @@ def ddpm_alphas_cumprod(cfg: Mapping[str, Any]) -> Tensor:
     return torch.cumprod(1 - betas, 0).double()
 
 
-def _flow_config(cfg: Mapping[str, Any]) -> bool:
-    # a FlowMatch* scheduler's .config carries no _class_name: it has no beta table but the
-    # dynamic-shift fields
-    return bool(cfg.get("use_flow_sigmas", False)) or \
-        cfg.get("prediction_type") == "flow_prediction" or \
-        ("use_dynamic_shifting" in cfg and not any(k in cfg for k in _DDPM_KEYS))
+def _is_flow(cfg: Mapping[str, Any], cls: str | None) -> bool:
+    """A flow-matching config: a FlowMatch* class, flow sigmas / prediction, or (an in-memory
+    ``scheduler.config`` carries no class name) flow-shift fields without a beta table."""
+    if (cls or "").startswith("FlowMatch") or cfg.get("use_flow_sigmas", False) or \
+            cfg.get("prediction_type") == "flow_prediction":
+        return True
+    return not any(k in cfg for k in _DDPM_KEYS) and any(k in cfg for k in _FLOW_KEYS)
 
 
 def read_scheduler_config(scheduler_or_config: Any) -> DiffusersSchedule:
@@ -223,14 +231,15 @@ def read_scheduler_config(scheduler_or_config: Any) -> DiffusersSchedule:
     describes something sdekit cannot represent; see the module docstring.
     """
     cfg, cls = _as_config(scheduler_or_config)
-    name = cls or "<config>"
-    flow = (cls or "").startswith("FlowMatch") or _flow_config(cfg)
+    flow = _is_flow(cfg, cls)
     n = _positive_int(cfg, "num_train_timesteps", 1000, least=2)
     common = {"num_train_timesteps": n, "scheduler_class": cls, "config": cfg}
     if flow:
-        return _read_flow(cfg, n, cls, common)
-    if not any(k in cfg for k in _DDPM_KEYS):
-        raise ValueError(f"scheduler {name} is not supported: its config has neither a DDPM beta "
+        return _read_flow(cfg, n, common)
+    ve = [k for k in _VE_KEYS if k in cfg]
+    if not any(k in cfg for k in _DDPM_KEYS) and (cls is not None or ve):  # else: defaults
+        raise ValueError(f"scheduler {cls or 'config with ' + str(ve)} is not supported: its "
+                         "config has neither a DDPM beta "
                          f"table ({', '.join(_DDPM_KEYS)}) nor flow-matching sigmas; sdekit reads "
                          "DDPM-table schedulers (DDIM, DDPM, DPM-Solver, UniPC, Euler, ...) and "
                          "flow-matching ones (FlowMatch*, use_flow_sigmas=True)")
@@ -249,8 +258,7 @@ def read_scheduler_config(scheduler_or_config: Any) -> DiffusersSchedule:
                              learned_variance=variance in ("learned", "learned_range"), **common)
 
 
-def _read_flow(cfg: Mapping[str, Any], n: int, cls: str | None, common: dict[str, Any]
-               ) -> DiffusersSchedule:
+def _read_flow(cfg: Mapping[str, Any], n: int, common: dict[str, Any]) -> DiffusersSchedule:
     ptype = _field(cfg, "prediction_type", ("flow_prediction",), "flow_prediction")
     if cfg.get("invert_sigmas", False):
         raise ValueError("scheduler config field invert_sigmas=True is not supported: expected "

@@ -26,6 +26,7 @@ from torch import Tensor
 from ..dynamics.parameterization import DiffusionModel
 from ..integrate import sample as _sample
 from ..sde.ve import EDMSDE
+from ..solvers.base import Solver
 from ..solvers.registry import get_solver, list_solvers
 
 
@@ -73,9 +74,10 @@ def _check_sigmas(sigmas: Any) -> Tensor:
     return s
 
 
-def k_sampler(solver: str, *, seed: int = 0, float64: bool = False, **options: Any
+def k_sampler(solver: str | Solver, *, seed: int = 0, float64: bool = False, **options: Any
               ) -> Callable[..., Tensor]:
-    """A k-diffusion-style sampler running the registered sdekit ``solver`` (with ``options``).
+    """A k-diffusion-style sampler running the registered sdekit ``solver`` (a name, with
+    ``options``, or a Solver instance).
 
     Returns ``sample(model, x, sigmas, extra_args=None, callback=None, disable=None) -> x``
     (see the module docstring). ``callback``, if given, is called once per interval of
@@ -95,10 +97,11 @@ def k_sampler(solver: str, *, seed: int = 0, float64: bool = False, **options: A
         why = "chooses its own steps (adaptive)" if slv.adaptive else \
             "ignores the time grid (a learned operator)"
         ok = [d["name"] for d in list_solvers() if not (d["adaptive"] or d["grid_free"])]
-        raise ValueError(f"solver {solver!r} {why}, so it cannot follow a k-diffusion sigmas "
+        raise ValueError(f"solver {slv.name!r} {why}, so it cannot follow a k-diffusion sigmas "
                          f"list: use one of {ok}")
     params = inspect.signature(type(slv).__init__).parameters
-    if "lower_order_final" in params and "lower_order_final" not in options:
+    if isinstance(solver, str) and "lower_order_final" in params and \
+            "lower_order_final" not in options:
         slv = get_solver(solver, **options, lower_order_final=False)
 
     def sample(model: Callable[..., Tensor], x: Tensor, sigmas: Tensor,
@@ -145,6 +148,6 @@ def k_sampler(solver: str, *, seed: int = 0, float64: bool = False, **options: A
             report(len(s) - 2, None)
         return sol.x
 
-    sample.__name__ = f"sample_{solver}"
-    sample.__doc__ = f"sdekit's {solver!r} with k-diffusion's sampler signature (see k_sampler)."
+    sample.__name__ = f"sample_{slv.name}"
+    sample.__doc__ = f"sdekit's {slv.name!r} with k-diffusion's sampler signature (see k_sampler)."
     return sample

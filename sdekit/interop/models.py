@@ -52,14 +52,12 @@ class DiffusersNet:
     learned-variance network: ``[prediction, variance]``) is cut to its first half, as diffusers'
     DDPM / DiT pipelines do. Any other output shape is an error naming both shapes."""
 
-    def __init__(self, network: Callable[..., Any], cond: dict[str, Any] | None = None,
-                 learned_variance: bool = False) -> None:
+    def __init__(self, network: Callable[..., Any], cond: dict[str, Any] | None = None) -> None:
         if not callable(network):
             raise TypeError(f"network must be callable as network(x, timestep, ...), got "
                             f"{type(network).__name__}")
         self.network = network
         self.cond = dict(cond or {})
-        self.learned_variance = learned_variance
         params = _signature(network)
         self._time_kw = None if params is None else next((k for k in TIME_KWARGS if k in params),
                                                          None)
@@ -123,7 +121,7 @@ def from_diffusers(scheduler_or_config: Any, network: Callable[..., Any], **cond
     ``grid_options=read_scheduler_config(sched).grid_options(...)``.
     """
     spec = read_scheduler_config(scheduler_or_config)
-    net = DiffusersNet(network, cond, spec.learned_variance)
+    net = DiffusersNet(network, cond)
     time_input = spec.time_input
     if spec.kind == "flow" and type(network).__name__.startswith("Flux"):
         time_input = "t"     # Flux's forward multiplies its timestep by 1000
