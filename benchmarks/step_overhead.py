@@ -13,6 +13,12 @@ mins). Two regimes: small states (64 x 2, 1,000 steps: Python overhead decides) 
 ``k_diffusion.sampling`` is loaded, as in benchmarks/peers/run.py). Run:
 
     python benchmarks/step_overhead.py --out benchmarks/results/step_overhead.json
+
+``--peer diffusers`` compares with diffusers' schedulers instead (DDIM, DPM-Solver++ 2M, UniPC)
+under DDPM's linear discrete schedule, each library's natural loop (see
+:func:`measure_diffusers`):
+
+    python benchmarks/step_overhead.py --peer diffusers --out benchmarks/results/step_overhead_diffusers.json
 """
 from __future__ import annotations
 
@@ -95,20 +101,85 @@ def measure(kd, shape: tuple[int, ...], steps: int, rounds: int) -> list[dict]:
     return rows
 
 
+DIFFUSERS_PAIRS = [  # sdekit solver, diffusers scheduler: the same update rule and NFE
+    ("ddim", "DDIMScheduler"),
+    ("dpmpp_2m", "DPMSolverMultistepScheduler"),
+    ("unipc_bh2", "UniPCMultistepScheduler"),
+]
+DIFFUSERS_REGIMES = {"small": ((64, 2), 1000), "images": ((256, 3, 32, 32), 20)}
+
+
+def measure_diffusers(shape: tuple[int, ...], steps: int, rounds: int) -> list[dict]:
+    """The same near-free network (eps = x / 10) under DDPM's linear discrete schedule, each
+    library's natural loop: ``sdekit.sample`` on the option-free grid with ``steps`` steps, and
+    the scheduler's ``set_timesteps(steps)`` + ``step`` loop; network calls counted and equal."""
+    import diffusers
+    sde = sdekit.DiscreteDDPM()
+    calls = {"sdekit": 0, "diffusers": 0}
+
+    def eps(who: str):
+        def net(x, t):
+            calls[who] += 1
+            return x * 0.1
+        return net
+
+    net_a, net_b = eps("sdekit"), eps("diffusers")
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for name, cls_name in DIFFUSERS_PAIRS:
+        sched = getattr(diffusers, cls_name)(num_train_timesteps=1000)
+
+        def ours():
+            sdekit.sample(sde, net_a, x, solver=name, steps=steps, seed=0)
+
+        def theirs():
+            sched.set_timesteps(steps)
+            y = x
+            for t in sched.timesteps:
+                y = sched.step(net_b(y, t), t, y).prev_sample
+
+        ours(), theirs()
+        calls.update({"sdekit": 0, "diffusers": 0})
+        ours(), theirs()
+        if calls["sdekit"] != calls["diffusers"]:
+            raise SystemExit(f"{name} vs {cls_name}: {calls} network calls differ")
+        nfe = calls["sdekit"]
+        a, b = [], []
+        for _ in range(rounds):  # interleaved A B A B
+            a.append(_timed(ours) / steps * 1e3)
+            b.append(_timed(theirs) / steps * 1e3)
+        row = {"regime": f"{'x'.join(map(str, shape))}, {steps} steps", "solver": name,
+               "diffusers": cls_name, "nfe": nfe, "sdekit_ms_min": min(a),
+               "sdekit_ms_median": statistics.median(a), "diffusers_ms_min": min(b),
+               "diffusers_ms_median": statistics.median(b)}
+        row["ratio_median"] = row["sdekit_ms_median"] / row["diffusers_ms_median"]
+        row["ratio_min"] = row["sdekit_ms_min"] / row["diffusers_ms_min"]
+        rows.append(row)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                          for k, v in row.items()}), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--regimes", default="small,images")
+    ap.add_argument("--peer", choices=["k-diffusion", "diffusers"], default="k-diffusion",
+                    help="k-diffusion's samplers (default) or diffusers' schedulers")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    kd = load_kdiffusion()
-    if kd is None:
-        sys.exit("k-diffusion is not importable: pip install --no-deps k-diffusion")
     rows = []
-    for r in args.regimes.split(","):
-        shape, steps = REGIMES[r]
-        rows += measure(kd, shape, steps, args.rounds)
+    if args.peer == "diffusers":
+        for r in args.regimes.split(","):
+            rows += measure_diffusers(*DIFFUSERS_REGIMES[r], args.rounds)
+    else:
+        kd = load_kdiffusion()
+        if kd is None:
+            sys.exit("k-diffusion is not importable: pip install --no-deps k-diffusion")
+        for r in args.regimes.split(","):
+            shape, steps = REGIMES[r]
+            rows += measure(kd, shape, steps, args.rounds)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"command": "python benchmarks/step_overhead.py "
