@@ -15,20 +15,25 @@ from ..dynamics.parameterization import DiffusionModel
 from ..sde.base import ForwardSDE
 from .embedding import (EMBEDDINGS, NET_PREDICTIONS, FourierEmbedding, ScoreNet,
                         SinusoidalEmbedding)
+from .classifier import NoisyClassifier
 from .mlp import MLPScoreNet
 from .unet import UNet
 
 NETWORKS: dict[str, type[ScoreNet]] = {"unet": UNet, "mlp": MLPScoreNet}
+#: noise-conditional classifiers (classifier guidance), built by :func:`build_network` too
+CLASSIFIERS: dict[str, type[nn.Module]] = {"classifier": NoisyClassifier}
 
 
-def build_network(config: Mapping[str, Any]) -> ScoreNet:
-    """Rebuild a network from its ``config`` dict (``net.config``; ``name`` picks the class)."""
+def build_network(config: Mapping[str, Any]) -> nn.Module:
+    """Rebuild a network (a score network or a noise-conditional classifier) from its
+    ``config`` dict (``net.config``; ``name`` picks the class)."""
     cfg = dict(config)
     name = cfg.pop("name", None)
-    if name not in NETWORKS:
-        raise ValueError(f"network name={name!r} is invalid: expected one of {sorted(NETWORKS)}")
+    kinds = {**NETWORKS, **CLASSIFIERS}
+    if name not in kinds:
+        raise ValueError(f"network name={name!r} is invalid: expected one of {sorted(kinds)}")
     try:
-        return NETWORKS[name](**cfg)
+        return kinds[name](**cfg)
     except TypeError as e:
         raise ValueError(f"network config for {name!r} is invalid: {e}") from None
 
