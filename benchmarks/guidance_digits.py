@@ -179,14 +179,14 @@ def main() -> None:
 
 def write_markdown(rec: dict, path: Path) -> None:
     lines = [
-        f"Guidance on digits, `{rec['command']}`: {SOLVER}, {rec['n']} held-out samples per row "
+        (f"Guidance on digits, `{rec['command']}`: {SOLVER}, {rec['n']} held-out samples per row "
         f"(classes cycling 0..9, seed {rec['seed']}); labelled by the FD-digits classifier "
         f"(held-out accuracy {100 * rec['labeller']['held_out_accuracy']:.1f}% on real digits; "
         "not the guidance classifier). Scale chosen on "
         f"{rec['calib_n']} calibration samples (seed {rec['calib_seed']}): {rec['selection']}. "
         "NFE counts network passes: a CFG call is 2 (conditional + unconditional, batched); "
         "classifier guidance counts the diffusion network's passes, its classifier's "
-        "forward+backward passes beside them.",
+        "forward+backward passes beside them."),
         "",
         "| row | steps | NFE | classifier passes | scale | label accuracy | FD-digits |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -195,10 +195,10 @@ def write_markdown(rec: dict, path: Path) -> None:
         lines.append(f"| {r['row']} | {r['steps']} | {r['nfe']} | {r['classifier_passes']} | "
                      f"{r['scale']:g} | {100 * r['accuracy']:.1f}% +- "
                      f"{100 * r['accuracy_se']:.1f} | {r['fd_digits']:.3f} |")
-    lines += ["", f"FD-digits real-vs-real floor (901 vs 900): {rec['fd_floor']:.3f}; FD of "
-              f"{rec['n']} samples is biased upward against it. Guidance classifier accuracy on "
-              "the clean held-out digits (t_min): "
-              f"{100 * rec['guidance_classifier_clean_accuracy']:.1f}%.", ""]
+    lines += ["", (f"FD-digits real-vs-real floor (901 vs 900): {rec['fd_floor']:.3f}; FD of "
+                   f"{rec['n']} samples is biased upward against it. Guidance classifier "
+                   "accuracy on the clean held-out digits (t_min): "
+                   f"{100 * rec['guidance_classifier_clean_accuracy']:.1f}%."), ""]
     path.write_text("\n".join(lines))
 
 

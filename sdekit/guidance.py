@@ -288,5 +288,11 @@ def is_guided(model: Any) -> bool:
     return isinstance(fn, CFGNet) and fn.scale != 0
 
 
-__all__ = ["CFGNet", "classifier_free", "ClassifierGuidedModel", "classifier_guidance",
-           "is_guided", "check_guided_solver"]
+__all__ = [
+    "CFGNet",
+    "ClassifierGuidedModel",
+    "check_guided_solver",
+    "classifier_free",
+    "classifier_guidance",
+    "is_guided",
+]

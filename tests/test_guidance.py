@@ -16,8 +16,13 @@ import torch
 
 import sdekit
 from sdekit.analytic import GaussianMixtureData
-from sdekit.guidance import (CFGNet, ClassifierGuidedModel, classifier_free,
-                             classifier_guidance, is_guided)
+from sdekit.guidance import (
+    CFGNet,
+    ClassifierGuidedModel,
+    classifier_free,
+    classifier_guidance,
+    is_guided,
+)
 from sdekit.models import ConditionedNet, NoisyClassifier, wrap
 from tests.helpers import run_cli
 
@@ -165,7 +170,7 @@ def test_cfg_with_dynamic_thresholding_keeps_the_data_range():
     guided sample of a class whose mean is far outside [-1, 1] stays inside it."""
     sde = SDES["vp"]
     model = classifier_free(CondNet(mixture(sde)), sde, 0, K, 4.0, time_input="t")
-    kw = dict(shape=(64, 2), solver="dpmpp_2m", steps=10)
+    kw = {"shape": (64, 2), "solver": "dpmpp_2m", "steps": 10}
     free = sdekit.sample(sde, model, **kw).x
     clipped = sdekit.sample(sde, model, thresholding=True, **kw).x
     assert free.abs().max() > 3
@@ -201,7 +206,7 @@ def test_classifier_guided_sampling_reproduces_the_conditional_model():
     guided = classifier_guidance(gmm.model("eps"), exact_classifier(gmm), y, 1.0,
                                  classifier_time_input="t")
     cond = classifier_free(CondNet(gmm), sde, y, K, 0.0, time_input="t")
-    kw = dict(shape=(12, 2), solver="dpmpp_2m", steps=12, dtype=torch.float64)
+    kw = {"shape": (12, 2), "solver": "dpmpp_2m", "steps": 12, "dtype": torch.float64}
     a = sdekit.sample(sde, guided, grad="model", **kw)
     b = sdekit.sample(sde, cond, **kw)
     torch.testing.assert_close(a.x, b.x, rtol=1e-6, atol=1e-6)
@@ -260,7 +265,7 @@ def test_every_solver_runs_with_both_wrappers(name):
     cfg = classifier_free(net, sde, y, K, 1.5, time_input="t")
     cls = classifier_guidance(gmm.model("eps"), exact_classifier(gmm), y, 1.5,
                               classifier_time_input="t")
-    kw = dict(shape=(4, 2), solver=name, steps=_steps(name))
+    kw = {"shape": (4, 2), "solver": name, "steps": _steps(name)}
     if name == "dopri5":
         kw["rtol"] = 1e-3   # keep the test fast
     sub = sdekit.get_solver(name).evaluates_subsets
@@ -360,13 +365,13 @@ def test_train_classifier_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
                         "--batch-size", "8", "--channels", "8", "--device", "cpu", "--quiet",
                         "--out", out], capsys)
     assert rc == 0, e
-    net, sde, cfg = load_model(out / "checkpoint.pt")
+    net, _sde, cfg = load_model(out / "checkpoint.pt")
     assert isinstance(net, NoisyClassifier) and cfg["loss"] == "classifier"
     assert net(torch.zeros(2, 1, 8, 8), torch.zeros(2)).shape == (2, 10)
     assert not list(out.glob("samples_*.png"))   # no sample grids for a classifier
-    rc, o, e = run_cli(["train", "--data", "digits", "--objective", "classifier",
+    rc, _o, e = run_cli(["train", "--data", "digits", "--objective", "classifier",
                         "--prediction", "eps", "--out", tmp_path / "x"], capsys)
     assert rc == 2 and "--prediction" in e and "drop --prediction" in e
-    rc, o, e = run_cli(["train", "--data", "two_moons", "--objective", "classifier",
+    rc, _o, e = run_cli(["train", "--data", "two_moons", "--objective", "classifier",
                         "--out", tmp_path / "y"], capsys)
     assert rc == 2 and "labelled image data" in e

@@ -7,7 +7,7 @@ Like the score networks it is conditioned on the half-logSNR ``lambda = log alph
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -44,11 +44,11 @@ class NoisyClassifier(nn.Module):
         require(isinstance(image_size, int) and image_size >= down and image_size % down == 0,
                 "image_size", image_size, f"a multiple of {down}")
         require(0 <= dropout < 1, "dropout", dropout, "0 <= dropout < 1")
-        self.config = dict(name="classifier", in_channels=in_channels, image_size=image_size,
-                           num_classes=num_classes, base_channels=base_channels,
-                           channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
-                           attn_resolutions=list(attn_resolutions), num_heads=num_heads,
-                           groups=groups, dropout=dropout, embedding=embedding)
+        self.config = {"name": "classifier", "in_channels": in_channels, "image_size": image_size,
+                           "num_classes": num_classes, "base_channels": base_channels,
+                           "channel_mult": list(channel_mult), "num_res_blocks": num_res_blocks,
+                           "attn_resolutions": list(attn_resolutions), "num_heads": num_heads,
+                           "groups": groups, "dropout": dropout, "embedding": embedding}
         self.num_classes = num_classes
         self.data_shape = (in_channels, image_size, image_size)
         C = base_channels
