@@ -64,11 +64,12 @@ class CFGNet(nn.Module):
             (a scalar or a leading dimension of 1).
         null: the null condition, shaped like one entry of ``cond`` (or broadcastable the same
             way): the null class label, an empty-prompt embedding.
-        scale: the guidance weight ``w`` (finite).
-        rescale: CFG rescale ``phi`` in ``[0, 1]`` (Lin et al. 2024, Sec. 3.4, Eqs. 15-16): the
-            guided output ``g`` is rescaled per sample to the standard deviation of the
-            conditional output ``c``, ``phi g std(c) / std(g) + (1 - phi) g``. Applied to the
-            network's own output type (Lin et al. used v-prediction).
+        scale: the guidance weight ``w`` (finite; diffusers' ``guidance_scale`` is ``1 + w``).
+        rescale: CFG rescale ``phi`` in ``[0, 1]`` (diffusers' ``guidance_rescale``; Lin et al.
+            2024, Sec. 3.4, Eqs. 15-16): the guided output ``g`` is rescaled per sample to the
+            standard deviation of the conditional output ``c``,
+            ``phi g std(c) / std(g) + (1 - phi) g``. Applied to the network's own output type
+            (Lin et al. used v-prediction).
         **net_kwargs: fixed keyword arguments of every network call.
     """
 

@@ -303,6 +303,9 @@ def test_bad_scale_is_rejected_before_any_call(bad):
         classifier_guidance(gmm.model(), exact_classifier(gmm), 0, bad)
     with pytest.raises(ValueError, match="rescale=.*finite real number"):
         CFGNet(CondNet(gmm), 0, K, scale=1.0, rescale=bad)
+    from tests.test_models import tiny_unet
+    with pytest.raises(ValueError, match="guidance=.*finite real number"):
+        wrap(tiny_unet(num_classes=4), sde, y=1, guidance=bad)
 
 
 def test_bad_guidance_input_messages():
@@ -361,8 +364,8 @@ def test_noisy_classifier_shapes_and_input_gradient():
 def test_train_classifier_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
     from sdekit.training import load_model
     out = tmp_path / "clf"
-    rc, o, e = run_cli(["train", "--data", "digits", "--objective", "classifier", "--steps", "3",
-                        "--batch-size", "8", "--channels", "8", "--device", "cpu", "--quiet",
+    rc, _o, e = run_cli(["train", "--data", "digits", "--objective", "classifier", "--steps",
+                         "3", "--batch-size", "8", "--channels", "8", "--device", "cpu", "--quiet",
                         "--out", out], capsys)
     assert rc == 0, e
     net, _sde, cfg = load_model(out / "checkpoint.pt")

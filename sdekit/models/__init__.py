@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..dynamics.parameterization import DiffusionModel
-from ..guidance import CFGNet
+from ..guidance import CFGNet, _check_scale
 from ..sde.base import ForwardSDE
 from .embedding import (EMBEDDINGS, NET_PREDICTIONS, FourierEmbedding, ScoreNet,
                         SinusoidalEmbedding)
@@ -49,6 +49,7 @@ class ConditionedNet(CFGNet):
 
     def __init__(self, net: ScoreNet, y: Tensor | int | None, guidance: float = 0.0,
                  rescale: float = 0.0) -> None:
+        _check_scale("guidance", guidance)
         if guidance and net.num_classes is None:
             raise ValueError(f"guidance={guidance!r} needs a class-conditional network, but this "
                              "one has num_classes=None")
