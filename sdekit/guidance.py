@@ -209,8 +209,10 @@ class ClassifierGuidedModel(DiffusionModel):
         self.classifier, self.y, self.classifier_time_input = classifier, y.long(), cti
         self.classifier_nfe = 0
 
-    def log_prob_grad(self, x: Tensor, t: Any) -> Tensor:
-        """``grad_x log p(y | x_t, t)`` (one classifier forward and backward pass)."""
+    def log_prob_grad(self, x: Tensor, t: Any, input_dtype: torch.dtype | None = None
+                      ) -> Tensor:
+        """``grad_x log p(y | x_t, t)`` (one classifier forward and backward pass; the
+        classifier sees ``x`` cast to ``input_dtype``, the network's dtype, when given)."""
         if not (torch.is_grad_enabled() and x.requires_grad):
             raise RuntimeError(
                 "classifier guidance differentiates the classifier with respect to the state: "
@@ -223,7 +225,8 @@ class ClassifierGuidedModel(DiffusionModel):
                              "samples: expected one label or one per sample")
         tb = self._batch_time(x, t)
         cond = time_cond(self.sde, self.classifier_time_input, tb)
-        logits = self.classifier(x, cond.to(x.dtype) if cond.is_floating_point() else cond)
+        xin = x if input_dtype is None else x.to(input_dtype)   # differentiable cast
+        logits = self.classifier(xin, cond.to(xin.dtype) if cond.is_floating_point() else cond)
         self.classifier_nfe += 1
         if not (isinstance(logits, Tensor) and logits.ndim == 2 and logits.shape[0] == b):
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
@@ -242,7 +245,7 @@ class ClassifierGuidedModel(DiffusionModel):
             out = super().raw(x if full else x.detach(), t, input_dtype)
         if self.scale == 0:
             return out
-        grad = self.log_prob_grad(x, t)
+        grad = self.log_prob_grad(x, t, input_dtype)
         c = self._coeffs(x, t, dots="flow" == self.prediction)
         eps = convert(self.prediction, "eps", out.to(x.dtype), x, *c)
         eps = eps - self.scale * c[1] * grad.to(x.dtype)

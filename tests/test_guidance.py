@@ -241,6 +241,28 @@ def test_classifier_guidance_keeps_no_graph_across_steps():
     assert len(made) == guided.classifier_nfe > 6 and alive == [0] * 6
 
 
+def test_classifier_guidance_with_a_float64_state_and_a_float32_classifier():
+    """The classifier sees the network's dtype (float32) while the solver keeps float64."""
+    sde = SDES["vp"]
+    gmm = mixture(sde)
+    exact = exact_classifier(gmm)
+
+    class Float32Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, K)   # a float32 layer: rejects a float64 input
+
+        def forward(self, x, t):
+            return self.lin(x) * 0 + exact(x.double(), t).float()
+
+    guided = classifier_guidance(gmm.model("eps"), Float32Classifier(), 1, 1.0,
+                                 classifier_time_input="t")
+    cond = classifier_free(CondNet(gmm), sde, 1, K, 0.0, time_input="t")
+    kw = {"shape": (8, 2), "solver": "dpmpp_2m", "steps": 8, "float64": True}
+    a = sdekit.sample(sde, guided, grad="model", **kw)
+    torch.testing.assert_close(a.x, sdekit.sample(sde, cond, **kw).x, rtol=1e-4, atol=1e-4)
+
+
 def test_classifier_guidance_needs_grad_model():
     sde = SDES["vp"]
     gmm = mixture(sde)
