@@ -22,8 +22,10 @@ DEFAULT_STEPS = 20
 
 @dataclass
 class Solution:
-    """Samples plus statistics: the *measured* NFE, the steps taken, the grid used and
-    (optionally) the states at the requested times."""
+    """Samples plus statistics: the *measured* NFE (network passes: a classifier-free-guided
+    call, conditional and unconditional branch in one batch, counts 2; see
+    :mod:`sdekit.guidance`), the steps taken, the grid used and (optionally) the states at the
+    requested times."""
 
     x: Tensor
     nfe: int
