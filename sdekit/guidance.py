@@ -166,7 +166,10 @@ class ClassifierGuidedModel(DiffusionModel):
     Sec. 4.2, Eq. 14 for DDIM and every other sampler): ``eps <- eps - s sigma grad_x log
     p(y | x_t, t)``, i.e. ``score <- score + s grad_x log p(y | x_t, t)``, applied to every
     output type through eps. With the exact posterior ``p(y | x_t)`` and ``s = 1`` this is the
-    score of the class-conditional marginal.
+    score of the class-conditional marginal. Where ``alpha = 0`` (flow matching's ``t = 1``)
+    the output is left unguided: ``x_t`` holds no information about ``y`` there and the shift of
+    the data prediction, ``s sigma^2 grad / alpha``, is 0/0 (only its limit is finite); start a
+    little below (``t_start < 1``) to guide from the first step.
 
     Gradients flow only through the classifier: the diffusion network runs without a graph, and
     the classifier's gradient is taken with respect to the state. Sample with
@@ -249,7 +252,10 @@ class ClassifierGuidedModel(DiffusionModel):
         c = self._coeffs(x, t, dots="flow" == self.prediction)
         eps = convert(self.prediction, "eps", out.to(x.dtype), x, *c)
         eps = eps - self.scale * c[1] * grad.to(x.dtype)
-        return convert("eps", self.prediction, eps, x, *c).to(out.dtype)
+        guided = convert("eps", self.prediction, eps, x, *c).to(out.dtype)
+        # at alpha = 0 (flow matching's t = 1) the x0 shift s sigma^2 grad / alpha is 0/0 (x_t
+        # holds no information about y): the output there is left unguided
+        return torch.where(c[0] == 0, out, guided) if bool((c[0] == 0).any()) else guided
 
 
 def classifier_guidance(model: DiffusionModel, classifier: Any, y: Any, scale: float, *,

@@ -214,6 +214,29 @@ def test_classifier_guided_sampling_reproduces_the_conditional_model():
     assert not a.x.requires_grad
 
 
+def test_classifier_guidance_from_alpha_zero_on_flow_matching():
+    """A flow model at t = 1 (alpha = 0), where the guidance term is 0/0: the output there is
+    the unguided one and a solve from t = 1 stays finite; from just below t = 1 the exact
+    classifier reproduces the conditional model."""
+    sde = SDES["flow"]
+    gmm = mixture(sde)
+    y = torch.tensor([0, 1, 2, 1])
+    guided = classifier_guidance(gmm.model("flow"), exact_classifier(gmm), y, 1.0,
+                                 classifier_time_input="t")
+    cond = classifier_free(CondNet(gmm, "flow"), sde, y, K, 0.0, prediction="flow",
+                           time_input="t")
+    x = state(4).requires_grad_(True)
+    with torch.enable_grad():
+        at_one = guided.predict(x, 1.0, "x0").detach()
+    torch.testing.assert_close(at_one, gmm.model("flow").predict(x.detach(), 1.0, "x0"))
+    kw = {"shape": (4, 2), "solver": "ddim", "steps": 8, "dtype": torch.float64}
+    a = sdekit.sample(sde, guided, grad="model", **kw)
+    assert float(sde.alpha(a.times[0])) == 0.0 and torch.isfinite(a.x).all()
+    kw["t_start"] = 1 - 1e-3
+    torch.testing.assert_close(sdekit.sample(sde, guided, grad="model", **kw).x,
+                               sdekit.sample(sde, cond, **kw).x, rtol=1e-6, atol=1e-6)
+
+
 def test_classifier_guidance_keeps_no_graph_across_steps():
     """Memory stays that of one call: every tensor the classifier made in a model call is freed
     before the next step (no autograd graph survives a step)."""
