@@ -110,7 +110,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a("--sde-kwargs", type=_json, default=None, metavar="JSON",
       help='SDE keyword arguments, e.g. \'{"beta_max": 20}\' (default: the SDE\'s own)')
     a("--out", type=out_dir, default=None,
-      help="output directory (default: runs/<data>-<sde>)")
+      help="output directory (default: runs/<data>-<sde>, runs/<data>-<sde>-classifier with "
+           "--objective classifier)")
     a("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     a("--print-config", action="store_true",
       help="print the resolved training config as JSON and exit without training")
