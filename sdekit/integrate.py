@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .dynamics.parameterization import DiffusionModel, as_model
 from .grids import make_grid
+from .guidance import check_guided_solver
 from ._utils import check_float_dtype, check_seed, compute_dtype
 from .noise import SeededNoise, sample_seeds
 from .sde.base import ForwardSDE
@@ -21,8 +22,10 @@ DEFAULT_STEPS = 20
 
 @dataclass
 class Solution:
-    """Samples plus statistics: the *measured* NFE, the steps taken, the grid used and
-    (optionally) the states at the requested times."""
+    """Samples plus statistics: the *measured* NFE (network passes: a classifier-free-guided
+    call, conditional and unconditional branch in one batch, counts 2; see
+    :mod:`sdekit.guidance`), the steps taken, the grid used and (optionally) the states at the
+    requested times."""
 
     x: Tensor
     nfe: int
@@ -99,6 +102,7 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
                          f"at least {slv.min_steps}")
     problem = Problem(sde, dm, times, None, solver_name=slv.name)
     slv.check_start(problem)  # alpha = 0 at t_start (flow matching at t = 1)
+    check_guided_solver(dm, slv)
     if noise is None:
         n = int(shape[0]) if x_init is None else x_init.shape[0]
         noise = SeededNoise(list(seeds) if seeds is not None else sample_seeds(seed, n))

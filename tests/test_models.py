@@ -167,7 +167,7 @@ def test_class_conditioning_null_class_and_guidance():
     model = wrap(net, sde, y=y, guidance=w)
     with torch.no_grad():
         model.eps(x, 0.5)
-    assert model.nfe == 1   # both CFG branches run in one batched, counted call
+    assert model.nfe == 2   # both CFG branches run in one batched call: 2 network passes
     with pytest.raises(ValueError, match="labels outside"):
         net(x, c, torch.tensor([0, 1, 7]))
     with pytest.raises(ValueError, match="guidance"):

@@ -46,7 +46,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a("--label", type=nonneg_int, default=None,
       help="class label for a class-conditional model (default: labels cycle 0..K-1)")
     a("--guidance", type=float_in(-math.inf), default=0.0,
-      help="classifier-free guidance weight w")
+      help="classifier-free guidance weight w: (1 + w) conditional - w unconditional, one "
+           "batched call of 2 network passes (2 NFE) per model call")
+    a("--cfg-rescale", type=float_in(0.0, 1.0, hi_open=False), default=0.0, metavar="PHI",
+      help="CFG rescale (Lin et al. 2024) of the guided output, in [0, 1]")
+    a("--classifier", type=existing_file, default=None,
+      help="a noise-conditional classifier checkpoint (`sdekit train --objective classifier`, "
+           "on the same SDE) for classifier guidance towards --label or the cycling labels "
+           "(default: none)")
+    a("--classifier-scale", type=float_in(-math.inf), default=1.0, metavar="S",
+      help="classifier guidance scale s: eps - s sigma grad log p(y | x_t)")
     a("--sde", default=None,
       help="forward SDE to sample (default: the one the checkpoint records, the only valid one)")
     a("--prediction", default=None,
@@ -95,17 +104,36 @@ def run(args: argparse.Namespace) -> int:
                   f"{cfg.get('loss')!r}): expected {recorded!r}, or omit {flag}",
                   file=sys.stderr)
             return 2
-    y = None
-    if net.num_classes:
-        y = (torch.full((args.n,), args.label) if args.label is not None
-             else torch.arange(args.n) % net.num_classes)
-        if args.label is not None and not 0 <= args.label < net.num_classes:
-            print(f"sdekit sample: error: --label={args.label} is invalid: expected 0.."
-                  f"{net.num_classes - 1}", file=sys.stderr)
+    clf = None
+    if args.classifier is not None:
+        try:
+            clf, _, ccfg = load_model(args.classifier)
+        except CheckpointError as e:
+            print(f"sdekit sample: error: --classifier: {e}", file=sys.stderr)
             return 2
-    elif args.label is not None or args.guidance:
-        print("sdekit sample: error: --label/--guidance need a class-conditional checkpoint "
-              "(trained with --class-cond)", file=sys.stderr)
+        if ccfg.get("loss") != "classifier" or ccfg.get("sde") != cfg.get("sde") or \
+                ccfg.get("sde_kwargs", {}) != cfg.get("sde_kwargs", {}):
+            what = ("is not a classifier checkpoint (made by `sdekit train --objective "
+                    "classifier`)" if ccfg.get("loss") != "classifier" else
+                    f"was trained on the SDE {ccfg.get('sde')!r} {ccfg.get('sde_kwargs', {})}, "
+                    f"the model on {cfg.get('sde')!r} {cfg.get('sde_kwargs', {})}")
+            print(f"sdekit sample: error: --classifier {str(args.classifier)!r} {what}",
+                  file=sys.stderr)
+            return 2
+    classes = net.num_classes or (clf.num_classes if clf is not None else None)
+    y = None
+    if classes:
+        y = (torch.full((args.n,), args.label) if args.label is not None
+             else torch.arange(args.n) % classes)
+        if args.label is not None and not 0 <= args.label < classes:
+            print(f"sdekit sample: error: --label={args.label} is invalid: expected 0.."
+                  f"{classes - 1}", file=sys.stderr)
+            return 2
+    if not net.num_classes and (args.guidance or args.cfg_rescale or
+                                (args.label is not None and clf is None)):
+        print("sdekit sample: error: --label/--guidance/--cfg-rescale need a class-conditional "
+              "checkpoint (trained with --class-cond), or --classifier for --label",
+              file=sys.stderr)
         return 2
     kw = {"grid": args.grid} if args.grid else {}
     if args.operator is not None:
@@ -116,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
         kw["operator"] = args.operator
     try:
         x, nfe = generate(net, sde, args.n, solver=args.solver, steps=args.steps, seed=args.seed,
-                          y=y, guidance=args.guidance, batch_size=args.batch_size, **kw)
+                          y=y, guidance=args.guidance, batch_size=args.batch_size,
+                          rescale=args.cfg_rescale, classifier=clf,
+                          classifier_scale=args.classifier_scale, **kw)
     except (ValueError, KeyError) as e:
         msg = e.args[0] if e.args else e
         print(f"sdekit sample: error: {msg}", file=sys.stderr)
@@ -128,7 +158,10 @@ def run(args: argparse.Namespace) -> int:
     save_samples_png(png, x, nrow=nrow)
     transform = cfg.get("transform") or {}
     meta = {"checkpoint": str(args.checkpoint), "solver": args.solver, "steps": args.steps,
-            "nfe": nfe, "seed": args.seed, "guidance": args.guidance, "ema": not args.raw}
+            "nfe": nfe, "seed": args.seed, "guidance": args.guidance, "ema": not args.raw,
+            "cfg_rescale": args.cfg_rescale,
+            "classifier": str(args.classifier) if clf is not None else None,
+            "classifier_scale": args.classifier_scale if clf is not None else None}
     arrays = {"x": x.numpy(), "meta": np.array(json.dumps(meta))}
     if transform:
         xd = to_data_space(x, transform)

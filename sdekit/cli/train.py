@@ -110,7 +110,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a("--sde-kwargs", type=_json, default=None, metavar="JSON",
       help='SDE keyword arguments, e.g. \'{"beta_max": 20}\' (default: the SDE\'s own)')
     a("--out", type=out_dir, default=None,
-      help="output directory (default: runs/<data>-<sde>)")
+      help="output directory (default: runs/<data>-<sde>, runs/<data>-<sde>-classifier with "
+           "--objective classifier)")
     a("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     a("--print-config", action="store_true",
       help="print the resolved training config as JSON and exit without training")
@@ -150,10 +151,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     o = p.add_argument_group("optimisation")
     o.add_argument("--loss", choices=LOSSES, default=None,
                    help="training loss (" + R("loss") + ")")
-    o.add_argument("--objective", choices=("flow",), default=None,
+    o.add_argument("--objective", choices=("flow", "classifier"), default=None,
                    help="flow: flow matching (--sde flow, --prediction flow, --loss flow and "
-                        "the flow recipe's --t-sampling, each unless given; default: none, "
-                        "denoising score matching)")
+                        "the flow recipe's --t-sampling, each unless given); classifier: a "
+                        "noise-conditional classifier p(y | x_t, t) for classifier guidance "
+                        "(the U-Net's encoder half, cross-entropy on x_t; digits only; default: "
+                        "none, denoising score matching)")
+    alias(o, "--classifier", "objective", action="store_const", const="classifier")
     o.add_argument("--t-sampling", choices=T_SAMPLINGS, default=None,
                    help="training times of the flow loss: logit_normal, t = sigmoid(m + s z) "
                         "(SD3), or uniform (" + R("t_sampling", flow=True) + ")")
@@ -204,8 +208,21 @@ def _default_sde(args: argparse.Namespace) -> str:
     return "flow" if args.objective == "flow" else "vp"
 
 
+# flags of a score network or its loss, meaningless for --objective classifier
+SCORE_ONLY = (("prediction", "--prediction"), ("sigma_data", "--sigma-data"),
+              ("loss", "--loss"), ("label_dropout", "--label-dropout"), ("width", "--width"),
+              ("depth", "--depth"), ("net", "--net"), ("class_cond", "--class-cond"))
+
+
 def build_config(args: argparse.Namespace):
     from ..training.trainer import recipe
+
+    if args.objective == "classifier":
+        given = [flag for dest, flag in SCORE_ONLY + T_FLAGS if getattr(args, dest)]
+        if given:
+            raise ValueError(f"{given[0]} sets up a score network or its loss, but "
+                             "--objective classifier trains a classifier (no prediction, no "
+                             f"null class, cross-entropy loss): drop {given[0]}")
 
     net = {key: getattr(args, flag) for flag, key in NET_FLAGS.items()
            if getattr(args, flag) is not None}
@@ -271,7 +288,8 @@ def run(args: argparse.Namespace) -> int:
     from ..training.trainer import CHECKPOINT_NAME, Trainer, TrainingDiverged
 
     sde_name = args.sde or _default_sde(args)
-    out = args.out or default_out_dir(Path("runs") / f"{args.data}-{sde_name}")
+    suffix = "-classifier" if args.objective == "classifier" else ""
+    out = args.out or default_out_dir(Path("runs") / f"{args.data}-{sde_name}{suffix}")
     with user_input():
         cfg = build_config(args)
     check_config(cfg)
@@ -294,8 +312,10 @@ def run(args: argparse.Namespace) -> int:
         if trainer.rank == 0:
             start = f" (resumed at step {trainer.step})" if trainer.step else ""
             n = sum(p.numel() for p in trainer.net.parameters())
-            print(f"training {cfg.net['name']} ({n:,} parameters, prediction "
-                  f"{trainer.net.prediction}) on {cfg.data} with {cfg.sde}/{cfg.loss} loss"
+            what = ("classes" if trainer.is_classifier
+                    else f"prediction {trainer.net.prediction}")
+            print(f"training {cfg.net['name']} ({n:,} parameters, {what}) on {cfg.data} with "
+                  f"{cfg.sde}/{cfg.loss} loss"
                   f"{_t_sampling(cfg)} for "
                   f"{cfg.steps} steps{start}; world size {trainer.world_size}; output {out}")
         res = trainer.train()

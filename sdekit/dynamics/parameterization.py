@@ -40,14 +40,17 @@ TIME_INPUTS = ("model_time", "t", "sigma_tilde", "lambda", "t1000")
 
 
 class NFECounter:
-    """Wrap a callable and count its calls (one call on a batch = one function evaluation)."""
+    """Wrap a callable and count its calls (one call on a batch = one function evaluation; a
+    callable that runs several network passes per call, e.g. classifier-free guidance's
+    conditional and unconditional branch, says so in its ``nfe_per_call`` attribute and counts
+    that many)."""
 
     def __init__(self, fn: Callable[..., Tensor]) -> None:
         self.fn = fn
         self.count = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
-        self.count += 1
+        self.count += int(getattr(self.fn, "nfe_per_call", 1))
         return self.fn(*args, **kwargs)
 
     def reset(self) -> None:
@@ -139,6 +142,18 @@ def convert(src: str, dst: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Te
     raise ValueError(f"prediction={dst!r} is invalid: expected one of {PREDICTIONS}")
 
 
+def time_cond(sde: ForwardSDE, time_input: str | Callable[[Tensor], Tensor], t: Tensor
+              ) -> Tensor:
+    """The network's conditioning ``time_input`` (one of :data:`TIME_INPUTS` or a callable
+    ``t -> cond``) at times ``t``."""
+    if callable(time_input):
+        return time_input(t)
+    fn = {"model_time": sde.model_time, "t": lambda u: sde._time(u)[0],
+          "sigma_tilde": sde.sigma_tilde, "lambda": sde.lambda_,
+          "t1000": lambda u: 1000 * sde._time(u)[0]}[time_input]
+    return fn(t)
+
+
 class DiffusionModel:
     """A network plus its forward SDE and output parametrisation, callable as any other one.
 
@@ -204,13 +219,7 @@ class DiffusionModel:
         return self.net.count
 
     def _cond(self, t: Tensor) -> Tensor:
-        ti = self.time_input
-        if callable(ti):
-            return ti(t)
-        fn = {"model_time": self.sde.model_time, "t": lambda u: self.sde._time(u)[0],
-              "sigma_tilde": self.sde.sigma_tilde, "lambda": self.sde.lambda_,
-              "t1000": lambda u: 1000 * self.sde._time(u)[0]}[ti]
-        return fn(t)
+        return time_cond(self.sde, self.time_input, t)
 
     def _batch_time(self, x: Tensor, t: Any) -> Tensor:
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device)

@@ -129,6 +129,9 @@ class Solver:
     # and DDIM take it in closed form, x_1 = sigma_1 / sigma_0 x + alpha_1 x0_hat. Every other
     # solver works in x / alpha, in lambda steps or in the SDE's f and g, all infinite there.
     starts_at_alpha_zero: bool = False
+    # True where the model is called on subsets of the batch (per-sample adaptive steps): a
+    # model wrapper holding one condition per sample cannot follow those calls
+    evaluates_subsets: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         if options:

@@ -276,6 +276,7 @@ class DPMSolverAdaptive(ExpIntegrator):
     ``h_max=math.inf, atol=0.0078`` gives Alg. 4's step control on VP (per-sample E)."""
 
     adaptive = True
+    evaluates_subsets = True   # only the samples still stepping are evaluated
     paper = "Lu et al. 2022, DPM-Solver, Alg. 4 (adaptive step size) and App. C"
 
     ATOL_PER_RTOL = 0.0078 / 0.05  # the paper's defaults (atol for image data in [-1, 1])

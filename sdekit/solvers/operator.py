@@ -46,6 +46,17 @@ class OperatorSampler(Solver):
     def expected_nfe(self, steps: int) -> int:
         return 1
 
+    def check_start(self, p: Problem) -> None:
+        """A guided model cannot be sampled: the operator replaces the model's calls, so its
+        guidance would be silently dropped."""
+        from ..guidance import is_guided
+        if is_guided(p.model):
+            raise ValueError("solver 'fno' replaces the model by its distilled operator and never "
+                             "calls it, so it cannot apply the model's guidance (classifier-free "
+                             "or classifier): use a solver that calls the model (any other "
+                             "registered solver)")
+        super().check_start(p)
+
     def for_problem(self, sde: Any, model: Any, state_shape: Any) -> "OperatorSampler":
         """A quick distillation on this problem when no operator was given (used by the
         registry's contract tests): 512 Heun trajectories and the operator's linear path fitted

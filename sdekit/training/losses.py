@@ -156,3 +156,45 @@ class DSMLoss:
 
     def __repr__(self) -> str:
         return f"DSMLoss(kind={self.kind!r}, prediction={self.prediction!r}, sde={self.sde!r})"
+
+
+class ClassifierLoss:
+    """Cross-entropy of a noise-conditional classifier ``net(x_t, cond) -> logits`` on noised
+    data ``x_t = alpha x0 + sigma eps`` (Dhariwal & Nichol 2021, Sec. 4: the classifier is
+    trained on the diffusion's noisy marginals), with ``t`` drawn as the ``eps`` loss draws it
+    (uniform in ``[t_min, T]``; uniform over the integer timesteps for :class:`DiscreteDDPM`)
+    and ``cond`` the time input ``time_input`` (``lambda`` for sdekit's classifier)."""
+
+    kind = "classifier"
+
+    def __init__(self, sde: ForwardSDE, time_input: str = "lambda") -> None:
+        require(time_input in ("lambda", "t", "model_time", "sigma_tilde"), "time_input",
+                time_input, "one of ('lambda', 't', 'model_time', 'sigma_tilde')")
+        self.sde, self.time_input = sde, time_input
+        self._times = DSMLoss(sde, "eps")
+
+    def per_sample(self, net: Callable[..., Tensor], x0: Tensor, t: Tensor, noise: Tensor,
+                   y: Tensor) -> Tensor:
+        """The cross-entropy of each sample at given times and noise (shape ``(B,)``)."""
+        if y is None:
+            raise ValueError("the classifier loss needs class labels y")
+        sde = self.sde
+        t = torch.as_tensor(t, dtype=torch.float64, device=x0.device)
+        xt = append_dims(sde.alpha(t).to(x0), x0.ndim) * x0 \
+            + append_dims(sde.sigma(t).to(x0), x0.ndim) * noise
+        cond = {"lambda": sde.lambda_, "t": lambda u: u, "model_time": sde.model_time,
+                "sigma_tilde": sde.sigma_tilde}[self.time_input](t).to(x0.dtype)
+        logits = net(xt, cond)
+        if logits.ndim != 2 or logits.shape[0] != x0.shape[0]:
+            raise ValueError(f"shape mismatch: the classifier returned shape "
+                             f"{tuple(logits.shape)}: expected (batch, num_classes)")
+        return torch.nn.functional.cross_entropy(logits.float(), y, reduction="none")
+
+    def __call__(self, net: Callable[..., Tensor], x0: Tensor, y: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        t = self._times.sample_t(x0.shape[0], generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        return self.per_sample(net, x0, t, noise, y).mean()
+
+    def __repr__(self) -> str:
+        return f"ClassifierLoss(sde={self.sde!r})"

@@ -30,7 +30,7 @@ from ..models import build_network
 from ..sde import SDES, get_sde
 from .checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from .data import DATASETS, Dataset, load_dataset
-from .losses import LOSSES, T_SAMPLINGS, DSMLoss
+from .losses import LOSSES, T_SAMPLINGS, ClassifierLoss, DSMLoss
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.csv"
@@ -130,7 +130,14 @@ FLOW_RECIPES: dict[str, dict[str, Any]] = {
                "t_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0},
     "toy": {"sde": "flow", "net": {"prediction": "flow"}, "loss": "flow", "t_sampling": "uniform"},
 }
-OBJECTIVES = ("dsm", "flow")
+# A noise-conditional classifier for classifier guidance (``objective='classifier'``): the
+# U-Net's encoder half (sdekit.models.NoisyClassifier) trained with cross-entropy on x_t.
+CLASSIFIER_RECIPES: dict[str, dict[str, Any]] = {
+    "digits": {"net": {"name": "classifier", "base_channels": 32, "channel_mult": [1, 2],
+                       "num_res_blocks": 1}, "loss": "classifier", "steps": 2000,
+               "batch_size": 128},
+}
+OBJECTIVES = ("dsm", "flow", "classifier")
 
 
 def recipe(data: str, objective: str = "dsm", **overrides: Any) -> TrainConfig:
@@ -144,7 +151,15 @@ def recipe(data: str, objective: str = "dsm", **overrides: Any) -> TrainConfig:
     kind = "digits" if data == "digits" else "toy"
     base = copy.deepcopy(RECIPES[kind])
     net = dict(base.pop("net"))
-    if objective == "flow":
+    if objective == "classifier":
+        if data not in CLASSIFIER_RECIPES:
+            raise ValueError(f"objective='classifier' needs labelled image data: expected data "
+                             f"in {sorted(CLASSIFIER_RECIPES)}, got {data!r}")
+        net = {}   # the classifier's own network, not the score network's
+        cls = copy.deepcopy(CLASSIFIER_RECIPES[data])
+        net.update(cls.pop("net"))
+        base.update(cls)
+    elif objective == "flow":
         flow = copy.deepcopy(FLOW_RECIPES[kind])
         net.update(flow.pop("net"))
         base.update(flow)
@@ -159,6 +174,14 @@ def complete_net_config(cfg: TrainConfig, dataset: Dataset) -> dict[str, Any]:
     """Fill the data-dependent network entries (shape, classes) from the dataset."""
     net = dict(cfg.net)
     name = net.setdefault("name", "unet" if dataset.is_image else "mlp")
+    if name == "classifier":
+        if not (dataset.is_image and dataset.num_classes):
+            raise ValueError(f"net name='classifier' needs labelled image data, but "
+                             f"{cfg.data!r} is not")
+        net.setdefault("in_channels", dataset.shape[0])
+        net.setdefault("image_size", dataset.shape[-1])
+        net.setdefault("num_classes", dataset.num_classes)
+        return net
     if name == "unet":
         if not dataset.is_image:
             raise ValueError(f"net name='unet' needs image data, but {cfg.data!r} has samples of "
@@ -263,10 +286,14 @@ class Trainer:
         self.ema = copy.deepcopy(self.net).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
-        self.loss_fn = DSMLoss(self.sde, config.loss, prediction=self.net.prediction,
-                               time_input=self.net.time_input, importance=config.importance,
-                               sigma_data=self.net.sigma_data, t_sampling=config.t_sampling,
-                               logit_mean=config.logit_mean, logit_std=config.logit_std)
+        self.is_classifier = config.loss == "classifier"
+        if self.is_classifier:
+            self.loss_fn: Any = ClassifierLoss(self.sde, time_input=self.net.time_input)
+        else:
+            self.loss_fn = DSMLoss(self.sde, config.loss, prediction=self.net.prediction,
+                                   time_input=self.net.time_input, importance=config.importance,
+                                   sigma_data=self.net.sigma_data, t_sampling=config.t_sampling,
+                                   logit_mean=config.logit_mean, logit_std=config.logit_std)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=config.lr, betas=config.betas,
                                      weight_decay=config.weight_decay, foreach=True)
         # dropout is the only consumer of the global RNG in a forward pass
@@ -279,7 +306,8 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DDP(self.net, device_ids=ids)
         self.x = self.dataset.x.to(self.device)
-        self.y = self.dataset.y.to(self.device) if config.class_cond else None
+        labelled = config.class_cond or self.is_classifier
+        self.y = self.dataset.y.to(self.device) if labelled else None
         if resume:
             self._resume()
 
@@ -288,7 +316,16 @@ class Trainer:
         c = self.cfg
         require(c.data in DATASETS, "data", c.data, f"one of {list(DATASETS)}")
         require(c.sde in SDES, "sde", c.sde, f"one of {sorted(SDES)}")
-        require(c.loss in LOSSES, "loss", c.loss, f"one of {LOSSES}")
+        require(c.loss in LOSSES + ("classifier",), "loss", c.loss,
+                f"one of {LOSSES + ('classifier',)}")
+        is_cls = c.net.get("name") == "classifier"
+        if is_cls != (c.loss == "classifier"):
+            raise ValueError(f"loss={c.loss!r} with net name={c.net.get('name')!r} is invalid: "
+                             "the classifier loss trains net name='classifier' and only it "
+                             "(use objective='classifier')")
+        if is_cls and c.class_cond:
+            raise ValueError("class_cond=True is invalid for a classifier: it is trained on "
+                             "the labels, with no null class")
         require(c.t_sampling in T_SAMPLINGS, "t_sampling", c.t_sampling, f"one of {T_SAMPLINGS}")
         require(is_real(c.logit_mean), "logit_mean", c.logit_mean, "a finite number")
         require(is_real(c.logit_std) and c.logit_std > 0, "logit_std", c.logit_std,
@@ -376,6 +413,8 @@ class Trainer:
         y = None
         if self.y is not None:
             y = self.y[idx]
+            if self.is_classifier:   # the labels are the targets: no null class
+                return x0, y
             drop = (torch.rand(b, generator=g) < self.cfg.label_dropout).to(self.device)
             y = torch.where(drop, torch.full_like(y, self.net.num_classes), y)
         return x0, y
@@ -465,7 +504,7 @@ class Trainer:
         return x
 
     def _sample_grid(self) -> None:
-        if self.out_dir is None or self.rank != 0:
+        if self.out_dir is None or self.rank != 0 or self.is_classifier:
             return
         from .images import save_samples_png
         try:
