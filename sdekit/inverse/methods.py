@@ -5,7 +5,8 @@
   ``x_t0 = alpha(t0) x0 + sigma(t0) z`` and solve back from ``t_start = t0``.
 * :func:`inpaint`: after every solver step to time ``t`` the known region is replaced by the
   observation noised to ``t`` with the forward marginal (Song et al. 2021, App. I.2, the
-  "replacement" method); with ``resample = r > 1`` RePaint's resampling (Lugmayr et al. 2022,
+  "replacement" method; :func:`replacement` does the same for the observed spectral
+  coordinates of any noise-free linear measurement with an SVD, e.g. super-resolution); with ``resample = r > 1`` RePaint's resampling (Lugmayr et al. 2022,
   Alg. 1 with jumps): the grid is cut into blocks of ``jump`` steps, each block is solved, noised
   back to its start with the forward transition ``x_a = (alpha_a / alpha_b) x_b + sqrt(sigma_a^2 -
   (alpha_a / alpha_b)^2 sigma_b^2) z`` and solved again, ``r`` times in all.
@@ -20,7 +21,9 @@ batch it is computed in.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +37,7 @@ from ..noise import SeededNoise, sample_seeds
 from ..sde.base import ForwardSDE
 from ..solvers.base import Solver
 from ..solvers.registry import DEFAULT_SOLVER, get_solver
-from .operators import _as_bool_mask
+from .operators import SVDOperator, _as_bool_mask
 
 # the streams of each sample's seed (see _streams)
 _SOLVER, _START, _KNOWN, _RENOISE, _SEGMENT = 0, 1, 2, 3, 100
@@ -157,46 +160,103 @@ def inpaint(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], y: T
     """
     _check_state("y", y)
     m = _check_mask(mask, y)
+    y_c = y.detach().to(compute_dtype(y.dtype))
+
+    def replace(x: Tensor, a: Tensor, s: Tensor, noise: SeededNoise) -> Tensor:
+        return torch.where(m, a * y_c.to(x) + s * noise.randn(x), x)
+
+    return _replacement(sde, model, tuple(y.shape), y.dtype, y.device, replace,
+                        lambda x: torch.where(m, y_c.to(x), x), resample, jump, solver, steps,
+                        grid, t_start, t_end, grid_options, seed, seeds, prediction,
+                        solver_options)
+
+
+def replacement(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], y: Tensor,
+                operator: SVDOperator, *, resample: int = 1, jump: int = 1,
+                solver: str | Solver = DEFAULT_SOLVER, steps: int | None = None,
+                grid: str | Tensor | Sequence[float] | None = None,
+                t_start: float | None = None, t_end: float | None = None,
+                grid_options: dict[str, Any] | None = None, seed: int = 0,
+                seeds: Sequence[int] | None = None, prediction: str = "eps",
+                **solver_options: Any) -> Solution:
+    """Replacement (and RePaint) for a noise-free linear measurement ``y = H x`` with an SVD:
+    after every step the observed spectral coordinates ``(V^T x)_i = alpha y_bar_i + sigma z``
+    (``y_bar = diag(s)^-1 U^T y``) are replaced, the rest kept; the result is consistent with
+    ``y`` (``H x = y``). For :class:`Inpainting` this is :func:`inpaint`; for
+    :class:`SuperResolution` the block means are replaced. Arguments as in :func:`inpaint`,
+    with ``y`` the measurement ``(batch, *operator.obs_shape)``."""
+    _check_state("y", y)
+    require(isinstance(operator, SVDOperator), "operator", type(operator).__name__,
+            "an sdekit.inverse SVDOperator (Inpainting, SuperResolution, Denoising, "
+            "MatrixOperator)")
+    if tuple(y.shape[1:]) != tuple(operator.obs_shape):
+        raise ValueError(f"shape mismatch: y has shape {tuple(y.shape)} but {operator!r} "
+                         f"measures (batch, *{tuple(operator.obs_shape)})")
+    require(bool((operator.s > 0).all()), "operator", operator,
+            "an operator without zero singular values (its observed directions are replaced)")
+    m = operator.rank
+    yb = (operator.Ut(y.detach().double()) / operator.s).to(compute_dtype(y.dtype))
+
+    def replace(x: Tensor, a: Tensor, s: Tensor, noise: SeededNoise | None) -> Tensor:
+        xb = operator.Vt(x.reshape(x.shape[0], -1))
+        obs = yb.to(xb) if noise is None else \
+            a.reshape(-1, 1) * yb.to(xb) + s.reshape(-1, 1) * noise.randn(xb[:, :m])
+        return operator.V(torch.cat([obs, xb[:, m:]], 1)).reshape(x.shape)
+
+    shape = (y.shape[0],) + tuple(operator.event_shape)
+    return _replacement(sde, model, shape, y.dtype, y.device, replace,
+                        lambda x: replace(x, None, None, None), resample, jump, solver, steps,
+                        grid, t_start, t_end, grid_options, seed, seeds, prediction,
+                        solver_options)
+
+
+def _replacement(sde: ForwardSDE, model: Any, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: Any, replace: Callable[..., Tensor], final: Callable[[Tensor], Tensor],
+                 resample: Any, jump: Any, solver: Any, steps: Any, grid: Any, t_start: Any,
+                 t_end: Any, grid_options: Any, seed: Any, seeds: Any, prediction: str,
+                 solver_options: dict[str, Any]) -> Solution:
+    """The loop shared by :func:`inpaint` and :func:`replacement`: ``replace(x, alpha, sigma,
+    noise)`` puts the measurement, noised to the current time, into the state after each step;
+    ``final`` puts it in exactly at the end."""
     for k, v in (("resample", resample), ("jump", jump)):
         require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, k, v, "an integer >= 1")
     dm = as_model(model, sde, prediction)
-    slv = get_solver(solver, **solver_options).for_problem(sde, dm, tuple(y.shape))
-    check_projectable(slv, lambda i, t, x: x)
+    slv = get_solver(solver, **solver_options).for_problem(sde, dm, shape)
+    check_projectable(slv, final)
     times = _grid(sde, slv, grid, steps, t_start, t_end, grid_options)
     n_steps = times.numel() - 1
     if resample > 1:
         require(slv.min_steps <= jump <= n_steps, "jump", jump,
                 f"an integer in [{slv.min_steps}, steps={n_steps}] (solver {slv.name!r} needs "
                 f"at least {slv.min_steps} steps per block)")
-    base = _base_seeds(seed, seeds, y.shape[0])
+    base = _base_seeds(seed, seeds, shape[0])
     known_noise = SeededNoise(_streams(base, _KNOWN))
     renoise = SeededNoise(_streams(base, _RENOISE))
+
+    def at(x: Tensor, t: float) -> Tensor:
+        a, s = _coef(sde, t, x)
+        return replace(x, a, s, known_noise)
+
     with torch.no_grad():
-        y_c = y.to(compute_dtype(y.dtype))
-
-        def replace(x: Tensor, t: float) -> Tensor:
-            a, s = _coef(sde, t, x)
-            return torch.where(m, a * y_c.to(x) + s * known_noise.randn(x), x)
-
-        t0 = float(times[0])
         scale = sde.prior_std if t_start is None and not _explicit(grid) else \
             float((sde.alpha(times[0]) ** 2 + sde.sigma(times[0]) ** 2).sqrt())
-        x = replace(scale * SeededNoise(_streams(base, _START)).randn(y_c), t0)
+        z = torch.empty(shape, dtype=compute_dtype(dtype), device=device)
+        x = at(scale * SeededNoise(_streams(base, _START)).randn(z), float(times[0]))
         blk = jump if resample > 1 else n_steps
         edges = list(range(0, n_steps, blk)) + [n_steps]
         if len(edges) > 2 and edges[-1] - edges[-2] < slv.min_steps:
             edges.pop(-2)   # a last block too short for the solver joins the one before
         nfe, seg = 0, 0
-        for a_i, b_i in zip(edges[:-1], edges[1:]):
+        for a_i, b_i in itertools.pairwise(edges):
             for r in range(resample):
-                sol = sample(sde, dm, x.to(y.dtype), solver=slv, grid=times[a_i:b_i + 1],
+                sol = sample(sde, dm, x.to(dtype), solver=slv, grid=times[a_i:b_i + 1],
                              seeds=_streams(base, _SEGMENT + seg),
-                             project=lambda i, t, x: replace(x, t))
-                nfe, seg, x = nfe + sol.nfe, seg + 1, sol.x.to(y_c.dtype)
+                             project=lambda i, t, x: at(x, t))
+                nfe, seg, x = nfe + sol.nfe, seg + 1, sol.x.to(z.dtype)
                 if r < resample - 1:   # jump back to the block's start
                     x = _renoise(sde, x, float(times[b_i]), float(times[a_i]), renoise)
-        x = torch.where(m, y_c, x)
-    return Solution(x=x.to(y.dtype), nfe=nfe, steps=n_steps * resample, times=times,
+        x = final(x)
+    return Solution(x=x.to(dtype), nfe=nfe, steps=n_steps * resample, times=times,
                     solver=slv.name)
 
 
@@ -306,4 +366,4 @@ def dps(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], y: Tenso
                   device=y.device, **sample_options)
 
 
-__all__ = ["sdedit", "inpaint", "dps"]
+__all__ = ["dps", "inpaint", "replacement", "sdedit"]

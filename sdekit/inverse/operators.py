@@ -10,7 +10,8 @@ per-block orthonormal basis for super-resolution, the identity for denoising).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
