@@ -283,6 +283,20 @@ def test_ddrm_eta0_is_exact_for_noiseless_inpainting_of_a_decoupled_prior():
     assert z_cov(u, torch.diag(d[~mask])).abs().max() < 4.5
 
 
+def test_ddrm_starts_where_an_explicit_grid_starts():
+    """DDRM's initial state is its q(x_t | y) at the grid's first time: started at t = 0.3 on an
+    explicit grid, the observed coordinate there is alpha(0.3) y + sigma(0.3) eps (noise-free)."""
+    g = GaussianData(VP, torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+    op = Inpainting(torch.tensor([True, False]))
+    grid = torch.linspace(0.3, VP.t_min, 11, dtype=torch.float64)
+    n = 400
+    out = ddrm(VP, g.model("eps"), torch.ones(n, 1), op, grid=grid, save_at=[0.3])
+    x0 = out.trajectory[0.3][:, 0].double()
+    a, s = float(VP.alpha(0.3)), float(VP.sigma(0.3))
+    assert abs(float(x0.mean()) - a) < 5 * s / math.sqrt(n)
+    assert abs(float(x0.std()) / s - 1) < 5 * math.sqrt(0.5 / n)
+
+
 def test_ddrm_default_eta_underdisperses_a_noisy_posterior():
     """DDRM is not a posterior sampler for noisy measurements: on y = x_0 + x_1 + 0.5 z with the
     S2 prior (whose eigenvectors are H's singular vectors, so the problem decouples) the default

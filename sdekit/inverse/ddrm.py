@@ -124,7 +124,9 @@ def ddrm(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], y: Tens
     dm = as_model(model, sde, prediction)
     slv = DDRMSolver(operator, y, sigma_y, float(eta), float(eta_b))
     base = _base_seeds(seed, seeds, y.shape[0])
-    t_start = sample_options.get("t_start")
+    t_start, grid = sample_options.get("t_start"), sample_options.get("grid")
+    if grid is not None and not isinstance(grid, str):   # an explicit grid starts at grid[0]
+        t_start = float(torch.as_tensor(grid, dtype=torch.float64).flatten()[0])
     t0 = torch.tensor(sde.T if t_start is None else float(t_start), dtype=torch.float64)
     a_T = float(sde.alpha(t0))
     require(a_T > 0, "t_start", t_start, f"a time where alpha > 0 (alpha({float(t0):g}) = 0: "
