@@ -192,6 +192,27 @@ def test_repaint_resampling_reduces_the_replacement_bias():
     assert torch.equal(rp.x[:, 0], y[:, 0])
 
 
+def test_repaint_keeps_the_prior_of_a_decoupled_unknown_region():
+    """With a diagonal prior the unknown pixels are independent of the known ones, so their
+    posterior is their prior: RePaint's jumps back (the forward kernel from t_b to t_a) and the
+    re-solves with an accurate ODE solver keep it (mean and covariance within sampling error).
+    With the ancestral sampler every re-solve repeats its per-step variance deficit (measured:
+    variance ratio 0.83 / 0.74 at 100 steps, r = 5, jump = 2; plain replacement ~1). A jump
+    back with the VE kernel sqrt(sigma_a^2 - sigma_b^2) instead gives 0.71 / 0.84 here."""
+    d = torch.tensor([0.5, 1.0, 0.2, 0.8], dtype=torch.float64)
+    mu = torch.tensor([0.3, -0.5, 1.0, 0.0], dtype=torch.float64)
+    g = GaussianData(VP, mu, d)
+    mask = torch.tensor([True, False, False, True])
+    n = 800
+    y = torch.tensor([1.0, 0.0, 0.0, -1.0]).expand(n, 4)
+    out = inpaint(VP, g.model("eps"), y, mask, solver="dpmpp_2m", steps=50, resample=3,
+                  jump=2)
+    assert out.nfe == 150
+    u = out.x[:, ~mask]
+    assert z_mean(u, mu[~mask], d[~mask]).abs().max() < 4.5
+    assert z_cov(u, torch.diag(d[~mask])).abs().max() < 4.5
+
+
 @pytest.mark.parametrize("d", fixed_grid_solvers(), ids=lambda d: d["name"])
 def test_inpaint_and_dps_run_with_every_fixed_grid_solver(d):
     """Replacement and DPS through every fixed-grid registered solver: the known region is exact,
