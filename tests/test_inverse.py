@@ -121,6 +121,16 @@ def test_sdedit_limits_return_x0_and_reach_the_model_law():
     assert z_cov(far, g.cov).abs().max() < 4.5
 
 
+@pytest.mark.parametrize("name", [d["name"] for d in list_solvers() if not d["grid_free"]])
+def test_sdedit_runs_with_every_solver(name):
+    """SDEdit is a plain solve from t0, so every registered solver runs it (adaptive and
+    external-loop ones included)."""
+    g = GaussianData.random(VP, dim=3, seed=0, mean_scale=1.0)
+    x0 = g.sample(2, torch.Generator().manual_seed(0))
+    out = sdedit(VP, g.model("eps"), x0, 0.3, solver=name, steps=4).x
+    assert out.shape == x0.shape and bool(torch.isfinite(out).all())
+
+
 def test_sdedit_is_batch_invariant_and_counts_nfe():
     g = GaussianData.random(VP, dim=2, seed=1)
     x0 = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
