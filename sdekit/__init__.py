@@ -4,6 +4,8 @@ from .solvers import Solver, get_solver, list_solvers, register, solver_names
 from .dynamics import (DiffusionModel, NFECounter, ProbabilityFlowODE, ReverseSDE, as_model)
 from .grids import GRIDS, make_grid
 from .integrate import Solution, sample
+from .inverse import (DDRMSolver, Denoising, Inpainting, MatrixOperator, SuperResolution,
+                      SVDOperator, ddrm, dps, inpaint, replacement, sdedit)
 from .likelihood import LikelihoodResult, likelihood
 from .noise import BrownianNoise, SeededNoise
 from .sde import (EDMSDE, VESDE, VPSDE, CosineVPSDE, CustomSDE, DiscreteDDPM, FlowSDE,
@@ -17,4 +19,6 @@ __all__ = [
     "ProbabilityFlowODE", "GaussianData", "GaussianMixtureData", "__version__",
     "sample", "Solution", "GRIDS", "make_grid", "SeededNoise", "BrownianNoise", "Solver",
     "get_solver", "list_solvers", "register", "solver_names", "likelihood", "LikelihoodResult",
+    "sdedit", "inpaint", "replacement", "dps", "ddrm", "DDRMSolver", "SVDOperator",
+    "MatrixOperator", "Inpainting", "SuperResolution", "Denoising",
 ]

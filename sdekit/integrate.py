@@ -44,6 +44,7 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
            noise: Any = None, save_at: Sequence[float] | None = None,
            callback: Callable[[int, float, Tensor], None] | None = None, progress: bool = False,
            dtype: torch.dtype = torch.float32, device: Any = None,
+           project: Callable[[int, float, Tensor], Tensor] | None = None,
            grid_options: dict[str, Any] | None = None, grad: str = "none",
            **solver_options: Any) -> Solution:
     """Sample a diffusion model by solving its reverse-time SDE or probability-flow ODE.
@@ -80,6 +81,11 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             the seeds, so do not give ``seeds`` with it.
         save_at: grid times at which to record the state in ``Solution.trajectory``.
         callback: called as ``callback(i, t, x)`` after each step.
+        project: a state map applied after each step, ``x = project(i, t, x)`` with ``t`` the
+            time the step reached (before ``save_at`` and ``callback`` see the state): the hook of
+            the editing and inverse-problem methods (:mod:`sdekit.inverse`: replacement of a
+            known region, a posterior-sampling correction). Fixed-grid solvers only: an adaptive
+            or external-loop solver has no steps to hook, so it is refused.
         progress: show a tqdm progress bar.
         grad: autograd during the solve. ``"none"`` (default): no graph is built, memory does
             not grow with the number of steps. ``"model"``: each model call runs with gradients
@@ -92,6 +98,8 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
                                   seeds, noise, callback, grad)
     dm = as_model(model, sde, prediction)
     slv = get_solver(solver, **solver_options)
+    if project is not None:
+        check_projectable(slv, project)
     explicit = grid is not None and not isinstance(grid, str)  # an array of times
     if not explicit and steps is None:
         steps = DEFAULT_STEPS
@@ -117,12 +125,26 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             x = z * scale
         else:
             x = x_init.to(device=device) if device is not None else x_init
-        return _solve(slv, problem, x, dtype, float64, denoise, save_at, callback, progress, grad)
+        return _solve(slv, problem, x, dtype, float64, denoise, save_at, callback, progress, grad,
+                      project)
+
+
+def check_projectable(slv: Solver, project: Any) -> None:
+    """Raise unless a per-step ``project`` hook can run with ``slv`` (a fixed-grid solver)."""
+    if not callable(project):
+        raise TypeError(f"project must be callable as project(i, t, x) -> x, got "
+                        f"{type(project).__name__}")
+    if slv.adaptive or slv.external_loop or slv.grid_free:
+        raise ValueError(f"solver {slv.name!r} runs its own loop (adaptive, external or "
+                         "grid-free): a per-step hook (project=, used by sdekit.inverse) needs a "
+                         "fixed-grid solver such as 'ancestral', 'ddim', 'dpmpp_2m', 'heun' or "
+                         "'euler_maruyama'")
 
 
 def _solve(slv: Solver, p: Problem, x: Tensor, dtype: torch.dtype, float64: bool, denoise: bool,
            save_at: Sequence[float] | None, callback: Callable[[int, float, Tensor], None] | None,
-           progress: bool, grad: str) -> Solution:
+           progress: bool, grad: str,
+           project: Callable[[int, float, Tensor], Tensor] | None = None) -> Solution:
     times = p.times
     save = {float(t) for t in (save_at or [])}
     grid_times = times.tolist()  # the grid as plain numbers (float(times[i]) for each i)
@@ -155,6 +177,8 @@ def _solve(slv: Solver, p: Problem, x: Tensor, dtype: torch.dtype, float64: bool
             p.step_index = i
             x, state = slv.step(p, i, x, state)
             t_next = grid_times[i + 1]
+            if project is not None:
+                x = project(i, t_next, x)
             if t_next in save:
                 traj[t_next] = x.clone()
             if callback is not None:
