@@ -211,7 +211,7 @@ def test_names_in_backticks_exist():
 #: they import; inert until they are merged)
 LAYERS = ["sdekit._utils sdekit._io", "sdekit.sde", "sdekit.dynamics.parameterization",
           "sdekit.dynamics sdekit.guidance", "sdekit.grids", "sdekit.noise", "sdekit.solvers",
-          "sdekit.integrate", "sdekit.analytic", "sdekit.likelihood", "sdekit.interop",
+          "sdekit.integrate", "sdekit.analytic", "sdekit.likelihood sdekit.inverse", "sdekit.interop",
           "sdekit.models", "sdekit.training", "sdekit.distill", "sdekit.bench sdekit.tune",
           "sdekit.cli"]
 #: the documented exception: the fno solver imports distill (lazily) to fit or load its operator
