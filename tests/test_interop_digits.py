@@ -4,6 +4,8 @@ grid and seeds (images and FD-digits). Nothing is downloaded: the network is tra
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -130,3 +132,9 @@ def test_bad_input_names_the_argument(checkpoint):
     with pytest.raises(TypeError, match="continuous-time"):
         len(scheduler)
     assert bool(scheduler)
+
+
+def test_the_unet_wrapper_does_not_import_diffusers():
+    code = ("import sys, sdekit.interop.export; assert 'diffusers' not in sys.modules; "
+            "sdekit.interop.to_diffusers")
+    subprocess.run([sys.executable, "-c", code], check=True)
