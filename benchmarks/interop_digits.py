@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     ck = load_checkpoint(args.checkpoint)
     net, sde, cfg = load_model(args.checkpoint)
     fd = FDDigits()
+    load = os.getloadavg()[0]
     seeds = sample_seeds(args.seed, args.n)
     rows = []
     for solver in args.solvers.split(","):
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
               "weights_sha256": ck["weights_sha256"], "sde": cfg["sde"],
               "prediction": net.prediction, "n": args.n, "seed": args.seed, "nfe": args.nfe,
               "rounds": args.rounds, "fd_floor": fd.floor, "threads": 1,
+              "loadavg_1min": [round(load, 2), round(os.getloadavg()[0], 2)],
               "torch": torch.__version__, "diffusers": diffusers.__version__,
               "python": platform.python_version(), "rows": rows}
     out = Path(args.out)
@@ -123,7 +126,9 @@ def markdown(r: dict) -> str:
         "*sdekit*: `sdekit.sample(..., steps=NFE-1, denoise=True, seeds=...)`, its result mapped "
         "as the pipeline maps its own, `(x / 2 + 0.5).clamp(0, 1)`. Max abs diff is over all "
         "pixels in [0, 1]; FD-digits is of `2 image - 1`; wall times are min / median of "
-        f"{r['rounds']} interleaved rounds. FD-digits floor (real vs real): {r['fd_floor']:.3f}."),
+        f"{r['rounds']} interleaved rounds (1-minute load average of the shared machine at the "
+        f"start and the end: {r['loadavg_1min'][0]} and {r['loadavg_1min'][1]}). FD-digits "
+        f"floor (real vs real): {r['fd_floor']:.3f}."),
         "",
         ("| solver | NFE pipeline / sdekit | FD-digits pipeline | FD-digits sdekit | max abs diff "
         "| identical samples | wall pipeline min / median (s) | wall sdekit min / median (s) |"),
