@@ -2,8 +2,10 @@
 the k-diffusion sampler signature."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -672,17 +674,39 @@ def test_from_k_diffusion_edm_denoiser():
 
 
 # ------------------------------------------------------------------------- docs snippets
-def _doc_snippets():
-    import re
-    from pathlib import Path
-    text = (Path(__file__).resolve().parents[1] / "docs" / "interop.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+#: the README's "Use sdekit with your model" section; point this at ROOT / "README.md" once the
+#: section is pasted there (only that section's snippets are taken from the file)
+README_INTEROP = ROOT / "docs" / "readme_interop_section.md"
+README_SECTION = "## Use sdekit with your model"
+
+
+def _snippets(path, section=None):
+    """The ``python`` code blocks of ``path`` (within its ``section``: from that heading to the
+    next heading of the same level)."""
+    text = path.read_text()
+    if section is not None:
+        start = text.index(section)      # a missing section is an error, not zero snippets
+        level = section.split(" ")[0] + " "
+        end = text.find("\n" + level, start + len(section))
+        text = text[start:end if end >= 0 else None]
     return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
 
 
-@pytest.mark.parametrize("k", range(len(_doc_snippets())))
-def test_docs_interop_snippet_runs(k, capsys):
-    code = _doc_snippets()[k]
+DOC_SNIPPETS = [(f"{path.relative_to(ROOT)}[{k}]", code)
+                for path, section in ((ROOT / "docs" / "interop.md", None),
+                                      (README_INTEROP, README_SECTION))
+                for k, code in enumerate(_snippets(path, section))]
+
+
+@pytest.mark.parametrize("name, code", DOC_SNIPPETS, ids=[n for n, _ in DOC_SNIPPETS])
+def test_docs_interop_snippet_runs(name, code, capsys):
     if "import diffusers" in code:
         pytest.importorskip("diffusers")
-    exec(compile(code, f"docs/interop.md[{k}]", "exec"), {"__name__": "__doc_snippet__"})  # noqa: S102
+    exec(compile(code, name, "exec"), {"__name__": "__doc_snippet__"})  # noqa: S102
     assert capsys.readouterr().out.strip()      # every snippet prints its result
+
+
+def test_readme_interop_section_has_its_four_snippets():
+    """diffusers model in, diffusers pipeline out, k-diffusion in and out, your own network."""
+    assert len(_snippets(README_INTEROP, README_SECTION)) == 4

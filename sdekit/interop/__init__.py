@@ -8,6 +8,8 @@
   ``sample(model, x, sigmas, extra_args=None, callback=None, disable=None)``.
 * :class:`SdekitScheduler`: any fixed-grid solver as a diffusers scheduler, inside an unchanged
   pipeline loop (the class is built on first access; it subclasses diffusers' mixins).
+* :func:`to_diffusers`: an sdekit network or ``sdekit train`` checkpoint as ``(unet, scheduler)``
+  for a diffusers pipeline (:class:`DiffusersUNet` plus an SdekitScheduler for its own SDE).
 
 The submodules are imported on first attribute access, so ``import sdekit.interop`` stays cheap.
 """
@@ -21,10 +23,11 @@ _EXPORTS = {
     "from_diffusers": "models", "from_k_diffusion": "models",
     "k_sampler": "k_diffusion",
     "SdekitScheduler": "scheduler",
+    "DiffusersUNet": "export", "to_diffusers": "export",
 }
 
-__all__ = ["DiffusersSchedule", "SdekitScheduler", "from_diffusers", "from_k_diffusion",
-           "k_sampler", "read_scheduler_config"]
+__all__ = ["DiffusersSchedule", "DiffusersUNet", "SdekitScheduler", "from_diffusers",
+           "from_k_diffusion", "k_sampler", "read_scheduler_config", "to_diffusers"]
 
 
 def __getattr__(name: str) -> Any:

@@ -42,9 +42,10 @@ from ..grids import make_grid
 from ..integrate import sample
 from ..noise import sample_seeds
 from ..sde.base import ForwardSDE
+from ..sde.discrete import DiscreteDDPM
 from ..solvers.base import Solver
 from ..solvers.registry import DEFAULT_SOLVER, get_solver
-from .config import TimestepScale
+from .config import DiffusersSchedule, TimestepScale
 
 #: diffusers' ``timestep_spacing`` rules, accepted as ``grid`` names (integer timesteps of a
 #: discrete table; see :func:`spacing_timesteps`)
@@ -162,7 +163,8 @@ class SchedulerCore:
                  solver: str | Solver = DEFAULT_SOLVER, grid: Any = None, *, denoise: bool = True,
                  seed: int = 0, seeds: Sequence[int] | None = None, float64: bool = False,
                  grid_options: dict[str, Any] | None = None, num_train_timesteps: int | None = None,
-                 steps_offset: int = 0, solver_options: dict[str, Any] | None = None) -> None:
+                 steps_offset: int = 0, solver_options: dict[str, Any] | None = None,
+                 exact_timesteps: bool = False) -> None:
         self.solver = get_solver(solver, **(solver_options or {}))
         name = self.solver.name
         if self.solver.adaptive:
@@ -184,8 +186,9 @@ class SchedulerCore:
         self.sde, self.grid, self.denoise, self.float64 = sde, grid, bool(denoise), bool(float64)
         self.seed, self.seeds, self.grid_options = seed, seeds, dict(grid_options or {})
         self.num_train_timesteps, self.steps_offset = num_train_timesteps, steps_offset
-        self.prediction, self.time_input = prediction, time_input
+        self.exact_timesteps = bool(exact_timesteps)  # float64 timesteps, never snapped
         self._clock = DiffusionModel(lambda x, c: x, sde, prediction, time_input)  # time input only
+        self.prediction, self.time_input = prediction, self._clock.time_input
         self.times: Tensor | None = None     # the sdekit grid (continuous times)
         self.calls: list[float] = []         # the continuous time of every network call
         self.timesteps: Tensor | None = None  # the same in the network's time units
@@ -276,10 +279,11 @@ class SchedulerCore:
             calls.insert(0, float(times[0]))
         self.times, self.calls = times, calls
         ts = self.network_time(torch.tensor(calls, dtype=torch.float64))
-        # a stage time a rounding away from a table point (e.g. 6.7e-16) is that timestep
-        ts = torch.where((ts - ts.round()).abs() < 1e-6, ts.round(), ts).float()
-        if bool((ts == ts.round()).all()):   # integer timesteps, as diffusers' DDPM schedulers
-            ts = ts.long()
+        if not self.exact_timesteps:
+            # a stage time a rounding away from a table point (e.g. 6.7e-16) is that timestep
+            ts = torch.where((ts - ts.round()).abs() < 1e-6, ts.round(), ts).float()
+            if bool((ts == ts.round()).all()):   # integer timesteps, as diffusers' DDPM ones
+                ts = ts.long()
         self.timesteps = ts.to(device) if device is not None else ts
         self._k = 0
 
@@ -401,7 +405,31 @@ DDPM_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 
                  "beta_schedule": "linear", "trained_betas": None, "prediction_type": "epsilon"}
 #: SdekitScheduler's own config fields (the rest of its config is the model's scheduler config)
 OWN_FIELDS = ("solver", "grid", "denoise", "seed", "seeds", "float64", "grid_options",
-              "solver_options", "source_class")
+              "solver_options", "source_class", "sde", "prediction", "time_input", "sdekit_sde")
+
+
+def _sdekit_schedule(sde: ForwardSDE, prediction: str | None, time_input: Any,
+                     scheduler_config: Any, source_class: str | None) -> tuple:
+    """The schedule of an sdekit network given as ``(sde, prediction, time_input)``,
+    and the config fields that record it."""
+    if not isinstance(sde, ForwardSDE):
+        raise TypeError(f"sde must be an sdekit ForwardSDE, got {type(sde).__name__}")
+    extra = sorted(k for k in dict(scheduler_config or {}) if not k.startswith("_"))
+    if extra or source_class:
+        raise ValueError(f"give sde= or a diffusers scheduler config, not both (got "
+                         f"config fields {extra or [source_class]})")
+    prediction = "eps" if prediction is None else prediction
+    time_input = "model_time" if time_input is None else time_input
+    model = DiffusionModel(lambda x, c: x, sde, prediction, time_input)  # validates both
+    discrete = isinstance(sde, DiscreteDDPM)
+    schedule = DiffusersSchedule(sde=sde, prediction=prediction,
+                                 time_input=model.time_input,
+                                 kind="ddpm" if discrete else "sdekit",
+                                 num_train_timesteps=sde.N if discrete else 0)
+    record = {"sdekit_sde": repr(sde), "prediction": prediction,
+              "time_input": model.time_input if isinstance(model.time_input, str)
+              else repr(model.time_input)}
+    return schedule, record
 
 
 def _build() -> dict[str, type]:
@@ -446,6 +474,17 @@ def _build() -> dict[str, type]:
                 ``n`` steps ending at the process's last time. A spacing grid's ``n`` timesteps,
                 an explicit grid and ``set_timesteps(timesteps=...)`` are the grid's points
                 (a pipeline's ``num_inference_steps`` must then equal their number).
+            sde, prediction, time_input: instead of a scheduler config, the forward SDE of an
+                sdekit network, its prediction and time input (as :class:`~sdekit.DiffusionModel`
+                takes them; :func:`sdekit.interop.to_diffusers` passes them for a trained
+                checkpoint): ``timesteps`` are then in that time input's units (``sigma_tilde``
+                for an EDM-preconditioned denoiser, ``lambda``, ``t``, DDPM timesteps for a
+                :class:`~sdekit.DiscreteDDPM`'s ``model_time``). Its config records
+                ``sdekit_sde`` (the SDE's repr); ``from_config`` of it needs ``sde=`` again.
+                These ``timesteps`` are float64, exactly the times :func:`sdekit.sample` gives
+                the network (a network that computes its input scaling from them, as
+                :class:`~sdekit.interop.DiffusersUNet` does for a denoiser, needs that
+                precision: float32 would move it by ~1e-7).
             seed, seeds: per-sample seeds of a stochastic solver's noise: ``seeds`` (one per
                 sample), else drawn from the pipeline's ``generator`` (one per sample from a list
                 of generators), else derived from ``seed`` as :func:`sdekit.sample` does.
@@ -471,12 +510,20 @@ def _build() -> dict[str, type]:
                      float64: bool = False, grid_options: dict[str, Any] | None = None,
                      source_class: str | None = None,
                      scheduler_config: dict[str, Any] | None = None,
-                     **solver_options: Any) -> None:
-            src = {k: v for k, v in dict(DDPM_DEFAULTS if scheduler_config is None
-                                         else scheduler_config).items()
-                   if not k.startswith("_") and k not in OWN_FIELDS}
-            schedule = read_scheduler_config({**src, "_class_name": source_class}
-                                             if source_class else src)
+                     sde: ForwardSDE | None = None, prediction: str | None = None,
+                     time_input: Any = None, **solver_options: Any) -> None:
+            if sde is not None:
+                schedule, src = _sdekit_schedule(sde, prediction, time_input, scheduler_config,
+                                                 source_class)
+            elif prediction is not None or time_input is not None:
+                raise ValueError("prediction / time_input describe an sdekit network and need "
+                                 "its sde=; a diffusers scheduler config gives both itself")
+            else:
+                src = {k: v for k, v in dict(DDPM_DEFAULTS if scheduler_config is None
+                                             else scheduler_config).items()
+                       if not k.startswith("_") and k not in OWN_FIELDS}
+                schedule = read_scheduler_config({**src, "_class_name": source_class}
+                                                 if source_class else src)
             if isinstance(grid, str) and grid not in GRIDS and grid not in SPACINGS:
                 raise ValueError(f"grid={grid!r} is invalid: expected None, an sdekit grid "
                                  f"{sorted(GRIDS)}, a diffusers spacing {list(SPACINGS)} or an "
@@ -490,7 +537,8 @@ def _build() -> dict[str, type]:
                 schedule.sde, schedule.prediction, schedule.time_input, solver, grid,
                 denoise=denoise, seed=seed, seeds=seeds, float64=float64,
                 num_train_timesteps=schedule.num_train_timesteps if schedule.kind == "ddpm"
-                else None, steps_offset=schedule.steps_offset, solver_options=solver_options)
+                else None, steps_offset=schedule.steps_offset, solver_options=solver_options,
+                exact_timesteps=sde is not None)
             self.num_inference_steps: int | None = None
             self.register_to_config(
                 solver=self._core.solver.name, solver_options=dict(solver_options),
@@ -520,6 +568,14 @@ def _build() -> dict[str, type]:
             cfg = dict(config)
             own = {k: cfg.pop(k) for k in OWN_FIELDS if k in cfg}  # a saved SdekitScheduler's
             saved = own.pop("solver_options", None) or {}
+            recorded = own.pop("sdekit_sde", None)
+            if recorded is not None and kwargs.get("sde") is None:
+                raise ValueError(f"this config is of an SdekitScheduler built for an sdekit "
+                                 f"SDE (sdekit_sde={recorded!r}): pass that sde= again")
+            if recorded is None and kwargs.get("sde") is not None:
+                raise ValueError("sde= builds a scheduler for an sdekit network: call "
+                                 "SdekitScheduler(sde=..., ...) (from_config reads a diffusers "
+                                 "scheduler config)")
             source = cls_name or cfg.get("_class_name")
             if source != "SdekitScheduler":
                 own["source_class"] = source
@@ -596,7 +652,13 @@ def _build() -> dict[str, type]:
             return self._core.sde
 
         def __len__(self) -> int:
+            if not self._schedule.num_train_timesteps:
+                raise TypeError(f"this scheduler's forward process {self._core.sde!r} is "
+                                "continuous-time: it has no num_train_timesteps")
             return self._schedule.num_train_timesteps
+
+        def __bool__(self) -> bool:   # not len(): a continuous-time scheduler has none
+            return True
 
     for c in (SdekitScheduler, SdekitSchedulerOutput):
         c.__qualname__ = c.__name__
