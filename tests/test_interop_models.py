@@ -675,9 +675,8 @@ def test_from_k_diffusion_edm_denoiser():
 
 # ------------------------------------------------------------------------- docs snippets
 ROOT = Path(__file__).resolve().parents[1]
-#: the README's "Use sdekit with your model" section; point this at ROOT / "README.md" once the
-#: section is pasted there (only that section's snippets are taken from the file)
-README_INTEROP = ROOT / "docs" / "readme_interop_section.md"
+#: the README's "Use sdekit with your model" section (only that section's snippets are taken)
+README_INTEROP = ROOT / "README.md"
 README_SECTION = "## Use sdekit with your model"
 
 
