@@ -134,7 +134,16 @@ def classifier_free(net: Callable[..., Tensor], sde: ForwardSDE, cond: Any, null
                     **net_kwargs: Any) -> DiffusionModel:
     """A :class:`DiffusionModel` for ``sde`` whose network is :class:`CFGNet` around ``net``
     (``prediction`` and ``time_input`` as for :class:`DiffusionModel`). For an sdekit
-    :class:`~sdekit.models.ScoreNet` use :func:`sdekit.models.wrap` with ``guidance=``."""
+    :class:`~sdekit.models.ScoreNet` use :func:`sdekit.models.wrap` with ``guidance=``.
+
+    ``net`` may also be a :class:`DiffusionModel` (e.g. one from
+    :func:`sdekit.interop.from_diffusers`, with ``cond_arg="encoder_hidden_states"`` or
+    ``"class_labels"``): its network is guided and its prediction and time input are kept."""
+    if isinstance(net, DiffusionModel):
+        if net.sde is not sde:
+            raise ValueError(f"the model was built for {net.sde!r} but is guided for {sde!r}: "
+                             "pass the same forward SDE object")
+        net, prediction, time_input = net.net.fn, net.prediction, net.time_input
     return DiffusionModel(CFGNet(net, cond, null, scale, rescale, cond_arg, **net_kwargs), sde,
                           prediction=prediction, time_input=time_input)
 
