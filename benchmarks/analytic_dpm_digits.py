@@ -5,7 +5,11 @@ The analytic variance uses Gamma_t = E |eps_hat(x_t, t)|^2 / d estimated on the 
 the digits (901 images, one fresh noise draw per image and time) at the sampling grid's times,
 clipped to the bounds of Bao et al.'s Thm. 2 with the data range [-1, 1]; "analytic (diagonal)"
 is the per-pixel form. Every variant samples from the same initial states and noise seeds; FD-digits
-is against the held-out half (`sdekit.training.fd_digits`), with the real-vs-real floor.
+is against the held-out half (`sdekit.training.fd_digits`), with the real-vs-real floor. Two
+protocols: the sampler as registered (noise added at every step, the last one to t_min too), and
+with the last state replaced by the model's x0 prediction (`denoise=True`, one more NFE), as
+DDPM-style samplers usually finish (the analytic variance of the last step is the posterior
+variance of x0, which is added as noise otherwise).
 
     python benchmarks/analytic_dpm_digits.py --checkpoint runs/digits/checkpoint.pt
 
@@ -30,24 +34,29 @@ from sdekit.training.fd_digits import FDDigits
 
 VARIANTS = {"beta_tilde": {}, "beta": {"variance": "beta"},
             "analytic": {"variance": "analytic"}, "analytic (diagonal)": {"variance": "analytic"}}
+PROTOCOLS = {"noise (as registered)": False, "x0 prediction (+1 NFE)": True}
 
 
 def write(out: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     steps = sorted({c["steps"] for c in out["cells"]})
+    protocols = {c["protocol"]: None for c in out["cells"]}
     lines = [f"Ancestral sampling of the digits model `{out['checkpoint']}` ({out['n']} samples "
              f"per cell, grid `{out['grid']}`, seed {out['seed']}); FD-digits against the "
              f"held-out half (real-vs-real floor {out['fd_floor']:.3f}). Analytic variance: "
              f"Gamma from {out['gamma_n']} training images noised to each grid time "
              f"({out['gamma_s']:.0f} s for all grids), clipped to Bao et al.'s bounds with the "
              "data range [-1, 1]. `python benchmarks/analytic_dpm_digits.py`:", "",
-             "| variance | " + " | ".join(f"{s} steps" for s in steps) + " |",
-             "|---|" + "---:|" * len(steps)]
-    for v in VARIANTS:
-        row = {c["steps"]: c["fd"] for c in out["cells"] if c["variance"] == v}
-        lines.append(f"| {v} | " + " | ".join(f"{row[s]:.2f}" if s in row else "" for s in steps)
-                     + " |")
+             "| variance | last step | " + " | ".join(f"{s} steps" for s in steps) + " |",
+             "|---|---|" + "---:|" * len(steps)]
+    for pr in protocols:
+        for v in VARIANTS:
+            row = {c["steps"]: c["fd"] for c in out["cells"]
+                   if c["variance"] == v and c["protocol"] == pr}
+            if row:
+                lines.append(f"| {v} | {pr} | " + " | ".join(f"{row[s]:.2f}" if s in row else ""
+                                                              for s in steps) + " |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -88,19 +97,22 @@ def main() -> None:
     for steps in steps_list:
         grid = sdekit.make_grid(sde, grid_name, steps)
         scalar, diag = tables[steps]
-        for v, kw in VARIANTS.items():
-            opts = dict(kw)
-            if v.startswith("analytic"):
-                opts.update(moments=diag if "diagonal" in v else scalar, data_range=(-1.0, 1.0))
-            t1 = time.perf_counter()
-            sol = sdekit.sample(sde, model, x_T, solver="ancestral", grid=grid, seed=args.seed,
-                                **opts)
-            wall = time.perf_counter() - t1
-            score = float(fd(sol.x))
-            out["cells"].append({"variance": v, "steps": steps, "nfe": sol.nfe, "fd": score,
-                                 "wall_s": round(wall, 2)})
-            print(f"{v:22s} {steps:3d} steps: FD-digits {score:.3f} ({wall:.0f} s)", flush=True)
-            write(out, path)
+        for protocol, denoise in PROTOCOLS.items():
+            for v, kw in VARIANTS.items():
+                opts = dict(kw)
+                if v.startswith("analytic"):
+                    opts.update(moments=diag if "diagonal" in v else scalar,
+                                data_range=(-1.0, 1.0))
+                t1 = time.perf_counter()
+                sol = sdekit.sample(sde, model, x_T, solver="ancestral", grid=grid,
+                                    seed=args.seed, denoise=denoise, **opts)
+                wall = time.perf_counter() - t1
+                score = float(fd(sol.x))
+                out["cells"].append({"variance": v, "protocol": protocol, "steps": steps,
+                                     "nfe": sol.nfe, "fd": score, "wall_s": round(wall, 2)})
+                print(f"{v:22s} {protocol:30s} {steps:3d} steps: FD-digits {score:.3f} "
+                      f"({wall:.0f} s)", flush=True)
+                write(out, path)
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ class DDIM(Solver):
                              f"needs eta=1 (the ancestral sampler), not eta={eta!r}")
         if (variance == "analytic") != (moments is not None):
             raise ValueError("variance='analytic' needs moments= (a MomentTable from "
-                             "sdekit.solvers.analytic_dpm.estimate_moments(sde, model, data, "
+                             "sdekit.estimate_moments(sde, model, data, "
                              "times), or one Gamma per step), and moments= is used only with "
                              f"variance='analytic' (got variance={variance!r}, moments "
                              f"{'given' if moments is not None else 'missing'})")
