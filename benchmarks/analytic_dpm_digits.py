@@ -42,12 +42,12 @@ def write(out: dict, path: Path) -> None:
     path.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     steps = sorted({c["steps"] for c in out["cells"]})
     protocols = {c["protocol"]: None for c in out["cells"]}
-    lines = [f"Ancestral sampling of the digits model `{out['checkpoint']}` ({out['n']} samples "
-             f"per cell, grid `{out['grid']}`, seed {out['seed']}); FD-digits against the "
-             f"held-out half (real-vs-real floor {out['fd_floor']:.3f}). Analytic variance: "
-             f"Gamma from {out['gamma_n']} training images noised to each grid time "
-             f"({out['gamma_s']:.0f} s for all grids), clipped to Bao et al.'s bounds with the "
-             "data range [-1, 1]. `python benchmarks/analytic_dpm_digits.py`:", "",
+    lines = [(f"Ancestral sampling of the digits model `{out['checkpoint']}` ({out['n']} "
+              f"samples per cell, grid `{out['grid']}`, seed {out['seed']}); FD-digits against "
+              f"the held-out half (real-vs-real floor {out['fd_floor']:.3f}). Analytic variance: "
+              f"Gamma from {out['gamma_n']} training images noised to each grid time "
+              f"({out['gamma_s']:.0f} s for all grids), clipped to Bao et al.'s bounds with the "
+              f"data range [-1, 1]. `{out['command']}`:"), "",
              "| variance | last step | " + " | ".join(f"{s} steps" for s in steps) + " |",
              "|---|---|" + "---:|" * len(steps)]
     for pr in protocols:

@@ -155,8 +155,8 @@ def test_flow_matching_start_needs_the_data_range():
 
 
 @pytest.mark.parametrize("kw,msg", [
-    ({"variance": "optimal"}, r"variance='optimal' is invalid: expected one of \('beta_tilde', "
-                              r"'beta', 'analytic'\)"),
+    ({"variance": "optimal"}, (r"variance='optimal' is invalid: expected one of "
+                               r"\('beta_tilde', 'beta', 'analytic'\)")),
     ({"variance": "analytic"}, "variance='analytic' needs moments="),
     ({"moments": [0.5, 0.5]}, "moments= is used only with variance='analytic'"),
     ({"variance": "analytic", "moments": [0.5, -0.1]}, "negative entries"),

@@ -33,8 +33,9 @@ coordinate (``E eps_hat_j^2``) and gives a per-coordinate variance by the same f
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
