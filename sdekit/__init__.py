@@ -1,6 +1,7 @@
 """sdekit: diffusion sampling as numerical ODE/SDE solving."""
 from .analytic import GaussianData, GaussianMixtureData
 from .solvers import Solver, get_solver, list_solvers, register, solver_names
+from .solvers.analytic_dpm import MomentTable, estimate_moments
 from .dynamics import (DiffusionModel, NFECounter, ProbabilityFlowODE, ReverseSDE, as_model)
 from .grids import GRIDS, make_grid
 from .integrate import Solution, sample
@@ -21,4 +22,5 @@ __all__ = [
     "get_solver", "list_solvers", "register", "solver_names", "likelihood", "LikelihoodResult",
     "sdedit", "inpaint", "replacement", "dps", "ddrm", "DDRMSolver", "SVDOperator",
     "MatrixOperator", "Inpainting", "SuperResolution", "Denoising",
+    "estimate_moments", "MomentTable",
 ]

@@ -16,17 +16,21 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from .._io import atomic_write_bytes
 from .runner import DIVERGENCE_RULE, atomic_write_json, describe_reference
 
-METRICS = ("rms", "fd", "kl", "sw", "mmd", "ms_per_sample")
+METRICS = ("rms", "fd", "kl", "sw", "mmd", "ms_per_sample", "passes", "ms_median")
+#: compute columns: shown in the cost tables and the full table, not as quality pivots
+COST = ("macs_per_sample", "passes", "ms_min", "ms_median")
 TITLES = {"rms": "RMS error vs the reference PF-ODE solution",
           "fd": "Frechet distance to the target law",
           "kl": "KL(output || target) [nats]",
           "sw": "sliced Wasserstein distance to held-out samples",
           "mmd": "MMD to held-out samples",
-          "ms_per_sample": "wall time per sample [ms]"}
+          "ms_per_sample": "wall time per sample [ms]",
+          "passes": "compute per sample in teacher passes",
+          "ms_median": "wall time per sample, side by side, median [ms]"}
 CSV_COLUMNS = ("id", "solver", "label", "options", "family", "kind", "order", "adaptive", "grid",
                "budget", "tol", "steps", "expected_nfe", "nfe", "status", "rms", "fd",
-               "fd_method", "kl", "kl_method", "sw", "mmd", "wall_s", "ms_per_sample", "reason",
-               "note")
+               "fd_method", "kl", "kl_method", "sw", "mmd", "wall_s", "ms_per_sample", "macs_per_sample",
+               "passes", "ms_min", "ms_median", "timing_repeats", "reason", "note")
 
 
 def fmt(v: Any, digits: int = 2) -> str:
@@ -128,8 +132,52 @@ def adaptive_table(results: Mapping[str, Any], metrics: Sequence[str], markdown:
     return _table(["solver", "tol", "NFE"] + list(metrics), rows, markdown)
 
 
+def _cost_entry(c: Mapping[str, Any] | None, what: str) -> str:
+    if c is None:
+        return ""
+    if c.get("status") != "ok":
+        return c.get("status", "?")
+    if what == "passes":
+        if c.get("passes") is not None:
+            return f"{c['passes']:.3g}"
+        return "-" if c.get("macs_per_sample") is None else f"{c['macs_per_sample']:.3g} MACs"
+    if c.get("ms_median") is None:
+        return "-"
+    return f"{c['ms_median']:.3g} ({c['ms_min']:.3g})"
+
+
+def _primary(results: Mapping[str, Any]) -> str | None:
+    present = metrics_present(results)
+    return next((m for m in ("rms", "fd", "kl", "sw", "mmd") if m in present), None)
+
+
+def cost_table(results: Mapping[str, Any], what: str = "passes", markdown: bool = False) -> str:
+    """The compute of the cells of the primary metric's pivot (its rows and grids), per budget:
+    ``what='passes'`` (teacher passes per sample, or raw MACs where the model is not a counted
+    network) or ``'time'`` (side-by-side wall time per sample, median (min), ms)."""
+    primary = _primary(results)
+    if primary is None:
+        return ""
+    bs = budgets(results)
+    rows = [[r["label"], r["grid"]] + [_cost_entry(r["values"].get(b), what) for b in bs]
+            for r in pivot(results, primary)]
+    rows += [[c["label"], f"tol={c['tol']:g}"] + [_cost_entry(c, what)] + [""] * (len(bs) - 1)
+             for c in adaptive_rows(results)]
+    return _table(["solver", "grid"] + [f"NFE {b}" for b in bs], rows, markdown)
+
+
+def _cost_line(results: Mapping[str, Any]) -> str:
+    cost = results.get("cost") or {}
+    t = cost.get("teacher_macs_per_sample")
+    unit = (f"1 teacher pass = {t:.4g} MACs per sample" if t else
+            "the problem's model is not a counted torch network, so costs are raw MACs")
+    return (f"Rows and grids as in the {_primary(results)} table; {unit}; wall time from {cost.get('timing_repeats', 0)} interleaved "
+            "rounds of every ok cell (median (min) ms per sample; adaptive rows: one entry)")
+
+
 def full_table(results: Mapping[str, Any], markdown: bool = True) -> str:
-    ms = metrics_present(results)
+    ms = [m for m in metrics_present(results) if m not in COST] + \
+        [m for m in COST if any(c.get(m) is not None for c in results["cells"])]
     rows = []
     for c in results["cells"]:
         where = c["grid"] if c.get("tol") is None else f"tol={c['tol']:g}"
@@ -184,7 +232,10 @@ def terminal_report(results: Mapping[str, Any], metrics: Sequence[str] = ("rms",
     present = metrics_present(results)
     out = [_summary_line(results)]
     for m in metrics:
-        if m in present:
+        if m in COST and m in present:
+            what = "passes" if m == "passes" else "time"
+            out += ["", f"{TITLES[m]} ({_cost_line(results)})", cost_table(results, what)]
+        elif m in present:
             out += ["", f"{TITLES[m]} (best grid per solver; (k) = measured NFE where it differs "
                         "from the budget)", pivot_table(results, m)]
     if adaptive_rows(results):
@@ -206,11 +257,17 @@ def markdown_report(results: Mapping[str, Any], full: bool = True) -> str:
     p = results["problem"]
     out = [f"## sdekit bench: {p['name']}", "", _summary_line(results), "",
            _floors_line(results), ""]
-    present = metrics_present(results)
+    present = [m for m in metrics_present(results) if m not in COST]
     for m in present:
         out += [f"### {TITLES[m]}", "", pivot_table(results, m, markdown=True), ""]
     if adaptive_rows(results):
         out += ["### Adaptive solvers", "", adaptive_table(results, present, markdown=True), ""]
+    if any(c.get("macs_per_sample") is not None for c in results["cells"]):
+        out += ["### Compute per sample [teacher passes]", "", _cost_line(results), "",
+                cost_table(results, "passes", markdown=True), ""]
+    if any(c.get("ms_median") is not None for c in results["cells"]):
+        out += ["### Wall time per sample, side by side [ms, median (min)]", "",
+                cost_table(results, "time", markdown=True), ""]
     out += ["### Metrics", ""] + [f"- **{k}**: {v}" for k, v in results["metrics"].items()] + [""]
     if full:
         out += ["### All cells", "", full_table(results), ""]
@@ -278,7 +335,7 @@ def plot(results: Mapping[str, Any], path: Path | str, configs: str = "best") ->
         from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullFormatter
     except ImportError:
         return False
-    ms = metrics_present(results)
+    ms = [m for m in metrics_present(results) if m not in COST]
     if not ms:
         return False
     lines: dict[str, list[Mapping[str, Any]]] = {}
@@ -409,5 +466,5 @@ def write_reports(results: Mapping[str, Any], out_dir: Path | str,
 
 
 __all__ = ["terminal_report", "markdown_report", "pivot", "pivot_table", "adaptive_table",
-           "full_table", "write_csv", "plot", "write_reports", "best_grids", "FORMATS",
-           "METRICS", "reference_warning"]
+           "full_table", "cost_table", "write_csv", "plot", "write_reports", "best_grids",
+           "FORMATS", "METRICS", "reference_warning"]

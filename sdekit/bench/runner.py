@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import threading
 import time
@@ -45,6 +46,7 @@ from ..integrate import sample
 from ..solvers.base import ModelOutputError, Solver
 from ..solvers.registry import get_solver, solver_names
 from . import metrics as M
+from .cost import count_macs, network_macs_per_sample
 from .._io import (IntegrityError, LockedError, atomic_write_bytes, exclusive_lock,
                    load_verified, save_verified)
 from .problems import BenchError, BenchProblem
@@ -69,7 +71,18 @@ METRIC_DOCS = {
     "mmd": "MMD (Gaussian kernel, median-distance bandwidth of the held-out set, biased estimate) "
            "to held-out samples of the target law",
     "nfe": "model evaluations measured by the call counter (never the nominal count)",
-    "ms_per_sample": "wall time of the solve divided by the number of samples, in milliseconds",
+    "ms_per_sample": "wall time of the cell's own solve (timed alone, while its MACs are "
+                     "counted) divided by the number of samples, in milliseconds",
+    "macs_per_sample": "multiply-accumulates per sample of every network pass of the solve, "
+                       "counted on the actual input shapes (sdekit.bench.cost: Linear, Conv, "
+                       "attention and the operator's spectral and linear-path products)",
+    "passes": "compute in teacher passes: macs_per_sample over the MACs of one pass of the "
+              "problem's model per sample (= NFE for a solver that calls only the model; None "
+              "where the model is not a counted torch network, e.g. an analytic oracle)",
+    "ms_min": "wall time per sample [ms], the fastest of timing_repeats solves timed side by "
+              "side: every ok cell solved again in rounds, interleaved (rotated order) in one "
+              "process, without the MAC counter",
+    "ms_median": "wall time per sample [ms], the median of those interleaved solves",
 }
 
 
@@ -91,6 +104,8 @@ class SweepConfig:
             whose own rounding stops tighter tolerances from converging).
         reference_solver: registry name of that adaptive solver.
         projections: directions of the sliced Wasserstein distance.
+        timing_repeats: rounds of the side-by-side timing (every ok cell solved again per
+            round, interleaved, giving ``ms_min``/``ms_median``); 0 skips it.
     """
 
     solvers: Sequence[str] | None = None
@@ -105,6 +120,7 @@ class SweepConfig:
     reference_tol: float | None = None
     reference_solver: str = "dopri5"
     projections: int = 128
+    timing_repeats: int = 3
 
     def validate(self) -> None:
         names = solver_names()
@@ -130,6 +146,10 @@ class SweepConfig:
                                                    and 0 < self.reference_tol < 1):
             raise BenchError(f"reference_tol={self.reference_tol!r} is invalid: expected a "
                              "number in (0, 1)")
+        if not (isinstance(self.timing_repeats, int) and not isinstance(self.timing_repeats, bool)
+                and self.timing_repeats >= 0):
+            raise BenchError(f"--timing-repeats={self.timing_repeats!r} is invalid: expected an "
+                             "integer >= 0")
         if self.reference_solver not in names:
             raise BenchError(f"reference_solver={self.reference_solver!r} is unknown: expected "
                              f"one of {names}")
@@ -260,6 +280,7 @@ class Prepared:
     sliced: M.SlicedReference | None
     cache_dir: Path
     kyy: float | None = None
+    teacher_macs: float | None = None
 
 
 def problem_key(problem: BenchProblem, config: SweepConfig) -> str:
@@ -341,8 +362,9 @@ def prepare(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str,
         bandwidth = M.median_bandwidth(heldout)
         kyy = M.mmd_self_term(heldout, bandwidth)
         sliced = M.SlicedReference(heldout, config.projections, config.seed + 2)
+    teacher_macs = network_macs_per_sample(problem.model, x_init, problem.sde.T)
     return Prepared(problem, x_init, x_ref, reference, heldout, target, method, bandwidth,
-                    sliced, cdir, kyy)
+                    sliced, cdir, kyy, teacher_macs)
 
 
 def _reference_solve(problem: BenchProblem, config: SweepConfig,
@@ -427,17 +449,12 @@ def compute_cell(prep: Prepared, cell: Mapping[str, Any], config: SweepConfig) -
     status ``skipped`` with the solver's message; NaN/Inf or an error far above the data's scale
     (:func:`divergence`) gives ``diverged`` (metrics kept); anything else unexpected ``error``."""
     res = dict(cell)
-    opts = dict(cell["options"])
-    if cell["tol"] is not None:
-        opts.update(rtol=cell["tol"], atol=cell["tol"])
-    p = prep.problem
     try:
-        slv = get_solver(cell["solver"], **opts)
-        kw: dict[str, Any] = {"steps": cell["steps"] or 1, "grid": cell["grid"]}
-        t0 = time.perf_counter()
-        sol = sample(p.sde, p.model, prep.x_init, solver=slv, seed=config.seed,
-                     float64=config.float64, **kw)
-        wall = time.perf_counter() - t0
+        slv, solve = cell_solve(prep, cell, config)
+        with count_macs() as macs:
+            t0 = time.perf_counter()
+            sol = solve()
+            wall = time.perf_counter() - t0
     except ModelOutputError as e:
         res.update(status="diverged", reason=str(e))
         return res
@@ -447,8 +464,10 @@ def compute_cell(prep: Prepared, cell: Mapping[str, Any], config: SweepConfig) -
     except Exception as e:  # noqa: BLE001  (one bad cell must not end the sweep)
         res.update(status="error", reason=f"{type(e).__name__}: {e}")
         return res
+    n = prep.x_init.shape[0]
     res.update(status="ok", nfe=int(sol.nfe), steps=int(sol.steps), wall_s=wall,
-               ms_per_sample=1000.0 * wall / prep.x_init.shape[0])
+               ms_per_sample=1000.0 * wall / n, macs_per_sample=macs.macs / n,
+               passes=macs.macs / n / prep.teacher_macs if prep.teacher_macs else None)
     notes = [cell.get("note") or ""]
     if res.get("expected_nfe") is not None and sol.nfe != res["expected_nfe"]:
         notes.append(f"measured NFE {sol.nfe} != declared {res['expected_nfe']}")
@@ -463,6 +482,56 @@ def compute_cell(prep: Prepared, cell: Mapping[str, Any], config: SweepConfig) -
     if why:
         res.update(status="diverged", reason=why)
     return res
+
+
+def cell_solve(prep: Prepared, cell: Mapping[str, Any], config: SweepConfig
+               ) -> tuple[Solver, Callable[[], Any]]:
+    """The cell's solver and a function running its solve (the Solution)."""
+    opts = dict(cell["options"])
+    if cell["tol"] is not None:
+        opts.update(rtol=cell["tol"], atol=cell["tol"])
+    slv = get_solver(cell["solver"], **opts)
+    p = prep.problem
+    return slv, lambda: sample(p.sde, p.model, prep.x_init, solver=slv, seed=config.seed,
+                               float64=config.float64, steps=cell["steps"] or 1,
+                               grid=cell["grid"])
+
+
+def time_cells(prep: Prepared, cells: Sequence[dict[str, Any]], config: SweepConfig,
+               progress: bool = False) -> None:
+    """Side-by-side wall time: ``config.timing_repeats`` rounds, each solving every ok cell
+    once more (the order rotated by one cell per round, so no cell always runs first or after
+    the same neighbour), in this process, without the MAC counter; sets ``ms_min`` and
+    ``ms_median`` (per sample) and ``timing_repeats`` on each timed cell."""
+    ok = [c for c in cells if c.get("status") == "ok"]
+    if not ok or config.timing_repeats <= 0:
+        return
+    times: dict[str, list[float]] = {c["id"]: [] for c in ok}
+    failed: dict[str, str] = {}
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(ok) * config.timing_repeats, disable=not progress, unit="solve",
+               desc=f"timing {prep.problem.name} side by side", dynamic_ncols=True)
+    n = prep.x_init.shape[0]
+    try:
+        for r in range(config.timing_repeats):
+            k = r % len(ok)
+            for c in ok[k:] + ok[:k]:
+                try:
+                    _, solve = cell_solve(prep, c, config)
+                    t0 = time.perf_counter()
+                    solve()
+                    times[c["id"]].append(1000.0 * (time.perf_counter() - t0) / n)
+                except Exception as e:  # noqa: BLE001  (it ran once already: note it, go on)
+                    failed[c["id"]] = f"{type(e).__name__}: {e}"
+                bar.update(1)
+    finally:
+        bar.close()
+    for c in ok:
+        ts = sorted(times[c["id"]])
+        if c["id"] in failed:
+            c["timing_error"] = failed[c["id"]]
+        if ts:
+            c.update(ms_min=ts[0], ms_median=statistics.median(ts), timing_repeats=len(ts))
 
 
 # ------------------------------------------------------------------ the sweep
@@ -695,6 +764,7 @@ def _run_sweep(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str
         r.pop("run_id", None)
         r.pop("code", None)
         out_cells.append(r)
+    time_cells(prep, out_cells, config, show)
     ref_metrics = evaluate(prep, prep.x_ref.to(prep.x_init.dtype), False) \
         if prep.x_ref is not None else {}
     floors = _fit_floors(prep)
@@ -711,6 +781,10 @@ def _run_sweep(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str
         "reference": {**prep.reference, "exact_model": p.exact_model, "metrics": ref_metrics,
                       "fit_floors": floors},
         "metrics": METRIC_DOCS,
+        "cost": {"teacher_macs_per_sample": prep.teacher_macs,
+                 "unit": "passes = MACs per sample / MACs of one pass of the problem's model "
+                         "per sample (sdekit.bench.cost)",
+                 "timing_repeats": config.timing_repeats},
         "config": {**{k: v for k, v in asdict(config).items() if k != "solver_options"},
                    "solvers": config.solver_list(), "grids": config.grid_list(),
                    "solver_options": {k: dict(v) for k, v in config.solver_options.items()}},
@@ -738,6 +812,6 @@ def _fit_floors(prep: Prepared) -> dict[str, Any]:
 
 
 __all__ = ["SweepConfig", "plan_cells", "steps_for_budget", "prepare", "Prepared", "evaluate",
-           "compute_cell", "divergence", "DIVERGENCE_RULE", "run_sweep", "atomic_write_json",
-           "BENCH_FORMAT", "DEFAULT_NFE",
-           "DEFAULT_TOLS", "METRIC_DOCS"]
+           "compute_cell", "cell_solve", "time_cells", "divergence", "DIVERGENCE_RULE",
+           "run_sweep", "atomic_write_json", "BENCH_FORMAT", "DEFAULT_NFE", "DEFAULT_TOLS",
+           "METRIC_DOCS"]

@@ -17,6 +17,7 @@ from ._args import (
     apply_threads,
     default_out_dir,
     float_in,
+    nonneg_int,
     out_dir,
     positive_float,
     positive_int,
@@ -114,7 +115,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
       help="plot each solver on its best grid (default) or every solver x grid")
     a("--metrics", type=_csv(str, "--metrics"), default=["rms", "fd"],
       help="metrics of the terminal tables (default rms,fd; any of rms,fd,kl,sw,mmd,"
-           "ms_per_sample)")
+           "ms_per_sample,passes,ms_median)")
+    a("--timing-repeats", type=nonneg_int, default=3,
+      help="rounds of side-by-side timing: every ok cell solved again per round, interleaved, "
+           "for the ms_min/ms_median columns (default 3; 0: no timing rounds)")
     add_threads(p, "1 for the built-in analytic problems, whose tiny operations only lose from "
                    "threading; otherwise " + THREADS_HELP)
     a("--quiet", action="store_true", help="no progress output (reference solve, cells)")
@@ -162,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
         config = SweepConfig(solvers=solvers, grids=args.grids or None, nfe=args.nfe,
                              tols=args.tols, n=args.n, n_ref=args.n_ref, seed=args.seed,
                              solver_options=options, float64=args.float64,
-                             reference_tol=args.reference_tol)
+                             reference_tol=args.reference_tol,
+                             timing_repeats=args.timing_repeats)
         config.validate()  # fail on names before building the problem
         sde = get_sde(args.sde) if args.sde is not None else None
         problem = resolve_problem(args.problem, sde=sde, dim=args.dim, seed=args.seed)

@@ -155,6 +155,10 @@ def _per_sample_rms_max(y: Tensor) -> Tensor:
     return y.pow(2).flatten(1).mean(1).sqrt().max()
 
 
+#: noise variances of the ddim / ancestral solvers (see :class:`DDIM`)
+VARIANCES = ("beta_tilde", "beta", "analytic")
+
+
 @register("ddim", eta=0.0)
 @register("ancestral", eta=1.0)
 class DDIM(Solver):
@@ -165,36 +169,82 @@ class DDIM(Solver):
     posterior ``q(x_s | x_t, x0_hat)`` (DDPM for VP, SMLD for VE; registered as ``ancestral``),
     an Ito-SDE sampler of strong order 1 here (additive noise). Starts at alpha = 0 (flow
     matching's t = 1) from the x0 prediction there: ``x_s = alpha_s x0 + (d / sigma_t) x + c z``
-    (a flow, v or x0 network; an eps network carries no x0 at alpha = 0)."""
+    (a flow, v or x0 network; an eps network carries no x0 at alpha = 0).
+
+    ``variance`` sets the variance of the added noise (the mean is always the one above, built
+    with ``c^2 = eta^2 beta_tilde``): ``'beta_tilde'`` (default) ``c^2``; ``'beta'`` (``eta = 1``
+    only) DDPM's forward-step variance ``sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2`` (beta_n
+    for VP); ``'analytic'`` the optimal variance of Analytic-DPM (Bao et al. 2022, Thm. 1 on any
+    grid and SDE; see :mod:`sdekit.solvers.analytic_dpm`) from ``moments``: a
+    :class:`~sdekit.solvers.analytic_dpm.MomentTable` from
+    :func:`~sdekit.solvers.analytic_dpm.estimate_moments` (looked up at the step times) or one
+    Gamma per step (scalars, or per coordinate for the diagonal form), clipped to the bounds of
+    its Thm. 2 (with ``data_range=(lo, hi)`` also the data-range bound)."""
 
     family = "ddim"
     paper = "Song, Meng & Ermon 2021, Denoising Diffusion Implicit Models, Eq. 12"
     order = 1
     starts_at_alpha_zero = True  # from alpha = 0: x_s = alpha_s x0 + d x / sigma_0 + c z
 
-    def __init__(self, eta: float = 0.0) -> None:
+    def __init__(self, eta: float = 0.0, variance: str = "beta_tilde", moments: Any = None,
+                 data_range: Any = None) -> None:
+        from .analytic_dpm import as_moment_table
         if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta={eta!r} is invalid: expected a number >= 0")
-        self.eta = float(eta)
-        self.stochastic = self.eta > 0
+        if variance not in VARIANCES:
+            raise ValueError(f"variance={variance!r} is invalid: expected one of {VARIANCES}")
+        if variance == "beta" and eta != 1:
+            raise ValueError(f"variance='beta' pairs DDPM's beta with its posterior mean, so it "
+                             f"needs eta=1 (the ancestral sampler), not eta={eta!r}")
+        if (variance == "analytic") != (moments is not None):
+            raise ValueError("variance='analytic' needs moments= (a MomentTable from "
+                             "sdekit.estimate_moments(sde, model, data, "
+                             "times), or one Gamma per step), and moments= is used only with "
+                             f"variance='analytic' (got variance={variance!r}, moments "
+                             f"{'given' if moments is not None else 'missing'})")
+        if data_range is not None:
+            try:
+                lo, hi = (float(v) for v in data_range)
+            except (TypeError, ValueError):
+                lo = hi = math.nan
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"data_range={data_range!r} is invalid: expected (lo, hi) "
+                                 "with finite lo < hi")
+            data_range = (lo, hi)
+        self.eta, self.variance, self.data_range = float(eta), variance, data_range
+        self.moments = None if moments is None else as_moment_table(moments)
+        self.stochastic = self.eta > 0 or variance == "analytic"
         self.strong_order = 1.0 if self.stochastic else None
         self.default_grid = "uniform" if self.stochastic else "logsnr"
 
     def init(self, p: Problem, x: Tensor) -> tuple[list[float], ...]:
-        """alpha, sigma and ``sqrt(1 - exp(-2 h))`` of every step, once per grid, as plain
-        numbers."""
+        """alpha, sigma, the noise weight ``c`` of the mean and the standard deviation of the
+        added noise (a number, or a tensor per coordinate) of every step, once per grid."""
+        from .analytic_dpm import analytic_variance, gamma_per_step
         h = p.lam[1:] - p.lam[:-1]
-        return p.alpha.tolist(), p.sigma.tolist(), torch.sqrt(-torch.expm1(-2 * h)).tolist()
+        root = torch.sqrt(-torch.expm1(-2 * h)).tolist()
+        alpha, sigma = p.alpha.tolist(), p.sigma.tolist()
+        c = [self.eta * sigma[i + 1] * root[i] for i in range(p.steps)]
+        if self.variance == "beta_tilde":
+            return alpha, sigma, c, c
+        if self.variance == "beta":
+            std = [math.sqrt(max(sigma[i] ** 2 - (alpha[i] / alpha[i + 1] * sigma[i + 1]) ** 2,
+                                 0.0)) for i in range(p.steps)]
+            return alpha, sigma, c, std
+        gam = gamma_per_step(self.moments, p.times, x.shape[1:])
+        std = []
+        for i in range(p.steps):
+            v = analytic_variance(alpha[i], sigma[i], alpha[i + 1], sigma[i + 1], c[i] ** 2,
+                                  gam[i], self.data_range).sqrt()
+            std.append(float(v) if v.ndim == 0 else v.to(x))
+        return alpha, sigma, c, std
 
     def step(self, p: Problem, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
-        alpha, sigma, root = state
+        alpha, sigma, cs, stds = state
         a0, s0 = alpha[i], sigma[i]
         a1, s1 = alpha[i + 1], sigma[i + 1]
-        if self.stochastic:
-            c = self.eta * s1 * root[i]
-            d = math.sqrt(max(s1 * s1 - c * c, 0.0))   # weight of eps in the mean
-        else:
-            c, d = 0.0, s1
+        c, std = cs[i], stds[i]
+        d = s1 if c == 0 else math.sqrt(max(s1 * s1 - c * c, 0.0))   # eps weight of the mean
         if a0 == 0.0:  # alpha = 0 (flow matching at t = 1): only x0 is defined there
             kind, m = "x0", p.predict(x, p.times[i], "x0")
         else:
@@ -204,8 +254,10 @@ class DDIM(Solver):
             out = p.lin(a1 / a0, x, d - a1 * s0 / a0, m)
         else:
             out = p.lin(d / s0, x, a1 - d * a0 / s0, m)
-        if c > 0:
-            out = out.add_(p.noise.increment(p.times[i], p.times[i + 1], x), alpha=c)
+        if isinstance(std, Tensor):
+            out = out.addcmul_(p.noise.increment(p.times[i], p.times[i + 1], x), std)
+        elif std > 0:
+            out = out.add_(p.noise.increment(p.times[i], p.times[i + 1], x), alpha=std)
         return out, state
 
 
