@@ -41,9 +41,10 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -152,7 +153,14 @@ def model_identity(model: DiffusionModel, tag: str | None = None) -> dict[str, A
 
 
 def _diff(what: str, recorded: Any, given: Any) -> str | None:
-    return None if recorded == given else f"{what}: tuned for {recorded!r}, given {given!r}"
+    """None where equal, else which entries differ (for dicts: only the differing keys)."""
+    if recorded == given:
+        return None
+    if isinstance(recorded, dict) and isinstance(given, dict):
+        keys = sorted(k for k in set(recorded) | set(given) if recorded.get(k) != given.get(k))
+        return f"{what} differs in " + ", ".join(
+            f"{k} (tuned for {recorded.get(k)!r}, given {given.get(k)!r})" for k in keys)
+    return f"{what}: tuned for {recorded!r}, given {given!r}"
 
 
 # ------------------------------------------------------------------ the result file
@@ -401,7 +409,8 @@ class _Run:
 def _reference(run: _Run, x: Tensor, reference: str | Callable[[Tensor], Tensor],
                tol: float | None) -> tuple[Tensor, dict[str, Any]]:
     if callable(reference):
-        return reference(x).double(), {"method": "exact flow map (given)"}
+        return reference(x).double(), {"method": getattr(reference, "description",
+                                                         "exact flow map (given)")}
     tol = tol or (1e-8 if x.dtype == torch.float64 else 1e-6)
     n0 = run.model.nfe
     out = sample(run.sde, run.model, x, solver=reference, rtol=tol, atol=tol, float64=True).x
@@ -659,3 +668,167 @@ def _refine_times(sde: ForwardSDE, t: Tensor, factor: int) -> Tensor:
         parts.append(seg)
     parts.append(t[-1:])
     return torch.cat(parts)
+
+
+# ------------------------------------------------------------------ solver search
+#: the solver options the search varies, where a solver has them (values it rejects are skipped)
+OPTION_SPACE: dict[str, tuple[Any, ...]] = {
+    "warmup": ("lower_order", "singlestep"), "lower_order_final": (True, False),
+    "solver_type": ("lagrange", "midpoint"), "corrector": (True, False),
+    "max_order": (2, 3, 4)}
+
+
+def solver_variants(name: str) -> list[dict[str, Any]]:
+    """The option sets of registry solver ``name`` that the search tries: the product of the
+    :data:`OPTION_SPACE` values of the options it has, without sets it rejects and without
+    duplicates (sets with equal effective options)."""
+    cls, _ = _REGISTRY[name]
+    have = [k for k in inspect.signature(cls.__init__).parameters if k in OPTION_SPACE]
+    out, seen = [], set()
+    for values in itertools.product(*(OPTION_SPACE[k] for k in have)):
+        opts = dict(zip(have, values))
+        try:
+            eff = json.dumps(solver_config(name, opts), sort_keys=True)
+        except (TypeError, ValueError):
+            continue
+        if eff not in seen:
+            seen.add(eff)
+            out.append(opts)
+    return out
+
+
+class _CachedReference:
+    """A reference map that returns solves computed once (keyed by the states' content hash)."""
+
+    def __init__(self, refs: dict[str, Tensor], description: str) -> None:
+        self.refs, self.description = refs, description
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.refs[content_hash(x)]
+
+
+def search(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], nfe: int, *,
+           solvers: Sequence[str] | None = None,
+           grids: Sequence[tuple[str, Mapping[str, Any]]] | None = None, tune_top: int = 0,
+           calibration: int | Tensor = 128, seeds: Sequence[int] | None = None, seed: int = 0,
+           heldout: int | Tensor = 128, heldout_seeds: Sequence[int] | None = None,
+           heldout_seed: int | None = None, shape: Sequence[int] | None = None,
+           prediction: str = "eps", dtype: torch.dtype = torch.float32,
+           reference: str | Callable[[Tensor], Tensor] = "dopri5",
+           reference_tol: float | None = None, out_dir: str | os.PathLike | None = None,
+           progress: bool = True, model_tag: str | None = None,
+           tune_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Choose the solver, its options and the grid for ``model`` at ``nfe`` NFE.
+
+    Every deterministic fixed-grid ODE solver of ``solvers`` (default: all in the registry) with
+    every option set of :func:`solver_variants` runs on every named grid of ``grids`` (default
+    :data:`NAMED_GRIDS`) on the calibration batch; candidates are ranked by their calibration
+    RMS error against the converged reference, and each row also carries its held-out RMS (the
+    number to report). With ``tune_top = k`` the grids of the k best distinct (solver, options)
+    are tuned (:func:`tune`, ``tune_options``; the files go to ``out_dir``) and ranked with the
+    rest as rows marked ``tuned``. Returns ``{"winner": row, "table": rows (ranked), ...}``."""
+    t0 = time.perf_counter()
+    dm = as_model(model, sde, prediction)
+    names = list(solvers) if solvers is not None else [n for n in solver_names() if _tunable(n)]
+    for n in names:
+        if n not in solver_names():
+            raise TuneError(f"unknown solver {n!r}: expected one of {solver_names()}")
+        check_tunable(get_solver(n))
+    grid_list = [(g, dict(o)) for g, o in (grids if grids is not None else NAMED_GRIDS)]
+    for g, _ in grid_list:
+        if g not in GRIDS or g == "interpolated":
+            raise TuneError(f"unknown grid {g!r}: expected one of "
+                            f"{sorted(k for k in GRIDS if k != 'interpolated')}")
+    if not (isinstance(nfe, int) and not isinstance(nfe, bool) and nfe >= 1):
+        raise TuneError(f"nfe={nfe!r} is invalid: expected an integer >= 1")
+    if not (isinstance(tune_top, int) and tune_top >= 0):
+        raise TuneError(f"tune_top={tune_top!r} is invalid: expected an integer >= 0")
+    if not (callable(reference) or (isinstance(reference, str) and reference in solver_names()
+                                    and get_solver(reference).adaptive)):
+        raise TuneError(f"reference={reference!r} is invalid: expected an adaptive registry "
+                        "solver (e.g. 'dopri5') or a callable exact flow map")
+    ident = model_identity(dm, model_tag)
+    x_cal, cal_seeds = _init_states(calibration, seeds, seed, sde, shape, dtype, "calibration")
+    ho_seed = seed + 1 if heldout_seed is None else heldout_seed
+    x_ho, ho_seeds = _init_states(heldout, heldout_seeds, ho_seed, sde, tuple(x_cal.shape[1:]),
+                                  dtype, "heldout")
+    if cal_seeds and ho_seeds and set(cal_seeds) & set(ho_seeds):
+        raise TuneError("heldout seeds overlap the calibration seeds: held-out states must differ "
+                        "(use another heldout_seed)")
+    run = _Run(sde, dm, "", {}, 0, dtype, progress)
+    ref_cal, rinfo = _reference(run, x_cal, reference, reference_tol)
+    ref_ho, _ = _reference(run, x_ho, reference, reference_tol)
+    plan = [(n, o, g, go) for n in names for o in solver_variants(n) for g, go in grid_list]
+    from tqdm.auto import tqdm
+    rows = []
+    for n, o, g, go in tqdm(plan, desc=f"search @ {nfe} NFE", disable=not progress,
+                            leave=False, file=sys.stderr):
+        slv = get_solver(n, **o)
+        row: dict[str, Any] = {"solver": n, "options": o, "grid": g, "grid_options": go,
+                               "tuned": False}
+        try:
+            steps = _steps_for(slv, nfe)
+            times = make_grid(sde, g, steps, **go)
+        except ValueError as e:
+            rows.append({**row, "status": "skipped", "reason": str(e)})
+            continue
+        run.solver, run.options = n, o
+        row.update(steps=steps, calibration_rms=run.error(x_cal, ref_cal, times))
+        row["nfe"] = run.last_nfe
+        row["heldout_rms"] = run.error(x_ho, ref_ho, times)
+        row["status"] = "ok" if math.isfinite(row["calibration_rms"]) else "failed"
+        rows.append(row)
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["calibration_rms"])
+    tuned_rows = []
+    if tune_top:
+        cached = _CachedReference({content_hash(x_cal): ref_cal, content_hash(x_ho): ref_ho},
+                                  rinfo["method"])
+        picked: list[tuple[str, dict[str, Any]]] = []
+        for r in ok:
+            if (r["solver"], r["options"]) not in picked:
+                picked.append((r["solver"], r["options"]))
+            if len(picked) == tune_top:
+                break
+        for n, o in picked:
+            path = None if out_dir is None else Path(out_dir) / (
+                f"{n}" + "".join(f"-{k}={v}" for k, v in sorted(o.items())) + f"-nfe{nfe}.json")
+            tg = tune(sde, dm, n, nfe, solver_options=o, calibration=x_cal, heldout=x_ho,
+                      dtype=dtype, reference=cached, out=path, progress=progress,
+                      model_tag=model_tag, **dict(tune_options or {}))
+            tg.record["calibration"]["seeds"], tg.record["heldout"]["seeds"] = cal_seeds, ho_seeds
+            if path is not None:
+                tg.save(path)
+            e = tg.record["errors"]
+            tuned_rows.append({"solver": n, "options": o, "grid": "tuned",
+                               "grid_file": None if path is None else str(path),
+                               "grid_options": {}, "tuned": True, "status": "ok",
+                               "steps": tg.steps, "nfe": tg.record["measured_nfe"],
+                               "calibration_rms": e["calibration_rms"],
+                               "heldout_rms": e["heldout_rms"], "times": tg.times.tolist(),
+                               "tuning_cost": tg.record["cost"]})
+    ranked = sorted(ok + tuned_rows, key=lambda r: r["calibration_rms"])
+    for i, r in enumerate(ranked):
+        r["rank"] = i + 1
+    return {"format": SEARCH_FORMAT, "nfe": nfe, "sde": sde_fingerprint(sde), "model": ident,
+            "calibration": {"n": int(x_cal.shape[0]), "seeds": cal_seeds},
+            "heldout": {"n": int(x_ho.shape[0]), "seeds": ho_seeds}, "reference": rinfo,
+            "ranked_by": "calibration_rms", "winner": ranked[0] if ranked else None,
+            "table": ranked, "not_ranked": [r for r in rows if r["status"] != "ok"],
+            "cost": {"wall_s": time.perf_counter() - t0, "nfe": run.nfe_spent
+                     + sum(r["tuning_cost"]["nfe"] for r in tuned_rows), "candidates": len(plan)}}
+
+
+def format_search(result: Mapping[str, Any], top: int = 15) -> str:
+    """A markdown table of the ranked candidates (the winner first)."""
+    lines = [(f"solver search at {result['nfe']} NFE: ranked by calibration RMS, held-out RMS "
+              "reported"), "",
+             "| rank | solver | options | grid | NFE | calibration RMS | held-out RMS |",
+             "|---:|---|---|---|---:|---:|---:|"]
+    for r in result["table"][:top]:
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(r["options"].items())) or "-"
+        grid = r["grid"] + ("(" + ",".join(f"{k}={v}" for k, v in r["grid_options"].items())
+                            + ")" if r["grid_options"] else "") + (" (tuned)" if r["tuned"]
+                                                                  and r["grid"] != "tuned" else "")
+        lines.append(f"| {r['rank']} | {r['solver']} | {opts} | {grid} | {r['nfe']} | "
+                     f"{r['calibration_rms']:.3e} | {r['heldout_rms']:.3e} |")
+    return "\n".join(lines)
