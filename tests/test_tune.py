@@ -188,3 +188,65 @@ def test_search_ranks_on_calibration_and_reports_heldout(problem):
     assert w["solver"] == "dpmpp_2m"   # second order beats DDIM at 5 NFE here
     with pytest.raises(TuneError, match="cannot be tuned: it is stochastic"):
         search(problem.sde, problem.model, 5, solvers=["pc"], **KW)
+
+
+# ------------------------------------------------------------------ command line
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny trained two_moons checkpoint."""
+    from helpers import TINY_TRAIN
+
+    from sdekit.cli.main import main
+    out = tmp_path_factory.mktemp("tunecli") / "run"
+    assert main(["train", "--data", "two_moons", "--steps", "4", *TINY_TRAIN, "--out",
+                 str(out)]) == 0
+    return out / "checkpoint.pt"
+
+
+def test_cli_tune_then_sample_and_bench_with_the_grid(ckpt, tmp_path, capsys):
+    from helpers import run_cli
+    grid = tmp_path / "g.json"
+    rc, out, err = run_cli(["tune", "--problem", f"checkpoint:{ckpt}", "--solver", "dpmpp_2m",
+                            "--nfe", "4", "--n", "8", "--max-sweeps", "2", "--out", grid,
+                            "--quiet"], capsys)
+    assert rc == 0, err
+    tg = load_tuned_grid(grid)
+    assert tg.solver == "dpmpp_2m" and tg.steps == 4 and "weights_sha256" in tg.record["model"]
+    assert json.loads(out)["heldout_rms"] == tg.record["errors"]["heldout_rms"]
+    rc, out, err = run_cli(["sample", "--checkpoint", ckpt, "--grid", grid, "--n", "4",
+                            "--out", tmp_path / "s"], capsys)
+    assert rc == 0 and "4 NFE (dpmpp_2m, 4 steps)" in out, err
+    for extra, what in ((["--solver", "ddim"], "solver: tuned for 'dpmpp_2m', given 'ddim'"),
+                        (["--steps", "6"], "steps: tuned for 4, given 6")):
+        rc, _, err = run_cli(["sample", "--checkpoint", ckpt, "--grid", grid, "--n", "4",
+                              "--out", tmp_path / "s2", *extra], capsys)
+        assert rc == 2 and what in err, err
+    rc, _, err = run_cli(["sample", "--checkpoint", ckpt, "--grid", tmp_path / "none.json"],
+                         capsys)
+    assert rc == 2 and "does not exist" in err
+    rc, out, err = run_cli(["bench", "--problem", f"checkpoint:{ckpt}", "--solvers", "dpmpp_2m",
+                            "--grids", f"logsnr,{grid}", "--nfe", "4", "-n", "8", "--quiet",
+                            "--formats", "json", "--out", tmp_path / "b"], capsys)
+    assert rc == 0, err
+    res = json.loads(next((tmp_path / "b").glob("*.json")).read_text())
+    tuned = [c for c in res["cells"] if c.get("tuned")]
+    assert len(tuned) == 1 and tuned[0]["status"] == "ok", tuned
+    assert tuned[0]["label"] == "dpmpp_2m [tuned]" and tuned[0]["nfe"] == 4
+
+
+@pytest.mark.parametrize("argv, what", [
+    (["--nfe", "0"], "--nfe"),
+    (["--nfe", "5", "--solver", "pc"], "cannot be tuned: it is stochastic"),
+    (["--nfe", "5", "--out", "x.txt"], "expected a .json file name"),
+    (["--nfe", "5", "--search", "-O", "order=2"], "goes with one --solver"),
+    (["--nfe", "5", "--tune-top", "2"], "go with --search"),
+    (["--nfe", "5", "-O", "bogus"], "expected OPTION=VALUE"),
+    (["--nfe", "5", "--problem", "nope"], "unknown --problem 'nope'"),
+    (["--nfe", "5", "--sde", "nope"], "--sde: unknown SDE"),
+])
+def test_cli_tune_bad_input(argv, what, capsys, tmp_path, monkeypatch):
+    from helpers import run_cli
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_cli(["tune", *argv], capsys)
+    assert rc == 2 and what in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())
