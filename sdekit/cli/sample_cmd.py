@@ -29,6 +29,15 @@ def default_solver() -> str:
     return inspect.signature(sample).parameters["solver"].default
 
 
+class _Given(argparse.Action):
+    """Store the value and note in ``namespace.given`` that the option was given."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", set()) | {self.dest}
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = add_command(subparsers, "sample", help="sample a trained checkpoint",
                     description="Draw samples from a checkpoint (EMA weights) with any "
@@ -36,11 +45,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a = p.add_argument
     a("--checkpoint", type=existing_file, required=True,
       help="a `sdekit train` checkpoint (required)")
-    a("--solver", default=None,
-      help=f"registered solver name (see `sdekit solvers`), as in sdekit.sample() (default: "
-           f"{default_solver()}, or the one a --grid FILE was tuned for)")
-    a("--steps", type=positive_int, default=None,
-      help="solver steps (default: 20, or the steps of a --grid FILE)")
+    a("--solver", default=default_solver(), action=_Given,
+      help="registered solver name (see `sdekit solvers`), as in sdekit.sample(); with a "
+           "--grid FILE unless given: the solver it was tuned for")
+    a("--steps", type=positive_int, default=20, action=_Given,
+      help="solver steps; with a --grid FILE unless given: its steps")
     a("--grid", default=None,
       help="time grid: a name, or a tuned grid file (.json from `sdekit tune`, refused unless "
            "tuned for this checkpoint, solver and steps; its solver options are used) "
@@ -88,8 +97,10 @@ def run(args: argparse.Namespace) -> int:
             tuned = load_tuned_grid(args.grid)
         except TuneError as e:
             raise UsageError(f"--grid: {e}") from None
-    args.solver = args.solver or (tuned.solver if tuned else default_solver())
-    args.steps = args.steps or (tuned.steps if tuned else 20)
+    given = getattr(args, "given", set())
+    if tuned is not None:
+        args.solver = args.solver if "solver" in given else tuned.solver
+        args.steps = args.steps if "steps" in given else tuned.steps
     with user_input("--solver"):
         slv = get_solver(args.solver)
     if args.steps < slv.min_steps:
