@@ -305,6 +305,13 @@ def _init_states(x: int | Tensor, seeds: Sequence[int] | None, seed: int, sde: F
     return z * sde.prior_std, seeds
 
 
+def prior_states(sde: ForwardSDE, n: int, shape: Sequence[int], seed: int = 0,
+                 seeds: Sequence[int] | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The ``n`` initial states :func:`tune` draws for a batch: prior draws with per-sample seeds
+    (``seeds``, default derived from ``seed``), as ``sample(shape=(n, *shape), seeds=...)``."""
+    return _init_states(n, seeds, seed, sde, shape, dtype, "n")[0]
+
+
 def candidate_times(sde: ForwardSDE, per_grid: int) -> Tensor:
     """The union of the fine grids :data:`CANDIDATE_GRIDS` of ``per_grid`` steps, strictly
     decreasing in t and lambda (points closer than 1e-6 in lambda merged)."""
@@ -697,7 +704,7 @@ def solver_variants(name: str) -> list[dict[str, Any]]:
     return out
 
 
-class _CachedReference:
+class CachedReference:
     """A reference map that returns solves computed once (keyed by the states' content hash)."""
 
     def __init__(self, refs: dict[str, Tensor], description: str) -> None:
@@ -781,7 +788,7 @@ def search(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], nfe: 
     ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["calibration_rms"])
     tuned_rows = []
     if tune_top:
-        cached = _CachedReference({content_hash(x_cal): ref_cal, content_hash(x_ho): ref_ho},
+        cached = CachedReference({content_hash(x_cal): ref_cal, content_hash(x_ho): ref_ho},
                                   rinfo["method"])
         picked: list[tuple[str, dict[str, Any]]] = []
         for r in ok:
