@@ -561,7 +561,7 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
     named = json.loads(st["named"])
     best_label = min(named, key=lambda k: named[k]["calibration_rms"])
     # 3. teacher trajectory
-    if "teacher_states" not in st:
+    if "teacher_states" not in st and "dp_times" not in st:
         _say(progress, f"tune: teacher ({teacher}) on the candidate times")
         cand = candidate_times(sde, candidates)
         fine = _refine_times(sde, cand, teacher_factor)
@@ -587,6 +587,7 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
             torch.tensor(named[best_label]["times"], dtype=torch.float64)
         _say(progress, f"tune: DP grid calibration RMS {dp_err:.3e}, best named grid "
                        f"{best_label} {named[best_label]['calibration_rms']:.3e}")
+        st.pop("teacher_states"), st.pop("teacher_x0")   # not needed any more: keep it small
         save("dp", dp_times=dp_times, dp_err=dp_err, cur=start,
              cur_err=min(dp_err, named[best_label]["calibration_rms"]), f=0.5, sweeps=0)
     # 5. refinement
