@@ -250,3 +250,16 @@ def test_cli_tune_bad_input(argv, what, capsys, tmp_path, monkeypatch):
     rc, _, err = run_cli(["tune", *argv], capsys)
     assert rc == 2 and what in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_search_writes_the_ranking(tmp_path, capsys):
+    from helpers import run_cli
+    out = tmp_path / "search.json"
+    rc, text, err = run_cli(["tune", "--problem", "gaussian", "--dim", "4", "--nfe", "4",
+                             "--search", "--solvers", "ddim,dpmpp_2m", "--n", "8", "--quiet",
+                             "--out", out], capsys)
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    cal = [r["calibration_rms"] for r in res["table"]]
+    assert cal == sorted(cal) and res["winner"] == res["table"][0]
+    assert "| 1 | " in text and "winner: " in text and "held-out RMS" in text

@@ -145,7 +145,9 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_json(out, result)
         print(format_search(result))
         w = result["winner"]
-        print(f"\nwinner: {w['solver']} {w['options'] or ''} on {w['grid']}: held-out RMS "
+        where = (f"its tuned grid {w['grid_file']}" if w.get("grid_file") else
+                 f"the {w['grid']} grid" + (f" {w['grid_options']}" if w["grid_options"] else ""))
+        print(f"\nwinner: {w['solver']} {w['options'] or ''} on {where}: held-out RMS "
               f"{w['heldout_rms']:.3e} at {w['nfe']} NFE ({result['cost']['nfe']} NFE spent, "
               f"{result['cost']['wall_s']:.1f} s) -> {out}")
         return 0
