@@ -14,12 +14,14 @@ drawn from the prior with per-sample seeds:
    error of a first-order (DDIM / DPM-Solver++(1)) step between teacher states. First order is a
    proxy for every solver (a multistep solver's local error depends on its history); stage 5
    optimises the true error.
-5. **Refinement** of the true end-point error by coordinate search, starting from the better of
-   the DP grid and the best named grid: each interior point moves a fraction ``f_k`` of the way
+5. **Refinement** of the true end-point error by coordinate search (:func:`_coordinate_search`),
+   from the DP grid and from the best named grid, keeping the better result: each interior point moves a fraction ``f_k`` of the way
    to a neighbour (in the half-logSNR lambda; in t towards a start where lambda = -inf), so the
    grid stays monotone with its ends fixed; a move is kept where it lowers the error, ``f_k``
    doubles after a kept move and halves after a point fails in both directions.
-6. **Held-out evaluation**: every number the result reports as *the* error is measured on the
+6. **Selection** on the validation part of the calibration batch (``validation``, default the
+   last half; stages 3-5 use the first half): the better refined grid or the best named grid.
+7. **Held-out evaluation**: every number the result reports as *the* error is measured on the
    held-out batch; calibration errors are recorded beside them.
 
 Every stage's result is saved atomically (:func:`sdekit._io.save_verified`) to a state file, and
@@ -450,7 +452,7 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
          reference: str | Callable[[Tensor], Tensor] = "dopri5",
          reference_tol: float | None = None, candidates: int = 48, teacher: str = "dpmpp_3m",
          teacher_factor: int = 4, max_sweeps: int = 40, min_move: float = 1 / 64,
-         state: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+         validation: float = 0.5, state: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
          fresh: bool = False, progress: bool = True, model_tag: str | None = None) -> TunedGrid:
     """Tune the time grid of ``solver`` for ``model`` at ``nfe`` model evaluations.
 
@@ -470,6 +472,10 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
             ``x_T -> x_end``.
         candidates: steps of each fine grid whose union holds the candidate times;
             ``teacher`` solves there on a grid ``teacher_factor`` times finer.
+        validation: the fraction of the calibration batch (its last states) held back from the
+            optimisation: the grid kept is the best there among the refined grids and the best
+            named grid, so a grid that only fits the fitted states is not chosen (mixtures,
+            whose RMS is dominated by the few states near a boundary between modes).
         max_sweeps, min_move: limits of the coordinate search (sweeps; the smallest move as a
             fraction of a neighbour's distance); it also stops once three sweeps together
             lowered the error by less than 0.1%.
@@ -502,6 +508,8 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
             raise TuneError(f"{name}={v!r} is invalid: expected an integer >= {lo}")
     if not (isinstance(min_move, (int, float)) and 0 < min_move < 0.5):
         raise TuneError(f"min_move={min_move!r} is invalid: expected a number in (0, 0.5)")
+    if not (isinstance(validation, (int, float)) and 0 <= validation < 1):
+        raise TuneError(f"validation={validation!r} is invalid: expected a fraction in [0, 1)")
     if not (callable(reference) or (isinstance(reference, str) and reference in solver_names()
                                     and get_solver(reference).adaptive)):
         raise TuneError(f"reference={reference!r} is invalid: expected an adaptive registry "
@@ -521,13 +529,21 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
     if x_cal.shape == x_ho.shape and bool((x_cal == x_ho).all(dim=tuple(range(1, x_cal.ndim)))
                                            .any()):
         raise TuneError("heldout and calibration batches share initial states: they must differ")
+    n_val = round(validation * x_cal.shape[0])
+    n_fit = x_cal.shape[0] - n_val
+    if n_fit < 2 or (validation and n_val < 2):
+        raise TuneError(f"calibration batch of {x_cal.shape[0]} with validation={validation:g} "
+                        f"leaves {n_fit} states to fit and {n_val} to validate: expected >= 2 "
+                        "each (a larger calibration batch, or validation=0)")
+    fit, val = slice(0, n_fit), slice(n_fit, None)
     run = _Run(sde, dm, solver, opts, steps, dtype, progress)
     key = {"format": STATE_FORMAT, "solver": solver, "solver_options": cfg, "nfe": nfe,
            "steps": steps, "sde": sde_fingerprint(sde), "model": ident,
            "calibration": content_hash(x_cal), "heldout": content_hash(x_ho),
            "reference": reference if isinstance(reference, str) else "callable",
            "reference_tol": reference_tol, "candidates": candidates, "teacher": teacher,
-           "teacher_factor": teacher_factor, "max_sweeps": max_sweeps, "min_move": min_move}
+           "teacher_factor": teacher_factor, "max_sweeps": max_sweeps, "min_move": min_move,
+           "validation": validation}
     key_json = json.dumps(key, sort_keys=True, default=str)
     if state is None and out is not None:
         state = str(out) + ".state.pt"
@@ -567,25 +583,27 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
             except ValueError:
                 continue
             named[label] = {"grid": g, "options": gopt,
-                            "calibration_rms": run.error(x_cal, ref_cal, t),
+                            "fit_rms": run.error(x_cal[fit], ref_cal[fit], t),
+                            "validation_rms": run.error(x_cal[val], ref_cal[val], t)
+                            if n_val else None,
                             "heldout_rms": run.error(x_ho, ref_ho, t), "times": t.tolist()}
         save("named", named=json.dumps(named))
     named = json.loads(st["named"])
-    best_label = min(named, key=lambda k: named[k]["calibration_rms"])
+    best_label = min(named, key=lambda k: named[k]["fit_rms"])
     # 3. teacher trajectory
     if "teacher_states" not in st and "dp_times" not in st:
         _say(progress, f"tune: teacher ({teacher}) on the candidate times")
         cand = candidate_times(sde, candidates)
         fine = _refine_times(sde, cand, teacher_factor)
         n0 = dm.nfe
-        sol = sample(sde, dm, x_cal, solver=teacher, grid=fine, save_at=cand.tolist(),
+        sol = sample(sde, dm, x_cal[fit], solver=teacher, grid=fine, save_at=cand.tolist(),
                      float64=True)
         states = torch.stack([sol.trajectory[float(t)] for t in cand]).double()
         with torch.no_grad():
             x0 = torch.stack([dm.predict(states[i].to(dtype), torch.tensor(float(t)), "x0")
                               .double() for i, t in enumerate(cand)])
         run.nfe_spent += dm.nfe - n0
-        teacher_rms = float((states[-1] - ref_cal).pow(2).mean().sqrt())
+        teacher_rms = float((states[-1] - ref_cal[fit]).pow(2).mean().sqrt())
         save("teacher", teacher_states=states, teacher_x0=x0, cand=cand,
              teacher_rms=teacher_rms)
     # 4. dynamic programming
@@ -594,46 +612,46 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
         idx = dp_grid(sde.alpha(cand).double(), sde.sigma(cand).double(), st["teacher_states"],
                       st["teacher_x0"], steps)
         dp_times = cand[idx].clone()
-        dp_err = run.error(x_cal, ref_cal, dp_times)
-        start = dp_times if dp_err <= named[best_label]["calibration_rms"] else \
-            torch.tensor(named[best_label]["times"], dtype=torch.float64)
-        _say(progress, f"tune: DP grid calibration RMS {dp_err:.3e}, best named grid "
-                       f"{best_label} {named[best_label]['calibration_rms']:.3e}")
+        dp_err = run.error(x_cal[fit], ref_cal[fit], dp_times)
+        named_t = torch.tensor(named[best_label]["times"], dtype=torch.float64)
+        _say(progress, f"tune: DP grid fit RMS {dp_err:.3e}, best named grid "
+                       f"{best_label} {named[best_label]['fit_rms']:.3e}")
         st.pop("teacher_states"), st.pop("teacher_x0")   # not needed any more: keep it small
-        save("dp", dp_times=dp_times, dp_err=dp_err, cur=start,
-             cur_err=min(dp_err, named[best_label]["calibration_rms"]), sweeps=0)
-    # 5. refinement: per-point move fractions f[k] and preferred directions d[k]; a point's
-    # fraction doubles after a successful move (at most 1/2) and halves after two failed ones
-    cur, err, sweeps = st["cur"], float(st["cur_err"]), int(st["sweeps"])
-    f = list(st.get("fk", [0.25] * (steps - 1)))
-    dirs = list(st.get("dk", [1] * (steps - 1)))
-    trace = list(st.get("trace", []))   # the calibration RMS after each sweep
+        # two starts, each refined: the DP grid and the best named grid
+        starts = [(dp_times, dp_err), (named_t, named[best_label]["fit_rms"])]
+        runs = [{"cur": t, "cur_err": e, "start_err": e, "fk": [0.25] * (steps - 1), "dk": [1] * (steps - 1),
+                 "sweeps": 0, "trace": []} for t, e in starts]
+        save("dp", dp_times=dp_times, dp_err=dp_err, runs=runs)
+    # 5. refinement of each start
     from tqdm.auto import tqdm
-    bar = tqdm(total=max_sweeps, initial=sweeps, desc=f"tune {solver}@{nfe}", unit="sweep",
-               disable=not progress, leave=False, file=sys.stderr)
-    try:
-        while max(f) >= min_move and sweeps < max_sweeps and not (
-                len(trace) > 3 and trace[-4] - err < 1e-3 * err):  # stalled for 3 sweeps
-            for j, k in enumerate(range(1, steps)):
-                if f[j] < min_move:
-                    continue
-                for d in (dirs[j], -dirs[j]):
-                    cand_t = _move(sde, cur, k, d, f[j])
-                    e = run.error(x_cal, ref_cal, cand_t)
-                    if e < err * (1 - 1e-9):
-                        cur, err, dirs[j], f[j] = cand_t, e, d, min(2 * f[j], 0.5)
-                        break
-                else:
-                    f[j] /= 2
-            sweeps += 1
-            bar.update(1)
-            bar.set_postfix_str(f"rms {err:.3e} move {max(f):g}", refresh=False)
-            trace.append(err)
-            save("refine", cur=cur, cur_err=err, fk=f, dk=dirs, sweeps=sweeps,
-                 trace=list(trace))
-    finally:
-        bar.close()
-    # 6. held-out evaluation
+    for i, r in enumerate(st["runs"]):
+        bar = tqdm(total=max_sweeps, initial=r["sweeps"], unit="sweep", leave=False,
+                   desc=f"tune {solver}@{nfe} start {i + 1}/{len(st['runs'])}",
+                   disable=not progress, file=sys.stderr)
+        try:
+            _coordinate_search(run, x_cal[fit], ref_cal[fit], r, max_sweeps, min_move, bar,
+                               lambda: save("refine"))
+        finally:
+            bar.close()
+    # 6. selection on the validation part of the calibration batch: the refined grids and the
+    # best named grid (a refined grid that only fits the fitted states loses there)
+    if "selected" not in st:
+        picks = [(f"refined from {w}", r["cur"], r["cur_err"])
+                 for w, r in zip(("the DP grid", best_label), st["runs"])]
+        picks.append((f"named grid {best_label}", torch.tensor(
+            named[best_label]["times"], dtype=torch.float64), named[best_label]["fit_rms"]))
+        if n_val:
+            scores = [run.error(x_cal[val], ref_cal[val], t) for _, t, _ in picks]
+        else:
+            scores = [e for _, _, e in picks]
+        i = min(range(len(picks)), key=lambda j: scores[j])
+        save("selected", selected=picks[i][0], cur=picks[i][1], cur_fit=picks[i][2],
+             cur_val=scores[i] if n_val else None,
+             cur_cal=run.error(x_cal, ref_cal, picks[i][1]))
+    cur, err = st["cur"], float(st["cur_cal"])
+    best_run = min(st["runs"], key=lambda r: r["cur_err"])
+    sweeps, trace = best_run["sweeps"], best_run["trace"]
+    # 7. held-out evaluation
     if "heldout_rms" not in st:
         ho = run.error(x_ho, ref_ho, cur)
         save("done", heldout_rms=ho, measured_nfe=run.last_nfe)
@@ -655,20 +673,25 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
         "teacher": {"solver": teacher, "candidates": int(st["cand"].numel()),
                     "rms_vs_reference": float(st["teacher_rms"])},
         "errors": {
-            "heldout_rms": ho_err, "calibration_rms": err,
+            "heldout_rms": ho_err, "calibration_rms": err, "fit_rms": float(st["cur_fit"]),
+            "validation_rms": st["cur_val"], "selected": st["selected"],
             "dp_calibration_rms": float(st["dp_err"]),
-            "best_named_grid": {"by": "calibration", "grid": best_label,
-                                "calibration_rms": named[best_label]["calibration_rms"],
+            "best_named_grid": {"by": "fit_rms", "grid": best_label,
+                                "fit_rms": named[best_label]["fit_rms"],
                                 "heldout_rms": named[best_label]["heldout_rms"]},
             "best_named_grid_heldout": {"grid": best_ho,
                                         "heldout_rms": named[best_ho]["heldout_rms"]},
             "ratio_heldout": ho_err / named[best_ho]["heldout_rms"]
             if named[best_ho]["heldout_rms"] > 0 else None,
-            "named_grids": {k: {kk: v[kk] for kk in ("calibration_rms", "heldout_rms")}
+            "named_grids": {k: {kk: v[kk] for kk in ("fit_rms", "validation_rms",
+                                                     "heldout_rms")}
                             for k, v in named.items()}},
         "cost": {"wall_s": st["spent"]["wall_s"], "nfe": st["spent"]["nfe"],
                  "solves": st["spent"]["evals"], "sweeps": sweeps, "trace": trace,
-                 "batch": int(x_cal.shape[0])},
+                 "starts": [{"fit_rms_start": r["start_err"],
+                             "fit_rms": r["cur_err"], "sweeps": r["sweeps"]}
+                            for r in st["runs"]],
+                 "batch": int(x_cal.shape[0]), "fit": n_fit, "validation": n_val},
     }
     tg = TunedGrid(cur.clone(), record)
     if out is not None:
@@ -677,6 +700,36 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
                    f"{best_ho}: {named[best_ho]['heldout_rms']:.3e}); {record['cost']['nfe']} NFE "
                    f"spent, {record['cost']['wall_s']:.1f} s")
     return tg
+
+
+def _coordinate_search(run: _Run, x: Tensor, ref: Tensor, r: dict[str, Any], max_sweeps: int,
+                       min_move: float, bar: Any, save: Callable[[], None]) -> None:
+    """Coordinate search from ``r['cur']`` (updated in place, ``save()`` after each sweep): each
+    interior point ``k`` moves the fraction ``fk[k]`` of the way to a neighbour, in its preferred
+    direction ``dk[k]`` first; a move is kept where it lowers the error, and then the fraction
+    doubles (at most 1/2) and that direction is preferred; a point that fails both ways halves
+    its fraction. Stops at ``max_sweeps``, when every fraction is below ``min_move``, or when
+    three sweeps together lowered the error by less than 0.1%."""
+    sde, f, dirs, trace = run.sde, r["fk"], r["dk"], r["trace"]
+    cur, err = r["cur"], float(r["cur_err"])
+    while max(f) >= min_move and r["sweeps"] < max_sweeps and not (
+            len(trace) > 3 and trace[-4] - err < 1e-3 * err):
+        for j in range(len(f)):
+            if f[j] < min_move:
+                continue
+            for d in (dirs[j], -dirs[j]):
+                cand = _move(sde, cur, j + 1, d, f[j])
+                e = run.error(x, ref, cand)
+                if e < err * (1 - 1e-9):
+                    cur, err, dirs[j], f[j] = cand, e, d, min(2 * f[j], 0.5)
+                    break
+            else:
+                f[j] /= 2
+        trace.append(err)
+        r.update(cur=cur, cur_err=err, sweeps=r["sweeps"] + 1)
+        bar.update(1)
+        bar.set_postfix_str(f"rms {err:.3e} move {max(f):g}", refresh=False)
+        save()
 
 
 def _refine_times(sde: ForwardSDE, t: Tensor, factor: int) -> Tensor:
