@@ -25,10 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import sdekit  # noqa: E402
-from sdekit._io import content_hash  # noqa: E402
-from sdekit.bench.problems import gaussian_problem, gmm_problem  # noqa: E402
-from sdekit.tune import CachedReference, prior_states, tune  # noqa: E402
+import sdekit
+from sdekit._io import content_hash
+from sdekit.bench.problems import gaussian_problem, gmm_problem
+from sdekit.tune import CachedReference, prior_states, tune
 
 SDES = {"vp": lambda: sdekit.VPSDE(), "ddpm-linear": lambda: sdekit.DiscreteDDPM(),
         "ddpm-cosine": lambda: sdekit.DiscreteDDPM.squaredcos(), "ve": lambda: sdekit.VESDE(),
@@ -121,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# Tuned grids vs the best named grid ({r['met']}/{r['cells']} cells meet "
-             f"tuned <= {r['target']}x)", "",
-             f"`{r['command']}` ({r['total_wall_s']:.0f} s on one thread). {r['dim']}-dim "
+    lines = [(f"# Tuned grids vs the best named grid ({r['met']}/{r['cells']} cells meet "
+             f"tuned <= {r['target']}x)"), "",
+             (f"`{r['command']}` ({r['total_wall_s']:.0f} s on one thread). {r['dim']}-dim "
              f"problems with exact models; tuned on {r['n_calibration']['gaussian']} (Gaussian) "
              f"or {r['n_calibration']['gmm']} (mixture) calibration states "
              f"(seed {r['calibration_seed']}; the first half fitted, the second half used to "
@@ -133,9 +133,9 @@ def markdown(r: dict) -> str:
              "solve at rtol = atol = 1e-8 (mixture). Best named = the same solver's best grid "
              "among uniform, quadratic, logsnr, karras, polyexponential(rho=2), kl_optimal, "
              "chosen on the held-out states. Tuning cost excludes the problem's shared "
-             "reference solve (listed below).", "",
-             "| problem | SDE | solver | NFE | tuned RMS | best named grid | its RMS | ratio | "
-             "met | tuned fit RMS | kept | tuning s | tuning NFE |",
+             "reference solve (listed below)."), "",
+             ("| problem | SDE | solver | NFE | tuned RMS | best named grid | its RMS | ratio | "
+             "met | tuned fit RMS | kept | tuning s | tuning NFE |"),
              "|---|---|---|---:|---:|---|---:|---:|---|---:|---|---:|---:|"]
     for x in r["rows"]:
         lines.append(f"| {x['problem']} | {x['sde']} | {x['solver']} | {x['measured_nfe']} | "

@@ -6,6 +6,7 @@ from .grids import GRIDS, make_grid
 from .integrate import Solution, sample
 from .likelihood import LikelihoodResult, likelihood
 from .noise import BrownianNoise, SeededNoise
+from .tune import TunedGrid, load_tuned_grid, search, tune
 from .sde import (EDMSDE, VESDE, VPSDE, CosineVPSDE, CustomSDE, DiscreteDDPM, FlowSDE,
                   ForwardSDE, SubVPSDE, get_sde)
 
@@ -17,4 +18,5 @@ __all__ = [
     "ProbabilityFlowODE", "GaussianData", "GaussianMixtureData", "__version__",
     "sample", "Solution", "GRIDS", "make_grid", "SeededNoise", "BrownianNoise", "Solver",
     "get_solver", "list_solvers", "register", "solver_names", "likelihood", "LikelihoodResult",
+    "tune", "search", "TunedGrid", "load_tuned_grid",
 ]

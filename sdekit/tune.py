@@ -52,7 +52,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import __version__
 from ._io import atomic_write_bytes, content_hash, load_verified, save_verified
 from .dynamics.parameterization import DiffusionModel, as_model
 from .grids import GRIDS, make_grid, validate_grid
@@ -658,6 +657,7 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
     ho_err = float(st["heldout_rms"])
     best_ho = min(named, key=lambda k: named[k]["heldout_rms"])
     measured = int(st["measured_nfe"])
+    from . import __version__
     record = {
         "format": TUNED_FORMAT, "created": _dt.datetime.now(_dt.timezone.utc)
         .isoformat(timespec="seconds"), "sdekit": __version__,
