@@ -9,6 +9,7 @@ from .inverse import (DDRMSolver, Denoising, Inpainting, MatrixOperator, SuperRe
                       SVDOperator, ddrm, dps, inpaint, replacement, sdedit)
 from .likelihood import LikelihoodResult, likelihood
 from .noise import BrownianNoise, SeededNoise
+from .tune import TunedGrid, load_tuned_grid, search, tune
 from .sde import (EDMSDE, VESDE, VPSDE, CosineVPSDE, CustomSDE, DiscreteDDPM, FlowSDE,
                   ForwardSDE, SubVPSDE, get_sde)
 
@@ -23,4 +24,5 @@ __all__ = [
     "sdedit", "inpaint", "replacement", "dps", "ddrm", "DDRMSolver", "SVDOperator",
     "MatrixOperator", "Inpainting", "SuperResolution", "Denoising",
     "estimate_moments", "MomentTable",
+    "tune", "search", "TunedGrid", "load_tuned_grid",
 ]

@@ -251,8 +251,8 @@ def make_grid(sde: ForwardSDE, grid: str | Tensor | Any = "logsnr", steps: int |
     t_end = sde.t_min if t_end is None else float(t_end)
     if isinstance(grid, str):
         if grid not in GRIDS:
-            raise ValueError(f"unknown grid {grid!r}: expected one of {sorted(GRIDS)} or an "
-                             "array of times")
+            raise ValueError(f"unknown grid {grid!r}: expected one of {sorted(GRIDS)}, an "
+                             "array of times or a tuned grid file (.json, made by sdekit tune)")
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps={steps!r} is invalid: expected an integer >= 1")
         if not t_start > t_end:

@@ -62,7 +62,10 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
         grid: a grid name (``uniform``, ``quadratic``, ``logsnr``, ``karras``,
             ``polyexponential``, ``kl_optimal``, ``interpolated``; see :mod:`sdekit.grids`) or
             an explicit decreasing array of times; default: the solver's grid for this SDE
-            (``Solver.grid_for(sde)``). ``grid_options`` are the named grid's options (``rho``
+            (``Solver.grid_for(sde)``); or the path of a tuned-grid file (``.json``, made by
+            :func:`sdekit.tune.tune` / ``sdekit tune``), which must have been tuned for this
+            forward SDE, model, solver, solver options and step count (leave ``steps`` out).
+            ``grid_options`` are the named grid's options (``rho``
             for ``karras`` and ``polyexponential``, ``base`` for ``interpolated``; for every
             named grid a timestep shift: ``shift``, ``mu``, ``image_seq_len``, ``shift_type``,
             see :func:`sdekit.grids.shift_times`).
@@ -94,6 +97,12 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             detached, so memory stays that of one call. ``"full"``: the whole solve is
             differentiable (memory grows with every step).
     """
+    if grid is not None and not isinstance(grid, Tensor):
+        from .tune import is_grid_file
+        if is_grid_file(grid):
+            grid, grid_options = _tuned_grid(grid, sde, model, prediction, solver,
+                                             solver_options, steps, t_start, t_end, grid_options)
+            steps = None
     x_init, dtype = _check_inputs(x_init, shape, dtype, steps, grid, t_start, t_end, seed,
                                   seeds, noise, callback, grad)
     dm = as_model(model, sde, prediction)
@@ -139,6 +148,26 @@ def check_projectable(slv: Solver, project: Any) -> None:
                          "grid-free): a per-step hook (project=, used by sdekit.inverse) needs a "
                          "fixed-grid solver such as 'ancestral', 'ddim', 'dpmpp_2m', 'heun' or "
                          "'euler_maruyama'")
+
+
+def _tuned_grid(path: Any, sde: ForwardSDE, model: Any, prediction: str, solver: Any,
+                solver_options: dict[str, Any], steps: int | None, t_start: Any, t_end: Any,
+                grid_options: dict[str, Any] | None) -> tuple[Tensor, None]:
+    """The times of a tuned-grid file (:mod:`sdekit.tune`), after checking that it was tuned for
+    this forward SDE, model, solver (and options) and step count."""
+    from .tune import load_tuned_grid
+    opts = dict(grid_options or {})
+    tag = opts.pop("model_tag", None)
+    if opts:
+        raise ValueError(f"grid_options {sorted(opts)} do not apply to a tuned grid file (only "
+                         "model_tag does)")
+    for name, v in (("t_start", t_start), ("t_end", t_end)):
+        if v is not None:
+            raise ValueError(f"{name}={v!r} cannot be combined with a tuned grid: its first and "
+                             "last times are the range")
+    tg = load_tuned_grid(path)
+    tg.check(sde, as_model(model, sde, prediction), solver, solver_options, steps, model_tag=tag)
+    return tg.times, None
 
 
 def _solve(slv: Solver, p: Problem, x: Tensor, dtype: torch.dtype, float64: bool, denoise: bool,

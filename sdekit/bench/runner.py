@@ -131,8 +131,15 @@ class SweepConfig:
             if s not in names:
                 raise BenchError(f"--solver-option: unknown solver {s!r}: expected one of {names}")
         for g in self.grids or []:
+            if g not in GRIDS and not _is_grid_file(g):
+                raise BenchError(f"--grids: unknown grid {g!r}: expected one of {sorted(GRIDS)} "
+                                 "or a tuned grid file (.json, made by sdekit tune)")
             if g not in GRIDS:
-                raise BenchError(f"--grids: unknown grid {g!r}: expected one of {sorted(GRIDS)}")
+                tg = _load_tuned(g)
+                if tg.solver not in self.solver_list():
+                    raise BenchError(f"--grids {g}: the grid was tuned for solver "
+                                     f"{tg.solver!r}, which the sweep leaves out: add it to "
+                                     "--solvers")
         if not self.nfe or any(not isinstance(b, int) or isinstance(b, bool) or b < 1
                                for b in self.nfe):
             raise BenchError(f"--nfe={list(self.nfe)!r} is invalid: expected integers >= 1")
@@ -158,7 +165,53 @@ class SweepConfig:
         return list(self.solvers) if self.solvers else solver_names()
 
     def grid_list(self) -> list[str]:
-        return list(self.grids) if self.grids else list(BENCH_GRIDS)
+        """The named grids swept (tuned-grid files are planned separately)."""
+        named = [g for g in self.grids or [] if g in GRIDS]
+        return named if named or self.grids else list(BENCH_GRIDS)
+
+    def tuned_grids(self) -> list[str]:
+        """The tuned-grid files of ``grids``."""
+        return [g for g in self.grids or [] if g not in GRIDS]
+
+
+def _is_grid_file(g: str) -> bool:
+    from ..tune import is_grid_file
+    return is_grid_file(g)
+
+
+def _load_tuned(path: str) -> Any:
+    from ..tune import TuneError, load_tuned_grid
+    try:
+        return load_tuned_grid(path)
+    except TuneError as e:
+        raise BenchError(f"--grids: {e}") from None
+
+
+def tuned_cells(config: SweepConfig) -> list[dict[str, Any]]:
+    """One cell per tuned-grid file of ``config.grids``, for the swept solver configuration it
+    was tuned for, at its NFE: its own row (label ``<solver> [tuned]``), marked ``tuned``. A file
+    tuned with other options than the sweep gives that solver is a skipped cell saying so."""
+    from ..tune import solver_config
+    cells = []
+    for path in config.tuned_grids():
+        tg = _load_tuned(path)
+        name = tg.solver
+        opts = dict(config.solver_options.get(name, {}))
+        digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()[:8]
+        label = _label(name, opts) + " [tuned]"
+        meta = get_solver(name, **opts).describe()
+        cell = {"solver": name, "label": label, "options": opts, "family": meta.get("family"),
+                "kind": meta.get("kind"), "order": meta.get("order"), "adaptive": False,
+                "id": f"{label}/tuned:{Path(path).name}@{digest}/nfe={tg.nfe}",
+                "grid": f"tuned:{Path(path).name}", "grid_file": str(path), "tuned": True,
+                "budget": tg.nfe, "tol": None, "steps": tg.steps,
+                "expected_nfe": tg.record.get("measured_nfe"), "status": "planned",
+                "note": f"tuned grid {path}"}
+        if solver_config(name, opts) != tg.record["solver_options"]:
+            cell.update(status="skipped", reason=f"{path} was tuned for {name} with options "
+                        f"{tg.solver_options}, the sweep runs it with {opts}")
+        cells.append(cell)
+    return cells
 
 
 # ------------------------------------------------------------------ planning
@@ -243,7 +296,7 @@ def plan_cells(config: SweepConfig) -> list[dict[str, Any]]:
                     if steps is None:
                         cell.update(status="skipped", reason=note, note="")
                 cells.append(cell)
-    return cells
+    return cells + tuned_cells(config)
 
 
 # ------------------------------------------------------------------ preparation
@@ -494,7 +547,7 @@ def cell_solve(prep: Prepared, cell: Mapping[str, Any], config: SweepConfig
     p = prep.problem
     return slv, lambda: sample(p.sde, p.model, prep.x_init, solver=slv, seed=config.seed,
                                float64=config.float64, steps=cell["steps"] or 1,
-                               grid=cell["grid"])
+                               grid=cell.get("grid_file") or cell["grid"])
 
 
 def time_cells(prep: Prepared, cells: Sequence[dict[str, Any]], config: SweepConfig,

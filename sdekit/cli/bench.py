@@ -89,7 +89,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a("--exclude", type=_csv(str, "--exclude"), default=[],
       help="solvers to leave out (default: none)")
     a("--grids", type=_csv(str, "--grids"), default=[],
-      help="comma-separated time grids (default: all: uniform, quadratic, logsnr, karras)")
+      help="comma-separated time grids (default: all: uniform, quadratic, logsnr, karras); a "
+           "tuned grid file (.json from `sdekit tune`) adds its own row, '<solver> [tuned]', at "
+           "its NFE")
     a("--nfe", type=_csv(int, "--nfe"), default=[5, 10, 20, 50], help="NFE budgets "
                                                                       "(default: 5,10,20,50)")
     a("--tols", type=_csv(float, "--tols"), default=[1e-2, 1e-3, 1e-4],

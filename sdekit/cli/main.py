@@ -32,8 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     s = add_command(sub, "sdes", help="list the forward SDEs")
     s.set_defaults(func=_cmd_sdes)
-    from . import bench, distill_cmd, likelihood_cmd, sample_cmd, solvers_cmd, train
-    for command in (bench, solvers_cmd, train, sample_cmd, distill_cmd, likelihood_cmd):
+    from . import (
+        bench,
+        distill_cmd,
+        likelihood_cmd,
+        sample_cmd,
+        solvers_cmd,
+        train,
+        tune_cmd,
+    )
+    for command in (bench, solvers_cmd, train, sample_cmd, distill_cmd, likelihood_cmd,
+                    tune_cmd):
         command.add_parser(sub)
     return p
 

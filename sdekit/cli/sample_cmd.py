@@ -29,6 +29,15 @@ def default_solver() -> str:
     return inspect.signature(sample).parameters["solver"].default
 
 
+class _Given(argparse.Action):
+    """Store the value and note in ``namespace.given`` that the option was given."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", set()) | {self.dest}
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = add_command(subparsers, "sample", help="sample a trained checkpoint",
                     description="Draw samples from a checkpoint (EMA weights) with any "
@@ -36,10 +45,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a = p.add_argument
     a("--checkpoint", type=existing_file, required=True,
       help="a `sdekit train` checkpoint (required)")
-    a("--solver", default=default_solver(),
-      help="registered solver name (see `sdekit solvers`), as in sdekit.sample()")
-    a("--steps", type=positive_int, default=20, help="solver steps")
-    a("--grid", default=None, help="time grid (default: the solver's own)")
+    a("--solver", default=default_solver(), action=_Given,
+      help="registered solver name (see `sdekit solvers`), as in sdekit.sample(); with a "
+           "--grid FILE unless given: the solver it was tuned for")
+    a("--steps", type=positive_int, default=20, action=_Given,
+      help="solver steps; with a --grid FILE unless given: its steps")
+    a("--grid", default=None,
+      help="time grid: a name, or a tuned grid file (.json from `sdekit tune`, refused unless "
+           "tuned for this checkpoint, solver and steps; its solver options are used) "
+           "(default: the solver's own)")
     a("--n", type=positive_int, default=64, help="number of samples")
     a("--seed", type=seed_int, default=0, help="seed of the per-sample seeds")
     a("--batch-size", type=positive_int, default=1000, help="samples per solver call")
@@ -81,14 +95,26 @@ def run(args: argparse.Namespace) -> int:
     from ..training.data import to_data_space
     from ..training.images import save_samples_png
     from ..training.sampling import generate
+    from ..tune import TuneError, is_grid_file, load_tuned_grid
 
+    tuned = None
+    if args.grid is not None and args.grid not in GRIDS:
+        if not is_grid_file(args.grid):
+            raise UsageError(f"--grid={args.grid!r} is invalid: expected one of {sorted(GRIDS)} "
+                             "or a tuned grid file (.json, made by sdekit tune)")
+        try:
+            tuned = load_tuned_grid(args.grid)
+        except TuneError as e:
+            raise UsageError(f"--grid: {e}") from None
+    given = getattr(args, "given", set())
+    if tuned is not None:
+        args.solver = args.solver if "solver" in given else tuned.solver
+        args.steps = args.steps if "steps" in given else tuned.steps
     with user_input("--solver"):
         slv = get_solver(args.solver)
     if args.steps < slv.min_steps:
         raise UsageError(f"--steps={args.steps} is too few for --solver {args.solver}: expected "
                          f"at least {slv.min_steps}")
-    if args.grid is not None and args.grid not in GRIDS:
-        raise UsageError(f"--grid={args.grid!r} is invalid: expected one of {sorted(GRIDS)}")
     apply_threads(args.threads)
     try:
         net, sde, cfg = load_model(args.checkpoint, ema=not args.raw)
@@ -136,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     kw = {"grid": args.grid} if args.grid else {}
+    if tuned is not None and args.solver == tuned.solver:
+        kw.update(tuned.solver_options)   # the options it was tuned with
     if args.operator is not None:
         if args.solver != "fno":
             print("sdekit sample: error: --operator is only used with --solver fno",
@@ -158,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
     save_samples_png(png, x, nrow=nrow)
     transform = cfg.get("transform") or {}
     meta = {"checkpoint": str(args.checkpoint), "solver": args.solver, "steps": args.steps,
+            "grid": args.grid,
             "nfe": nfe, "seed": args.seed, "guidance": args.guidance, "ema": not args.raw,
             "cfg_rescale": args.cfg_rescale,
             "classifier": str(args.classifier) if clf is not None else None,

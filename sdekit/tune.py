@@ -1,0 +1,915 @@
+"""Tuned sampling: a time grid optimised for one solver at one NFE budget, and a solver search.
+
+:func:`tune` finds the grid of a deterministic fixed-grid ODE solver that minimises the RMS error
+of its end point against a converged reference solve, on a calibration batch of initial states
+drawn from the prior with per-sample seeds:
+
+1. **Reference** of the calibration and of a held-out batch (different seeds): a converged
+   adaptive solve (``dopri5``) or an exact flow map.
+2. **Named grids**: the solver's error on every grid of :data:`NAMED_GRIDS` (the baselines).
+3. **Teacher**: a fine solve (``dpmpp_3m`` on the union of fine named grids, the *candidate*
+   times) that records the calibration states at every candidate time.
+4. **Dynamic programming** over the candidates, in the way of GITS (Chen et al. 2024) and
+   OptimalSteps (Pei et al. 2025): the grid of ``steps`` intervals that minimises the summed local
+   error of a first-order (DDIM / DPM-Solver++(1)) step between teacher states. First order is a
+   proxy for every solver (a multistep solver's local error depends on its history); stage 5
+   optimises the true error.
+5. **Refinement** of the true end-point error by coordinate search (:func:`_coordinate_search`),
+   from the DP grid and from the best named grid, keeping the better result: each interior point moves a fraction ``f_k`` of the way
+   to a neighbour (in the half-logSNR lambda; in t towards a start where lambda = -inf), so the
+   grid stays monotone with its ends fixed; a move is kept where it lowers the error, ``f_k``
+   doubles after a kept move and halves after a point fails in both directions.
+6. **Selection** on the validation part of the calibration batch (``validation``, default the
+   last half; stages 3-5 use the first half): the better refined grid or the best named grid.
+7. **Held-out evaluation**: every number the result reports as *the* error is measured on the
+   held-out batch; calibration errors are recorded beside them.
+
+Every stage's result is saved atomically (:func:`sdekit._io.save_verified`) to a state file, and
+after every refinement sweep, so an interrupted run resumes where it stopped and ends with the
+same grid. The result (:class:`TunedGrid`) is a small JSON file that records the solver, its
+options, the NFE, the forward process and the model it was tuned for; ``sample(grid=PATH)``,
+``sdekit sample --grid FILE`` and ``sdekit bench --grids FILE`` accept it and refuse a mismatch.
+
+:func:`search` ranks solvers x options x named grids (optionally with tuned grids for the best
+few) on the calibration batch and reports each candidate's held-out error.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import inspect
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._io import atomic_write_bytes, content_hash, load_verified, save_verified
+from .dynamics.parameterization import DiffusionModel, as_model
+from .grids import GRIDS, make_grid, validate_grid
+from .integrate import sample
+from .noise import SeededNoise, sample_seeds
+from .sde.base import ForwardSDE
+from .solvers.base import ModelOutputError, Solver
+from .solvers.registry import _REGISTRY, get_solver, solver_names
+
+TUNED_FORMAT = "sdekit-tuned-grid/1"
+STATE_FORMAT = "sdekit-tune-state/1"
+SEARCH_FORMAT = "sdekit-solver-search/1"
+
+#: the named grids every tuned grid is compared with (and the solver search sweeps)
+NAMED_GRIDS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("uniform", {}), ("quadratic", {}), ("logsnr", {}), ("karras", {}),
+    ("polyexponential", {"rho": 2.0}), ("kl_optimal", {}))
+#: the fine grids whose union is the teacher's candidate times
+CANDIDATE_GRIDS = ("uniform", "quadratic", "logsnr", "karras", "kl_optimal")
+
+
+class TuneError(ValueError):
+    """Bad tuning input, or a tuned grid used with another solver, NFE, forward SDE or model."""
+
+
+# ------------------------------------------------------------------ identities
+def _json_norm(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples -> lists, other objects -> str)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def solver_config(solver: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The effective options of registry solver ``solver`` (its class's defaults, the registry
+    entry's and the given ones), JSON-normalised, so equal configurations compare equal however
+    they were spelt (``dpmpp_2m`` with or without ``order=2``). Raises for unknown names/options."""
+    if not isinstance(solver, str):
+        raise TuneError(f"solver={solver!r} is invalid: expected a registry name (one of "
+                        f"{solver_names()})")
+    get_solver(solver, **dict(options or {}))  # validates the name and the options
+    cls, defaults = _REGISTRY[solver]
+    sig = inspect.signature(cls.__init__).parameters
+    eff = {k: p.default for k, p in sig.items() if k != "self" and p.default is not p.empty}
+    eff.update(defaults)
+    eff.update(options or {})
+    return _json_norm(eff)
+
+
+def sde_fingerprint(sde: ForwardSDE) -> dict[str, Any]:
+    """The forward process's identity: its repr, time range and a hash of its half-logSNR at 65
+    times (12 significant digits), which tells apart e.g. two DDPM tables of the same length."""
+    t = torch.linspace(sde.t_min, sde.T, 65, dtype=torch.float64)
+    lam = sde.lambda_(t).double().tolist()
+    digest = hashlib.sha256(json.dumps([f"{v:.12g}" for v in lam]).encode()).hexdigest()
+    return {"repr": repr(sde), "T": float(sde.T), "t_min": float(sde.t_min),
+            "lambda_sha256": digest[:16]}
+
+
+def _object_tensors(obj: Any, depth: int = 0) -> Any:
+    """The tensors an analytic model's object holds (nested through lists and objects)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if depth > 3:
+        return None
+    if isinstance(obj, (list, tuple)):
+        items = [_object_tensors(v, depth + 1) for v in obj]
+        return [v for v in items if v is not None] or None
+    if hasattr(obj, "__dict__") and not isinstance(obj, (ForwardSDE, type)):
+        d = {k: _object_tensors(v, depth + 1) for k, v in sorted(vars(obj).items())
+             if not k.startswith("_")}
+        d = {k: v for k, v in d.items() if v is not None}
+        return d or None
+    return None
+
+
+def model_identity(model: DiffusionModel, tag: str | None = None) -> dict[str, Any]:
+    """What identifies the model a grid is tuned for: its prediction kind plus the weights hash a
+    ``sdekit train`` checkpoint records (``weights_sha256``), else a content hash of a torch
+    module's parameters and buffers, else of the tensors an analytic model's object holds (the
+    exact Gaussian oracles of :mod:`sdekit.analytic`), else the user's ``tag`` (required then)."""
+    ident: dict[str, Any] = {"prediction": model.prediction}
+    if tag is not None:
+        if not isinstance(tag, str) or not tag:
+            raise TuneError(f"model_tag={tag!r} is invalid: expected a non-empty string")
+        return {**ident, "tag": tag}
+    fn = getattr(model.net, "fn", model.net)
+    inner = getattr(fn, "net", fn)       # a ConditionedNet wraps the network
+    for obj in (fn, inner):
+        if isinstance(getattr(obj, "weights_sha256", None), str):
+            return {**ident, "weights_sha256": obj.weights_sha256}
+    if isinstance(fn, torch.nn.Module):
+        return {**ident, "params_sha256": content_hash(dict(fn.state_dict()))}
+    owner = getattr(fn, "__self__", None)
+    if owner is None and getattr(fn, "__closure__", None):
+        owner = next((c.cell_contents for c in fn.__closure__
+                      if _object_tensors(c.cell_contents) is not None), None)
+    tensors = _object_tensors(owner) if owner is not None else None
+    if tensors is not None:
+        return {**ident, "object": type(owner).__name__, "object_sha256": content_hash(tensors)}
+    raise TuneError(f"cannot identify the model {fn!r} (no weights_sha256, not a torch module, "
+                    "no tensors to hash): pass model_tag='<name of your model>'")
+
+
+def _diff(what: str, recorded: Any, given: Any) -> str | None:
+    """None where equal, else which entries differ (for dicts: only the differing keys)."""
+    if recorded == given:
+        return None
+    if isinstance(recorded, dict) and isinstance(given, dict):
+        keys = sorted(k for k in set(recorded) | set(given) if recorded.get(k) != given.get(k))
+        return f"{what} differs in " + ", ".join(
+            f"{k} (tuned for {recorded.get(k)!r}, given {given.get(k)!r})" for k in keys)
+    return f"{what}: tuned for {recorded!r}, given {given!r}"
+
+
+# ------------------------------------------------------------------ the result file
+@dataclass
+class TunedGrid:
+    """A tuned grid and what it was tuned for (the content of the JSON file)."""
+
+    times: Tensor
+    record: dict[str, Any]
+    path: str | None = None
+
+    @property
+    def solver(self) -> str:
+        return self.record["solver"]
+
+    @property
+    def solver_options(self) -> dict[str, Any]:
+        return dict(self.record.get("solver_options_given") or {})
+
+    @property
+    def nfe(self) -> int:
+        return int(self.record["nfe"])
+
+    @property
+    def steps(self) -> int:
+        return self.times.numel() - 1
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the JSON file atomically."""
+        rec = {**self.record, "times": self.times.tolist()}
+        atomic_write_bytes(Path(path), (json.dumps(rec, indent=1) + "\n").encode())
+        self.path = str(path)
+
+    def check(self, sde: ForwardSDE, model: DiffusionModel | None = None,
+              solver: str | Solver | None = None, solver_options: Mapping[str, Any] | None = None,
+              steps: int | None = None, nfe: int | None = None,
+              model_tag: str | None = None) -> None:
+        """Raise a :class:`TuneError` naming every difference between what this grid was tuned
+        for and the given forward SDE, model, solver (with options), steps and NFE budget."""
+        rec, where = self.record, f"tuned grid {self.path or ''!s}".rstrip()
+        diffs = [_diff("forward SDE", rec["sde"], sde_fingerprint(sde))]
+        if model is not None:
+            mine = rec["model"]
+            if "tag" in mine and model_tag is None:
+                raise TuneError(f"{where} was tuned for the model tagged {mine['tag']!r}, which "
+                                "cannot be verified: pass grid_options={'model_tag': "
+                                f"{mine['tag']!r}}} (model_tag=) to confirm it")
+            diffs.append(_diff("model", mine, model_identity(model, model_tag if "tag" in mine
+                                                             else None)))
+        if isinstance(solver, Solver):
+            diffs.append(_diff("solver", rec["solver"], solver.name))
+        elif solver is not None:
+            diffs.append(_diff("solver", rec["solver"], solver))
+            if solver == rec["solver"]:
+                diffs.append(_diff("solver options", rec["solver_options"],
+                                   solver_config(solver, solver_options)))
+        if steps is not None:
+            diffs.append(_diff("steps", self.steps, int(steps)))
+        if nfe is not None:
+            diffs.append(_diff("NFE", self.nfe, int(nfe)))
+        diffs = [d for d in diffs if d]
+        if diffs:
+            raise TuneError(f"{where} does not match: " + "; ".join(diffs)
+                            + ". Tune a grid for this configuration (sdekit tune) or use a named "
+                            "grid")
+
+
+def is_grid_file(grid: Any) -> bool:
+    """Whether a ``grid`` argument names a tuned-grid file rather than a named grid: a path
+    object, or a string that is not a grid name and ends in ``.json`` or names a file."""
+    if isinstance(grid, os.PathLike):
+        return True
+    return isinstance(grid, str) and grid not in GRIDS and (grid.endswith(".json")
+                                                             or os.path.isfile(grid))
+
+
+def load_tuned_grid(path: str | os.PathLike) -> TunedGrid:
+    """Read a tuned-grid file written by :func:`tune` (:meth:`TunedGrid.save`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise TuneError(f"tuned grid file {str(p)!r} does not exist (grid names are "
+                        f"{sorted(GRIDS)}; a tuned grid is a .json file made by sdekit tune)")
+    try:
+        rec = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise TuneError(f"tuned grid file {str(p)!r} is not valid JSON ({e})") from None
+    if not isinstance(rec, dict) or rec.get("format") != TUNED_FORMAT:
+        raise TuneError(f"{str(p)!r} is not a tuned grid file (expected format "
+                        f"{TUNED_FORMAT!r}, found {rec.get('format') if isinstance(rec, dict) else type(rec).__name__!r})")
+    missing = [k for k in ("times", "solver", "solver_options", "nfe", "sde", "model")
+               if k not in rec]
+    if missing:
+        raise TuneError(f"tuned grid file {str(p)!r} lacks {missing}")
+    times = torch.tensor(rec.pop("times"), dtype=torch.float64)
+    return TunedGrid(times, rec, str(p))
+
+
+# ------------------------------------------------------------------ helpers
+def _steps_for(slv: Solver, nfe: int) -> int:
+    from .bench.runner import steps_for_budget
+    steps, _, reason = steps_for_budget(slv, nfe)
+    if steps is None:
+        raise TuneError(f"nfe={nfe}: {reason}")
+    return steps
+
+
+def check_tunable(slv: Solver) -> None:
+    """Only deterministic fixed-grid solvers have a grid whose end-point error can be tuned."""
+    why = ("stochastic (its error against the probability-flow ODE is not a function of the "
+           "grid alone)" if slv.stochastic else "adaptive (it picks its own steps)"
+           if slv.adaptive else "grid-free (a learned operator)" if slv.grid_free else
+           "runs its own loop" if slv.external_loop else None)
+    if why:
+        ok = [n for n in solver_names() if _tunable(n)]
+        raise TuneError(f"solver {slv.name!r} cannot be tuned: it is {why}; tunable solvers: {ok}")
+
+
+def _tunable(name: str) -> bool:
+    s = get_solver(name)
+    return not (s.stochastic or s.adaptive or s.grid_free or s.external_loop)
+
+
+def _init_states(x: int | Tensor, seeds: Sequence[int] | None, seed: int, sde: ForwardSDE,
+                 shape: Sequence[int] | None, dtype: torch.dtype, what: str
+                 ) -> tuple[Tensor, list[int] | None]:
+    """Initial states: a tensor as given, or ``x`` prior draws with per-sample seeds (as
+    ``sample(shape=..., seeds=...)`` draws them)."""
+    if isinstance(x, Tensor):
+        if x.ndim < 2 or x.shape[0] < 2 or not x.is_floating_point():
+            raise TuneError(f"{what}: expected a floating tensor of shape (n >= 2, ...), got "
+                            f"{x.dtype} {tuple(x.shape)}")
+        return x.to(dtype), None
+    if not (isinstance(x, int) and not isinstance(x, bool) and x >= 2):
+        raise TuneError(f"{what}={x!r} is invalid: expected an integer >= 2 (batch size) or a "
+                        "tensor of initial states")
+    if shape is None:
+        raise TuneError(f"{what}={x}: give shape= (the event shape of one sample, e.g. (16,))")
+    seeds = list(seeds) if seeds is not None else sample_seeds(seed, x)
+    if len(seeds) != x:
+        raise TuneError(f"{what}: {len(seeds)} seeds for a batch of {x}: expected one per sample")
+    z = SeededNoise(seeds).randn(torch.empty((x, *shape), dtype=dtype))
+    return z * sde.prior_std, seeds
+
+
+def prior_states(sde: ForwardSDE, n: int, shape: Sequence[int], seed: int = 0,
+                 seeds: Sequence[int] | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The ``n`` initial states :func:`tune` draws for a batch: prior draws with per-sample seeds
+    (``seeds``, default derived from ``seed``), as ``sample(shape=(n, *shape), seeds=...)``."""
+    return _init_states(n, seeds, seed, sde, shape, dtype, "n")[0]
+
+
+def candidate_times(sde: ForwardSDE, per_grid: int) -> Tensor:
+    """The union of the fine grids :data:`CANDIDATE_GRIDS` of ``per_grid`` steps, strictly
+    decreasing in t and lambda (points closer than 1e-6 in lambda merged)."""
+    ts = []
+    for g in CANDIDATE_GRIDS:
+        try:
+            ts.append(make_grid(sde, g, per_grid))
+        except ValueError:
+            continue
+    t = torch.unique(torch.cat(ts)).flip(0)
+    lam = sde.lambda_(t).double()
+    keep = [0]
+    for i in range(1, t.numel()):
+        if lam[i] - lam[keep[-1]] > 1e-6:
+            keep.append(i)
+        elif i == t.numel() - 1 and len(keep) > 1:  # keep the end point, drop its neighbour
+            keep[-1] = i
+    out = t[keep]
+    out[0], out[-1] = sde.T, sde.t_min
+    validate_grid(sde, out)
+    return out
+
+
+def dp_grid(alpha: Tensor, sigma: Tensor, states: Tensor, x0: Tensor, steps: int) -> list[int]:
+    """Indices of the ``steps + 1`` candidate points (first and last included) minimising the
+    summed RMS local error of a first-order data-prediction step (DPM-Solver++(1) = DDIM,
+    ``x_j = sigma_j / sigma_i x_i + (alpha_j - sigma_j alpha_i / sigma_i) x0_i``) from teacher
+    state ``states[i]`` to ``states[j]``: dynamic programming over ``cost[i, j]``."""
+    M = states.shape[0]
+    if steps > M - 1:
+        raise TuneError(f"{steps} steps need more than the {M} candidate times: raise candidates")
+    flat, x0f = states.reshape(M, -1), x0.reshape(M, -1)
+    cost = torch.full((M, M), math.inf, dtype=torch.float64)
+    for i in range(M - 1):
+        r = (sigma[i + 1:] / sigma[i])[:, None]
+        b = (alpha[i + 1:] - sigma[i + 1:] * alpha[i] / sigma[i])[:, None]
+        pred = r * flat[i][None] + b * x0f[i][None]
+        cost[i, i + 1:] = (pred - flat[i + 1:]).pow(2).mean(1).sqrt()
+    best = torch.full((M,), math.inf, dtype=torch.float64)
+    best[0] = 0.0
+    back = []
+    for _ in range(steps):
+        tot = best[:, None] + cost
+        best, arg = tot.min(0)
+        back.append(arg)
+    idx = [M - 1]
+    for arg in reversed(back):
+        idx.append(int(arg[idx[-1]]))
+    return idx[::-1]
+
+
+def _move(sde: ForwardSDE, times: Tensor, k: int, direction: int, f: float) -> Tensor:
+    """Interior point ``k`` moved the fraction ``f`` of the way to its neighbour ``k + direction``
+    in lambda (in t towards a neighbour where lambda = -inf)."""
+    out = times.clone()
+    nb = times[k + direction]
+    lam = sde.lambda_(torch.stack([times[k], nb])).double()
+    if math.isfinite(float(lam[1])):
+        new = lam[0] + f * (lam[1] - lam[0])
+        out[k] = sde.t_of_lambda(new.reshape(1)).reshape(())
+    else:
+        out[k] = times[k] + f * (nb - times[k])
+    return out
+
+
+# ------------------------------------------------------------------ tuning
+class _NoNoise:
+    """The noise source of the deterministic solves: drawing from it is a bug."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("a deterministic solver drew noise during tuning")
+
+
+_NO_NOISE = _NoNoise()
+
+
+@dataclass
+class _Run:
+    """One tuning run's fixed inputs."""
+
+    sde: ForwardSDE
+    model: DiffusionModel
+    solver: str
+    options: dict[str, Any]
+    steps: int
+    dtype: torch.dtype
+    progress: bool
+    nfe_spent: int = 0
+    evals: int = 0
+    last_nfe: int = 0
+
+    def solve(self, x: Tensor, times: Tensor) -> Tensor:
+        n0 = self.model.nfe
+        try:   # a deterministic solver draws no noise: one source for all solves
+            return sample(self.sde, self.model, x, solver=self.solver, grid=times,
+                          noise=_NO_NOISE, **self.options).x
+        finally:
+            self.last_nfe = self.model.nfe - n0
+            self.nfe_spent += self.last_nfe
+            self.evals += 1
+
+    def error(self, x: Tensor, ref: Tensor, times: Tensor) -> float:
+        """RMS error of the solver's end point on ``times`` (inf where it fails)."""
+        try:
+            out = self.solve(x, times)
+        except (ModelOutputError, ValueError):
+            return math.inf
+        e = float((out.double() - ref.double()).pow(2).mean().sqrt())
+        return e if math.isfinite(e) else math.inf
+
+
+def _reference(run: _Run, x: Tensor, reference: str | Callable[[Tensor], Tensor],
+               tol: float | None) -> tuple[Tensor, dict[str, Any]]:
+    if callable(reference):
+        return reference(x).double(), {"method": getattr(reference, "description",
+                                                         "exact flow map (given)")}
+    tol = tol or (1e-8 if x.dtype == torch.float64 else 1e-6)
+    n0 = run.model.nfe
+    out = sample(run.sde, run.model, x, solver=reference, rtol=tol, atol=tol, float64=True).x
+    run.nfe_spent += run.model.nfe - n0
+    return out.double(), {"method": f"{reference} rtol=atol={tol:g}", "nfe": run.model.nfe - n0}
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver: str = "dpmpp_2m",
+         nfe: int = 10, *, solver_options: Mapping[str, Any] | None = None,
+         calibration: int | Tensor = 64, seeds: Sequence[int] | None = None, seed: int = 0,
+         heldout: int | Tensor = 64, heldout_seeds: Sequence[int] | None = None,
+         heldout_seed: int | None = None, shape: Sequence[int] | None = None,
+         prediction: str = "eps", dtype: torch.dtype = torch.float32,
+         reference: str | Callable[[Tensor], Tensor] = "dopri5",
+         reference_tol: float | None = None, candidates: int = 48, teacher: str = "dpmpp_3m",
+         teacher_factor: int = 4, max_sweeps: int = 40, min_move: float = 1 / 64,
+         validation: float = 0.5, state: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+         fresh: bool = False, progress: bool = True, model_tag: str | None = None) -> TunedGrid:
+    """Tune the time grid of ``solver`` for ``model`` at ``nfe`` model evaluations.
+
+    Args:
+        sde, model: the forward process and the model (a :class:`DiffusionModel`, or a callable
+            whose output is ``prediction``).
+        solver, solver_options: a deterministic fixed-grid ODE solver of the registry.
+        nfe: the NFE budget; the grid has the most steps whose cost fits it (measured).
+        calibration: the calibration batch: a size (prior draws with per-sample ``seeds``,
+            default derived from ``seed``; then ``shape`` is the event shape) or initial states.
+        heldout: the held-out batch, likewise (seeds default derived from ``heldout_seed``,
+            ``seed + 1``); it must differ from the calibration batch. Every error the result
+            reports as *the* error is measured on it.
+        dtype: dtype of the initial states and of the solves (float64 for analytic models).
+        reference: registry name of the adaptive solver of the converged reference (at
+            ``reference_tol``, default 1e-8 in float64, 1e-6 otherwise) or an exact flow map
+            ``x_T -> x_end``.
+        candidates: steps of each fine grid whose union holds the candidate times;
+            ``teacher`` solves there on a grid ``teacher_factor`` times finer.
+        validation: the fraction of the calibration batch (its last states) held back from the
+            optimisation: the grid kept is the best there among the refined grids and the best
+            named grid, so a grid that only fits the fitted states is not chosen (mixtures,
+            whose RMS is dominated by the few states near a boundary between modes).
+        max_sweeps, min_move: limits of the coordinate search (sweeps; the smallest move as a
+            fraction of a neighbour's distance); it also stops once three sweeps together
+            lowered the error by less than 0.1%.
+        state: the resumable state file (default ``<out>.state.pt``; none without ``out``);
+            ``fresh`` ignores an existing one.
+        out: write the tuned grid (JSON) there.
+        progress: stage messages and a tqdm bar on stderr.
+        model_tag: identifies a model that cannot be hashed (see :func:`model_identity`).
+    Returns:
+        the :class:`TunedGrid` (``record`` holds the errors, the baselines and the cost).
+    """
+    t_wall = time.perf_counter()
+    dm = as_model(model, sde, prediction)
+    opts = dict(solver_options or {})
+    try:
+        slv = get_solver(solver, **opts)
+        cfg = solver_config(solver, opts)
+    except (TypeError, ValueError) as e:
+        raise TuneError(str(e)) from None
+    check_tunable(slv)
+    if not (isinstance(nfe, int) and not isinstance(nfe, bool) and nfe >= 1):
+        raise TuneError(f"nfe={nfe!r} is invalid: expected an integer >= 1")
+    steps = _steps_for(slv, nfe)
+    if steps < 2:
+        raise TuneError(f"nfe={nfe} gives solver {solver!r} {steps} step: a grid of one step has "
+                        "nothing to tune (its ends are fixed); expected a budget of >= 2 steps")
+    for name, v, lo in (("candidates", candidates, 4), ("max_sweeps", max_sweeps, 0),
+                        ("teacher_factor", teacher_factor, 1)):
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
+            raise TuneError(f"{name}={v!r} is invalid: expected an integer >= {lo}")
+    if not (isinstance(min_move, (int, float)) and 0 < min_move < 0.5):
+        raise TuneError(f"min_move={min_move!r} is invalid: expected a number in (0, 0.5)")
+    if not (isinstance(validation, (int, float)) and 0 <= validation < 1):
+        raise TuneError(f"validation={validation!r} is invalid: expected a fraction in [0, 1)")
+    if not (callable(reference) or (isinstance(reference, str) and reference in solver_names()
+                                    and get_solver(reference).adaptive)):
+        raise TuneError(f"reference={reference!r} is invalid: expected an adaptive registry "
+                        "solver (e.g. 'dopri5') or a callable exact flow map")
+    ident = model_identity(dm, model_tag)
+    x_cal, cal_seeds = _init_states(calibration, seeds, seed, sde, shape, dtype, "calibration")
+    ho_seed = seed + 1 if heldout_seed is None else heldout_seed
+    x_ho, ho_seeds = _init_states(heldout, heldout_seeds, ho_seed, sde,
+                                  shape if shape is not None else tuple(x_cal.shape[1:]),
+                                  dtype, "heldout")
+    if cal_seeds and ho_seeds and set(cal_seeds) & set(ho_seeds):
+        raise TuneError("heldout seeds overlap the calibration seeds: held-out states must differ "
+                        "(use another heldout_seed)")
+    if x_ho.shape[1:] != x_cal.shape[1:]:
+        raise TuneError(f"heldout states have event shape {tuple(x_ho.shape[1:])}, the "
+                        f"calibration states {tuple(x_cal.shape[1:])}")
+    if x_cal.shape == x_ho.shape and bool((x_cal == x_ho).all(dim=tuple(range(1, x_cal.ndim)))
+                                           .any()):
+        raise TuneError("heldout and calibration batches share initial states: they must differ")
+    n_val = round(validation * x_cal.shape[0])
+    n_fit = x_cal.shape[0] - n_val
+    if n_fit < 2 or (validation and n_val < 2):
+        raise TuneError(f"calibration batch of {x_cal.shape[0]} with validation={validation:g} "
+                        f"leaves {n_fit} states to fit and {n_val} to validate: expected >= 2 "
+                        "each (a larger calibration batch, or validation=0)")
+    fit, val = slice(0, n_fit), slice(n_fit, None)
+    run = _Run(sde, dm, solver, opts, steps, dtype, progress)
+    key = {"format": STATE_FORMAT, "solver": solver, "solver_options": cfg, "nfe": nfe,
+           "steps": steps, "sde": sde_fingerprint(sde), "model": ident,
+           "calibration": content_hash(x_cal), "heldout": content_hash(x_ho),
+           "reference": reference if isinstance(reference, str) else "callable",
+           "reference_tol": reference_tol, "candidates": candidates, "teacher": teacher,
+           "teacher_factor": teacher_factor, "max_sweeps": max_sweeps, "min_move": min_move,
+           "validation": validation}
+    key_json = json.dumps(key, sort_keys=True, default=str)
+    if state is None and out is not None:
+        state = str(out) + ".state.pt"
+    st: dict[str, Any] = {}
+    if state is not None and os.path.exists(state) and not fresh:
+        st = load_verified(state, "tuning state")
+        if st.get("key") != key_json:
+            old = json.loads(st.get("key", "{}"))
+            diff = sorted(k for k in set(old) | set(key) if old.get(k) != _json_norm(key).get(k))
+            raise TuneError(f"state file {str(state)!r} belongs to another tuning run (it "
+                            f"differs in {diff}): delete it, pass another state/out, or fresh="
+                            "True (--fresh)")
+        _say(progress, f"tune: resuming from {state} (stage {st.get('stage')})")
+    spent = dict(st.get("spent", {"nfe": 0, "wall_s": 0.0, "evals": 0}))
+
+    def save(stage: str, **kw: Any) -> None:
+        st.update(kw, stage=stage, key=key_json)
+        st["spent"] = {"nfe": spent["nfe"] + run.nfe_spent, "evals": spent["evals"] + run.evals,
+                       "wall_s": spent["wall_s"] + time.perf_counter() - t_wall}
+        if state is not None:
+            save_verified(state, st)
+
+    # 1. references
+    if "ref_cal" not in st:
+        _say(progress, f"tune {solver} @ {nfe} NFE ({steps} steps): reference solves")
+        ref_cal, rinfo = _reference(run, x_cal, reference, reference_tol)
+        ref_ho, _ = _reference(run, x_ho, reference, reference_tol)
+        save("reference", ref_cal=ref_cal, ref_ho=ref_ho, ref_info=json.dumps(rinfo))
+    ref_cal, ref_ho = st["ref_cal"], st["ref_ho"]
+    # 2. named grids
+    if "named" not in st:
+        named = {}
+        for g, gopt in NAMED_GRIDS:
+            label = g if not gopt else g + "(" + ",".join(f"{k}={v}" for k, v in gopt.items()) + ")"
+            try:
+                t = make_grid(sde, g, steps, **gopt)
+            except ValueError:
+                continue
+            named[label] = {"grid": g, "options": gopt,
+                            "fit_rms": run.error(x_cal[fit], ref_cal[fit], t),
+                            "validation_rms": run.error(x_cal[val], ref_cal[val], t)
+                            if n_val else None,
+                            "heldout_rms": run.error(x_ho, ref_ho, t), "times": t.tolist()}
+        save("named", named=json.dumps(named))
+    named = json.loads(st["named"])
+    best_label = min(named, key=lambda k: named[k]["fit_rms"])
+    # 3. teacher trajectory
+    if "teacher_states" not in st and "dp_times" not in st:
+        _say(progress, f"tune: teacher ({teacher}) on the candidate times")
+        cand = candidate_times(sde, candidates)
+        fine = _refine_times(sde, cand, teacher_factor)
+        n0 = dm.nfe
+        sol = sample(sde, dm, x_cal[fit], solver=teacher, grid=fine, save_at=cand.tolist(),
+                     float64=True)
+        states = torch.stack([sol.trajectory[float(t)] for t in cand]).double()
+        with torch.no_grad():
+            x0 = torch.stack([dm.predict(states[i].to(dtype), torch.tensor(float(t)), "x0")
+                              .double() for i, t in enumerate(cand)])
+        run.nfe_spent += dm.nfe - n0
+        teacher_rms = float((states[-1] - ref_cal[fit]).pow(2).mean().sqrt())
+        save("teacher", teacher_states=states, teacher_x0=x0, cand=cand,
+             teacher_rms=teacher_rms)
+    # 4. dynamic programming
+    if "dp_times" not in st:
+        cand = st["cand"]
+        idx = dp_grid(sde.alpha(cand).double(), sde.sigma(cand).double(), st["teacher_states"],
+                      st["teacher_x0"], steps)
+        dp_times = cand[idx].clone()
+        dp_err = run.error(x_cal[fit], ref_cal[fit], dp_times)
+        named_t = torch.tensor(named[best_label]["times"], dtype=torch.float64)
+        _say(progress, f"tune: DP grid fit RMS {dp_err:.3e}, best named grid "
+                       f"{best_label} {named[best_label]['fit_rms']:.3e}")
+        st.pop("teacher_states"), st.pop("teacher_x0")   # not needed any more: keep it small
+        # two starts, each refined: the DP grid and the best named grid
+        starts = [(dp_times, dp_err), (named_t, named[best_label]["fit_rms"])]
+        runs = [{"cur": t, "cur_err": e, "start_err": e, "fk": [0.25] * (steps - 1), "dk": [1] * (steps - 1),
+                 "sweeps": 0, "trace": []} for t, e in starts]
+        save("dp", dp_times=dp_times, dp_err=dp_err, runs=runs)
+    # 5. refinement of each start
+    from tqdm.auto import tqdm
+    for i, r in enumerate(st["runs"]):
+        bar = tqdm(total=max_sweeps, initial=r["sweeps"], unit="sweep", leave=False,
+                   desc=f"tune {solver}@{nfe} start {i + 1}/{len(st['runs'])}",
+                   disable=not progress, file=sys.stderr)
+        try:
+            _coordinate_search(run, x_cal[fit], ref_cal[fit], r, max_sweeps, min_move, bar,
+                               lambda: save("refine"))
+        finally:
+            bar.close()
+    # 6. selection on the validation part of the calibration batch: the refined grids and the
+    # best named grid (a refined grid that only fits the fitted states loses there)
+    if "selected" not in st:
+        picks = [(f"refined from {w}", r["cur"], r["cur_err"])
+                 for w, r in zip(("the DP grid", best_label), st["runs"])]
+        picks.append((f"named grid {best_label}", torch.tensor(
+            named[best_label]["times"], dtype=torch.float64), named[best_label]["fit_rms"]))
+        if n_val:
+            scores = [run.error(x_cal[val], ref_cal[val], t) for _, t, _ in picks]
+        else:
+            scores = [e for _, _, e in picks]
+        i = min(range(len(picks)), key=lambda j: scores[j])
+        save("selected", selected=picks[i][0], cur=picks[i][1], cur_fit=picks[i][2],
+             cur_val=scores[i] if n_val else None,
+             cur_cal=run.error(x_cal, ref_cal, picks[i][1]))
+    cur, err = st["cur"], float(st["cur_cal"])
+    best_run = min(st["runs"], key=lambda r: r["cur_err"])
+    sweeps, trace = best_run["sweeps"], best_run["trace"]
+    # 7. held-out evaluation
+    if "heldout_rms" not in st:
+        ho = run.error(x_ho, ref_ho, cur)
+        save("done", heldout_rms=ho, measured_nfe=run.last_nfe)
+    ho_err = float(st["heldout_rms"])
+    best_ho = min(named, key=lambda k: named[k]["heldout_rms"])
+    measured = int(st["measured_nfe"])
+    from . import __version__
+    record = {
+        "format": TUNED_FORMAT, "created": _dt.datetime.now(_dt.timezone.utc)
+        .isoformat(timespec="seconds"), "sdekit": __version__,
+        "solver": solver, "solver_options": cfg, "solver_options_given": _json_norm(opts),
+        "nfe": nfe, "measured_nfe": int(measured), "steps": steps,
+        "sde": sde_fingerprint(sde), "model": ident,
+        "calibration": {"n": int(x_cal.shape[0]), "seeds": cal_seeds,
+                        "states_sha256": content_hash(x_cal)},
+        "heldout": {"n": int(x_ho.shape[0]), "seeds": ho_seeds,
+                    "states_sha256": content_hash(x_ho)},
+        "dtype": str(dtype).replace("torch.", ""),
+        "reference": json.loads(st["ref_info"]),
+        "teacher": {"solver": teacher, "candidates": int(st["cand"].numel()),
+                    "rms_vs_reference": float(st["teacher_rms"])},
+        "errors": {
+            "heldout_rms": ho_err, "calibration_rms": err, "fit_rms": float(st["cur_fit"]),
+            "validation_rms": st["cur_val"], "selected": st["selected"],
+            "dp_calibration_rms": float(st["dp_err"]),
+            "best_named_grid": {"by": "fit_rms", "grid": best_label,
+                                "fit_rms": named[best_label]["fit_rms"],
+                                "heldout_rms": named[best_label]["heldout_rms"]},
+            "best_named_grid_heldout": {"grid": best_ho,
+                                        "heldout_rms": named[best_ho]["heldout_rms"]},
+            "ratio_heldout": ho_err / named[best_ho]["heldout_rms"]
+            if named[best_ho]["heldout_rms"] > 0 else None,
+            "named_grids": {k: {kk: v[kk] for kk in ("fit_rms", "validation_rms",
+                                                     "heldout_rms")}
+                            for k, v in named.items()}},
+        "cost": {"wall_s": st["spent"]["wall_s"], "nfe": st["spent"]["nfe"],
+                 "solves": st["spent"]["evals"], "sweeps": sweeps, "trace": trace,
+                 "starts": [{"fit_rms_start": r["start_err"],
+                             "fit_rms": r["cur_err"], "sweeps": r["sweeps"]}
+                            for r in st["runs"]],
+                 "batch": int(x_cal.shape[0]), "fit": n_fit, "validation": n_val},
+    }
+    tg = TunedGrid(cur.clone(), record)
+    if out is not None:
+        tg.save(out)
+    _say(progress, f"tune {solver} @ {nfe} NFE: held-out RMS {ho_err:.3e} (best named grid "
+                   f"{best_ho}: {named[best_ho]['heldout_rms']:.3e}); {record['cost']['nfe']} NFE "
+                   f"spent, {record['cost']['wall_s']:.1f} s")
+    return tg
+
+
+def _coordinate_search(run: _Run, x: Tensor, ref: Tensor, r: dict[str, Any], max_sweeps: int,
+                       min_move: float, bar: Any, save: Callable[[], None]) -> None:
+    """Coordinate search from ``r['cur']`` (updated in place, ``save()`` after each sweep): each
+    interior point ``k`` moves the fraction ``fk[k]`` of the way to a neighbour, in its preferred
+    direction ``dk[k]`` first; a move is kept where it lowers the error, and then the fraction
+    doubles (at most 1/2) and that direction is preferred; a point that fails both ways halves
+    its fraction. Stops at ``max_sweeps``, when every fraction is below ``min_move``, or when
+    three sweeps together lowered the error by less than 0.1%."""
+    sde, f, dirs, trace = run.sde, r["fk"], r["dk"], r["trace"]
+    cur, err = r["cur"], float(r["cur_err"])
+    while max(f) >= min_move and r["sweeps"] < max_sweeps and not (
+            len(trace) > 3 and trace[-4] - err < 1e-3 * err):
+        for j in range(len(f)):
+            if f[j] < min_move:
+                continue
+            for d in (dirs[j], -dirs[j]):
+                cand = _move(sde, cur, j + 1, d, f[j])
+                e = run.error(x, ref, cand)
+                if e < err * (1 - 1e-9):
+                    cur, err, dirs[j], f[j] = cand, e, d, min(2 * f[j], 0.5)
+                    break
+            else:
+                f[j] /= 2
+        trace.append(err)
+        r.update(cur=cur, cur_err=err, sweeps=r["sweeps"] + 1)
+        bar.update(1)
+        bar.set_postfix_str(f"rms {err:.3e} move {max(f):g}", refresh=False)
+        save()
+
+
+def _refine_times(sde: ForwardSDE, t: Tensor, factor: int) -> Tensor:
+    """``t`` with ``factor - 1`` points inserted in each interval (uniform in lambda; in t for
+    an interval from lambda = -inf)."""
+    if factor == 1:
+        return t
+    lam = sde.lambda_(t).double()
+    parts = []
+    w = torch.arange(factor, dtype=torch.float64) / factor
+    for i in range(t.numel() - 1):
+        if math.isfinite(float(lam[i])):
+            seg = sde.t_of_lambda(lam[i] + w * (lam[i + 1] - lam[i])).double()
+        else:
+            seg = t[i] + w * (t[i + 1] - t[i])
+        seg[0] = t[i]
+        parts.append(seg)
+    parts.append(t[-1:])
+    return torch.cat(parts)
+
+
+# ------------------------------------------------------------------ solver search
+#: the solver options the search varies, where a solver has them (values it rejects are skipped)
+OPTION_SPACE: dict[str, tuple[Any, ...]] = {
+    "warmup": ("lower_order", "singlestep"), "lower_order_final": (True, False),
+    "solver_type": ("lagrange", "midpoint"), "corrector": (True, False),
+    "max_order": (2, 3, 4)}
+
+
+def solver_variants(name: str) -> list[dict[str, Any]]:
+    """The option sets of registry solver ``name`` that the search tries: the product of the
+    :data:`OPTION_SPACE` values of the options it has, without sets it rejects and without
+    duplicates (sets with equal effective options)."""
+    cls, _ = _REGISTRY[name]
+    have = [k for k in inspect.signature(cls.__init__).parameters if k in OPTION_SPACE]
+    out, seen = [], set()
+    for values in itertools.product(*(OPTION_SPACE[k] for k in have)):
+        opts = dict(zip(have, values))
+        try:
+            eff = json.dumps(solver_config(name, opts), sort_keys=True)
+        except (TypeError, ValueError):
+            continue
+        if eff not in seen:
+            seen.add(eff)
+            out.append(opts)
+    return out
+
+
+class CachedReference:
+    """A reference map that returns solves computed once (keyed by the states' content hash)."""
+
+    def __init__(self, refs: dict[str, Tensor], description: str) -> None:
+        self.refs, self.description = refs, description
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.refs[content_hash(x)]
+
+
+def search(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], nfe: int, *,
+           solvers: Sequence[str] | None = None,
+           grids: Sequence[tuple[str, Mapping[str, Any]]] | None = None, tune_top: int = 0,
+           calibration: int | Tensor = 128, seeds: Sequence[int] | None = None, seed: int = 0,
+           heldout: int | Tensor = 128, heldout_seeds: Sequence[int] | None = None,
+           heldout_seed: int | None = None, shape: Sequence[int] | None = None,
+           prediction: str = "eps", dtype: torch.dtype = torch.float32,
+           reference: str | Callable[[Tensor], Tensor] = "dopri5",
+           reference_tol: float | None = None, out_dir: str | os.PathLike | None = None,
+           progress: bool = True, model_tag: str | None = None,
+           tune_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Choose the solver, its options and the grid for ``model`` at ``nfe`` NFE.
+
+    Every deterministic fixed-grid ODE solver of ``solvers`` (default: all in the registry) with
+    every option set of :func:`solver_variants` runs on every named grid of ``grids`` (default
+    :data:`NAMED_GRIDS`) on the calibration batch; candidates are ranked by their calibration
+    RMS error against the converged reference, and each row also carries its held-out RMS (the
+    number to report). With ``tune_top = k`` the grids of the k best distinct (solver, options)
+    are tuned (:func:`tune`, ``tune_options``; the files go to ``out_dir``) and ranked with the
+    rest as rows marked ``tuned``. Returns ``{"winner": row, "table": rows (ranked), ...}``."""
+    t0 = time.perf_counter()
+    dm = as_model(model, sde, prediction)
+    names = list(solvers) if solvers is not None else [n for n in solver_names() if _tunable(n)]
+    for n in names:
+        if n not in solver_names():
+            raise TuneError(f"unknown solver {n!r}: expected one of {solver_names()}")
+        check_tunable(get_solver(n))
+    grid_list = [(g, dict(o)) for g, o in (grids if grids is not None else NAMED_GRIDS)]
+    for g, _ in grid_list:
+        if g not in GRIDS or g == "interpolated":
+            raise TuneError(f"unknown grid {g!r}: expected one of "
+                            f"{sorted(k for k in GRIDS if k != 'interpolated')}")
+    if not (isinstance(nfe, int) and not isinstance(nfe, bool) and nfe >= 1):
+        raise TuneError(f"nfe={nfe!r} is invalid: expected an integer >= 1")
+    if not (isinstance(tune_top, int) and tune_top >= 0):
+        raise TuneError(f"tune_top={tune_top!r} is invalid: expected an integer >= 0")
+    if not (callable(reference) or (isinstance(reference, str) and reference in solver_names()
+                                    and get_solver(reference).adaptive)):
+        raise TuneError(f"reference={reference!r} is invalid: expected an adaptive registry "
+                        "solver (e.g. 'dopri5') or a callable exact flow map")
+    ident = model_identity(dm, model_tag)
+    x_cal, cal_seeds = _init_states(calibration, seeds, seed, sde, shape, dtype, "calibration")
+    ho_seed = seed + 1 if heldout_seed is None else heldout_seed
+    x_ho, ho_seeds = _init_states(heldout, heldout_seeds, ho_seed, sde, tuple(x_cal.shape[1:]),
+                                  dtype, "heldout")
+    if cal_seeds and ho_seeds and set(cal_seeds) & set(ho_seeds):
+        raise TuneError("heldout seeds overlap the calibration seeds: held-out states must differ "
+                        "(use another heldout_seed)")
+    run = _Run(sde, dm, "", {}, 0, dtype, progress)
+    ref_cal, rinfo = _reference(run, x_cal, reference, reference_tol)
+    ref_ho, _ = _reference(run, x_ho, reference, reference_tol)
+    plan = [(n, o, g, go) for n in names for o in solver_variants(n) for g, go in grid_list]
+    from tqdm.auto import tqdm
+    rows = []
+    for n, o, g, go in tqdm(plan, desc=f"search @ {nfe} NFE", disable=not progress,
+                            leave=False, file=sys.stderr):
+        slv = get_solver(n, **o)
+        row: dict[str, Any] = {"solver": n, "options": o, "grid": g, "grid_options": go,
+                               "tuned": False}
+        try:
+            steps = _steps_for(slv, nfe)
+            times = make_grid(sde, g, steps, **go)
+        except ValueError as e:
+            rows.append({**row, "status": "skipped", "reason": str(e)})
+            continue
+        run.solver, run.options = n, o
+        row.update(steps=steps, calibration_rms=run.error(x_cal, ref_cal, times))
+        row["nfe"] = run.last_nfe
+        row["heldout_rms"] = run.error(x_ho, ref_ho, times)
+        row["status"] = "ok" if math.isfinite(row["calibration_rms"]) else "failed"
+        rows.append(row)
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["calibration_rms"])
+    tuned_rows = []
+    if tune_top:
+        cached = CachedReference({content_hash(x_cal): ref_cal, content_hash(x_ho): ref_ho},
+                                  rinfo["method"])
+        picked: list[tuple[str, dict[str, Any]]] = []
+        for r in ok:
+            if (r["solver"], r["options"]) not in picked:
+                picked.append((r["solver"], r["options"]))
+            if len(picked) == tune_top:
+                break
+        for n, o in picked:
+            path = None if out_dir is None else Path(out_dir) / (
+                f"{n}" + "".join(f"-{k}={v}" for k, v in sorted(o.items())) + f"-nfe{nfe}.json")
+            tg = tune(sde, dm, n, nfe, solver_options=o, calibration=x_cal, heldout=x_ho,
+                      dtype=dtype, reference=cached, out=path, progress=progress,
+                      model_tag=model_tag, **dict(tune_options or {}))
+            tg.record["calibration"]["seeds"], tg.record["heldout"]["seeds"] = cal_seeds, ho_seeds
+            if path is not None:
+                tg.save(path)
+            e = tg.record["errors"]
+            tuned_rows.append({"solver": n, "options": o, "grid": "tuned",
+                               "grid_file": None if path is None else str(path),
+                               "grid_options": {}, "tuned": True, "status": "ok",
+                               "steps": tg.steps, "nfe": tg.record["measured_nfe"],
+                               "calibration_rms": e["calibration_rms"],
+                               "heldout_rms": e["heldout_rms"], "times": tg.times.tolist(),
+                               "tuning_cost": tg.record["cost"]})
+    ranked = sorted(ok + tuned_rows, key=lambda r: r["calibration_rms"])
+    for i, r in enumerate(ranked):
+        r["rank"] = i + 1
+    return {"format": SEARCH_FORMAT, "nfe": nfe, "sde": sde_fingerprint(sde), "model": ident,
+            "calibration": {"n": int(x_cal.shape[0]), "seeds": cal_seeds},
+            "heldout": {"n": int(x_ho.shape[0]), "seeds": ho_seeds}, "reference": rinfo,
+            "ranked_by": "calibration_rms", "winner": ranked[0] if ranked else None,
+            "table": ranked, "not_ranked": [r for r in rows if r["status"] != "ok"],
+            "cost": {"wall_s": time.perf_counter() - t0, "nfe": run.nfe_spent
+                     + sum(r["tuning_cost"]["nfe"] for r in tuned_rows), "candidates": len(plan)}}
+
+
+def format_search(result: Mapping[str, Any], top: int = 15) -> str:
+    """A markdown table of the ranked candidates (the winner first)."""
+    lines = [(f"solver search at {result['nfe']} NFE: ranked by calibration RMS, held-out RMS "
+              "reported"), "",
+             "| rank | solver | options | grid | NFE | calibration RMS | held-out RMS |",
+             "|---:|---|---|---|---:|---:|---:|"]
+    for r in result["table"][:top]:
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(r["options"].items())) or "-"
+        grid = r["grid"] + ("(" + ",".join(f"{k}={v}" for k, v in r["grid_options"].items())
+                            + ")" if r["grid_options"] else "") + (" (tuned)" if r["tuned"]
+                                                                  and r["grid"] != "tuned" else "")
+        lines.append(f"| {r['rank']} | {r['solver']} | {opts} | {grid} | {r['nfe']} | "
+                     f"{r['calibration_rms']:.3e} | {r['heldout_rms']:.3e} |")
+    return "\n".join(lines)

@@ -1,0 +1,266 @@
+"""Tuned grids and the solver search (sdekit.tune): on exact Gaussian oracles, small and fast."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sdekit
+from sdekit._io import load_verified
+from sdekit.bench.problems import gaussian_problem
+from sdekit.noise import SeededNoise, sample_seeds
+from sdekit.tune import (
+    NAMED_GRIDS,
+    TuneError,
+    _Run,
+    load_tuned_grid,
+    search,
+    solver_variants,
+    tune,
+)
+
+DIM = 4
+KW = {"calibration": 12, "heldout": 12, "shape": (DIM,), "dtype": torch.float64, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return gaussian_problem(dim=DIM)
+
+
+@pytest.fixture(scope="module")
+def tuned(problem, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tune") / "dpmpp_2m-5.json"
+    tg = tune(problem.sde, problem.model, "dpmpp_2m", 5, reference=problem.flow, out=out,
+              max_sweeps=12, **KW)
+    return tg, out
+
+
+def prior_states(sde, seed, n=12):
+    """The held-out initial states as tune() draws them (prior, per-sample seeds)."""
+    z = SeededNoise(sample_seeds(seed, n)).randn(torch.empty((n, DIM), dtype=torch.float64))
+    return z * sde.prior_std
+
+
+def rms(problem, x, **kw):
+    out = sdekit.sample(problem.sde, problem.model, x, solver="dpmpp_2m", **kw).x
+    return float((out - problem.flow(x)).pow(2).mean().sqrt())
+
+
+def test_tuned_grid_beats_every_named_grid_on_heldout_states(problem, tuned):
+    tg, _ = tuned
+    x = prior_states(problem.sde, 1)          # held-out seeds: seed + 1
+    assert tg.record["heldout"]["seeds"] == sample_seeds(1, 12)
+    assert not set(tg.record["heldout"]["seeds"]) & set(tg.record["calibration"]["seeds"])
+    tuned_err = rms(problem, x, grid=tg.times)
+    named = {g: rms(problem, x, grid=g, steps=5, grid_options=o) for g, o in NAMED_GRIDS}
+    assert tuned_err == pytest.approx(tg.record["errors"]["heldout_rms"], rel=1e-9)
+    assert tuned_err <= 0.7 * min(named.values()), (tuned_err, named)
+    assert tg.record["errors"]["best_named_grid_heldout"]["heldout_rms"] == pytest.approx(
+        min(named.values()), rel=1e-9)
+    assert tg.record["measured_nfe"] == 5 and tg.record["cost"]["nfe"] > 0
+
+
+def test_file_round_trip_and_sample_with_the_file(problem, tuned):
+    tg, path = tuned
+    back = load_tuned_grid(path)
+    assert torch.equal(back.times, tg.times)
+    assert back.record == json.loads(json.dumps(tg.record))
+    x = prior_states(problem.sde, 7, 3)
+    a = sdekit.sample(problem.sde, problem.model, x, solver="dpmpp_2m", grid=str(path))
+    b = sdekit.sample(problem.sde, problem.model, x, solver="dpmpp_2m", grid=tg.times)
+    assert torch.equal(a.x, b.x) and a.nfe == 5
+    c = sdekit.sample(problem.sde, problem.model, x, solver="dpmpp_2m", grid=path, steps=5,
+                      order=2)  # a Path, the recorded steps and a default option spelt out
+    assert torch.equal(c.x, a.x)
+
+
+@pytest.mark.parametrize("kw, what", [
+    ({"solver": "ddim"}, "solver: tuned for 'dpmpp_2m', given 'ddim'"),
+    ({"solver": "dpmpp_2m", "steps": 6}, "steps: tuned for 5, given 6"),
+    ({"solver": "dpmpp_2m", "lower_order_final": False}, ("solver options differs in "
+                                                       "lower_order_final")),
+    ({"solver": "dpmpp_2m", "grid_options": {"rho": 2}}, "grid_options ['rho'] do not apply"),
+    ({"solver": "dpmpp_2m", "t_start": 0.5}, "t_start=0.5 cannot be combined with a tuned grid"),
+])
+def test_mismatched_solver_steps_or_options_refused(problem, tuned, kw, what):
+    _, path = tuned
+    with pytest.raises(ValueError) as e:
+        sdekit.sample(problem.sde, problem.model, prior_states(problem.sde, 3, 2), grid=path, **kw)
+    assert what in str(e.value)
+
+
+def test_other_forward_sde_or_model_refused(problem, tuned):
+    _, path = tuned
+    x = prior_states(problem.sde, 3, 2)
+    other_sde = gaussian_problem(sde=sdekit.DiscreteDDPM(), dim=DIM)
+    with pytest.raises(TuneError, match="forward SDE differs in lambda_sha256"):
+        sdekit.sample(other_sde.sde, other_sde.model, x, solver="dpmpp_2m", grid=path)
+    other_data = gaussian_problem(dim=DIM, seed=5)   # same SDE, other data: another model
+    with pytest.raises(TuneError, match="model differs in object_sha256"):
+        sdekit.sample(other_data.sde, other_data.model, x, solver="dpmpp_2m", grid=path)
+    x0_model = gaussian_problem(dim=DIM, prediction="x0")
+    with pytest.raises(TuneError, match="model differs in prediction"):
+        sdekit.sample(x0_model.sde, x0_model.model, x, solver="dpmpp_2m", grid=path)
+
+
+def test_bad_grid_files(problem, tmp_path):
+    x = prior_states(problem.sde, 3, 2)
+    with pytest.raises(ValueError, match="tuned grid file .*missing.json' does not exist"):
+        sdekit.sample(problem.sde, problem.model, x, grid=str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="is not a tuned grid file"):
+        sdekit.sample(problem.sde, problem.model, x, grid=str(bad))
+    with pytest.raises(ValueError, match="unknown grid 'nope'.*tuned grid file"):
+        sdekit.sample(problem.sde, problem.model, x, grid="nope", steps=3)
+
+
+def test_resume_after_interruption_gives_the_same_grid(problem, tmp_path, monkeypatch):
+    kw = dict(KW, reference=problem.flow, max_sweeps=4)
+    full = tune(problem.sde, problem.model, "unipc_bh2", 5, state=tmp_path / "a.pt", **kw)
+    assert full.record["cost"]["solves"] > 40
+    real, calls = _Run.error, {"n": 0}
+
+    def interrupted(self, *a):
+        calls["n"] += 1
+        # 18 named-grid solves (fit, validation, held-out), 1 of the DP grid, <= 8 per sweep
+        # (4 interior points x 2 directions)
+        if calls["n"] == 30:   # inside the second refinement sweep (or later)
+            raise KeyboardInterrupt
+        return real(self, *a)
+
+    monkeypatch.setattr(_Run, "error", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tune(problem.sde, problem.model, "unipc_bh2", 5, state=tmp_path / "b.pt", **kw)
+    saved = load_verified(tmp_path / "b.pt")
+    assert saved["stage"] == "refine" and saved["runs"][0]["sweeps"] >= 1
+    monkeypatch.setattr(_Run, "error", real)
+    resumed = tune(problem.sde, problem.model, "unipc_bh2", 5, state=tmp_path / "b.pt", **kw)
+    assert torch.equal(resumed.times, full.times)
+    assert resumed.record["errors"] == full.record["errors"]
+    # a state file of another run is refused, naming what differs
+    with pytest.raises(TuneError, match=r"belongs to another tuning run .*'nfe'"):
+        tune(problem.sde, problem.model, "unipc_bh2", 6, state=tmp_path / "b.pt", **kw)
+
+
+@pytest.mark.parametrize("args, kw, what", [
+    (("nope", 5), {}, "unknown solver 'nope'"),
+    (("euler_maruyama", 5), {}, "cannot be tuned: it is stochastic"),
+    (("dopri5", 5), {}, "cannot be tuned: it is adaptive"),
+    (("dpmpp_2m", 0), {}, "nfe=0 is invalid"),
+    (("dpmpp_2m", 1), {}, "nothing to tune"),
+    (("heun", 1), {}, "below the minimum cost"),
+    (("dpmpp_2m", 5), {"calibration": 1}, "calibration=1 is invalid"),
+    (("dpmpp_2m", 5), {"shape": None}, "give shape="),
+    (("dpmpp_2m", 5), {"heldout_seed": 0}, "heldout seeds overlap"),
+    (("dpmpp_2m", 5), {"reference": "ddim"}, "reference='ddim' is invalid"),
+    (("dpmpp_2m", 5), {"bogus": 1}, "unexpected keyword"),
+    (("dpmpp_2m", 5), {"solver_options": {"bogus": 1}}, "unknown options"),
+])
+def test_bad_input_is_refused_before_work(problem, args, kw, what):
+    calls = problem.model.nfe
+    with pytest.raises((TuneError, TypeError), match=what):
+        tune(problem.sde, problem.model, *args, **{**KW, **kw})
+    assert problem.model.nfe == calls
+
+
+def test_unidentifiable_model_needs_a_tag(problem):
+    net = lambda x, t: torch.zeros_like(x)
+    with pytest.raises(TuneError, match="pass model_tag="):
+        tune(problem.sde, net, "ddim", 3, **KW)
+
+
+def test_search_ranks_on_calibration_and_reports_heldout(problem):
+    grids = [("logsnr", {}), ("quadratic", {})]
+    r = search(problem.sde, problem.model, 5, solvers=["ddim", "dpmpp_2m"], grids=grids,
+               reference=problem.flow, **KW)
+    table = r["table"]
+    assert len(table) == 2 * len(solver_variants("dpmpp_2m")) + 2
+    cal = [row["calibration_rms"] for row in table]
+    assert cal == sorted(cal) and r["winner"] is table[0]
+    w = table[0]
+    x = prior_states(problem.sde, 1)
+    out = sdekit.sample(problem.sde, problem.model, x, solver=w["solver"], steps=w["steps"],
+                        grid=w["grid"], **w["options"]).x
+    assert float((out - problem.flow(x)).pow(2).mean().sqrt()) == pytest.approx(
+        w["heldout_rms"], rel=1e-9)
+    assert w["solver"] == "dpmpp_2m"   # second order beats DDIM at 5 NFE here
+    with pytest.raises(TuneError, match="cannot be tuned: it is stochastic"):
+        search(problem.sde, problem.model, 5, solvers=["pc"], **KW)
+
+
+# ------------------------------------------------------------------ command line
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny trained two_moons checkpoint."""
+    from helpers import TINY_TRAIN
+
+    from sdekit.cli.main import main
+    out = tmp_path_factory.mktemp("tunecli") / "run"
+    assert main(["train", "--data", "two_moons", "--steps", "4", *TINY_TRAIN, "--out",
+                 str(out)]) == 0
+    return out / "checkpoint.pt"
+
+
+def test_cli_tune_then_sample_and_bench_with_the_grid(ckpt, tmp_path, capsys):
+    from helpers import run_cli
+    grid = tmp_path / "g.json"
+    rc, out, err = run_cli(["tune", "--problem", f"checkpoint:{ckpt}", "--solver", "dpmpp_2m",
+                            "--nfe", "4", "--n", "8", "--max-sweeps", "2", "--out", grid,
+                            "--quiet"], capsys)
+    assert rc == 0, err
+    tg = load_tuned_grid(grid)
+    assert tg.solver == "dpmpp_2m" and tg.steps == 4 and "weights_sha256" in tg.record["model"]
+    assert json.loads(out)["heldout_rms"] == tg.record["errors"]["heldout_rms"]
+    rc, out, err = run_cli(["sample", "--checkpoint", ckpt, "--grid", grid, "--n", "4",
+                            "--out", tmp_path / "s"], capsys)
+    assert rc == 0 and "4 NFE (dpmpp_2m, 4 steps)" in out, err
+    for extra, what in ((["--solver", "ddim"], "solver: tuned for 'dpmpp_2m', given 'ddim'"),
+                        (["--steps", "6"], "steps: tuned for 4, given 6")):
+        rc, _, err = run_cli(["sample", "--checkpoint", ckpt, "--grid", grid, "--n", "4",
+                              "--out", tmp_path / "s2", *extra], capsys)
+        assert rc == 2 and what in err, err
+    rc, _, err = run_cli(["sample", "--checkpoint", ckpt, "--grid", tmp_path / "none.json"],
+                         capsys)
+    assert rc == 2 and "does not exist" in err
+    rc, out, err = run_cli(["bench", "--problem", f"checkpoint:{ckpt}", "--solvers", "dpmpp_2m",
+                            "--grids", f"logsnr,{grid}", "--nfe", "4", "-n", "8", "--quiet",
+                            "--formats", "json", "--out", tmp_path / "b"], capsys)
+    assert rc == 0, err
+    res = json.loads(next((tmp_path / "b").glob("*.json")).read_text())
+    tuned = [c for c in res["cells"] if c.get("tuned")]
+    assert len(tuned) == 1 and tuned[0]["status"] == "ok", tuned
+    assert tuned[0]["label"] == "dpmpp_2m [tuned]" and tuned[0]["nfe"] == 4
+
+
+@pytest.mark.parametrize("argv, what", [
+    (["--nfe", "0"], "--nfe"),
+    (["--nfe", "5", "--solver", "pc"], "cannot be tuned: it is stochastic"),
+    (["--nfe", "5", "--out", "x.txt"], "expected a .json file name"),
+    (["--nfe", "5", "--search", "-O", "order=2"], "goes with one --solver"),
+    (["--nfe", "5", "--tune-top", "2"], "go with --search"),
+    (["--nfe", "5", "-O", "bogus"], "expected OPTION=VALUE"),
+    (["--nfe", "5", "--problem", "nope"], "unknown --problem 'nope'"),
+    (["--nfe", "5", "--sde", "nope"], "--sde: unknown SDE"),
+])
+def test_cli_tune_bad_input(argv, what, capsys, tmp_path, monkeypatch):
+    from helpers import run_cli
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_cli(["tune", *argv], capsys)
+    assert rc == 2 and what in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_search_writes_the_ranking(tmp_path, capsys):
+    from helpers import run_cli
+    out = tmp_path / "search.json"
+    rc, text, err = run_cli(["tune", "--problem", "gaussian", "--dim", "4", "--nfe", "4",
+                             "--search", "--solvers", "ddim,dpmpp_2m", "--n", "8", "--quiet",
+                             "--out", out], capsys)
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    cal = [r["calibration_rms"] for r in res["table"]]
+    assert cal == sorted(cal) and res["winner"] == res["table"][0]
+    assert "| 1 | " in text and "winner: " in text and "held-out RMS" in text
