@@ -98,7 +98,7 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             differentiable (memory grows with every step).
     """
     if grid is not None and not isinstance(grid, Tensor):
-        from .tune import is_grid_file
+        from .tuned_grid import is_grid_file
         if is_grid_file(grid):
             grid, grid_options = _tuned_grid(grid, sde, model, prediction, solver,
                                              solver_options, steps, t_start, t_end, grid_options)
@@ -155,7 +155,7 @@ def _tuned_grid(path: Any, sde: ForwardSDE, model: Any, prediction: str, solver:
                 grid_options: dict[str, Any] | None) -> tuple[Tensor, None]:
     """The times of a tuned-grid file (:mod:`sdekit.tune`), after checking that it was tuned for
     this forward SDE, model, solver (and options) and step count."""
-    from .tune import load_tuned_grid
+    from .tuned_grid import load_tuned_grid
     opts = dict(grid_options or {})
     tag = opts.pop("model_tag", None)
     if opts:

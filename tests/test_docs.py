@@ -212,7 +212,7 @@ def test_names_in_backticks_exist():
 #: sits with training)
 LAYERS = ["sdekit._utils sdekit._io", "sdekit.sde", "sdekit.dynamics.parameterization",
           "sdekit.dynamics sdekit.guidance", "sdekit.grids", "sdekit.noise", "sdekit.solvers",
-          "sdekit.integrate", "sdekit.analytic", "sdekit.likelihood sdekit.inverse",
+          "sdekit.integrate sdekit.tuned_grid", "sdekit.analytic", "sdekit.likelihood sdekit.inverse",
           "sdekit.interop", "sdekit.models", "sdekit.training sdekit.interop.export",
           "sdekit.distill", "sdekit.bench sdekit.tune",
           "sdekit.cli"]
