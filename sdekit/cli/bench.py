@@ -177,9 +177,8 @@ def run(args: argparse.Namespace) -> int:
         cache = args.cache_dir or out / "cache"
         results = run_sweep(problem, config, cache, resume=not args.fresh,
                             progress=not args.quiet, timeout=args.shard_timeout)
-    except (BenchError, ValueError, TypeError) as e:
-        print(f"sdekit bench: error: {e}", file=sys.stderr)
-        return 2
+    except (BenchError, ValueError, TypeError) as e:   # reported once, by main
+        raise UsageError(str(e)) from e
     except KeyboardInterrupt:
         print("\nsdekit bench: interrupted; finished cells are cached, rerun the same command to "
               "resume", file=sys.stderr)

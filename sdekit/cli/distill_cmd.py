@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import Any
 
 from ._args import (
+    UsageError,
     add_command,
     add_threads,
     alias,
@@ -138,9 +138,8 @@ def run(args: argparse.Namespace) -> int:
                        steps=args.train_steps,
                        batch=args.batch_size, lr=args.lr, seed=args.seed,
                        progress=not args.quiet)
-    except ValueError as e:  # BenchError and CheckpointError included
-        print(f"sdekit distill: error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # BenchError and CheckpointError included; reported by main
+        raise UsageError(str(e)) from e
     t2 = time.perf_counter()
     report = {"teacher": teacher, "trajectories_s": round(t1 - t0, 1),
               "training_s": round(t2 - t1, 1), "operator": str(args.out / "operator.pt")}

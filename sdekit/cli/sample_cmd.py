@@ -5,7 +5,6 @@ import argparse
 import inspect
 import json
 import math
-import sys
 from typing import Any
 
 from ._args import (
@@ -116,69 +115,52 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--steps={args.steps} is too few for --solver {args.solver}: expected "
                          f"at least {slv.min_steps}")
     apply_threads(args.threads)
-    try:
-        net, sde, cfg = load_model(args.checkpoint, ema=not args.raw)
-    except CheckpointError as e:
-        print(f"sdekit sample: error: {e}", file=sys.stderr)
-        return 2
+    net, sde, cfg = load_model(args.checkpoint, ema=not args.raw)  # CheckpointError: main
     for flag, given, recorded in (("--sde", args.sde, cfg.get("sde")),
                                   ("--prediction", args.prediction, net.prediction)):
         if given is not None and given != recorded:
             what = "trained on the SDE" if flag == "--sde" else "trained to predict"
-            print(f"sdekit sample: error: {flag}={given!r} is invalid for checkpoint "
-                  f"{str(args.checkpoint)!r}: its network was {what} {recorded!r} (loss "
-                  f"{cfg.get('loss')!r}): expected {recorded!r}, or omit {flag}",
-                  file=sys.stderr)
-            return 2
+            raise UsageError(f"{flag}={given!r} is invalid for checkpoint "
+                             f"{str(args.checkpoint)!r}: its network was {what} {recorded!r} "
+                             f"(loss {cfg.get('loss')!r}): expected {recorded!r}, or omit {flag}")
     clf = None
     if args.classifier is not None:
         try:
             clf, _, ccfg = load_model(args.classifier)
         except CheckpointError as e:
-            print(f"sdekit sample: error: --classifier: {e}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--classifier: {e}") from e
         if ccfg.get("loss") != "classifier" or ccfg.get("sde") != cfg.get("sde") or \
                 ccfg.get("sde_kwargs", {}) != cfg.get("sde_kwargs", {}):
             what = ("is not a classifier checkpoint (made by `sdekit train --objective "
                     "classifier`)" if ccfg.get("loss") != "classifier" else
                     f"was trained on the SDE {ccfg.get('sde')!r} {ccfg.get('sde_kwargs', {})}, "
                     f"the model on {cfg.get('sde')!r} {cfg.get('sde_kwargs', {})}")
-            print(f"sdekit sample: error: --classifier {str(args.classifier)!r} {what}",
-                  file=sys.stderr)
-            return 2
+            raise UsageError(f"--classifier {str(args.classifier)!r} {what}")
     classes = net.num_classes or (clf.num_classes if clf is not None else None)
     y = None
     if classes:
         y = (torch.full((args.n,), args.label) if args.label is not None
              else torch.arange(args.n) % classes)
         if args.label is not None and not 0 <= args.label < classes:
-            print(f"sdekit sample: error: --label={args.label} is invalid: expected 0.."
-                  f"{classes - 1}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--label={args.label} is invalid: expected 0..{classes - 1}")
     if not net.num_classes and (args.guidance or args.cfg_rescale or
                                 (args.label is not None and clf is None)):
-        print("sdekit sample: error: --label/--guidance/--cfg-rescale need a class-conditional "
-              "checkpoint (trained with --class-cond), or --classifier for --label",
-              file=sys.stderr)
-        return 2
+        raise UsageError("--label/--guidance/--cfg-rescale need a class-conditional checkpoint "
+                         "(trained with --class-cond), or --classifier for --label")
     kw = {"grid": args.grid} if args.grid else {}
     if tuned is not None and args.solver == tuned.solver:
         kw.update(tuned.solver_options)   # the options it was tuned with
     if args.operator is not None:
         if args.solver != "fno":
-            print("sdekit sample: error: --operator is only used with --solver fno",
-                  file=sys.stderr)
-            return 2
+            raise UsageError("--operator is only used with --solver fno")
         kw["operator"] = args.operator
     try:
         x, nfe = generate(net, sde, args.n, solver=args.solver, steps=args.steps, seed=args.seed,
                           y=y, guidance=args.guidance, batch_size=args.batch_size,
                           rescale=args.cfg_rescale, classifier=clf,
                           classifier_scale=args.classifier_scale, **kw)
-    except (ValueError, KeyError) as e:
-        msg = e.args[0] if e.args else e
-        print(f"sdekit sample: error: {msg}", file=sys.stderr)
-        return 2
+    except (ValueError, KeyError) as e:   # a library input error, after the checks above
+        raise UsageError(str(e.args[0] if e.args else e)) from e
     out = args.out or args.checkpoint.parent / "samples"
     out.parent.mkdir(parents=True, exist_ok=True)
     png, npz = out.with_name(out.name + ".png"), out.with_name(out.name + ".npz")
