@@ -23,6 +23,18 @@ solvers (``dopri5``, ``dpm_solver_adaptive``, ``dpmpp_adaptive``: their call tim
 network's outputs, so no timesteps list exists in advance) and ``fno`` (a learned operator that
 replaces the network: it makes no model call a pipeline could serve).
 
+What else pipelines call. Flux and SD3 pipelines plan through diffusers' ``retrieve_timesteps``,
+which passes custom ``sigmas=`` (with Flux's ``mu=``) or ``timesteps=`` only to a
+``set_timesteps`` whose signature names them: a flow model's ``sigmas`` are read as
+FlowMatchEulerDiscreteScheduler reads them (shifted by the config's shift or by ``mu``; they are
+the grid, and its appended final 0 is the x0 prediction of ``denoise``), ``timesteps`` are the
+network's time inputs as given. img2img pipelines noise their image with ``add_noise`` (DDPM /
+DDIM) or ``scale_noise`` (flow matching), the forward marginal, at ``timesteps[t_start *
+order]``, call ``set_begin_index(t_start * order)`` and loop over ``timesteps[t_start *
+order:]``: the solve is then :func:`sdekit.sample` on the grid's tail ``times[t_start:]``
+(SDEdit), for every solver whose solve on that tail makes the plan's remaining model calls
+(checked by a dry run of the tail; refused otherwise: the torchsde backends, EDM churn).
+
 diffusers is imported on first use of :class:`SdekitScheduler` only.
 """
 from __future__ import annotations
@@ -636,7 +648,9 @@ def _build() -> dict[str, type]:
         called with those timesteps in order, on the ``prev_sample`` it returned (the solver
         keeps its own history: latents edited between steps are refused). A solver that moves
         the state before its first model call (EDM churn where it applies at the first step)
-        gets one extra leading timestep whose output it discards.
+        gets one extra leading timestep whose output it discards. img2img: ``add_noise`` /
+        ``scale_noise`` and ``set_begin_index`` (see the module docstring); a loop that slices
+        ``timesteps[j * order:]`` without calling it begins at its first ``step`` there.
         """
 
         config_name = "scheduler_config.json"
