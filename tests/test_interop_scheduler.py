@@ -374,6 +374,11 @@ def test_custom_sigmas_and_timesteps_rules():
     with pytest.raises(ValueError, match=r"shifted by 0.01 span .* outside the time range"):
         SdekitScheduler.from_config({**cfg, "shift": 0.01}, solver="ddim").set_timesteps(
             sigmas=[0.5, 0.05])
+    karras = {**cfg, "use_karras_sigmas": True}
+    with pytest.raises(ValueError, match="use_karras_sigmas=True makes diffusers replace"):
+        SdekitScheduler.from_config(karras, solver="ddim").set_timesteps(sigmas=[0.8, 0.5, 0.2])
+    SdekitScheduler.from_config(karras, solver="ddim", grid="karras").set_timesteps(
+        sigmas=[0.8, 0.5, 0.2])
     ddpm = SdekitScheduler(solver="ddim")
     assert "sigmas" in inspect.signature(ddpm.set_timesteps).parameters
     with pytest.raises(ValueError, match="sigmas= .*applies to flow-matching models"):
@@ -489,6 +494,8 @@ def test_begin_index_refusals():
     with pytest.raises(ValueError, match="begin_index=3 is not the first model call of a step "
                                          "of solver 'heun': expected a multiple of order=2"):
         heun.set_begin_index(3)
+    with pytest.raises(ValueError, match="begin_index=10 leaves no step of solver 'heun'"):
+        heun.set_begin_index(10)
     with pytest.raises(ValueError, match=r"begin_index=99 is invalid: expected an integer in "
                                          r"\[0, 11\)"):
         heun.set_begin_index(99)

@@ -334,6 +334,11 @@ class SchedulerCore:
                              "with this grid: it moves the state (churn) before its first model "
                              "call, so its steps do not open at a timestep; use begin_index=0")
         j = begin_index // order
+        if not begin_index % order and j == self.times.numel() - 1:
+            raise ValueError(f"begin_index={begin_index} leaves no step of solver {name!r}: "
+                             "timesteps[begin_index:] is only the final x0 prediction "
+                             f"(denoise); expected a begin index below {begin_index} (a "
+                             "larger img2img strength)")
         if begin_index % order or j >= self.times.numel() - 1:
             raise ValueError(f"begin_index={begin_index} is not the first model call of a step "
                              f"of solver {name!r}: expected a multiple of order={order} below "
@@ -782,6 +787,14 @@ def _build() -> dict[str, type]:
             if sigmas is not None:
                 n = _sigma_count(sigmas, timesteps, num_inference_steps, core.sde)
                 if core.grid is None:
+                    for f in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+                        if self._schedule.config.get(f):
+                            raise ValueError(
+                                f"scheduler config field {f}=True makes diffusers replace the "
+                                "given sigmas by another schedule on their range; sdekit uses "
+                                "sigmas as given: set it False, or build the scheduler with "
+                                "its own grid (e.g. grid='karras': then only the number of "
+                                "sigmas counts)")
                     times = flow_times_of_sigmas(core.sde, sigmas, core.grid_options)
                     num_inference_steps = None
                 else:
