@@ -2,12 +2,14 @@
 (tiny local UNet2DModel, nothing downloaded)."""
 from __future__ import annotations
 
+import inspect
 import runpy
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -250,3 +252,258 @@ def test_example_runs(capsys):
     runpy.run_path(str(path), run_name="__main__")
     out = capsys.readouterr().out
     assert "ddim" in out and "NFE" in out
+
+
+# --- flow pipelines' custom sigmas (Flux, SD3) and img2img ------------------------------------
+def _retrieve_timesteps(scheduler, num_inference_steps=None, device=None, timesteps=None,
+                        sigmas=None, **kwargs):
+    """diffusers' pipelines' retrieve_timesteps (the Flux / SD3 modules import transformers, not
+    installed here), as it calls the scheduler: custom lists only where set_timesteps' signature
+    names them."""
+    params = inspect.signature(scheduler.set_timesteps).parameters
+    if timesteps is not None:
+        assert "timesteps" in params
+        scheduler.set_timesteps(timesteps=timesteps, device=device, **kwargs)
+        return scheduler.timesteps, len(scheduler.timesteps)
+    if sigmas is not None:
+        assert "sigmas" in params
+        scheduler.set_timesteps(sigmas=sigmas, device=device, **kwargs)
+        return scheduler.timesteps, len(scheduler.timesteps)
+    scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
+    return scheduler.timesteps, num_inference_steps
+
+
+def _get_timesteps(scheduler, num_inference_steps, strength, begin=True):
+    """The img2img pipelines' get_timesteps (StableDiffusionImg2Img's int() rounding)."""
+    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    t_start = max(num_inference_steps - init_timestep, 0)
+    timesteps = scheduler.timesteps[t_start * scheduler.order:]
+    if begin and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    return timesteps, t_start
+
+
+@pytest.fixture(scope="module")
+def flux():
+    """A tiny random FluxTransformer2DModel and its conditioning (packed latents: 16 tokens
+    of 8 channels)."""
+    torch.manual_seed(0)
+    tr = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=8, pooled_projection_dim=8,
+        axes_dims_rope=(2, 2, 4)).eval()
+    ids = torch.stack(torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
+    cond = {"encoder_hidden_states": torch.randn(2, 3, 8), "pooled_projections": torch.randn(2, 8),
+            "txt_ids": torch.zeros(3, 3),
+            "img_ids": torch.cat([torch.zeros(16, 1), ids.reshape(16, 2)], 1)}
+
+    def net(latents, t):    # the Flux pipeline's call: timestep = t.expand(B) / 1000
+        timestep = t.expand(latents.shape[0]).to(latents.dtype)
+        with torch.no_grad():
+            return tr(hidden_states=latents, timestep=timestep / 1000, guidance=None,
+                      return_dict=False, **cond)[0]
+
+    return net
+
+
+def _flux_loop(scheduler, net, latents, steps, mu, strength=None, image=None):
+    """The scheduler calls of FluxPipeline (strength None) / FluxImg2ImgPipeline."""
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    timesteps, _ = _retrieve_timesteps(scheduler, steps, "cpu", sigmas=sigmas, mu=mu)
+    if strength is not None:
+        timesteps, _ = _get_timesteps(scheduler, steps, strength)
+        latent_timestep = timesteps[:1].repeat(latents.shape[0])
+        latents = scheduler.scale_noise(image, latent_timestep, latents)
+    start = latents
+    for t in timesteps:
+        latents = scheduler.step(net(latents, t), t, latents, return_dict=False)[0]
+    return latents, start
+
+
+FLOW_CONFIGS = {"sd3_shift": {"shift": 3.0},
+                "flux_dynamic": {"use_dynamic_shifting": True, "base_shift": 0.5,
+                                 "max_shift": 1.15},
+                "linear_dynamic": {"use_dynamic_shifting": True, "time_shift_type": "linear"}}
+
+
+@pytest.mark.parametrize("config", sorted(FLOW_CONFIGS))
+def test_flux_sigmas_equal_flow_match_euler(flux, config):
+    """set_timesteps(sigmas=..., mu=...) through retrieve_timesteps: the same timesteps as
+    FlowMatchEulerDiscreteScheduler (its shift / dynamic shift on the same sigmas), and ddim (Euler
+    in the flow's sigma) the same latents, in a loop making FluxPipeline's scheduler calls on a
+    tiny Flux transformer; dpmpp_2m there equals sdekit.sample on the scheduler's grid."""
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(**FLOW_CONFIGS[config])
+    mu = sdekit.grids.flux_mu(1024) if ref.config.use_dynamic_shifting else None
+    sched = SdekitScheduler.from_config(ref.config, solver="ddim")
+    noise = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(1))
+    want, _ = _flux_loop(ref, flux, noise, 6, mu)
+    got, _ = _flux_loop(sched, flux, noise, 6, mu)
+    torch.testing.assert_close(sched.timesteps, ref.timesteps)
+    torch.testing.assert_close(sched.times, ref.sigmas[:-1].double(), atol=1e-6, rtol=0)
+    assert len(sched.timesteps) == 6 and float(sched.times[0]) == 1.0
+    assert (want - noise).abs().max() > 0.1
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+
+    multi = SdekitScheduler.from_config(ref.config, solver="dpmpp_2m")
+    out, _ = _flux_loop(multi, flux, noise, 6, mu)
+    model = sdekit.DiffusionModel(lambda x, t: flux(x, t.float()), multi.sde, "flow", "t1000")
+    sol = sdekit.sample(multi.sde, model, noise, solver="dpmpp_2m", grid=multi.times,
+                        denoise=True)
+    torch.testing.assert_close(out, sol.x, atol=2e-6, rtol=0)
+    assert not torch.allclose(out, got, atol=1e-4)
+
+
+def test_custom_sigmas_and_timesteps_rules():
+    """sigmas= on a scheduler with its own grid counts only; timesteps= on a flow model are the
+    network's times as given (the grid, unshifted); and the refusals."""
+    cfg = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    own = SdekitScheduler.from_config(cfg, solver="dpmpp_2m", grid="logsnr")
+    own.set_timesteps(sigmas=np.linspace(1.0, 0.2, 5))
+    named = SdekitScheduler.from_config(cfg, solver="dpmpp_2m", grid="logsnr")
+    named.set_timesteps(5)
+    assert torch.equal(own.timesteps, named.timesteps)
+    custom = SdekitScheduler.from_config(cfg, solver="ddim")
+    custom.set_timesteps(timesteps=[1000.0, 750.0, 500.0, 250.0])
+    torch.testing.assert_close(custom.times, torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64))
+    with pytest.raises(ValueError, match="sigmas=.* is invalid: expected a strictly decreasing"):
+        custom.set_timesteps(sigmas=[0.5, 0.8, 0.2])
+    with pytest.raises(ValueError, match="num_inference_steps=4 disagrees with the 3 sigmas"):
+        custom.set_timesteps(4, sigmas=[0.8, 0.5, 0.2])
+    with pytest.raises(ValueError, match="give sigmas or timesteps, not both"):
+        custom.set_timesteps(sigmas=[0.8, 0.5], timesteps=[800, 500])
+    with pytest.raises(ValueError, match=r"shifted by 0.01 span .* outside the time range"):
+        SdekitScheduler.from_config({**cfg, "shift": 0.01}, solver="ddim").set_timesteps(
+            sigmas=[0.5, 0.05])
+    karras = {**cfg, "use_karras_sigmas": True}
+    with pytest.raises(ValueError, match="use_karras_sigmas=True makes diffusers replace"):
+        SdekitScheduler.from_config(karras, solver="ddim").set_timesteps(sigmas=[0.8, 0.5, 0.2])
+    SdekitScheduler.from_config(karras, solver="ddim", grid="karras").set_timesteps(
+        sigmas=[0.8, 0.5, 0.2])
+    ddpm = SdekitScheduler(solver="ddim")
+    assert "sigmas" in inspect.signature(ddpm.set_timesteps).parameters
+    with pytest.raises(ValueError, match="sigmas= .*applies to flow-matching models"):
+        ddpm.set_timesteps(sigmas=[0.8, 0.5, 0.2])
+
+
+def test_flow_img2img_equals_flow_match_euler(flux):
+    """FluxImg2ImgPipeline's calls (strength 0.6): scale_noise at timesteps[t_start] after
+    set_begin_index, then the tail of the loop: ddim equals FlowMatchEulerDiscreteScheduler, and
+    the solve is sdekit.sample from t_start on the same grid."""
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    mu = sdekit.grids.flux_mu(16)
+    image = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(3))
+    want, start_ref = _flux_loop(ref, flux, noise, 10, mu, strength=0.6, image=image)
+    for name in ("ddim", "dpmpp_2s"):   # (no two-call solver starts at sigma = 1, alpha = 0)
+        sched = SdekitScheduler.from_config(ref.config, solver=name)
+        got, start = _flux_loop(sched, flux, noise, 10, mu, strength=0.6, image=image)
+        assert sched.begin_index == 4
+        torch.testing.assert_close(start, start_ref, atol=1e-6, rtol=0)
+        model = sdekit.DiffusionModel(lambda x, t: flux(x, t.float()), sched.sde, "flow",
+                                      "t1000")
+        sol = sdekit.sample(sched.sde, model, start, solver=name, grid=sched.times[4:],
+                            denoise=True)
+        torch.testing.assert_close(got, sol.x, atol=2e-6, rtol=0)
+        assert sol.nfe == len(sched.timesteps) - 4 * sched.order
+        if name == "ddim":
+            torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+        else:
+            assert not torch.allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear"])
+def test_add_noise_equals_ddim_and_flow_match(beta_schedule):
+    ddim = diffusers.DDIMScheduler(beta_schedule=beta_schedule, beta_start=0.00085,
+                                   beta_end=0.012)
+    sched = SdekitScheduler.from_config(ddim.config, solver="ddim")
+    x0, noise = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    ts = torch.tensor([999, 500, 3])
+    torch.testing.assert_close(sched.add_noise(x0, noise, ts), ddim.add_noise(x0, noise, ts))
+    sched.set_timesteps(8)
+    torch.testing.assert_close(sched.add_noise(x0, noise, ts), ddim.add_noise(x0, noise, ts))
+    flow = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ours = SdekitScheduler.from_config(flow.config, solver="ddim")
+    for s in (flow, ours):
+        s.set_timesteps(8)
+    t = flow.timesteps[[0, 3, 7]]
+    torch.testing.assert_close(ours.scale_noise(x0, t, noise), flow.scale_noise(x0, t, noise))
+    with pytest.raises(ValueError, match="timesteps has 2 entries but the batch has 3"):
+        sched.add_noise(x0, noise, ts[:2])
+    with pytest.raises(ValueError, match=r"timesteps=\[1200.0\] are invalid"):
+        ours.add_noise(x0, noise, torch.tensor([1200.0]))
+    with pytest.raises(ValueError, match="shape mismatch: noise has shape"):
+        sched.add_noise(x0, noise[:1], ts)
+
+
+def _img2img_loop(scheduler, unet, image, noise, steps, strength, begin=True):
+    """StableDiffusionImg2ImgPipeline's scheduler calls (no text encoder: transformers is not
+    installed): set_timesteps, get_timesteps, add_noise at the first kept timestep, the loop."""
+    scheduler.set_timesteps(steps)
+    timesteps, t_start = _get_timesteps(scheduler, steps, strength, begin)
+    latents = scheduler.add_noise(image, noise, timesteps[:1].repeat(image.shape[0]))
+    start = latents
+    with torch.no_grad():
+        for t in timesteps:
+            inp = scheduler.scale_model_input(latents, t)
+            latents = scheduler.step(unet(inp, t).sample, t, latents).prev_sample
+    return latents, start, t_start
+
+
+@pytest.mark.parametrize("begin", [True, False], ids=["set_begin_index", "sliced_only"])
+def test_img2img_ddim_equals_diffusers_ddim(unet, begin):
+    """strength 0.6 of 10 steps: SdekitScheduler(solver='ddim') in the img2img loop equals
+    DDIMScheduler (which has no set_begin_index), and is sdekit.sample from timesteps[4] on the
+    same grid; a loop that only slices timesteps begins there too."""
+    image = _initial_noise(unet, seed=4).clamp(-1, 1)
+    noise = _initial_noise(unet, seed=5)
+    ddim = diffusers.DDIMScheduler(clip_sample=False)
+    want, start_ref, t_start = _img2img_loop(ddim, unet, image, noise, 10, 0.6)
+    sched = SdekitScheduler.from_config(ddim.config, solver="ddim", grid="leading")
+    got, start, _ = _img2img_loop(sched, unet, image, noise, 10, 0.6, begin)
+    assert t_start == 4 and sched.begin_index == 4
+    torch.testing.assert_close(start, start_ref)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+    assert (got - image).abs().max() > 0.1
+    sol = sdekit.sample(sched.sde, lambda x, t: unet(x, t).sample, start, solver="ddim", grid=sched.times[4:],
+                        denoise=True)
+    torch.testing.assert_close(got, sol.x, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["heun", "dpmpp_3m"])
+def test_img2img_multistage_and_multistep_solvers(unet, name):
+    """Heun (2 calls per step: get_timesteps slices at t_start * order) and a multistep solver
+    (its history starts afresh at the begin index) in the img2img loop: sdekit.sample from the
+    grid's time t_start on the same grid."""
+    image = _initial_noise(unet, seed=4).clamp(-1, 1)
+    noise = _initial_noise(unet, seed=5)
+    sched = SdekitScheduler(solver=name, grid="leading")
+    got, start, t_start = _img2img_loop(sched, unet, image, noise, 8, 0.5)
+    assert t_start == 4 and sched.begin_index == 4 * sched.order
+    unet.calls = 0
+    sol = sdekit.sample(sched.sde, lambda x, t: unet(x, t).sample, start, solver=name,
+                        grid=sched.times[4:], denoise=True)
+    assert sol.nfe == len(sched.timesteps) - sched.begin_index
+    torch.testing.assert_close(got, sol.x, atol=2e-6, rtol=0)
+
+
+def test_begin_index_refusals():
+    heun = SdekitScheduler(solver="heun")
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        heun.set_begin_index(2)
+    heun.set_timesteps(6)
+    with pytest.raises(ValueError, match="begin_index=3 is not the first model call of a step "
+                                         "of solver 'heun': expected a multiple of order=2"):
+        heun.set_begin_index(3)
+    with pytest.raises(ValueError, match="begin_index=10 leaves no step of solver 'heun'"):
+        heun.set_begin_index(10)
+    with pytest.raises(ValueError, match=r"begin_index=99 is invalid: expected an integer in "
+                                         r"\[0, 11\)"):
+        heun.set_begin_index(99)
+    churn = SdekitScheduler(solver="edm_heun_sde", S_tmax=1e9, grid_options={"t_start": 0.9})
+    churn.set_timesteps(6)
+    with pytest.raises(ValueError, match="moves the state .*before its first model call"):
+        churn.set_begin_index(2)
+    churn = SdekitScheduler(solver="edm_heun_sde")
+    churn.set_timesteps(10)
+    with pytest.raises(ValueError, match="its solve from step 4 .*makes other model calls"):
+        churn.set_begin_index(8)

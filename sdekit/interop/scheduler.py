@@ -23,6 +23,18 @@ solvers (``dopri5``, ``dpm_solver_adaptive``, ``dpmpp_adaptive``: their call tim
 network's outputs, so no timesteps list exists in advance) and ``fno`` (a learned operator that
 replaces the network: it makes no model call a pipeline could serve).
 
+What else pipelines call. Flux and SD3 pipelines plan through diffusers' ``retrieve_timesteps``,
+which passes custom ``sigmas=`` (with Flux's ``mu=``) or ``timesteps=`` only to a
+``set_timesteps`` whose signature names them: a flow model's ``sigmas`` are read as
+FlowMatchEulerDiscreteScheduler reads them (shifted by the config's shift or by ``mu``; they are
+the grid, and its appended final 0 is the x0 prediction of ``denoise``), ``timesteps`` are the
+network's time inputs as given. img2img pipelines noise their image with ``add_noise`` (DDPM /
+DDIM) or ``scale_noise`` (flow matching), the forward marginal, at ``timesteps[t_start *
+order]``, call ``set_begin_index(t_start * order)`` and loop over ``timesteps[t_start *
+order:]``: the solve is then :func:`sdekit.sample` on the grid's tail ``times[t_start:]``
+(SDEdit), for every solver whose solve on that tail makes the plan's remaining model calls
+(checked by a dry run of the tail; refused otherwise: the torchsde backends, EDM churn).
+
 diffusers is imported on first use of :class:`SdekitScheduler` only.
 """
 from __future__ import annotations
@@ -38,11 +50,12 @@ from torch import Tensor
 
 from .._utils import check_seed, compute_dtype
 from ..dynamics.parameterization import DiffusionModel, convert
-from ..grids import make_grid
+from ..grids import make_grid, shift_factor, shift_times
 from ..integrate import sample
 from ..noise import sample_seeds
 from ..sde.base import ForwardSDE
 from ..sde.discrete import DiscreteDDPM
+from ..sde.flow import FlowSDE
 from ..solvers.base import Solver
 from ..solvers.registry import DEFAULT_SOLVER, get_solver
 from .config import DiffusersSchedule, TimestepScale
@@ -194,7 +207,8 @@ class SchedulerCore:
         self.timesteps: Tensor | None = None  # the same in the network's time units
         self.lead_in = False
         self._worker: _Worker | None = None
-        self._k = 0
+        self._k = self.begin_index = 0     # the index of the solve's first call
+        self._solve_times: Tensor | None = None  # the grid of the solve (its tail from begin)
         self._prev: Tensor | None = None
 
     # --- the plan -------------------------------------------------------------------------
@@ -253,10 +267,10 @@ class SchedulerCore:
         name = self.solver.grid_for(self.sde) if grid is None else grid
         return make_grid(self.sde, name, steps, **self.grid_options)
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None,
-                      timesteps: Any = None) -> None:
-        self.close()
-        times = self.make_times(num_inference_steps, timesteps)
+    def _plan(self, times: Tensor) -> tuple[list[float], bool]:
+        """The continuous time of every model call of the solve on ``times`` (a dry run on a
+        (1, 4) state with a zero network) and whether the solver moves the state before its
+        first call."""
         if times.numel() - 1 < self.solver.min_steps:
             raise ValueError(f"{times.numel()} grid points ({times.numel() - 1} steps) are too few "
                              f"for solver {self.solver.name!r}: it needs at least "
@@ -274,7 +288,16 @@ class SchedulerCore:
         sample(self.sde, _SteppedModel(record, self.sde, self.prediction, self.time_input),
                x0, solver=self.solver, grid=times, denoise=self.denoise, seeds=[0],
                float64=self.float64)
-        self.lead_in = bool(moved and moved[0])
+        return calls, bool(moved and moved[0])
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None,
+                      timesteps: Any = None, times: Tensor | None = None) -> None:
+        """Plan a solve; ``times``: an sdekit grid already made (``num_inference_steps`` and
+        ``timesteps`` are then None)."""
+        self.close()
+        if times is None:
+            times = self.make_times(num_inference_steps, timesteps)
+        calls, self.lead_in = self._plan(times)
         if self.lead_in:  # the solver moves the state before its first call (EDM's churn)
             calls.insert(0, float(times[0]))
         self.times, self.calls = times, calls
@@ -285,7 +308,87 @@ class SchedulerCore:
             if bool((ts == ts.round()).all()):   # integer timesteps, as diffusers' DDPM ones
                 ts = ts.long()
         self.timesteps = ts.to(device) if device is not None else ts
-        self._k = 0
+        self._k = self.begin_index = 0
+        self._solve_times = times
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the planned solve at model call ``begin_index`` (img2img / SDEdit: the pipeline
+        slices ``timesteps[begin_index:]`` and noises its image to ``timesteps[begin_index]``
+        with :meth:`add_noise`): that call must open a step (``begin_index = j * order``), and
+        the solve is then the one on the grid's tail ``times[j:]``, whose model calls must be
+        the plan's remaining ones."""
+        if self.timesteps is None:
+            raise RuntimeError("call set_timesteps(...) before set_begin_index()")
+        n, order, name = len(self.calls), int(self.solver.nfe_per_step), self.solver.name
+        if not (isinstance(begin_index, int) and not isinstance(begin_index, bool)
+                and 0 <= begin_index < n):
+            raise ValueError(f"begin_index={begin_index!r} is invalid: expected an integer in "
+                             f"[0, {n}) (an index into scheduler.timesteps)")
+        self.close()
+        self._k = self.begin_index = 0
+        self._solve_times = self.times
+        if begin_index == 0:
+            return
+        if self.lead_in:
+            raise ValueError(f"begin_index={begin_index} is not supported for solver {name!r} "
+                             "with this grid: it moves the state (churn) before its first model "
+                             "call, so its steps do not open at a timestep; use begin_index=0")
+        j = begin_index // order
+        if not begin_index % order and j == self.times.numel() - 1:
+            raise ValueError(f"begin_index={begin_index} leaves no step of solver {name!r}: "
+                             "timesteps[begin_index:] is only the final x0 prediction "
+                             f"(denoise); expected a begin index below {begin_index} (a "
+                             "larger img2img strength)")
+        if begin_index % order or j >= self.times.numel() - 1:
+            raise ValueError(f"begin_index={begin_index} is not the first model call of a step "
+                             f"of solver {name!r}: expected a multiple of order={order} below "
+                             f"{order * (self.times.numel() - 1)} (steps of {order} model calls)")
+        tail = self.times[j:]
+        calls, lead_in = self._plan(tail)
+        rest = self.calls[begin_index:]
+        if lead_in or len(calls) != len(rest) or any(
+                abs(a - b) > 1e-9 * (1 + abs(b)) for a, b in zip(calls, rest)):
+            raise ValueError(f"begin_index={begin_index} is not supported for solver {name!r}: "
+                             f"its solve from step {j} (t={float(tail[0]):.6g}) makes other "
+                             "model calls than the planned timesteps[begin_index:] (its steps "
+                             "depend on the whole grid); use begin_index=0")
+        self._k = self.begin_index = begin_index
+        self._solve_times = tail
+
+    def times_at(self, timesteps: Any, batch: int) -> Tensor:
+        """The continuous times of ``timesteps`` (the network's units; a scalar or one per
+        sample), float64 of shape ``(batch,)``: a planned timestep is its call's exact time."""
+        v = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
+        if v.numel() not in (1, batch):
+            raise ValueError(f"timesteps has {v.numel()} entries but the batch has {batch} "
+                             "samples: expected one timestep, or one per sample")
+        t = self.time_of_network_time(v)
+        if self.timesteps is not None:
+            ts = self.timesteps.detach().double().cpu()
+            near = (v[:, None] - ts[None, :]).abs() <= 1e-5 * (1 + ts.abs())[None, :]
+            exact = torch.tensor(self.calls, dtype=torch.float64)[near.double().argmax(1)]
+            t = torch.where(near.any(1), exact, t)
+        bad = (t < self.sde.t_min - 1e-12) | (t > self.sde.T + 1e-12) | ~torch.isfinite(t)
+        if bool(bad.any()):
+            raise ValueError(f"timesteps={v.tolist()} are invalid: expected network times of "
+                             f"{self.sde!r}'s range [t_min, T] = [{self.sde.t_min:g}, "
+                             f"{self.sde.T:g}] (as timesteps: "
+                             f"{self.network_time(torch.tensor([self.sde.t_min, self.sde.T])).tolist()})")
+        return t.expand(batch)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Any) -> Tensor:
+        """The forward marginal ``alpha(t) x0 + sigma(t) noise`` at ``timesteps``."""
+        if not (isinstance(x0, Tensor) and isinstance(noise, Tensor)
+                and noise.shape == x0.shape):
+            raise ValueError(f"shape mismatch: noise has shape "
+                             f"{tuple(getattr(noise, 'shape', ()))} but the sample has shape "
+                             f"{tuple(getattr(x0, 'shape', ()))}: expected the same shape")
+        t = self.times_at(timesteps, x0.shape[0])
+        dt = compute_dtype(x0.dtype)
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        a = self.sde.alpha(t).reshape(shape).to(dt).to(x0.device)
+        s = self.sde.sigma(t).reshape(shape).to(dt).to(x0.device)
+        return (a * x0.to(dt) + s * noise.to(dt)).to(x0.dtype)
 
     # --- the solve ------------------------------------------------------------------------
     def _seeds_for(self, n: int, generator: Any) -> list[int]:
@@ -309,7 +412,7 @@ class SchedulerCore:
     def _start(self, x: Tensor, generator: Any) -> tuple:
         seeds = self._seeds_for(x.shape[0], generator)
         model = (self.sde, self.prediction, self.time_input)
-        solver, times, denoise, float64 = self.solver, self.times, self.denoise, self.float64
+        solver, times, denoise, float64 = self.solver, self._solve_times, self.denoise, self.float64
 
         def target(ask: Callable[[Tensor, float], Tensor]) -> Tensor:
             return sample(model[0], _SteppedModel(ask, *model), x, solver=solver, grid=times,
@@ -329,9 +432,16 @@ class SchedulerCore:
         if k >= n:
             raise ValueError(f"step() was called {k + 1} times but scheduler.timesteps has {n} "
                              "entries: call set_timesteps again for a new solve")
-        expected = float(self.timesteps[k])
         got = _time_value(timestep)
-        if abs(got - expected) > 1e-5 * (1 + abs(expected)):
+        if k == 0 and self._worker is None and not self._is_at(got, 0):
+            # a loop that sliced timesteps[j * order:] without set_begin_index: begin there
+            order = int(self.solver.nfe_per_step)
+            at = [i for i in range(order, n, order) if self._is_at(got, i)]
+            if at and not self.lead_in:
+                self.set_begin_index(at[0])
+                k = self._k
+        expected = float(self.timesteps[k])
+        if not self._is_at(got, k):
             raise ValueError(f"step() got timestep={got:g} but the next model call of solver "
                              f"{self.solver.name!r} (call {k} of {n}) is at timestep "
                              f"{expected:g}: pass the entries of scheduler.timesteps in order")
@@ -340,12 +450,12 @@ class SchedulerCore:
                 type(model_output).__name__
             raise ValueError(f"shape mismatch: model_output has shape {shape} but sample has "
                              f"shape {tuple(x.shape)}: expected the network's output for sample")
-        if k == 0:
+        if self._worker is None:   # the solve's first call (0, or the begin index)
             msg = self._start(x, generator)
             if self.lead_in:  # the solver's first call is not at the pipeline's first sample
                 self._k = 1
                 return self._handle(msg, 1, n), None
-            self._handle(msg, 0, n)
+            self._handle(msg, k, n)
             if not _near(msg[1], x):
                 self.close()
                 self.timesteps = None
@@ -363,6 +473,10 @@ class SchedulerCore:
         msg = self._worker.resume(model_output)
         self._k = k + 1
         return self._handle(msg, k + 1, n), x0
+
+    def _is_at(self, timestep: float, k: int) -> bool:
+        expected = float(self.timesteps[k])
+        return abs(timestep - expected) <= 1e-5 * (1 + abs(expected))
 
     def _handle(self, msg: tuple, k: int, n: int) -> Tensor:
         kind = msg[0]
@@ -430,6 +544,45 @@ def _sdekit_schedule(sde: ForwardSDE, prediction: str | None, time_input: Any,
               "time_input": model.time_input if isinstance(model.time_input, str)
               else repr(model.time_input)}
     return schedule, record
+
+
+def _sigma_count(sigmas: Any, timesteps: Any, num_inference_steps: Any, sde: ForwardSDE) -> int:
+    """The number of ``set_timesteps(sigmas=...)``'s sigmas, after the checks diffusers makes."""
+    if timesteps is not None:
+        raise ValueError("give sigmas or timesteps, not both (sigmas: a flow model's noise "
+                         "levels; timesteps: the network's time inputs)")
+    flow = isinstance(sde, FlowSDE)
+    if not flow:
+        raise ValueError(f"sigmas= (FlowMatchEulerDiscreteScheduler's custom sigmas) applies to "
+                         f"flow-matching models; this scheduler's forward process is {sde!r}: "
+                         "give timesteps= (the network's time inputs) or num_inference_steps")
+    n = torch.as_tensor(sigmas).numel()
+    if num_inference_steps is not None and num_inference_steps != n:
+        raise ValueError(f"num_inference_steps={num_inference_steps!r} disagrees with the "
+                         f"{n} sigmas: leave it out or pass {n}")
+    return n
+
+
+def flow_times_of_sigmas(sde: ForwardSDE, sigmas: Any, grid_options: Mapping[str, Any]
+                         ) -> Tensor:
+    """The sdekit grid of FlowMatchEulerDiscreteScheduler's ``set_timesteps(sigmas=...)``:
+    ``sigmas`` (decreasing, in (0, 1]) shifted by the static shift or ``mu`` of
+    ``grid_options`` (``sigma' = s sigma / (1 + (s - 1) sigma)``), in float64."""
+    s = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+    ok = (s.numel() >= 1 and bool(torch.isfinite(s).all()) and bool((s > 0).all())
+          and bool((s <= 1).all()) and bool((s[1:] < s[:-1]).all()))
+    if not ok:
+        raise ValueError(f"sigmas={s.tolist()} is invalid: expected a strictly decreasing list "
+                         "of noise levels in (0, 1] (diffusers appends the final 0 itself)")
+    factor = shift_factor(**{k: grid_options[k] for k in ("shift", "mu", "image_seq_len",
+                                                           "shift_type") if k in grid_options})
+    times = s * factor / (1 + (factor - 1) * s) if factor != 1.0 else s  # shift_times' map
+    if float(times[-1]) < sde.t_min or float(times[0]) > sde.T:
+        raise ValueError(f"sigmas={s.tolist()} shifted by {factor:g} span "
+                         f"[{float(times[-1]):.6g}, {float(times[0]):.6g}], outside the time "
+                         f"range [{sde.t_min:g}, {sde.T:g}] of {sde!r}: expected sigmas "
+                         "whose shifted values lie inside it")
+    return shift_times(sde, s, factor)
 
 
 def _build() -> dict[str, type]:
@@ -500,7 +653,9 @@ def _build() -> dict[str, type]:
         called with those timesteps in order, on the ``prev_sample`` it returned (the solver
         keeps its own history: latents edited between steps are refused). A solver that moves
         the state before its first model call (EDM churn where it applies at the first step)
-        gets one extra leading timestep whose output it discards.
+        gets one extra leading timestep whose output it discards. img2img: ``add_noise`` /
+        ``scale_noise`` and ``set_begin_index`` (see the module docstring); a loop that slices
+        ``timesteps[j * order:]`` without calling it begins at its first ``step`` there.
         """
 
         config_name = "scheduler_config.json"
@@ -612,18 +767,68 @@ def _build() -> dict[str, type]:
             return sample
 
         def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None,
-                          timesteps: Sequence[float] | None = None, mu: float | None = None
+                          timesteps: Sequence[float] | None = None,
+                          sigmas: Sequence[float] | None = None, mu: float | None = None
                           ) -> None:
             """Plan a solve: ``num_inference_steps`` on the scheduler's grid, or explicit
-            ``timesteps`` in the network's units (the grid's points). ``mu``: the dynamic
-            (resolution-dependent) shift of a flow config with ``use_dynamic_shifting``."""
+            ``timesteps`` in the network's units (the grid's points, used as given), or a flow
+            model's ``sigmas`` as FlowMatchEulerDiscreteScheduler reads them (a decreasing list
+            in (0, 1], shifted by the config's shift or by ``mu``, then the grid's points; with
+            ``denoise`` the last step goes to sigma = 0, as its appended 0 does). ``mu``: the
+            dynamic (resolution-dependent) shift of a flow config with
+            ``use_dynamic_shifting``. A scheduler built with its own ``grid`` keeps it: of
+            ``sigmas`` only their number counts (``num_inference_steps``)."""
             shift = (self._schedule.grid_options(mu=mu) if mu is not None
                      or self._schedule.dynamic_shift is not None
                      else self._schedule.grid_options())
-            self._core.grid_options = {**shift, **self._grid_options}
-            self._core.set_timesteps(num_inference_steps, device, timesteps)
+            core = self._core
+            core.grid_options = {**shift, **self._grid_options}
+            times = None
+            if sigmas is not None:
+                n = _sigma_count(sigmas, timesteps, num_inference_steps, core.sde)
+                if core.grid is None:
+                    for f in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+                        if self._schedule.config.get(f):
+                            raise ValueError(
+                                f"scheduler config field {f}=True makes diffusers replace the "
+                                "given sigmas by another schedule on their range; sdekit uses "
+                                "sigmas as given: set it False, or build the scheduler with "
+                                "its own grid (e.g. grid='karras': then only the number of "
+                                "sigmas counts)")
+                    times = flow_times_of_sigmas(core.sde, sigmas, core.grid_options)
+                    num_inference_steps = None
+                else:
+                    num_inference_steps = n
+            core.set_timesteps(num_inference_steps, device, timesteps, times)
             self.num_inference_steps = (num_inference_steps if num_inference_steps is not None
-                                        else self._core.times.numel())
+                                        else core.times.numel())
+
+        def set_begin_index(self, begin_index: int = 0) -> None:
+            """Start the planned solve at ``timesteps[begin_index]`` (img2img: diffusers'
+            ``get_timesteps`` calls it with ``t_start * order``): a step's first model call;
+            the solve is then :func:`sdekit.sample` on the grid's tail ``times[begin_index //
+            order:]`` (a multistep solver starts its history afresh there, as diffusers'
+            schedulers do). A loop that slices ``timesteps[t_start * order:]`` without calling
+            it begins there too, at its first ``step``."""
+            self._core.set_begin_index(begin_index)
+
+        @property
+        def begin_index(self) -> int:
+            return self._core.begin_index
+
+        def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Any) -> Tensor:
+            """The forward marginal ``alpha(t) x0 + sigma(t) noise`` at ``timesteps`` (the
+            network's units: one, or one per sample), as DDPMScheduler / DDIMScheduler's
+            ``add_noise``; a planned timestep is its model call's exact time."""
+            return self._core.add_noise(original_samples, noise, timesteps)
+
+        def scale_noise(self, sample: Tensor, timestep: Any, noise: Tensor | None = None
+                        ) -> Tensor:
+            """FlowMatchEulerDiscreteScheduler's name (and argument order) for
+            :meth:`add_noise`: ``(1 - sigma) sample + sigma noise`` for a flow model."""
+            if noise is None:
+                raise ValueError("noise is required: scale_noise(sample, timestep, noise)")
+            return self._core.add_noise(sample, noise, timestep)
 
         def step(self, model_output: Tensor, timestep: Any, sample: Tensor,
                  generator: Any = None, return_dict: bool = True) -> Any:
