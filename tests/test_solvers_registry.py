@@ -76,9 +76,12 @@ def test_contract_determinism_and_batch_invariance(name):
 @pytest.mark.parametrize("name", [n for n in NAMES if SOLVERS[n].batch_invariant == "tolerance"])
 def test_tolerance_invariant_solvers_hold_every_sample_to_tolerance(name):
     """Batch-shared adaptive steps: in a batch of 256 on a 2-D mixture every sample stays within
-    30 x the tolerance of a tight solve, so its dependence on the batch is bounded by the
+    50 x the tolerance of a tight solve, so its dependence on the batch is bounded by the
     tolerance whatever the batch size (an error norm averaged over the batch let single samples
-    drift 110 x the tolerance away: 1.1e-3 at rtol = atol = 1e-5)."""
+    drift 110 x the tolerance away: 1.1e-3 at rtol = atol = 1e-5). The tolerance bounds the
+    local error; the worst sample's global error has a heavy tail near the mixture's mode
+    boundaries: worst / tol was 33, 10, 6.9, 9.2, 2.6, 4.6, 4.0, 11.1 for seeds 1-8 (median
+    sample 0.1-0.9), hence 50 rather than the 30 that seed 1 once met by chance."""
     s = SOLVERS[name]
     sde = sdekit.VPSDE()
     data = sdekit.GaussianMixtureData(sde, [0.5, 0.3, 0.2], [[1.5, 0.0], [-1.0, 1.0], [-0.5, -1.5]],
@@ -87,7 +90,7 @@ def test_tolerance_invariant_solvers_hold_every_sample_to_tolerance(name):
     x = sample(sde, data.model(), solver=name, **kw).x
     ref = sample(sde, data.model(), solver=name, rtol=1e-10, atol=1e-10, **kw).x
     err = (x - ref).pow(2).sum(1).sqrt().max()
-    assert err < 30 * max(s.rtol, s.atol), f"{name}: worst sample off by {float(err):.3g}"
+    assert err < 50 * max(s.rtol, s.atol), f"{name}: worst sample off by {float(err):.3g}"
 
 
 def test_pc_step_norms_declare_their_batch_invariance():
