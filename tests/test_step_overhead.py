@@ -284,3 +284,21 @@ def test_unipc_and_deis_coefficients_not_recomputed_per_step(solver, opts, monke
         sdekit.sample(sde, model, x, solver=solver, steps=steps, **opts)
         counts.append(calls["n"])
     assert counts[0] == counts[1] <= 24, counts   # a few per order, whatever the steps
+
+
+@pytest.mark.parametrize("max_order", [1, 2, 3, 4])
+@pytest.mark.parametrize("sde_name,grid", [("vp", "quadratic"), ("edm", "karras")])
+def test_ipndm_step_table_equals_one_step_formulas(max_order, sde_name, grid):
+    """iPNDM's ``(alpha_i, [d a_j], alpha_{i+1})``, tabulated at init, are the numbers its step
+    computed from 0-d tensors (``d = e^{-lambda_{i+1}} - e^{-lambda_i}``)."""
+    from sdekit.solvers import get_solver
+    from sdekit.solvers.deis import IPNDM_COEFFS
+    sde = sdekit.VPSDE() if sde_name == "vp" else sdekit.EDMSDE()
+    p = _problem(sde, grid, 15)
+    table = get_solver("ipndm", max_order=max_order).init(p, torch.zeros(2, 2)).extra["table"]
+    assert len(table) == 15
+    for i, (a_s, w, a_t) in enumerate(table):
+        d = torch.exp(-p.lam[i + 1]) - torch.exp(-p.lam[i])
+        a = IPNDM_COEFFS[min(max_order, i + 1) - 1]
+        assert (a_s, w, a_t) == (float(p.alpha[i]), [float(d * aj) for aj in a],
+                                 float(p.alpha[i + 1]))

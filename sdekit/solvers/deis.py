@@ -244,13 +244,23 @@ class IPNDM(Solver):
         self.order = min(2, max_order)
 
     def init(self, p: Problem, x: Tensor) -> History:
-        return History(keep=self.max_order)
+        st = History(keep=self.max_order)
+        st.extra["table"] = self.step_table(p)
+        return st
+
+    def step_table(self, p: Problem) -> list[tuple[float, list[float], float]]:
+        """Every step's ``(alpha_i, [d a_j], alpha_{i+1})`` (``d = rho_{i+1} - rho_i``) as plain
+        numbers, once per grid (``rho = e^{-lambda}`` point by point, as the step used to)."""
+        rho = [torch.exp(-lam) for lam in p.lam]
+        alpha = p.alpha.tolist()
+        return [(alpha[i], [float((rho[i + 1] - rho[i]) * aj)
+                            for aj in IPNDM_COEFFS[min(self.max_order, i + 1) - 1]], alpha[i + 1])
+                for i in range(p.steps)]
 
     def step(self, p: Problem, i: int, x: Tensor, st: History) -> tuple[Tensor, History]:
         st.add(i, p.predict(x, p.times[i], "eps"))
-        a = IPNDM_COEFFS[min(self.max_order, i + 1) - 1]
-        d = torch.exp(-p.lam[i + 1]) - torch.exp(-p.lam[i])
-        v = x / p.bcast(p.alpha[i], x)
-        for j, aj in enumerate(a):
-            v = v + p.bcast(d * aj, x) * st.m[i - j]
-        return v * p.bcast(p.alpha[i + 1], x), st
+        a_s, w, a_t = st.extra["table"][i]
+        v = x / a_s
+        for j, wj in enumerate(w):
+            v = v + st.m[i - j] * wj
+        return v * a_t, st
