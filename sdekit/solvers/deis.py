@@ -262,5 +262,5 @@ class IPNDM(Solver):
         a_s, w, a_t = st.extra["table"][i]
         v = x / a_s
         for j, wj in enumerate(w):
-            v = v + st.m[i - j] * wj
-        return v * a_t, st
+            v = v.add_(st.m[i - j] * wj)
+        return v.mul_(a_t), st
