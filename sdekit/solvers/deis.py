@@ -104,7 +104,10 @@ class DEISMultistep(ExpIntegrator):
         table puts its first points within a sliver of t near T, where tAB3's amplification
         reaches 700-7400 at 10 steps (RMS 0.5 and 28 on 64-d Gaussians, against 0.012 on the
         quadratic grid). Computed once per grid, vectorised over the steps of each order: the
-        numbers of the one-step formulas (bit for bit, see tests/test_step_overhead.py)."""
+        numbers of the one-step formulas, bit for bit for ``'rho'`` and ``'logrho'``; for
+        ``'t'`` within a few ulp, as ``t(rho)`` at all steps' nodes at once rounds each
+        transcendental by SIMD or scalar code depending on its position (see
+        tests/test_step_overhead.py)."""
         rho = torch.exp(-p.lam)
         gx, gw = gauss_legendre(self.quad_points)
         steps = torch.arange(p.steps)
@@ -145,7 +148,7 @@ class DEISMultistep(ExpIntegrator):
         self.check(p)
         st = History(keep=self.ab_order + 1)
         W = self.coefficients(p)
-        st.extra["table"] = table = {}
+        st.extra["table"] = table = {}   # combine's (c_x, [c_j]) per step (the base method)
         for n in {w.numel() for w in W}:
             idx = [i for i, w in enumerate(W) if w.numel() == n]
             table.update(zip(idx, ExpIntegrator.coefficients(

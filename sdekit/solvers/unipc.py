@@ -129,8 +129,8 @@ class UniPC(ExpIntegrator):
         """UniP's and UniC's coefficients of every step ``s -> s + 1`` (at the order
         :meth:`step_order` gives it), computed once per grid, vectorised over the steps of each
         order: ``(c_x, c_0, r, w_p, w_c)`` with ``r`` the nodes ``r_k`` of the previous points,
-        ``w_p`` / ``w_c`` the predictor's / corrector's ``c_t B rho_k`` (plain numbers; the
-        same numbers as :func:`reference_coefficients`, the one-step formulas)."""
+        ``w_p`` / ``w_c`` the predictor's / corrector's ``c_t B rho_k`` (plain numbers, bit
+        for bit those of the one-step formulas that tests/test_step_overhead.py keeps)."""
         last = p.steps - 1 if self.final_to_zero else p.steps
         by_order: dict[int, list[int]] = {}
         for s in range(start, last):
