@@ -302,3 +302,30 @@ def test_ipndm_step_table_equals_one_step_formulas(max_order, sde_name, grid):
         a = IPNDM_COEFFS[min(max_order, i + 1) - 1]
         assert (a_s, w, a_t) == (float(p.alpha[i]), [float(d * aj) for aj in a],
                                  float(p.alpha[i + 1]))
+
+
+@pytest.mark.parametrize("opts", [{}, {"order": 3}, {"predict_x0": False}, {"variant": "bh1"},
+                                  {"disable_corrector": [2, 3]}, {"final_to_zero": True}],
+                         ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_unipc_corrector_reuses_the_predictors_terms_bit_for_bit(opts, dtype, monkeypatch):
+    """UniC from grid point s takes ``c_x x_s + c_0 m_s`` and the ``D_k`` from UniP's step from
+    s instead of computing them again: the same samples, bit for bit."""
+    from sdekit.solvers.unipc import UniPC
+    sde = sdekit.VPSDE()
+    model = sdekit.DiffusionModel(lambda x, t: torch.sin(3 * x) * 0.5, sde)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    opts = dict(opts)
+    solver = "unipc_" + opts.pop("variant", "bh2")
+    update, kept = UniPC._update, []
+
+    def recording(self, *a):
+        kept.append(a[5] if len(a) > 5 else False)
+        return update(self, *a)
+
+    monkeypatch.setattr(UniPC, "_update", recording)
+    shared = sdekit.sample(sde, model, x, solver=solver, steps=9, **opts).x
+    assert any(kept)     # the predictor left its terms to the corrector
+    monkeypatch.setattr(UniPC, "_update", lambda self, *a: update(self, *a[:5], keep=False))
+    fresh = sdekit.sample(sde, model, x, solver=solver, steps=9, **opts).x
+    assert torch.equal(shared, fresh)

@@ -151,18 +151,30 @@ class UniPC(ExpIntegrator):
                 table[i] = (base[n][0], base[n][1][0], r[n], w[0][n], w[1][n])
         return table
 
-    def _update(self, x: Tensor, st: History, s: int, c: tuple, m_t: Tensor | None) -> Tensor:
+    def _update(self, x: Tensor, st: History, s: int, c: tuple, m_t: Tensor | None,
+                keep: bool = False) -> Tensor:
         """UniP (``m_t`` None) or UniC from grid point ``s`` to ``s + 1`` with step ``s``'s
         coefficients ``c`` from :meth:`step_table`: ``x~ = c_x x + c_0 m_s - sum_k w_k D_k``
-        (``D_k = (m_{s-k} - m_s) / r_k``, and ``m_t - m_s`` for the corrector's node r = 1)."""
+        (``D_k = (m_{s-k} - m_s) / r_k``, and ``m_t - m_s`` for the corrector's node r = 1).
+        The corrector from ``s`` shares ``c_x x + c_0 m_s`` and the ``D_k`` with the predictor
+        from ``s``: with ``keep`` the predictor leaves them to it (the same numbers)."""
         c_x, c_0, rks, w_p, w_c = c
         m0 = st.m[s]
-        out = x * c_x
-        out = out.add_(m0, alpha=c_0)
-        D = [(st.m[s - j] - m0).div_(rk) for j, rk in enumerate(rks, 1)]
-        if m_t is not None:
-            D.append(m_t - m0)
-        for wk, d in zip(w_c if m_t is not None else w_p, D):
+        shared = st.extra.pop("shared", None)
+        if shared is not None and shared[0] == s and m_t is not None:
+            out, D = shared[1], shared[2]
+        else:
+            out = x * c_x
+            out = out.add_(m0, alpha=c_0)
+            D = [(st.m[s - j] - m0).div_(rk) for j, rk in enumerate(rks, 1)]
+        if m_t is None:
+            if keep:
+                st.extra["shared"] = (s, out, D)
+                out = out.clone()
+            for wk, d in zip(w_p, D):
+                out = out.sub_(d * wk if keep else d.mul_(wk))
+            return out
+        for wk, d in zip(w_c, D + [m_t - m0]):
             out = out.sub_(d.mul_(wk))
         return out
 
@@ -195,7 +207,8 @@ class UniPC(ExpIntegrator):
         if self.predictor is None:
             if i < start:
                 return self.first_step(p, x, m), st
-            return self._update(x, st, i, st.extra["table"][i], None), st
+            keep = self.corrector and i not in self.disable_corrector and i + 1 < p.steps
+            return self._update(x, st, i, st.extra["table"][i], None, keep), st
         out = eps if kind == "eps" else m
         x_next, st.extra["inner"] = self.predictor.step(_Reuse(p, i, out, kind), i, x,
                                                         st.extra["inner"])
