@@ -14,7 +14,7 @@ from .base import Problem, Solver, lambda_step_ratios
 from .exp_integrator import (
     ExpIntegrator,
     History,
-    ei_weights,
+    ei_weights_per_step,
     gauss_legendre,
     lagrange_eval,
 )
@@ -103,40 +103,56 @@ class DEISMultistep(ExpIntegrator):
         together far beyond them blows up: a logsnr or Karras grid on the squared-cosine DDPM
         table puts its first points within a sliver of t near T, where tAB3's amplification
         reaches 700-7400 at 10 steps (RMS 0.5 and 28 on 64-d Gaussians, against 0.012 on the
-        quadratic grid)."""
+        quadratic grid). Computed once per grid, vectorised over the steps of each order: the
+        numbers of the one-step formulas, bit for bit for ``'rho'`` and ``'logrho'``; for
+        ``'t'`` within a few ulp, as ``t(rho)`` at all steps' nodes at once rounds each
+        transcendental by SIMD or scalar code depending on its position (see
+        tests/test_step_overhead.py)."""
         rho = torch.exp(-p.lam)
         gx, gw = gauss_legendre(self.quad_points)
-        out = []
-        for i in range(p.steps):
-            o = self.step_order(i, p.steps, self.ab_order + 1)
-            while True:
-                w = self._weights(p, i, o, rho, gx, gw)
-                if o == 1 or float(w.abs().sum() / w.sum().abs()) <= self.MAX_AMPLIFICATION:
-                    break
-                o -= 1
-            out.append(w)
+        steps = torch.arange(p.steps)
+        half = (rho[steps] - rho[steps + 1]) / 2
+        u = rho[steps + 1, None] + half[:, None] * (gx + 1)      # Gauss nodes in rho, per step
+        if self.interp == "t":
+            u = p.sde.t_of_sigma_tilde(u)
+        order = [self.step_order(i, p.steps, self.ab_order + 1) for i in range(p.steps)]
+        out: list[Tensor] = [torch.empty(0)] * p.steps
+        for o in range(self.ab_order + 1, 0, -1):
+            idx = torch.tensor([i for i in range(p.steps) if order[i] == o], dtype=torch.long)
+            if not idx.numel():
+                continue
+            w = self._weights(p, idx, o, rho, u[idx], half[idx], gw)
+            amp = w.abs().sum(1) / w.sum(1).abs()
+            for n, i in enumerate(idx.tolist()):
+                if o == 1 or float(amp[n]) <= self.MAX_AMPLIFICATION:
+                    out[i] = w[n]
+                else:
+                    order[i] = o - 1
         return out
 
-    def _weights(self, p: Problem, i: int, o: int, rho: Tensor, gx: Tensor, gw: Tensor
-                 ) -> Tensor:
-        """Step ``i``'s weights at order ``o`` (see :meth:`coefficients`)."""
+    def _weights(self, p: Problem, idx: Tensor, o: int, rho: Tensor, u: Tensor, half: Tensor,
+                 gw: Tensor) -> Tensor:
+        """The weights of the steps ``idx`` at order ``o`` (see :meth:`coefficients`), one row
+        per step; ``u``, ``half``: the steps' Gauss nodes in the interpolation variable and
+        half-lengths in rho."""
         if self.interp == "logrho":
-            h = p.lam[i + 1] - p.lam[i]
-            r = torch.stack([(p.lam[i - j] - p.lam[i]) / h for j in range(o)])
-            return ei_weights(r, 1.0, h, 1.0)
-        half = (rho[i] - rho[i + 1]) / 2
-        nodes_rho = rho[i + 1] + half * (gx + 1)
-        if self.interp == "t":
-            u, nodes = p.sde.t_of_sigma_tilde(nodes_rho), p.times[i - o + 1:i + 1]
-        else:
-            u, nodes = nodes_rho, rho[i - o + 1:i + 1]
-        ell = lagrange_eval(nodes.flip(0), u)          # (o, quad_points), j = 0 is step i
-        return (ell * gw).sum(1) * half * torch.exp(p.lam[i + 1])
+            h = p.lam[idx + 1] - p.lam[idx]
+            r = torch.stack([(p.lam[idx - j] - p.lam[idx]) / h for j in range(o)], 1)
+            return ei_weights_per_step(r, h, 1.0).T
+        back = idx[:, None] - torch.arange(o)                # j = 0 is step i
+        nodes = (p.times if self.interp == "t" else rho)[back]
+        ell = lagrange_eval(nodes, u)                        # (o, steps, quad_points)
+        return ((ell * gw).sum(-1) * half * torch.exp(p.lam[idx + 1])).T
 
     def init(self, p: Problem, x: Tensor) -> History:
         self.check(p)
         st = History(keep=self.ab_order + 1)
-        st.extra["W"] = self.coefficients(p)
+        W = self.coefficients(p)
+        st.extra["table"] = table = {}   # combine's (c_x, [c_j]) per step (the base method)
+        for n in {w.numel() for w in W}:
+            idx = [i for i, w in enumerate(W) if w.numel() == n]
+            table.update(zip(idx, ExpIntegrator.coefficients(
+                self, p, torch.tensor(idx), torch.stack([W[i] for i in idx], 1))))
         return st
 
     def step(self, p: Problem, i: int, x: Tensor, st: History) -> tuple[Tensor, History]:
@@ -144,8 +160,8 @@ class DEISMultistep(ExpIntegrator):
         st.add(i, m)
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps, m), st
-        W = st.extra["W"][i]
-        return self.combine(p, x, i, i + 1, W, [st.m[i - j] for j in range(W.numel())]), st
+        c = st.extra["table"][i]
+        return self.apply(x, c, [st.m[i - j] for j in range(len(c[1]))]), st
 
 
 RK_TABLES = {
@@ -231,13 +247,23 @@ class IPNDM(Solver):
         self.order = min(2, max_order)
 
     def init(self, p: Problem, x: Tensor) -> History:
-        return History(keep=self.max_order)
+        st = History(keep=self.max_order)
+        st.extra["table"] = self.step_table(p)
+        return st
+
+    def step_table(self, p: Problem) -> list[tuple[float, list[float], float]]:
+        """Every step's ``(alpha_i, [d a_j], alpha_{i+1})`` (``d = rho_{i+1} - rho_i``) as plain
+        numbers, once per grid (``rho = e^{-lambda}`` point by point, as the step used to)."""
+        rho = [torch.exp(-lam) for lam in p.lam]
+        alpha = p.alpha.tolist()
+        return [(alpha[i], [float((rho[i + 1] - rho[i]) * aj)
+                            for aj in IPNDM_COEFFS[min(self.max_order, i + 1) - 1]], alpha[i + 1])
+                for i in range(p.steps)]
 
     def step(self, p: Problem, i: int, x: Tensor, st: History) -> tuple[Tensor, History]:
         st.add(i, p.predict(x, p.times[i], "eps"))
-        a = IPNDM_COEFFS[min(self.max_order, i + 1) - 1]
-        d = torch.exp(-p.lam[i + 1]) - torch.exp(-p.lam[i])
-        v = x / p.bcast(p.alpha[i], x)
-        for j, aj in enumerate(a):
-            v = v + p.bcast(d * aj, x) * st.m[i - j]
-        return v * p.bcast(p.alpha[i + 1], x), st
+        a_s, w, a_t = st.extra["table"][i]
+        v = x / a_s
+        for j, wj in enumerate(w):
+            v = v.add_(st.m[i - j] * wj)
+        return v.mul_(a_t), st

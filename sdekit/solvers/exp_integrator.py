@@ -117,13 +117,15 @@ def gauss_legendre(n: int) -> tuple[Tensor, Tensor]:
 
 
 def lagrange_eval(nodes: Tensor, u: Tensor) -> Tensor:
-    """``l_j(u)`` for the Lagrange basis through ``nodes``: shape ``(len(nodes), *u.shape)``."""
+    """``l_j(u)`` for the Lagrange basis through ``nodes`` (last axis; leading axes, one basis
+    per row, broadcast against ``u``'s): shape ``(nodes.shape[-1], *u.shape)``."""
     out = []
-    for j in range(nodes.numel()):
+    n = nodes.shape[-1]
+    for j in range(n):
         lj = torch.ones_like(u)
-        for m in range(nodes.numel()):
+        for m in range(n):
             if m != j:
-                lj = lj * (u - nodes[m]) / (nodes[j] - nodes[m])
+                lj = lj * (u - nodes[..., m, None]) / (nodes[..., j, None] - nodes[..., m, None])
         out.append(lj)
     return torch.stack(out)
 

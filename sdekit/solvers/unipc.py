@@ -3,7 +3,8 @@ on any forward SDE through alpha, sigma and lambda; UniC also runs on top of oth
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,6 +42,28 @@ class _Reuse:
     def predict_native(self, x: Tensor, t: Any) -> tuple[str, Tensor]:
         kind = self._kind
         return kind, self.predict(x, t, kind)  # through the reuse above
+
+
+def _b_weights(variant: str, hh: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """``B(h)`` and ``b_q = q! hh phi_{q+1}(hh) / B(h)`` for q = 1..n (first axis); ``hh`` a
+    number or one per step."""
+    B = hh if variant == "bh1" else torch.expm1(hh)
+    return B, torch.stack([math.factorial(q) * hh * phi(q + 1, hh) / B for q in range(1, n + 1)])
+
+
+def _rho(rks: list[Tensor], b: Tensor, order: int, corrector: bool) -> Tensor:
+    """``rho`` with ``R rho = b`` on the nodes ``rks`` (and r = 1 for the corrector), one row
+    per step (``rks[k]``, ``b[q]`` one entry per step); 1/2 for the second-order predictor and
+    the first-order corrector (as in the paper and diffusers)."""
+    n = order if corrector else order - 1
+    steps = b.shape[1]
+    if n == 0:
+        return torch.zeros(steps, 0, dtype=torch.float64)
+    if (not corrector and order == 2) or (corrector and order == 1):
+        return torch.full((steps, n), 0.5, dtype=torch.float64)
+    r = torch.stack(rks + ([torch.ones(steps, dtype=torch.float64)] if corrector else []), -1)
+    R = torch.stack([r ** q for q in range(n)], 1)          # R[step, q, k] = r_k^q
+    return torch.linalg.solve(R, b[:n].T)
 
 
 @register("unipc_bh1", variant="bh1")
@@ -96,43 +119,63 @@ class UniPC(ExpIntegrator):
     def init(self, p: Problem, x: Tensor) -> History:
         self.check(p)
         st = History(keep=self.max_order + 1)
-        st.extra["start"] = self.start_index(p)
+        st.extra["start"] = start = self.start_index(p)
+        st.extra["table"] = self.step_table(p, start)
         if self.predictor is not None:
             st.extra["inner"] = self.predictor.init(p, x)
         return st
 
-    def _rho_b(self, hh: Tensor, n: int) -> tuple[Tensor, Tensor]:
-        """``B(h)`` and ``b_q = q! hh phi_{q+1}(hh) / B(h)`` for q = 1..n."""
-        B = hh if self.variant == "bh1" else torch.expm1(hh)
-        return B, torch.stack([math.factorial(q) * hh * phi(q + 1, hh) / B
-                               for q in range(1, n + 1)])
+    def step_table(self, p: Problem, start: int) -> dict[int, tuple]:
+        """UniP's and UniC's coefficients of every step ``s -> s + 1`` (at the order
+        :meth:`step_order` gives it), computed once per grid, vectorised over the steps of each
+        order: ``(c_x, c_0, r, w_p, w_c)`` with ``r`` the nodes ``r_k`` of the previous points,
+        ``w_p`` / ``w_c`` the predictor's / corrector's ``c_t B rho_k`` (plain numbers, bit
+        for bit those of the one-step formulas that tests/test_step_overhead.py keeps)."""
+        last = p.steps - 1 if self.final_to_zero else p.steps
+        by_order: dict[int, list[int]] = {}
+        for s in range(start, last):
+            by_order.setdefault(self.step_order(s, p.steps, self.max_order, start), []).append(s)
+        table: dict[int, tuple] = {}
+        for o, idx in by_order.items():
+            steps = torch.tensor(idx)
+            h = p.lam[steps + 1] - p.lam[steps]
+            hh = self.k * h
+            base = self.coefficients(p, steps, (h * phi(1, hh)).reshape(1, -1))
+            rks = [(p.lam[steps - j] - p.lam[steps]) / h for j in range(1, o)]
+            B, b = _b_weights(self.variant, hh, o)
+            cB = (p.alpha[steps + 1] if self.prediction == "x0" else p.sigma[steps + 1]) * B
+            w = [(cB[:, None] * _rho(rks, b, o, corrector)).tolist()
+                 for corrector in (False, True)]
+            r = torch.stack(rks, 1).tolist() if rks else [[]] * len(idx)
+            for n, i in enumerate(idx):
+                table[i] = (base[n][0], base[n][1][0], r[n], w[0][n], w[1][n])
+        return table
 
-    def _update(self, p: Problem, s: int, x: Tensor, st: History, order: int,
-                m_t: Tensor | None) -> Tensor:
-        """UniP (``m_t`` None) or UniC from grid point ``s`` to ``s + 1``, of order ``order``."""
-        h = p.lam[s + 1] - p.lam[s]
-        hh = self.k * h
+    def _update(self, x: Tensor, st: History, s: int, c: tuple, m_t: Tensor | None,
+                keep: bool = False) -> Tensor:
+        """UniP (``m_t`` None) or UniC from grid point ``s`` to ``s + 1`` with step ``s``'s
+        coefficients ``c`` from :meth:`step_table`: ``x~ = c_x x + c_0 m_s - sum_k w_k D_k``
+        (``D_k = (m_{s-k} - m_s) / r_k``, and ``m_t - m_s`` for the corrector's node r = 1).
+        The corrector from ``s`` shares ``c_x x + c_0 m_s`` and the ``D_k`` with the predictor
+        from ``s``: with ``keep`` the predictor leaves them to it (the same numbers)."""
+        c_x, c_0, rks, w_p, w_c = c
         m0 = st.m[s]
-        out = self.combine(p, x, s, s + 1, (h * phi(1, hh)).reshape(1), [m0])
-        rks = [(p.lam[s - j] - p.lam[s]) / h for j in range(1, order)]
-        D = [(st.m[s - j] - m0) / p.bcast(rk, m0) for j, rk in zip(range(1, order), rks)]
-        B, b = self._rho_b(hh, order)
-        if m_t is not None:
-            rks.append(torch.ones((), dtype=torch.float64))
-            D.append(m_t - m0)
-            n = order
+        shared = st.extra.pop("shared", None)
+        if shared is not None and shared[0] == s and m_t is not None:
+            out, D = shared[1], shared[2]
         else:
-            n = order - 1
-        if n == 0:
+            out = x * c_x
+            out = out.add_(m0, alpha=c_0)
+            D = [(st.m[s - j] - m0).div_(rk) for j, rk in enumerate(rks, 1)]
+        if m_t is None:
+            if keep:
+                st.extra["shared"] = (s, out, D)
+                out = out.clone()
+            for wk, d in zip(w_p, D):
+                out = out.sub_(d * wk if keep else d.mul_(wk))
             return out
-        if (m_t is None and order == 2) or (m_t is not None and order == 1):
-            rho = torch.full((n,), 0.5, dtype=torch.float64)
-        else:
-            R = torch.stack([torch.stack(rks) ** q for q in range(n)])
-            rho = torch.linalg.solve(R, b[:n])
-        c = p.alpha[s + 1] if self.prediction == "x0" else p.sigma[s + 1]
-        for rk, d in zip(rho, D):
-            out = out - p.bcast(c * B * rk, x) * d
+        for wk, d in zip(w_c, D + [m_t - m0]):
+            out = out.sub_(d.mul_(wk))
         return out
 
     def _correct_first(self, p: Problem, x: Tensor, st: History, m: Tensor) -> Tensor:
@@ -156,16 +199,16 @@ class UniPC(ExpIntegrator):
             if i - 1 < start:
                 x = self._correct_first(p, st.extra["x_base"], st, m)
             else:
-                x = self._update(p, i - 1, st.extra["x_base"], st, st.extra["order"], m)
+                x = self._update(st.extra["x_base"], st, i - 1, st.extra["table"][i - 1], m)
         st.add(i, m)
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps, m), st
-        o = self.step_order(i, p.steps, self.max_order, start)
-        st.extra.update(x_base=x, order=o)
+        st.extra["x_base"] = x
         if self.predictor is None:
             if i < start:
                 return self.first_step(p, x, m), st
-            return self._update(p, i, x, st, o, None), st
+            keep = self.corrector and i not in self.disable_corrector and i + 1 < p.steps
+            return self._update(x, st, i, st.extra["table"][i], None, keep), st
         out = eps if kind == "eps" else m
         x_next, st.extra["inner"] = self.predictor.step(_Reuse(p, i, out, kind), i, x,
                                                         st.extra["inner"])
