@@ -52,7 +52,7 @@ class SeededNoise:
             check_seed("seeds", s)
         self.seeds = [int(s) for s in seeds]
         self.gens = [torch.Generator().manual_seed(s) for s in self.seeds]
-        # (event shape, dtype, device) -> [block of shape (batch, draws, *event), next draw]
+        # (event shape, dtype, device) -> [block of shape (draws, batch, *event), next draw]
         self._blocks: dict[tuple[Any, ...], list[Any]] = {}
 
     def _check(self, like: Tensor) -> None:
@@ -68,12 +68,12 @@ class SeededNoise:
         dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
         key = (shape, dtype, like.device)
         entry = self._blocks.get(key)
-        if entry is None or entry[1] == entry[0].shape[1]:
+        if entry is None or entry[1] == entry[0].shape[0]:
             draws = max(1, min(MAX_BLOCK, BLOCK_ELEMENTS // max(1, math.prod(shape))))
             block = torch.stack([torch.randn((draws,) + shape, generator=g, dtype=dtype)
-                                 for g in self.gens]).to(like.device)
+                                 for g in self.gens], dim=1).to(like.device)
             entry = self._blocks[key] = [block, 0]
-        z = entry[0][:, entry[1]]
+        z = entry[0][entry[1]]   # (batch, *event), contiguous
         entry[1] += 1
         return z.to(dtype=like.dtype)
 
