@@ -108,7 +108,7 @@ class DEISMultistep(ExpIntegrator):
         gx, gw = gauss_legendre(self.quad_points)
         out = []
         for i in range(p.steps):
-            o = self.step_order(i, p.steps, self.ab_order + 1)
+            o = self.step_order(p, i, self.ab_order + 1)
             while True:
                 w = self._weights(p, i, o, rho, gx, gw)
                 if o == 1 or float(w.abs().sum() / w.sum().abs()) <= self.MAX_AMPLIFICATION:

@@ -128,6 +128,13 @@ def lagrange_eval(nodes: Tensor, u: Tensor) -> Tensor:
     return torch.stack(out)
 
 
+def last_lambda_step_ratio(lam: Tensor) -> float:
+    """The grid's last step in lambda over the step before it (1 on a uniform-logSNR grid); 1
+    where the grid has fewer than two finite steps (nothing to compare)."""
+    d = lam[torch.isfinite(lam)].double().diff()
+    return float(d[-1] / d[-2]) if d.numel() >= 2 else 1.0
+
+
 def dynamic_threshold(x0: Tensor, ratio: float, lo: float, hi: float) -> Tensor:
     """Dynamic thresholding (Saharia et al. 2022, Sec. 2.3): per sample
     ``s = clamp(quantile(|x0|, ratio), lo, hi)``, then ``clamp(x0, -s, s) / s``. ``lo = 1`` and
@@ -187,7 +194,8 @@ class ExpIntegrator(Solver):
             of :func:`sdekit.sample` names the network's output type.)
         lower_order_final: drop the order of the last steps to ``min(order, steps_left)`` (the
             guard of DPM-Solver++, diffusers and k-diffusion against instability at few steps);
-            ``None`` (default) turns it on below 10 steps, the DPM-Solver reference code's rule.
+            ``None`` (default) turns it on where the grid's last step in lambda is more than
+            ``auto_lower_order_ratio`` (2) times the step before it (see :meth:`lof`).
         final_to_zero: take the last interval to sigma = 0 at first order: the last step
             returns the clean-data estimate ``(x - sigma eps) / alpha`` of its model call (the
             data prediction itself for ``"x0"``) instead of ``x(t_end)``; no extra model call.
@@ -198,7 +206,8 @@ class ExpIntegrator(Solver):
     family = "exponential-integrator"
     default_grid = "logsnr"
     kind_options = ("eps", "x0")
-    auto_lower_order_below = 10
+    #: lower_order_final=None: on where the last lambda step exceeds this many times the one before
+    auto_lower_order_ratio = 2.0
 
     def __init__(self, predict_x0: bool = True, lower_order_final: bool | None = None,
                  final_to_zero: bool = False, thresholding: bool = False,
@@ -246,16 +255,25 @@ class ExpIntegrator(Solver):
                 "integrators need 0 < sigma and 0 < alpha at every grid point; end the grid at "
                 "t_end > 0 (and use final_to_zero=True to finish at sigma = 0)")
 
-    def lof(self, steps: int) -> bool:
+    def lof(self, p: Problem) -> bool:
+        """Whether the last steps lower their order. Automatic (``lower_order_final=None``): where
+        the grid's last lambda step is more than ``auto_lower_order_ratio`` times the one before
+        (:func:`last_lambda_step_ratio`), the final multistep update would extrapolate its old
+        nodes over a much longer interval than they span. That is a property of the grid, not
+        of the step count: a uniform-in-t grid on VP ends 4-6x longer than the step before at
+        any step count (dpmpp_3m at 10 steps sent 61% of a mixture's samples to the wrong mode
+        under the old rule, on below 10 steps), a logsnr grid never does (1x: lowering its order
+        only loses accuracy, 4.7x the RMS of unipc_bh2 at 5 NFE on a VP Gaussian)."""
         if self.lower_order_final is None:
-            return steps < self.auto_lower_order_below
+            return last_lambda_step_ratio(p.lam) > self.auto_lower_order_ratio
         return self.lower_order_final
 
-    def step_order(self, i: int, steps: int, order: int, start: int = 0) -> int:
-        """Warm-up (order <= i - start + 1) and, with lower_order_final, order <= steps - i.
-        ``start`` is the first grid point of finite lambda (see :meth:`start_index`)."""
+    def step_order(self, p: Problem, i: int, order: int, start: int = 0) -> int:
+        """Warm-up (order <= i - start + 1) and, with lower_order_final (:meth:`lof`), order <=
+        steps - i. ``start`` is the first grid point of finite lambda (see
+        :meth:`start_index`)."""
         o = min(order, i - start + 1)
-        return min(o, steps - i) if self.lof(steps) else o
+        return min(o, p.steps - i) if self.lof(p) else o
 
     @staticmethod
     def start_index(p: Problem) -> int:

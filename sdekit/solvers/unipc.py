@@ -160,7 +160,7 @@ class UniPC(ExpIntegrator):
         st.add(i, m)
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps, m), st
-        o = self.step_order(i, p.steps, self.max_order, start)
+        o = self.step_order(p, i, self.max_order, start)
         st.extra.update(x_base=x, order=o)
         if self.predictor is None:
             if i < start:
