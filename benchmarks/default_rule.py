@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(args.rescore.read_text())
         result.setdefault("current_is", CURRENT_BEFORE)
         rescore(result)
-        args.rescore.write_text(json.dumps(result, indent=1) + "\n")
+        args.rescore.write_text(json.dumps(result, separators=(",", ":")) + "\n")
         args.rescore.with_suffix(".md").write_text(markdown(result))
         return 0
     torch.set_num_threads(1)
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     rescore(result)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "default_rule" + ("_quick" if args.quick else "")
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / f"{name}.json").write_text(json.dumps(result, separators=(",", ":")) + "\n")
     (args.out / f"{name}.md").write_text(markdown(result))
     for k, v in result["summary"].items():
         c = result["check_summary"][k]
