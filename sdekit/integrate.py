@@ -15,7 +15,7 @@ from ._utils import check_float_dtype, check_seed, compute_dtype
 from .noise import SeededNoise, sample_seeds
 from .sde.base import ForwardSDE
 from .solvers.base import Problem, Solver
-from .solvers.registry import DEFAULT_SOLVER, get_solver
+from .solvers.registry import DEFAULT_SOLVER, default_config, get_solver
 
 DEFAULT_STEPS = 20
 
@@ -37,7 +37,7 @@ class Solution:
 
 def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
            x_init: Tensor | None = None, *, shape: Sequence[int] | None = None,
-           solver: str | Solver = DEFAULT_SOLVER, steps: int | None = None,
+           solver: str | Solver | None = None, steps: int | None = None,
            grid: str | Tensor | Sequence[float] | None = None, t_start: float | None = None,
            t_end: float | None = None, prediction: str = "eps", denoise: bool = False,
            float64: bool = False, seed: int = 0, seeds: Sequence[int] | None = None,
@@ -56,13 +56,17 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
         x_init: the initial state at ``t_start`` (a floating tensor of shape ``(batch, ...)``);
             if None, drawn from the prior with per-sample seeds (``shape`` is then required).
         solver: a registry name (see ``sdekit.solvers.solver_names()``) or a Solver instance;
-            ``solver_options`` are passed to it.
+            ``solver_options`` are passed to it. Default (None): with no ``grid`` either, the
+            option-free rule :func:`sdekit.solvers.default_config` picks the solver, its
+            options and the grid from the forward process and the step count (``solver_options``
+            given are added to its options); with a ``grid``, ``DEFAULT_SOLVER``
+            (``unipc_bh2``) with its registry defaults.
         steps: number of steps (intervals) of a named grid (default 20); with an explicit
             array ``grid`` leave it out (or give ``len(grid) - 1``).
         grid: a grid name (``uniform``, ``quadratic``, ``logsnr``, ``karras``,
             ``polyexponential``, ``kl_optimal``, ``interpolated``; see :mod:`sdekit.grids`) or
-            an explicit decreasing array of times; default: the solver's grid for this SDE
-            (``Solver.grid_for(sde)``); or the path of a tuned-grid file (``.json``, made by
+            an explicit decreasing array of times; default: the option-free rule's grid
+            without ``solver``, else the solver's grid for this SDE (``Solver.grid_for(sde)``); or the path of a tuned-grid file (``.json``, made by
             :func:`sdekit.tune.tune` / ``sdekit tune``), which must have been tuned for this
             forward SDE, model, solver, solver options and step count (leave ``steps`` out).
             ``grid_options`` are the named grid's options (``rho``
@@ -97,6 +101,12 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             detached, so memory stays that of one call. ``"full"``: the whole solve is
             differentiable (memory grows with every step).
     """
+    if solver is None and grid is None:   # the option-free call
+        cfg = default_config(sde, DEFAULT_STEPS if steps is None else steps)
+        solver, solver_options = cfg["solver"], {**cfg["options"], **solver_options}
+        grid, grid_options = cfg["grid"], {**cfg["grid_options"], **(grid_options or {})}
+    elif solver is None:
+        solver = DEFAULT_SOLVER
     if grid is not None and not isinstance(grid, Tensor):
         from .tuned_grid import is_grid_file
         if is_grid_file(grid):

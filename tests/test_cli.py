@@ -227,10 +227,34 @@ def test_sample_default_solver_is_sample_functions(run_dir, capsys):
     from sdekit import sample
     want = inspect.signature(sample).parameters["solver"].default
     args = build_parser().parse_args(["sample", "--checkpoint", str(run_dir / "checkpoint.pt")])
-    assert args.solver == want == "unipc_bh2"
+    assert args.solver is want is None   # None: the option-free rule (default_config)
     with pytest.raises(SystemExit):
         main(["sample", "--help"])
-    assert "(default: unipc_bh2)" in " ".join(capsys.readouterr().out.split())
+    assert "(default: sdekit.sample's option-free rule" in " ".join(
+        capsys.readouterr().out.split())
+
+
+def test_option_free_sample_runs_and_records_the_default_rule(run_dir, tmp_path):
+    """`sdekit sample` without --solver/--grid draws what generate() (sdekit.sample's option-free
+    rule, default_config) draws, and its .npz records the rule's solver, options and grid."""
+    import numpy as np
+
+    from sdekit.solvers import default_config
+    from sdekit.training.checkpoint import load_model
+    from sdekit.training.sampling import generate
+
+    out = tmp_path / "s"
+    assert main(["sample", "--checkpoint", str(run_dir / "checkpoint.pt"), "--steps", "10",
+                 "--n", "6", "--out", str(out)]) == 0
+    z = np.load(out.with_name("s.npz"))
+    meta = json.loads(str(z["meta"]))
+    net, sde, _ = load_model(run_dir / "checkpoint.pt")
+    rule = default_config(sde, 10)
+    assert meta["solver"] == "unipc_bh2(" + ", ".join(
+        f"{k}={v}" for k, v in sorted(rule["options"].items())) + ")"
+    assert meta["grid"] == rule["grid"] and meta["nfe"] == 10
+    x, _ = generate(net, sde, 6, steps=10, seed=0)
+    np.testing.assert_array_equal(z["x"], x.numpy())
 
 
 def test_old_flag_spellings_still_work_and_are_hidden(capsys):

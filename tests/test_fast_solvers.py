@@ -450,3 +450,45 @@ def test_deis_tab3_caps_its_extrapolation_on_grids_packed_near_T(grid):
     err = rms(sdekit.sample(sde, data.model(), x_T, solver="deis_tab3", grid=grid, steps=10).x,
               ref)
     assert err < 0.2, f"RMS {err:.3g}"
+
+
+def test_automatic_lower_order_final_follows_the_grids_last_lambda_step():
+    """lower_order_final=None lowers the final order where the grid's last lambda step is more
+    than auto_lower_order_ratio times the one before, or longer than auto_lower_order_step, at
+    any step count. Under the old rule (on below 10 steps only), dpmpp_3m on a uniform grid at 10 steps (last lambda step 4.7x the one
+    before) sent most of a mixture's samples to another mode (RMS 2.5 against a converged
+    reference; 0.1 with the lower-order final step). Below 10 steps on a uniform grid it stays
+    on (unchanged); on a VP logsnr grid (equal steps) it is on at 5 steps (unchanged) and off
+    at 8 (lambda steps of 1.2)."""
+    from sdekit.bench.problems import gmm_problem
+    from sdekit.solvers.base import Problem
+    from sdekit.solvers.exp_integrator import last_lambda_step_ratio
+    from sdekit.tune import prior_states
+
+    sde = sdekit.VPSDE()
+    prob = gmm_problem(sde=sde, dim=16)
+    x = prior_states(sde, 64, (16,), seed=0, dtype=F64)
+    ref = sample(sde, prob.model, x, solver="dopri5", rtol=1e-7, atol=1e-7, float64=True).x
+    slv = get_solver("dpmpp_3m")
+
+    def auto_lof(grid: str, steps: int) -> bool:
+        return slv.lof(Problem(sde, prob.model, make_grid(sde, grid, steps), None))
+
+    assert last_lambda_step_ratio(sde.lambda_(make_grid(sde, "uniform", 10))) > 4
+    for steps in (5, 8, 10, 15, 20):
+        assert auto_lof("uniform", steps), steps   # last step 4-5x the one before
+    assert auto_lof("logsnr", 5)   # equal steps, but long: 1.9 in lambda (on, as before)
+    for steps in (8, 10, 15, 20):  # equal steps of 1.2 and below
+        assert not auto_lof("logsnr", steps), steps
+    out = {lof: sample(sde, prob.model, x, solver="dpmpp_3m", grid="uniform", steps=10,
+                       float64=True, **({} if lof is None else {"lower_order_final": lof})).x
+           for lof in (None, True, False)}
+    torch.testing.assert_close(out[None], out[True], rtol=0, atol=0)
+    far = ((out[None] - ref).norm(dim=1) > 1.0).float().mean()   # modes are ~5 apart
+    assert far < 0.05, f"{float(far):.0%} of samples far from their reference mode"
+    assert float(((out[False] - ref).norm(dim=1) > 1.0).float().mean()) > 0.3  # the old failure
+    for steps in (5, 8):   # below 10 steps on a uniform grid: unchanged (on)
+        a = sample(sde, prob.model, x, solver="dpmpp_3m", grid="uniform", steps=steps).x
+        b = sample(sde, prob.model, x, solver="dpmpp_3m", grid="uniform", steps=steps,
+                   lower_order_final=True).x
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

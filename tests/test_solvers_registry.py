@@ -337,6 +337,44 @@ def test_the_option_free_grid_is_the_solvers_grid_for_the_sde():
     assert "logsnr where" in SOLVERS["pc"].describe()["grid_rule"]
 
 
+@pytest.mark.parametrize("sde_name", ["vp", "ddpm", "ddpm_squaredcos", "ve", "edm", "flow"])
+def test_the_option_free_call_is_the_default_rule(sde_name):
+    """sample() without solver and grid runs default_config(sde, steps): its solver, options and
+    grid (here against the same call made explicit); a grid without a solver runs DEFAULT_SOLVER
+    with its registry defaults; an explicit solver keeps its own grid_for (unchanged)."""
+    from sdekit.solvers.registry import DEFAULT_SOLVER, default_config
+
+    sde = sdekit.FlowSDE() if sde_name == "flow" else make_sde(sde_name)
+    data = gaussian_problem(sde, dim=3)
+    pred = "flow" if float(sde.alpha(sde.T)) == 0.0 else "eps"
+    model = data.model(pred)
+    for steps in (5, 10, 20):
+        cfg = default_config(sde, steps)
+        got = sample(sde, model, shape=(4, 3), steps=steps, dtype=torch.float64, seed=3)
+        want = sample(sde, model, shape=(4, 3), steps=steps, dtype=torch.float64, seed=3,
+                      solver=cfg["solver"], grid=cfg["grid"], grid_options=cfg["grid_options"],
+                      **cfg["options"])
+        torch.testing.assert_close(got.x, want.x, rtol=0, atol=0)
+        torch.testing.assert_close(got.times, make_grid(sde, cfg["grid"], steps,
+                                                        **cfg["grid_options"]), rtol=0, atol=0)
+        assert got.solver == cfg["solver"] and got.nfe == want.nfe
+    named = sample(sde, model, shape=(4, 3), steps=8, grid="quadratic", dtype=torch.float64)
+    plain = sample(sde, model, shape=(4, 3), steps=8, grid="quadratic", dtype=torch.float64,
+                   solver=DEFAULT_SOLVER)
+    torch.testing.assert_close(named.x, plain.x, rtol=0, atol=0)
+    own = sample(sde, model, shape=(2, 3), steps=8, solver="dpmpp_2m")
+    torch.testing.assert_close(own.times, make_grid(sde, SOLVERS["dpmpp_2m"].grid_for(sde), 8),
+                               rtol=0, atol=0)
+
+
+def test_default_config_rejects_bad_steps():
+    from sdekit.solvers.registry import default_config
+
+    for bad in (0, -3, 2.5, True, "10"):
+        with pytest.raises(ValueError, match=f"steps={bad!r} is invalid"):
+            default_config(sdekit.VPSDE(), bad)
+
+
 # ---------------------------------------------------------------------- adaptive step control
 ADAPTIVE_NAMES = [n for n in NAMES if SOLVERS[n].adaptive and not SOLVERS[n].stochastic]
 

@@ -190,7 +190,7 @@ def test_unipc_step_table_equals_one_step_formulas(opts, ends, sde_name, grid, s
     last = steps - 1 if slv.final_to_zero else steps
     assert sorted(st.extra["table"]) == list(range(start, last))
     for s, (c_x, c_0, r, w_p, w_c) in st.extra["table"].items():
-        o = slv.step_order(s, steps, opts["order"], start)
+        o = slv.step_order(p, s, opts["order"], start)
         for corrector, w in ((False, w_p), (True, w_c)):
             ref = _unipc_one_step(p, s, o, opts["variant"], slv.prediction, corrector)
             assert (c_x, c_0, r, w) == ref, (s, o, corrector)
@@ -204,7 +204,7 @@ def _deis_one_step(slv, p):
     gx, gw = gauss_legendre(slv.quad_points)
     out = []
     for i in range(p.steps):
-        o = slv.step_order(i, p.steps, slv.ab_order + 1)
+        o = slv.step_order(p, i, slv.ab_order + 1)
         while True:
             if slv.interp == "logrho":
                 h = p.lam[i + 1] - p.lam[i]
@@ -249,7 +249,7 @@ def test_deis_vectorised_weights_equal_one_step_weights(interp, ab_order, sde_na
         else:
             assert torch.equal(w, r)
     if sde_name == "squaredcos" and interp == "t" and ab_order == 3:   # the cap is exercised
-        assert any(len(r) < slv.step_order(i, steps, 4) for i, r in enumerate(ref))
+        assert any(len(r) < slv.step_order(p, i, 4) for i, r in enumerate(ref))
     table = slv.init(p, torch.zeros(2, 2)).extra["table"]
     for i, w in enumerate(W):
         assert table[i] == ExpIntegrator.coefficients(slv, p, torch.tensor([i]), w[:, None])[0]

@@ -22,8 +22,9 @@ from ._args import (
 )
 
 
-def default_solver() -> str:
-    """The default solver of :func:`sdekit.sample` (its signature is the one place it is set)."""
+def default_solver() -> str | None:
+    """The default solver of :func:`sdekit.sample` (its signature is the one place it is set):
+    None, the option-free rule (:func:`sdekit.solvers.default_config`)."""
     from ..integrate import sample
     return inspect.signature(sample).parameters["solver"].default
 
@@ -37,6 +38,12 @@ class _Given(argparse.Action):
         namespace.given = getattr(namespace, "given", set()) | {self.dest}
 
 
+def solver_label(name: str, options: dict[str, Any]) -> str:
+    """``name(k=v, ...)``: a solver with options, as the tables write it."""
+    return name + ("(" + ", ".join(f"{k}={v}" for k, v in sorted(options.items())) + ")"
+                   if options else "")
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = add_command(subparsers, "sample", help="sample a trained checkpoint",
                     description="Draw samples from a checkpoint (EMA weights) with any "
@@ -46,7 +53,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
       help="a `sdekit train` checkpoint (required)")
     a("--solver", default=default_solver(), action=_Given,
       help="registered solver name (see `sdekit solvers`), as in sdekit.sample(); with a "
-           "--grid FILE unless given: the solver it was tuned for")
+           "--grid FILE unless given: the solver it was tuned for (default: sdekit.sample's "
+           "option-free rule, which also picks the grid and the solver's options: "
+           "unipc_bh2(order=3) on logsnr; with --grid NAME: unipc_bh2)")
     a("--steps", type=positive_int, default=20, action=_Given,
       help="solver steps; with a --grid FILE unless given: its steps")
     a("--grid", default=None,
@@ -89,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..grids import GRIDS
-    from ..solvers.registry import get_solver
+    from ..solvers.registry import DEFAULT_SOLVER, default_config, get_solver
     from ..training.checkpoint import CheckpointError, load_model
     from ..training.data import to_data_space
     from ..training.images import save_samples_png
@@ -110,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         args.solver = args.solver if "solver" in given else tuned.solver
         args.steps = args.steps if "steps" in given else tuned.steps
     with user_input("--solver"):
-        slv = get_solver(args.solver)
+        slv = get_solver(args.solver or DEFAULT_SOLVER)
     if args.steps < slv.min_steps:
         raise UsageError(f"--steps={args.steps} is too few for --solver {args.solver}: expected "
                          f"at least {slv.min_steps}")
@@ -167,8 +176,13 @@ def run(args: argparse.Namespace) -> int:
     nrow = 10 if net.num_classes == 10 else None
     save_samples_png(png, x, nrow=nrow)
     transform = cfg.get("transform") or {}
-    meta = {"checkpoint": str(args.checkpoint), "solver": args.solver, "steps": args.steps,
-            "grid": args.grid,
+    solver, grid = args.solver, args.grid
+    if solver is None:   # record what the option-free rule picked
+        rule = default_config(sde, args.steps)
+        solver = DEFAULT_SOLVER if grid else solver_label(rule["solver"], rule["options"])
+        grid = grid or rule["grid"]
+    meta = {"checkpoint": str(args.checkpoint), "solver": solver, "steps": args.steps,
+            "grid": grid,
             "nfe": nfe, "seed": args.seed, "guidance": args.guidance, "ema": not args.raw,
             "cfg_rescale": args.cfg_rescale,
             "classifier": str(args.classifier) if clf is not None else None,

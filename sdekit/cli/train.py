@@ -189,8 +189,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--log-every", type=positive_int, default=None,
                    help="steps between log rows (" + R("log_every") + ")")
     r.add_argument("--sample-solver", default=None,
-                   help="solver of the sample grid at each checkpoint (" + R("sample_solver")
-                   + "; see `sdekit solvers`)")
+                   help="solver of the sample grid at each checkpoint (default: sdekit.sample's "
+                   "option-free rule, which also picks the grid; see `sdekit solvers`)")
     r.add_argument("--sample-steps", type=positive_int, default=None,
                    help="its steps (" + R("sample_steps") + ")")
     r.add_argument("--sample-n", type=positive_int, default=None,
@@ -258,7 +258,7 @@ def check_config(cfg: Any) -> None:
     """Reject what would only fail later (the SDE's keyword arguments, the checkpoint sampler)
     with a :class:`UsageError` naming the flag."""
     from ..sde import SDES, get_sde
-    from ..solvers.registry import get_solver
+    from ..solvers.registry import DEFAULT_SOLVER, get_solver
 
     params = inspect.signature(SDES[cfg.sde].__init__).parameters
     if not any(v.kind is v.VAR_KEYWORD for v in params.values()):
@@ -270,7 +270,7 @@ def check_config(cfg: Any) -> None:
     with user_input("--sde-kwargs"):
         get_sde(cfg.sde, **cfg.sde_kwargs)
     with user_input("--sample-solver"):
-        slv = get_solver(cfg.sample_solver)
+        slv = get_solver(cfg.sample_solver or DEFAULT_SOLVER)
     if cfg.sample_steps < slv.min_steps:
         raise UsageError(f"--sample-steps={cfg.sample_steps} is too few for --sample-solver "
                          f"{cfg.sample_solver}: expected at least {slv.min_steps}")

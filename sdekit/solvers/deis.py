@@ -115,7 +115,7 @@ class DEISMultistep(ExpIntegrator):
         u = rho[steps + 1, None] + half[:, None] * (gx + 1)      # Gauss nodes in rho, per step
         if self.interp == "t":
             u = p.sde.t_of_sigma_tilde(u)
-        order = [self.step_order(i, p.steps, self.ab_order + 1) for i in range(p.steps)]
+        order = [self.step_order(p, i, self.ab_order + 1) for i in range(p.steps)]
         out: list[Tensor] = [torch.empty(0)] * p.steps
         for o in range(self.ab_order + 1, 0, -1):
             idx = torch.tensor([i for i in range(p.steps) if order[i] == o], dtype=torch.long)

@@ -125,7 +125,7 @@ class DPMSolverMultistep(ExpIntegrator):
         last = p.steps - 1 if self.final_to_zero else p.steps
         by_order: dict[int, list[int]] = {}
         for i in range(first, last):
-            by_order.setdefault(self.step_order(i, p.steps, self.max_order, i0), []).append(i)
+            by_order.setdefault(self.step_order(p, i, self.max_order, i0), []).append(i)
         table = {}
         for o, idx in by_order.items():
             steps = torch.tensor(idx)
@@ -407,7 +407,7 @@ class SDEDPMSolverPP(ExpIntegrator):
             # step is the exact posterior draw x_1 = alpha_1 x0 + sigma_1 z
             z = p.noise.increment(p.times[i], p.times[i + 1], x)
             return p.lin(float(p.alpha[i + 1]), m, float(p.sigma[i + 1]), z), st
-        o = self.step_order(i, p.steps, self.order, st.extra["start"])
+        o = self.step_order(p, i, self.order, st.extra["start"])
         h = p.lam[i + 1] - p.lam[i]
         r = torch.stack([(p.lam[i - j] - p.lam[i]) / h for j in range(o)])
         if o == 2 and self.solver_type == "midpoint":

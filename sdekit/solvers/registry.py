@@ -2,12 +2,51 @@
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable
+
+import torch
 
 from .base import Solver
 
-# The one default solver (sdekit.sample, sdekit sample, the trainers' sample previews).
+# The default solver: of the option-free rule (default_config), and of a call that gives a grid
+# but no solver (sdekit.sample, sdekit sample, the trainers' sample previews).
 DEFAULT_SOLVER = "unipc_bh2"
+
+
+#: default_config: the largest logsnr step (in lambda) at which the default solver is of order 3
+ORDER3_MAX_LAMBDA_STEP = 1.2
+
+
+def default_config(sde: Any, steps: int) -> dict[str, Any]:
+    """The option-free call's configuration on forward process ``sde`` at ``steps`` steps:
+    ``{"solver", "options", "grid", "grid_options"}`` (used by ``sdekit.sample``, ``sdekit
+    sample`` and the trainers' sample previews when neither a solver nor a grid is given).
+
+    Rule: ``unipc_bh2`` on the uniform-logSNR grid (``logsnr``), of order 3 where that grid's
+    step in the half-logSNR lambda is at most :data:`ORDER3_MAX_LAMBDA_STEP` (1.2), else of
+    order 2 without the lower-order final step. The step is ``(lambda_max - lambda_min) /
+    steps`` (from the first finite lambda on flow matching): 0.85-1.06 at 10 steps on VP,
+    DDPM, VE, EDM and flow, 1.5 on the DDPM squared-cosine table (order 3 there: 17.5x the best
+    RMS at 10 NFE); 1.7-3 at 5 steps, where order 3 (and, for order 2, the lower-order final
+    step) cost 3-16x on Gaussians. Order 3 on logsnr keeps its high order to the end (its
+    automatic ``lower_order_final`` is off: equal, short steps).
+
+    Measured by ``benchmarks/default_rule.py`` (docs/defaults.md) on sdekit bench's Gaussian
+    and mixture problems under VP, DDPM, squared-cosine DDPM, VE, EDM and flow at 5, 10, 20 NFE:
+    within 1.25x of the best fixed solver x named grid configuration in 22 of 36 cells (18 of
+    36 on a second draw of the problems), against 2 (2) for the previous default (order 2 on
+    logsnr); geometric-mean ratio 1.26 (1.73) against 3.36 (3.54)."""
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+        raise ValueError(f"steps={steps!r} is invalid: expected an integer >= 1")
+    from ..grids import make_grid
+    lam = sde.lambda_(make_grid(sde, "logsnr", steps)).double()
+    d = lam[torch.isfinite(lam)].diff()
+    h = float(d.median()) if d.numel() else math.inf
+    options = ({"order": 3} if h <= ORDER3_MAX_LAMBDA_STEP else
+               {"order": 2, "lower_order_final": False})
+    return {"solver": DEFAULT_SOLVER, "options": options, "grid": "logsnr", "grid_options": {}}
+
 
 _REGISTRY: dict[str, tuple[type[Solver], dict[str, Any]]] = {}
 

@@ -134,7 +134,7 @@ class UniPC(ExpIntegrator):
         last = p.steps - 1 if self.final_to_zero else p.steps
         by_order: dict[int, list[int]] = {}
         for s in range(start, last):
-            by_order.setdefault(self.step_order(s, p.steps, self.max_order, start), []).append(s)
+            by_order.setdefault(self.step_order(p, s, self.max_order, start), []).append(s)
         table: dict[int, tuple] = {}
         for o, idx in by_order.items():
             steps = torch.tensor(idx)

@@ -8,10 +8,9 @@ from torch import Tensor
 
 from ..models import ScoreNet, wrap
 from ..sde.base import ForwardSDE
-from ..solvers.registry import DEFAULT_SOLVER
 
 
-def generate(net: ScoreNet, sde: ForwardSDE, n: int, *, solver: str = DEFAULT_SOLVER,
+def generate(net: ScoreNet, sde: ForwardSDE, n: int, *, solver: str | None = None,
              steps: int = 20, seed: int = 0, y: Tensor | int | None = None, guidance: float = 0.0,
              batch_size: int = 1000, shape: tuple[int, ...] | None = None,
              rescale: float = 0.0, classifier: Any = None, classifier_scale: float = 0.0,
@@ -26,7 +25,8 @@ def generate(net: ScoreNet, sde: ForwardSDE, n: int, *, solver: str = DEFAULT_SO
     classifier, e.g. from ``sdekit train --objective classifier``) with ``classifier_scale``:
     classifier guidance towards ``y`` (:func:`sdekit.guidance.classifier_guidance`; the solve
     runs with ``grad="model"``). ``solver_kwargs`` go to :func:`sdekit.sample` (e.g. ``grid``,
-    ``denoise``, solver options).
+    ``denoise``, solver options). ``solver`` None: :func:`sdekit.sample`'s default (without a
+    ``grid``, the option-free rule :func:`sdekit.solvers.default_config`).
     """
     from ..guidance import classifier_guidance
     from ..integrate import sample  # the solver driver; imported lazily

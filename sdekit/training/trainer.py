@@ -80,7 +80,7 @@ class TrainConfig:
     ckpt_every: int = 1000
     log_every: int = 50
     sample_every: int = 0              # 0: a sample grid at each checkpoint
-    sample_solver: str = "dpmpp_2m"
+    sample_solver: str | None = None   # None: sdekit.sample's option-free rule
     sample_steps: int = 20
     sample_n: int = 64
     device: str = "auto"
