@@ -131,15 +131,19 @@ def evaluate(runner: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- sdekit
-def sdekit_runner(solver: str, grid: str | None, budget: int, **opts: Any) -> dict[str, Any] | None:
-    s = sdekit.get_solver(solver, **opts)
+def sdekit_runner(solver: str | None, grid: str | None, budget: int,
+                  **opts: Any) -> dict[str, Any] | None:
+    """sdekit's ``solver`` on ``grid`` (solver None: the option-free call, ``sample(sde, model,
+    x, steps=N)``, whose rule picks the solver, its options and the grid)."""
+    s = sdekit.get_solver(solver or sdekit.solvers.DEFAULT_SOLVER, **opts)
     steps = budget // s.nfe_per_step
     if steps < max(1, s.min_steps):
         return None
     sig1 = 0.0 if opts.get("final_to_zero") else SIG_MIN
+    kw = dict(opts, solver=solver, grid=grid) if solver else {}
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        sol = sample(SDE, DATA.model(), x, solver=solver, steps=steps, grid=grid, **opts)
+        sol = sample(SDE, DATA.model(), x, steps=steps, **kw)
         return sol.x, sol.nfe
 
     return {"sig0": SIG_MAX, "sig1": sig1, "run": run, "steps": steps}
@@ -369,7 +373,7 @@ def flow_sdekit_runner(prob: FlowProblem, solver: str | None, grid: str | None, 
                        **opts: Any) -> dict[str, Any] | None:
     """sdekit from t = 1 on ``grid`` (None: the option-free call, ``sample(FlowSDE(), model,
     x, steps=N)``)."""
-    name = solver or sdekit.sample.__kwdefaults__["solver"]
+    name = solver or sdekit.solvers.DEFAULT_SOLVER   # the option-free rule's solver
     s = sdekit.get_solver(name, **opts)
     steps = budget // s.nfe_per_step
     if steps < max(1, s.min_steps):
@@ -440,8 +444,9 @@ FLOW_PEERS: list[tuple[str, dict[str, Any]]] = [
 
 def flow_main(args: argparse.Namespace) -> None:
     import diffusers
-    default_solver = sdekit.sample.__kwdefaults__["solver"]
-    default_grid = sdekit.get_solver(default_solver).grid_for(FLOW)
+    default_solver = "default_config: " + ", ".join(
+        f"{n} NFE {sdekit.solvers.default_config(FLOW, n)['options']}" for n in (5, 10, 20))
+    default_grid = sdekit.solvers.default_config(FLOW, 10)["grid"]
     problems = {}
     for pname in args.problems.split(","):
         prob = FlowProblem(pname)
@@ -632,10 +637,10 @@ def main() -> None:
         flow_main(args)
         return
 
-    default_solver = sdekit.sample.__kwdefaults__["solver"]
+    default_solver = sdekit.solvers.DEFAULT_SOLVER   # sdekit.solvers.default_config's rule
     jobs: list[tuple[str, str, bool, Callable[[int], Any]]] = []
-    jobs.append(("sdekit", f"default: sample(..., steps=N) [{default_solver}]", True,
-                 lambda b: sdekit_runner(default_solver, None, b)))
+    jobs.append(("sdekit", f"default: sample(..., steps=N) [{default_solver}, default_config]",
+                 True, lambda b: sdekit_runner(None, None, b)))
     solvers = SDEKIT_SOLVERS[:5] if args.quick else SDEKIT_SOLVERS
     for name, opts in solvers:
         takes = inspect.signature(type(sdekit.get_solver(name)).__init__).parameters
