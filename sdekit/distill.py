@@ -24,7 +24,8 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

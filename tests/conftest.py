@@ -6,7 +6,7 @@ process to the package means adding one line below and every property test picks
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

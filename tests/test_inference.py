@@ -18,14 +18,14 @@ from helpers import gaussian_problem
 NAMES = solver_names()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _solver(name: str, sde_name: str):
     """A solver ready for the 4-D Gaussian problem (``fno`` fits a quick operator once)."""
     sde, data = _problem(sde_name)
     return get_solver(name).for_problem(sde, data.model(), (4,))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _problem(sde_name: str):
     sde = {"vp": sdekit.VPSDE, "ddpm": sdekit.DiscreteDDPM}[sde_name]()
     return sde, gaussian_problem(sde, dim=4)

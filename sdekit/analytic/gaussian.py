@@ -13,7 +13,8 @@ arithmetic is float64; results come back in the input's dtype.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -64,7 +65,7 @@ class GaussianData:
 
     @classmethod
     def random(cls, sde: ForwardSDE, dim: int = 64, eig_max: float = 1.0, eig_min: float = 1e-4,
-               seed: int = 0, mean_scale: float = 0.0) -> "GaussianData":
+               seed: int = 0, mean_scale: float = 0.0) -> GaussianData:
         """Covariance eigenvalues log-spaced from ``eig_max`` down to ``eig_min`` in a random
         orthonormal basis (the benchmark problem), mean ``mean_scale * N(0, I / dim)``."""
         g = torch.Generator().manual_seed(seed)

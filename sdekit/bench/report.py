@@ -11,7 +11,8 @@ import csv
 import io
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from .._io import atomic_write_bytes
 from .runner import DIVERGENCE_RULE, atomic_write_json, describe_reference

@@ -6,7 +6,8 @@ Build one from a JSON-able config with :func:`build_network` and hand it to the 
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn

@@ -26,7 +26,7 @@ per slot (a function of that slot's DDIM estimate and ``x_T``).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn

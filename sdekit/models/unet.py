@@ -4,7 +4,7 @@ self-attention at chosen resolutions, configurable widths and depth, optional cl
 with a null class for classifier-free guidance (Ho & Salimans 2022)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -1,7 +1,7 @@
 """A forward SDE from user functions alpha(t) and sigma(t)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -15,7 +15,8 @@ is interpolated linearly, so that ``log alpha = log alpha_{N-2} + log(1 - w)``.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +96,7 @@ class DiscreteDDPM(ForwardSDE):
 
     @classmethod
     def squaredcos(cls, num_timesteps: int = 1000, s: float = 0.008,
-                   max_beta: float = 0.999) -> "DiscreteDDPM":
+                   max_beta: float = 0.999) -> DiscreteDDPM:
         """The improved-DDPM cosine table (Nichol & Dhariwal 2021, Eq. 17), betas clipped at
         ``max_beta``."""
         n = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps

@@ -57,7 +57,7 @@ class OperatorSampler(Solver):
                              "registered solver)")
         super().check_start(p)
 
-    def for_problem(self, sde: Any, model: Any, state_shape: Any) -> "OperatorSampler":
+    def for_problem(self, sde: Any, model: Any, state_shape: Any) -> OperatorSampler:
         """A quick distillation on this problem when no operator was given (used by the
         registry's contract tests): 512 Heun trajectories and the operator's linear path fitted
         by least squares (no gradient steps; exact for Gaussian data)."""

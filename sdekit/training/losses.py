@@ -27,7 +27,8 @@ All losses are averaged over the data dimensions (so their scale does not grow w
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
