@@ -53,6 +53,32 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _side_by_side(ours, theirs, calls: dict[str, int], peer: str, what: str, steps: int,
+                  rounds: int, row: dict) -> dict:
+    """Warm both up, check that they make the same number of network calls, then time them
+    interleaved (A B A B, ``rounds`` rounds); completes ``row`` with the NFE, min and median ms
+    per step of each (keys ``sdekit_ms_*`` and ``<peer>_ms_*``, ``peer`` without a hyphen) and
+    their ratios, prints it and returns it."""
+    key = peer.replace("-", "")
+    ours(), theirs()  # warm-up (also checks the work is the same)
+    calls.update({"sdekit": 0, peer: 0})
+    ours(), theirs()
+    if calls["sdekit"] != calls[peer]:
+        raise SystemExit(f"{what}: {calls} network calls differ")
+    row["nfe"] = calls["sdekit"]
+    a, b = [], []
+    for _ in range(rounds):  # interleaved A B A B
+        a.append(_timed(ours) / steps * 1e3)
+        b.append(_timed(theirs) / steps * 1e3)
+    row.update({"sdekit_ms_min": min(a), "sdekit_ms_median": statistics.median(a),
+                f"{key}_ms_min": min(b), f"{key}_ms_median": statistics.median(b)})
+    row["ratio_median"] = row["sdekit_ms_median"] / row[f"{key}_ms_median"]
+    row["ratio_min"] = row["sdekit_ms_min"] / row[f"{key}_ms_min"]
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                      for k, v in row.items()}), flush=True)
+    return row
+
+
 def measure(kd, shape: tuple[int, ...], steps: int, rounds: int) -> list[dict]:
     sde = sdekit.EDMSDE()
     calls = {"sdekit": 0, "k-diffusion": 0}
@@ -77,27 +103,11 @@ def measure(kd, shape: tuple[int, ...], steps: int, rounds: int) -> list[dict]:
         def theirs():
             kfn(denoiser("k-diffusion"), x, sigmas, disable=True, **kopts)
 
-        ours(), theirs()  # warm-up (also checks the work is the same)
-        calls.update({"sdekit": 0, "k-diffusion": 0})
-        ours(), theirs()
-        if calls["sdekit"] != calls["k-diffusion"]:
-            raise SystemExit(f"{name} vs {kname}: {calls} network calls differ")
-        nfe = calls["sdekit"]
-        a, b = [], []
-        for _ in range(rounds):  # interleaved A B A B
-            a.append(_timed(ours) / steps * 1e3)
-            b.append(_timed(theirs) / steps * 1e3)
         row = {"regime": f"{'x'.join(map(str, shape))}, {steps} steps", "solver": name,
                "kdiffusion": kname + (f"({', '.join(f'{k}={v}' for k, v in kopts.items())})"
-                                      if kopts else ""),
-               "nfe": nfe, "sdekit_ms_min": min(a), "sdekit_ms_median":
-               statistics.median(a), "kdiffusion_ms_min": min(b),
-               "kdiffusion_ms_median": statistics.median(b)}
-        row["ratio_median"] = row["sdekit_ms_median"] / row["kdiffusion_ms_median"]
-        row["ratio_min"] = row["sdekit_ms_min"] / row["kdiffusion_ms_min"]
-        rows.append(row)
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                          for k, v in row.items()}), flush=True)
+                                      if kopts else "")}
+        rows.append(_side_by_side(ours, theirs, calls, "k-diffusion", f"{name} vs {kname}",
+                                  steps, rounds, row))
     return rows
 
 
@@ -138,25 +148,10 @@ def measure_diffusers(shape: tuple[int, ...], steps: int, rounds: int) -> list[d
             for t in sched.timesteps:
                 y = sched.step(net_b(y, t), t, y).prev_sample
 
-        ours(), theirs()
-        calls.update({"sdekit": 0, "diffusers": 0})
-        ours(), theirs()
-        if calls["sdekit"] != calls["diffusers"]:
-            raise SystemExit(f"{name} vs {cls_name}: {calls} network calls differ")
-        nfe = calls["sdekit"]
-        a, b = [], []
-        for _ in range(rounds):  # interleaved A B A B
-            a.append(_timed(ours) / steps * 1e3)
-            b.append(_timed(theirs) / steps * 1e3)
         row = {"regime": f"{'x'.join(map(str, shape))}, {steps} steps", "solver": name,
-               "diffusers": cls_name, "nfe": nfe, "sdekit_ms_min": min(a),
-               "sdekit_ms_median": statistics.median(a), "diffusers_ms_min": min(b),
-               "diffusers_ms_median": statistics.median(b)}
-        row["ratio_median"] = row["sdekit_ms_median"] / row["diffusers_ms_median"]
-        row["ratio_min"] = row["sdekit_ms_min"] / row["diffusers_ms_min"]
-        rows.append(row)
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                          for k, v in row.items()}), flush=True)
+               "diffusers": cls_name}
+        rows.append(_side_by_side(ours, theirs, calls, "diffusers", f"{name} vs {cls_name}",
+                                  steps, rounds, row))
     return rows
 
 
