@@ -120,6 +120,34 @@ def _init_states(x: int | Tensor, seeds: Sequence[int] | None, seed: int, sde: F
     return z * sde.prior_std, seeds
 
 
+def _check_reference(reference: Any) -> None:
+    if not (callable(reference) or (isinstance(reference, str) and reference in solver_names()
+                                    and get_solver(reference).adaptive)):
+        raise TuneError(f"reference={reference!r} is invalid: expected an adaptive registry "
+                        "solver (e.g. 'dopri5') or a callable exact flow map")
+
+
+def _batches(sde: ForwardSDE, calibration: int | Tensor, seeds: Sequence[int] | None, seed: int,
+             heldout: int | Tensor, heldout_seeds: Sequence[int] | None,
+             heldout_seed: int | None, shape: Sequence[int] | None, dtype: torch.dtype
+             ) -> tuple[Tensor, list[int] | None, Tensor, list[int] | None]:
+    """The calibration and held-out batches of :func:`tune` and :func:`search` (held-out seeds
+    default to ``seed + 1`` and must differ from the calibration ones, the event shapes must
+    agree): ``(x_cal, cal_seeds, x_ho, ho_seeds)``."""
+    x_cal, cal_seeds = _init_states(calibration, seeds, seed, sde, shape, dtype, "calibration")
+    ho_seed = seed + 1 if heldout_seed is None else heldout_seed
+    x_ho, ho_seeds = _init_states(heldout, heldout_seeds, ho_seed, sde,
+                                  shape if shape is not None else tuple(x_cal.shape[1:]),
+                                  dtype, "heldout")
+    if cal_seeds and ho_seeds and set(cal_seeds) & set(ho_seeds):
+        raise TuneError("heldout seeds overlap the calibration seeds: held-out states must differ "
+                        "(use another heldout_seed)")
+    if x_ho.shape[1:] != x_cal.shape[1:]:
+        raise TuneError(f"heldout states have event shape {tuple(x_ho.shape[1:])}, the "
+                        f"calibration states {tuple(x_cal.shape[1:])}")
+    return x_cal, cal_seeds, x_ho, ho_seeds
+
+
 def prior_states(sde: ForwardSDE, n: int, shape: Sequence[int], seed: int = 0,
                  seeds: Sequence[int] | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """The ``n`` initial states :func:`tune` draws for a batch: prior draws with per-sample seeds
@@ -322,22 +350,10 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
         raise TuneError(f"min_move={min_move!r} is invalid: expected a number in (0, 0.5)")
     if not (isinstance(validation, (int, float)) and 0 <= validation < 1):
         raise TuneError(f"validation={validation!r} is invalid: expected a fraction in [0, 1)")
-    if not (callable(reference) or (isinstance(reference, str) and reference in solver_names()
-                                    and get_solver(reference).adaptive)):
-        raise TuneError(f"reference={reference!r} is invalid: expected an adaptive registry "
-                        "solver (e.g. 'dopri5') or a callable exact flow map")
+    _check_reference(reference)
     ident = model_identity(dm, model_tag)
-    x_cal, cal_seeds = _init_states(calibration, seeds, seed, sde, shape, dtype, "calibration")
-    ho_seed = seed + 1 if heldout_seed is None else heldout_seed
-    x_ho, ho_seeds = _init_states(heldout, heldout_seeds, ho_seed, sde,
-                                  shape if shape is not None else tuple(x_cal.shape[1:]),
-                                  dtype, "heldout")
-    if cal_seeds and ho_seeds and set(cal_seeds) & set(ho_seeds):
-        raise TuneError("heldout seeds overlap the calibration seeds: held-out states must differ "
-                        "(use another heldout_seed)")
-    if x_ho.shape[1:] != x_cal.shape[1:]:
-        raise TuneError(f"heldout states have event shape {tuple(x_ho.shape[1:])}, the "
-                        f"calibration states {tuple(x_cal.shape[1:])}")
+    x_cal, cal_seeds, x_ho, ho_seeds = _batches(sde, calibration, seeds, seed, heldout,
+                                                heldout_seeds, heldout_seed, shape, dtype)
     if x_cal.shape == x_ho.shape and bool((x_cal == x_ho).all(dim=tuple(range(1, x_cal.ndim)))
                                            .any()):
         raise TuneError("heldout and calibration batches share initial states: they must differ")
@@ -637,18 +653,10 @@ def search(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], nfe: 
         raise TuneError(f"nfe={nfe!r} is invalid: expected an integer >= 1")
     if not (isinstance(tune_top, int) and tune_top >= 0):
         raise TuneError(f"tune_top={tune_top!r} is invalid: expected an integer >= 0")
-    if not (callable(reference) or (isinstance(reference, str) and reference in solver_names()
-                                    and get_solver(reference).adaptive)):
-        raise TuneError(f"reference={reference!r} is invalid: expected an adaptive registry "
-                        "solver (e.g. 'dopri5') or a callable exact flow map")
+    _check_reference(reference)
     ident = model_identity(dm, model_tag)
-    x_cal, cal_seeds = _init_states(calibration, seeds, seed, sde, shape, dtype, "calibration")
-    ho_seed = seed + 1 if heldout_seed is None else heldout_seed
-    x_ho, ho_seeds = _init_states(heldout, heldout_seeds, ho_seed, sde, tuple(x_cal.shape[1:]),
-                                  dtype, "heldout")
-    if cal_seeds and ho_seeds and set(cal_seeds) & set(ho_seeds):
-        raise TuneError("heldout seeds overlap the calibration seeds: held-out states must differ "
-                        "(use another heldout_seed)")
+    x_cal, cal_seeds, x_ho, ho_seeds = _batches(sde, calibration, seeds, seed, heldout,
+                                                heldout_seeds, heldout_seed, shape, dtype)
     run = _Run(sde, dm, "", {}, 0, dtype, progress)
     ref_cal, rinfo = _reference(run, x_cal, reference, reference_tol)
     ref_ho, _ = _reference(run, x_ho, reference, reference_tol)

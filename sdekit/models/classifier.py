@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .._utils import require
 from .embedding import make_embedding
-from .unet import ResBlock, SelfAttention, _groups
+from .unet import ResBlock, SelfAttention, _groups, check_backbone
 
 
 class NoisyClassifier(nn.Module):
@@ -30,20 +30,11 @@ class NoisyClassifier(nn.Module):
                  num_heads: int = 1, groups: int = 8, dropout: float = 0.0,
                  embedding: str = "sinusoidal") -> None:
         super().__init__()
-        channel_mult = tuple(int(m) for m in channel_mult)
-        attn_resolutions = tuple(int(r) for r in attn_resolutions)
         require(isinstance(num_classes, int) and num_classes >= 2, "num_classes", num_classes,
                 "an integer >= 2")
-        require(isinstance(base_channels, int) and base_channels >= 1, "base_channels",
-                base_channels, "an integer >= 1")
-        require(len(channel_mult) >= 1 and all(m >= 1 for m in channel_mult), "channel_mult",
-                channel_mult, "a non-empty sequence of integers >= 1")
-        require(isinstance(num_res_blocks, int) and num_res_blocks >= 1, "num_res_blocks",
-                num_res_blocks, "an integer >= 1")
-        down = 2 ** (len(channel_mult) - 1)
-        require(isinstance(image_size, int) and image_size >= down and image_size % down == 0,
-                "image_size", image_size, f"a multiple of {down}")
-        require(0 <= dropout < 1, "dropout", dropout, "0 <= dropout < 1")
+        channel_mult, attn_resolutions = check_backbone(in_channels, image_size, base_channels,
+                                                        channel_mult, num_res_blocks,
+                                                        attn_resolutions, dropout)
         self.config = {"name": "classifier", "in_channels": in_channels, "image_size": image_size,
                            "num_classes": num_classes, "base_channels": base_channels,
                            "channel_mult": list(channel_mult), "num_res_blocks": num_res_blocks,

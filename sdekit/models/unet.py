@@ -65,6 +65,30 @@ class SelfAttention(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
+def check_backbone(in_channels: int, image_size: int, base_channels: int,
+                   channel_mult: Sequence[int], num_res_blocks: int,
+                   attn_resolutions: Sequence[int], dropout: float
+                   ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Validate a U-Net backbone's shape arguments (the U-Net's and the noise-conditional
+    classifier's encoder); returns ``channel_mult`` and ``attn_resolutions`` as int tuples."""
+    channel_mult = tuple(int(m) for m in channel_mult)
+    attn_resolutions = tuple(int(r) for r in attn_resolutions)
+    require(isinstance(in_channels, int) and in_channels >= 1, "in_channels", in_channels,
+            "an integer >= 1")
+    require(isinstance(base_channels, int) and base_channels >= 1, "base_channels",
+            base_channels, "an integer >= 1")
+    require(len(channel_mult) >= 1 and all(m >= 1 for m in channel_mult), "channel_mult",
+            channel_mult, "a non-empty sequence of integers >= 1")
+    require(isinstance(num_res_blocks, int) and num_res_blocks >= 1, "num_res_blocks",
+            num_res_blocks, "an integer >= 1")
+    down = 2 ** (len(channel_mult) - 1)
+    require(isinstance(image_size, int) and image_size >= down and image_size % down == 0,
+            "image_size", image_size,
+            f"a multiple of {down} (2^(len(channel_mult)-1) for channel_mult={channel_mult})")
+    require(0 <= dropout < 1, "dropout", dropout, "0 <= dropout < 1")
+    return channel_mult, attn_resolutions
+
+
 class UNet(ScoreNet):
     """U-Net ``F(x, c_noise, y)`` for images of shape ``(in_channels, image_size, image_size)``.
 
@@ -89,21 +113,9 @@ class UNet(ScoreNet):
                  num_classes: int | None = None, prediction: str = "eps",
                  sigma_data: float = 0.5) -> None:
         super().__init__(prediction, sigma_data, num_classes)
-        channel_mult = tuple(int(m) for m in channel_mult)
-        attn_resolutions = tuple(int(r) for r in attn_resolutions)
-        require(isinstance(in_channels, int) and in_channels >= 1, "in_channels", in_channels,
-                "an integer >= 1")
-        require(isinstance(base_channels, int) and base_channels >= 1, "base_channels",
-                base_channels, "an integer >= 1")
-        require(len(channel_mult) >= 1 and all(m >= 1 for m in channel_mult), "channel_mult",
-                channel_mult, "a non-empty sequence of integers >= 1")
-        require(isinstance(num_res_blocks, int) and num_res_blocks >= 1, "num_res_blocks",
-                num_res_blocks, "an integer >= 1")
-        down = 2 ** (len(channel_mult) - 1)
-        require(isinstance(image_size, int) and image_size >= down and image_size % down == 0,
-                "image_size", image_size,
-                f"a multiple of {down} (2^(len(channel_mult)-1) for channel_mult={channel_mult})")
-        require(0 <= dropout < 1, "dropout", dropout, "0 <= dropout < 1")
+        channel_mult, attn_resolutions = check_backbone(in_channels, image_size, base_channels,
+                                                        channel_mult, num_res_blocks,
+                                                        attn_resolutions, dropout)
         self.config = dict(name="unet", in_channels=in_channels, image_size=image_size,
                            base_channels=base_channels, channel_mult=list(channel_mult),
                            num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions),
