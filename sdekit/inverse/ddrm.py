@@ -32,7 +32,7 @@ from ..integrate import Solution, sample
 from ..noise import SeededNoise
 from ..sde.base import ForwardSDE
 from ..solvers.base import Problem, Solver
-from .methods import _START, _base_seeds, _check_state, _streams
+from .methods import _START, _base_seeds, _check_measurement, _streams
 from .operators import SVDOperator
 
 
@@ -109,13 +109,7 @@ def ddrm(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], y: Tens
         sigma_y: the measurement noise's standard deviation (>= 0).
         eta, eta_b: DDRM's noise parameters in [0, 1] (paper's defaults 0.85 and 1).
     """
-    _check_state("y", y)
-    require(isinstance(operator, SVDOperator), "operator", type(operator).__name__,
-            "an sdekit.inverse SVDOperator (Inpainting, SuperResolution, Denoising, "
-            "MatrixOperator): DDRM needs the operator's SVD")
-    if tuple(y.shape[1:]) != tuple(operator.obs_shape):
-        raise ValueError(f"shape mismatch: y has shape {tuple(y.shape)} but {operator!r} "
-                         f"measures (batch, *{tuple(operator.obs_shape)})")
+    _check_measurement(y, operator, ": DDRM needs the operator's SVD")
     require(is_real(sigma_y) and sigma_y >= 0, "sigma_y", sigma_y, "a finite number >= 0")
     for k, v in (("eta", eta), ("eta_b", eta_b)):
         require(is_real(v) and 0 <= v <= 1, k, v, "a number in [0, 1]")

@@ -68,6 +68,18 @@ def _check_state(name: str, x: Any) -> None:
     require(bool(torch.isfinite(x).all()), name, "(a tensor with NaN or Inf)", "finite values")
 
 
+def _check_measurement(y: Any, operator: Any, why: str = "") -> None:
+    """``y`` a finite measurement ``(batch, *operator.obs_shape)`` of an :class:`SVDOperator`
+    (``why``: what needs the SVD, appended to the error)."""
+    _check_state("y", y)
+    require(isinstance(operator, SVDOperator), "operator", type(operator).__name__,
+            "an sdekit.inverse SVDOperator (Inpainting, SuperResolution, Denoising, "
+            "MatrixOperator)" + why)
+    if tuple(y.shape[1:]) != tuple(operator.obs_shape):
+        raise ValueError(f"shape mismatch: y has shape {tuple(y.shape)} but {operator!r} "
+                         f"measures (batch, *{tuple(operator.obs_shape)})")
+
+
 def _coef(sde: ForwardSDE, t: float, like: Tensor) -> tuple[Tensor, Tensor]:
     tt = torch.tensor(float(t), dtype=torch.float64)
     return (append_dims(sde.alpha(tt), like.ndim).to(like),
@@ -185,13 +197,7 @@ def replacement(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], 
     ``y`` (``H x = y``). For :class:`Inpainting` this is :func:`inpaint`; for
     :class:`SuperResolution` the block means are replaced. Arguments as in :func:`inpaint`,
     with ``y`` the measurement ``(batch, *operator.obs_shape)``."""
-    _check_state("y", y)
-    require(isinstance(operator, SVDOperator), "operator", type(operator).__name__,
-            "an sdekit.inverse SVDOperator (Inpainting, SuperResolution, Denoising, "
-            "MatrixOperator)")
-    if tuple(y.shape[1:]) != tuple(operator.obs_shape):
-        raise ValueError(f"shape mismatch: y has shape {tuple(y.shape)} but {operator!r} "
-                         f"measures (batch, *{tuple(operator.obs_shape)})")
+    _check_measurement(y, operator)
     require(bool((operator.s > 0).all()), "operator", operator,
             "an operator without zero singular values (its observed directions are replaced)")
     m = operator.rank
