@@ -58,7 +58,7 @@ from ..sde.discrete import DiscreteDDPM
 from ..sde.flow import FlowSDE
 from ..solvers.base import Solver
 from ..solvers.registry import DEFAULT_SOLVER, get_solver
-from .config import DiffusersSchedule, TimestepScale
+from .config import DiffusersSchedule, TimestepScale, _as_config
 
 #: diffusers' ``timestep_spacing`` rules, accepted as ``grid`` names (integer timesteps of a
 #: discrete table; see :func:`spacing_timesteps`)
@@ -712,15 +712,7 @@ def _build() -> dict[str, type]:
             solver option. To change a model field, edit the config dict."""
             if config is None:
                 raise ValueError("config is required: a diffusers scheduler or its .config")
-            cls_name = None
-            if not isinstance(config, Mapping) and isinstance(getattr(config, "config", None),
-                                                              Mapping):
-                cls_name = type(config).__name__
-                config = config.config
-            if not isinstance(config, Mapping):
-                raise TypeError(f"config must be a diffusers scheduler config (a dict or "
-                                f"FrozenDict) or a scheduler, got {type(config).__name__}")
-            cfg = dict(config)
+            cfg, source = _as_config(config)   # source: the scheduler's class name
             own = {k: cfg.pop(k) for k in OWN_FIELDS if k in cfg}  # a saved SdekitScheduler's
             saved = own.pop("solver_options", None) or {}
             recorded = own.pop("sdekit_sde", None)
@@ -731,7 +723,6 @@ def _build() -> dict[str, type]:
                 raise ValueError("sde= builds a scheduler for an sdekit network: call "
                                  "SdekitScheduler(sde=..., ...) (from_config reads a diffusers "
                                  "scheduler config)")
-            source = cls_name or cfg.get("_class_name")
             if source != "SdekitScheduler":
                 own["source_class"] = source
             given = {k: v for k, v in kwargs.items() if k in OWN_FIELDS}
