@@ -207,9 +207,8 @@ def test_names_in_backticks_exist():
 # ------------------------------------------------------------------------------ layering
 #: docs/architecture.md's layer table, bottom up: a module may import its own layer and the
 #: layers before it (module-name prefixes; the longest prefix decides)
-#: (guidance, interop and tune are the modules other branches add in this round, placed by what
-#: they import; inert until they are merged; interop.export loads training checkpoints, so it
-#: sits with training)
+#: (interop.export loads training checkpoints, so it sits with training; tuned_grid, the file
+#: format the driver reads, sits with the driver)
 LAYERS = ["sdekit._utils sdekit._io", "sdekit.sde", "sdekit.dynamics.parameterization",
           "sdekit.dynamics sdekit.guidance", "sdekit.grids", "sdekit.noise", "sdekit.solvers",
           "sdekit.integrate sdekit.tuned_grid", "sdekit.analytic", "sdekit.likelihood sdekit.inverse",
