@@ -64,7 +64,7 @@ def clean_stale_temps(path: str | os.PathLike, max_age: float = STALE_TMP_AGE_S)
     removed paths."""
     path = Path(path)
     pat = re.compile(re.escape(f".{path.name}.") + r"(?:([0-9a-f]{8})-(\d+)\.)?[a-z0-9_]{8}\.tmp")
-    removed = []
+    removed: list[Path] = []
     try:
         names = os.listdir(path.parent)
     except OSError:

@@ -1,8 +1,11 @@
 """Small shared helpers: broadcasting, validation and dtype handling."""
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import operator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -40,6 +43,12 @@ def _is_int_tensor(v: Any) -> bool:
     import numpy as np
     return isinstance(v, np.integer) or (isinstance(v, Tensor) and v.ndim == 0
                                          and not v.is_floating_point() and v.dtype != torch.bool)
+
+
+def sum_tensors(terms: Iterable[Tensor]) -> Tensor:
+    """``t_0 + t_1 + ...`` in that order (the built-in ``sum``, typed as a tensor; at least one
+    term)."""
+    return functools.reduce(operator.add, terms)
 
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:

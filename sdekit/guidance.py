@@ -143,7 +143,8 @@ def classifier_free(net: Callable[..., Tensor], sde: ForwardSDE, cond: Any, null
         if net.sde is not sde:
             raise ValueError(f"the model was built for {net.sde!r} but is guided for {sde!r}: "
                              "pass the same forward SDE object")
-        net, prediction, time_input = net.net.fn, net.prediction, net.time_input
+        model = net
+        net, prediction, time_input = model.net.fn, model.prediction, model.time_input
     return DiffusionModel(CFGNet(net, cond, null, scale, rescale, cond_arg, **net_kwargs), sde,
                           prediction=prediction, time_input=time_input)
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._utils import append_dims, check_seed, is_real, require
+from ._utils import append_dims, check_seed, is_real, require, sum_tensors
 from .dynamics.parameterization import DiffusionModel, as_model
 from .sde.base import ForwardSDE
 
@@ -171,7 +171,7 @@ def likelihood(sde: ForwardSDE, model: DiffusionModel | Any, x: Tensor, *,
             v = velocity(xx, s)
             if exact:
                 vf = v.reshape(B, D)
-                div = sum(torch.autograd.grad(vf[:, i].sum(), xx, retain_graph=i < D - 1)[0]
+                div = sum_tensors(torch.autograd.grad(vf[:, i].sum(), xx, retain_graph=i < D - 1)[0]
                           .reshape(B, D)[:, i] for i in range(D)).reshape(B, 1)
             else:
                 div = torch.stack([
@@ -186,6 +186,7 @@ def likelihood(sde: ForwardSDE, model: DiffusionModel | Any, x: Tensor, *,
     a, b = (lo_s, hi_s) if in_t else (hi_s, lo_s)
     y0 = torch.cat([x.reshape(B, D), x.new_zeros(B, max(P, 1))], 1)
     if solver in FIXED_METHODS:
+        assert steps is not None  # _check: fixed-grid methods take a step count
         ts = torch.linspace(a, b, steps + 1, dtype=torch.float64).to(x)
         kw: dict[str, Any] = {}
     else:

@@ -89,9 +89,11 @@ def run(args: argparse.Namespace) -> int:
         _check(x, args.solver, args.steps, kw["exact_trace"], args.probes, args.probe,
                args.seed, args.rtol, args.rtol, bins, data_range)
         _check_lattice(x, bins, *data_range)
-    bpd, nfe, t0 = [], 0, time.perf_counter()
+    bpd: list[torch.Tensor] = []
+    nfe, t0 = 0, time.perf_counter()
     for i, s in enumerate(range(0, x.shape[0], args.batch_size)):
         r = likelihood(sde, model, x[s:s + args.batch_size], seed=args.seed + i, **kw)
+        assert r.bpd is not None  # bins are given
         bpd.append(r.bpd)
         nfe += r.nfe
     b = torch.cat(bpd)

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             tuned = load_tuned_grid(args.grid)
         except TuneError as e:
             raise UsageError(f"--grid: {e}") from None
-    given = getattr(args, "given", set())
+    given: set[str] = getattr(args, "given", set())
     if tuned is not None:
         args.solver = args.solver if "solver" in given else tuned.solver
         args.steps = args.steps if "steps" in given else tuned.steps
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
             "cfg_rescale": args.cfg_rescale,
             "classifier": str(args.classifier) if clf is not None else None,
             "classifier_scale": args.classifier_scale if clf is not None else None}
-    arrays = {"x": x.numpy(), "meta": np.array(json.dumps(meta))}
+    arrays: dict[str, Any] = {"x": x.numpy(), "meta": np.array(json.dumps(meta))}
     if transform:
         xd = to_data_space(x, transform)
         if transform.get("data_range"):          # pixel values: clip to the valid range

@@ -17,13 +17,15 @@ def _order(d: dict[str, Any]) -> str:
 
 def batch_invariance(d: dict[str, Any]) -> str:
     """The registry's ``batch_invariant`` in words: does a sample depend on its batch?"""
-    return {True: "yes", "tolerance": "to tol.", False: "no"}.get(d.get("batch_invariant"), "?")
+    labels: dict[Any, str] = {True: "yes", "tolerance": "to tol.", False: "no"}
+    return labels.get(d.get("batch_invariant"), "?")
 
 
 def starts_at_t1(d: dict[str, Any]) -> str:
     """The registry's ``starts_at_alpha_zero`` in words: can it start where alpha = 0 (t = 1 of
     flow matching)?"""
-    return {True: "yes", False: "no"}.get(d.get("starts_at_alpha_zero"), "?")
+    labels: dict[Any, str] = {True: "yes", False: "no"}
+    return labels.get(d.get("starts_at_alpha_zero"), "?")
 
 
 def solver_rows() -> list[list[str]]:

@@ -116,6 +116,7 @@ class DiffusersSchedule:
                              "exactly one of image_seq_len (latent patches) or mu")
         d = self.dynamic_shift
         if mu is None:
+            assert image_seq_len is not None  # exactly one of the two (checked above)
             mu = flux_mu(image_seq_len, d["base_image_seq_len"], d["max_image_seq_len"],
                          d["base_shift"], d["max_shift"])
         return {"mu": float(mu), "shift_type": d["shift_type"]}
@@ -233,7 +234,7 @@ def read_scheduler_config(scheduler_or_config: Any) -> DiffusersSchedule:
     cfg, cls = _as_config(scheduler_or_config)
     flow = _is_flow(cfg, cls)
     n = _positive_int(cfg, "num_train_timesteps", 1000, least=2)
-    common = {"num_train_timesteps": n, "scheduler_class": cls, "config": cfg}
+    common: dict[str, Any] = {"num_train_timesteps": n, "scheduler_class": cls, "config": cfg}
     if flow:
         return _read_flow(cfg, n, common)
     ve = [k for k in _VE_KEYS if k in cfg]

@@ -63,10 +63,11 @@ class DiffusersNet:
                                                          None)
         self._return_dict = params is not None and "return_dict" in params
         accepts_any = params is None or any(p.kind is p.VAR_KEYWORD for p in params.values())
-        unknown = sorted(k for k in self.cond if not accepts_any and k not in params)
+        unknown = [] if params is None or accepts_any else sorted(k for k in self.cond
+                                                                   if k not in params)
         if unknown:
             raise TypeError(f"{type(network).__name__} does not take the conditioning "
-                            f"arguments {unknown}: its arguments are {sorted(params)}")
+                            f"arguments {unknown}: its arguments are {sorted(params or {})}")
         dtype = getattr(network, "dtype", None)
         self.dtype = dtype if isinstance(dtype, torch.dtype) else None
 

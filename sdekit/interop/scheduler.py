@@ -107,6 +107,7 @@ class _SteppedModel(DiffusionModel):
         return super().raw(x, t, input_dtype)
 
     def _net(self, inp: Tensor, cond: Tensor) -> Tensor:
+        assert self._pending is not None  # raw() set it just before this call
         return self._ask(*self._pending)
 
 
@@ -257,6 +258,7 @@ class SchedulerCore:
             raise ValueError(f"num_inference_steps={num_inference_steps!r} is invalid: expected "
                              "an integer >= 1")
         if grid in SPACINGS:
+            assert self.num_train_timesteps is not None  # __init__ refuses a spacing without
             ts = spacing_timesteps(grid, num_inference_steps, self.num_train_timesteps,
                                    self.steps_offset)
             return self.time_of_network_time(ts)
@@ -319,6 +321,7 @@ class SchedulerCore:
         the plan's remaining ones."""
         if self.timesteps is None:
             raise RuntimeError("call set_timesteps(...) before set_begin_index()")
+        assert self.times is not None  # set with the timesteps
         n, order, name = len(self.calls), int(self.solver.nfe_per_step), self.solver.name
         if not (isinstance(begin_index, int) and not isinstance(begin_index, bool)
                 and 0 <= begin_index < n):
@@ -463,6 +466,7 @@ class SchedulerCore:
                                    "from the initial sample, which its plan does not allow for")
         else:
             prev = self._prev
+            assert prev is not None  # set by the solve's first call
             if x is not prev and not torch.equal(x.to(prev.dtype), prev):
                 raise ValueError(
                     f"step() got a sample different from the prev_sample it returned at call "
@@ -470,11 +474,13 @@ class SchedulerCore:
                     "stages), so a pipeline that edits the latents between steps (inpainting "
                     "blends, callbacks) is not supported")
         x0 = self._x0(model_output, x, self.calls[k])
+        assert self._worker is not None  # started by this solve's first call
         msg = self._worker.resume(model_output)
         self._k = k + 1
         return self._handle(msg, k + 1, n), x0
 
     def _is_at(self, timestep: float, k: int) -> bool:
+        assert self.timesteps is not None  # called only after set_timesteps
         expected = float(self.timesteps[k])
         return abs(timestep - expected) <= 1e-5 * (1 + abs(expected))
 
@@ -539,7 +545,8 @@ def _sdekit_schedule(sde: ForwardSDE, prediction: str | None, time_input: Any,
     schedule = DiffusersSchedule(sde=sde, prediction=prediction,
                                  time_input=model.time_input,
                                  kind="ddpm" if discrete else "sdekit",
-                                 num_train_timesteps=sde.N if discrete else 0)
+                                 num_train_timesteps=sde.N if isinstance(sde, DiscreteDDPM)
+                                 else 0)
     record = {"sdekit_sde": repr(sde), "prediction": prediction,
               "time_input": model.time_input if isinstance(model.time_input, str)
               else repr(model.time_input)}
@@ -658,7 +665,7 @@ def _build() -> dict[str, type]:
         ``timesteps[j * order:]`` without calling it begins at its first ``step`` there.
         """
 
-        config_name = "scheduler_config.json"
+        config_name = "scheduler_config.json"  # type: ignore[assignment]  # diffusers: None
 
         def __init__(self, solver: str | Solver = DEFAULT_SOLVER, grid: Any = None,
                      denoise: bool = True, seed: int = 0, seeds: Sequence[int] | None = None,
@@ -791,6 +798,7 @@ def _build() -> dict[str, type]:
                 else:
                     num_inference_steps = n
             core.set_timesteps(num_inference_steps, device, timesteps, times)
+            assert core.times is not None  # set_timesteps sets it
             self.num_inference_steps = (num_inference_steps if num_inference_steps is not None
                                         else core.times.numel())
 

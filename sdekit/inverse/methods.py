@@ -203,10 +203,16 @@ def replacement(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], 
     m = operator.rank
     yb = (operator.Ut(y.detach().double()) / operator.s).to(compute_dtype(y.dtype))
 
-    def replace(x: Tensor, a: Tensor, s: Tensor, noise: SeededNoise | None) -> Tensor:
+    def replace(x: Tensor, a: Tensor | None, s: Tensor | None, noise: SeededNoise | None
+                ) -> Tensor:
+        """The observed coordinates of ``x`` set to ``y_bar`` (with noise: to ``a y_bar + s z``,
+        the forward process's marginal at the current time)."""
         xb = operator.Vt(x.reshape(x.shape[0], -1))
-        obs = yb.to(xb) if noise is None else \
-            a.reshape(-1, 1) * yb.to(xb) + s.reshape(-1, 1) * noise.randn(xb[:, :m])
+        if noise is None:
+            obs = yb.to(xb)
+        else:
+            assert a is not None and s is not None  # given with the noise
+            obs = a.reshape(-1, 1) * yb.to(xb) + s.reshape(-1, 1) * noise.randn(xb[:, :m])
         return operator.V(torch.cat([obs, xb[:, m:]], 1)).reshape(x.shape)
 
     shape = (y.shape[0],) + tuple(operator.event_shape)
@@ -291,7 +297,9 @@ class _DPSModel(DiffusionModel):
                  ) -> None:
         self.__dict__.update(base.__dict__)   # net (and its NFE counter), sde, prediction, memo
         self.base, self.y, self.operator = base, y, operator
-        self.armed, self.grad, self.res_norm = True, None, None
+        self.armed = True
+        self.grad: Tensor | None = None
+        self.res_norm: Tensor | None = None
 
     def predict(self, x: Tensor, t: Any, kind: str, input_dtype: torch.dtype | None = None
                 ) -> Tensor:
@@ -311,7 +319,7 @@ class _DPSModel(DiffusionModel):
 
     def correct(self, x: Tensor, zeta: float) -> Tensor:
         """``x - zeta / ||r|| grad ||r||^2`` per sample, then re-arm for the next step."""
-        if self.grad is None:
+        if self.grad is None or self.res_norm is None:
             raise RuntimeError("DPS: no model call was made during the step")
         step = zeta / self.res_norm.clamp_min(torch.finfo(self.res_norm.dtype).tiny)
         x = x - append_dims(step, x.ndim).to(x) * self.grad.to(x)
@@ -350,6 +358,7 @@ def dps(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], y: Tenso
         ev = getattr(operator, "event_shape", None)
         require(ev is not None, "shape", shape, "the state's shape (batch, *event_shape): the "
                 "operator does not declare its event_shape")
+        assert ev is not None  # required just above
         shape = (y.shape[0],) + tuple(ev)
     shape = tuple(shape)
     require(len(shape) >= 2 and shape[0] == y.shape[0] and all(

@@ -32,6 +32,8 @@ class SinusoidalEmbedding(nn.Module):
     """``[cos(w_k c), sin(w_k c)]`` with ``dim/2`` frequencies geometric in
     ``[min_freq, max_freq]`` (Vaswani et al. 2017, as used by DDPM for timesteps)."""
 
+    freqs: Tensor  # a registered buffer
+
     def __init__(self, dim: int, min_freq: float = 0.01, max_freq: float = 10.0) -> None:
         super().__init__()
         require(isinstance(dim, int) and dim >= 2 and dim % 2 == 0, "dim", dim,
@@ -55,6 +57,8 @@ class FourierEmbedding(nn.Module):
     """Random Fourier features ``[cos(2 pi b_k c), sin(2 pi b_k c)]`` with fixed
     ``b_k ~ N(0, scale^2)`` (Tancik et al. 2020; Song et al. 2021's Gaussian Fourier projection).
     The frequencies are a persistent buffer, so they travel with the checkpoint."""
+
+    freqs: Tensor  # a registered buffer
 
     def __init__(self, dim: int, scale: float = 1.0, seed: int = 0) -> None:
         super().__init__()

@@ -21,6 +21,13 @@ def _groups(ch: int, groups: int) -> int:
     return g
 
 
+def _zero_init(conv: nn.Conv2d) -> None:
+    """Zero a layer's weight and bias: a residual branch that starts as the identity."""
+    nn.init.zeros_(conv.weight)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
 class ResBlock(nn.Module):
     """GN -> SiLU -> conv -> GN * (1 + scale) + shift -> SiLU -> dropout -> conv, plus a skip."""
 
@@ -32,8 +39,7 @@ class ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(_groups(cout, groups), cout)
         self.drop = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
+        _zero_init(self.conv2)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -54,8 +60,7 @@ class SelfAttention(nn.Module):
         self.norm = nn.GroupNorm(_groups(ch, groups), ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = nn.Conv2d(ch, ch, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        _zero_init(self.proj)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
@@ -163,12 +168,11 @@ class UNet(ScoreNet):
                 res *= 2
         self.norm_out = nn.GroupNorm(_groups(ch, groups), ch)
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        _zero_init(self.conv_out)
 
     @staticmethod
-    def _run(blk: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:
-        for layer in blk:
+    def _run(blk: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
+        for layer in blk.children():
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
         return h
 
@@ -187,7 +191,7 @@ class UNet(ScoreNet):
             hs.append(h)
         h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
         for blk in self.up:
-            if isinstance(blk[0], ResBlock):
+            if isinstance(next(blk.children()), ResBlock):
                 h = torch.cat([h, hs.pop()], dim=1)
             h = self._run(blk, h, emb)
         return self.conv_out(F.silu(self.norm_out(h)))

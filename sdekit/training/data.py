@@ -234,14 +234,15 @@ def toy_skeleton(name: str, n: int = 5000) -> tuple[Tensor, Tensor, float, Tenso
         g = (torch.arange(m, dtype=torch.float64) + 0.5) / m
         gy, gx = torch.meshgrid(g, g, indexing="ij")
         cell = torch.stack([gx.flatten(), gy.flatten()], 1)
-        pts, ks = [], []
-        for k in range(8):
-            row = k // 2
-            col = 2 * (k % 2) + (row % 2)
-            pts.append(cell + torch.tensor([col, row], dtype=torch.float64) - 2.0)
-            ks.append(torch.full((m * m,), k, dtype=torch.long))
+        squares: list[Tensor] = []
+        labels: list[Tensor] = []
+        for j in range(8):
+            row = j // 2
+            col = 2 * (j % 2) + (row % 2)
+            squares.append(cell + torch.tensor([col, row], dtype=torch.float64) - 2.0)
+            labels.append(torch.full((m * m,), j, dtype=torch.long))
         # lattice spacing 1/30 of a side: any point of a square is within 0.024 of the lattice
-        return (torch.cat(pts) / 1.15, torch.cat(ks), 0.05 / 1.15,
+        return (torch.cat(squares) / 1.15, torch.cat(labels), 0.05 / 1.15,
                 torch.full((8,), 1 / 8, dtype=torch.float64))
     raise ValueError(f"mode coverage is defined for the toys {sorted(TOYS)}, not {name!r}")
 

@@ -72,6 +72,7 @@ def train_classifier(recipe: dict[str, Any] = RECIPE,
                      verbose: bool = False) -> tuple[DigitClassifier, float]:
     """Train the FD-digits classifier on the training half; returns it and held-out accuracy."""
     ds = load_dataset("digits")
+    assert ds.y is not None  # the digits ship with their labels
     g = torch.Generator().manual_seed(recipe["seed"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe["seed"])
@@ -130,23 +131,25 @@ class FDDigits:
         key = hashlib.sha256(json.dumps({**RECIPE, "torch": torch.__version__},
                                         sort_keys=True).encode()).hexdigest()[:16]
         self.path = Path(cache) if cache is not None else cache_dir() / f"fd_digits_{key}.pt"
-        self.clf: DigitClassifier | None = None
+        clf: DigitClassifier | None = None
         if not retrain and self.path.exists():
             try:
                 blob = torch.load(self.path, map_location="cpu", weights_only=True)
                 clf = DigitClassifier(RECIPE["features"])
                 clf.load_state_dict(blob["state_dict"])
-                self.clf, self.accuracy = clf.eval(), float(blob["accuracy"])
+                clf.eval()
+                self.accuracy = float(blob["accuracy"])
             except Exception:  # a corrupt cache is rebuilt, never trusted
-                self.clf = None
-        if self.clf is None:
-            clf, acc = train_classifier(RECIPE, verbose)
-            self.clf, self.accuracy = clf, acc
-            blob = {"state_dict": clf.state_dict(), "accuracy": acc, "recipe": json.dumps(RECIPE)}
+                clf = None
+        if clf is None:
+            clf, self.accuracy = train_classifier(RECIPE, verbose)
+            blob = {"state_dict": clf.state_dict(), "accuracy": self.accuracy,
+                    "recipe": json.dumps(RECIPE)}
             try:
                 atomic_torch_save(self.path, blob)
             except OSError:
                 pass  # a read-only cache only costs a retrain next time
+        self.clf: DigitClassifier = clf
         for p in self.clf.parameters():
             p.requires_grad_(False)
         ds = load_dataset("digits")
