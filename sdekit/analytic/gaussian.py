@@ -30,6 +30,40 @@ def _vector(name: str, v: Any) -> Tensor:
     return t
 
 
+def _sym_sqrt(S: Tensor) -> Tensor:
+    d, U = torch.linalg.eigh(0.5 * (S + S.T))
+    return (U * d.clamp_min(0).sqrt()) @ U.T
+
+
+def frechet_distance(m1: Any, S1: Any, m2: Any, S2: Any) -> float:
+    """Squared 2-Wasserstein (Frechet) distance between ``N(m1, S1)`` and ``N(m2, S2)``.
+
+    The cross term ``tr (S2^1/2 S1 S2^1/2)^1/2`` is computed from the eigenvalues of the symmetric
+    matrix ``S2^1/2 S1 S2^1/2`` (no non-symmetric matrix square root needed)."""
+    m1, m2 = (torch.as_tensor(v, dtype=torch.float64).reshape(-1) for v in (m1, m2))
+    S1, S2 = (torch.as_tensor(v, dtype=torch.float64) for v in (S1, S2))
+    D = m1.numel()
+    for name, S in (("S1", S1), ("S2", S2)):
+        if S.shape != (D, D) or m2.numel() != D:
+            raise ValueError(f"shape mismatch: means have {m1.numel()} and {m2.numel()} values, "
+                             f"{name} has shape {tuple(S.shape)}: expected ({D}, {D})")
+    r = _sym_sqrt(S2)
+    cross = torch.linalg.eigvalsh(r @ S1 @ r).clamp_min(0).sqrt().sum()
+    fd = ((m1 - m2) ** 2).sum() + torch.trace(S1) + torch.trace(S2) - 2 * cross
+    return float(fd.clamp_min(0))
+
+
+def random_covariance(dim: int, eig_max: float, eig_min: float, generator: torch.Generator
+                      ) -> Tensor:
+    """A ``dim x dim`` covariance with eigenvalues log-spaced from ``eig_max`` down to
+    ``eig_min`` in a random orthonormal basis (QR of a Gaussian matrix, signs fixed so the
+    basis is Haar-distributed), drawn from ``generator``."""
+    Q, R = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+    Q = Q * torch.sign(torch.diagonal(R))
+    eig = torch.logspace(math.log10(eig_max), math.log10(eig_min), dim, dtype=torch.float64)
+    return (Q * eig) @ Q.T
+
+
 class GaussianData:
     """Data distributed as ``N(mean, cov)`` (full covariance), pushed through ``sde``.
 
@@ -69,11 +103,9 @@ class GaussianData:
         """Covariance eigenvalues log-spaced from ``eig_max`` down to ``eig_min`` in a random
         orthonormal basis (the benchmark problem), mean ``mean_scale * N(0, I / dim)``."""
         g = torch.Generator().manual_seed(seed)
-        Q, R = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
-        Q = Q * torch.sign(torch.diagonal(R))
-        eig = torch.logspace(math.log10(eig_max), math.log10(eig_min), dim, dtype=torch.float64)
+        cov = random_covariance(dim, eig_max, eig_min, g)
         mean = mean_scale * torch.randn(dim, generator=g, dtype=torch.float64) / math.sqrt(dim)
-        return cls(sde, mean, (Q * eig) @ Q.T)
+        return cls(sde, mean, cov)
 
     # ------------------------------------------------------------------ helpers
     def _flat(self, x: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 
 * :func:`rms_error`: root-mean-square error per coordinate against reference states of the
   same initial states, ``sqrt(mean_{i,d} (x_id - ref_id)^2)``.
-* :func:`frechet_distance`: squared 2-Wasserstein distance between two Gaussians,
+* :func:`frechet_distance` (defined in :mod:`sdekit.analytic.gaussian`): squared 2-Wasserstein
+  distance between two Gaussians,
   ``|m1 - m2|^2 + tr(S1 + S2 - 2 (S2^1/2 S1 S2^1/2)^1/2)`` (the FID formula).
 * :func:`gaussian_kl`: ``KL(N(m1, S1) || N(m2, S2))`` in nats.
 * :func:`sliced_wasserstein`: sliced 2-Wasserstein distance over random unit directions.
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..analytic.gaussian import frechet_distance
 
 
 def _flat(name: str, x: Any) -> Tensor:
@@ -52,29 +55,6 @@ def fit_gaussian(x: Any) -> tuple[Tensor, Tensor]:
     m = a.mean(0)
     c = a - m
     return m, c.T @ c / (a.shape[0] - 1)
-
-
-def _sym_sqrt(S: Tensor) -> Tensor:
-    d, U = torch.linalg.eigh(0.5 * (S + S.T))
-    return (U * d.clamp_min(0).sqrt()) @ U.T
-
-
-def frechet_distance(m1: Any, S1: Any, m2: Any, S2: Any) -> float:
-    """Squared 2-Wasserstein (Frechet) distance between ``N(m1, S1)`` and ``N(m2, S2)``.
-
-    The cross term ``tr (S2^1/2 S1 S2^1/2)^1/2`` is computed from the eigenvalues of the symmetric
-    matrix ``S2^1/2 S1 S2^1/2`` (no non-symmetric matrix square root needed)."""
-    m1, m2 = (torch.as_tensor(v, dtype=torch.float64).reshape(-1) for v in (m1, m2))
-    S1, S2 = (torch.as_tensor(v, dtype=torch.float64) for v in (S1, S2))
-    D = m1.numel()
-    for name, S in (("S1", S1), ("S2", S2)):
-        if S.shape != (D, D) or m2.numel() != D:
-            raise ValueError(f"shape mismatch: means have {m1.numel()} and {m2.numel()} values, "
-                             f"{name} has shape {tuple(S.shape)}: expected ({D}, {D})")
-    r = _sym_sqrt(S2)
-    cross = torch.linalg.eigvalsh(r @ S1 @ r).clamp_min(0).sqrt().sum()
-    fd = ((m1 - m2) ** 2).sum() + torch.trace(S1) + torch.trace(S2) - 2 * cross
-    return float(fd.clamp_min(0))
 
 
 def gaussian_kl(m1: Any, S1: Any, m2: Any, S2: Any) -> float:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..analytic import GaussianData, GaussianMixtureData
+from ..analytic.gaussian import random_covariance
 from ..dynamics.parameterization import DiffusionModel
 from ..sde.base import ForwardSDE
 from ..sde.vp import VPSDE
@@ -134,12 +134,7 @@ def gmm_problem(sde: ForwardSDE | None = None, dim: int = 16, components: int = 
             raise BenchError(f"{k}={v!r} is invalid: expected an integer >= {lo}")
     g = torch.Generator().manual_seed(seed)
     means = spread * torch.randn(components, dim, generator=g, dtype=torch.float64)
-    eig = torch.logspace(math.log10(eig_max), math.log10(eig_min), dim, dtype=torch.float64)
-    covs = []
-    for _ in range(components):
-        Q, R = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
-        Q = Q * torch.sign(torch.diagonal(R))
-        covs.append((Q * eig) @ Q.T)
+    covs = [random_covariance(dim, eig_max, eig_min, g) for _ in range(components)]
     data = GaussianMixtureData(sde, torch.ones(components), means, torch.stack(covs))
     T, t_end = sde.T, sde.t_min
 

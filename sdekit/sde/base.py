@@ -134,8 +134,6 @@ class ForwardSDE(abc.ABC):
         """Half-logSNR ``lambda(t) = log alpha(t) - log sigma(t)`` (strictly decreasing)."""
         return self._eval(self._lambda, t)
 
-    half_log_snr = lambda_
-
     def sigma_tilde(self, t: Any) -> Tensor:
         """VE-equivalent noise level ``sigma/alpha = exp(-lambda)`` (k-diffusion's / EDM's sigma)."""
         return self._eval(lambda u: torch.exp(-self._lambda(u)), t)

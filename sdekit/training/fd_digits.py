@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._io import atomic_torch_save
+from ..analytic.gaussian import frechet_distance
 from .data import load_dataset, to_source_resolution
 
 RECIPE: dict[str, Any] = {"version": 1, "seed": 0, "epochs": 40, "batch_size": 64, "lr": 2e-3,
@@ -99,18 +100,6 @@ def train_classifier(recipe: dict[str, Any] = RECIPE,
     with torch.no_grad():
         acc = float((clf(ds.x_test).argmax(1) == ds.y_test).double().mean())
     return clf, acc
-
-
-def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
-    """``|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^{1/2})``, with the trace of the matrix square root
-    computed as ``sum sqrt(eig(C1^{1/2} C2 C1^{1/2}))`` (symmetric, so eigh is stable)."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    c1, c2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
-    w, v = np.linalg.eigh((c1 + c1.T) / 2)
-    s1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = s1 @ c2 @ s1
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * tr_sqrt)
 
 
 def _stats(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
