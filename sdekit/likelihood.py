@@ -137,47 +137,21 @@ def likelihood(sde: ForwardSDE, model: DiffusionModel | Any, x: Tensor, *,
     exact = D <= EXACT_TRACE_MAX_DIM if exact_trace is None else exact_trace
     gen = torch.Generator(device=x.device).manual_seed(int(seed))
     x = x.detach()
-    if bins is not None:
+    delta = 0.0
+    if bins is not None:       # uniform dequantisation on the lattice
         lo, hi = float(data_range[0]), float(data_range[1])
         _check_lattice(x, bins, lo, hi)
         delta = (hi - lo) / (bins - 1)
         u = torch.rand(x.shape, generator=gen, dtype=x.dtype, device=x.device)
         x = x + (u - 0.5) * delta
     P = 0 if exact else probes
+    zs = None
     if not exact:
         zs = torch.randn((P,) + x.shape, generator=gen, dtype=x.dtype, device=x.device)
         if probe == "rademacher":
             zs = torch.sign(zs)
-
-    in_t = float(sde.alpha(sde.T)) == 0.0
-    if in_t:
-        lo_s, hi_s = sde.t_min, sde.T
-
-        def velocity(xx: Tensor, s: Tensor) -> Tensor:
-            return model.flow(xx, s)
-    else:
-        lo_s, hi_s = sde.lambda_min, sde.lambda_max
-
-        def velocity(xx: Tensor, s: Tensor) -> Tensor:
-            t = sde.t_of_lambda(s)
-            sig = sde.sigma(t)
-            k = -2 * sig * sig * sde.f(t) / sde.g2(t)
-            return append_dims(k.to(xx), xx.ndim) * xx - append_dims(sig.to(xx), xx.ndim) * model.eps(xx, t)
-
-    def rhs(s: Tensor, y: Tensor) -> Tensor:
-        s = s.double().clamp(lo_s, hi_s)
-        with torch.enable_grad():
-            xx = y[:, :D].reshape((B,) + shape).detach().requires_grad_(True)
-            v = velocity(xx, s)
-            if exact:
-                vf = v.reshape(B, D)
-                div = sum_tensors(torch.autograd.grad(vf[:, i].sum(), xx, retain_graph=i < D - 1)[0]
-                          .reshape(B, D)[:, i] for i in range(D)).reshape(B, 1)
-            else:
-                div = torch.stack([
-                    (torch.autograd.grad(v, xx, zs[k], retain_graph=k < P - 1)[0] * zs[k])
-                    .reshape(B, D).sum(1) for k in range(P)], 1)
-        return torch.cat([v.detach().reshape(B, D), div.detach().to(y)], 1)
+    in_t, lo_s, hi_s, velocity = _probability_flow(sde, model)
+    rhs = _augmented_rhs(velocity, B, shape, lo_s, hi_s, zs)
 
     from torchdiffeq import odeint
 
@@ -204,3 +178,48 @@ def likelihood(sde: ForwardSDE, model: DiffusionModel | Any, x: Tensor, *,
     if bins is not None:
         bpd = -(logp + D * math.log(delta)) / (D * math.log(2))
     return LikelihoodResult(logp=logp, nfe=nfe, logp_se=se, bpd=bpd, z=z)
+
+
+def _probability_flow(sde: ForwardSDE, model: DiffusionModel
+                      ) -> tuple[bool, float, float, Callable[[Tensor, Tensor], Tensor]]:
+    """The probability-flow ODE's velocity and its independent variable: ``(in_t, low,
+    high, velocity(x, s))``. In t where alpha(T) = 0 (flow matching: the model's velocity,
+    finite at T); otherwise in the half-logSNR lambda, ``dx/dlambda = k x - sigma eps`` with
+    ``k = -2 sigma^2 f / g^2`` (smooth where dt/dlambda is not)."""
+    if float(sde.alpha(sde.T)) == 0.0:
+        return True, sde.t_min, sde.T, model.flow
+
+    def velocity(xx: Tensor, s: Tensor) -> Tensor:
+        t = sde.t_of_lambda(s)
+        sig = sde.sigma(t)
+        k = -2 * sig * sig * sde.f(t) / sde.g2(t)
+        return (append_dims(k.to(xx), xx.ndim) * xx
+                - append_dims(sig.to(xx), xx.ndim) * model.eps(xx, t))
+    return False, sde.lambda_min, sde.lambda_max, velocity
+
+
+def _augmented_rhs(velocity: Callable[[Tensor, Tensor], Tensor], B: int, shape: tuple[int, ...],
+                   lo_s: float, hi_s: float, zs: Tensor | None
+                   ) -> Callable[[Tensor, Tensor], Tensor]:
+    """The right-hand side of the state augmented with the divergence: ``y = [x (B, D), l (B,
+    P)]``; the divergence is exact (``zs`` None: D vector-Jacobian products) or Hutchinson's
+    ``z^T (dv/dx) z`` per probe."""
+    D = math.prod(shape)
+
+    def rhs(s: Tensor, y: Tensor) -> Tensor:
+        s = s.double().clamp(lo_s, hi_s)
+        with torch.enable_grad():
+            xx = y[:, :D].reshape((B,) + shape).detach().requires_grad_(True)
+            v = velocity(xx, s)
+            if zs is None:
+                vf = v.reshape(B, D)
+                div = sum_tensors(torch.autograd.grad(vf[:, i].sum(), xx,
+                                                      retain_graph=i < D - 1)[0]
+                                  .reshape(B, D)[:, i] for i in range(D)).reshape(B, 1)
+            else:
+                P = zs.shape[0]
+                div = torch.stack([
+                    (torch.autograd.grad(v, xx, zs[k], retain_graph=k < P - 1)[0] * zs[k])
+                    .reshape(B, D).sum(1) for k in range(P)], 1)
+        return torch.cat([v.detach().reshape(B, D), div.detach().to(y)], 1)
+    return rhs

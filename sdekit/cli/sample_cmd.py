@@ -94,30 +94,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
-    from ..grids import GRIDS
-    from ..solvers.registry import DEFAULT_SOLVER, default_config, get_solver
-    from ..training.checkpoint import CheckpointError, load_model
-    from ..training.data import to_data_space
-    from ..training.images import save_samples_png
+    from ..solvers.registry import DEFAULT_SOLVER, get_solver
+    from ..training.checkpoint import load_model
     from ..training.sampling import generate
-    from ..tune import TuneError, is_grid_file, load_tuned_grid
 
-    tuned = None
-    if args.grid is not None and args.grid not in GRIDS:
-        if not is_grid_file(args.grid):
-            raise UsageError(f"--grid={args.grid!r} is invalid: expected one of {sorted(GRIDS)} "
-                             "or a tuned grid file (.json, made by sdekit tune)")
-        try:
-            tuned = load_tuned_grid(args.grid)
-        except TuneError as e:
-            raise UsageError(f"--grid: {e}") from None
-    given: set[str] = getattr(args, "given", set())
-    if tuned is not None:
-        args.solver = args.solver if "solver" in given else tuned.solver
-        args.steps = args.steps if "steps" in given else tuned.steps
+    tuned = _tuned_grid(args)
     with user_input("--solver"):
         slv = get_solver(args.solver or DEFAULT_SOLVER)
     if args.steps < slv.min_steps:
@@ -125,37 +106,15 @@ def run(args: argparse.Namespace) -> int:
                          f"at least {slv.min_steps}")
     apply_threads(args.threads)
     net, sde, cfg = load_model(args.checkpoint, ema=not args.raw)  # CheckpointError: main
-    for flag, given, recorded in (("--sde", args.sde, cfg.get("sde")),
+    for flag, value, recorded in (("--sde", args.sde, cfg.get("sde")),
                                   ("--prediction", args.prediction, net.prediction)):
-        if given is not None and given != recorded:
+        if value is not None and value != recorded:
             what = "trained on the SDE" if flag == "--sde" else "trained to predict"
-            raise UsageError(f"{flag}={given!r} is invalid for checkpoint "
+            raise UsageError(f"{flag}={value!r} is invalid for checkpoint "
                              f"{str(args.checkpoint)!r}: its network was {what} {recorded!r} "
                              f"(loss {cfg.get('loss')!r}): expected {recorded!r}, or omit {flag}")
-    clf = None
-    if args.classifier is not None:
-        try:
-            clf, _, ccfg = load_model(args.classifier)
-        except CheckpointError as e:
-            raise UsageError(f"--classifier: {e}") from e
-        if ccfg.get("loss") != "classifier" or ccfg.get("sde") != cfg.get("sde") or \
-                ccfg.get("sde_kwargs", {}) != cfg.get("sde_kwargs", {}):
-            what = ("is not a classifier checkpoint (made by `sdekit train --objective "
-                    "classifier`)" if ccfg.get("loss") != "classifier" else
-                    f"was trained on the SDE {ccfg.get('sde')!r} {ccfg.get('sde_kwargs', {})}, "
-                    f"the model on {cfg.get('sde')!r} {cfg.get('sde_kwargs', {})}")
-            raise UsageError(f"--classifier {str(args.classifier)!r} {what}")
-    classes = net.num_classes or (clf.num_classes if clf is not None else None)
-    y = None
-    if classes:
-        y = (torch.full((args.n,), args.label) if args.label is not None
-             else torch.arange(args.n) % classes)
-        if args.label is not None and not 0 <= args.label < classes:
-            raise UsageError(f"--label={args.label} is invalid: expected 0..{classes - 1}")
-    if not net.num_classes and (args.guidance or args.cfg_rescale or
-                                (args.label is not None and clf is None)):
-        raise UsageError("--label/--guidance/--cfg-rescale need a class-conditional checkpoint "
-                         "(trained with --class-cond), or --classifier for --label")
+    clf = _classifier(args, cfg)
+    y = _labels(args, net, clf)
     kw = {"grid": args.grid} if args.grid else {}
     if tuned is not None and args.solver == tuned.solver:
         kw.update(tuned.solver_options)   # the options it was tuned with
@@ -170,11 +129,84 @@ def run(args: argparse.Namespace) -> int:
                           classifier_scale=args.classifier_scale, **kw)
     except (ValueError, KeyError) as e:   # a library input error, after the checks above
         raise UsageError(str(e.args[0] if e.args else e)) from e
+    png, npz = _save(args, x, y, nfe, net, sde, cfg, clf)
+    print(f"{args.n} samples, {nfe} NFE ({args.solver}, {args.steps} steps) -> {png}, {npz}")
+    return 0
+
+
+def _tuned_grid(args: argparse.Namespace) -> Any:
+    """The tuned grid file ``--grid`` names (None for a named grid); its solver and step count
+    fill ``--solver``/``--steps`` where they were not given."""
+    from ..grids import GRIDS
+    from ..tune import TuneError, is_grid_file, load_tuned_grid
+
+    if args.grid is None or args.grid in GRIDS:
+        return None
+    if not is_grid_file(args.grid):
+        raise UsageError(f"--grid={args.grid!r} is invalid: expected one of {sorted(GRIDS)} "
+                         "or a tuned grid file (.json, made by sdekit tune)")
+    try:
+        tuned = load_tuned_grid(args.grid)
+    except TuneError as e:
+        raise UsageError(f"--grid: {e}") from None
+    given: set[str] = getattr(args, "given", set())
+    args.solver = args.solver if "solver" in given else tuned.solver
+    args.steps = args.steps if "steps" in given else tuned.steps
+    return tuned
+
+
+def _classifier(args: argparse.Namespace, cfg: dict[str, Any]) -> Any:
+    """The ``--classifier`` network (None without it), checked against the model's SDE."""
+    from ..training.checkpoint import CheckpointError, load_model
+
+    if args.classifier is None:
+        return None
+    try:
+        clf, _, ccfg = load_model(args.classifier)
+    except CheckpointError as e:
+        raise UsageError(f"--classifier: {e}") from e
+    if ccfg.get("loss") != "classifier" or ccfg.get("sde") != cfg.get("sde") or \
+            ccfg.get("sde_kwargs", {}) != cfg.get("sde_kwargs", {}):
+        what = ("is not a classifier checkpoint (made by `sdekit train --objective "
+                "classifier`)" if ccfg.get("loss") != "classifier" else
+                f"was trained on the SDE {ccfg.get('sde')!r} {ccfg.get('sde_kwargs', {})}, "
+                f"the model on {cfg.get('sde')!r} {cfg.get('sde_kwargs', {})}")
+        raise UsageError(f"--classifier {str(args.classifier)!r} {what}")
+    return clf
+
+
+def _labels(args: argparse.Namespace, net: Any, clf: Any) -> Any:
+    """The class labels of the samples (``--label``, else 0, 1, ... cycling; None for an
+    unconditional model without a classifier)."""
+    import torch
+
+    classes = net.num_classes or (clf.num_classes if clf is not None else None)
+    y = None
+    if classes:
+        y = (torch.full((args.n,), args.label) if args.label is not None
+             else torch.arange(args.n) % classes)
+        if args.label is not None and not 0 <= args.label < classes:
+            raise UsageError(f"--label={args.label} is invalid: expected 0..{classes - 1}")
+    if not net.num_classes and (args.guidance or args.cfg_rescale or
+                                (args.label is not None and clf is None)):
+        raise UsageError("--label/--guidance/--cfg-rescale need a class-conditional checkpoint "
+                         "(trained with --class-cond), or --classifier for --label")
+    return y
+
+
+def _save(args: argparse.Namespace, x: Any, y: Any, nfe: int, net: Any, sde: Any,
+          cfg: dict[str, Any], clf: Any) -> tuple[Any, Any]:
+    """Write the sample grid (.png) and the samples with their metadata (.npz)."""
+    import numpy as np
+
+    from ..solvers.registry import DEFAULT_SOLVER, default_config
+    from ..training.data import to_data_space
+    from ..training.images import save_samples_png
+
     out = args.out or args.checkpoint.parent / "samples"
     out.parent.mkdir(parents=True, exist_ok=True)
     png, npz = out.with_name(out.name + ".png"), out.with_name(out.name + ".npz")
-    nrow = 10 if net.num_classes == 10 else None
-    save_samples_png(png, x, nrow=nrow)
+    save_samples_png(png, x, nrow=10 if net.num_classes == 10 else None)
     transform = cfg.get("transform") or {}
     solver, grid = args.solver, args.grid
     if solver is None:   # record what the option-free rule picked
@@ -196,5 +228,4 @@ def run(args: argparse.Namespace) -> int:
     if y is not None:
         arrays["y"] = y.numpy()
     np.savez(npz, **arrays)
-    print(f"{args.n} samples, {nfe} NFE ({args.solver}, {args.steps} steps) -> {png}, {npz}")
-    return 0
+    return png, npz

@@ -74,6 +74,19 @@ def _check_sigmas(sigmas: Any) -> Tensor:
     return s
 
 
+def _check_call(model: Any, x: Any, extra_args: Any, callback: Any) -> None:
+    """The types of a k-diffusion sampler call's arguments (sigmas: :func:`_check_sigmas`)."""
+    if not callable(model):
+        raise TypeError(f"model must be a k-diffusion denoiser D(x, sigma, **extra_args), "
+                        f"got {type(model).__name__}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if extra_args is not None and not isinstance(extra_args, dict):
+        raise TypeError(f"extra_args must be a dict or None, got {type(extra_args).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+
+
 def k_sampler(solver: str | Solver, *, seed: int = 0, float64: bool = False, **options: Any
               ) -> Callable[..., Tensor]:
     """A k-diffusion-style sampler running the registered sdekit ``solver`` (a name, with
@@ -107,15 +120,7 @@ def k_sampler(solver: str | Solver, *, seed: int = 0, float64: bool = False, **o
     def sample(model: Callable[..., Tensor], x: Tensor, sigmas: Tensor,
                extra_args: dict[str, Any] | None = None, callback: Callable[[dict], Any] | None
                = None, disable: bool | None = None) -> Tensor:
-        if not callable(model):
-            raise TypeError(f"model must be a k-diffusion denoiser D(x, sigma, **extra_args), "
-                            f"got {type(model).__name__}")
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if extra_args is not None and not isinstance(extra_args, dict):
-            raise TypeError(f"extra_args must be a dict or None, got {type(extra_args).__name__}")
-        if callback is not None and not callable(callback):
-            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        _check_call(model, x, extra_args, callback)
         s = _check_sigmas(sigmas)
         sig_of = (lambda i: sigmas[i]) if isinstance(sigmas, Tensor) else (lambda i: s[i])
         to_zero = float(s[-1]) == 0.0
