@@ -138,7 +138,7 @@ class Cell:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Cell:
+    def from_dict(cls, d: Mapping[str, Any] | Cell) -> Cell:
         """The cell of a JSON object written by :meth:`to_dict` (a ``Cell`` is returned as
         is). Identity keys it leaves out read as in ``_ABSENT`` (None, '' or False), so a
         partial document still reports; a key outside the schema raises a ``ValueError``."""

@@ -562,15 +562,14 @@ def evaluate(prep: Prepared, x: Tensor, stochastic: bool) -> Metrics:
         out.rms = M.rms_error(x, prep.x_ref)
     flat = x.reshape(x.shape[0], -1).double()
     if prep.target is not None:
-        law: tuple[Tensor, ...] | None = None
-        how = "fit"
+        exact = None  # the output law exactly: a linear map of Gaussian initial states
         if p.linear and p.init_gaussian is not None and p.features is None and not stochastic:
-            law = M.affine_gaussian_law(prep.x_init, flat, *p.init_gaussian)
-            how = "exact"
-        if law is None:
+            exact = M.affine_gaussian_law(prep.x_init, flat, *p.init_gaussian)
+        if exact is not None:
+            m, S, how = exact[0], exact[1], "exact"
+        else:
             feats = p.features(x).reshape(x.shape[0], -1).double() if p.features else flat
-            law, how = M.fit_gaussian(feats), "fit"
-        m, S = law[0], law[1]
+            (m, S), how = M.fit_gaussian(feats), "fit"
         out.fd, out.fd_method = M.frechet_distance(m, S, *prep.target), how
         if p.gaussian_target and (how == "exact" or flat.shape[0] > flat.shape[1] + 1):
             out.kl, out.kl_method = _finite(M.gaussian_kl(m, S, *prep.target)), how
