@@ -10,13 +10,17 @@ optional keys ``grid_file``, ``tuned``, ``reason`` and ``timing_error`` only whe
 something), and :meth:`Cell.from_dict` reads it back.
 
 ========================  ==========================================================
-identity (always)         solver, label, options, family, kind, order, adaptive, id,
-                          grid, [grid_file, tuned], budget, tol, steps, expected_nfe
-outcome (always)          status, note, [reason]
+identity                  solver, label, options, family, kind, order, adaptive, id,
+                          grid, [grid_file, tuned], budget, tol
+plan and outcome          status, note, steps, expected_nfe
 :class:`Run`              nfe, wall_s, ms_per_sample, macs_per_sample, passes
 :class:`Metrics`          rms, fd, fd_method, kl, kl_method, sw, mmd
+why not ok                [reason]
 :class:`Timing`           [timing_error], ms_min, ms_median, timing_repeats
 ========================  ==========================================================
+
+(This is the order the sweep has always written a fixed-grid cell in; tolerance and tuned
+cells once had ``steps, expected_nfe`` before ``status, note``.)
 """
 from __future__ import annotations
 
@@ -124,13 +128,13 @@ class Cell:
             d["grid_file"] = self.grid_file
         if self.tuned:
             d["tuned"] = True
-        d.update(budget=self.budget, tol=self.tol, steps=self.steps,
-                 expected_nfe=self.expected_nfe, status=self.status, note=self.note)
-        if self.reason is not None:
-            d["reason"] = self.reason
+        d.update(budget=self.budget, tol=self.tol, status=self.status, note=self.note,
+                 steps=self.steps, expected_nfe=self.expected_nfe)
         for part in (self.run, self.metrics):
             if part is not None:
                 d.update(asdict(part))
+        if self.reason is not None:
+            d["reason"] = self.reason
         if self.timing_error is not None:
             d["timing_error"] = self.timing_error
         if self.timing is not None:
