@@ -263,7 +263,7 @@ def reference_warning(results: Mapping[str, Any]) -> str | None:
     return (f"warning: the reference's estimated RMS error {fmt(est)} exceeds {len(low)} of the "
             f"{len(ranked)} RMS errors it ranks (smallest {fmt(rms)}, {best.label} at "
             f"NFE {best.value('nfe')}): those are below what the reference resolves; rerun with "
-            "a tighter reference tolerance")
+            "a tighter --reference-tol")
 
 
 def _summary_line(results: Mapping[str, Any]) -> str:

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._args import (
     THREADS_HELP,
@@ -23,6 +23,9 @@ from ._args import (
     positive_int,
     seed_int,
 )
+
+if TYPE_CHECKING:
+    from ..bench.runner import SweepConfig
 
 DEFAULT_OUT = Path("runs") / "bench"
 EPILOG = """\
@@ -137,7 +140,7 @@ FLAGS = {"solvers": "--solvers", "exclude": "--exclude", "solver_options": "--so
          "metrics": "--metrics", "formats": "--formats"}
 
 
-def _config(args: argparse.Namespace) -> Any:
+def _config(args: argparse.Namespace) -> SweepConfig:
     """The :class:`~sdekit.bench.runner.SweepConfig` of the flags (checked when made)."""
     from ..bench.runner import SweepConfig, check_solver_names
     from ..solvers.registry import solver_names
