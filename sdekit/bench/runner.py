@@ -54,6 +54,7 @@ from torch import Tensor
 from .. import __version__
 from .._io import (IntegrityError, LockedError, atomic_write_bytes, exclusive_lock,
                    load_verified, save_verified)
+from .. import integrate as _driver
 from ..grids import BENCH_GRIDS, GRIDS
 from ..integrate import sample
 from ..solvers.base import ModelOutputError, Solver
@@ -67,6 +68,7 @@ from .problems import BenchError, BenchProblem
 BENCH_FORMAT = "sdekit-bench/1"
 DEFAULT_NFE = (5, 10, 20, 50)
 DEFAULT_TOLS = (1e-2, 1e-3, 1e-4)
+
 METRIC_DOCS = {
     "rms": "per-coordinate RMS error against the reference PF-ODE solution from the same initial "
            "state (exact flow map for Gaussians, else a converged adaptive solve); ODE solvers "
@@ -741,8 +743,8 @@ def fingerprint_files(name: str) -> list[str]:
     sources, the grids, the forward processes and the model contract."""
     cls = type(get_solver(name))
     files = {inspect.getsourcefile(k) for k in cls.__mro__ if k.__module__.startswith("sdekit")}
-    files |= {inspect.getsourcefile(sample), inspect.getsourcefile(M)}
-    root = Path(inspect.getsourcefile(sample) or ".").parent
+    files |= {inspect.getsourcefile(_driver), inspect.getsourcefile(M)}
+    root = Path(inspect.getsourcefile(_driver) or ".").parent
     files |= {str(root / f) for f in ("noise.py", "grids.py", "_utils.py")}
     files |= {str(f) for d in ("sde", "dynamics") for f in (root / d).glob("*.py")}
     return sorted(f for f in files if f)
@@ -750,12 +752,12 @@ def fingerprint_files(name: str) -> list[str]:
 
 def solver_code_fingerprint(name: str, options: Mapping[str, Any] | None = None) -> str:
     """A hash of the code a cell's result depends on: the solver's module (and its base
-    classes' modules), the driver, the metrics, the cell evaluation and the cell schema, plus the contents of any
-    file an option names (a learned operator's checkpoint), so a cached cell is recomputed when
-    any of them changes."""
+    classes' modules), the driver, the metrics, the cell's solve and evaluation and the cell
+    schema, plus the contents of any file an option names (a learned operator's checkpoint), so
+    a cached cell is recomputed when any of them changes."""
     h = hashlib.sha1(__version__.encode())
     h.update("".join(inspect.getsource(f) for f in (evaluate, compute_cell, divergence, _notes,
-                                                    _schema)).encode())
+                                                    cell_solve, build_solver, _schema)).encode())
     for f in fingerprint_files(name):
         try:
             h.update(Path(f).read_bytes())
@@ -828,8 +830,6 @@ def describe_reference(ref: Mapping[str, Any]) -> str:
     return s
 
 
-
-
 def run_sweep(problem: BenchProblem, config: SweepConfig, cache_dir: Path | str, *,
               resume: bool = True, progress: bool = True, rank: int | None = None,
               world_size: int | None = None, timeout: float = 3600.0) -> dict[str, Any] | None:
@@ -878,6 +878,7 @@ def _ranks(rank: int | None, world_size: int | None) -> tuple[int, int]:
 def _sweep(problem: BenchProblem, config: SweepConfig, plan: Plan, cache_dir: Path, *,
            resume: bool, progress: bool, rank: int, world: int, timeout: float
            ) -> dict[str, Any] | None:
+    """prepare -> this rank's cells (cache) -> [rank 0] merge -> timing -> document."""
     t_start = time.perf_counter()
     prep = _prepare_shown(problem, config, cache_dir, rank, world, timeout, progress and rank == 0)
     cache = CellCache(prep.cache_dir / "cells", os.environ.get("TORCHELASTIC_RUN_ID", "local"),
