@@ -368,3 +368,117 @@ def test_cell_fingerprint_covers_what_every_solve_runs_through():
     for need in ("noise.py", "grids.py", "integrate.py", "sde/vp.py", "sde/base.py",
                  "dynamics/parameterization.py", "solvers/ode.py", "solvers/base.py"):
         assert need in names, need
+
+
+# ------------------------------------------------------------------ typed cells, one build
+def test_cells_read_back_the_saved_results_and_write_the_same_json():
+    """The schema in sdekit/bench/cells.py covers every key of recorded results: each saved
+    cell reads back as a Cell whose to_dict is the same object; a key outside it is refused."""
+    from pathlib import Path
+
+    from sdekit.bench.cells import Cell
+    saved = json.loads((Path(__file__).parents[1] / "benchmarks/results/analytic_gaussian.json")
+                       .read_text())
+    statuses = set()
+    for c in saved["cells"]:
+        cell = Cell.from_dict(c)
+        assert cell.to_dict() == c, c["id"]
+        statuses.add(cell.status)
+        assert (cell.run is None) == ("nfe" not in c) and (cell.timing is None) == ("ms_min"
+                                                                                   not in c)
+    assert statuses == {"ok", "skipped", "diverged"}
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['rsm'\]"):
+        Cell.from_dict({**saved["cells"][0], "rsm": 1.0})
+
+
+def test_sweep_builds_each_solver_configuration_once(tmp_path, monkeypatch):
+    """One build per solver configuration (and per tolerance cell), however many cells and
+    timing rounds run it: every solve of a cell, first and timed, uses the planned solver.
+    (The sweep used to build each solver five times per configuration and once more for every
+    solve.)"""
+    from sdekit.bench.cells import Cell
+    builds: list[str] = []
+    real_get = runner.get_solver
+
+    def counting(name, **options):
+        builds.append(name)
+        return real_get(name, **options)
+
+    solves: dict[str, set[int]] = {}
+    real_sample = runner.sample
+
+    def spy(*a, solver, **kw):
+        solves.setdefault(current[0], set()).add(id(solver))
+        return real_sample(*a, solver=solver, **kw)
+
+    current = [""]
+    real_cell_solve = runner.cell_solve
+
+    def cell_solve(prep, cell, config):
+        current[0] = cell.id
+        return real_cell_solve(prep, cell, config)
+
+    monkeypatch.setattr(runner, "get_solver", counting)
+    monkeypatch.setattr(runner, "sample", spy)
+    monkeypatch.setattr(runner, "cell_solve", cell_solve)
+    config = SweepConfig(solvers=["ddim", "heun", "dopri5"], grids=["logsnr", "uniform"],
+                         nfe=[4, 8], tols=[1e-2, 1e-3], n=16, timing_repeats=2)
+    plan = runner.make_plan(config)
+    assert sorted(builds) == ["ddim", "dopri5", "dopri5", "dopri5", "heun"]  # 2 tolerance cells
+    assert all(isinstance(c, Cell) and c.built is plan.solvers[c.solver]
+               for c in plan.cells if c.tol is None)
+    builds.clear()
+    res = run_sweep(gaussian_problem(dim=2), config, tmp_path, progress=False)
+    assert res["summary"]["ok"] == 10
+    # the sweep's own plan (5 builds), and an option-free instance per name for the class
+    # whose source the cache fingerprints
+    assert len(builds) == 5 + 3, builds
+    assert set(solves) == {c["id"] for c in res["cells"]}
+    assert all(len(objs) == 1 for objs in solves.values())   # 1 + 2 timed solves, one solver
+
+
+def test_adaptive_solvers_are_swept_over_tolerances():
+    """Tolerance cells come from the solver's declared kind (``adaptive``), not from probing
+    its constructor for a TypeError: every registered adaptive solver gets one cell per
+    tolerance, built with it; given its own rtol it runs on the budget grid instead."""
+    adaptive = [n for n in solver_names() if get_solver(n).adaptive]
+    assert adaptive
+    cells = plan_cells(SweepConfig(solvers=adaptive, grids=["logsnr"], nfe=[8],
+                                   tols=[1e-2, 1e-4]))
+    assert [(c.solver, c.tol) for c in cells] == [(n, t) for n in adaptive for t in (1e-2, 1e-4)]
+    assert all(c.built.rtol == c.built.atol == c.tol for c in cells)
+    (fixed,) = plan_cells(SweepConfig(solvers=["dopri5"], grids=["logsnr"], nfe=[8],
+                                      solver_options={"dopri5": {"rtol": 1e-3}}))
+    assert fixed.tol is None and fixed.steps == 8 and fixed.status == "planned"
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"nfe": [0]}, "nfe"), ({"tols": [-1.0]}, "tols"), ({"n": 1}, "n"), ({"n_ref": 1}, "n_ref"),
+    ({"solvers": ["nope"]}, "solvers"), ({"grids": ["cubic"]}, "grids"),
+    ({"solver_options": {"nope": {}}}, "solver_options"), ({"reference_tol": 2.0},
+                                                           "reference_tol"),
+    ({"timing_repeats": -1}, "timing_repeats"), ({"reference_solver": "nope"},
+                                                 "reference_solver"),
+])
+def test_library_errors_name_the_setting_not_a_flag(kw, field):
+    """A SweepConfig is checked when made; its error names the field and no command-line flag
+    (the CLI maps field -> flag: tests above see '--nfe=[0] is invalid')."""
+    from sdekit.bench.runner import ConfigError
+    with pytest.raises(ConfigError) as e:
+        SweepConfig(**kw)
+    assert e.value.field == field and str(e.value).startswith(field) and "--" not in str(e.value)
+
+
+def test_report_and_option_errors_name_the_setting_not_a_flag():
+    from sdekit.bench import report
+    from sdekit.bench.runner import ConfigError
+    for check, bad, field in ((report.check_formats, ["pdf"], "formats"),
+                              (report.check_metrics, ["fid"], "metrics")):
+        with pytest.raises(ConfigError, match=rf"^{field}: unknown .*'{bad[0]}'") as e:
+            check(bad)
+        assert e.value.field == field and "--" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^formats: unknown format\(s\) \['pdf'\]"):
+        report.write_reports({"cells": []}, "unused", ["pdf"])
+    with pytest.raises(ConfigError, match=r"^solver_options for 'heun': .*unknown options") as e:
+        plan_cells(SweepConfig(solvers=["heun"], solver_options={"heun": {"bogus": 1}}))
+    assert "--" not in str(e.value)

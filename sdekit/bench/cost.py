@@ -94,7 +94,7 @@ def network_macs_per_sample(model: Any, x: Tensor, t: float) -> float | None:
     before = getattr(counter, "count", None)
     with torch.no_grad(), count_macs() as c:
         model.raw(x, t)
-    if before is not None:
+    if counter is not None and before is not None:
         counter.count = before
     return c.macs / x.shape[0] if c.macs else None
 

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._args import (
     THREADS_HELP,
@@ -23,6 +23,9 @@ from ._args import (
     positive_int,
     seed_int,
 )
+
+if TYPE_CHECKING:
+    from ..bench.runner import SweepConfig
 
 DEFAULT_OUT = Path("runs") / "bench"
 EPILOG = """\
@@ -130,53 +133,60 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+#: the flag of each library setting named by a :class:`sdekit.bench.runner.ConfigError`
+FLAGS = {"solvers": "--solvers", "exclude": "--exclude", "solver_options": "--solver-option",
+         "grids": "--grids", "nfe": "--nfe", "tols": "--tols", "n": "--n", "n_ref": "--n-ref",
+         "reference_tol": "--reference-tol", "timing_repeats": "--timing-repeats",
+         "metrics": "--metrics", "formats": "--formats"}
+
+
+def _config(args: argparse.Namespace) -> SweepConfig:
+    """The :class:`~sdekit.bench.runner.SweepConfig` of the flags (checked when made)."""
+    from ..bench.runner import SweepConfig, check_solver_names
+    from ..solvers.registry import solver_names
+
+    check_solver_names(args.exclude, "exclude")  # (--solvers: checked by SweepConfig)
+    solvers = [s for s in (args.solvers or solver_names()) if s not in set(args.exclude)]
+    if not solvers:
+        raise UsageError("--solvers/--exclude leave no solver to run")
+    options: dict[str, dict[str, Any]] = {}
+    for name, key, val in args.solver_option:
+        if name in solver_names() and name not in solvers:
+            raise UsageError(f"-O/--solver-option {name}.{key}=...: solver {name!r} is not "
+                             f"swept (--solvers/--exclude leave {solvers}): add it to "
+                             "--solvers or drop the option")
+        options.setdefault(name, {})[key] = val
+    return SweepConfig(solvers=solvers, grids=args.grids or None, nfe=args.nfe, tols=args.tols,
+                       n=args.n, n_ref=args.n_ref, seed=args.seed, solver_options=options,
+                       float64=args.float64, reference_tol=args.reference_tol,
+                       timing_repeats=args.timing_repeats)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..bench import report
     from ..bench.problems import PROBLEMS, BenchError, resolve_problem
-    from ..bench.runner import SweepConfig, run_sweep
+    from ..bench.runner import CacheBusyError, ConfigError, run_sweep
     from ..sde import get_sde
-    from ..solvers.registry import solver_names
 
     try:
         builtin = args.problem in PROBLEMS
         apply_threads(args.threads, 1 if builtin else None)
         if not builtin and (args.sde is not None or args.dim is not None):
-            raise BenchError(f"--sde/--dim configure the built-in problems {sorted(PROBLEMS)} "
+            raise UsageError(f"--sde/--dim configure the built-in problems {sorted(PROBLEMS)} "
                              f"only, not --problem {args.problem!r}")
-        bad = [m for m in args.metrics if m not in report.METRICS]
-        if bad:
-            raise BenchError(f"--metrics: unknown metric(s) {bad}: expected any of "
-                             f"{list(report.METRICS)}")
-        bad = [f for f in args.formats if f not in report.FORMATS]
-        if bad:
-            raise BenchError(f"--formats: unknown format(s) {bad}: expected any of "
-                             f"{list(report.FORMATS)}")
-        names = solver_names()
-        for s in args.exclude:
-            if s not in names:
-                raise BenchError(f"--exclude: unknown solver {s!r}: expected one of {names}")
-        solvers = [s for s in (args.solvers or names) if s not in set(args.exclude)]
-        if not solvers:
-            raise BenchError("--solvers/--exclude leave no solver to run")
-        options: dict[str, dict[str, Any]] = {}
-        for name, key, val in args.solver_option:
-            if name in names and name not in solvers:
-                raise UsageError(f"-O/--solver-option {name}.{key}=...: solver {name!r} is not "
-                                 f"swept (--solvers/--exclude leave {solvers}): add it to "
-                                 "--solvers or drop the option")
-            options.setdefault(name, {})[key] = val
-        config = SweepConfig(solvers=solvers, grids=args.grids or None, nfe=args.nfe,
-                             tols=args.tols, n=args.n, n_ref=args.n_ref, seed=args.seed,
-                             solver_options=options, float64=args.float64,
-                             reference_tol=args.reference_tol,
-                             timing_repeats=args.timing_repeats)
-        config.validate()  # fail on names before building the problem
+        report.check_metrics(args.metrics)
+        report.check_formats(args.formats)
+        config = _config(args)  # fails on names before building the problem
         sde = get_sde(args.sde) if args.sde is not None else None
         problem = resolve_problem(args.problem, sde=sde, dim=args.dim, seed=args.seed)
         out = args.out or default_out_dir(DEFAULT_OUT / problem.name)
         cache = args.cache_dir or out / "cache"
         results = run_sweep(problem, config, cache, resume=not args.fresh,
                             progress=not args.quiet, timeout=args.shard_timeout)
+    except ConfigError as e:   # the library names its settings; here they are flags
+        raise UsageError(FLAGS.get(e.field, e.field) + e.detail) from e
+    except CacheBusyError as e:
+        raise UsageError(f"{e} (--out or --cache-dir)") from e
     except (BenchError, ValueError, TypeError) as e:   # reported once, by main
         raise UsageError(str(e)) from e
     except KeyboardInterrupt:
