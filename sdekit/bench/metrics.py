@@ -194,7 +194,9 @@ def affine_gaussian_law(x_in: Any, y_out: Any, mean_in: Any, cov_in: Any,
     if n <= D + 1:
         return None
     Xa = torch.cat([X, torch.ones(n, 1, dtype=torch.float64)], 1)
-    W = torch.linalg.lstsq(Xa, Y).solution
+    # by QR, not torch.linalg.lstsq: on CPU lstsq is not bitwise deterministic between calls
+    Q, R = torch.linalg.qr(Xa)
+    W = torch.linalg.solve_triangular(R, Q.T @ Y, upper=True)
     resid = float((Y - Xa @ W).norm() / (Y - Y.mean(0)).norm().clamp_min(1e-300))
     if not resid < tol:
         return None
