@@ -23,7 +23,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from collections.abc import Sequence
 
 import torch
@@ -38,6 +38,9 @@ from .sde.base import ForwardSDE
 from ._io import IntegrityError, atomic_write_bytes, content_hash, load_verified, save_verified
 from .training.checkpoint import load_state
 from .training.trainer import FitLoop, FitSettings
+
+if TYPE_CHECKING:
+    from .models.fno import TrajectoryOperator
 
 SPACINGS = ("quadratic", "logsnr", "uniform")
 
@@ -107,7 +110,8 @@ def generate_trajectories(path: str | Path, sde: ForwardSDE, model: DiffusionMod
     times_out = output_times(sde, slots, spacing)
     grid = teacher_grid(sde, times_out, steps_per_segment)
     teacher_sha256 = teacher_sha256 or weights_sha256_of(model)
-    meta = {"teacher": teacher, "teacher_sha256": teacher_sha256, "sde": repr(sde),
+    meta: dict[str, Any] = {
+            "teacher": teacher, "teacher_sha256": teacher_sha256, "sde": repr(sde),
             "solver": solver, "solver_options": solver_options,
             "steps_per_segment": steps_per_segment, "spacing": spacing,
             "times_out": [float(t) for t in times_out], "t_start": sde.T, "n": int(n),
@@ -116,15 +120,7 @@ def generate_trajectories(path: str | Path, sde: ForwardSDE, model: DiffusionMod
     path.mkdir(parents=True, exist_ok=True)
     mfile = path / "meta.json"
     if mfile.exists():
-        old = _read_meta(mfile)
-        # the teacher is identified by its weights where known, not by the path as typed
-        skip = {"teacher_nfe", "teacher" if teacher_sha256 and old.get("teacher_sha256")
-                else "teacher_sha256"}
-        for k in meta:
-            if k not in skip and old.get(k) != meta[k]:
-                raise ValueError(f"{mfile} was made with {k}={old.get(k)!r}, not {meta[k]!r}: "
-                                 "use another directory or the same settings")
-        meta["teacher_nfe"] = old.get("teacher_nfe")
+        _check_resumed_meta(mfile, meta)
     else:  # settings first, so an interrupted run is only ever resumed with the same ones
         atomic_write_bytes(mfile, json.dumps(meta, indent=1).encode())
     seeds = sample_seeds(seed, n)
@@ -150,6 +146,20 @@ def generate_trajectories(path: str | Path, sde: ForwardSDE, model: DiffusionMod
         meta["teacher_nfe"] = sol.nfe
     atomic_write_bytes(mfile, json.dumps(meta, indent=1).encode())
     return path
+
+
+def _check_resumed_meta(mfile: Path, meta: dict[str, Any]) -> None:
+    """Refuse to resume the dataset of ``mfile`` with other settings than ``meta``'s; takes
+    its ``teacher_nfe`` into ``meta``. The teacher is identified by its weights where both
+    know them, not by the description (a path as typed)."""
+    old = _read_meta(mfile)
+    skip = {"teacher_nfe", "teacher" if meta["teacher_sha256"] and old.get("teacher_sha256")
+            else "teacher_sha256"}
+    for k in meta:
+        if k not in skip and old.get(k) != meta[k]:
+            raise ValueError(f"{mfile} was made with {k}={old.get(k)!r}, not {meta[k]!r}: "
+                             "use another directory or the same settings")
+    meta["teacher_nfe"] = old.get("teacher_nfe")
 
 
 def _read_meta(mfile: Path) -> dict[str, Any]:
@@ -211,7 +221,7 @@ def default_backbone(state_shape: Sequence[int]) -> dict[str, Any]:
             "attn_resolutions": []}
 
 
-def build_operator(config: dict[str, Any]):
+def build_operator(config: dict[str, Any]) -> TrajectoryOperator:
     from .models import build_network
     from .models.fno import TrajectoryOperator
     o = config["operator"]
@@ -341,7 +351,7 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     return loop.ema
 
 
-def load_operator(path: str | Path):
+def load_operator(path: str | Path) -> tuple[TrajectoryOperator, dict[str, Any]]:
     """``(operator, config)`` from an operator checkpoint (EMA weights)."""
     from .training.checkpoint import CheckpointError, load_checkpoint, load_state
     ck = load_checkpoint(path)

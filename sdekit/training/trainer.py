@@ -569,7 +569,7 @@ class Trainer(FitLoop):
         config.net = complete_net_config(config, self.dataset)
         with torch.random.fork_rng(devices=[]):     # initial weights depend on the seed only
             torch.manual_seed(_seed_for(config.seed, "init"))
-            net = build_network(config.net).to(self.device)
+            net: Any = build_network(config.net).to(self.device)   # see `Trainer.net`
         config.net = dict(net.config)           # the complete, explicit network config
         if self.dataset.is_image and self.device.type == "cpu":
             net.to(memory_format=torch.channels_last)   # ~15% faster oneDNN convolutions
@@ -591,8 +591,8 @@ class Trainer(FitLoop):
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DDP(net, device_ids=ids)
         self.x = self.dataset.x.to(self.device)
-        labelled = config.class_cond or self.is_classifier
-        self.y = self.dataset.y.to(self.device) if labelled else None
+        y = self.dataset.y if config.class_cond or self.is_classifier else None
+        self.y = y.to(self.device) if y is not None else None
         if resume:
             self.resume()
 
@@ -706,7 +706,11 @@ class Trainer(FitLoop):
     def draw_samples(self, n: int | None = None) -> torch.Tensor:
         """Samples from the EMA network with the configured solver (class labels cycling 0..9
         for a class-conditional network)."""
+        from ..models import ScoreNet
         from .sampling import generate
+        if not isinstance(self.ema, ScoreNet):
+            raise TypeError(f"draw_samples needs a score network, not a "
+                            f"{type(self.ema).__name__} (loss={self.cfg.loss!r})")
         n = n or self.cfg.sample_n
         y = None
         if self.net.num_classes:
