@@ -656,9 +656,11 @@ class Trainer(FitLoop):
         """The network and the training problem (:data:`IDENTITY_KEYS`) must match; the rest
         may change (a key of :data:`ADDED_KEYS` missing from an older checkpoint had its
         default)."""
-        added = {k: TrainConfig.__dataclass_fields__[k].default for k in ADDED_KEYS}
+        full = dict(config)
+        for k in ADDED_KEYS:
+            full.setdefault(k, TrainConfig.__dataclass_fields__[k].default)
         return ({k: config.get(k) for k in IDENTITY_KEYS},
-                {k: config.get(k, added.get(k)) for k in config
+                {k: v for k, v in full.items()
                  if k not in IDENTITY_KEYS and k not in ("steps", "transform")})
 
     # ----------------------------------------------------------------- one step
