@@ -1,6 +1,10 @@
 """The trainer: AdamW with warm-up, gradient clipping, EMA, fixed seeds, atomic checkpoints with
 exact resume, CSV log, sample grids, and data-parallel training under ``torchrun``.
 
+The loop itself is :class:`FitLoop` (with its schedule, :class:`FitSettings`): :class:`Trainer`
+and the operator distillation (:func:`sdekit.distill.train_operator`) both run it, each
+supplying the loss of a step and its checkpoint config.
+
 Randomness is counter-based: the batch indices, training times, noise and label dropout of step
 ``k`` on rank ``r`` come from a generator seeded with a hash of ``(seed, r, k)``, and dropout
 layers run under a forked global RNG seeded the same way. A run resumed from a checkpoint
