@@ -19,12 +19,11 @@ teacher model whose loaded weights carry another one (:func:`check_teacher`).
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from collections.abc import Sequence
 
 import torch
@@ -37,6 +36,11 @@ from .integrate import sample
 from .noise import sample_seeds
 from .sde.base import ForwardSDE
 from ._io import IntegrityError, atomic_write_bytes, content_hash, load_verified, save_verified
+from .training.checkpoint import load_state
+from .training.trainer import FitLoop, FitSettings
+
+if TYPE_CHECKING:
+    from .models.fno import TrajectoryOperator
 
 SPACINGS = ("quadratic", "logsnr", "uniform")
 
@@ -106,7 +110,8 @@ def generate_trajectories(path: str | Path, sde: ForwardSDE, model: DiffusionMod
     times_out = output_times(sde, slots, spacing)
     grid = teacher_grid(sde, times_out, steps_per_segment)
     teacher_sha256 = teacher_sha256 or weights_sha256_of(model)
-    meta = {"teacher": teacher, "teacher_sha256": teacher_sha256, "sde": repr(sde),
+    meta: dict[str, Any] = {
+            "teacher": teacher, "teacher_sha256": teacher_sha256, "sde": repr(sde),
             "solver": solver, "solver_options": solver_options,
             "steps_per_segment": steps_per_segment, "spacing": spacing,
             "times_out": [float(t) for t in times_out], "t_start": sde.T, "n": int(n),
@@ -115,15 +120,7 @@ def generate_trajectories(path: str | Path, sde: ForwardSDE, model: DiffusionMod
     path.mkdir(parents=True, exist_ok=True)
     mfile = path / "meta.json"
     if mfile.exists():
-        old = _read_meta(mfile)
-        # the teacher is identified by its weights where known, not by the path as typed
-        skip = {"teacher_nfe", "teacher" if teacher_sha256 and old.get("teacher_sha256")
-                else "teacher_sha256"}
-        for k in meta:
-            if k not in skip and old.get(k) != meta[k]:
-                raise ValueError(f"{mfile} was made with {k}={old.get(k)!r}, not {meta[k]!r}: "
-                                 "use another directory or the same settings")
-        meta["teacher_nfe"] = old.get("teacher_nfe")
+        _check_resumed_meta(mfile, meta)
     else:  # settings first, so an interrupted run is only ever resumed with the same ones
         atomic_write_bytes(mfile, json.dumps(meta, indent=1).encode())
     seeds = sample_seeds(seed, n)
@@ -149,6 +146,20 @@ def generate_trajectories(path: str | Path, sde: ForwardSDE, model: DiffusionMod
         meta["teacher_nfe"] = sol.nfe
     atomic_write_bytes(mfile, json.dumps(meta, indent=1).encode())
     return path
+
+
+def _check_resumed_meta(mfile: Path, meta: dict[str, Any]) -> None:
+    """Refuse to resume the dataset of ``mfile`` with other settings than ``meta``'s; takes
+    its ``teacher_nfe`` into ``meta``. The teacher is identified by its weights where both
+    know them, not by the description (a path as typed)."""
+    old = _read_meta(mfile)
+    skip = {"teacher_nfe", "teacher" if meta["teacher_sha256"] and old.get("teacher_sha256")
+            else "teacher_sha256"}
+    for k in meta:
+        if k not in skip and old.get(k) != meta[k]:
+            raise ValueError(f"{mfile} was made with {k}={old.get(k)!r}, not {meta[k]!r}: "
+                             "use another directory or the same settings")
+    meta["teacher_nfe"] = old.get("teacher_nfe")
 
 
 def _read_meta(mfile: Path) -> dict[str, Any]:
@@ -210,7 +221,7 @@ def default_backbone(state_shape: Sequence[int]) -> dict[str, Any]:
             "attn_resolutions": []}
 
 
-def build_operator(config: dict[str, Any]):
+def build_operator(config: dict[str, Any]) -> TrajectoryOperator:
     from .models import build_network
     from .models.fno import TrajectoryOperator
     o = config["operator"]
@@ -220,6 +231,66 @@ def build_operator(config: dict[str, Any]):
                               start=o.get("start"), coeffs=o.get("coeffs"))
 
 
+def _operator_config(data: str | Path, sde: ForwardSDE, meta: dict[str, Any],
+                     backbone: dict | None, *, width: int, layers: int, modes: int,
+                     experts: int, backbone_at: str, train: dict[str, Any]) -> dict[str, Any]:
+    """The operator checkpoint's config: the operator (backbone, output times and their
+    lambdas, ``backbone_at='start'``'s coefficients), the teacher's description and weights
+    hash, the SDE's repr and the training settings ``train`` (with the dataset's path and
+    content hash)."""
+    shape = tuple(meta["state_shape"])
+    operator: dict[str, Any] = {"width": width, "layers": layers, "modes": modes,
+                                "experts": experts, "skip": "full" if len(shape) == 1 else "scalar"}
+    if backbone_at == "start":
+        t_out = torch.tensor(meta["times_out"], dtype=torch.float64)
+        t0 = torch.tensor(float(meta["t_start"]), dtype=torch.float64)
+        operator.update(start=[float(sde.alpha(t0)), float(sde.sigma(t0))],
+                        coeffs=[sde.alpha(t_out).tolist(), sde.sigma(t_out).tolist()])
+    data_id = content_hash({k: v for k, v in meta.items() if k not in ("teacher", "teacher_nfe")})
+    return {"kind": "operator", "teacher": meta.get("teacher", ""),
+            "teacher_sha256": meta.get("teacher_sha256"), "sde_repr": repr(sde),
+            "state_shape": list(shape), "times_out": meta["times_out"],
+            "t_start": meta["t_start"],
+            "lambdas": [float(sde.lambda_(t)) for t in meta["times_out"]],
+            "backbone": backbone or default_backbone(shape), "operator": operator,
+            "train": {**train, "data": str(data), "data_sha256": data_id}}
+
+
+class _OperatorFit(FitLoop):
+    """:class:`~sdekit.training.trainer.FitLoop` on a trajectory dataset: the weighted L2 loss
+    ``sum_k w_k |pred_k - target_k|^2`` on a batch of ``batch`` trajectories drawn with a
+    generator seeded by ``(seed, step)``."""
+
+    resume_hint = "remove it or use the same settings to resume"
+
+    def __init__(self, op: torch.nn.Module, x_T: Tensor, traj: Tensor, config: dict[str, Any],
+                 out: Path, fit: FitSettings, *, batch: int, seed: int,
+                 progress: bool) -> None:
+        super().__init__(op, torch.optim.Adam(op.parameters(), lr=fit.lr), fit,
+                         checkpoint_path=out, progress=progress, desc="operator")
+        self.x_T, self.traj, self.config, self.batch, self.seed = x_T, traj, config, batch, seed
+        w = torch.tensor(config["lambdas"]).exp().clamp(1, 1e4)   # clamp(sqrt(SNR_k), 1, 1e4)
+        self.w = (w / w.mean()).reshape((1, -1) + (1,) * (traj.dim() - 2))
+
+    def loss_at(self, step: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)  # counter-based batches
+        idx = torch.randint(0, self.x_T.shape[0], (self.batch,), generator=g)
+        return (self.w * (self.net(self.x_T[idx]) - self.traj[idx]) ** 2).mean()
+
+    def saved_config(self) -> dict[str, Any]:
+        return self.config
+
+    def resume_keys(self, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Everything must match but the step target (resuming may extend a run) and the
+        paths as typed (the data is identified by ``data_sha256``, a hashed teacher by
+        ``teacher_sha256``)."""
+        must = {k: v for k, v in config.items() if k != "train"
+                and (k != "teacher" or not config.get("teacher_sha256"))}
+        must.update({f"train.{k}": v for k, v in config["train"].items()
+                     if k not in ("steps", "data")})
+        return must, {}
+
+
 def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
                    backbone: dict | None = None, init_backbone: dict | None = None,
                    width: int = 64, layers: int = 2, modes: int = 2, experts: int = 1,
@@ -227,7 +298,7 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
                    batch: int = 128, lr: float = 2e-4, warmup: int = 100,
                    lr_decay: str = "cosine", grad_clip: float = 1.0, ema_decay: float = 0.999,
                    seed: int = 0, checkpoint_every: int = 500, until: int | None = None,
-                   progress: bool = False):
+                   progress: bool = False) -> torch.nn.Module:
     """Train (or resume training) an operator on a trajectory dataset; returns the EMA operator.
 
     ``backbone_at``: ``"slots"`` runs the backbone on ``x_T`` once per output time (conditioned
@@ -239,42 +310,30 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     lambdas, the teacher's description and weights hash, the SDE's repr), weights, EMA,
     optimiser and step. Resuming is keyed on content (the teacher's hash, the dataset's
     settings), not on how the paths were spelled.
-    The learning rate warms up over ``warmup`` steps, then follows ``lr_decay`` ("cosine" to 0
-    at ``steps``, or "constant"). ``until`` stops (with a checkpoint) before ``steps``: a later
-    call resumes exactly where it stopped.
+    The loop is :class:`~sdekit.training.trainer.FitLoop`'s (Adam): the learning rate warms up
+    over ``warmup`` steps, then follows ``lr_decay`` ("cosine" to 0 at ``steps``, or
+    "constant"); gradients are clipped to norm ``grad_clip`` (0: no clipping); a NaN or
+    infinite loss stops with :class:`~sdekit.training.trainer.TrainingDiverged`, keeping the
+    last checkpoint. ``until`` stops (with a checkpoint) before ``steps``: a later call resumes
+    exactly where it stopped.
     """
-    from .training.checkpoint import load_checkpoint, load_state, save_checkpoint
-    from .training.trainer import lr_at, update_ema
-    require(isinstance(steps, int) and steps >= 0, "steps", steps, "an integer >= 0")
     require(isinstance(batch, int) and batch >= 1, "batch", batch, "an integer >= 1")
-    require(lr > 0, "lr", lr, "a positive number")
-    require(isinstance(warmup, int) and warmup >= 0, "warmup", warmup, "an integer >= 0")
-    require(lr_decay in ("cosine", "constant"), "lr_decay", lr_decay, "'cosine' or 'constant'")
-    require(0 <= ema_decay < 1, "ema_decay", ema_decay, "0 <= ema_decay < 1")
+    require(isinstance(checkpoint_every, int) and checkpoint_every >= 1, "checkpoint_every",
+            checkpoint_every, "an integer >= 1")
+    require(isinstance(grad_clip, (int, float)) and grad_clip >= 0, "grad_clip", grad_clip,
+            "a number >= 0 (0 or inf: no clipping)")
     require(backbone_at in ("slots", "start"), "backbone_at", backbone_at, "'slots' or 'start'")
+    fit = FitSettings(steps=steps, lr=lr, warmup=warmup, lr_decay=lr_decay,
+                      grad_clip=grad_clip or math.inf, ema_decay=ema_decay,
+                      ckpt_every=checkpoint_every)
     x_T, traj, meta = load_trajectories(data)
     if meta["sde"] != repr(sde):
         raise ValueError(f"the trajectories were made with {meta['sde']}, not {sde!r}")
-    shape = tuple(meta["state_shape"])
-    lambdas = [float(sde.lambda_(t)) for t in meta["times_out"]]
-    operator = {"width": width, "layers": layers, "modes": modes, "experts": experts,
-                "skip": "full" if len(shape) == 1 else "scalar"}
-    if backbone_at == "start":
-        t_out = torch.tensor(meta["times_out"], dtype=torch.float64)
-        t0 = torch.tensor(float(meta["t_start"]), dtype=torch.float64)
-        operator.update(start=[float(sde.alpha(t0)), float(sde.sigma(t0))],
-                        coeffs=[sde.alpha(t_out).tolist(), sde.sigma(t_out).tolist()])
-    data_id = content_hash({k: v for k, v in meta.items() if k not in ("teacher", "teacher_nfe")})
-    config = {"kind": "operator", "teacher": meta.get("teacher", ""),
-              "teacher_sha256": meta.get("teacher_sha256"), "sde_repr": repr(sde),
-              "state_shape": list(shape), "times_out": meta["times_out"],
-              "t_start": meta["t_start"], "lambdas": lambdas,
-              "backbone": backbone or default_backbone(shape),
-              "operator": operator,
-              "train": {"steps": steps, "batch": batch, "lr": lr, "warmup": warmup,
-                        "lr_decay": lr_decay, "grad_clip": grad_clip, "ema_decay": ema_decay,
-                        "seed": seed, "data": str(data), "data_sha256": data_id,
-                        "init_backbone": init_backbone is not None}}
+    train = {"steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "lr_decay": lr_decay,
+             "grad_clip": grad_clip, "ema_decay": ema_decay, "seed": seed,
+             "init_backbone": init_backbone is not None}
+    config = _operator_config(data, sde, meta, backbone, width=width, layers=layers,
+                              modes=modes, experts=experts, backbone_at=backbone_at, train=train)
     torch.manual_seed(seed)
     op = build_operator(config)
     out = Path(out)
@@ -283,60 +342,16 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
             load_state(op.backbone, init_backbone, data, "backbone initialisation")
         if backbone_at == "slots":
             op.fit_linear_path(x_T, traj, seed=seed)
-    ema = copy.deepcopy(op)
-    opt = torch.optim.Adam(op.parameters(), lr=lr)
-    step = 0
-    if out.exists():
-        ck = load_checkpoint(out)
-        def same(c: dict) -> dict:
-            # the step target may grow (resuming extends a run); paths as typed do not count
-            # (the data is identified by data_sha256, a hashed teacher by teacher_sha256)
-            c = {k: v for k, v in c.items() if k != "teacher" or not c.get("teacher_sha256")}
-            return {**c, "train": {k: v for k, v in c["train"].items()
-                                   if k not in ("steps", "data")}}
-        if same(ck["config"]) != same(config):
-            raise ValueError(f"checkpoint {out} was written with another config: remove it or "
-                             "use the same settings to resume")
-        load_state(op, ck["model"], out)
-        load_state(ema, ck["ema"], out, "EMA")
-        opt.load_state_dict(ck["optimizer"])
-        step = ck["step"]
-    w = torch.tensor(lambdas).exp().clamp(1, 1e4)
-    w = (w / w.mean()).reshape((1, -1) + (1,) * len(shape))
-    stop = steps if until is None else min(int(until), steps)
-    it = range(step, stop)
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, initial=step, total=steps, desc="operator")
-    for step in it:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # counter-based batches
-        idx = torch.randint(0, x_T.shape[0], (batch,), generator=g)
-        loss = (w * (op(x_T[idx]) - traj[idx]) ** 2).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"operator loss is {loss.item()} at step {step}; the last "
-                                     f"good checkpoint is kept at {out}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(op.parameters(), grad_clip)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, lr, steps, warmup, lr_decay)
-        opt.step()
-        update_ema(ema, op, ema_decay, step)
-        if progress:
-            it.set_postfix(loss=f"{loss.item():.3e}")
-        done = step + 1
-        if done % checkpoint_every == 0 or done == stop:
-            save_checkpoint(out, config=config, model=op.state_dict(), ema=ema.state_dict(),
-                            optimizer=opt.state_dict(), step=done)
-    if steps == 0:
-        save_checkpoint(out, config=config, model=op.state_dict(), ema=ema.state_dict(),
-                        optimizer=opt.state_dict(), step=0)
-    ema.eval()
-    return ema
+    loop = _OperatorFit(op, x_T, traj, config, out, fit, batch=batch, seed=seed,
+                        progress=progress)
+    loop.resume()
+    loop.train(until)
+    if steps == 0:   # the untrained operator (e.g. the teacher's 1-NFE DDIM)
+        loop.save()
+    return loop.ema
 
 
-def load_operator(path: str | Path):
+def load_operator(path: str | Path) -> tuple[TrajectoryOperator, dict[str, Any]]:
     """``(operator, config)`` from an operator checkpoint (EMA weights)."""
     from .training.checkpoint import CheckpointError, load_checkpoint, load_state
     ck = load_checkpoint(path)

@@ -142,5 +142,6 @@ def load_model(path: str | os.PathLike, ema: bool = True, device: Any = "cpu"):
     net.to(device).eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    net.weights_sha256 = ck["weights_sha256"] if ema else content_hash(ck["model"])
+    # a plain attribute (not a parameter or buffer), found by sdekit.distill.weights_sha256_of
+    setattr(net, "weights_sha256", ck["weights_sha256"] if ema else content_hash(ck["model"]))
     return net, sde, cfg

@@ -1,6 +1,10 @@
 """The trainer: AdamW with warm-up, gradient clipping, EMA, fixed seeds, atomic checkpoints with
 exact resume, CSV log, sample grids, and data-parallel training under ``torchrun``.
 
+The loop itself is :class:`FitLoop` (with its schedule, :class:`FitSettings`): :class:`Trainer`
+and the operator distillation (:func:`sdekit.distill.train_operator`) both run it, each
+supplying the loss of a step and its checkpoint config.
+
 Randomness is counter-based: the batch indices, training times, noise and label dropout of step
 ``k`` on rank ``r`` come from a generator seeded with a hash of ``(seed, r, k)``, and dropout
 layers run under a forked global RNG seeded the same way. A run resumed from a checkpoint
@@ -41,10 +45,12 @@ IDENTITY_KEYS = ("net", "sde", "sde_kwargs", "data", "image_size", "loss", "clas
 # config keys added after checkpoints were first written: a checkpoint without them was trained
 # with these values (the flow loss's t sampling before it was configurable)
 ADDED_KEYS = ("t_sampling", "logit_mean", "logit_std")
+LR_DECAYS = ("cosine", "constant")
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss (or gradient norm) became NaN or infinite."""
+class TrainingDiverged(RuntimeError, FloatingPointError):
+    """The loss (or gradient norm) became NaN or infinite (a FloatingPointError too, as the
+    operator distillation raised before it shared the loop)."""
 
 
 @dataclass
@@ -248,8 +254,294 @@ def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float, step: i
         be.copy_(b)
 
 
-class Trainer:
-    """Train a score network on a bundled dataset.
+@dataclass(frozen=True)
+class FitSettings:
+    """The optimisation schedule every training loop shares (see :class:`FitLoop`): the
+    learning rate (:func:`lr_at`), gradient clipping, the EMA decay and the checkpoint and
+    logging cadence. Invalid values raise a ValueError naming the setting."""
+
+    steps: int
+    lr: float
+    warmup: int = 0
+    lr_decay: str = "cosine"       # "cosine" (to 0 at `steps`) or "constant"
+    grad_clip: float = math.inf    # inf: no clipping (the norm is still checked for NaN/inf)
+    ema_decay: float = 0.999
+    ckpt_every: int = 1000
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.steps, int) and self.steps >= 0, "steps", self.steps,
+                "an integer >= 0")
+        require(is_real(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0")
+        require(self.lr_decay in LR_DECAYS, "lr_decay", self.lr_decay, "'cosine' or 'constant'")
+        require(isinstance(self.warmup, int) and self.warmup >= 0, "warmup", self.warmup,
+                "an integer >= 0")
+        require(isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0, "grad_clip",
+                self.grad_clip, "a number > 0 (use inf to disable)")
+        require(is_real(self.ema_decay) and 0 <= self.ema_decay < 1, "ema_decay",
+                self.ema_decay, "0 <= ema_decay < 1")
+        require(isinstance(self.ckpt_every, int) and self.ckpt_every >= 1, "ckpt_every",
+                self.ckpt_every, "an integer >= 1")
+        require(isinstance(self.log_every, int) and self.log_every >= 1, "log_every",
+                self.log_every, "an integer >= 1")
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(step, self.lr, self.steps, self.warmup, self.lr_decay)
+
+
+class FitLoop:
+    """The optimisation loop of every sdekit trainer (:class:`Trainer`, and the operator
+    distillation :func:`sdekit.distill.train_operator`).
+
+    Each step sets the learning rate (:meth:`FitSettings.lr_at`), takes :meth:`loss_at` of the
+    step, clips the gradient norm, stops with :class:`TrainingDiverged` before the update if
+    the loss or the norm is not finite, steps the optimiser and updates the EMA copy of the
+    weights. Every ``ckpt_every`` steps (and at the end) it writes an atomic, verified
+    checkpoint (:func:`~sdekit.training.checkpoint.save_checkpoint`); :meth:`resume` continues
+    from one exactly, after checking that it was written for the same run
+    (:meth:`resume_keys`).
+
+    A subclass supplies :meth:`loss_at` (drawing its batch from a generator seeded by the
+    step, so that a resumed run sees the batches an uninterrupted one would),
+    :meth:`saved_config` (stored in checkpoints) and :meth:`resume_keys`; it may override the
+    hooks :meth:`_on_train_start` and :meth:`_after_save`. ``model`` is what :meth:`loss_at`
+    calls: ``net`` itself, or (set by the subclass) a DistributedDataParallel wrapper of it;
+    then (``world_size > 1``) the loss and the gradient norm are averaged over ranks and rank 0
+    writes checkpoints and logs.
+    """
+
+    # how to proceed when a checkpoint belongs to another run (ends the resume error)
+    resume_hint = "use another output or the same settings"
+
+    def __init__(self, net: torch.nn.Module, opt: torch.optim.Optimizer, fit: FitSettings, *,
+                 checkpoint_path: Path | None, log_path: Path | None = None,
+                 progress: bool = False, desc: str = "train",
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.net, self.opt, self.fit = net, opt, fit
+        self.model: torch.nn.Module = net
+        self.ema = copy.deepcopy(net).eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.checkpoint_path, self.log_path = checkpoint_path, log_path
+        self.progress, self.desc = progress, desc
+        self.rank, self.world_size = rank, world_size
+        self.device = next(net.parameters()).device
+        self.step = 0
+
+    # ------------------------------------------------------- what a subclass supplies
+    def loss_at(self, step: int) -> torch.Tensor:
+        """The (scalar) training loss of optimiser step ``step`` (0-based)."""
+        raise NotImplementedError
+
+    def saved_config(self) -> dict[str, Any]:
+        """The config stored in checkpoints (JSON-serialisable)."""
+        raise NotImplementedError
+
+    def resume_keys(self, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(must_match, may_change)`` of a stored config: the entries that must equal this
+        run's for :meth:`resume` to continue it, and those that may change (with a warning:
+        the run will no longer match an uninterrupted one). ``steps`` is in neither: a run
+        may be extended."""
+        raise NotImplementedError
+
+    def _on_train_start(self) -> None:
+        """Called by :meth:`train` before the first step (rank 0 writes files here)."""
+
+    def _after_save(self) -> None:
+        """Called by :meth:`train` after each checkpoint."""
+
+    # ----------------------------------------------------------------- one step
+    def lr_at(self, step: int) -> float:
+        return self.fit.lr_at(step)
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimisation step; returns ``(loss, grad_norm)`` (averaged over ranks)."""
+        k = self.step
+        lr = self.lr_at(k)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        loss = self.loss_at(k)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.fit.grad_clip)
+        stats = torch.stack([loss.detach().float(), gn.detach().float()]).cpu()
+        if self.world_size > 1:
+            stats = stats.to(self.device)
+            dist.all_reduce(stats)
+            stats = stats.cpu() / self.world_size
+        loss_v, gn_v = float(stats[0]), float(stats[1])
+        self._check_finite(k, loss_v, gn_v)
+        self.opt.step()
+        update_ema(self.ema, self.net, self.fit.ema_decay, k)
+        self.step = k + 1
+        return loss_v, gn_v
+
+    def _check_finite(self, k: int, loss: float, grad_norm: float) -> None:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return
+        what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
+        path = self.checkpoint_path
+        kept = (f"The last good checkpoint {str(path)!r} was kept." if path and path.exists()
+                else "No checkpoint had been written yet.")
+        raise TrainingDiverged(f"{what} became {value} at step {k + 1}; training stopped before "
+                               f"the update. {kept} Try a lower lr, a stronger grad_clip, or "
+                               "check the data.")
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self) -> Path | None:
+        """Write the checkpoint atomically (rank 0); checks that ranks hold equal weights."""
+        if self.world_size > 1:
+            self._check_in_sync()
+        path = self.checkpoint_path
+        if path is not None and self.rank == 0:
+            save_checkpoint(path, config=self.saved_config(), model=self.net.state_dict(),
+                            ema=self.ema.state_dict(), optimizer=self.opt.state_dict(),
+                            step=self.step, extra={"world_size": self.world_size})
+        if self.world_size > 1:
+            dist.barrier()
+        return path
+
+    def _check_in_sync(self) -> None:
+        with torch.no_grad():
+            s = torch.stack([p.double().sum() for p in self.net.parameters()]).sum().reshape(1)
+            s = s.to(self.device)
+            lo, hi = s.clone(), s.clone()
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            raise RuntimeError(f"data-parallel ranks hold different weights at step {self.step} "
+                               f"(checksums {lo.item()!r} .. {hi.item()!r})")
+
+    def resume(self) -> None:
+        """Continue from the checkpoint at ``checkpoint_path`` if there is one: weights, EMA,
+        optimiser state, step and the global RNG state (rank 0). Raises
+        :class:`~sdekit.training.checkpoint.CheckpointError` if it was written for another
+        run (:meth:`resume_keys`) or is already past ``steps``."""
+        path = self.checkpoint_path
+        if path is None or not path.exists():
+            return
+        ck = load_checkpoint(path)
+        self._check_resume_config(path, ck["config"], int(ck["step"]))
+        load_state(self.net, ck["model"], path, "model")
+        load_state(self.ema, ck["ema"], path, "EMA")
+        try:
+            self.opt.load_state_dict(ck["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {str(path)!r}: optimizer state does not fit: "
+                                  f"{e}") from None
+        self.step = int(ck["step"])
+        rng = ck.get("rng", {}).get("torch")
+        if isinstance(rng, torch.Tensor) and self.rank == 0:
+            torch.set_rng_state(rng)
+
+    def _check_resume_config(self, path: Path, saved: dict[str, Any], step: int) -> None:
+        (must_old, may_old), (must_now, may_now) = (self.resume_keys(saved),
+                                                    self.resume_keys(self.saved_config()))
+        diff = [k for k in dict.fromkeys([*must_now, *must_old])
+                if must_old.get(k) != must_now.get(k)]
+        if diff:
+            details = "; ".join(_describe_diff(k, must_old.get(k), must_now.get(k)) for k in diff)
+            raise CheckpointError(f"checkpoint {str(path)!r} was written for a different "
+                                  f"configuration ({details}), and a run of another config "
+                                  f"cannot be resumed: {self.resume_hint}")
+        require(step <= self.fit.steps, "steps", self.fit.steps,
+                f"an integer >= {step}: checkpoint {str(path)!r} is already at step {step}, past "
+                "the requested steps (start a new run in another output directory to train for "
+                "fewer steps)")
+        other = [k for k in may_now if may_old.get(k) != may_now[k]]
+        if other and self.rank == 0:
+            warnings.warn(f"resuming {path} with changed settings {other}: the run will not "
+                          "match an uninterrupted one", stacklevel=3)
+
+    # ---------------------------------------------------------------------- loop
+    def train(self, until: int | None = None) -> TrainResult:
+        """Train to ``steps`` (or stop early after step ``until``, e.g. to test resume); a
+        log row (the means over the window) every ``log_every`` steps and a checkpoint every
+        ``ckpt_every`` steps and at the end."""
+        from tqdm.auto import tqdm
+
+        end = min(self.fit.steps, until) if until is not None else self.fit.steps
+        main = self.rank == 0
+        if main:
+            self._on_train_start()
+        log = _CsvLog(self.log_path, self.step) if self.log_path is not None and main else None
+        bar = tqdm(total=self.fit.steps, initial=self.step, dynamic_ncols=True, desc=self.desc,
+                   disable=not (self.progress and main))
+        window = _Window()
+        history: list[dict[str, float]] = []
+        path = None
+        try:
+            while self.step < end:
+                window.add(*self.train_step())
+                bar.update(1)
+                if self.step % self.fit.log_every == 0 or self.step == end:
+                    row = window.row(self.step, self.lr_at(self.step - 1))
+                    history.append(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{row['lr']:.1e}")
+                    if log is not None:
+                        log.write(row)
+                if self.step % self.fit.ckpt_every == 0 or self.step == end:
+                    path = self.save()
+                    self._after_save()
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+        last = history[-1]["loss"] if history else float("nan")
+        return TrainResult(self.step, last, path, time.perf_counter() - window.t0, history)
+
+
+class _Window:
+    """Means of the loss and gradient norm over the steps since the last log row."""
+
+    def __init__(self) -> None:
+        self.t0 = self.t = time.perf_counter()
+        self.loss = self.grad_norm = 0.0
+        self.n = 0
+
+    def add(self, loss: float, grad_norm: float) -> None:
+        self.loss += loss
+        self.grad_norm += grad_norm
+        self.n += 1
+
+    def row(self, step: int, lr: float) -> dict[str, float]:
+        """The log row of ``step``; starts a new window."""
+        now = time.perf_counter()
+        row = {"step": step, "loss": self.loss / self.n, "lr": lr,
+               "grad_norm": self.grad_norm / self.n,
+               "steps_per_s": self.n / max(now - self.t, 1e-9), "elapsed_s": now - self.t0}
+        self.loss = self.grad_norm = 0.0
+        self.n, self.t = 0, now
+        return row
+
+
+class _CsvLog:
+    """``log.csv`` (:data:`LOG_FIELDS`), keeping the rows up to ``step`` of an existing one
+    (those past it were written by an interrupted run after its last checkpoint)."""
+
+    def __init__(self, path: Path, step: int) -> None:
+        rows: list[dict[str, str]] = []
+        if path.exists():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        self.file = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=LOG_FIELDS)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.file.flush()
+
+    def write(self, row: dict[str, float]) -> None:
+        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
+                              for k, v in row.items()})
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class Trainer(FitLoop):
+    """Train a score network on a bundled dataset (the loop is :class:`FitLoop`'s).
 
     Args:
         config: a :class:`TrainConfig` (see :func:`recipe` for the defaults per dataset).
@@ -264,14 +556,16 @@ class Trainer:
     ``batch_size / world_size`` samples per step, and rank 0 writes checkpoints and logs.
     """
 
+    resume_hint = "use another --out directory or the same settings"
+    net: Any   # a ScoreNet, or a NoisyClassifier (loss 'classifier'): their attributes differ
+
     def __init__(self, config: TrainConfig, out_dir: str | os.PathLike | None = None,
                  resume: bool = False, progress: bool = True,
                  dataset: Dataset | None = None) -> None:
         self.cfg = config
-        self._validate()
+        fit = self._validate()
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.progress = progress
-        self._init_distributed()
+        rank, world_size = self._init_distributed()
         self.device = _resolve_device(config.device, self.local_rank)
 
         self.sde = get_sde(config.sde, **config.sde_kwargs)
@@ -279,40 +573,36 @@ class Trainer:
         config.net = complete_net_config(config, self.dataset)
         with torch.random.fork_rng(devices=[]):     # initial weights depend on the seed only
             torch.manual_seed(_seed_for(config.seed, "init"))
-            self.net = build_network(config.net).to(self.device)
-        config.net = dict(self.net.config)           # the complete, explicit network config
+            net: Any = build_network(config.net).to(self.device)   # see `Trainer.net`
+        config.net = dict(net.config)           # the complete, explicit network config
         if self.dataset.is_image and self.device.type == "cpu":
-            self.net.to(memory_format=torch.channels_last)   # ~15% faster oneDNN convolutions
-        self.ema = copy.deepcopy(self.net).eval()
-        for p in self.ema.parameters():
-            p.requires_grad_(False)
+            net.to(memory_format=torch.channels_last)   # ~15% faster oneDNN convolutions
         self.is_classifier = config.loss == "classifier"
-        if self.is_classifier:
-            self.loss_fn: Any = ClassifierLoss(self.sde, time_input=self.net.time_input)
-        else:
-            self.loss_fn = DSMLoss(self.sde, config.loss, prediction=self.net.prediction,
-                                   time_input=self.net.time_input, importance=config.importance,
-                                   sigma_data=self.net.sigma_data, t_sampling=config.t_sampling,
-                                   logit_mean=config.logit_mean, logit_std=config.logit_std)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=config.lr, betas=config.betas,
-                                     weight_decay=config.weight_decay, foreach=True)
+        self.loss_fn = self._build_loss(net)
+        opt = torch.optim.AdamW(net.parameters(), lr=config.lr, betas=config.betas,
+                                weight_decay=config.weight_decay, foreach=True)
         # dropout is the only consumer of the global RNG in a forward pass
         self._stochastic_net = any(isinstance(m, torch.nn.Dropout) and m.p > 0
-                                   for m in self.net.modules())
-        self.step = 0
-        self.model = self.net
-        if self.world_size > 1:
+                                   for m in net.modules())
+        out = self.out_dir
+        super().__init__(net, opt, fit, progress=progress,
+                         checkpoint_path=out / CHECKPOINT_NAME if out is not None else None,
+                         log_path=out / LOG_NAME if out is not None else None,
+                         desc=f"train {config.data}/{config.sde}", rank=rank,
+                         world_size=world_size)
+        if world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DDP(self.net, device_ids=ids)
+            self.model = DDP(net, device_ids=ids)
         self.x = self.dataset.x.to(self.device)
-        labelled = config.class_cond or self.is_classifier
-        self.y = self.dataset.y.to(self.device) if labelled else None
+        y = self.dataset.y if config.class_cond or self.is_classifier else None
+        self.y = y.to(self.device) if y is not None else None
         if resume:
-            self._resume()
+            self.resume()
 
     # --------------------------------------------------------------------- set-up
-    def _validate(self) -> None:
+    def _validate(self) -> FitSettings:
+        """Check the config; returns its optimisation schedule."""
         c = self.cfg
         require(c.data in DATASETS, "data", c.data, f"one of {list(DATASETS)}")
         require(c.sde in SDES, "sde", c.sde, f"one of {sorted(SDES)}")
@@ -333,19 +623,14 @@ class Trainer:
         require(isinstance(c.steps, int) and c.steps >= 1, "steps", c.steps, "an integer >= 1")
         require(isinstance(c.batch_size, int) and c.batch_size >= 1, "batch_size", c.batch_size,
                 "an integer >= 1")
-        require(math.isfinite(c.lr) and c.lr > 0, "lr", c.lr, "a finite number > 0")
-        require(c.lr_decay in ("cosine", "constant"), "lr_decay", c.lr_decay,
-                "'cosine' or 'constant'")
-        require(isinstance(c.warmup, int) and c.warmup >= 0, "warmup", c.warmup, "an integer >= 0")
-        require(c.grad_clip > 0, "grad_clip", c.grad_clip, "a number > 0 (use inf to disable)")
-        require(0 <= c.ema_decay < 1, "ema_decay", c.ema_decay, "0 <= ema_decay < 1")
         require(0 <= c.label_dropout < 1, "label_dropout", c.label_dropout, "0 <= p < 1")
-        require(isinstance(c.ckpt_every, int) and c.ckpt_every >= 1, "ckpt_every", c.ckpt_every,
-                "an integer >= 1")
-        require(isinstance(c.log_every, int) and c.log_every >= 1, "log_every", c.log_every,
-                "an integer >= 1")
+        return FitSettings(steps=c.steps, lr=c.lr, warmup=c.warmup, lr_decay=c.lr_decay,
+                           grad_clip=c.grad_clip, ema_decay=c.ema_decay,
+                           ckpt_every=c.ckpt_every, log_every=c.log_every)
 
-    def _init_distributed(self) -> None:
+    def _init_distributed(self) -> tuple[int, int]:
+        """Join (or start) the process group under ``torchrun``; returns ``(rank,
+        world_size)``."""
         self._owns_group = False
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not dist.is_initialized():
@@ -354,147 +639,84 @@ class Trainer:
             backend = "nccl" if (torch.cuda.is_available() and self.cfg.device != "cpu") else "gloo"
             dist.init_process_group(backend=backend)
             self._owns_group = True
+        rank, world_size = 0, 1
         if dist.is_available() and dist.is_initialized():
-            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        else:
-            self.rank, self.world_size = 0, 1
+            rank, world_size = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if self.cfg.batch_size % self.world_size:
+        if self.cfg.batch_size % world_size:
             raise ValueError(f"batch_size={self.cfg.batch_size} is invalid: expected a multiple "
-                             f"of the number of processes ({self.world_size})")
+                             f"of the number of processes ({world_size})")
+        return rank, world_size
 
-    @property
-    def checkpoint_path(self) -> Path | None:
-        return self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
+    def _build_loss(self, net: Any) -> Any:
+        c = self.cfg
+        if self.is_classifier:
+            return ClassifierLoss(self.sde, time_input=net.time_input)
+        return DSMLoss(self.sde, c.loss, prediction=net.prediction, time_input=net.time_input,
+                       importance=c.importance, sigma_data=net.sigma_data,
+                       t_sampling=c.t_sampling, logit_mean=c.logit_mean, logit_std=c.logit_std)
 
-    def _resume(self) -> None:
-        path = self.checkpoint_path
-        if path is None or not path.exists():
-            return
-        ck = load_checkpoint(path)
-        saved, now = ck["config"], self.cfg.to_dict()
-        diff = [k for k in IDENTITY_KEYS if saved.get(k) != now.get(k)]
-        if diff:
-            details = "; ".join(_describe_diff(k, saved.get(k), now.get(k)) for k in diff)
-            raise CheckpointError(f"checkpoint {str(path)!r} was written for a different "
-                                  f"configuration ({details}): use another --out directory or "
-                                  "the same settings")
-        require(int(ck["step"]) <= self.cfg.steps, "steps", self.cfg.steps,
-                f"an integer >= {int(ck['step'])}: checkpoint {str(path)!r} is already at step "
-                f"{int(ck['step'])}, past the requested steps (start a new run in another "
-                "output directory to train for fewer steps)")
-        added = {k: TrainConfig.__dataclass_fields__[k].default for k in ADDED_KEYS}
-        other = [k for k in now if k not in IDENTITY_KEYS and k != "steps"
-                 and saved.get(k, added.get(k)) != now[k]]
-        if other and self.rank == 0:
-            warnings.warn(f"resuming {path} with changed settings {other}: the run will not "
-                          "match an uninterrupted one", stacklevel=2)
-        load_state(self.net, ck["model"], path, "model")
-        load_state(self.ema, ck["ema"], path, "EMA")
-        try:
-            self.opt.load_state_dict(ck["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint {str(path)!r}: optimizer state does not fit: "
-                                  f"{e}") from None
-        self.step = int(ck["step"])
-        rng = ck.get("rng", {}).get("torch")
-        if isinstance(rng, torch.Tensor) and self.rank == 0:
-            torch.set_rng_state(rng)
+    def resume_keys(self, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The network and the training problem (:data:`IDENTITY_KEYS`) must match; the rest
+        may change (a key of :data:`ADDED_KEYS` missing from an older checkpoint had its
+        default)."""
+        full = dict(config)
+        for k in ADDED_KEYS:
+            full.setdefault(k, TrainConfig.__dataclass_fields__[k].default)
+        return ({k: config.get(k) for k in IDENTITY_KEYS},
+                {k: v for k, v in full.items()
+                 if k not in IDENTITY_KEYS and k not in ("steps", "transform")})
 
     # ----------------------------------------------------------------- one step
-    def lr_at(self, step: int) -> float:
-        c = self.cfg
-        return lr_at(step, c.lr, c.steps, c.warmup, c.lr_decay)
-
     def _batch(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         b = self.cfg.batch_size // self.world_size
         idx = torch.randint(0, self.x.shape[0], (b,), generator=g).to(self.device)
         x0 = self.x[idx]
-        y = None
-        if self.y is not None:
-            y = self.y[idx]
-            if self.is_classifier:   # the labels are the targets: no null class
-                return x0, y
-            drop = (torch.rand(b, generator=g) < self.cfg.label_dropout).to(self.device)
-            y = torch.where(drop, torch.full_like(y, self.net.num_classes), y)
-        return x0, y
+        if self.y is None:
+            return x0, None
+        y = self.y[idx]
+        if self.is_classifier:   # the labels are the targets: no null class
+            return x0, y
+        drop = (torch.rand(b, generator=g) < self.cfg.label_dropout).to(self.device)
+        return x0, torch.where(drop, torch.full_like(y, self.net.num_classes), y)
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimisation step; returns ``(loss, grad_norm)`` (averaged over ranks)."""
-        k = self.step
-        g = torch.Generator().manual_seed(_seed_for(self.cfg.seed, self.rank, k, "batch"))
-        lr = self.lr_at(k)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.model.train()
+    def loss_at(self, step: int) -> torch.Tensor:
+        """The loss on step ``step``'s batch; the batch, times, noise and label dropout come
+        from a generator seeded by ``(seed, rank, step)``, dropout from a forked global RNG
+        seeded the same way."""
+        g = torch.Generator().manual_seed(_seed_for(self.cfg.seed, self.rank, step, "batch"))
         x0, y = self._batch(g)
         with torch.random.fork_rng(devices=[], enabled=self._stochastic_net):
             if self._stochastic_net:
-                torch.default_generator.manual_seed(_seed_for(self.cfg.seed, self.rank, k, "drop"))
-            loss = self.loss_fn(self.model, x0, y, generator=g)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
-        stats = torch.stack([loss.detach().float(), gn.detach().float()]).cpu()
-        if self.world_size > 1:
-            stats = stats.to(self.device)
-            dist.all_reduce(stats)
-            stats = stats.cpu() / self.world_size
-        loss_v, gn_v = float(stats[0]), float(stats[1])
-        if not (math.isfinite(loss_v) and math.isfinite(gn_v)):
-            what = "loss" if not math.isfinite(loss_v) else "gradient norm"
-            kept = self.checkpoint_path if self.checkpoint_path and self.checkpoint_path.exists() \
-                else None
-            raise TrainingDiverged(
-                f"{what} became {loss_v if what == 'loss' else gn_v} at step {k + 1}; training "
-                f"stopped before the update. "
-                + (f"The last good checkpoint {str(kept)!r} was kept." if kept else
-                   "No checkpoint had been written yet.")
-                + " Try a lower lr, a stronger grad_clip, or check the data.")
-        self.opt.step()
-        self._update_ema(k)
-        self.step = k + 1
-        return loss_v, gn_v
-
-    def _update_ema(self, k: int) -> None:
-        update_ema(self.ema, self.net, self.cfg.ema_decay, k)
+                torch.default_generator.manual_seed(
+                    _seed_for(self.cfg.seed, self.rank, step, "drop"))
+            loss: torch.Tensor = self.loss_fn(self.model, x0, y, generator=g)
+        return loss
 
     # ---------------------------------------------------------------- checkpoints
-    def save(self) -> Path | None:
-        """Write ``checkpoint.pt`` atomically (rank 0); checks that ranks hold equal weights."""
-        if self.world_size > 1:
-            self._check_in_sync()
-        path = self.checkpoint_path
-        if path is None or self.rank != 0:
-            if self.world_size > 1:
-                dist.barrier()
-            return path
-        save_checkpoint(path, config=self.saved_config(), model=self.net.state_dict(),
-                        ema=self.ema.state_dict(), optimizer=self.opt.state_dict(), step=self.step,
-                        extra={"world_size": self.world_size})
-        if self.world_size > 1:
-            dist.barrier()
-        return path
-
     def saved_config(self) -> dict[str, Any]:
         """The config stored in checkpoints: the training config plus the data ``transform``."""
         return dict(self.cfg.to_dict(), transform=self.dataset.transform)
 
-    def _check_in_sync(self) -> None:
-        with torch.no_grad():
-            s = torch.stack([p.double().sum() for p in self.net.parameters()]).sum().reshape(1)
-            s = s.to(self.device)
-            lo, hi = s.clone(), s.clone()
-            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        if not torch.equal(lo, hi):
-            raise RuntimeError(f"data-parallel ranks hold different weights at step {self.step} "
-                               f"(checksums {lo.item()!r} .. {hi.item()!r})")
+    def _on_train_start(self) -> None:
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(
+                json.dumps(self.saved_config(), indent=2, sort_keys=True) + "\n")
+
+    def _after_save(self) -> None:
+        every = self.cfg.sample_every or self.cfg.ckpt_every
+        if self.step % every == 0 or self.step == self.cfg.steps:
+            self._sample_grid()
 
     def draw_samples(self, n: int | None = None) -> torch.Tensor:
         """Samples from the EMA network with the configured solver (class labels cycling 0..9
         for a class-conditional network)."""
+        from ..models import ScoreNet
         from .sampling import generate
+        if not isinstance(self.ema, ScoreNet):
+            raise TypeError(f"draw_samples needs a score network, not a "
+                            f"{type(self.ema).__name__} (loss={self.cfg.loss!r})")
         n = n or self.cfg.sample_n
         y = None
         if self.net.num_classes:
@@ -518,76 +740,8 @@ class Trainer:
         nrow = 10 if self.net.num_classes == 10 else None
         save_samples_png(self.out_dir / f"samples_{self.step:07d}.png", x, nrow=nrow)
 
-    # -------------------------------------------------------------------- logging
-    def _open_log(self) -> Any:
-        assert self.out_dir is not None
-        path = self.out_dir / LOG_NAME
-        rows: list[dict[str, str]] = []
-        if path.exists():  # drop rows past the resumed step (written by an interrupted run)
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
-        f = open(path, "w", newline="")
-        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-        f.flush()
-        return f, w
-
-    # ---------------------------------------------------------------------- loop
-    def train(self, until: int | None = None) -> TrainResult:
-        """Train to ``config.steps`` (or stop early after step ``until``, e.g. to test resume)."""
-        from tqdm.auto import tqdm
-
-        end = min(self.cfg.steps, until) if until is not None else self.cfg.steps
-        main = self.rank == 0
-        logf = writer = None
-        if self.out_dir is not None and main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(
-                json.dumps(self.saved_config(), indent=2, sort_keys=True) + "\n")
-            logf, writer = self._open_log()
-        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not (self.progress and main),
-                   dynamic_ncols=True, desc=f"train {self.cfg.data}/{self.cfg.sde}")
-        history: list[dict[str, float]] = []
-        t0 = time.perf_counter()
-        win_loss, win_gn, win_n, win_t = 0.0, 0.0, 0, time.perf_counter()
-        last_loss = float("nan")
-        path = None
-        try:
-            while self.step < end:
-                loss, gn = self.train_step()
-                win_loss += loss
-                win_gn += gn
-                win_n += 1
-                bar.update(1)
-                if self.step % self.cfg.log_every == 0 or self.step == end:
-                    now = time.perf_counter()
-                    row = {"step": self.step, "loss": win_loss / win_n,
-                           "lr": self.lr_at(self.step - 1), "grad_norm": win_gn / win_n,
-                           "steps_per_s": win_n / max(now - win_t, 1e-9), "elapsed_s": now - t0}
-                    history.append(row)
-                    last_loss = row["loss"]
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.1e}")
-                    if writer is not None:
-                        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
-                                         for k, v in row.items()})
-                        logf.flush()
-                    win_loss, win_gn, win_n, win_t = 0.0, 0.0, 0, now
-                if self.step % self.cfg.ckpt_every == 0 or self.step == end:
-                    path = self.save()
-                    every = self.cfg.sample_every or self.cfg.ckpt_every
-                    if self.step % every == 0 or self.step == self.cfg.steps:
-                        self._sample_grid()
-        finally:
-            bar.close()
-            if logf is not None:
-                logf.close()
-        return TrainResult(self.step, last_loss, path, time.perf_counter() - t0, history)
-
     def close(self) -> None:
         """Tear down the process group if this trainer created it."""
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_group = False
-
-
