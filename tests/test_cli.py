@@ -394,3 +394,28 @@ def test_toy_training_defaults_to_one_thread_on_any_machine(tmp_path, monkeypatc
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+def test_a_diverged_run_is_reported_once_without_a_traceback(command, tmp_path, monkeypatch,
+                                                             capsys):
+    """TrainingDiverged (NaN loss) from either training loop ends in one error line from main,
+    exit status 1; no traceback."""
+    from sdekit.training.trainer import FitLoop, TrainingDiverged
+
+    def diverge(*a, **k):
+        raise TrainingDiverged("loss is nan at step 1")
+
+    monkeypatch.setattr(FitLoop, "train", diverge)
+    import sdekit.distill as distill
+    monkeypatch.setattr(distill, "train_operator", diverge)
+    monkeypatch.setattr(distill, "generate_trajectories", lambda *a, **k: tmp_path / "traj")
+    if command == "train":
+        argv = ["train", "--data", "two_moons", "--steps", "1", *TINY, "--out", str(tmp_path)]
+    else:
+        argv = ["distill", "--problem", "gaussian", "--dim", "4", "--out", str(tmp_path / "op"),
+                "--n", "8", "--train-steps", "1", "--quiet"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"sdekit {command}: error: loss is nan at step 1" in err
+    assert "Traceback" not in err

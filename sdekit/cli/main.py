@@ -51,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..bench.problems import BenchError
     from ..solvers.base import ModelOutputError
     from ..training.checkpoint import CheckpointError
+    from ..training.trainer import TrainingDiverged
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -63,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, CheckpointError, BenchError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except ModelOutputError as e:
+    except (ModelOutputError, TrainingDiverged) as e:   # the run failed, not the input
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
 

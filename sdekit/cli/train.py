@@ -5,7 +5,6 @@ import argparse
 import inspect
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +284,7 @@ def _t_sampling(cfg: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.trainer import CHECKPOINT_NAME, Trainer, TrainingDiverged
+    from ..training.trainer import CHECKPOINT_NAME, Trainer
 
     sde_name = args.sde or _default_sde(args)
     suffix = "-classifier" if args.objective == "classifier" else ""
@@ -323,8 +322,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"done: step {res.step}, loss {res.loss:.4f}, {res.elapsed_s:.1f} s; "
                   f"checkpoint {res.checkpoint}")
         return 0
-    except TrainingDiverged as e:
-        print(f"sdekit train: error: {e}", file=sys.stderr)
-        return 1
     finally:
         trainer.close()
