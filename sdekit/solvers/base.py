@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .._utils import append_dims
-from ..dynamics.parameterization import DiffusionModel
+from ..dynamics.parameterization import DiffusionModel, from_eps
 from ..grids import make_grid
 from ..sde.base import ForwardSDE
 
@@ -81,6 +81,17 @@ class Problem:
         kind = "x0" if self.model.prediction in ("x0", "denoiser", "flow") else "eps"
         return kind, self.predict(x, t, kind)
 
+    def predict_at(self, i: int, x: Tensor, kind: str = "eps",
+                   given: ModelOutput | None = None) -> Tensor:
+        """:meth:`predict` at grid point ``i``, or the output ``given`` for it (converted to
+        ``kind`` at ``x``): the model call of a :class:`OneCallStepper`."""
+        return self.predict(x, self.times[i], kind) if given is None else given.as_kind(self, kind, x)
+
+    def predict_native_at(self, i: int, x: Tensor,
+                          given: ModelOutput | None = None) -> tuple[str, Tensor]:
+        """:meth:`predict_native` at grid point ``i``, or the output ``given`` for it."""
+        return self.predict_native(x, self.times[i]) if given is None else (given.kind, given.value)
+
     def _checked(self, out: Tensor, t: Tensor) -> Tensor:
         # one reduction: the sum is NaN/Inf iff an element is (short of float overflow)
         if not math.isfinite(out.sum().item()):
@@ -97,6 +108,25 @@ class Problem:
     def bcast(self, v: Any, like: Tensor) -> Tensor:
         """A scalar or per-sample value as a tensor broadcastable against ``like``."""
         return append_dims(torch.as_tensor(v, dtype=torch.float64).to(like.device), like.ndim).to(like.dtype)
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """A model call already made at grid point ``i``: its ``value``, of kind ``kind`` (``"eps"``,
+    or ``"x0"`` where alpha = 0). A :class:`OneCallStepper` takes it instead of calling the model
+    (UniC hands its predictor the call it made at the uncorrected state: no extra NFE)."""
+
+    i: int
+    kind: str
+    value: Tensor
+
+    def as_kind(self, p: Problem, kind: str, x: Tensor) -> Tensor:
+        """The output as ``kind``, converted (where it must be) at the state ``x``."""
+        if kind == self.kind:
+            return self.value
+        a, s = p.bcast(p.alpha[self.i], x), p.bcast(p.sigma[self.i], x)
+        eps = self.value if self.kind == "eps" else (x - a * self.value) / s
+        return from_eps(kind, eps, x, a, s)
 
 
 class Solver:
@@ -213,3 +243,13 @@ class Solver:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class OneCallStepper(Solver):
+    """A fixed-grid solver whose step makes one model call, at ``(x, times[i])``, and can take
+    that call's output instead: ``step(p, i, x, state, given)`` with ``given`` a
+    :class:`ModelOutput` (None: call the model). UniC runs on top of such a predictor."""
+
+    def step(self, p: Problem, i: int, x: Tensor, state: Any,
+             given: ModelOutput | None = None) -> tuple[Tensor, Any]:
+        raise NotImplementedError

@@ -4,16 +4,17 @@ interpolated in t (tAB), in rho = sigma/alpha (rhoAB) or in log rho, Runge-Kutta
 probability-flow ODE of any forward SDE reads ``dv/drho = eps`` (DEIS, Eq. 13)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..sde.base import ForwardSDE
-from .base import Problem, Solver, lambda_step_ratios
+from .base import ModelOutput, OneCallStepper, Problem, Solver, lambda_step_ratios
 from .exp_integrator import (
     ExpIntegrator,
-    History,
+    Outputs,
     ei_weights_per_step,
     gauss_legendre,
     lagrange_eval,
@@ -24,11 +25,29 @@ from .registry import register
 INTERPS = ("t", "rho", "logrho")
 
 
+@dataclass(frozen=True)
+class DEISState:
+    """State of :class:`DEISMultistep`: the recent eps outputs and every step's update
+    coefficients ``(c_x, [c_j])`` (``table[i]``)."""
+
+    outputs: Outputs
+    table: dict[int, tuple[float, list[float]]]
+
+
+@dataclass(frozen=True)
+class IPNDMState:
+    """State of :class:`IPNDM`: the recent eps outputs and every step's ``(alpha_i, [d a_j],
+    alpha_{i+1})`` (``table[i]``, see :meth:`IPNDM.step_table`)."""
+
+    outputs: Outputs
+    table: list[tuple[float, list[float], float]]
+
+
 @register("deis_tab1", ab_order=1)
 @register("deis_tab2", ab_order=2)
 @register("deis_tab3", ab_order=3)
 @register("deis_rhoab", ab_order=3, interp="rho")
-class DEISMultistep(ExpIntegrator):
+class DEISMultistep(ExpIntegrator, OneCallStepper):
     """DEIS-AB (Zhang & Chen 2023, Eq. 14-15): ``x_{i+1} = (alpha_{i+1}/alpha_i) x_i -
     alpha_{i+1} sum_j C_ij eps_{i-j}`` with ``C_ij = int_{rho_{i+1}}^{rho_i} l_j(u(rho)) drho``,
     ``l_j`` the Lagrange basis of degree ``ab_order`` (r) through the last r + 1 steps in the
@@ -144,24 +163,24 @@ class DEISMultistep(ExpIntegrator):
         ell = lagrange_eval(nodes, u)                        # (o, steps, quad_points)
         return ((ell * gw).sum(-1) * half * torch.exp(p.lam[idx + 1])).T
 
-    def init(self, p: Problem, x: Tensor) -> History:
+    def init(self, p: Problem, x: Tensor) -> DEISState:
         self.check(p)
-        st = History(keep=self.ab_order + 1)
         W = self.coefficients(p)
-        st.extra["table"] = table = {}   # combine's (c_x, [c_j]) per step (the base method)
+        table = {}   # combine's (c_x, [c_j]) per step (the base method)
         for n in {w.numel() for w in W}:
             idx = [i for i, w in enumerate(W) if w.numel() == n]
             table.update(zip(idx, ExpIntegrator.coefficients(
                 self, p, torch.tensor(idx), torch.stack([W[i] for i in idx], 1))))
-        return st
+        return DEISState(Outputs(self.ab_order + 1), table)
 
-    def step(self, p: Problem, i: int, x: Tensor, st: History) -> tuple[Tensor, History]:
-        m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i])
-        st.add(i, m)
+    def step(self, p: Problem, i: int, x: Tensor, st: DEISState,
+             given: ModelOutput | None = None) -> tuple[Tensor, DEISState]:
+        m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i], given)
+        st = DEISState(st.outputs.add(i, m), st.table)
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps, m), st
-        c = st.extra["table"][i]
-        return self.apply(x, c, [st.m[i - j] for j in range(len(c[1]))]), st
+        c = st.table[i]
+        return self.apply(x, c, [st.outputs[i - j] for j in range(len(c[1]))]), st
 
 
 RK_TABLES = {
@@ -227,7 +246,7 @@ IPNDM_COEFFS = ([1.0], [1.5, -0.5], [23 / 12, -16 / 12, 5 / 12],
 
 
 @register("ipndm")
-class IPNDM(Solver):
+class IPNDM(OneCallStepper):
     """iPNDM (Zhang & Chen 2023, App. on iPNDM; improved PNDM of Liu et al. 2022): the
     fixed-coefficient Adams-Bashforth rule ``v_{i+1} = v_i + (rho_{i+1} - rho_i) sum_j a_j
     eps_{i-j}`` in ``v = x/alpha``, ``rho = sigma/alpha`` with a = [1], [3, -1]/2,
@@ -246,10 +265,8 @@ class IPNDM(Solver):
         self.max_order = max_order
         self.order = min(2, max_order)
 
-    def init(self, p: Problem, x: Tensor) -> History:
-        st = History(keep=self.max_order)
-        st.extra["table"] = self.step_table(p)
-        return st
+    def init(self, p: Problem, x: Tensor) -> IPNDMState:
+        return IPNDMState(Outputs(self.max_order), self.step_table(p))
 
     def step_table(self, p: Problem) -> list[tuple[float, list[float], float]]:
         """Every step's ``(alpha_i, [d a_j], alpha_{i+1})`` (``d = rho_{i+1} - rho_i``) as plain
@@ -260,10 +277,11 @@ class IPNDM(Solver):
                             for aj in IPNDM_COEFFS[min(self.max_order, i + 1) - 1]], alpha[i + 1])
                 for i in range(p.steps)]
 
-    def step(self, p: Problem, i: int, x: Tensor, st: History) -> tuple[Tensor, History]:
-        st.add(i, p.predict(x, p.times[i], "eps"))
-        a_s, w, a_t = st.extra["table"][i]
+    def step(self, p: Problem, i: int, x: Tensor, st: IPNDMState,
+             given: ModelOutput | None = None) -> tuple[Tensor, IPNDMState]:
+        st = IPNDMState(st.outputs.add(i, p.predict_at(i, x, "eps", given)), st.table)
+        a_s, w, a_t = st.table[i]
         v = x / a_s
         for j, wj in enumerate(w):
-            v = v.add_(st.m[i - j] * wj)
+            v = v.add_(st.outputs[i - j] * wj)
         return v.mul_(a_t), st

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Problem, Solver
+from .base import ModelOutput, Problem, Solver
 
 F64 = torch.float64
 _SERIES_TERMS = 24
@@ -170,18 +170,22 @@ def block_plan(steps: int, order: int, lower_order_at: str) -> list[tuple[int, i
     return plan
 
 
-@dataclass
-class History:
-    """Multistep state: model outputs keyed by step number (the last ``keep`` are kept) and
-    solver-specific extras (block plans, the start of a singlestep block, coefficient tables)."""
+@dataclass(frozen=True)
+class Outputs:
+    """The last ``keep`` model outputs of a multistep solver, by step number; immutable:
+    :meth:`add` returns the next one."""
 
     keep: int
     m: dict[int, Tensor] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, i: int, m: Tensor) -> None:
-        self.m[i] = m
-        self.m.pop(i - self.keep, None)
+    def add(self, i: int, m: Tensor) -> Outputs:
+        out = dict(self.m)
+        out[i] = m
+        out.pop(i - self.keep, None)
+        return Outputs(self.keep, out)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.m[i]
 
 
 KINDS = {"eps": 1.0, "x0": -1.0}
@@ -299,17 +303,18 @@ class ExpIntegrator(Solver):
         0`` (h = lambda_1 - lambda_0 = inf). Local error O(alpha_1^2)."""
         return self.combine(p, x, 0, 1, torch.ones(1, dtype=F64), [m])
 
-    def evaluate(self, p: Problem, x: Tensor, t: Any, a: Any, s: Any
-                 ) -> tuple[Tensor, Tensor | None]:
+    def evaluate(self, p: Problem, x: Tensor, t: Any, a: Any, s: Any,
+                 given: ModelOutput | None = None) -> tuple[Tensor, Tensor | None]:
         """One model call at ``(x, t)``: ``(m, eps)`` with ``m`` the output this solver
         integrates (eps, or the possibly thresholded x0); ``a``, ``s`` are alpha and sigma at t.
         When the network already outputs what the solver integrates no conversion is made, and
-        ``eps`` is None for an x0 network (``to_zero`` then uses ``m``)."""
+        ``eps`` is None for an x0 network (``to_zero`` then uses ``m``). ``given``: the output of
+        a call already made at ``(x, t)`` (see :class:`~sdekit.solvers.base.ModelOutput`)."""
         if torch.as_tensor(a).numel() == 1 and float(a) == 0.0:
             # alpha = 0: only the data prediction is defined (Solver.check_start vetted the model)
-            out = p.predict(x, t, "x0")
+            out = p.predict(x, t, "x0") if given is None else given.as_kind(p, "x0", x)
             return (dynamic_threshold(out, *self.threshold) if self.threshold else out), None
-        kind, out = p.predict_native(x, t)
+        kind, out = p.predict_native(x, t) if given is None else (given.kind, given.value)
         if kind == self.prediction == "x0":
             return (dynamic_threshold(out, *self.threshold) if self.threshold else out), None
         eps = out if kind == "eps" else (x - p.bcast(a, x) * out) / p.bcast(s, x)
@@ -336,15 +341,16 @@ class ExpIntegrator(Solver):
             return m
         return self.data_estimate(p, x, eps, p.alpha[i], p.sigma[i])
 
-    def block_stage(self, p: Problem, st: History, i0: int, k: int, i: int) -> Tensor:
-        """A singlestep block of ``k`` grid intervals from grid point ``i0`` (state
-        ``st.extra['x_s']``): the state at grid point ``i + 1`` from the outputs at the block's
-        points ``i0..i`` (exact weights of their Lagrange interpolant in lambda)."""
+    def block_stage(self, p: Problem, x_s: Tensor, outputs: Outputs, i0: int, k: int, i: int
+                    ) -> Tensor:
+        """A singlestep block of ``k`` grid intervals from grid point ``i0`` (state ``x_s``):
+        the state at grid point ``i + 1`` from the outputs at the block's points ``i0..i``
+        (exact weights of their Lagrange interpolant in lambda)."""
         h = p.lam[i0 + k] - p.lam[i0]
         r = torch.stack([(p.lam[q] - p.lam[i0]) / h for q in range(i0, i + 1)])
         W = ei_weights(r, float((p.lam[i + 1] - p.lam[i0]) / h), h, self.k)
-        ms = [st.m[q] for q in range(i0, i + 1)]
-        return self.combine(p, st.extra["x_s"], i0, i + 1, W, ms)
+        ms = [outputs[q] for q in range(i0, i + 1)]
+        return self.combine(p, x_s, i0, i + 1, W, ms)
 
     def coefficients(self, p: Problem, steps: Tensor, W: Tensor) -> list[tuple[float, list[float]]]:
         """:meth:`combine`'s coefficients for the grid steps ``steps`` (``i -> i + 1``, from the
@@ -389,7 +395,7 @@ class ExpIntegrator(Solver):
 
 __all__ = [
     "ExpIntegrator",
-    "History",
+    "Outputs",
     "block_plan",
     "dynamic_threshold",
     "ei_weights",

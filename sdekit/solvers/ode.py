@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Problem, Solver
+from .base import ModelOutput, OneCallStepper, Problem, Solver
 from .registry import register
 
 
@@ -161,7 +161,7 @@ VARIANCES = ("beta_tilde", "beta", "analytic")
 
 @register("ddim", eta=0.0)
 @register("ancestral", eta=1.0)
-class DDIM(Solver):
+class DDIM(OneCallStepper):
     """DDIM (Song, Meng & Ermon 2021, Eq. 12) on any forward SDE:
     ``x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z`` with
     ``c = eta sigma_s sqrt(1 - exp(-2 (lambda_s - lambda_t)))``. Order 1, 1 NFE per step.
@@ -239,16 +239,17 @@ class DDIM(Solver):
             std.append(float(v) if v.ndim == 0 else v.to(x))
         return alpha, sigma, c, std
 
-    def step(self, p: Problem, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+    def step(self, p: Problem, i: int, x: Tensor, state: Any,
+             given: ModelOutput | None = None) -> tuple[Tensor, Any]:
         alpha, sigma, cs, stds = state
         a0, s0 = alpha[i], sigma[i]
         a1, s1 = alpha[i + 1], sigma[i + 1]
         c, std = cs[i], stds[i]
         d = s1 if c == 0 else math.sqrt(max(s1 * s1 - c * c, 0.0))   # eps weight of the mean
         if a0 == 0.0:  # alpha = 0 (flow matching at t = 1): only x0 is defined there
-            kind, m = "x0", p.predict(x, p.times[i], "x0")
+            kind, m = "x0", p.predict_at(i, x, "x0", given)
         else:
-            kind, m = p.predict_native(x, p.times[i])
+            kind, m = p.predict_native_at(i, x, given)
         # x_s = a1 x0 + d eps with x = a0 x0 + s0 eps, written in the network's own output
         if kind == "eps":
             out = p.lin(a1 / a0, x, d - a1 * s0 / a0, m)
@@ -264,7 +265,7 @@ class DDIM(Solver):
 @register("edm_heun")
 @register("edm_euler", heun=False)
 @register("edm_heun_sde", S_churn=40.0, S_tmin=0.05, S_tmax=50.0, S_noise=1.003)
-class EDMHeun(Solver):
+class EDMHeun(OneCallStepper):
     """EDM sampler (Karras et al. 2022, Algorithm 1; Algorithm 2 with ``S_churn > 0``) on any
     forward SDE, run in the VE-equivalent variables ``x / alpha`` and ``sigma_tilde = sigma /
     alpha``. Heun: order 2, 2 NFE per step (``heun=False``: Euler, order 1, 1 NFE). With churn it
@@ -293,20 +294,27 @@ class EDMHeun(Solver):
         """sigma_tilde and alpha at the grid points, once per grid, as plain numbers."""
         return torch.exp(-p.lam).tolist(), p.alpha.tolist()
 
-    def step(self, p: Problem, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+    def step(self, p: Problem, i: int, x: Tensor, state: Any,
+             given: ModelOutput | None = None) -> tuple[Tensor, Any]:
+        """``given``: the output of the model call at ``(x, times[i])`` (the first call of a
+        step without churn), see :class:`~sdekit.solvers.base.OneCallStepper`."""
         sig, alpha = state
         s_cur, s_next = sig[i], sig[i + 1]
         t_hat, s_hat, a_hat = p.times[i], s_cur, alpha[i]
         a_cur = alpha[i]
         xt = x if a_cur == 1.0 else x / a_cur
-        if self.stochastic and self.S_tmin <= s_cur <= self.S_tmax:
+        churn = self.stochastic and self.S_tmin <= s_cur <= self.S_tmax
+        if churn:
             gamma = min(self.S_churn / p.steps, math.sqrt(2) - 1)
             s_hat = min(s_cur * (1 + gamma), float(p.sde.sigma_tilde(p.sde.T)))
             t_hat = p.sde.t_of_sigma_tilde(torch.tensor(s_hat, dtype=torch.float64))
             a_hat = float(p.sde.alpha(t_hat))
             z = p.noise.randn(x)
             xt = xt + math.sqrt(s_hat ** 2 - s_cur ** 2) * self.S_noise * z
-        d = self._slope(p, xt, t_hat, s_hat, a_hat)
+        if given is None or churn:
+            d = self._slope(p, xt, t_hat, s_hat, a_hat)
+        else:
+            d = given.value if given.kind == "eps" else (xt - given.value).div_(s_hat)
         xn = torch.add(xt, d, alpha=s_next - s_hat)
         a_next = alpha[i + 1]
         if self.heun:
