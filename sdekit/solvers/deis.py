@@ -5,13 +5,13 @@ probability-flow ODE of any forward SDE reads ``dv/drho = eps`` (DEIS, Eq. 13)."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ..sde.base import ForwardSDE
-from .base import ModelOutput, OneCallStepper, Problem, Solver, lambda_step_ratios
+from .base import FixedGridSolver, ModelOutput, OneCallStepper, Problem, lambda_step_ratios
 from .exp_integrator import (
     ExpIntegrator,
     Outputs,
@@ -77,9 +77,9 @@ class DEISMultistep(ExpIntegrator, OneCallStepper):
     steps.)"""
 
     family = "deis"
-    kind_options = ("eps",)
+    kind_options: ClassVar[tuple[str, ...]] = ("eps",)
     default_grid = "quadratic"
-    FIRST_STEP_RATIO = 4.0
+    FIRST_STEP_RATIO: ClassVar[float] = 4.0
     paper = ("Zhang & Chen 2023, Fast Sampling of Diffusion Models with Exponential "
              "Integrator, Eq. 14-15")
 
@@ -109,9 +109,10 @@ class DEISMultistep(ExpIntegrator, OneCallStepper):
     #: largest amplification ``sum |W_ij| / |sum W_ij|`` of an extrapolation step (see
     #: :meth:`coefficients`); equal steps give 1.7-4 (tAB2) and 4-8 (tAB3), every tested
     #: healthy grid stays below 16
-    MAX_AMPLIFICATION = 20.0
+    MAX_AMPLIFICATION: ClassVar[float] = 20.0
 
-    def coefficients(self, p: Problem) -> list[Tensor]:
+    # the base method (combine's coefficients from weights) is called as ExpIntegrator.coefficients
+    def coefficients(self, p: Problem) -> list[Tensor]:  # type: ignore[override]
         """``W[i][j]``: the weight of ``eps_{i-j}`` in step ``i`` in the exponential-integrator
         form ``x_{i+1} = (alpha_{i+1}/alpha_i) x_i - sigma_{i+1} sum_j W_ij eps_{i-j}``, i.e.
         ``W_ij = e^{lambda_{i+1}} C_ij`` (float64).
@@ -166,7 +167,7 @@ class DEISMultistep(ExpIntegrator, OneCallStepper):
     def init(self, p: Problem, x: Tensor) -> DEISState:
         self.check(p)
         W = self.coefficients(p)
-        table = {}   # combine's (c_x, [c_j]) per step (the base method)
+        table: dict[int, tuple[float, list[float]]] = {}   # combine's (c_x, [c_j]) per step (the base method)
         for n in {w.numel() for w in W}:
             idx = [i for i, w in enumerate(W) if w.numel() == n]
             table.update(zip(idx, ExpIntegrator.coefficients(
@@ -199,7 +200,7 @@ RK_TABLES = {
 
 
 @register("deis_rhork", method="3kutta")
-class DEISRhoRK(Solver):
+class DEISRhoRK(FixedGridSolver):
     """rhoRK-DEIS (Zhang & Chen 2023, Sec. 4, Eq. 13): an explicit Runge-Kutta method (``method``
     one of 1euler, 2heun, 3kutta (default), 3ral, 3heun, 3vdh, 3ssprk, 4rk) on
     ``dv/drho = eps(alpha v, t(rho))`` between the grid's points. Order and NFE per step = the

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .base import ModelOutput, OneCallStepper, Problem
+from .base import AdaptiveSolver, FixedGridSolver, ModelOutput, OneCallStepper, Problem
 from .exp_integrator import (
     ExpIntegrator,
     Outputs,
@@ -160,7 +161,7 @@ class DPMSolverMultistep(ExpIntegrator, OneCallStepper):
         by_order: dict[int, list[int]] = {}
         for i in range(first, last):
             by_order.setdefault(self.step_order(p, i, self.max_order, i0), []).append(i)
-        table = {}
+        table: dict[int, tuple[float, list[float]]] = {}
         for o, idx in by_order.items():
             steps = torch.tensor(idx)
             h = p.lam[steps + 1] - p.lam[steps]
@@ -174,7 +175,7 @@ class DPMSolverMultistep(ExpIntegrator, OneCallStepper):
 
     #: the automatic warm-up takes the singlestep block only where the block's first three
     #: lambda steps are within this ratio of each other (see :meth:`even_start`)
-    SINGLESTEP_MAX_RATIO = 1.5
+    SINGLESTEP_MAX_RATIO: ClassVar[float] = 1.5
 
     @classmethod
     def even_start(cls, lam: Tensor) -> bool:
@@ -227,6 +228,7 @@ class DPMSolverSinglestep(ExpIntegrator, OneCallStepper):
 
     paper = ("Lu et al. 2022, DPM-Solver, Alg. 1-2 and Sec. 3.4 (DPM-Solver-fast); Lu et al. "
              "2022b, DPM-Solver++, Alg. 1 (2S)")
+    order: int   # always declared (from the option)
 
     def __init__(self, order: int = 3, predict_x0: bool = False, solver_type: str | None = None,
                  lower_order_at: str = "start", final_to_zero: bool = False,
@@ -276,7 +278,7 @@ class DPMSolverSinglestep(ExpIntegrator, OneCallStepper):
 
 @register("dpm_solver_adaptive", order=3, predict_x0=False)
 @register("dpmpp_adaptive", order=3, predict_x0=True)
-class DPMSolverAdaptive(ExpIntegrator):
+class DPMSolverAdaptive(ExpIntegrator, AdaptiveSolver):
     """Adaptive DPM-Solver-12 (``order=2``) and -23 (``order=3``; Lu et al. 2022, Alg. 4 and
     App. C): each step compares the singlestep solutions of orders ``order - 1`` and ``order``
     (they share their model calls), accepts when the scaled error
@@ -311,11 +313,12 @@ class DPMSolverAdaptive(ExpIntegrator):
 
     ``h_max=math.inf, atol=0.0078`` gives Alg. 4's step control on VP (per-sample E)."""
 
-    adaptive = True
     evaluates_subsets = True   # only the samples still stepping are evaluated
     paper = "Lu et al. 2022, DPM-Solver, Alg. 4 (adaptive step size) and App. C"
+    order: int   # always declared (from the option)
 
-    ATOL_PER_RTOL = 0.0078 / 0.05  # the paper's defaults (atol for image data in [-1, 1])
+    #: the paper's defaults (atol for image data in [-1, 1])
+    ATOL_PER_RTOL: ClassVar[float] = 0.0078 / 0.05
 
     def __init__(self, order: int = 3, predict_x0: bool = False, rtol: float = 0.05,
                  atol: float | None = None, h_init: float = 0.05, h_max: float = 1.0,
@@ -403,7 +406,7 @@ class DPMSolverAdaptive(ExpIntegrator):
 
 @register("dpmpp_sde_1", order=1)
 @register("dpmpp_2m_sde", order=2)
-class SDEDPMSolverPP(ExpIntegrator):
+class SDEDPMSolverPP(ExpIntegrator, FixedGridSolver):
     """SDE-DPM-Solver++ (Lu et al. 2022b, Sec. 5 and App. on SDE solvers; diffusers'
     ``sde-dpmsolver++``): the reverse-time SDE in data prediction,
     ``x_t = (sigma_t/sigma_s) e^{-h} x_s + alpha_t sum_j W_j x0_j + sigma_t sqrt(1 - e^{-2h}) z``
@@ -415,6 +418,7 @@ class SDEDPMSolverPP(ExpIntegrator):
     stochastic = True
     strong_order = 1.0
     paper = "Lu et al. 2022b, DPM-Solver++, Sec. 5 (SDE-DPM-Solver++(2M))"
+    order: int   # always declared (from the option)
 
     def __init__(self, order: int = 2, solver_type: str | None = None,
                  lower_order_final: bool | None = None, final_to_zero: bool = False,

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -212,7 +212,7 @@ class ExpIntegrator(Solver):
 
     family = "exponential-integrator"
     default_grid = "logsnr"
-    kind_options = ("eps", "x0")
+    kind_options: ClassVar[tuple[str, ...]] = ("eps", "x0")
     #: lower_order_final=None: on where the last lambda step exceeds this many times the one before
     auto_lower_order_ratio = 2.0
     #: ... or exceeds this length in lambda
@@ -332,8 +332,7 @@ class ExpIntegrator(Solver):
             x0 = (x - p.bcast(s, x) * eps) / p.bcast(a, x)
         return dynamic_threshold(x0, *self.threshold) if self.threshold else x0
 
-    def to_zero(self, p: Problem, i: int, x: Tensor, eps: Tensor | None,
-                m: Tensor | None = None) -> Tensor:
+    def to_zero(self, p: Problem, i: int, x: Tensor, eps: Tensor | None, m: Tensor) -> Tensor:
         """The first-order step from grid point ``i`` to sigma = 0: the data estimate of the
         step's model call, taken at ``x`` (for UniPC the corrected state); with ``eps`` None
         (an x0 network under an x0 solver, see :meth:`evaluate`) it is that call's ``m``."""
@@ -371,10 +370,11 @@ class ExpIntegrator(Solver):
             out = out.add_(m, alpha=cj)
         return out
 
-    def combine(self, p: Problem, x: Tensor, i0: int, t_idx: Any, W: Tensor, ms: list[Tensor],
+    def combine(self, p: Problem, x: Tensor, i0: Any, t_idx: Any, W: Tensor, ms: list[Tensor],
                 a_t: Any = None, s_t: Any = None, a_s: Any = None, s_s: Any = None) -> Tensor:
         """``x_t`` from ``x`` at grid point ``i0`` and the weighted outputs (see module doc);
-        ``t_idx`` is a grid index, or None with ``a_t``/``s_t`` given."""
+        ``i0`` / ``t_idx`` are grid indices, or None with ``a_s``/``s_s`` / ``a_t``/``s_t``
+        given."""
         a_s = p.alpha[i0] if a_s is None else a_s
         s_s = p.sigma[i0] if s_s is None else s_s
         if t_idx is not None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import ModelOutput, OneCallStepper, Problem, Solver
+from .base import AdaptiveSolver, FixedGridSolver, ModelOutput, OneCallStepper, Problem
 from .registry import register
 
 
@@ -61,7 +61,7 @@ TABLES = {
 @register("euler", method="euler")
 @register("heun", method="heun")
 @register("rk4", method="rk4")
-class ExplicitRK(Solver):
+class ExplicitRK(FixedGridSolver):
     """Explicit Runge-Kutta on the probability-flow ODE, stepping in lambda between the grid's
     times (see :func:`pf_ode_lambda`). Euler: order 1, 1 NFE/step; Heun: order 2, 2 NFE/step;
     classic RK4: order 4, 4 NFE/step. ODE. Song et al. 2021, Eq. 13, integrated with the
@@ -92,7 +92,7 @@ class ExplicitRK(Solver):
 
 
 @register("dopri5", method="dopri5")
-class TorchDiffEq(Solver):
+class TorchDiffEq(AdaptiveSolver):
     """Adaptive solve of the probability-flow ODE in lambda (see :func:`pf_ode_lambda`) through
     torchdiffeq (``method`` any of
     torchdiffeq's: dopri5, bosh3, adaptive_heun, dopri8, ...; ``rtol``, ``atol``). NFE is
@@ -106,7 +106,6 @@ class TorchDiffEq(Solver):
     batch), so every sample's local error is held to the tolerance whatever its batch holds."""
 
     family = "adaptive"
-    adaptive = True
     batch_invariant = "tolerance"
     paper = "Dormand & Prince 1980; torchdiffeq (Chen et al. 2018)"
     # from alpha = 0 (flow matching at t = 1) it integrates dx/dt = u(x, t), the velocity
@@ -217,7 +216,8 @@ class DDIM(OneCallStepper):
         self.strong_order = 1.0 if self.stochastic else None
         self.default_grid = "uniform" if self.stochastic else "logsnr"
 
-    def init(self, p: Problem, x: Tensor) -> tuple[list[float], ...]:
+    def init(self, p: Problem, x: Tensor) -> tuple[list[float], list[float], list[float],
+                                                 list[float] | list[float | Tensor]]:
         """alpha, sigma, the noise weight ``c`` of the mean and the standard deviation of the
         added noise (a number, or a tensor per coordinate) of every step, once per grid."""
         from .analytic_dpm import analytic_variance, gamma_per_step
@@ -231,13 +231,14 @@ class DDIM(OneCallStepper):
             std = [math.sqrt(max(sigma[i] ** 2 - (alpha[i] / alpha[i + 1] * sigma[i + 1]) ** 2,
                                  0.0)) for i in range(p.steps)]
             return alpha, sigma, c, std
+        assert self.moments is not None   # variance='analytic' (checked in __init__)
         gam = gamma_per_step(self.moments, p.times, x.shape[1:])
-        std = []
+        std_analytic: list[float | Tensor] = []
         for i in range(p.steps):
             v = analytic_variance(alpha[i], sigma[i], alpha[i + 1], sigma[i + 1], c[i] ** 2,
                                   gam[i], self.data_range).sqrt()
-            std.append(float(v) if v.ndim == 0 else v.to(x))
-        return alpha, sigma, c, std
+            std_analytic.append(float(v) if v.ndim == 0 else v.to(x))
+        return alpha, sigma, c, std_analytic
 
     def step(self, p: Problem, i: int, x: Tensor, state: Any,
              given: ModelOutput | None = None) -> tuple[Tensor, Any]:

@@ -90,15 +90,15 @@ class UniPC(ExpIntegrator, OneCallStepper):
                          threshold_ratio, threshold_min, threshold_max)
         self.max_order, self.variant, self.corrector = order, variant, bool(corrector)
         self.disable_corrector = frozenset(int(i) for i in disable_corrector)
-        self.predictor = None if predictor is None else get_solver(predictor)
-        if self.predictor is not None:
-            pr = self.predictor
+        self.predictor: OneCallStepper | None = None
+        if predictor is not None:
+            pr = get_solver(predictor)
             if not isinstance(pr, OneCallStepper) or pr.stochastic or pr.nfe_per_step != 1:
                 raise ValueError(f"predictor={pr.name!r} is invalid: UniC needs a deterministic "
                                  "fixed-grid predictor with 1 NFE per step that takes the model "
                                  "output UniC computed (a OneCallStepper: e.g. 'dpmpp_2m', "
                                  "'dpmpp_3m', 'deis_tab3', 'ipndm', 'ddim', 'edm_euler')")
-            self.default_grid = pr.default_grid
+            self.predictor, self.default_grid = pr, pr.default_grid
         base = order if self.predictor is None else (self.predictor.order or 1)
         self.order = base + 1 if self.corrector else base
 
@@ -206,6 +206,5 @@ class UniPC(ExpIntegrator, OneCallStepper):
             x_next, shared = self._update(x, st, i, st.table[i], None, keep)
             return x_next, UniPCState(st.outputs, start, st.table, None, x, shared)
         out = ModelOutput(i, kind, eps if eps is not None else m)
-        assert isinstance(self.predictor, OneCallStepper)
         x_next, inner = self.predictor.step(p, i, x, st.inner, out)
         return x_next, UniPCState(st.outputs, start, st.table, inner, x)
