@@ -5,7 +5,7 @@ A solver is a small stateless object of one of four kinds (marker base classes, 
 
 * :class:`FixedGridSolver`: ``init(problem, x) -> state`` and ``step(problem, i, x, state) ->
   (x_next, state)`` advance the state from ``problem.times[i]`` to ``problem.times[i + 1]``; the
-  driver owns the loop. Multistep history lives in the state (a small frozen dataclass per
+  driver owns the loop. Multistep history lives in the state (a small immutable NamedTuple per
   family, indexed by step number, returned anew by each step), never on ``self``.
   :class:`OneCallStepper`: one whose step makes one model call, at ``(x, times[i])``, and can be
   handed that call's output (``step(..., given=ModelOutput)``; UniC's predictors).

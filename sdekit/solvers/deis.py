@@ -4,8 +4,7 @@ interpolated in t (tAB), in rho = sigma/alpha (rhoAB) or in log rho, Runge-Kutta
 probability-flow ODE of any forward SDE reads ``dv/drho = eps`` (DEIS, Eq. 13)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -25,8 +24,7 @@ from .registry import register
 INTERPS = ("t", "rho", "logrho")
 
 
-@dataclass(frozen=True)
-class DEISState:
+class DEISState(NamedTuple):
     """State of :class:`DEISMultistep`: the recent eps outputs and every step's update
     coefficients ``(c_x, [c_j])`` (``table[i]``)."""
 
@@ -34,8 +32,7 @@ class DEISState:
     table: dict[int, tuple[float, list[float]]]
 
 
-@dataclass(frozen=True)
-class IPNDMState:
+class IPNDMState(NamedTuple):
     """State of :class:`IPNDM`: the recent eps outputs and every step's ``(alpha_i, [d a_j],
     alpha_{i+1})`` (``table[i]``, see :meth:`IPNDM.step_table`)."""
 
@@ -181,7 +178,7 @@ class DEISMultistep(ExpIntegrator, OneCallStepper):
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps, m), st
         c = st.table[i]
-        return self.apply(x, c, [st.outputs[i - j] for j in range(len(c[1]))]), st
+        return self.apply(x, c, [st.outputs.m[i - j] for j in range(len(c[1]))]), st
 
 
 RK_TABLES = {
@@ -284,5 +281,5 @@ class IPNDM(OneCallStepper):
         a_s, w, a_t = st.table[i]
         v = x / a_s
         for j, wj in enumerate(w):
-            v = v.add_(st.outputs[i - j] * wj)
+            v = v.add_(st.outputs.m[i - j] * wj)
         return v.mul_(a_t), st

@@ -4,8 +4,7 @@ sigma and lambda (see :mod:`sdekit.solvers.exp_integrator`)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -41,8 +40,7 @@ def _solver_type(solver_type: str | None, order: int) -> str:
 
 
 
-@dataclass(frozen=True)
-class MultistepState:
+class MultistepState(NamedTuple):
     """State of :class:`DPMSolverMultistep`: the recent outputs, the first grid point of finite
     lambda (``start``), whether the first three steps form one singlestep block, that block's
     starting state ``x_s`` and the per-grid update coefficients (``table``)."""
@@ -54,8 +52,7 @@ class MultistepState:
     x_s: Tensor | None = None
 
 
-@dataclass(frozen=True)
-class SinglestepState:
+class SinglestepState(NamedTuple):
     """State of :class:`DPMSolverSinglestep`: the block's outputs, ``start``, the block of each
     grid interval (``block[i] = (first_step, size)``) and the state ``x_s`` the block started
     from."""
@@ -66,8 +63,7 @@ class SinglestepState:
     x_s: Tensor | None = None
 
 
-@dataclass(frozen=True)
-class SDEState:
+class SDEState(NamedTuple):
     """State of :class:`SDEDPMSolverPP`: the recent outputs and ``start``."""
 
     outputs: Outputs
@@ -192,22 +188,21 @@ class DPMSolverMultistep(ExpIntegrator, OneCallStepper):
     def step(self, p: Problem, i: int, x: Tensor, st: MultistepState,
              given: ModelOutput | None = None) -> tuple[Tensor, MultistepState]:
         m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i], given)
-        outputs = st.outputs.add(i, m)
-        if self.final_to_zero and i == p.steps - 1:
-            return self.to_zero(p, i, x, eps, m), replace(st, outputs=outputs)
         i0 = st.start
+        st = MultistepState(st.outputs.add(i, m), i0, st.singlestep_start, st.table, st.x_s)
+        if self.final_to_zero and i == p.steps - 1:
+            return self.to_zero(p, i, x, eps, m), st
         if i < i0:  # from alpha = 0
-            return self.first_step(p, x, m), replace(st, outputs=outputs)
+            return self.first_step(p, x, m), st
         if i < i0 + 3 and st.singlestep_start:
             # the first three steps (of finite lambda) as one third-order singlestep block
-            # whose stages are grid points i0 + 1, i0 + 2
+            # whose stages are grid points i0 + 1, i0 + 2, from the state x_s at grid point i0
             x_s = x if i == i0 else st.x_s
             assert x_s is not None
-            return (self.block_stage(p, x_s, outputs, i0, 3, i),
-                    replace(st, outputs=outputs, x_s=x_s))
+            st = MultistepState(st.outputs, i0, True, st.table, x_s)
+            return self.block_stage(p, x_s, st.outputs, i0, 3, i), st
         c = st.table[i]
-        return (self.apply(x, c, [outputs[i - j] for j in range(len(c[1]))]),
-                replace(st, outputs=outputs))
+        return self.apply(x, c, [st.outputs.m[i - j] for j in range(len(c[1]))]), st
 
 
 @register("dpm_solver_2", order=2, predict_x0=False)
@@ -261,7 +256,7 @@ class DPMSolverSinglestep(ExpIntegrator, OneCallStepper):
         x_s = x if i == i0 else st.x_s
         assert x_s is not None
         outputs = st.outputs.add(i, m)
-        st = replace(st, outputs=outputs, x_s=x_s)
+        st = SinglestepState(outputs, st.start, st.block, x_s)
         if self.solver_type != "midpoint" or i != i0 + k - 1 or k == 1:
             return self.block_stage(p, x_s, outputs, i0, k, i), st
         # the papers' final updates: Alg. 1 (k = 2), Alg. 2 (k = 3: linear through 0 and r2)
@@ -269,10 +264,10 @@ class DPMSolverSinglestep(ExpIntegrator, OneCallStepper):
         r = [(p.lam[q] - p.lam[i0]) / h for q in range(i0, i + 1)]
         if k == 2:
             W = h * abs(self.k) * phi(1, self.k * h) * torch.stack([1 - 0.5 / r[1], 0.5 / r[1]])
-            ms = [outputs[i0], outputs[i0 + 1]]
+            ms = [outputs.m[i0], outputs.m[i0 + 1]]
         else:
             W = ei_weights(torch.stack([r[0], r[2]]), 1.0, h, self.k)
-            ms = [outputs[i0], outputs[i0 + 2]]
+            ms = [outputs.m[i0], outputs.m[i0 + 2]]
         return self.combine(p, x_s, i0, i + 1, W, ms), st
 
 
@@ -453,7 +448,7 @@ class SDEDPMSolverPP(ExpIntegrator, FixedGridSolver):
             W = -torch.expm1(-2 * h) * torch.stack([1 - 0.5 / r[1], 0.5 / r[1]])
         else:
             W = ei_weights(r, 1.0, h, -2.0)
-        out = self.combine(p, x, i, i + 1, W, [outputs[i - j] for j in range(o)])
+        out = self.combine(p, x, i, i + 1, W, [outputs.m[i - j] for j in range(o)])
         out = out - p.bcast(p.sigma[i + 1] / p.sigma[i] * -torch.expm1(-h), x) * x
         z = p.noise.increment(p.times[i], p.times[i + 1], x)
         return out + p.bcast(p.sigma[i + 1] * torch.sqrt(-torch.expm1(-2 * h)), x) * z, st

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,8 +19,7 @@ VARIANTS = ("bh1", "bh2")
 StepCoefficients = tuple[float, float, list[float], list[float], list[float]]
 
 
-@dataclass(frozen=True)
-class UniPCState:
+class UniPCState(NamedTuple):
     """State of :class:`UniPC`: the recent outputs, the first grid point of finite lambda
     (``start``), every step's coefficients (``table``), the predicted state the corrector starts
     from (``x_base``), the predictor's terms the next corrector reuses (``shared``: ``(s, c_x x +
@@ -152,14 +150,14 @@ class UniPC(ExpIntegrator, OneCallStepper):
         second item, ``(s, c_x x + c_0 m_s, [D_k])`` (else None); the corrector consumes
         ``st.shared`` (updates it in place)."""
         c_x, c_0, rks, w_p, w_c = c
-        m0 = st.outputs[s]
+        m0 = st.outputs.m[s]
         shared = st.shared
         if shared is not None and shared[0] == s and m_t is not None:
             out, D = shared[1], shared[2]
         else:
             out = x * c_x
             out = out.add_(m0, alpha=c_0)
-            D = [(st.outputs[s - j] - m0).div_(rk) for j, rk in enumerate(rks, 1)]
+            D = [(st.outputs.m[s - j] - m0).div_(rk) for j, rk in enumerate(rks, 1)]
         if m_t is None:
             kept = None
             if keep:
@@ -179,7 +177,7 @@ class UniPC(ExpIntegrator, OneCallStepper):
         trapezoid rule through the outputs at u = 0 and u_1, ``alpha_1 (m_0 + m_1) / 2``, has
         local error O(alpha_1^3), one order above the first-order predictor."""
         return self.combine(p, x, 0, 1, torch.full((2,), 0.5, dtype=torch.float64),
-                            [outputs[0], m])
+                            [outputs.m[0], m])
 
     def step(self, p: Problem, i: int, x: Tensor, st: UniPCState,
              given: ModelOutput | None = None) -> tuple[Tensor, UniPCState]:
