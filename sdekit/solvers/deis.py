@@ -14,6 +14,7 @@ from .base import FixedGridSolver, ModelOutput, OneCallStepper, Problem, lambda_
 from .exp_integrator import (
     ExpIntegrator,
     Outputs,
+    push,
     ei_weights_per_step,
     gauss_legendre,
     lagrange_eval,
@@ -169,16 +170,16 @@ class DEISMultistep(ExpIntegrator, OneCallStepper):
             idx = [i for i, w in enumerate(W) if w.numel() == n]
             table.update(zip(idx, ExpIntegrator.coefficients(
                 self, p, torch.tensor(idx), torch.stack([W[i] for i in idx], 1))))
-        return DEISState(Outputs(self.ab_order + 1), table)
+        return DEISState((), table)
 
     def step(self, p: Problem, i: int, x: Tensor, st: DEISState,
              given: ModelOutput | None = None) -> tuple[Tensor, DEISState]:
         m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i], given)
-        st = DEISState(st.outputs.add(i, m), st.table)
+        st = DEISState(push(st.outputs, m, self.ab_order + 1), st.table)
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps, m), st
         c = st.table[i]
-        return self.apply(x, c, [st.outputs.m[i - j] for j in range(len(c[1]))]), st
+        return self.apply(x, c, list(st.outputs[:len(c[1])])), st
 
 
 RK_TABLES = {
@@ -264,7 +265,7 @@ class IPNDM(OneCallStepper):
         self.order = min(2, max_order)
 
     def init(self, p: Problem, x: Tensor) -> IPNDMState:
-        return IPNDMState(Outputs(self.max_order), self.step_table(p))
+        return IPNDMState((), self.step_table(p))
 
     def step_table(self, p: Problem) -> list[tuple[float, list[float], float]]:
         """Every step's ``(alpha_i, [d a_j], alpha_{i+1})`` (``d = rho_{i+1} - rho_i``) as plain
@@ -277,9 +278,10 @@ class IPNDM(OneCallStepper):
 
     def step(self, p: Problem, i: int, x: Tensor, st: IPNDMState,
              given: ModelOutput | None = None) -> tuple[Tensor, IPNDMState]:
-        st = IPNDMState(st.outputs.add(i, p.predict_at(i, x, "eps", given)), st.table)
+        st = IPNDMState(push(st.outputs, p.predict_at(i, x, "eps", given), self.max_order),
+                        st.table)
         a_s, w, a_t = st.table[i]
         v = x / a_s
         for j, wj in enumerate(w):
-            v = v.add_(st.outputs.m[i - j] * wj)
+            v = v.add_(st.outputs[j] * wj)
         return v.mul_(a_t), st

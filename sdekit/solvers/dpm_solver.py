@@ -13,6 +13,7 @@ from .base import AdaptiveSolver, FixedGridSolver, ModelOutput, OneCallStepper, 
 from .exp_integrator import (
     ExpIntegrator,
     Outputs,
+    push,
     block_plan,
     ei_weights,
     ei_weights_per_step,
@@ -144,7 +145,7 @@ class DPMSolverMultistep(ExpIntegrator, OneCallStepper):
         singlestep_start = usable >= 3 and (
             self.warmup == "singlestep"
             or (self.warmup == "auto" and self.even_start(p.lam[start:start + 4])))
-        return MultistepState(Outputs(self.max_order), start, singlestep_start,
+        return MultistepState((), start, singlestep_start,
                               self.step_table(p, start, singlestep_start))
 
     def step_table(self, p: Problem, i0: int, singlestep_start: bool
@@ -189,7 +190,7 @@ class DPMSolverMultistep(ExpIntegrator, OneCallStepper):
              given: ModelOutput | None = None) -> tuple[Tensor, MultistepState]:
         m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i], given)
         i0 = st.start
-        st = MultistepState(st.outputs.add(i, m), i0, st.singlestep_start, st.table, st.x_s)
+        st = MultistepState(push(st.outputs, m, self.max_order), i0, st.singlestep_start, st.table, st.x_s)
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps, m), st
         if i < i0:  # from alpha = 0
@@ -202,7 +203,7 @@ class DPMSolverMultistep(ExpIntegrator, OneCallStepper):
             st = MultistepState(st.outputs, i0, True, st.table, x_s)
             return self.block_stage(p, x_s, st.outputs, i0, 3, i), st
         c = st.table[i]
-        return self.apply(x, c, [st.outputs.m[i - j] for j in range(len(c[1]))]), st
+        return self.apply(x, c, list(st.outputs[:len(c[1])])), st
 
 
 @register("dpm_solver_2", order=2, predict_x0=False)
@@ -243,7 +244,7 @@ class DPMSolverSinglestep(ExpIntegrator, OneCallStepper):
         n = p.steps - start - (1 if self.final_to_zero else 0)
         block = {start + i0 + j: (start + i0, k)
                  for i0, k in block_plan(n, self.order, self.lower_order_at) for j in range(k)}
-        return SinglestepState(Outputs(self.order), start, block)
+        return SinglestepState((), start, block)
 
     def step(self, p: Problem, i: int, x: Tensor, st: SinglestepState,
              given: ModelOutput | None = None) -> tuple[Tensor, SinglestepState]:
@@ -255,7 +256,7 @@ class DPMSolverSinglestep(ExpIntegrator, OneCallStepper):
         i0, k = st.block[i]
         x_s = x if i == i0 else st.x_s
         assert x_s is not None
-        outputs = st.outputs.add(i, m)
+        outputs = push(st.outputs, m, self.order)
         st = SinglestepState(outputs, st.start, st.block, x_s)
         if self.solver_type != "midpoint" or i != i0 + k - 1 or k == 1:
             return self.block_stage(p, x_s, outputs, i0, k, i), st
@@ -264,10 +265,10 @@ class DPMSolverSinglestep(ExpIntegrator, OneCallStepper):
         r = [(p.lam[q] - p.lam[i0]) / h for q in range(i0, i + 1)]
         if k == 2:
             W = h * abs(self.k) * phi(1, self.k * h) * torch.stack([1 - 0.5 / r[1], 0.5 / r[1]])
-            ms = [outputs.m[i0], outputs.m[i0 + 1]]
+            ms = [outputs[i - i0], outputs[i - i0 - 1]]
         else:
             W = ei_weights(torch.stack([r[0], r[2]]), 1.0, h, self.k)
-            ms = [outputs.m[i0], outputs.m[i0 + 2]]
+            ms = [outputs[i - i0], outputs[i - i0 - 2]]
         return self.combine(p, x_s, i0, i + 1, W, ms), st
 
 
@@ -428,11 +429,11 @@ class SDEDPMSolverPP(ExpIntegrator, FixedGridSolver):
 
     def init(self, p: Problem, x: Tensor) -> SDEState:
         self.check(p)
-        return SDEState(Outputs(self.order), self.start_index(p))
+        return SDEState((), self.start_index(p))
 
     def step(self, p: Problem, i: int, x: Tensor, st: SDEState) -> tuple[Tensor, SDEState]:
         m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i])
-        outputs = st.outputs.add(i, m)
+        outputs = push(st.outputs, m, self.order)
         st = SDEState(outputs, st.start)
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps, m), st
@@ -448,7 +449,7 @@ class SDEDPMSolverPP(ExpIntegrator, FixedGridSolver):
             W = -torch.expm1(-2 * h) * torch.stack([1 - 0.5 / r[1], 0.5 / r[1]])
         else:
             W = ei_weights(r, 1.0, h, -2.0)
-        out = self.combine(p, x, i, i + 1, W, [outputs.m[i - j] for j in range(o)])
+        out = self.combine(p, x, i, i + 1, W, list(outputs[:o]))
         out = out - p.bcast(p.sigma[i + 1] / p.sigma[i] * -torch.expm1(-h), x) * x
         z = p.noise.increment(p.times[i], p.times[i + 1], x)
         return out + p.bcast(p.sigma[i + 1] * torch.sqrt(-torch.expm1(-2 * h)), x) * z, st

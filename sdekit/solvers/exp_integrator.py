@@ -27,8 +27,7 @@ steps in lambda and cannot start there either.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -170,20 +169,16 @@ def block_plan(steps: int, order: int, lower_order_at: str) -> list[tuple[int, i
     return plan
 
 
-class Outputs(NamedTuple):
-    """The last ``keep`` model outputs of a multistep solver, ``m[step number]``; immutable:
-    :meth:`add` returns the next one (a fresh dict: a state handed to a step is never changed).
-    The states are NamedTuples, not frozen dataclasses: building one costs a fifth as much, and
-    a step builds one."""
+#: the last model outputs of a multistep solver, newest first: ``outputs[j]`` is that of the step
+#: ``j`` steps back (every step adds one). A tuple: a state handed to a step is never changed, and
+#: the next is cheap to build (the states are NamedTuples for the same reason: a frozen dataclass
+#: costs several times as much per step)
+Outputs = tuple[Tensor, ...]
 
-    keep: int
-    m: Mapping[int, Tensor] = {}
 
-    def add(self, i: int, m: Tensor) -> Outputs:
-        out = dict(self.m)
-        out[i] = m
-        out.pop(i - self.keep, None)
-        return Outputs(self.keep, out)
+def push(outputs: Outputs, m: Tensor, keep: int) -> Outputs:
+    """``outputs`` with ``m`` added as the newest, the last ``keep`` kept."""
+    return (m,) + outputs[:keep - 1]
 
 
 KINDS = {"eps": 1.0, "x0": -1.0}
@@ -342,11 +337,12 @@ class ExpIntegrator(Solver):
                     ) -> Tensor:
         """A singlestep block of ``k`` grid intervals from grid point ``i0`` (state ``x_s``):
         the state at grid point ``i + 1`` from the outputs at the block's points ``i0..i``
+        (``outputs``, newest first: that of point ``i`` first)
         (exact weights of their Lagrange interpolant in lambda)."""
         h = p.lam[i0 + k] - p.lam[i0]
         r = torch.stack([(p.lam[q] - p.lam[i0]) / h for q in range(i0, i + 1)])
         W = ei_weights(r, float((p.lam[i + 1] - p.lam[i0]) / h), h, self.k)
-        ms = [outputs.m[q] for q in range(i0, i + 1)]
+        ms = [outputs[i - q] for q in range(i0, i + 1)]
         return self.combine(p, x_s, i0, i + 1, W, ms)
 
     def coefficients(self, p: Problem, steps: Tensor, W: Tensor) -> list[tuple[float, list[float]]]:
@@ -394,6 +390,7 @@ class ExpIntegrator(Solver):
 __all__ = [
     "ExpIntegrator",
     "Outputs",
+    "push",
     "block_plan",
     "dynamic_threshold",
     "ei_weights",

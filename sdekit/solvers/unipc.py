@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .base import ModelOutput, OneCallStepper, Problem, Solver
-from .exp_integrator import ExpIntegrator, Outputs, phi
+from .exp_integrator import ExpIntegrator, Outputs, phi, push
 from .registry import get_solver, register
 
 VARIANTS = ("bh1", "bh2")
@@ -111,7 +111,7 @@ class UniPC(ExpIntegrator, OneCallStepper):
         self.check(p)
         start = self.start_index(p)
         inner = None if self.predictor is None else self.predictor.init(p, x)
-        return UniPCState(Outputs(self.max_order + 1), start, self.step_table(p, start), inner)
+        return UniPCState((), start, self.step_table(p, start), inner)
 
     def step_table(self, p: Problem, start: int) -> dict[int, StepCoefficients]:
         """UniP's and UniC's coefficients of every step ``s -> s + 1`` (at the order
@@ -150,14 +150,14 @@ class UniPC(ExpIntegrator, OneCallStepper):
         second item, ``(s, c_x x + c_0 m_s, [D_k])`` (else None); the corrector consumes
         ``st.shared`` (updates it in place)."""
         c_x, c_0, rks, w_p, w_c = c
-        m0 = st.outputs.m[s]
+        m0 = st.outputs[0]   # the newest output is that of grid point s
         shared = st.shared
         if shared is not None and shared[0] == s and m_t is not None:
             out, D = shared[1], shared[2]
         else:
             out = x * c_x
             out = out.add_(m0, alpha=c_0)
-            D = [(st.outputs.m[s - j] - m0).div_(rk) for j, rk in enumerate(rks, 1)]
+            D = [(st.outputs[j] - m0).div_(rk) for j, rk in enumerate(rks, 1)]
         if m_t is None:
             kept = None
             if keep:
@@ -177,7 +177,7 @@ class UniPC(ExpIntegrator, OneCallStepper):
         trapezoid rule through the outputs at u = 0 and u_1, ``alpha_1 (m_0 + m_1) / 2``, has
         local error O(alpha_1^3), one order above the first-order predictor."""
         return self.combine(p, x, 0, 1, torch.full((2,), 0.5, dtype=torch.float64),
-                            [outputs.m[0], m])
+                            [outputs[0], m])
 
     def step(self, p: Problem, i: int, x: Tensor, st: UniPCState,
              given: ModelOutput | None = None) -> tuple[Tensor, UniPCState]:
@@ -194,7 +194,7 @@ class UniPC(ExpIntegrator, OneCallStepper):
                 x = self._correct_first(p, st.x_base, st.outputs, m)
             else:
                 x = self._update(st.x_base, st, i - 1, st.table[i - 1], m)[0]
-        st = UniPCState(st.outputs.add(i, m), start, st.table, st.inner, x)
+        st = UniPCState(push(st.outputs, m, self.max_order + 1), start, st.table, st.inner, x)
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps, m), st
         if self.predictor is None:
