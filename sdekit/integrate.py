@@ -15,7 +15,7 @@ from .guidance import check_guided_solver
 from ._utils import check_float_dtype, check_seed, compute_dtype
 from .noise import SeededNoise, sample_seeds
 from .sde.base import ForwardSDE
-from .solvers.base import Problem, Solver
+from .solvers.base import FixedGridSolver, OwnLoopSolver, Problem, Solver
 from .solvers.registry import DEFAULT_SOLVER, default_config, get_solver
 
 DEFAULT_STEPS = 20
@@ -154,7 +154,7 @@ def check_projectable(slv: Solver, project: Any) -> None:
     if not callable(project):
         raise TypeError(f"project must be callable as project(i, t, x) -> x, got "
                         f"{type(project).__name__}")
-    if slv.adaptive or slv.external_loop or slv.grid_free:
+    if not isinstance(slv, FixedGridSolver):
         raise ValueError(f"solver {slv.name!r} runs its own loop (adaptive, external or "
                          "grid-free): a per-step hook (project=, used by sdekit.inverse) needs a "
                          "fixed-grid solver such as 'ancestral', 'ddim', 'dpmpp_2m', 'heun' or "
@@ -185,12 +185,17 @@ def _solve(slv: Solver, p: Problem, x: Tensor, dtype: torch.dtype, float64: bool
            save_at: Sequence[float] | None, callback: Callable[[int, float, Tensor], None] | None,
            progress: bool, grad: str,
            project: Callable[[int, float, Tensor], Tensor] | None = None) -> Solution:
+    """Solve ``p`` from ``x``: :meth:`OwnLoopSolver.integrate` for adaptive and external
+    solvers, else the fixed-grid loop (:func:`_fixed_grid_loop`)."""
     times = p.times
     save = {float(t) for t in (save_at or [])}
     grid_times = times.tolist()  # the grid as plain numbers (float(times[i]) for each i)
     missing = save - set(grid_times)
-    own_loop = slv.adaptive or slv.external_loop
-    if own_loop and save - {float(times[0]), float(times[-1])}:
+    if not isinstance(slv, (FixedGridSolver, OwnLoopSolver)):
+        raise TypeError(f"solver {slv!r} is of no kind: subclass FixedGridSolver, "
+                        "AdaptiveSolver, ExternalSolver or LearnedSampler (sdekit.solvers.base)")
+    own_loop = isinstance(slv, OwnLoopSolver)
+    if own_loop and save - {grid_times[0], grid_times[-1]}:
         raise ValueError(f"solver {slv.name!r} runs its own loop: save_at can only hold the "
                          "first and last times of the grid")
     if missing:
@@ -201,33 +206,42 @@ def _solve(slv: Solver, p: Problem, x: Tensor, dtype: torch.dtype, float64: bool
     x = x.to(state_dtype)
     nfe0 = p.model.nfe
     traj: dict[float, Tensor] = {}
-    if float(times[0]) in save:
-        traj[float(times[0])] = x.clone()
-    if own_loop:
+    if grid_times[0] in save:
+        traj[grid_times[0]] = x.clone()
+    if isinstance(slv, OwnLoopSolver):
         x = slv.integrate(p, x)
-        if float(times[-1]) in save:
-            traj[float(times[-1])] = x.clone()
+        if grid_times[-1] in save:
+            traj[grid_times[-1]] = x.clone()
     else:
-        state = slv.init(p, x)
-        it: Any = range(p.steps)
-        if progress:
-            from tqdm.auto import tqdm
-            it = tqdm(it, desc=slv.name, leave=False)
-        for i in it:
-            p.step_index = i
-            x, state = slv.step(p, i, x, state)
-            t_next = grid_times[i + 1]
-            if project is not None:
-                x = project(i, t_next, x)
-            if t_next in save:
-                traj[t_next] = x.clone()
-            if callback is not None:
-                callback(i, t_next, x)
+        x = _fixed_grid_loop(slv, p, x, grid_times, save, traj, callback, progress, project)
     if denoise:
-        p.step_index = p.steps
         x = p.predict(x, times[-1], "x0")
     return Solution(x=x.to(dtype), nfe=p.model.nfe - nfe0, steps=p.steps, times=times,
                     solver=slv.name, trajectory=traj)
+
+
+def _fixed_grid_loop(slv: FixedGridSolver, p: Problem, x: Tensor, grid_times: list[float],
+                     save: set[float], traj: dict[float, Tensor],
+                     callback: Callable[[int, float, Tensor], None] | None, progress: bool,
+                     project: Callable[[int, float, Tensor], Tensor] | None) -> Tensor:
+    """The driver's loop: ``init`` once, then ``step`` from grid point ``i`` to ``i + 1`` (the
+    solver gets ``i``; nothing on the problem changes from step to step), with the ``project``
+    hook, the saved states (into ``traj``) and the callback after each step."""
+    state = slv.init(p, x)
+    it: Any = range(p.steps)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=slv.name, leave=False)
+    for i in it:
+        x, state = slv.step(p, i, x, state)
+        t_next = grid_times[i + 1]
+        if project is not None:
+            x = project(i, t_next, x)
+        if t_next in save:
+            traj[t_next] = x.clone()
+        if callback is not None:
+            callback(i, t_next, x)
+    return x
 
 
 GRAD_MODES = ("none", "model", "full")

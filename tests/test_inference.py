@@ -11,7 +11,7 @@ import torch
 
 import sdekit
 from sdekit import sample
-from sdekit.solvers import get_solver, solver_names
+from sdekit.solvers import for_problem, get_solver, solver_names
 
 from helpers import gaussian_problem
 
@@ -22,7 +22,7 @@ NAMES = solver_names()
 def _solver(name: str, sde_name: str):
     """A solver ready for the 4-D Gaussian problem (``fno`` fits a quick operator once)."""
     sde, data = _problem(sde_name)
-    return get_solver(name).for_problem(sde, data.model(), (4,))
+    return for_problem(get_solver(name), sde, data.model(), (4,))
 
 
 @functools.cache

@@ -9,7 +9,7 @@ import torch
 
 import sdekit
 from sdekit import BrownianNoise, make_grid, sample
-from sdekit.solvers import get_solver, solver_names
+from sdekit.solvers import for_problem, get_solver, solver_names
 
 from conftest import SDE_NAMES, make_sde
 from helpers import ORDER_SDES, fitted_slope, gaussian_problem, rms
@@ -34,7 +34,7 @@ def test_contract_shape_dtype_nfe(name, dtype, event_shape):
                                event_shape=event_shape)
     steps = _steps_for(s, 6)
     model = data.model()
-    solver = s.for_problem(sde, model, event_shape)
+    solver = for_problem(s, sde, model, event_shape)
     sol = sample(sde, model, shape=(5,) + event_shape, solver=solver, steps=steps,
                  dtype=dtype, seed=3)
     assert sol.x.shape == (5,) + event_shape
@@ -58,7 +58,7 @@ def test_contract_determinism_and_batch_invariance(name):
     sde = sdekit.VPSDE()
     data = gaussian_problem(sde, dim=3)
     steps = _steps_for(s, 6)
-    kw = {"solver": s.for_problem(sde, data.model(), (3,)), "steps": steps, "dtype": torch.float64}
+    kw = {"solver": for_problem(s, sde, data.model(), (3,)), "steps": steps, "dtype": torch.float64}
     seeds = list(range(10, 18))
     a = sample(sde, data.model(), shape=(8, 3), seeds=seeds, **kw).x
     b = sample(sde, data.model(), shape=(8, 3), seeds=seeds, **kw).x

@@ -188,8 +188,8 @@ def test_unipc_step_table_equals_one_step_formulas(opts, ends, sde_name, grid, s
     start = slv.start_index(p)
     assert start == (1 if sde_name == "flow" else 0)
     last = steps - 1 if slv.final_to_zero else steps
-    assert sorted(st.extra["table"]) == list(range(start, last))
-    for s, (c_x, c_0, r, w_p, w_c) in st.extra["table"].items():
+    assert sorted(st.table) == list(range(start, last))
+    for s, (c_x, c_0, r, w_p, w_c) in st.table.items():
         o = slv.step_order(p, s, opts["order"], start)
         for corrector, w in ((False, w_p), (True, w_c)):
             ref = _unipc_one_step(p, s, o, opts["variant"], slv.prediction, corrector)
@@ -250,7 +250,7 @@ def test_deis_vectorised_weights_equal_one_step_weights(interp, ab_order, sde_na
             assert torch.equal(w, r)
     if sde_name == "squaredcos" and interp == "t" and ab_order == 3:   # the cap is exercised
         assert any(len(r) < slv.step_order(p, i, 4) for i, r in enumerate(ref))
-    table = slv.init(p, torch.zeros(2, 2)).extra["table"]
+    table = slv.init(p, torch.zeros(2, 2)).table
     for i, w in enumerate(W):
         assert table[i] == ExpIntegrator.coefficients(slv, p, torch.tensor([i]), w[:, None])[0]
 
@@ -295,7 +295,7 @@ def test_ipndm_step_table_equals_one_step_formulas(max_order, sde_name, grid):
     from sdekit.solvers.deis import IPNDM_COEFFS
     sde = sdekit.VPSDE() if sde_name == "vp" else sdekit.EDMSDE()
     p = _problem(sde, grid, 15)
-    table = get_solver("ipndm", max_order=max_order).init(p, torch.zeros(2, 2)).extra["table"]
+    table = get_solver("ipndm", max_order=max_order).init(p, torch.zeros(2, 2)).table
     assert len(table) == 15
     for i, (a_s, w, a_t) in enumerate(table):
         d = torch.exp(-p.lam[i + 1]) - torch.exp(-p.lam[i])

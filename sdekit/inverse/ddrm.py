@@ -1,7 +1,7 @@
 """DDRM: Denoising Diffusion Restoration Models (Kawar et al. 2022) for ``y = H x + sigma_y z``
 with ``H = U diag(s) V^T`` (an :class:`~sdekit.inverse.operators.SVDOperator`).
 
-DDRM is its own update rule, written here as a :class:`~sdekit.solvers.base.Solver` that
+DDRM is its own update rule, written here as a :class:`~sdekit.solvers.base.FixedGridSolver` that
 :func:`sdekit.sample` drives on any forward SDE and any grid. It works in the VE-equivalent
 variables ``x_tilde = x / alpha`` with noise level ``sigma_tilde = sigma / alpha`` and in the
 spectral coordinates ``x_bar = V^T x_tilde``, ``y_bar = diag(s)^-1 U^T y``. For a step from
@@ -31,12 +31,12 @@ from ..dynamics.parameterization import DiffusionModel, as_model
 from ..integrate import Solution, sample
 from ..noise import SeededNoise
 from ..sde.base import ForwardSDE
-from ..solvers.base import Problem, Solver
+from ..solvers.base import FixedGridSolver, Problem
 from .methods import _START, _base_seeds, _check_measurement, _streams
 from .operators import SVDOperator
 
 
-class DDRMSolver(Solver):
+class DDRMSolver(FixedGridSolver):
     """DDRM's update (Kawar et al. 2022, Eq. 7-8); 1 NFE per step; stochastic for ``eta > 0``
     or ``eta_b`` and ``sigma_y`` giving noise. Not registered: it needs the measurement (build it
     through :func:`ddrm`)."""

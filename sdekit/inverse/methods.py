@@ -35,7 +35,7 @@ from ..grids import make_grid
 from ..integrate import DEFAULT_STEPS, Solution, check_projectable, sample
 from ..noise import SeededNoise, sample_seeds
 from ..sde.base import ForwardSDE
-from ..solvers.base import Solver
+from ..solvers.base import Solver, for_problem
 from ..solvers.registry import DEFAULT_SOLVER, get_solver
 from .operators import SVDOperator, _as_bool_mask
 
@@ -233,7 +233,7 @@ def _replacement(sde: ForwardSDE, model: Any, shape: tuple[int, ...], dtype: tor
     for k, v in (("resample", resample), ("jump", jump)):
         require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, k, v, "an integer >= 1")
     dm = as_model(model, sde, prediction)
-    slv = get_solver(solver, **solver_options).for_problem(sde, dm, shape)
+    slv = for_problem(get_solver(solver, **solver_options), sde, dm, shape)
     check_projectable(slv, final)
     times = _grid(sde, slv, grid, steps, t_start, t_end, grid_options)
     n_steps = times.numel() - 1

@@ -1,23 +1,34 @@
 """The solver contract.
 
-A solver is a small stateless object: ``init(problem, x) -> state`` and
-``step(problem, i, x, state) -> (x_next, state)`` advance the state from ``problem.times[i]``
-to ``problem.times[i + 1]``. Multistep history lives in the state (indexed by step number),
-never on ``self``. The driver (:func:`sdekit.sample`) owns the loop. Solvers that choose their
-own steps (``adaptive = True``) or run a backend's loop (``external_loop = True``) implement
-``integrate(problem, x) -> x`` instead.
+A solver is a small stateless object of one of four kinds (marker base classes, tested with
+``isinstance`` by the driver, :func:`sdekit.sample`):
+
+* :class:`FixedGridSolver`: ``init(problem, x) -> state`` and ``step(problem, i, x, state) ->
+  (x_next, state)`` advance the state from ``problem.times[i]`` to ``problem.times[i + 1]``; the
+  driver owns the loop. Multistep history lives in the state (a small immutable NamedTuple per
+  family, indexed by step number, returned anew by each step), never on ``self``.
+  :class:`OneCallStepper`: one whose step makes one model call, at ``(x, times[i])``, and can be
+  handed that call's output (``step(..., given=ModelOutput)``; UniC's predictors).
+* :class:`AdaptiveSolver`: picks its own steps, ``integrate(problem, x) -> x``.
+* :class:`ExternalSolver`: runs a backend's loop, ``integrate(problem, x) -> x``.
+* :class:`LearnedSampler`: an external solver that ignores the grid (a learned operator); its
+  :meth:`LearnedSampler.for_problem` fits it to a problem when it has no trained artefact.
+
+Options are constructor arguments stored as instance attributes; the declarations a solver
+makes (``order``, ``nfe_per_step``, ``stochastic``, ...) are instance attributes whose class
+body gives the default; class attributes (``ClassVar``) are constants of the class only.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .._utils import append_dims
-from ..dynamics.parameterization import DiffusionModel
+from ..dynamics.parameterization import DiffusionModel, from_eps
 from ..grids import make_grid
 from ..sde.base import ForwardSDE
 
@@ -33,34 +44,70 @@ class ModelOutputError(FloatingPointError):
     """The model returned NaN or Inf during a solve."""
 
 
-@dataclass
-class Problem:
-    """What a solver sees: the forward SDE, the counted model, the grid and the noise source.
+@dataclass(frozen=True)
+class Schedule:
+    """The grid and the forward process's coefficients at its points, float64, computed once
+    per grid: ``times``, ``alpha``, ``sigma`` and the half-logSNR ``lam`` (read only)."""
 
-    Schedule quantities at the grid points are precomputed in float64 (``alpha``, ``sigma``,
-    ``lam``); use :meth:`coef` to get them in the state's dtype.
-    """
-
-    sde: ForwardSDE
-    model: DiffusionModel
     times: Tensor
-    noise: Any
-    solver_name: str = "?"
-    model_dtype: torch.dtype | None = None   # the network's input dtype, if not the state's
-    grad_in_model: bool = False
-    step_index: int = 0
-    alpha: Tensor = field(init=False)
-    sigma: Tensor = field(init=False)
-    lam: Tensor = field(init=False)
+    alpha: Tensor
+    sigma: Tensor
+    lam: Tensor
 
-    def __post_init__(self) -> None:
-        self.alpha = self.sde.alpha(self.times).double()
-        self.sigma = self.sde.sigma(self.times).double()
-        self.lam = self.sde.lambda_(self.times).double()
+    @classmethod
+    def of(cls, sde: ForwardSDE, times: Tensor) -> Schedule:
+        return cls(times, sde.alpha(times).double(), sde.sigma(times).double(),
+                   sde.lambda_(times).double())
 
     @property
     def steps(self) -> int:
         return self.times.numel() - 1
+
+    def step_of(self, t: float) -> int:
+        """The step a time belongs to: the index of the grid point within 1e-9 (relative) of
+        ``t``, else that of the step whose interval holds ``t`` (a stage of a multistage
+        method); ``steps`` for the last point (the final denoising call)."""
+        grid = self.times.tolist()
+        for i, ti in enumerate(grid):
+            if abs(ti - t) <= 1e-9 * max(1.0, abs(t)):
+                return i
+        inside = [i for i in range(self.steps)
+                  if min(grid[i], grid[i + 1]) < t < max(grid[i], grid[i + 1])]
+        return inside[0] if inside else 0
+
+
+class Problem:
+    """What a solver sees: the forward SDE, the counted model, the grid's :class:`Schedule` (its
+    ``times``, ``alpha``, ``sigma``, ``lam``: float64, precomputed) and the noise source.
+    ``model_dtype`` is the network's input dtype where it is not the state's; with
+    ``grad_in_model`` model calls run with autograd on their input (see :meth:`predict`)."""
+
+    def __init__(self, sde: ForwardSDE, model: DiffusionModel, times: Tensor, noise: Any = None,
+                 solver_name: str = "?", model_dtype: torch.dtype | None = None,
+                 grad_in_model: bool = False) -> None:
+        self.sde, self.model, self.noise, self.solver_name = sde, model, noise, solver_name
+        self.model_dtype, self.grad_in_model = model_dtype, grad_in_model
+        self.schedule = Schedule.of(sde, times)
+
+    @property
+    def times(self) -> Tensor:
+        return self.schedule.times
+
+    @property
+    def alpha(self) -> Tensor:
+        return self.schedule.alpha
+
+    @property
+    def sigma(self) -> Tensor:
+        return self.schedule.sigma
+
+    @property
+    def lam(self) -> Tensor:
+        return self.schedule.lam
+
+    @property
+    def steps(self) -> int:
+        return self.schedule.steps
 
     def predict(self, x: Tensor, t: Any, kind: str = "eps") -> Tensor:
         """One counted model call (the network sees ``model_dtype``), converted to ``kind`` in the
@@ -81,12 +128,24 @@ class Problem:
         kind = "x0" if self.model.prediction in ("x0", "denoiser", "flow") else "eps"
         return kind, self.predict(x, t, kind)
 
+    def predict_at(self, i: int, x: Tensor, kind: str = "eps",
+                   given: ModelOutput | None = None) -> Tensor:
+        """:meth:`predict` at grid point ``i``, or the output ``given`` for it (converted to
+        ``kind`` at ``x``): the model call of a :class:`OneCallStepper`."""
+        return self.predict(x, self.times[i], kind) if given is None else given.as_kind(self, kind, x)
+
+    def predict_native_at(self, i: int, x: Tensor,
+                          given: ModelOutput | None = None) -> tuple[str, Tensor]:
+        """:meth:`predict_native` at grid point ``i``, or the output ``given`` for it."""
+        return self.predict_native(x, self.times[i]) if given is None else (given.kind, given.value)
+
     def _checked(self, out: Tensor, t: Tensor) -> Tensor:
         # one reduction: the sum is NaN/Inf iff an element is (short of float overflow)
         if not math.isfinite(out.sum().item()):
+            t0 = float(t.flatten()[0])
             raise ModelOutputError(
-                f"the model returned NaN or Inf at step {self.step_index} "
-                f"(t={float(t.flatten()[0]):.6g}) of solver {self.solver_name!r}")
+                f"the model returned NaN or Inf at step {self.schedule.step_of(t0)} "
+                f"(t={t0:.6g}) of solver {self.solver_name!r}")
         return out
 
     @staticmethod
@@ -99,54 +158,78 @@ class Problem:
         return append_dims(torch.as_tensor(v, dtype=torch.float64).to(like.device), like.ndim).to(like.dtype)
 
 
-class Solver:
-    """Base class. Subclasses set the class attributes and implement ``step`` (and ``init`` when
-    they keep history)."""
+@dataclass(frozen=True)
+class ModelOutput:
+    """A model call already made at grid point ``i``: its ``value``, of kind ``kind`` (``"eps"``,
+    or ``"x0"`` where alpha = 0). A :class:`OneCallStepper` takes it instead of calling the model
+    (UniC hands its predictor the call it made at the uncorrected state: no extra NFE)."""
 
-    name: ClassVar[str] = "?"
+    i: int
+    kind: str
+    value: Tensor
+
+    def as_kind(self, p: Problem, kind: str, x: Tensor) -> Tensor:
+        """The output as ``kind``, converted (where it must be) at the state ``x``."""
+        if kind == self.kind:
+            return self.value
+        a, s = p.bcast(p.alpha[self.i], x), p.bcast(p.sigma[self.i], x)
+        eps = self.value if self.kind == "eps" else (x - a * self.value) / s
+        return from_eps(kind, eps, x, a, s)
+
+
+class Solver:
+    """The common base of the solver kinds (:class:`FixedGridSolver`, :class:`AdaptiveSolver`,
+    :class:`ExternalSolver`, :class:`LearnedSampler`): the declarations and the grid rule.
+    Subclass a kind, not this class."""
+
+    # class constants
     family: ClassVar[str] = "?"
+    paper: ClassVar[str] = ""
+    # grid_for(): where default_grid, at 100 steps on a forward SDE, makes a step more than
+    # this many times its mean step in lambda, an option-free call uses logsnr instead
+    max_lambda_step_ratio: ClassVar[float] = 25.0
+    # True where the model is called on subsets of the batch (per-sample adaptive steps): a
+    # model wrapper holding one condition per sample cannot follow those calls
+    evaluates_subsets: ClassVar[bool] = False
+
+    # declarations: instance attributes (the class body gives the default; __init__ sets those
+    # that depend on options)
+    name: str = "?"                     # the registry key (set by get_solver)
     order: int | None = None            # deterministic (ODE) order; None: not declared
     strong_order: float | None = None   # strong order of stochastic solvers (additive noise)
     nfe_per_step: int = 1
     stochastic: bool = False
-    adaptive: ClassVar[bool] = False       # picks its own steps: NFE known only afterwards
-    external_loop: ClassVar[bool] = False  # runs its own loop (a backend) through integrate()
-    # True where the time grid and step count are ignored (a learned operator evaluates fixed
-    # output times at a fixed cost): a benchmark runs it once, at its own NFE
-    grid_free: ClassVar[bool] = False
     min_steps: int = 1
-    default_grid: ClassVar[str] = "logsnr"   # the preferred grid; the one used is grid_for(sde)
-    # grid_for(): where default_grid, at 100 steps on a forward SDE, makes a step more than this
-    # many times its mean step in lambda, an option-free call uses logsnr instead
-    max_lambda_step_ratio: ClassVar[float] = 25.0
+    default_grid: str = "logsnr"        # the preferred grid; the one used is grid_for(sde)
     # with per-sample seeds, is a sample's result independent of the rest of its batch? True
     # (to float rounding), "tolerance" (batch-shared adaptive steps: equal to within the
     # solver's tolerance) or False (e.g. batch-averaged step sizes)
     batch_invariant: bool | str = True
-    paper: ClassVar[str] = ""
     # True where the solver's first step from a grid point with alpha = 0 (lambda = -inf: the
     # flow-matching prior at t = 1) is well defined: the data-prediction exponential integrators
     # and DDIM take it in closed form, x_1 = sigma_1 / sigma_0 x + alpha_1 x0_hat. Every other
     # solver works in x / alpha, in lambda steps or in the SDE's f and g, all infinite there.
     starts_at_alpha_zero: bool = False
-    # True where the model is called on subsets of the batch (per-sample adaptive steps): a
-    # model wrapper holding one condition per sample cannot follow those calls
-    evaluates_subsets: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         if options:
             raise TypeError(f"{type(self).__name__} got unknown options {sorted(options)}")
 
-    # the fixed-grid interface
-    def init(self, p: Problem, x: Tensor) -> Any:
-        return None
+    @property
+    def adaptive(self) -> bool:
+        """Picks its own steps (an :class:`AdaptiveSolver`): NFE known only afterwards."""
+        return isinstance(self, AdaptiveSolver)
 
-    def step(self, p: Problem, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
-        raise NotImplementedError
+    @property
+    def external_loop(self) -> bool:
+        """Runs its own loop through a backend (an :class:`ExternalSolver`)."""
+        return isinstance(self, ExternalSolver)
 
-    # the adaptive interface
-    def integrate(self, p: Problem, x: Tensor) -> Tensor:
-        raise NotImplementedError
+    @property
+    def grid_free(self) -> bool:
+        """Ignores the time grid and step count (a :class:`LearnedSampler` evaluates fixed
+        output times at a fixed cost): a benchmark runs it once, at its own NFE."""
+        return isinstance(self, LearnedSampler)
 
     def check_start(self, p: Problem) -> None:
         """Raise before any work when the grid starts where alpha = 0 and this solver, or the
@@ -168,11 +251,6 @@ class Solver:
                 f"t_start={t0:g}, where alpha = 0: there x = sigma eps carries no information "
                 "about x0 (x0 = (x - sigma eps) / alpha is 0/0). Use t_start < "
                 f"{t0:g}, or a network predicting 'flow', 'v' or 'x0'")
-
-    def for_problem(self, sde: ForwardSDE, model: DiffusionModel, state_shape: Any) -> Solver:
-        """A solver ready for this problem: learned solvers fit themselves here when they were
-        built without a trained artefact; classic solvers return themselves."""
-        return self
 
     def grid_for(self, sde: ForwardSDE) -> str:
         """The grid an option-free call uses on ``sde`` (the driver, bench and CLI read this):
@@ -201,7 +279,7 @@ class Solver:
     def expected_nfe(self, steps: int) -> int | None:
         """The NFE a fixed-grid solve of ``steps`` steps costs (None where it is not known in
         advance, e.g. adaptive solvers)."""
-        return None if self.adaptive else steps * self.nfe_per_step
+        return steps * self.nfe_per_step
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "family": self.family, "order": self.order,
@@ -213,3 +291,62 @@ class Solver:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class FixedGridSolver(Solver):
+    """A solver stepped by the driver's loop over the grid: :meth:`init` once per grid (tables,
+    an empty history), then :meth:`step` from each grid point to the next."""
+
+    def init(self, p: Problem, x: Tensor) -> Any:
+        return None
+
+    def step(self, p: Problem, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+
+class OneCallStepper(FixedGridSolver):
+    """A fixed-grid solver whose step makes one model call, at ``(x, times[i])``, and can take
+    that call's output instead: ``step(p, i, x, state, given)`` with ``given`` a
+    :class:`ModelOutput` (None: call the model). UniC runs on top of such a predictor."""
+
+    def step(self, p: Problem, i: int, x: Tensor, state: Any,
+             given: ModelOutput | None = None) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+
+class OwnLoopSolver(Solver):
+    """A solver that runs its own loop from ``times[0]`` to ``times[-1]``: the common base of
+    :class:`AdaptiveSolver` and :class:`ExternalSolver`."""
+
+    def integrate(self, p: Problem, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class AdaptiveSolver(OwnLoopSolver):
+    """Chooses its own steps (error control): the NFE is known only afterwards."""
+
+    def expected_nfe(self, steps: int) -> int | None:
+        return None
+
+
+class ExternalSolver(OwnLoopSolver):
+    """Runs a backend's loop (e.g. torchsde) over the grid."""
+
+
+class LearnedSampler(ExternalSolver):
+    """A trained sampler that replaces the solve (a learned operator): it ignores the grid and
+    step count; :meth:`for_problem` fits it to a problem when it was built without a trained
+    artefact."""
+
+    def for_problem(self, sde: ForwardSDE, model: DiffusionModel, state_shape: Any
+                    ) -> LearnedSampler:
+        raise NotImplementedError
+
+
+def for_problem(solver: Solver, sde: ForwardSDE, model: DiffusionModel, state_shape: Any
+                ) -> Solver:
+    """A solver ready for this problem: a :class:`LearnedSampler` fits itself
+    (:meth:`LearnedSampler.for_problem`) when it has no trained artefact; every other solver
+    is returned as it is."""
+    return solver.for_problem(sde, model, state_shape) if isinstance(solver, LearnedSampler) \
+        else solver

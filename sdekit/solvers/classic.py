@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..dynamics.reverse import reverse_drift
-from .base import Problem, Solver
+from .base import ExternalSolver, FixedGridSolver, Problem, Solver
 from .registry import get_solver, register
 
 
@@ -20,7 +20,7 @@ def _drift(p: Problem, x: Tensor, t: Any) -> Tensor:
 
 
 @register("euler_maruyama")
-class EulerMaruyama(Solver):
+class EulerMaruyama(FixedGridSolver):
     """Euler-Maruyama on the reverse-time SDE: ``x <- x + (f x - g^2 s) dt + g sqrt(|dt|) z``
     with dt < 0. Ito SDE; order 1 (its drift part), strong order 1 here (additive noise),
     1 NFE per step. Song et al. 2021, Eq. 6 and App. G (the EM predictor)."""
@@ -41,7 +41,7 @@ class EulerMaruyama(Solver):
 
 
 @register("reverse_diffusion")
-class ReverseDiffusion(Solver):
+class ReverseDiffusion(FixedGridSolver):
     """The reverse-diffusion predictor (Song et al. 2021, Eq. 46): discretise the forward SDE as
     ``x_i = a x_{i+1} + G z`` with the exact one-step marginal coefficients
     ``a = alpha_i / alpha_{i+1}``, ``G^2 = sigma_i^2 - a^2 sigma_{i+1}^2`` (DDPM's beta for VP,
@@ -69,7 +69,7 @@ STEP_NORMS = ("sample", "batch")
 
 @register("pc", predictor="reverse_diffusion", corrector="langevin")
 @register("pc_ald", predictor="reverse_diffusion", corrector="ald")
-class PredictorCorrector(Solver):
+class PredictorCorrector(FixedGridSolver):
     """Predictor-corrector sampling (Song et al. 2021, Alg. 1-3): at each time, ``n_corrector``
     Langevin steps ``x <- x + e s + sqrt(2 e) z`` and then one predictor step (any registered
     fixed-grid solver). ``a`` below is the one-step ratio ``(alpha_i / alpha_{i+1})^2``
@@ -116,9 +116,11 @@ class PredictorCorrector(Solver):
             raise ValueError(f"snr={snr!r} is invalid: expected a finite number > 0")
         if not (isinstance(n_corrector, int) and n_corrector >= 0):
             raise ValueError(f"n_corrector={n_corrector!r} is invalid: expected an integer >= 0")
-        self.predictor = get_solver(predictor)
-        if self.predictor.adaptive:
-            raise ValueError(f"predictor={predictor!r} is adaptive: expected a fixed-grid solver")
+        pr = get_solver(predictor)
+        if not isinstance(pr, FixedGridSolver):
+            raise ValueError(f"predictor={predictor!r} runs its own loop (adaptive or external): "
+                             "expected a fixed-grid solver")
+        self.predictor = pr
         self.corrector, self.snr, self.step_norm = corrector, float(snr), step_norm
         self.n_corrector = 0 if corrector == "none" else n_corrector
         self.batch_norm = corrector == "langevin" and step_norm == "batch" and self.n_corrector > 0
@@ -192,7 +194,7 @@ def _noise_brownian(p: Problem, like: Tensor, levy: bool) -> Any:
             U = torch.zeros_like(W)
             for k in range(a, b):   # U over [a, b] = sum of h_k (W(u_k) - W(u_a)) + U_k
                 dW, Uk = self._step(k)
-                if return_U:
+                if return_U and Uk is not None:
                     U = U + W + Uk
                 W = W + dW
             for k in [k for k in self._cache if k < a]:   # queries move forward: drop old steps
@@ -213,7 +215,7 @@ def _noise_brownian(p: Problem, like: Tensor, levy: bool) -> Any:
 @register("torchsde", method="euler")
 @register("torchsde_milstein", method="milstein")
 @register("torchsde_srk", method="srk")
-class TorchSDE(Solver):
+class TorchSDE(ExternalSolver):
     """The reverse-time SDE solved by torchsde (Li et al. 2020) with one of its Ito methods
     (``euler``, ``milstein``, ``srk``) on any grid, driven by sdekit's noise source (see
     :func:`_noise_brownian`: per sample, so a sample never depends on its batch, and one path
@@ -230,7 +232,6 @@ class TorchSDE(Solver):
     srk, its Roessler SRI scheme as torchsde implements it: 10 steps + 1)."""
 
     family = "torchsde"
-    external_loop = True
     stochastic = True
     default_grid = "uniform"
     paper = "Li et al. 2020, Scalable Gradients for SDEs (torchsde)"

@@ -4,16 +4,17 @@ interpolated in t (tAB), in rho = sigma/alpha (rhoAB) or in log rho, Runge-Kutta
 probability-flow ODE of any forward SDE reads ``dv/drho = eps`` (DEIS, Eq. 13)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..sde.base import ForwardSDE
-from .base import Problem, Solver, lambda_step_ratios
+from .base import FixedGridSolver, ModelOutput, OneCallStepper, Problem, lambda_step_ratios
 from .exp_integrator import (
     ExpIntegrator,
-    History,
+    Outputs,
+    push,
     ei_weights_per_step,
     gauss_legendre,
     lagrange_eval,
@@ -24,11 +25,27 @@ from .registry import register
 INTERPS = ("t", "rho", "logrho")
 
 
+class DEISState(NamedTuple):
+    """State of :class:`DEISMultistep`: the recent eps outputs and every step's update
+    coefficients ``(c_x, [c_j])`` (``table[i]``)."""
+
+    outputs: Outputs
+    table: dict[int, tuple[float, list[float]]]
+
+
+class IPNDMState(NamedTuple):
+    """State of :class:`IPNDM`: the recent eps outputs and every step's ``(alpha_i, [d a_j],
+    alpha_{i+1})`` (``table[i]``, see :meth:`IPNDM.step_table`)."""
+
+    outputs: Outputs
+    table: list[tuple[float, list[float], float]]
+
+
 @register("deis_tab1", ab_order=1)
 @register("deis_tab2", ab_order=2)
 @register("deis_tab3", ab_order=3)
 @register("deis_rhoab", ab_order=3, interp="rho")
-class DEISMultistep(ExpIntegrator):
+class DEISMultistep(ExpIntegrator, OneCallStepper):
     """DEIS-AB (Zhang & Chen 2023, Eq. 14-15): ``x_{i+1} = (alpha_{i+1}/alpha_i) x_i -
     alpha_{i+1} sum_j C_ij eps_{i-j}`` with ``C_ij = int_{rho_{i+1}}^{rho_i} l_j(u(rho)) drho``,
     ``l_j`` the Lagrange basis of degree ``ab_order`` (r) through the last r + 1 steps in the
@@ -58,9 +75,9 @@ class DEISMultistep(ExpIntegrator):
     steps.)"""
 
     family = "deis"
-    kind_options = ("eps",)
+    kind_options: ClassVar[tuple[str, ...]] = ("eps",)
     default_grid = "quadratic"
-    FIRST_STEP_RATIO = 4.0
+    FIRST_STEP_RATIO: ClassVar[float] = 4.0
     paper = ("Zhang & Chen 2023, Fast Sampling of Diffusion Models with Exponential "
              "Integrator, Eq. 14-15")
 
@@ -90,9 +107,10 @@ class DEISMultistep(ExpIntegrator):
     #: largest amplification ``sum |W_ij| / |sum W_ij|`` of an extrapolation step (see
     #: :meth:`coefficients`); equal steps give 1.7-4 (tAB2) and 4-8 (tAB3), every tested
     #: healthy grid stays below 16
-    MAX_AMPLIFICATION = 20.0
+    MAX_AMPLIFICATION: ClassVar[float] = 20.0
 
-    def coefficients(self, p: Problem) -> list[Tensor]:
+    # the base method (combine's coefficients from weights) is called as ExpIntegrator.coefficients
+    def coefficients(self, p: Problem) -> list[Tensor]:  # type: ignore[override]
         """``W[i][j]``: the weight of ``eps_{i-j}`` in step ``i`` in the exponential-integrator
         form ``x_{i+1} = (alpha_{i+1}/alpha_i) x_i - sigma_{i+1} sum_j W_ij eps_{i-j}``, i.e.
         ``W_ij = e^{lambda_{i+1}} C_ij`` (float64).
@@ -144,24 +162,24 @@ class DEISMultistep(ExpIntegrator):
         ell = lagrange_eval(nodes, u)                        # (o, steps, quad_points)
         return ((ell * gw).sum(-1) * half * torch.exp(p.lam[idx + 1])).T
 
-    def init(self, p: Problem, x: Tensor) -> History:
+    def init(self, p: Problem, x: Tensor) -> DEISState:
         self.check(p)
-        st = History(keep=self.ab_order + 1)
         W = self.coefficients(p)
-        st.extra["table"] = table = {}   # combine's (c_x, [c_j]) per step (the base method)
+        table: dict[int, tuple[float, list[float]]] = {}   # combine's (c_x, [c_j]) per step (the base method)
         for n in {w.numel() for w in W}:
             idx = [i for i, w in enumerate(W) if w.numel() == n]
             table.update(zip(idx, ExpIntegrator.coefficients(
                 self, p, torch.tensor(idx), torch.stack([W[i] for i in idx], 1))))
-        return st
+        return DEISState((), table)
 
-    def step(self, p: Problem, i: int, x: Tensor, st: History) -> tuple[Tensor, History]:
-        m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i])
-        st.add(i, m)
+    def step(self, p: Problem, i: int, x: Tensor, st: DEISState,
+             given: ModelOutput | None = None) -> tuple[Tensor, DEISState]:
+        m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i], given)
+        st = DEISState(push(st.outputs, m, self.ab_order + 1), st.table)
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps, m), st
-        c = st.extra["table"][i]
-        return self.apply(x, c, [st.m[i - j] for j in range(len(c[1]))]), st
+        c = st.table[i]
+        return self.apply(x, c, list(st.outputs[:len(c[1])])), st
 
 
 RK_TABLES = {
@@ -180,7 +198,7 @@ RK_TABLES = {
 
 
 @register("deis_rhork", method="3kutta")
-class DEISRhoRK(Solver):
+class DEISRhoRK(FixedGridSolver):
     """rhoRK-DEIS (Zhang & Chen 2023, Sec. 4, Eq. 13): an explicit Runge-Kutta method (``method``
     one of 1euler, 2heun, 3kutta (default), 3ral, 3heun, 3vdh, 3ssprk, 4rk) on
     ``dv/drho = eps(alpha v, t(rho))`` between the grid's points. Order and NFE per step = the
@@ -227,7 +245,7 @@ IPNDM_COEFFS = ([1.0], [1.5, -0.5], [23 / 12, -16 / 12, 5 / 12],
 
 
 @register("ipndm")
-class IPNDM(Solver):
+class IPNDM(OneCallStepper):
     """iPNDM (Zhang & Chen 2023, App. on iPNDM; improved PNDM of Liu et al. 2022): the
     fixed-coefficient Adams-Bashforth rule ``v_{i+1} = v_i + (rho_{i+1} - rho_i) sum_j a_j
     eps_{i-j}`` in ``v = x/alpha``, ``rho = sigma/alpha`` with a = [1], [3, -1]/2,
@@ -246,10 +264,8 @@ class IPNDM(Solver):
         self.max_order = max_order
         self.order = min(2, max_order)
 
-    def init(self, p: Problem, x: Tensor) -> History:
-        st = History(keep=self.max_order)
-        st.extra["table"] = self.step_table(p)
-        return st
+    def init(self, p: Problem, x: Tensor) -> IPNDMState:
+        return IPNDMState((), self.step_table(p))
 
     def step_table(self, p: Problem) -> list[tuple[float, list[float], float]]:
         """Every step's ``(alpha_i, [d a_j], alpha_{i+1})`` (``d = rho_{i+1} - rho_i``) as plain
@@ -260,10 +276,12 @@ class IPNDM(Solver):
                             for aj in IPNDM_COEFFS[min(self.max_order, i + 1) - 1]], alpha[i + 1])
                 for i in range(p.steps)]
 
-    def step(self, p: Problem, i: int, x: Tensor, st: History) -> tuple[Tensor, History]:
-        st.add(i, p.predict(x, p.times[i], "eps"))
-        a_s, w, a_t = st.extra["table"][i]
+    def step(self, p: Problem, i: int, x: Tensor, st: IPNDMState,
+             given: ModelOutput | None = None) -> tuple[Tensor, IPNDMState]:
+        st = IPNDMState(push(st.outputs, p.predict_at(i, x, "eps", given), self.max_order),
+                        st.table)
+        a_s, w, a_t = st.table[i]
         v = x / a_s
         for j, wj in enumerate(w):
-            v = v.add_(st.m[i - j] * wj)
+            v = v.add_(st.outputs[j] * wj)
         return v.mul_(a_t), st

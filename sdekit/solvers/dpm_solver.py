@@ -4,14 +4,16 @@ sigma and lambda (see :mod:`sdekit.solvers.exp_integrator`)."""
 from __future__ import annotations
 
 import math
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .base import Problem
+from .base import AdaptiveSolver, FixedGridSolver, ModelOutput, OneCallStepper, Problem
 from .exp_integrator import (
     ExpIntegrator,
-    History,
+    Outputs,
+    push,
     block_plan,
     ei_weights,
     ei_weights_per_step,
@@ -37,6 +39,36 @@ def _solver_type(solver_type: str | None, order: int) -> str:
                          f"{SOLVER_TYPES} or None")
     return solver_type
 
+
+
+class MultistepState(NamedTuple):
+    """State of :class:`DPMSolverMultistep`: the recent outputs, the first grid point of finite
+    lambda (``start``), whether the first three steps form one singlestep block, that block's
+    starting state ``x_s`` and the per-grid update coefficients (``table``)."""
+
+    outputs: Outputs
+    start: int
+    singlestep_start: bool
+    table: dict[int, tuple[float, list[float]]]
+    x_s: Tensor | None = None
+
+
+class SinglestepState(NamedTuple):
+    """State of :class:`DPMSolverSinglestep`: the block's outputs, ``start``, the block of each
+    grid interval (``block[i] = (first_step, size)``) and the state ``x_s`` the block started
+    from."""
+
+    outputs: Outputs
+    start: int
+    block: dict[int, tuple[int, int]]
+    x_s: Tensor | None = None
+
+
+class SDEState(NamedTuple):
+    """State of :class:`SDEDPMSolverPP`: the recent outputs and ``start``."""
+
+    outputs: Outputs
+    start: int
 
 def reference_weights(r: list[Tensor], h: Tensor, k: float) -> Tensor:
     """Weights of the published multistep formulas (``solver_type='midpoint'``): DPM-Solver++(2M)
@@ -65,7 +97,7 @@ def reference_weights(r: list[Tensor], h: Tensor, k: float) -> Tensor:
 @register("dpmpp_1", order=1, predict_x0=True)
 @register("dpmpp_2m", order=2, predict_x0=True)
 @register("dpmpp_3m", order=3, predict_x0=True)
-class DPMSolverMultistep(ExpIntegrator):
+class DPMSolverMultistep(ExpIntegrator, OneCallStepper):
     """Multistep DPM-Solver (``predict_x0=False``; Lu et al. 2022, Eq. 3.7 and App. B) and
     DPM-Solver++ (``predict_x0=True``; Lu et al. 2022b, Alg. 2, Eq. 9): the model outputs of
     the last ``order`` steps interpolated in lambda, integrated against the exponential
@@ -106,27 +138,27 @@ class DPMSolverMultistep(ExpIntegrator):
         self.order = 2 if (order == 3 and solver_type == "midpoint") else order
         self.max_order = order
 
-    def init(self, p: Problem, x: Tensor) -> History:
+    def init(self, p: Problem, x: Tensor) -> MultistepState:
         self.check(p)
-        st = History(keep=self.max_order)
-        st.extra["start"] = start = self.start_index(p)
+        start = self.start_index(p)
         usable = p.steps - start - (1 if self.final_to_zero else 0)
-        st.extra["singlestep_start"] = usable >= 3 and (
+        singlestep_start = usable >= 3 and (
             self.warmup == "singlestep"
             or (self.warmup == "auto" and self.even_start(p.lam[start:start + 4])))
-        st.extra["table"] = self.step_table(p, st.extra)
-        return st
+        return MultistepState((), start, singlestep_start,
+                              self.step_table(p, start, singlestep_start))
 
-    def step_table(self, p: Problem, extra: dict) -> dict[int, tuple[float, list[float]]]:
+    def step_table(self, p: Problem, i0: int, singlestep_start: bool
+                   ) -> dict[int, tuple[float, list[float]]]:
         """The coefficients of every multistep update (step ``i`` -> :meth:`combine`'s
-        ``(c_x, [c_j])``), computed once per grid, vectorised over the steps of each order."""
-        i0 = extra["start"]
-        first = i0 + 3 if extra["singlestep_start"] else i0
+        ``(c_x, [c_j])``), computed once per grid, vectorised over the steps of each order;
+        ``i0`` is the first grid point of finite lambda."""
+        first = i0 + 3 if singlestep_start else i0
         last = p.steps - 1 if self.final_to_zero else p.steps
         by_order: dict[int, list[int]] = {}
         for i in range(first, last):
             by_order.setdefault(self.step_order(p, i, self.max_order, i0), []).append(i)
-        table = {}
+        table: dict[int, tuple[float, list[float]]] = {}
         for o, idx in by_order.items():
             steps = torch.tensor(idx)
             h = p.lam[steps + 1] - p.lam[steps]
@@ -140,7 +172,7 @@ class DPMSolverMultistep(ExpIntegrator):
 
     #: the automatic warm-up takes the singlestep block only where the block's first three
     #: lambda steps are within this ratio of each other (see :meth:`even_start`)
-    SINGLESTEP_MAX_RATIO = 1.5
+    SINGLESTEP_MAX_RATIO: ClassVar[float] = 1.5
 
     @classmethod
     def even_start(cls, lam: Tensor) -> bool:
@@ -154,28 +186,30 @@ class DPMSolverMultistep(ExpIntegrator):
         h = lam[1:] - lam[:-1]
         return bool((h.max() / h.min()) <= cls.SINGLESTEP_MAX_RATIO)
 
-    def step(self, p: Problem, i: int, x: Tensor, st: History) -> tuple[Tensor, History]:
-        m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i])
-        st.add(i, m)
+    def step(self, p: Problem, i: int, x: Tensor, st: MultistepState,
+             given: ModelOutput | None = None) -> tuple[Tensor, MultistepState]:
+        m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i], given)
+        i0 = st.start
+        st = MultistepState(push(st.outputs, m, self.max_order), i0, st.singlestep_start, st.table, st.x_s)
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps, m), st
-        i0 = st.extra["start"]
         if i < i0:  # from alpha = 0
             return self.first_step(p, x, m), st
-        if i < i0 + 3 and st.extra["singlestep_start"]:
+        if i < i0 + 3 and st.singlestep_start:
             # the first three steps (of finite lambda) as one third-order singlestep block
-            # whose stages are grid points i0 + 1, i0 + 2
-            if i == i0:
-                st.extra["x_s"] = x
-            return self.block_stage(p, st, i0, 3, i), st
-        c = st.extra["table"][i]
-        return self.apply(x, c, [st.m[i - j] for j in range(len(c[1]))]), st
+            # whose stages are grid points i0 + 1, i0 + 2, from the state x_s at grid point i0
+            x_s = x if i == i0 else st.x_s
+            assert x_s is not None
+            st = MultistepState(st.outputs, i0, True, st.table, x_s)
+            return self.block_stage(p, x_s, st.outputs, i0, 3, i), st
+        c = st.table[i]
+        return self.apply(x, c, list(st.outputs[:len(c[1])])), st
 
 
 @register("dpm_solver_2", order=2, predict_x0=False)
 @register("dpm_solver_3", order=3, predict_x0=False)
 @register("dpmpp_2s", order=2, predict_x0=True)
-class DPMSolverSinglestep(ExpIntegrator):
+class DPMSolverSinglestep(ExpIntegrator, OneCallStepper):
     """Singlestep DPM-Solver-2/3 (Lu et al. 2022, Alg. 1 and 2; ``predict_x0=True``:
     DPM-Solver++(2S), Lu et al. 2022b, Alg. 1) with the "fast" order schedule (Sec. 3.4) that
     spends exactly the budget: the grid's intervals are grouped into blocks of ``order``
@@ -190,6 +224,7 @@ class DPMSolverSinglestep(ExpIntegrator):
 
     paper = ("Lu et al. 2022, DPM-Solver, Alg. 1-2 and Sec. 3.4 (DPM-Solver-fast); Lu et al. "
              "2022b, DPM-Solver++, Alg. 1 (2S)")
+    order: int   # always declared (from the option)
 
     def __init__(self, order: int = 3, predict_x0: bool = False, solver_type: str | None = None,
                  lower_order_at: str = "start", final_to_zero: bool = False,
@@ -203,44 +238,43 @@ class DPMSolverSinglestep(ExpIntegrator):
         block_plan(order, order, lower_order_at)  # validates lower_order_at
         self.order, self.solver_type, self.lower_order_at = order, solver_type, lower_order_at
 
-    def init(self, p: Problem, x: Tensor) -> History:
+    def init(self, p: Problem, x: Tensor) -> SinglestepState:
         self.check(p)
         start = self.start_index(p)
         n = p.steps - start - (1 if self.final_to_zero else 0)
-        st = History(keep=self.order)
-        st.extra["start"] = start
-        st.extra["block"] = {start + i0 + j: (start + i0, k)
-                             for i0, k in block_plan(n, self.order, self.lower_order_at)
-                             for j in range(k)}
-        return st
+        block = {start + i0 + j: (start + i0, k)
+                 for i0, k in block_plan(n, self.order, self.lower_order_at) for j in range(k)}
+        return SinglestepState((), start, block)
 
-    def step(self, p: Problem, i: int, x: Tensor, st: History) -> tuple[Tensor, History]:
-        m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i])
+    def step(self, p: Problem, i: int, x: Tensor, st: SinglestepState,
+             given: ModelOutput | None = None) -> tuple[Tensor, SinglestepState]:
+        m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i], given)
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps, m), st
-        if i < st.extra["start"]:  # from alpha = 0
+        if i < st.start:  # from alpha = 0
             return self.first_step(p, x, m), st
-        i0, k = st.extra["block"][i]
-        if i == i0:
-            st.extra["x_s"] = x
-        st.add(i, m)
+        i0, k = st.block[i]
+        x_s = x if i == i0 else st.x_s
+        assert x_s is not None
+        outputs = push(st.outputs, m, self.order)
+        st = SinglestepState(outputs, st.start, st.block, x_s)
         if self.solver_type != "midpoint" or i != i0 + k - 1 or k == 1:
-            return self.block_stage(p, st, i0, k, i), st
+            return self.block_stage(p, x_s, outputs, i0, k, i), st
         # the papers' final updates: Alg. 1 (k = 2), Alg. 2 (k = 3: linear through 0 and r2)
         h = p.lam[i0 + k] - p.lam[i0]
         r = [(p.lam[q] - p.lam[i0]) / h for q in range(i0, i + 1)]
         if k == 2:
             W = h * abs(self.k) * phi(1, self.k * h) * torch.stack([1 - 0.5 / r[1], 0.5 / r[1]])
-            ms = [st.m[i0], st.m[i0 + 1]]
+            ms = [outputs[i - i0], outputs[i - i0 - 1]]
         else:
             W = ei_weights(torch.stack([r[0], r[2]]), 1.0, h, self.k)
-            ms = [st.m[i0], st.m[i0 + 2]]
-        return self.combine(p, st.extra["x_s"], i0, i + 1, W, ms), st
+            ms = [outputs[i - i0], outputs[i - i0 - 2]]
+        return self.combine(p, x_s, i0, i + 1, W, ms), st
 
 
 @register("dpm_solver_adaptive", order=3, predict_x0=False)
 @register("dpmpp_adaptive", order=3, predict_x0=True)
-class DPMSolverAdaptive(ExpIntegrator):
+class DPMSolverAdaptive(ExpIntegrator, AdaptiveSolver):
     """Adaptive DPM-Solver-12 (``order=2``) and -23 (``order=3``; Lu et al. 2022, Alg. 4 and
     App. C): each step compares the singlestep solutions of orders ``order - 1`` and ``order``
     (they share their model calls), accepts when the scaled error
@@ -275,11 +309,12 @@ class DPMSolverAdaptive(ExpIntegrator):
 
     ``h_max=math.inf, atol=0.0078`` gives Alg. 4's step control on VP (per-sample E)."""
 
-    adaptive = True
     evaluates_subsets = True   # only the samples still stepping are evaluated
     paper = "Lu et al. 2022, DPM-Solver, Alg. 4 (adaptive step size) and App. C"
+    order: int   # always declared (from the option)
 
-    ATOL_PER_RTOL = 0.0078 / 0.05  # the paper's defaults (atol for image data in [-1, 1])
+    #: the paper's defaults (atol for image data in [-1, 1])
+    ATOL_PER_RTOL: ClassVar[float] = 0.0078 / 0.05
 
     def __init__(self, order: int = 3, predict_x0: bool = False, rtol: float = 0.05,
                  atol: float | None = None, h_init: float = 0.05, h_max: float = 1.0,
@@ -367,7 +402,7 @@ class DPMSolverAdaptive(ExpIntegrator):
 
 @register("dpmpp_sde_1", order=1)
 @register("dpmpp_2m_sde", order=2)
-class SDEDPMSolverPP(ExpIntegrator):
+class SDEDPMSolverPP(ExpIntegrator, FixedGridSolver):
     """SDE-DPM-Solver++ (Lu et al. 2022b, Sec. 5 and App. on SDE solvers; diffusers'
     ``sde-dpmsolver++``): the reverse-time SDE in data prediction,
     ``x_t = (sigma_t/sigma_s) e^{-h} x_s + alpha_t sum_j W_j x0_j + sigma_t sqrt(1 - e^{-2h}) z``
@@ -379,6 +414,7 @@ class SDEDPMSolverPP(ExpIntegrator):
     stochastic = True
     strong_order = 1.0
     paper = "Lu et al. 2022b, DPM-Solver++, Sec. 5 (SDE-DPM-Solver++(2M))"
+    order: int   # always declared (from the option)
 
     def __init__(self, order: int = 2, solver_type: str | None = None,
                  lower_order_final: bool | None = None, final_to_zero: bool = False,
@@ -391,30 +427,29 @@ class SDEDPMSolverPP(ExpIntegrator):
                          threshold_min=threshold_min, threshold_max=threshold_max)
         self.order, self.solver_type = order, solver_type
 
-    def init(self, p: Problem, x: Tensor) -> History:
+    def init(self, p: Problem, x: Tensor) -> SDEState:
         self.check(p)
-        st = History(keep=self.order)
-        st.extra["start"] = self.start_index(p)
-        return st
+        return SDEState((), self.start_index(p))
 
-    def step(self, p: Problem, i: int, x: Tensor, st: History) -> tuple[Tensor, History]:
+    def step(self, p: Problem, i: int, x: Tensor, st: SDEState) -> tuple[Tensor, SDEState]:
         m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i])
-        st.add(i, m)
+        outputs = push(st.outputs, m, self.order)
+        st = SDEState(outputs, st.start)
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps, m), st
-        if i < st.extra["start"]:
+        if i < st.start:
             # from alpha = 0 (h = inf): e^{-h} = 0, the kernel's weight 1 - e^{-2h} = 1, so the
             # step is the exact posterior draw x_1 = alpha_1 x0 + sigma_1 z
             z = p.noise.increment(p.times[i], p.times[i + 1], x)
             return p.lin(float(p.alpha[i + 1]), m, float(p.sigma[i + 1]), z), st
-        o = self.step_order(p, i, self.order, st.extra["start"])
+        o = self.step_order(p, i, self.order, st.start)
         h = p.lam[i + 1] - p.lam[i]
         r = torch.stack([(p.lam[i - j] - p.lam[i]) / h for j in range(o)])
         if o == 2 and self.solver_type == "midpoint":
             W = -torch.expm1(-2 * h) * torch.stack([1 - 0.5 / r[1], 0.5 / r[1]])
         else:
             W = ei_weights(r, 1.0, h, -2.0)
-        out = self.combine(p, x, i, i + 1, W, [st.m[i - j] for j in range(o)])
+        out = self.combine(p, x, i, i + 1, W, list(outputs[:o]))
         out = out - p.bcast(p.sigma[i + 1] / p.sigma[i] * -torch.expm1(-h), x) * x
         z = p.noise.increment(p.times[i], p.times[i + 1], x)
         return out + p.bcast(p.sigma[i + 1] * torch.sqrt(-torch.expm1(-2 * h)), x) * z, st

@@ -27,14 +27,13 @@ steps in lambda and cannot start there either.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Problem, Solver
+from .base import ModelOutput, Problem, Solver
 
 F64 = torch.float64
 _SERIES_TERMS = 24
@@ -170,18 +169,16 @@ def block_plan(steps: int, order: int, lower_order_at: str) -> list[tuple[int, i
     return plan
 
 
-@dataclass
-class History:
-    """Multistep state: model outputs keyed by step number (the last ``keep`` are kept) and
-    solver-specific extras (block plans, the start of a singlestep block, coefficient tables)."""
+#: the last model outputs of a multistep solver, newest first: ``outputs[j]`` is that of the step
+#: ``j`` steps back (every step adds one). A tuple: a state handed to a step is never changed, and
+#: the next is cheap to build (the states are NamedTuples for the same reason: a frozen dataclass
+#: costs several times as much per step)
+Outputs = tuple[Tensor, ...]
 
-    keep: int
-    m: dict[int, Tensor] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, i: int, m: Tensor) -> None:
-        self.m[i] = m
-        self.m.pop(i - self.keep, None)
+def push(outputs: Outputs, m: Tensor, keep: int) -> Outputs:
+    """``outputs`` with ``m`` added as the newest, the last ``keep`` kept."""
+    return (m,) + outputs[:keep - 1]
 
 
 KINDS = {"eps": 1.0, "x0": -1.0}
@@ -208,7 +205,7 @@ class ExpIntegrator(Solver):
 
     family = "exponential-integrator"
     default_grid = "logsnr"
-    kind_options = ("eps", "x0")
+    kind_options: ClassVar[tuple[str, ...]] = ("eps", "x0")
     #: lower_order_final=None: on where the last lambda step exceeds this many times the one before
     auto_lower_order_ratio = 2.0
     #: ... or exceeds this length in lambda
@@ -299,17 +296,18 @@ class ExpIntegrator(Solver):
         0`` (h = lambda_1 - lambda_0 = inf). Local error O(alpha_1^2)."""
         return self.combine(p, x, 0, 1, torch.ones(1, dtype=F64), [m])
 
-    def evaluate(self, p: Problem, x: Tensor, t: Any, a: Any, s: Any
-                 ) -> tuple[Tensor, Tensor | None]:
+    def evaluate(self, p: Problem, x: Tensor, t: Any, a: Any, s: Any,
+                 given: ModelOutput | None = None) -> tuple[Tensor, Tensor | None]:
         """One model call at ``(x, t)``: ``(m, eps)`` with ``m`` the output this solver
         integrates (eps, or the possibly thresholded x0); ``a``, ``s`` are alpha and sigma at t.
         When the network already outputs what the solver integrates no conversion is made, and
-        ``eps`` is None for an x0 network (``to_zero`` then uses ``m``)."""
+        ``eps`` is None for an x0 network (``to_zero`` then uses ``m``). ``given``: the output of
+        a call already made at ``(x, t)`` (see :class:`~sdekit.solvers.base.ModelOutput`)."""
         if torch.as_tensor(a).numel() == 1 and float(a) == 0.0:
             # alpha = 0: only the data prediction is defined (Solver.check_start vetted the model)
-            out = p.predict(x, t, "x0")
+            out = p.predict(x, t, "x0") if given is None else given.as_kind(p, "x0", x)
             return (dynamic_threshold(out, *self.threshold) if self.threshold else out), None
-        kind, out = p.predict_native(x, t)
+        kind, out = p.predict_native(x, t) if given is None else (given.kind, given.value)
         if kind == self.prediction == "x0":
             return (dynamic_threshold(out, *self.threshold) if self.threshold else out), None
         eps = out if kind == "eps" else (x - p.bcast(a, x) * out) / p.bcast(s, x)
@@ -327,8 +325,7 @@ class ExpIntegrator(Solver):
             x0 = (x - p.bcast(s, x) * eps) / p.bcast(a, x)
         return dynamic_threshold(x0, *self.threshold) if self.threshold else x0
 
-    def to_zero(self, p: Problem, i: int, x: Tensor, eps: Tensor | None,
-                m: Tensor | None = None) -> Tensor:
+    def to_zero(self, p: Problem, i: int, x: Tensor, eps: Tensor | None, m: Tensor) -> Tensor:
         """The first-order step from grid point ``i`` to sigma = 0: the data estimate of the
         step's model call, taken at ``x`` (for UniPC the corrected state); with ``eps`` None
         (an x0 network under an x0 solver, see :meth:`evaluate`) it is that call's ``m``."""
@@ -336,15 +333,17 @@ class ExpIntegrator(Solver):
             return m
         return self.data_estimate(p, x, eps, p.alpha[i], p.sigma[i])
 
-    def block_stage(self, p: Problem, st: History, i0: int, k: int, i: int) -> Tensor:
-        """A singlestep block of ``k`` grid intervals from grid point ``i0`` (state
-        ``st.extra['x_s']``): the state at grid point ``i + 1`` from the outputs at the block's
-        points ``i0..i`` (exact weights of their Lagrange interpolant in lambda)."""
+    def block_stage(self, p: Problem, x_s: Tensor, outputs: Outputs, i0: int, k: int, i: int
+                    ) -> Tensor:
+        """A singlestep block of ``k`` grid intervals from grid point ``i0`` (state ``x_s``):
+        the state at grid point ``i + 1`` from the outputs at the block's points ``i0..i``
+        (``outputs``, newest first: that of point ``i`` first)
+        (exact weights of their Lagrange interpolant in lambda)."""
         h = p.lam[i0 + k] - p.lam[i0]
         r = torch.stack([(p.lam[q] - p.lam[i0]) / h for q in range(i0, i + 1)])
         W = ei_weights(r, float((p.lam[i + 1] - p.lam[i0]) / h), h, self.k)
-        ms = [st.m[q] for q in range(i0, i + 1)]
-        return self.combine(p, st.extra["x_s"], i0, i + 1, W, ms)
+        ms = [outputs[i - q] for q in range(i0, i + 1)]
+        return self.combine(p, x_s, i0, i + 1, W, ms)
 
     def coefficients(self, p: Problem, steps: Tensor, W: Tensor) -> list[tuple[float, list[float]]]:
         """:meth:`combine`'s coefficients for the grid steps ``steps`` (``i -> i + 1``, from the
@@ -365,10 +364,11 @@ class ExpIntegrator(Solver):
             out = out.add_(m, alpha=cj)
         return out
 
-    def combine(self, p: Problem, x: Tensor, i0: int, t_idx: Any, W: Tensor, ms: list[Tensor],
+    def combine(self, p: Problem, x: Tensor, i0: Any, t_idx: Any, W: Tensor, ms: list[Tensor],
                 a_t: Any = None, s_t: Any = None, a_s: Any = None, s_s: Any = None) -> Tensor:
         """``x_t`` from ``x`` at grid point ``i0`` and the weighted outputs (see module doc);
-        ``t_idx`` is a grid index, or None with ``a_t``/``s_t`` given."""
+        ``i0`` / ``t_idx`` are grid indices, or None with ``a_s``/``s_s`` / ``a_t``/``s_t``
+        given."""
         a_s = p.alpha[i0] if a_s is None else a_s
         s_s = p.sigma[i0] if s_s is None else s_s
         if t_idx is not None:
@@ -389,7 +389,8 @@ class ExpIntegrator(Solver):
 
 __all__ = [
     "ExpIntegrator",
-    "History",
+    "Outputs",
+    "push",
     "block_plan",
     "dynamic_threshold",
     "ei_weights",

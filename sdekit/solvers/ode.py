@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Problem, Solver
+from .base import AdaptiveSolver, FixedGridSolver, ModelOutput, OneCallStepper, Problem
 from .registry import register
 
 
@@ -61,7 +61,7 @@ TABLES = {
 @register("euler", method="euler")
 @register("heun", method="heun")
 @register("rk4", method="rk4")
-class ExplicitRK(Solver):
+class ExplicitRK(FixedGridSolver):
     """Explicit Runge-Kutta on the probability-flow ODE, stepping in lambda between the grid's
     times (see :func:`pf_ode_lambda`). Euler: order 1, 1 NFE/step; Heun: order 2, 2 NFE/step;
     classic RK4: order 4, 4 NFE/step. ODE. Song et al. 2021, Eq. 13, integrated with the
@@ -92,7 +92,7 @@ class ExplicitRK(Solver):
 
 
 @register("dopri5", method="dopri5")
-class TorchDiffEq(Solver):
+class TorchDiffEq(AdaptiveSolver):
     """Adaptive solve of the probability-flow ODE in lambda (see :func:`pf_ode_lambda`) through
     torchdiffeq (``method`` any of
     torchdiffeq's: dopri5, bosh3, adaptive_heun, dopri8, ...; ``rtol``, ``atol``). NFE is
@@ -106,7 +106,6 @@ class TorchDiffEq(Solver):
     batch), so every sample's local error is held to the tolerance whatever its batch holds."""
 
     family = "adaptive"
-    adaptive = True
     batch_invariant = "tolerance"
     paper = "Dormand & Prince 1980; torchdiffeq (Chen et al. 2018)"
     # from alpha = 0 (flow matching at t = 1) it integrates dx/dt = u(x, t), the velocity
@@ -161,7 +160,7 @@ VARIANCES = ("beta_tilde", "beta", "analytic")
 
 @register("ddim", eta=0.0)
 @register("ancestral", eta=1.0)
-class DDIM(Solver):
+class DDIM(OneCallStepper):
     """DDIM (Song, Meng & Ermon 2021, Eq. 12) on any forward SDE:
     ``x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z`` with
     ``c = eta sigma_s sqrt(1 - exp(-2 (lambda_s - lambda_t)))``. Order 1, 1 NFE per step.
@@ -217,7 +216,8 @@ class DDIM(Solver):
         self.strong_order = 1.0 if self.stochastic else None
         self.default_grid = "uniform" if self.stochastic else "logsnr"
 
-    def init(self, p: Problem, x: Tensor) -> tuple[list[float], ...]:
+    def init(self, p: Problem, x: Tensor) -> tuple[list[float], list[float], list[float],
+                                                 list[float] | list[float | Tensor]]:
         """alpha, sigma, the noise weight ``c`` of the mean and the standard deviation of the
         added noise (a number, or a tensor per coordinate) of every step, once per grid."""
         from .analytic_dpm import analytic_variance, gamma_per_step
@@ -231,24 +231,26 @@ class DDIM(Solver):
             std = [math.sqrt(max(sigma[i] ** 2 - (alpha[i] / alpha[i + 1] * sigma[i + 1]) ** 2,
                                  0.0)) for i in range(p.steps)]
             return alpha, sigma, c, std
+        assert self.moments is not None   # variance='analytic' (checked in __init__)
         gam = gamma_per_step(self.moments, p.times, x.shape[1:])
-        std = []
+        std_analytic: list[float | Tensor] = []
         for i in range(p.steps):
             v = analytic_variance(alpha[i], sigma[i], alpha[i + 1], sigma[i + 1], c[i] ** 2,
                                   gam[i], self.data_range).sqrt()
-            std.append(float(v) if v.ndim == 0 else v.to(x))
-        return alpha, sigma, c, std
+            std_analytic.append(float(v) if v.ndim == 0 else v.to(x))
+        return alpha, sigma, c, std_analytic
 
-    def step(self, p: Problem, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+    def step(self, p: Problem, i: int, x: Tensor, state: Any,
+             given: ModelOutput | None = None) -> tuple[Tensor, Any]:
         alpha, sigma, cs, stds = state
         a0, s0 = alpha[i], sigma[i]
         a1, s1 = alpha[i + 1], sigma[i + 1]
         c, std = cs[i], stds[i]
         d = s1 if c == 0 else math.sqrt(max(s1 * s1 - c * c, 0.0))   # eps weight of the mean
         if a0 == 0.0:  # alpha = 0 (flow matching at t = 1): only x0 is defined there
-            kind, m = "x0", p.predict(x, p.times[i], "x0")
+            kind, m = "x0", p.predict_at(i, x, "x0", given)
         else:
-            kind, m = p.predict_native(x, p.times[i])
+            kind, m = p.predict_native_at(i, x, given)
         # x_s = a1 x0 + d eps with x = a0 x0 + s0 eps, written in the network's own output
         if kind == "eps":
             out = p.lin(a1 / a0, x, d - a1 * s0 / a0, m)
@@ -264,7 +266,7 @@ class DDIM(Solver):
 @register("edm_heun")
 @register("edm_euler", heun=False)
 @register("edm_heun_sde", S_churn=40.0, S_tmin=0.05, S_tmax=50.0, S_noise=1.003)
-class EDMHeun(Solver):
+class EDMHeun(OneCallStepper):
     """EDM sampler (Karras et al. 2022, Algorithm 1; Algorithm 2 with ``S_churn > 0``) on any
     forward SDE, run in the VE-equivalent variables ``x / alpha`` and ``sigma_tilde = sigma /
     alpha``. Heun: order 2, 2 NFE per step (``heun=False``: Euler, order 1, 1 NFE). With churn it
@@ -293,20 +295,27 @@ class EDMHeun(Solver):
         """sigma_tilde and alpha at the grid points, once per grid, as plain numbers."""
         return torch.exp(-p.lam).tolist(), p.alpha.tolist()
 
-    def step(self, p: Problem, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+    def step(self, p: Problem, i: int, x: Tensor, state: Any,
+             given: ModelOutput | None = None) -> tuple[Tensor, Any]:
+        """``given``: the output of the model call at ``(x, times[i])`` (the first call of a
+        step without churn), see :class:`~sdekit.solvers.base.OneCallStepper`."""
         sig, alpha = state
         s_cur, s_next = sig[i], sig[i + 1]
         t_hat, s_hat, a_hat = p.times[i], s_cur, alpha[i]
         a_cur = alpha[i]
         xt = x if a_cur == 1.0 else x / a_cur
-        if self.stochastic and self.S_tmin <= s_cur <= self.S_tmax:
+        churn = self.stochastic and self.S_tmin <= s_cur <= self.S_tmax
+        if churn:
             gamma = min(self.S_churn / p.steps, math.sqrt(2) - 1)
             s_hat = min(s_cur * (1 + gamma), float(p.sde.sigma_tilde(p.sde.T)))
             t_hat = p.sde.t_of_sigma_tilde(torch.tensor(s_hat, dtype=torch.float64))
             a_hat = float(p.sde.alpha(t_hat))
             z = p.noise.randn(x)
             xt = xt + math.sqrt(s_hat ** 2 - s_cur ** 2) * self.S_noise * z
-        d = self._slope(p, xt, t_hat, s_hat, a_hat)
+        if given is None or churn:
+            d = self._slope(p, xt, t_hat, s_hat, a_hat)
+        else:
+            d = given.value if given.kind == "eps" else (xt - given.value).div_(s_hat)
         xn = torch.add(xt, d, alpha=s_next - s_hat)
         a_next = alpha[i + 1]
         if self.heun:

@@ -6,12 +6,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Problem, Solver
+from .base import LearnedSampler, Problem
 from .registry import register
 
 
 @register("fno")
-class OperatorSampler(Solver):
+class OperatorSampler(LearnedSampler):
     """DSNO-style learned sampler (Zheng et al. 2023, ICML, "Fast Sampling of Diffusion Models
     via Operator Learning"): one pass of a :class:`~sdekit.models.fno.TrajectoryOperator`
     replaces the ODE solve. Order undeclared; NFE = its network passes (1). ``operator`` is an
@@ -22,8 +22,6 @@ class OperatorSampler(Solver):
     """
 
     family = "learned"
-    external_loop = True
-    grid_free = True
     default_grid = "uniform"
     paper = "Zheng et al. 2023, Fast Sampling of Diffusion Models via Operator Learning (ICML)"
 

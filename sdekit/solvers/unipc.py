@@ -4,44 +4,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..dynamics.parameterization import from_eps
-from .base import Problem, Solver
-from .exp_integrator import ExpIntegrator, History, phi
+from .base import ModelOutput, OneCallStepper, Problem, Solver
+from .exp_integrator import ExpIntegrator, Outputs, phi, push
 from .registry import get_solver, register
 
 VARIANTS = ("bh1", "bh2")
 
+#: one step's UniP / UniC coefficients ``(c_x, c_0, r, w_p, w_c)`` (see :meth:`UniPC.step_table`)
+StepCoefficients = tuple[float, float, list[float], list[float], list[float]]
 
-class _Reuse:
-    """The problem as a predictor sees it inside UniPC: its model call at grid point ``i``
-    returns the output already computed there (at the uncorrected state), so UniC costs no NFE.
-    ``kind`` is that output's type: ``"eps"``, or ``"x0"`` at a point where alpha = 0."""
 
-    def __init__(self, p: Problem, i: int, out: Tensor, kind: str = "eps") -> None:
-        self.__dict__.update(_p=p, _i=i, _out=out, _kind=kind)
+class UniPCState(NamedTuple):
+    """State of :class:`UniPC`: the recent outputs, the first grid point of finite lambda
+    (``start``), every step's coefficients (``table``), the predicted state the corrector starts
+    from (``x_base``), the predictor's terms the next corrector reuses (``shared``: ``(s, c_x x +
+    c_0 m_s, [D_k])``, consumed by it) and the state of another predictor (``inner``)."""
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._p, name)
-
-    def predict(self, x: Tensor, t: Any, kind: str = "eps") -> Tensor:
-        p, i = self._p, self._i
-        if self._out is None or float(torch.as_tensor(t)) != float(p.times[i]):
-            return p.predict(x, t, kind)
-        out, self.__dict__["_out"] = self._out, None
-        if kind == self._kind:
-            return out
-        a, s = p.bcast(p.alpha[i], x), p.bcast(p.sigma[i], x)
-        eps = out if self._kind == "eps" else (x - a * out) / s
-        return from_eps(kind, eps, x, a, s)
-
-    def predict_native(self, x: Tensor, t: Any) -> tuple[str, Tensor]:
-        kind = self._kind
-        return kind, self.predict(x, t, kind)  # through the reuse above
+    outputs: Outputs
+    start: int
+    table: dict[int, StepCoefficients]
+    inner: Any = None
+    x_base: Tensor | None = None
+    shared: tuple[int, Tensor, list[Tensor]] | None = None
 
 
 def _b_weights(variant: str, hh: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -69,7 +58,7 @@ def _rho(rks: list[Tensor], b: Tensor, order: int, corrector: bool) -> Tensor:
 @register("unipc_bh1", variant="bh1")
 @register("unipc_bh2", variant="bh2")
 @register("unic_dpmpp_2m", order=2, predictor="dpmpp_2m")
-class UniPC(ExpIntegrator):
+class UniPC(ExpIntegrator, OneCallStepper):
     """UniPC (Zhao et al. 2023, Alg. 2 (UniC) and 3 (UniP), the B(h) variants of Eq. 21 and
     App. C): with ``r_k = (lambda_{s_k} - lambda_s) / h``, ``D_k = (m_{s_k} - m_s) / r_k`` and
     ``b_q = q! hh phi_{q+1}(hh) / B(h)`` (``hh = -h`` for data prediction, ``h`` for noise
@@ -99,13 +88,15 @@ class UniPC(ExpIntegrator):
                          threshold_ratio, threshold_min, threshold_max)
         self.max_order, self.variant, self.corrector = order, variant, bool(corrector)
         self.disable_corrector = frozenset(int(i) for i in disable_corrector)
-        self.predictor = None if predictor is None else get_solver(predictor)
-        if self.predictor is not None:
-            pr = self.predictor
-            if pr.adaptive or pr.stochastic or pr.nfe_per_step != 1:
+        self.predictor: OneCallStepper | None = None
+        if predictor is not None:
+            pr = get_solver(predictor)
+            if not isinstance(pr, OneCallStepper) or pr.stochastic or pr.nfe_per_step != 1:
                 raise ValueError(f"predictor={pr.name!r} is invalid: UniC needs a deterministic "
-                                 "fixed-grid predictor with 1 NFE per step")
-            self.default_grid = pr.default_grid
+                                 "fixed-grid predictor with 1 NFE per step that takes the model "
+                                 "output UniC computed (a OneCallStepper: e.g. 'dpmpp_2m', "
+                                 "'dpmpp_3m', 'deis_tab3', 'ipndm', 'ddim', 'edm_euler')")
+            self.predictor, self.default_grid = pr, pr.default_grid
         base = order if self.predictor is None else (self.predictor.order or 1)
         self.order = base + 1 if self.corrector else base
 
@@ -116,16 +107,13 @@ class UniPC(ExpIntegrator):
     def grid_rule(self) -> str:
         return super().grid_rule() if self.predictor is None else self.predictor.grid_rule()
 
-    def init(self, p: Problem, x: Tensor) -> History:
+    def init(self, p: Problem, x: Tensor) -> UniPCState:
         self.check(p)
-        st = History(keep=self.max_order + 1)
-        st.extra["start"] = start = self.start_index(p)
-        st.extra["table"] = self.step_table(p, start)
-        if self.predictor is not None:
-            st.extra["inner"] = self.predictor.init(p, x)
-        return st
+        start = self.start_index(p)
+        inner = None if self.predictor is None else self.predictor.init(p, x)
+        return UniPCState((), start, self.step_table(p, start), inner)
 
-    def step_table(self, p: Problem, start: int) -> dict[int, tuple]:
+    def step_table(self, p: Problem, start: int) -> dict[int, StepCoefficients]:
         """UniP's and UniC's coefficients of every step ``s -> s + 1`` (at the order
         :meth:`step_order` gives it), computed once per grid, vectorised over the steps of each
         order: ``(c_x, c_0, r, w_p, w_c)`` with ``r`` the nodes ``r_k`` of the previous points,
@@ -135,7 +123,7 @@ class UniPC(ExpIntegrator):
         by_order: dict[int, list[int]] = {}
         for s in range(start, last):
             by_order.setdefault(self.step_order(p, s, self.max_order, start), []).append(s)
-        table: dict[int, tuple] = {}
+        table: dict[int, StepCoefficients] = {}
         for o, idx in by_order.items():
             steps = torch.tensor(idx)
             h = p.lam[steps + 1] - p.lam[steps]
@@ -151,65 +139,70 @@ class UniPC(ExpIntegrator):
                 table[i] = (base[n][0], base[n][1][0], r[n], w[0][n], w[1][n])
         return table
 
-    def _update(self, x: Tensor, st: History, s: int, c: tuple, m_t: Tensor | None,
-                keep: bool = False) -> Tensor:
+    def _update(self, x: Tensor, st: UniPCState, s: int, c: StepCoefficients,
+                m_t: Tensor | None, keep: bool = False
+                ) -> tuple[Tensor, tuple[int, Tensor, list[Tensor]] | None]:
         """UniP (``m_t`` None) or UniC from grid point ``s`` to ``s + 1`` with step ``s``'s
         coefficients ``c`` from :meth:`step_table`: ``x~ = c_x x + c_0 m_s - sum_k w_k D_k``
         (``D_k = (m_{s-k} - m_s) / r_k``, and ``m_t - m_s`` for the corrector's node r = 1).
         The corrector from ``s`` shares ``c_x x + c_0 m_s`` and the ``D_k`` with the predictor
-        from ``s``: with ``keep`` the predictor leaves them to it (the same numbers)."""
+        from ``s``: with ``keep`` the predictor returns them for it (the same numbers) as the
+        second item, ``(s, c_x x + c_0 m_s, [D_k])`` (else None); the corrector consumes
+        ``st.shared`` (updates it in place)."""
         c_x, c_0, rks, w_p, w_c = c
-        m0 = st.m[s]
-        shared = st.extra.pop("shared", None)
+        m0 = st.outputs[0]   # the newest output is that of grid point s
+        shared = st.shared
         if shared is not None and shared[0] == s and m_t is not None:
             out, D = shared[1], shared[2]
         else:
             out = x * c_x
             out = out.add_(m0, alpha=c_0)
-            D = [(st.m[s - j] - m0).div_(rk) for j, rk in enumerate(rks, 1)]
+            D = [(st.outputs[j] - m0).div_(rk) for j, rk in enumerate(rks, 1)]
         if m_t is None:
+            kept = None
             if keep:
-                st.extra["shared"] = (s, out, D)
+                kept = (s, out, D)
                 out = out.clone()
             for wk, d in zip(w_p, D):
                 out = out.sub_(d * wk if keep else d.mul_(wk))
-            return out
+            return out, kept
         for wk, d in zip(w_c, D + [m_t - m0]):
             out = out.sub_(d.mul_(wk))
-        return out
+        return out, None
 
-    def _correct_first(self, p: Problem, x: Tensor, st: History, m: Tensor) -> Tensor:
+    def _correct_first(self, p: Problem, x: Tensor, outputs: Outputs, m: Tensor) -> Tensor:
         """UniC for the step from alpha = 0 (grid point 0) to grid point 1. In ``u = e^lambda =
         alpha / sigma`` the data-prediction update reads ``x_1 = (sigma_1 / sigma_0) x_0 +
         sigma_1 int_0^{u_1} x0 du`` (a node at u = 0 is fine where lambda = -inf is not): the
         trapezoid rule through the outputs at u = 0 and u_1, ``alpha_1 (m_0 + m_1) / 2``, has
         local error O(alpha_1^3), one order above the first-order predictor."""
         return self.combine(p, x, 0, 1, torch.full((2,), 0.5, dtype=torch.float64),
-                            [st.m[0], m])
+                            [outputs[0], m])
 
-    def step(self, p: Problem, i: int, x: Tensor, st: History) -> tuple[Tensor, History]:
-        start = st.extra["start"]
+    def step(self, p: Problem, i: int, x: Tensor, st: UniPCState,
+             given: ModelOutput | None = None) -> tuple[Tensor, UniPCState]:
+        start = st.start
         if i < start:  # alpha = 0: only the data prediction is defined there
             kind, eps = "x0", None
-            m = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i])[0]
+            m = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i], given)[0]
         else:
-            kind, eps = "eps", p.predict(x, p.times[i], "eps")
+            kind, eps = "eps", p.predict_at(i, x, "eps", given)
             m = self.convert(p, x, eps, p.alpha[i], p.sigma[i])
         if self.corrector and i > 0 and (i - 1) not in self.disable_corrector:
+            assert st.x_base is not None
             if i - 1 < start:
-                x = self._correct_first(p, st.extra["x_base"], st, m)
+                x = self._correct_first(p, st.x_base, st.outputs, m)
             else:
-                x = self._update(st.extra["x_base"], st, i - 1, st.extra["table"][i - 1], m)
-        st.add(i, m)
+                x = self._update(st.x_base, st, i - 1, st.table[i - 1], m)[0]
+        st = UniPCState(push(st.outputs, m, self.max_order + 1), start, st.table, st.inner, x)
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps, m), st
-        st.extra["x_base"] = x
         if self.predictor is None:
             if i < start:
                 return self.first_step(p, x, m), st
             keep = self.corrector and i not in self.disable_corrector and i + 1 < p.steps
-            return self._update(x, st, i, st.extra["table"][i], None, keep), st
-        out = eps if kind == "eps" else m
-        x_next, st.extra["inner"] = self.predictor.step(_Reuse(p, i, out, kind), i, x,
-                                                        st.extra["inner"])
-        return x_next, st
+            x_next, shared = self._update(x, st, i, st.table[i], None, keep)
+            return x_next, UniPCState(st.outputs, start, st.table, None, x, shared)
+        out = ModelOutput(i, kind, eps if eps is not None else m)
+        x_next, inner = self.predictor.step(p, i, x, st.inner, out)
+        return x_next, UniPCState(st.outputs, start, st.table, inner, x)
