@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..analytic import GaussianData, GaussianMixtureData
+from .._utils import sum_tensors
 from ..analytic.gaussian import random_covariance
 from ..dynamics.parameterization import DiffusionModel
 from ..sde.base import ForwardSDE
@@ -142,8 +143,8 @@ def gmm_problem(sde: ForwardSDE | None = None, dim: int = 16, components: int = 
         w = data.weights
         ms = torch.stack([c.marginal_mean(t) for c in data.components])
         m = (w[:, None] * ms).sum(0)
-        cov = sum(w[k] * (c.marginal_cov(t) + torch.outer(ms[k] - m, ms[k] - m))
-                  for k, c in enumerate(data.components))
+        cov = sum_tensors(w[k] * (c.marginal_cov(t) + torch.outer(ms[k] - m, ms[k] - m))
+                          for k, c in enumerate(data.components))
         return m, cov
 
     return BenchProblem(
@@ -304,15 +305,16 @@ def problem_from_checkpoint(path: str) -> BenchProblem:
     if tuple(x_test.shape[1:]) != shape:
         raise BenchError(f"--problem checkpoint:{path}: the network samples shape {shape} but "
                          f"its dataset {data!r} has shape {tuple(x_test.shape[1:])}")
-    features = None
+    features: Callable[[Tensor], Tensor] | None = None
     if data == "digits":
         state: dict[str, Any] = {}
 
-        def features(x: Tensor) -> Tensor:
+        def digit_features(x: Tensor) -> Tensor:
             if "fd" not in state:
                 from ..training.fd_digits import FDDigits
                 state["fd"] = FDDigits()
             return torch.from_numpy(state["fd"].features(x))
+        features = digit_features
 
     std = float(sde.prior_std)
     model = wrap(net, sde)  # load_model froze the weights: no autograd graphs while sampling
