@@ -36,6 +36,13 @@ def sample_seeds(seed: int, n: int) -> list[int]:
 #: per sample; the block length depends only on ``n``, never on the batch
 BLOCK_ELEMENTS = 1 << 15
 MAX_BLOCK = 64
+#: where ``n`` is a multiple of this, a block is laid out sample by sample, ``(batch, draws,
+#: *event)``, and each sample's draws are generated in place (no copy into a stacked block); a
+#: step's draw is then a strided slice whose per-sample runs of ``n`` elements are whole vector
+#: chunks, so elementwise ops compute exactly what they compute on a contiguous tensor (64: two
+#: AVX-512 vectors of float32, four of float64). Else ``(draws, batch, *event)``, stacked, so
+#: a step's draw is contiguous. Either way the numbers are the same.
+SAMPLE_MAJOR_MULTIPLE = 64
 
 
 class SeededNoise:
@@ -52,7 +59,7 @@ class SeededNoise:
             check_seed("seeds", s)
         self.seeds = [int(s) for s in seeds]
         self.gens = [torch.Generator().manual_seed(s) for s in self.seeds]
-        # (event shape, dtype, device) -> [block of shape (draws, batch, *event), next draw]
+        # (event shape, dtype, device) -> [block, next draw, draws per block, sample-major?]
         self._blocks: dict[tuple[Any, ...], list[Any]] = {}
 
     def _check(self, like: Tensor) -> None:
@@ -68,14 +75,28 @@ class SeededNoise:
         dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
         key = (shape, dtype, like.device)
         entry = self._blocks.get(key)
-        if entry is None or entry[1] == entry[0].shape[0]:
-            draws = max(1, min(MAX_BLOCK, BLOCK_ELEMENTS // max(1, math.prod(shape))))
-            block = torch.stack([torch.randn((draws,) + shape, generator=g, dtype=dtype)
-                                 for g in self.gens], dim=1).to(like.device)
-            entry = self._blocks[key] = [block, 0]
-        z = entry[0][entry[1]]   # (batch, *event), contiguous
+        if entry is None or entry[1] == entry[2]:
+            block, draws, sample_major = self._block(shape, dtype, like.device)
+            entry = self._blocks[key] = [block, 0, draws, sample_major]
+        block, j, _, sample_major = entry
         entry[1] += 1
+        z = block[:, j] if sample_major else block[j]   # (batch, *event)
         return z.to(dtype=like.dtype)
+
+    def _block(self, shape: tuple[int, ...], dtype: torch.dtype, device: Any
+               ) -> tuple[Tensor, int, bool]:
+        """The next block of every sample's draws: ``(block, draws, sample_major)``; sample
+        ``i``'s part is the next ``draws * n`` numbers of its generator either way."""
+        n = math.prod(shape)
+        draws = max(1, min(MAX_BLOCK, BLOCK_ELEMENTS // max(1, n)))
+        if n % SAMPLE_MAJOR_MULTIPLE == 0 and n > 0:
+            block = torch.empty((len(self.gens), draws) + shape, dtype=dtype)
+            for part, g in zip(block, self.gens):
+                part.normal_(generator=g)   # = torch.randn((draws, *shape), generator=g)
+            return block.to(device), draws, True
+        block = torch.stack([torch.randn((draws,) + shape, generator=g, dtype=dtype)
+                             for g in self.gens], dim=1)
+        return block.to(device), draws, False
 
     def increment(self, t0: Any, t1: Any, like: Tensor) -> Tensor:
         return self.randn(like)

@@ -33,6 +33,33 @@ class ModelOutputError(FloatingPointError):
     """The model returned NaN or Inf during a solve."""
 
 
+def check_model_output(out: Tensor, step: int, t: float, solver: str,
+                       pending: list[Any] | None) -> None:
+    """Stop the solve with a :class:`ModelOutputError` (naming the step, time and solver) where
+    ``out`` holds NaN or Inf, by one reduction: the sum is NaN/Inf iff an element is (short of
+    float overflow). With ``pending`` (a list: the driver's fixed-grid loop off the CPU) the
+    reduction stays on the device, queued there, so a model call costs no host-device sync;
+    :func:`raise_pending` reads the queue once, at the end of the solve."""
+    total = out.sum()
+    if pending is not None:
+        pending.append((step, t, solver, total))
+    elif not math.isfinite(total.item()):
+        raise ModelOutputError(f"the model returned NaN or Inf at step {step} (t={t:.6g}) of "
+                               f"solver {solver!r}")
+
+
+def raise_pending(pending: list[Any]) -> None:
+    """The error :func:`check_model_output` would have raised for the first queued output that
+    holds NaN or Inf (one host-device sync for the whole queue), then the queue is emptied."""
+    if pending:
+        ok = torch.stack([torch.isfinite(c[3]) for c in pending]).tolist()
+        bad = pending[ok.index(False)] if False in ok else None
+        pending.clear()
+        if bad is not None:
+            step, t, solver, total = bad
+            check_model_output(total, step, t, solver, None)
+
+
 @dataclass
 class Problem:
     """What a solver sees: the forward SDE, the counted model, the grid and the noise source.
@@ -49,6 +76,7 @@ class Problem:
     model_dtype: torch.dtype | None = None   # the network's input dtype, if not the state's
     grad_in_model: bool = False
     step_index: int = 0
+    pending_checks: list[Any] | None = None   # see check_model_output
     alpha: Tensor = field(init=False)
     sigma: Tensor = field(init=False)
     lam: Tensor = field(init=False)
@@ -82,11 +110,8 @@ class Problem:
         return kind, self.predict(x, t, kind)
 
     def _checked(self, out: Tensor, t: Tensor) -> Tensor:
-        # one reduction: the sum is NaN/Inf iff an element is (short of float overflow)
-        if not math.isfinite(out.sum().item()):
-            raise ModelOutputError(
-                f"the model returned NaN or Inf at step {self.step_index} "
-                f"(t={float(t.flatten()[0]):.6g}) of solver {self.solver_name!r}")
+        check_model_output(out, self.step_index, float(t.flatten()[0]), self.solver_name,
+                           self.pending_checks)
         return out
 
     @staticmethod
