@@ -33,7 +33,7 @@ class ModelOutputError(FloatingPointError):
     """The model returned NaN or Inf during a solve."""
 
 
-def check_model_output(out: Tensor, step: int, t: float, solver: str,
+def check_model_output(out: Tensor, step: int, t: Tensor, solver: str,
                        pending: list[Any] | None) -> None:
     """Stop the solve with a :class:`ModelOutputError` (naming the step, time and solver) where
     ``out`` holds NaN or Inf, by one reduction: the sum is NaN/Inf iff an element is (short of
@@ -44,15 +44,15 @@ def check_model_output(out: Tensor, step: int, t: float, solver: str,
     if pending is not None:
         pending.append((step, t, solver, total))
     elif not math.isfinite(total.item()):
-        raise ModelOutputError(f"the model returned NaN or Inf at step {step} (t={t:.6g}) of "
-                               f"solver {solver!r}")
+        raise ModelOutputError(f"the model returned NaN or Inf at step {step} "
+                               f"(t={float(t.flatten()[0]):.6g}) of solver {solver!r}")
 
 
 def raise_pending(pending: list[Any]) -> None:
     """The error :func:`check_model_output` would have raised for the first queued output that
     holds NaN or Inf (one host-device sync for the whole queue), then the queue is emptied."""
     if pending:
-        ok = torch.stack([torch.isfinite(c[3]) for c in pending]).tolist()
+        ok = torch.isfinite(torch.stack([c[3] for c in pending])).tolist()
         bad = pending[ok.index(False)] if False in ok else None
         pending.clear()
         if bad is not None:
@@ -110,8 +110,7 @@ class Problem:
         return kind, self.predict(x, t, kind)
 
     def _checked(self, out: Tensor, t: Tensor) -> Tensor:
-        check_model_output(out, self.step_index, float(t.flatten()[0]), self.solver_name,
-                           self.pending_checks)
+        check_model_output(out, self.step_index, t, self.solver_name, self.pending_checks)
         return out
 
     @staticmethod
