@@ -36,13 +36,13 @@ def sample_seeds(seed: int, n: int) -> list[int]:
 #: per sample; the block length depends only on ``n``, never on the batch
 BLOCK_ELEMENTS = 1 << 15
 MAX_BLOCK = 64
-#: where ``n`` is a multiple of this, a block is laid out sample by sample, ``(batch, draws,
-#: *event)``, and each sample's draws are generated in place (no copy into a stacked block); a
-#: step's draw is then a strided slice whose per-sample runs of ``n`` elements are whole vector
-#: chunks, so elementwise ops compute exactly what they compute on a contiguous tensor (64: two
-#: AVX-512 vectors of float32, four of float64). Else ``(draws, batch, *event)``, stacked, so
-#: a step's draw is contiguous. Either way the numbers are the same.
-SAMPLE_MAJOR_MULTIPLE = 64
+#: torch's CPU normal generator makes its numbers in groups of 16 (Box-Muller on 16 uniforms),
+#: so calls of any multiple of 16 numbers continue one stream alike. Where a sample's draw has
+#: ``n`` elements, a multiple of 16 and at least ``PER_STEP_ELEMENTS``, each step's draw is
+#: made in place instead, one call per sample into a contiguous ``(batch, *event)`` tensor: the
+#: same numbers as the blocks, without a block to stack and keep, at about the cost of one
+#: ``randn_like`` (a per-sample call costs little beside 2,048 normals)
+PER_STEP_ELEMENTS = 2048
 
 
 class SeededNoise:
@@ -52,14 +52,15 @@ class SeededNoise:
     depends only on the state's shape per sample: a sample's noise, and so its result, is the
     same in any batch, and a step's noise costs one indexing op rather than one generator call
     per sample (the block refill, every ``MAX_BLOCK`` steps for small states, costs one call per
-    sample)."""
+    sample). Image-sized states (see :data:`PER_STEP_ELEMENTS`) draw the same numbers step by
+    step, one call per sample straight into the step's tensor."""
 
     def __init__(self, seeds: Sequence[int]) -> None:
         for s in seeds:
             check_seed("seeds", s)
         self.seeds = [int(s) for s in seeds]
         self.gens = [torch.Generator().manual_seed(s) for s in self.seeds]
-        # (event shape, dtype, device) -> [block, next draw, draws per block, sample-major?]
+        # (event shape, dtype, device) -> [block of shape (draws, batch, *event), next draw]
         self._blocks: dict[tuple[Any, ...], list[Any]] = {}
 
     def _check(self, like: Tensor) -> None:
@@ -73,30 +74,22 @@ class SeededNoise:
         self._check(like)
         shape = tuple(like.shape[1:])
         dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+        n = math.prod(shape)
+        if n % 16 == 0 and n >= PER_STEP_ELEMENTS:
+            z = torch.empty((len(self.gens),) + shape, dtype=dtype)
+            for part, g in zip(z, self.gens):
+                part.normal_(generator=g)
+            return z.to(device=like.device, dtype=like.dtype)
         key = (shape, dtype, like.device)
         entry = self._blocks.get(key)
-        if entry is None or entry[1] == entry[2]:
-            block, draws, sample_major = self._block(shape, dtype, like.device)
-            entry = self._blocks[key] = [block, 0, draws, sample_major]
-        block, j, _, sample_major = entry
+        if entry is None or entry[1] == entry[0].shape[0]:
+            draws = max(1, min(MAX_BLOCK, BLOCK_ELEMENTS // max(1, n)))
+            block = torch.stack([torch.randn((draws,) + shape, generator=g, dtype=dtype)
+                                 for g in self.gens], dim=1).to(like.device)
+            entry = self._blocks[key] = [block, 0]
+        z = entry[0][entry[1]]   # (batch, *event), contiguous
         entry[1] += 1
-        z = block[:, j] if sample_major else block[j]   # (batch, *event)
         return z.to(dtype=like.dtype)
-
-    def _block(self, shape: tuple[int, ...], dtype: torch.dtype, device: Any
-               ) -> tuple[Tensor, int, bool]:
-        """The next block of every sample's draws: ``(block, draws, sample_major)``; sample
-        ``i``'s part is the next ``draws * n`` numbers of its generator either way."""
-        n = math.prod(shape)
-        draws = max(1, min(MAX_BLOCK, BLOCK_ELEMENTS // max(1, n)))
-        if n % SAMPLE_MAJOR_MULTIPLE == 0 and n > 0:
-            block = torch.empty((len(self.gens), draws) + shape, dtype=dtype)
-            for part, g in zip(block, self.gens):
-                part.normal_(generator=g)   # = torch.randn((draws, *shape), generator=g)
-            return block.to(device), draws, True
-        block = torch.stack([torch.randn((draws,) + shape, generator=g, dtype=dtype)
-                             for g in self.gens], dim=1)
-        return block.to(device), draws, False
 
     def increment(self, t0: Any, t1: Any, like: Tensor) -> Tensor:
         return self.randn(like)

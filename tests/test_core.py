@@ -67,12 +67,12 @@ def test_seeded_noise_is_per_sample():
     torch.testing.assert_close(b[1], a[0])
 
 
-@pytest.mark.parametrize("shape", [(2,), (5, 7), (3, 8, 8)])
+@pytest.mark.parametrize("shape", [(2,), (5, 7), (3, 8, 8), (2, 32, 32), (3, 33, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_seeded_noise_stream_is_each_samples_generator_in_blocks(shape, dtype):
     """Sample i's k-th draw is the k-th event of the blocks torch.randn((draws, *event),
-    generator=manual_seed(seed_i)) draws one after another, whichever block layout holds them
-    ((5, 7) and (2,) stacked draw by draw, (3, 8, 8) sample by sample)."""
+    generator=manual_seed(seed_i)) draws one after another, also where each step's draw is made
+    on its own ((2, 32, 32) and (3, 33, 32): 2,048 or more elements, a multiple of 16)."""
     from sdekit.noise import BLOCK_ELEMENTS, MAX_BLOCK
     seeds, k = [7, 3, 2 ** 40], 70
     draws = max(1, min(MAX_BLOCK, BLOCK_ELEMENTS // math.prod(shape)))
@@ -85,14 +85,14 @@ def test_seeded_noise_stream_is_each_samples_generator_in_blocks(shape, dtype):
         assert torch.equal(got[:, i], ref)
 
 
-def test_image_noise_is_drawn_in_place_with_the_same_results(monkeypatch):
-    """Image-sized draws (elements per sample a multiple of 64) are generated in place, sample
-    by sample, with no stacked copy of the block; the solve's result is bit for bit that of
-    the stacked, draw-by-draw layout."""
+def test_image_noise_is_drawn_per_step_with_the_same_results(monkeypatch):
+    """Image-sized draws (2,048 or more elements per sample, a multiple of 16) are made step by
+    step in place, with no stacked block; the solve's result is bit for bit that of the
+    stacked blocks."""
     import sdekit.noise as noise_mod
     sde = sdekit.EDMSDE()
     model = sdekit.DiffusionModel(lambda x, s: x * 0.5, sde, prediction="denoiser")
-    x = torch.randn((6, 3, 8, 8), generator=torch.Generator().manual_seed(1)) * 80
+    x = torch.randn((6, 2, 32, 32), generator=torch.Generator().manual_seed(1)) * 80
     grid = make_grid(sde, "karras", 12)
     stacks = {"n": 0}
     stack = torch.stack
@@ -102,11 +102,11 @@ def test_image_noise_is_drawn_in_place_with_the_same_results(monkeypatch):
         return stack(*a, **k)
 
     monkeypatch.setattr(torch, "stack", counted)
-    in_place = sample(sde, model, x, solver="ancestral", grid=grid, seed=4).x
+    per_step = sample(sde, model, x, solver="ancestral", grid=grid, seed=4).x
     assert stacks["n"] == 0
-    monkeypatch.setattr(noise_mod, "SAMPLE_MAJOR_MULTIPLE", 10 ** 9)   # the stacked layout
+    monkeypatch.setattr(noise_mod, "PER_STEP_ELEMENTS", 10 ** 9)   # the stacked blocks
     stacked = sample(sde, model, x, solver="ancestral", grid=grid, seed=4).x
-    assert stacks["n"] > 0 and torch.equal(in_place, stacked)
+    assert stacks["n"] > 0 and torch.equal(per_step, stacked)
 
 
 def test_brownian_noise_increments_agree_across_grids():
