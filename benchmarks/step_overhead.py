@@ -8,11 +8,15 @@ take exactly ``steps`` steps), from the same state, each through its natural mod
 a ``DiffusionModel(prediction="denoiser")`` (k-diffusion's convention, D(x, sigma) -> x0), and
 k-diffusion the same callable. The network calls of both are counted and must agree. Reported:
 min and median ms per step of each, and the ratio sdekit / k-diffusion of the medians (and of the
-mins). Two regimes: small states (64 x 2, 1,000 steps: Python overhead decides) and images
+mins); and the same for the per-step overhead excluding the network (each round also times the
+network alone, called as often on the same state, and that time is taken off both contenders':
+``overhead_ratio_median``, ``overhead_ratio_min``). Two regimes: small states (64 x 2, 1,000 steps: Python overhead decides) and images
 (256 x 3 x 32 x 32, 20 steps). k-diffusion: ``pip install --no-deps k-diffusion`` is enough (only
 ``k_diffusion.sampling`` is loaded, as in benchmarks/peers/run.py). Run:
 
     python benchmarks/step_overhead.py --out benchmarks/results/step_overhead.json
+
+(``--regimes images --solvers ancestral,dpmpp_2m --rounds 15`` runs a part.)
 
 ``--peer diffusers`` compares with diffusers' schedulers instead (DDIM, DPM-Solver++ 2M, UniPC)
 under DDPM's linear discrete schedule, each library's natural loop (see
@@ -31,9 +35,12 @@ from pathlib import Path
 
 import torch
 
-import sdekit
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the sdekit of this checkout, not an installed one
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+import sdekit  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
 from run import load_kdiffusion  # noqa: E402
 
 PAIRS = [  # sdekit solver, k-diffusion sampler, its options: the same update rule and NFE
@@ -53,35 +60,49 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _side_by_side(ours, theirs, calls: dict[str, int], peer: str, what: str, steps: int,
-                  rounds: int, row: dict) -> dict:
+def _side_by_side(ours, theirs, network, calls: dict[str, int], peer: str, what: str,
+                  steps: int, rounds: int, row: dict) -> dict:
     """Warm both up, check that they make the same number of network calls, then time them
-    interleaved (A B A B, ``rounds`` rounds); completes ``row`` with the NFE, min and median ms
-    per step of each (keys ``sdekit_ms_*`` and ``<peer>_ms_*``, ``peer`` without a hyphen) and
-    their ratios, prints it and returns it."""
+    interleaved (A B N, ``rounds`` rounds; N: ``network(nfe)``, the same network called as
+    often on the same state, alone); completes ``row`` with the NFE, min and median ms per step
+    of each (keys ``sdekit_ms_*`` and ``<peer>_ms_*``, ``peer`` without a hyphen) and their
+    ratios, and the same for the per-step overhead excluding the network (each round's time
+    less that round's network time: ``*_overhead_ms_*``, ``overhead_ratio_*``), prints it and
+    returns it."""
     key = peer.replace("-", "")
     ours(), theirs()  # warm-up (also checks the work is the same)
     calls.update({"sdekit": 0, peer: 0})
     ours(), theirs()
     if calls["sdekit"] != calls[peer]:
         raise SystemExit(f"{what}: {calls} network calls differ")
-    row["nfe"] = calls["sdekit"]
-    a, b = [], []
-    for _ in range(rounds):  # interleaved A B A B
+    nfe = row["nfe"] = calls["sdekit"]
+    a, b, n = [], [], []
+    for _ in range(rounds):  # interleaved A B N
         a.append(_timed(ours) / steps * 1e3)
         b.append(_timed(theirs) / steps * 1e3)
-    row.update({"sdekit_ms_min": min(a), "sdekit_ms_median": statistics.median(a),
-                f"{key}_ms_min": min(b), f"{key}_ms_median": statistics.median(b)})
-    row["ratio_median"] = row["sdekit_ms_median"] / row[f"{key}_ms_median"]
-    row["ratio_min"] = row["sdekit_ms_min"] / row[f"{key}_ms_min"]
+        n.append(_timed(lambda: network(nfe)) / steps * 1e3)
+    oa, ob = [x - y for x, y in zip(a, n)], [x - y for x, y in zip(b, n)]
+    for name, v in (("sdekit_ms", a), (f"{key}_ms", b), ("network_ms", n),
+                    ("sdekit_overhead_ms", oa), (f"{key}_overhead_ms", ob)):
+        row.update({f"{name}_min": min(v), f"{name}_median": statistics.median(v)})
+    for pre in ("", "overhead_"):
+        for stat in ("median", "min"):
+            row[f"{pre}ratio_{stat}"] = (row[f"sdekit_{pre}ms_{stat}"]
+                                         / row[f"{key}_{pre}ms_{stat}"])
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                       for k, v in row.items()}), flush=True)
     return row
 
 
-def measure(kd, shape: tuple[int, ...], steps: int, rounds: int) -> list[dict]:
+def _selected(pairs: list, solvers: list[str] | None) -> list:
+    """The pairs whose sdekit solver is in ``solvers`` (all for None)."""
+    return [p for p in pairs if solvers is None or p[0] in solvers]
+
+
+def measure(kd, shape: tuple[int, ...], steps: int, rounds: int,
+            solvers: list[str] | None = None) -> list[dict]:
     sde = sdekit.EDMSDE()
-    calls = {"sdekit": 0, "k-diffusion": 0}
+    calls = {"sdekit": 0, "k-diffusion": 0, "network": 0}
 
     def denoiser(who: str):
         def D(x, sigma):
@@ -93,8 +114,14 @@ def measure(kd, shape: tuple[int, ...], steps: int, rounds: int) -> list[dict]:
     grid = sdekit.make_grid(sde, "karras", steps)
     sigmas = grid.float()  # EDM: t = sigma
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * sde.sigma_max
+    D, sigma = denoiser("network"), sigmas[0] * x.new_ones([x.shape[0]])
+
+    def network(nfe: int) -> None:
+        for _ in range(nfe):
+            D(x, sigma)
+
     rows = []
-    for name, kname, kopts in PAIRS:
+    for name, kname, kopts in _selected(PAIRS, solvers):
         kfn = getattr(kd.sampling if hasattr(kd, "sampling") else kd, kname)
 
         def ours():
@@ -106,8 +133,8 @@ def measure(kd, shape: tuple[int, ...], steps: int, rounds: int) -> list[dict]:
         row = {"regime": f"{'x'.join(map(str, shape))}, {steps} steps", "solver": name,
                "kdiffusion": kname + (f"({', '.join(f'{k}={v}' for k, v in kopts.items())})"
                                       if kopts else "")}
-        rows.append(_side_by_side(ours, theirs, calls, "k-diffusion", f"{name} vs {kname}",
-                                  steps, rounds, row))
+        rows.append(_side_by_side(ours, theirs, network, calls, "k-diffusion",
+                                  f"{name} vs {kname}", steps, rounds, row))
     return rows
 
 
@@ -119,13 +146,14 @@ DIFFUSERS_PAIRS = [  # sdekit solver, diffusers scheduler: the same update rule 
 DIFFUSERS_REGIMES = {"small": ((64, 2), 1000), "images": ((256, 3, 32, 32), 20)}
 
 
-def measure_diffusers(shape: tuple[int, ...], steps: int, rounds: int) -> list[dict]:
+def measure_diffusers(shape: tuple[int, ...], steps: int, rounds: int,
+                      solvers: list[str] | None = None) -> list[dict]:
     """The same near-free network (eps = x / 10) under DDPM's linear discrete schedule, each
     library's natural loop: ``sdekit.sample`` on the option-free grid with ``steps`` steps, and
     the scheduler's ``set_timesteps(steps)`` + ``step`` loop; network calls counted and equal."""
     import diffusers
     sde = sdekit.DiscreteDDPM()
-    calls = {"sdekit": 0, "diffusers": 0}
+    calls = {"sdekit": 0, "diffusers": 0, "network": 0}
 
     def eps(who: str):
         def net(x, t):
@@ -133,10 +161,15 @@ def measure_diffusers(shape: tuple[int, ...], steps: int, rounds: int) -> list[d
             return x * 0.1
         return net
 
-    net_a, net_b = eps("sdekit"), eps("diffusers")
+    net_a, net_b, net_n = eps("sdekit"), eps("diffusers"), eps("network")
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+    def network(nfe: int) -> None:
+        for _ in range(nfe):
+            net_n(x, 999)
+
     rows = []
-    for name, cls_name in DIFFUSERS_PAIRS:
+    for name, cls_name in _selected(DIFFUSERS_PAIRS, solvers):
         sched = getattr(diffusers, cls_name)(num_train_timesteps=1000)
 
         def ours():
@@ -150,8 +183,8 @@ def measure_diffusers(shape: tuple[int, ...], steps: int, rounds: int) -> list[d
 
         row = {"regime": f"{'x'.join(map(str, shape))}, {steps} steps", "solver": name,
                "diffusers": cls_name}
-        rows.append(_side_by_side(ours, theirs, calls, "diffusers", f"{name} vs {cls_name}",
-                                  steps, rounds, row))
+        rows.append(_side_by_side(ours, theirs, network, calls, "diffusers",
+                                  f"{name} vs {cls_name}", steps, rounds, row))
     return rows
 
 
@@ -161,20 +194,23 @@ def main() -> None:
     ap.add_argument("--regimes", default="small,images")
     ap.add_argument("--peer", choices=["k-diffusion", "diffusers"], default="k-diffusion",
                     help="k-diffusion's samplers (default) or diffusers' schedulers")
+    ap.add_argument("--solvers", default=None,
+                    help="comma-separated sdekit solvers of the pairs to run (default: all)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    solvers = args.solvers.split(",") if args.solvers else None
     torch.set_num_threads(1)
     rows = []
     if args.peer == "diffusers":
         for r in args.regimes.split(","):
-            rows += measure_diffusers(*DIFFUSERS_REGIMES[r], args.rounds)
+            rows += measure_diffusers(*DIFFUSERS_REGIMES[r], args.rounds, solvers)
     else:
         kd = load_kdiffusion()
         if kd is None:
             sys.exit("k-diffusion is not importable: pip install --no-deps k-diffusion")
         for r in args.regimes.split(","):
             shape, steps = REGIMES[r]
-            rows += measure(kd, shape, steps, args.rounds)
+            rows += measure(kd, shape, steps, args.rounds, solvers)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"command": "python benchmarks/step_overhead.py "

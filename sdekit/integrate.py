@@ -15,7 +15,7 @@ from .guidance import check_guided_solver
 from ._utils import check_float_dtype, check_seed, compute_dtype
 from .noise import SeededNoise, sample_seeds
 from .sde.base import ForwardSDE
-from .solvers.base import FixedGridSolver, OwnLoopSolver, Problem, Solver
+from .solvers.base import FixedGridSolver, OwnLoopSolver, Problem, Solver, raise_pending
 from .solvers.registry import DEFAULT_SOLVER, default_config, get_solver
 
 DEFAULT_STEPS = 20
@@ -56,12 +56,16 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             ``prediction``.
         x_init: the initial state at ``t_start`` (a floating tensor of shape ``(batch, ...)``);
             if None, drawn from the prior with per-sample seeds (``shape`` is then required).
-        solver: a registry name (see ``sdekit.solvers.solver_names()``) or a Solver instance;
-            ``solver_options`` are passed to it. Default (None): with no ``grid`` either, the
-            option-free rule :func:`sdekit.solvers.default_config` picks the solver, its
-            options and the grid from the forward process and the step count (``solver_options``
-            given are added to its options); with a ``grid``, ``DEFAULT_SOLVER``
-            (``unipc_bh2``) with its registry defaults.
+        solver: the solver: a configured :class:`~sdekit.solvers.Solver` object (the primary
+            form: ``sdekit.solvers.get_solver("dpmpp_2m", order=3)`` or an instance of a
+            solver class), or, as a convenience, a registry name (see
+            ``sdekit.solvers.solver_names()``) with its options as ``**solver_options`` (no
+            registered solver has an option named like a keyword of ``sample``: registration
+            refuses one). Default (None): with no ``grid`` either, the option-free rule
+            :func:`sdekit.solvers.default_config` picks the solver, its options and the grid
+            from the forward process and the step count (``solver_options`` given are added to
+            its options); with a ``grid``, ``DEFAULT_SOLVER`` (``unipc_bh2``) with its registry
+            defaults.
         steps: number of steps (intervals) of a named grid (default 20); with an explicit
             array ``grid`` leave it out (or give ``len(grid) - 1``).
         grid: a grid name (``uniform``, ``quadratic``, ``logsnr``, ``karras``,
@@ -102,12 +106,9 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             detached, so memory stays that of one call. ``"full"``: the whole solve is
             differentiable (memory grows with every step).
     """
-    if solver is None and grid is None:   # the option-free call
-        cfg = default_config(sde, DEFAULT_STEPS if steps is None else steps)
-        solver, solver_options = cfg["solver"], {**cfg["options"], **solver_options}
-        grid, grid_options = cfg["grid"], {**cfg["grid_options"], **(grid_options or {})}
-    elif solver is None:
-        solver = DEFAULT_SOLVER
+    # long for its docstring only (the reference of every argument); the code is named steps
+    solver, solver_options, grid, grid_options = _configure(sde, solver, steps, grid,
+                                                            grid_options, solver_options)
     if grid is not None and not isinstance(grid, Tensor):
         from .tuned_grid import is_grid_file
         if is_grid_file(grid):
@@ -120,6 +121,36 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
     slv = get_solver(solver, **solver_options)
     if project is not None:
         check_projectable(slv, project)
+    times = _times(sde, slv, grid, steps, t_start, t_end, grid_options)
+    problem = Problem(sde, dm, times, None, solver_name=slv.name)
+    slv.check_start(problem)  # alpha = 0 at t_start (flow matching at t = 1)
+    check_guided_solver(dm, slv)
+    with contextlib.nullcontext() if grad == "full" else torch.no_grad():
+        start = None if t_start is None else times[0]
+        x, problem.noise = _initial_state(sde, start, x_init, shape, dtype, device, seed, seeds,
+                                         noise)
+        return _solve(slv, problem, x, dtype, float64, denoise, save_at, callback, progress, grad,
+                      project)
+
+
+def _configure(sde: ForwardSDE, solver: str | Solver | None, steps: int | None, grid: Any,
+               grid_options: dict[str, Any] | None, solver_options: dict[str, Any]
+               ) -> tuple[str | Solver, dict[str, Any], Any, dict[str, Any] | None]:
+    """``(solver, solver_options, grid, grid_options)`` of a call: the option-free rule's
+    (:func:`default_config`, with the given options added to its) where neither a solver nor a
+    grid is given, ``DEFAULT_SOLVER`` where only a grid is, else as given."""
+    if solver is None and grid is None:   # the option-free call
+        cfg = default_config(sde, DEFAULT_STEPS if steps is None else steps)
+        return (cfg["solver"], {**cfg["options"], **solver_options}, cfg["grid"],
+                {**cfg["grid_options"], **(grid_options or {})})
+    return (DEFAULT_SOLVER if solver is None else solver), solver_options, grid, grid_options
+
+
+def _times(sde: ForwardSDE, slv: Solver, grid: Any, steps: int | None, t_start: float | None,
+           t_end: float | None, grid_options: dict[str, Any] | None) -> Tensor:
+    """The grid of the solve: an explicit array as given, else the named grid (``grid``, or the
+    solver's grid for this SDE) of ``steps`` steps (default ``DEFAULT_STEPS``); refused when it
+    has fewer steps than the solver needs."""
     explicit = grid is not None and not isinstance(grid, str)  # an array of times
     if not explicit and steps is None:
         steps = DEFAULT_STEPS
@@ -128,25 +159,33 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
     if times.numel() - 1 < slv.min_steps:
         raise ValueError(f"steps={times.numel() - 1} is too few for solver {slv.name!r}: it needs "
                          f"at least {slv.min_steps}")
-    problem = Problem(sde, dm, times, None, solver_name=slv.name)
-    slv.check_start(problem)  # alpha = 0 at t_start (flow matching at t = 1)
-    check_guided_solver(dm, slv)
-    if noise is None:
-        n = int(shape[0]) if x_init is None else x_init.shape[0]
-        noise = SeededNoise(list(seeds) if seeds is not None else sample_seeds(seed, n))
-    problem.noise = noise
-    with contextlib.nullcontext() if grad == "full" else torch.no_grad():
-        if x_init is None:
-            z = noise.randn(torch.empty(tuple(shape), dtype=compute_dtype(dtype), device=device))
-            if t_start is None:
-                scale = sde.prior_std
-            else:  # the marginal scale at t_start for data of unit variance
-                scale = float((sde.alpha(times[0]) ** 2 + sde.sigma(times[0]) ** 2).sqrt())
-            x = z * scale
-        else:
-            x = x_init.to(device=device) if device is not None else x_init
-        return _solve(slv, problem, x, dtype, float64, denoise, save_at, callback, progress, grad,
-                      project)
+    return times
+
+
+def _initial_state(sde: ForwardSDE, t_start: Any, x_init: Tensor | None,
+                  shape: Sequence[int] | None, dtype: torch.dtype, device: Any, seed: int,
+                  seeds: Sequence[int] | None, noise: Any) -> tuple[Tensor, Any]:
+    """The initial state and the noise source of a solve (arguments checked by
+    :func:`sample`): ``x_init`` (moved to ``device``), or a draw from the noise source scaled by
+    the forward process's :attr:`~ForwardSDE.prior_std` (``t_start`` None: the solve starts at
+    ``T``), else by its :meth:`~ForwardSDE.marginal_std` at ``t_start``. The noise source is
+    ``noise``, else per-sample seeds (``seeds``, else derived from ``seed``)."""
+    if x_init is not None:
+        x = x_init.to(device=device) if device is not None else x_init
+        return x, _noise_source(noise, seed, seeds, x.shape[0])
+    if shape is None:
+        raise ValueError("give either x_init or shape")
+    noise = _noise_source(noise, seed, seeds, int(shape[0]))
+    z = noise.randn(torch.empty(tuple(shape), dtype=compute_dtype(dtype), device=device))
+    scale = sde.prior_std if t_start is None else sde.marginal_std(t_start)
+    return z * scale, noise
+
+
+def _noise_source(noise: Any, seed: int, seeds: Sequence[int] | None, n: int) -> Any:
+    """``noise``, else per-sample seeded noise for ``n`` samples (``seeds``, else from ``seed``)."""
+    if noise is not None:
+        return noise
+    return SeededNoise(list(seeds) if seeds is not None else sample_seeds(seed, n))
 
 
 def check_projectable(slv: Solver, project: Any) -> None:
@@ -209,15 +248,34 @@ def _solve(slv: Solver, p: Problem, x: Tensor, dtype: torch.dtype, float64: bool
     if grid_times[0] in save:
         traj[grid_times[0]] = x.clone()
     if isinstance(slv, OwnLoopSolver):
-        x = slv.integrate(p, x)
-        if grid_times[-1] in save:
-            traj[grid_times[-1]] = x.clone()
+        x = _own_loop(slv, p, x, save, traj)
     else:
+        p.pending_checks = _deferred_checks(x)
         x = _fixed_grid_loop(slv, p, x, grid_times, save, traj, callback, progress, project)
+        if p.pending_checks is not None:
+            raise_pending(p.pending_checks)
+            p.pending_checks = None
     if denoise:
         x = p.predict(x, times[-1], "x0")
     return Solution(x=x.to(dtype), nfe=p.model.nfe - nfe0, steps=p.steps, times=times,
                     solver=slv.name, trajectory=traj)
+
+
+def _deferred_checks(x: Tensor) -> list[Any] | None:
+    """The queue of a fixed-grid loop's NaN/Inf checks (:func:`check_model_output`): on a device
+    other than the CPU (CUDA), a list, read once after the loop instead of one host-device sync
+    per model call; on the CPU None (each check is read at once: the read costs no sync)."""
+    return None if x.device.type == "cpu" else []
+
+
+def _own_loop(slv: OwnLoopSolver, p: Problem, x: Tensor, save: set[float],
+              traj: dict[float, Tensor]) -> Tensor:
+    """An adaptive, external-loop or learned solver's solve (it runs its own loop), recording
+    the final state in ``traj`` when its time is in ``save``."""
+    x = slv.integrate(p, x)
+    if float(p.times[-1]) in save:
+        traj[float(p.times[-1])] = x.clone()
+    return x
 
 
 def _fixed_grid_loop(slv: FixedGridSolver, p: Problem, x: Tensor, grid_times: list[float],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -64,6 +65,48 @@ def test_seeded_noise_is_per_sample():
     b = SeededNoise([3, 1]).randn(torch.empty(2, 4))
     torch.testing.assert_close(b[0], a[2])
     torch.testing.assert_close(b[1], a[0])
+
+
+@pytest.mark.parametrize("shape", [(2,), (5, 7), (3, 8, 8), (2, 32, 32), (3, 33, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_seeded_noise_stream_is_each_samples_generator_in_blocks(shape, dtype):
+    """Sample i's k-th draw is the k-th event of the blocks torch.randn((draws, *event),
+    generator=manual_seed(seed_i)) draws one after another, also where each step's draw is made
+    on its own ((2, 32, 32) and (3, 33, 32): 2,048 or more elements, a multiple of 16)."""
+    from sdekit.noise import BLOCK_ELEMENTS, MAX_BLOCK
+    seeds, k = [7, 3, 2 ** 40], 70
+    draws = max(1, min(MAX_BLOCK, BLOCK_ELEMENTS // math.prod(shape)))
+    noise = SeededNoise(seeds)
+    got = torch.stack([noise.randn(torch.empty((3,) + shape, dtype=dtype)) for _ in range(k)])
+    for i, s in enumerate(seeds):
+        g = torch.Generator().manual_seed(s)
+        ref = torch.cat([torch.randn((draws,) + shape, generator=g, dtype=dtype)
+                         for _ in range(-(-k // draws))])[:k]
+        assert torch.equal(got[:, i], ref)
+
+
+def test_image_noise_is_drawn_per_step_with_the_same_results(monkeypatch):
+    """Image-sized draws (2,048 or more elements per sample, a multiple of 16) are made step by
+    step in place, with no stacked block; the solve's result is bit for bit that of the
+    stacked blocks."""
+    import sdekit.noise as noise_mod
+    sde = sdekit.EDMSDE()
+    model = sdekit.DiffusionModel(lambda x, s: x * 0.5, sde, prediction="denoiser")
+    x = torch.randn((6, 2, 32, 32), generator=torch.Generator().manual_seed(1)) * 80
+    grid = make_grid(sde, "karras", 12)
+    stacks = {"n": 0}
+    stack = torch.stack
+
+    def counted(*a, **k):
+        stacks["n"] += 1
+        return stack(*a, **k)
+
+    monkeypatch.setattr(torch, "stack", counted)
+    per_step = sample(sde, model, x, solver="ancestral", grid=grid, seed=4).x
+    assert stacks["n"] == 0
+    monkeypatch.setattr(noise_mod, "PER_STEP_ELEMENTS", 10 ** 9)   # the stacked blocks
+    stacked = sample(sde, model, x, solver="ancestral", grid=grid, seed=4).x
+    assert stacks["n"] > 0 and torch.equal(per_step, stacked)
 
 
 def test_brownian_noise_increments_agree_across_grids():
@@ -151,6 +194,33 @@ def test_model_returning_nan_names_step_time_and_solver():
 
     with pytest.raises(ModelOutputError, match=r"step 2 \(t=.*\) of solver 'euler'"):
         sample(sde, net, shape=(2, 3), solver="euler", steps=5)
+
+
+def test_deferred_nan_check_raises_the_same_error_after_the_loop(monkeypatch):
+    """Off the CPU (CUDA) the fixed-grid loop queues each call's NaN/Inf reduction on the device
+    instead of reading it (no host-device sync per call) and raises the first bad call's error,
+    with the same step, time and solver, once the loop is done; forced here on the CPU."""
+    import sdekit.integrate as integrate
+    sde, _ = _problem()
+    calls = {"n": 0}
+
+    def net(x, t):
+        calls["n"] += 1
+        return x * float("nan") if calls["n"] in (3, 4) else torch.zeros_like(x)
+
+    def solve():
+        calls["n"] = 0
+        with pytest.raises(ModelOutputError) as err:
+            sample(sde, net, shape=(2, 3), solver="euler", steps=5)
+        return str(err.value), calls["n"]
+
+    now, n_now = solve()
+    monkeypatch.setattr(integrate, "_deferred_checks", lambda x: [])
+    later, n_later = solve()
+    assert re.search(r"step 2 \(t=.*\) of solver 'euler'", now) and later == now
+    assert (n_now, n_later) == (3, 5)   # stopped at the bad call / ran to the end, then raised
+    calls["n"] = 10   # no bad call: the queued checks pass and are emptied
+    assert torch.isfinite(sample(sde, net, shape=(2, 3), solver="euler", steps=5).x).all()
 
 
 def test_wrong_output_shape_and_unknown_names():

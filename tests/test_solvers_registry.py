@@ -464,3 +464,44 @@ def test_registry_rejects_duplicates_and_unknown_names():
         register("ddim")(DDIM)
     with pytest.raises(ValueError, match="unknown solver 'nope'.*ddim"):
         get_solver("nope")
+
+
+def test_registry_refuses_options_named_like_sample_keywords():
+    """A solver option named like a keyword of sample() is refused when the solver is
+    registered (constructor parameters and registered defaults alike), so the name-plus-options
+    form of sample() can never hand an option to the wrong place."""
+    import inspect
+
+    from sdekit.solvers import Solver, register
+    from sdekit.solvers.registry import _REGISTRY, SAMPLE_KEYWORDS
+    assert SAMPLE_KEYWORDS == set(inspect.signature(sample).parameters)
+
+    class StepsOption(Solver):
+        def __init__(self, steps: int = 2, order: int = 1) -> None:
+            self.steps_ = steps
+
+    class AnyOptions(Solver):
+        def __init__(self, **options) -> None:
+            self.options = options
+
+    with pytest.raises(ValueError, match=r"'clash_steps'.*StepsOption.*\['steps'\]"):
+        register("clash_steps")(StepsOption)
+    with pytest.raises(ValueError, match=r"AnyOptions.*\['seed'\]"):
+        register("clash_seed", seed=1)(AnyOptions)
+    assert "clash_steps" not in _REGISTRY and "clash_seed" not in _REGISTRY
+    for name in NAMES:  # every built-in solver's options stay clear of sample()'s keywords
+        assert not SAMPLE_KEYWORDS & set(inspect.signature(type(SOLVERS[name])).parameters)
+
+
+def test_configured_solver_object_is_the_name_plus_options_form():
+    from sdekit.solvers.ode import DDIM
+    sde = sdekit.VPSDE()
+    model = sdekit.GaussianData(sde, torch.zeros(3), torch.ones(3)).model()
+    kw = dict(shape=(4, 3), steps=8, seed=5)
+    by_name = sample(sde, model, solver="dpmpp_2m", order=3, **kw)
+    by_object = sample(sde, model, solver=get_solver("dpmpp_2m", order=3), **kw)
+    assert torch.equal(by_name.x, by_object.x) and by_object.solver == "dpmpp_2m"
+    assert torch.equal(sample(sde, model, solver=DDIM(eta=1.0), **kw).x,
+                       sample(sde, model, solver="ancestral", **kw).x)
+    with pytest.raises(TypeError, match="only be given with a solver name"):
+        sample(sde, model, solver=get_solver("dpmpp_2m"), order=3, **kw)

@@ -226,6 +226,12 @@ class ForwardSDE(abc.ABC):
         t = torch.tensor(self.T, dtype=torch.float64)
         return float(torch.sqrt(torch.exp(2 * self._log_alpha(t)) + torch.exp(2 * self._log_sigma(t))))
 
+    def marginal_std(self, t: Any) -> float:
+        """Standard deviation of ``x_t`` for data of unit variance, ``sqrt(alpha_t^2 + sigma_t^2)``:
+        the initial state's scale of a solve that starts at ``t`` (from ``T``: :attr:`prior_std`)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return float((self.alpha(t) ** 2 + self.sigma(t) ** 2).sqrt())
+
     def prior_sample(self, shape: Sequence[int], generator: torch.Generator | None = None,
                      dtype: torch.dtype = torch.float32, device: Any = None) -> Tensor:
         return self.prior_std * torch.randn(tuple(shape), generator=generator, dtype=dtype,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -42,6 +43,35 @@ def lambda_step_ratios(sde: ForwardSDE, grid: str, steps: int = 100) -> Tensor:
 
 class ModelOutputError(FloatingPointError):
     """The model returned NaN or Inf during a solve."""
+
+
+def check_model_output(out: Tensor, t: Tensor, solver: str, step_of: Callable[[float], int],
+                       pending: list[Any] | None) -> None:
+    """Stop the solve with a :class:`ModelOutputError` (naming the step, time and solver) where
+    ``out`` holds NaN or Inf, by one reduction: the sum is NaN/Inf iff an element is (short of
+    float overflow). With ``pending`` (a list: the driver's fixed-grid loop off the CPU) the
+    reduction stays on the device, queued there, so a model call costs no host-device sync;
+    :func:`raise_pending` reads the queue once, at the end of the solve. The step is worked
+    out (``step_of(t)``) only when raising."""
+    total = out.sum()
+    if pending is not None:
+        pending.append((t, solver, step_of, total))
+    elif not math.isfinite(total.item()):
+        t0 = float(t.flatten()[0])
+        raise ModelOutputError(f"the model returned NaN or Inf at step {step_of(t0)} "
+                               f"(t={t0:.6g}) of solver {solver!r}")
+
+
+def raise_pending(pending: list[Any]) -> None:
+    """The error :func:`check_model_output` would have raised for the first queued output that
+    holds NaN or Inf (one host-device sync for the whole queue), then the queue is emptied."""
+    if pending:
+        ok = torch.isfinite(torch.stack([c[3] for c in pending])).tolist()
+        bad = pending[ok.index(False)] if False in ok else None
+        pending.clear()
+        if bad is not None:
+            t, solver, step_of, total = bad
+            check_model_output(total, t, solver, step_of, None)
 
 
 @dataclass(frozen=True)
@@ -88,6 +118,7 @@ class Problem:
         self.sde, self.model, self.noise, self.solver_name = sde, model, noise, solver_name
         self.model_dtype, self.grad_in_model = model_dtype, grad_in_model
         self.schedule = Schedule.of(sde, times)
+        self.pending_checks: list[Any] | None = None   # see check_model_output
 
     @property
     def times(self) -> Tensor:
@@ -140,12 +171,8 @@ class Problem:
         return self.predict_native(x, self.times[i]) if given is None else (given.kind, given.value)
 
     def _checked(self, out: Tensor, t: Tensor) -> Tensor:
-        # one reduction: the sum is NaN/Inf iff an element is (short of float overflow)
-        if not math.isfinite(out.sum().item()):
-            t0 = float(t.flatten()[0])
-            raise ModelOutputError(
-                f"the model returned NaN or Inf at step {self.schedule.step_of(t0)} "
-                f"(t={t0:.6g}) of solver {self.solver_name!r}")
+        check_model_output(out, t, self.solver_name, self.schedule.step_of,
+                           self.pending_checks)
         return out
 
     @staticmethod

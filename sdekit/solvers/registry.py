@@ -51,6 +51,26 @@ def default_config(sde: Any, steps: int) -> dict[str, Any]:
 
 _REGISTRY: dict[str, tuple[type[Solver], dict[str, Any]]] = {}
 
+#: the keyword names of :func:`sdekit.sample` (tests/test_solvers_registry.py holds this to its
+#: signature): no solver option may be named like one, so ``sample(..., solver=name,
+#: **solver_options)`` can never route an option to the wrong place
+SAMPLE_KEYWORDS = frozenset({
+    "sde", "model", "x_init", "shape", "solver", "steps", "grid", "t_start", "t_end",
+    "prediction", "denoise", "float64", "seed", "seeds", "noise", "save_at", "callback",
+    "progress", "dtype", "device", "project", "grid_options", "grad", "solver_options"})
+
+
+def _check_option_names(name: str, cls: type[Solver], defaults: dict[str, Any]) -> None:
+    """Refuse a registration whose solver options (``cls``'s constructor parameters and the
+    registered defaults) include a keyword of :func:`sdekit.sample`."""
+    params = [p.name for p in inspect.signature(cls.__init__).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)][1:]   # without self
+    clash = sorted(SAMPLE_KEYWORDS.intersection([*params, *defaults]))
+    if clash:
+        raise ValueError(f"@register({name!r}): solver {cls.__name__} has options {clash} named "
+                         "like keywords of sdekit.sample(), which would take them; rename the "
+                         f"options (sample()'s keywords: {sorted(SAMPLE_KEYWORDS)})")
+
 
 def register(name: str, **defaults: Any) -> Callable[[type[Solver]], type[Solver]]:
     """Register a solver class under ``name`` with default options (one class may be registered
@@ -62,6 +82,7 @@ def register(name: str, **defaults: Any) -> Callable[[type[Solver]], type[Solver
                              f"(by {_REGISTRY[name][0].__name__})")
         if not (isinstance(cls, type) and issubclass(cls, Solver)):
             raise TypeError(f"@register({name!r}) must decorate a Solver subclass")
+        _check_option_names(name, cls, defaults)
         _REGISTRY[name] = (cls, dict(defaults))
         return cls
 
