@@ -132,10 +132,9 @@ def test_time_input_t1000():
 # -------------------------------------------------------------------- sampling from t = 1
 STARTERS = [n for n in solver_names() if get_solver(n).starts_at_alpha_zero]
 ODE_STARTERS = [n for n in STARTERS if not get_solver(n).stochastic and not get_solver(n).adaptive]
-# UniPC corrects the step from alpha = 0 (trapezoid in u = e^lambda): its declared order holds.
-# The other multistep / singlestep solvers take that step at first order (local error
-# O(alpha_1^2)) and restart their warm-up at grid point 1, which caps them at order 2.
-FULL_ORDER = {"unipc_bh1", "unipc_bh2", "unic_dpmpp_2m"}
+# The step from alpha = 0 is first order (local error O(alpha_1^2)) for solvers of order <= 2 and
+# corrected to second order (trapezoid in u = e^lambda) above: UniPC's corrector, and
+# ExpIntegrator.correct_first for DPM-Solver++ 3M (which measured 1.8 before, capped at 2).
 
 
 def test_the_solvers_that_start_at_alpha_zero():
@@ -164,15 +163,19 @@ def flow_problem():
 @pytest.mark.parametrize("name", ODE_STARTERS)
 def test_exact_gaussian_flow_sampled_from_t_equal_one_converges(name, flow_problem):
     """A flow network on the exact Gaussian flow, every deterministic solver that starts at
-    t = 1, its default (logSNR) grid from t = 1: the error falls at the expected rate."""
+    t = 1, its default (logSNR) grid from t = 1: the error falls at the declared order in the
+    grid's largest lambda step (from t = 1 it is ~ (lambda_max + log steps) / steps, see
+    test_solvers_registry._step_sizes): within 0.2 below it (3M: 4.0, the Gaussian cancellation
+    of the registry's order test)."""
     data, x_T, ref = flow_problem
-    order = get_solver(name).order
-    expected = order if name in FULL_ORDER else min(order, 2)
+    s = get_solver(name)
     ladder = [32, 64, 128, 256]
     errs = [rms(sample(FLOW, data.model("flow"), x_T, solver=name, steps=n).x, ref)
             for n in ladder]
-    slope = fitted_slope([1 / n for n in ladder], errs)
-    assert expected - 0.4 < slope < order + 1.0, f"{name}: slope {slope:.2f}, errors {errs}"
+    lams = [FLOW.lambda_(make_grid(FLOW, s.grid_for(FLOW), n)) for n in ladder]
+    hs = [float(lam[1:].diff().abs().max()) for lam in lams]
+    slope = fitted_slope(hs, errs)
+    assert s.order - 0.2 < slope < s.order + 1.2, f"{name}: slope {slope:.2f}, errors {errs}"
 
 
 def test_first_step_from_alpha_zero_is_the_closed_form(flow_problem):

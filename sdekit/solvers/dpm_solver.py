@@ -162,6 +162,8 @@ class DPMSolverMultistep(ExpIntegrator):
         i0 = st.extra["start"]
         if i < i0:  # from alpha = 0
             return self.first_step(p, x, m), st
+        if i == i0 > 0 and self.start_order == 2:  # that step at second order (order 3)
+            x = self.correct_first(p, x, st.m[0], m)
         if i < i0 + 3 and st.extra["singlestep_start"]:
             # the first three steps (of finite lambda) as one third-order singlestep block
             # whose stages are grid points i0 + 1, i0 + 2
