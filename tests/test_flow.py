@@ -39,18 +39,48 @@ def test_schedule_and_exact_prior_at_t_equal_one():
         FLOW.t_of_lambda(float("nan"))
 
 
-def test_closed_forms_match_the_generic_autograd_and_bisection_defaults():
+TRIG = sdekit.TrigFlowSDE()
+INTERPOLANTS = {"flow": FLOW, "trigflow": TRIG}
+
+
+def test_trigonometric_interpolant_schedule_and_exact_prior():
+    """alpha = cos(pi t/2), sigma = sin(pi t/2) as documented, alpha = 0 exactly at t = 1."""
+    t = torch.cat([INNER, torch.ones(1, dtype=F64)])
+    torch.testing.assert_close(TRIG.alpha(t[:-1]), torch.cos(math.pi / 2 * t[:-1]), rtol=1e-15,
+                               atol=0)
+    torch.testing.assert_close(TRIG.sigma(t), torch.sin(math.pi / 2 * t), rtol=1e-15, atol=0)
+    assert float(TRIG.alpha(1.0)) == 0.0 and float(TRIG.sigma(1.0)) == 1.0
+    assert TRIG.lambda_min == -math.inf and float(TRIG.sigma_tilde(1.0)) == math.inf
+    assert TRIG.prior_std == 1.0 and float(TRIG.t_of_lambda(-math.inf)) == 1.0
+    assert float(TRIG.f(1.0)) == -math.inf and float(TRIG.g2(1.0)) == math.inf
+    torch.testing.assert_close(TRIG.alpha(t) ** 2 + TRIG.sigma(t) ** 2, torch.ones_like(t),
+                               rtol=1e-15, atol=0)
+    assert isinstance(sdekit.get_sde("trigflow"), sdekit.TrigFlowSDE)
+    assert isinstance(TRIG, sdekit.LinearInterpolantSDE) and isinstance(FLOW,
+                                                                          sdekit.LinearInterpolantSDE)
+    sde = sdekit.TrigFlowSDE(t_min=0.01, T=0.9)
+    assert math.isfinite(sde.lambda_min) and abs(sde.prior_std - 1.0) < 1e-15
+
+
+@pytest.mark.parametrize("name", sorted(INTERPOLANTS))
+def test_closed_forms_match_the_generic_autograd_and_bisection_defaults(name):
+    sde = INTERPOLANTS[name]
     t = INNER
-    for name in ("_f", "_g2", "_alpha_dot", "_sigma_dot"):
-        closed, generic = getattr(FLOW, name)(t), getattr(ForwardSDE, name)(FLOW, t)
-        torch.testing.assert_close(closed, generic, rtol=1e-10, atol=1e-12, msg=name)
-    torch.testing.assert_close(FLOW.f(t), -1 / (1 - t), rtol=1e-14, atol=0)
-    torch.testing.assert_close(FLOW.g2(t), 2 * t / (1 - t), rtol=1e-14, atol=0)
-    lam = FLOW.lambda_(t)
-    torch.testing.assert_close(FLOW._t_of_lambda(lam), ForwardSDE._t_of_lambda(FLOW, lam),
+    for meth in ("_f", "_g2", "_alpha_dot", "_sigma_dot"):
+        closed, generic = getattr(sde, meth)(t), getattr(ForwardSDE, meth)(sde, t)
+        torch.testing.assert_close(closed, generic, rtol=1e-10, atol=1e-12, msg=meth)
+    if name == "flow":
+        torch.testing.assert_close(sde.f(t), -1 / (1 - t), rtol=1e-14, atol=0)
+        torch.testing.assert_close(sde.g2(t), 2 * t / (1 - t), rtol=1e-14, atol=0)
+    else:
+        torch.testing.assert_close(sde.f(t), -math.pi / 2 * torch.tan(math.pi / 2 * t),
+                                   rtol=1e-14, atol=0)
+        torch.testing.assert_close(sde.g2(t), -2 * sde.f(t), rtol=1e-14, atol=0)
+    lam = sde.lambda_(t)
+    torch.testing.assert_close(sde._t_of_lambda(lam), ForwardSDE._t_of_lambda(sde, lam),
                                rtol=0, atol=1e-12)
-    torch.testing.assert_close(FLOW.t_of_lambda(lam), t, rtol=1e-13, atol=0)
-    torch.testing.assert_close(FLOW.t_of_sigma_tilde(FLOW.sigma_tilde(t)), t, rtol=1e-13, atol=0)
+    torch.testing.assert_close(sde.t_of_lambda(lam), t, rtol=1e-13, atol=0)
+    torch.testing.assert_close(sde.t_of_sigma_tilde(sde.sigma_tilde(t)), t, rtol=1e-13, atol=0)
     # generic alpha', sigma' of another process: alpha' = f alpha, (sigma^2)' = g^2 + 2 f sigma^2
     vp = sdekit.VPSDE()
     tv = torch.linspace(0.01, 0.99, 9, dtype=F64)
@@ -61,9 +91,10 @@ def test_closed_forms_match_the_generic_autograd_and_bisection_defaults():
 
 @pytest.mark.parametrize("kwargs,name", [(dict(t_min=0.0), "t_min"), (dict(t_min=-0.1), "t_min"),
                                          (dict(T=1.5), "T"), (dict(t_min=float("nan")), "t_min")])
-def test_bad_time_range_names_the_argument(kwargs, name):
+@pytest.mark.parametrize("cls", [FlowSDE, sdekit.TrigFlowSDE])
+def test_bad_time_range_names_the_argument(kwargs, name, cls):
     with pytest.raises(ValueError, match=rf"^{name}="):
-        FlowSDE(**kwargs)
+        cls(**kwargs)
 
 
 def test_flow_process_before_t_equal_one():
@@ -80,11 +111,11 @@ def _oracle(data: GaussianData, kind: str, x, t):
             "flow": data.flow_velocity}[kind](x, t)
 
 
-@pytest.mark.parametrize("sde_name", ["flow", "vp", "ve"])
+@pytest.mark.parametrize("sde_name", ["flow", "trigflow", "vp", "ve"])
 def test_every_parametrisation_converts_to_every_other(sde_name):
     """A network of each kind (the exact oracle) asked for each other kind (and the denoiser)
     reproduces that kind's oracle, on Gaussian data, per-sample times."""
-    sde = {"flow": FLOW, "vp": sdekit.VPSDE(), "ve": sdekit.VESDE()}[sde_name]
+    sde = {"flow": FLOW, "trigflow": TRIG, "vp": sdekit.VPSDE(), "ve": sdekit.VESDE()}[sde_name]
     data = gaussian_problem(sde, dim=3)
     t = torch.tensor([sde.t_min * 1.5, 0.3, 0.6, 0.95 * sde.T], dtype=F64)
     x = data.marginal_sample(4, t, torch.Generator().manual_seed(0), dtype=F64)
