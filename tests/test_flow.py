@@ -720,3 +720,25 @@ def test_peers_flow_harness_measures_the_same_work_the_same():
     assert theirs["nfe"] == ours["nfe"] == 8
     assert ours["rms"] == pytest.approx(theirs["rms"], rel=1e-4)
     assert theirs["rms"] > 1e-3   # a real error, not a trivially exact solve
+
+
+def test_peers_flow_harness_says_where_the_mixture_error_sits():
+    """On a non-linear problem flow_evaluate counts the endpoints more than 1 from their reference
+    and the worst 5 states' share of the squared error (the mixture's RMS at 5-10 NFE is made by
+    a few states sent towards another mode)."""
+    pytest.importorskip("diffusers", reason="diffusers is an optional test dependency")
+    run = _peers_harness()
+
+    class Mixture:   # the two things flow_evaluate reads of a non-linear problem
+        linear, dim = False, 2
+        ref = torch.zeros(10, 2, dtype=F64)
+
+        def at(self, sig):
+            return self.ref
+
+    out = torch.zeros(10, 2, dtype=F64)
+    out[0, 0], out[1:, 1] = 3.0, 0.1   # one state 3 away, nine 0.1 away
+    res = run.flow_evaluate(Mixture(), {"sig0": 1.0, "sig1": 0.0, "run": lambda x: (out, 4)})
+    assert res["off_by_1"] == 1 and res["nfe"] == 4
+    assert res["worst5_share"] == pytest.approx((9 + 4 * 0.01) / (9 + 9 * 0.01))
+    assert res["rms"] == pytest.approx(math.sqrt((9 + 9 * 0.01) / 20))
