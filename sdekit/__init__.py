@@ -11,13 +11,13 @@ from .likelihood import LikelihoodResult, likelihood
 from .noise import BrownianNoise, SeededNoise
 from .tune import TunedGrid, load_tuned_grid, search, tune
 from .sde import (EDMSDE, VESDE, VPSDE, CosineVPSDE, CustomSDE, DiscreteDDPM, FlowSDE,
-                  ForwardSDE, SubVPSDE, get_sde)
+                  ForwardSDE, LinearInterpolantSDE, SubVPSDE, TrigFlowSDE, get_sde)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ForwardSDE", "VPSDE", "CosineVPSDE", "SubVPSDE", "VESDE", "EDMSDE", "DiscreteDDPM",
-    "FlowSDE", "CustomSDE", "get_sde", "DiffusionModel", "NFECounter", "as_model", "ReverseSDE",
+    "FlowSDE", "TrigFlowSDE", "LinearInterpolantSDE", "CustomSDE", "get_sde", "DiffusionModel", "NFECounter", "as_model", "ReverseSDE",
     "ProbabilityFlowODE", "GaussianData", "GaussianMixtureData", "__version__",
     "sample", "Solution", "GRIDS", "make_grid", "SeededNoise", "BrownianNoise", "Solver",
     "get_solver", "list_solvers", "register", "solver_names", "likelihood", "LikelihoodResult",

@@ -12,8 +12,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from sdekit.sde import (EDMSDE, VESDE, VPSDE, CosineVPSDE, CustomSDE, DiscreteDDPM, ForwardSDE,
-                        SubVPSDE)
+from sdekit.sde import (EDMSDE, VESDE, VPSDE, CosineVPSDE, CustomSDE, DiscreteDDPM, FlowSDE,
+                        ForwardSDE, SubVPSDE, TrigFlowSDE)
 
 # Modest example counts and no deadline: the machine running CI is small and shared.
 settings.register_profile("sdekit", max_examples=30, deadline=None,
@@ -70,8 +70,15 @@ SDE_FACTORIES: dict[str, Callable[[], ForwardSDE]] = {
     "ddpm_squaredcos": DiscreteDDPM.squaredcos,
     "custom_vp": custom_vp,
     "custom_edm": custom_edm,
+    "flow": FlowSDE,
+    "trigflow": TrigFlowSDE,
 }
-SDE_NAMES = list(SDE_FACTORIES)
+#: The linear interpolants (flow matching) reach alpha = 0, lambda = -inf at T = 1: the foundation
+#: property tests (SDE_NAMES) evaluate lambda, f and g at T and cover the processes where they are
+#: finite; tests/test_flow.py holds the interpolants' own, and the registry's generated tests
+#: (tests/test_solvers_registry.py) run every solver on them.
+INTERPOLANT_NAMES = ["flow", "trigflow"]
+SDE_NAMES = [n for n in SDE_FACTORIES if n not in INTERPOLANT_NAMES]
 #: Processes whose alpha^2 + sigma^2 != 1 (v-prediction uses alpha^2 + sigma^2 there).
 NON_VP_NAMES = ["subvp", "ve", "edm", "custom_edm"]
 
@@ -146,6 +153,6 @@ def finite_diff(fn: Callable[[float], torch.Tensor], t: float, h: float) -> torc
     return (-fn(t + 2 * h) + 8 * fn(t + h) - 8 * fn(t - h) + fn(t - 2 * h)) / (12 * h)
 
 
-__all__ = ["SDE_FACTORIES", "SDE_NAMES", "NON_VP_NAMES", "make_sde", "is_discrete", "time_at",
+__all__ = ["SDE_FACTORIES", "SDE_NAMES", "INTERPOLANT_NAMES", "NON_VP_NAMES", "make_sde", "is_discrete", "time_at",
            "off_knot_time", "assert_close", "random_spd", "random_vector", "tol_for",
            "finite_diff", "vp_alpha_fn", "vp_sigma_fn", "ddpm_table", "custom_vp", "custom_edm"]

@@ -15,7 +15,26 @@ ORDER_SDES = {
     "subvp": lambda: sdekit.SubVPSDE(),
     "ve": lambda: sdekit.VESDE(),
     "ddpm": lambda: sdekit.DiscreteDDPM(),
+    "flow": lambda: sdekit.FlowSDE(),
+    "trigflow": lambda: sdekit.TrigFlowSDE(),
 }
+#: Where a solver that cannot start at alpha = 0 starts on a flow process (lambda there: -4.6 for
+#: rectified flow, -4.2 for the trigonometric interpolant; VP's lambda(T) is -5.0).
+FLOW_T_START = 0.99
+
+
+def start_for(solver, sde) -> float:
+    """The time a generated test starts ``solver`` at on ``sde``: ``T``, or :data:`FLOW_T_START`
+    where alpha(T) = 0 and the solver cannot start there (it says so: tests/test_flow.py)."""
+    if float(sde.alpha(sde.T)) == 0.0 and not solver.starts_at_alpha_zero:
+        return FLOW_T_START
+    return sde.T
+
+
+def model_kind(sde) -> str:
+    """The network output a generated test uses: ``flow`` on a flow process (eps is undefined
+    at alpha = 0), else eps."""
+    return "flow" if float(sde.alpha(sde.T)) == 0.0 else "eps"
 
 
 def gaussian_problem(sde, dim: int = 4, eig_min: float = 1e-2, seed: int = 1) -> GaussianData:

@@ -39,18 +39,48 @@ def test_schedule_and_exact_prior_at_t_equal_one():
         FLOW.t_of_lambda(float("nan"))
 
 
-def test_closed_forms_match_the_generic_autograd_and_bisection_defaults():
+TRIG = sdekit.TrigFlowSDE()
+INTERPOLANTS = {"flow": FLOW, "trigflow": TRIG}
+
+
+def test_trigonometric_interpolant_schedule_and_exact_prior():
+    """alpha = cos(pi t/2), sigma = sin(pi t/2) as documented, alpha = 0 exactly at t = 1."""
+    t = torch.cat([INNER, torch.ones(1, dtype=F64)])
+    torch.testing.assert_close(TRIG.alpha(t[:-1]), torch.cos(math.pi / 2 * t[:-1]), rtol=1e-15,
+                               atol=0)
+    torch.testing.assert_close(TRIG.sigma(t), torch.sin(math.pi / 2 * t), rtol=1e-15, atol=0)
+    assert float(TRIG.alpha(1.0)) == 0.0 and float(TRIG.sigma(1.0)) == 1.0
+    assert TRIG.lambda_min == -math.inf and float(TRIG.sigma_tilde(1.0)) == math.inf
+    assert TRIG.prior_std == 1.0 and float(TRIG.t_of_lambda(-math.inf)) == 1.0
+    assert float(TRIG.f(1.0)) == -math.inf and float(TRIG.g2(1.0)) == math.inf
+    torch.testing.assert_close(TRIG.alpha(t) ** 2 + TRIG.sigma(t) ** 2, torch.ones_like(t),
+                               rtol=1e-15, atol=0)
+    assert isinstance(sdekit.get_sde("trigflow"), sdekit.TrigFlowSDE)
+    assert isinstance(TRIG, sdekit.LinearInterpolantSDE) and isinstance(FLOW,
+                                                                          sdekit.LinearInterpolantSDE)
+    sde = sdekit.TrigFlowSDE(t_min=0.01, T=0.9)
+    assert math.isfinite(sde.lambda_min) and abs(sde.prior_std - 1.0) < 1e-15
+
+
+@pytest.mark.parametrize("name", sorted(INTERPOLANTS))
+def test_closed_forms_match_the_generic_autograd_and_bisection_defaults(name):
+    sde = INTERPOLANTS[name]
     t = INNER
-    for name in ("_f", "_g2", "_alpha_dot", "_sigma_dot"):
-        closed, generic = getattr(FLOW, name)(t), getattr(ForwardSDE, name)(FLOW, t)
-        torch.testing.assert_close(closed, generic, rtol=1e-10, atol=1e-12, msg=name)
-    torch.testing.assert_close(FLOW.f(t), -1 / (1 - t), rtol=1e-14, atol=0)
-    torch.testing.assert_close(FLOW.g2(t), 2 * t / (1 - t), rtol=1e-14, atol=0)
-    lam = FLOW.lambda_(t)
-    torch.testing.assert_close(FLOW._t_of_lambda(lam), ForwardSDE._t_of_lambda(FLOW, lam),
+    for meth in ("_f", "_g2", "_alpha_dot", "_sigma_dot"):
+        closed, generic = getattr(sde, meth)(t), getattr(ForwardSDE, meth)(sde, t)
+        torch.testing.assert_close(closed, generic, rtol=1e-10, atol=1e-12, msg=meth)
+    if name == "flow":
+        torch.testing.assert_close(sde.f(t), -1 / (1 - t), rtol=1e-14, atol=0)
+        torch.testing.assert_close(sde.g2(t), 2 * t / (1 - t), rtol=1e-14, atol=0)
+    else:
+        torch.testing.assert_close(sde.f(t), -math.pi / 2 * torch.tan(math.pi / 2 * t),
+                                   rtol=1e-14, atol=0)
+        torch.testing.assert_close(sde.g2(t), -2 * sde.f(t), rtol=1e-14, atol=0)
+    lam = sde.lambda_(t)
+    torch.testing.assert_close(sde._t_of_lambda(lam), ForwardSDE._t_of_lambda(sde, lam),
                                rtol=0, atol=1e-12)
-    torch.testing.assert_close(FLOW.t_of_lambda(lam), t, rtol=1e-13, atol=0)
-    torch.testing.assert_close(FLOW.t_of_sigma_tilde(FLOW.sigma_tilde(t)), t, rtol=1e-13, atol=0)
+    torch.testing.assert_close(sde.t_of_lambda(lam), t, rtol=1e-13, atol=0)
+    torch.testing.assert_close(sde.t_of_sigma_tilde(sde.sigma_tilde(t)), t, rtol=1e-13, atol=0)
     # generic alpha', sigma' of another process: alpha' = f alpha, (sigma^2)' = g^2 + 2 f sigma^2
     vp = sdekit.VPSDE()
     tv = torch.linspace(0.01, 0.99, 9, dtype=F64)
@@ -61,9 +91,10 @@ def test_closed_forms_match_the_generic_autograd_and_bisection_defaults():
 
 @pytest.mark.parametrize("kwargs,name", [(dict(t_min=0.0), "t_min"), (dict(t_min=-0.1), "t_min"),
                                          (dict(T=1.5), "T"), (dict(t_min=float("nan")), "t_min")])
-def test_bad_time_range_names_the_argument(kwargs, name):
+@pytest.mark.parametrize("cls", [FlowSDE, sdekit.TrigFlowSDE])
+def test_bad_time_range_names_the_argument(kwargs, name, cls):
     with pytest.raises(ValueError, match=rf"^{name}="):
-        FlowSDE(**kwargs)
+        cls(**kwargs)
 
 
 def test_flow_process_before_t_equal_one():
@@ -80,11 +111,11 @@ def _oracle(data: GaussianData, kind: str, x, t):
             "flow": data.flow_velocity}[kind](x, t)
 
 
-@pytest.mark.parametrize("sde_name", ["flow", "vp", "ve"])
+@pytest.mark.parametrize("sde_name", ["flow", "trigflow", "vp", "ve"])
 def test_every_parametrisation_converts_to_every_other(sde_name):
     """A network of each kind (the exact oracle) asked for each other kind (and the denoiser)
     reproduces that kind's oracle, on Gaussian data, per-sample times."""
-    sde = {"flow": FLOW, "vp": sdekit.VPSDE(), "ve": sdekit.VESDE()}[sde_name]
+    sde = {"flow": FLOW, "trigflow": TRIG, "vp": sdekit.VPSDE(), "ve": sdekit.VESDE()}[sde_name]
     data = gaussian_problem(sde, dim=3)
     t = torch.tensor([sde.t_min * 1.5, 0.3, 0.6, 0.95 * sde.T], dtype=F64)
     x = data.marginal_sample(4, t, torch.Generator().manual_seed(0), dtype=F64)
@@ -132,10 +163,9 @@ def test_time_input_t1000():
 # -------------------------------------------------------------------- sampling from t = 1
 STARTERS = [n for n in solver_names() if get_solver(n).starts_at_alpha_zero]
 ODE_STARTERS = [n for n in STARTERS if not get_solver(n).stochastic and not get_solver(n).adaptive]
-# UniPC corrects the step from alpha = 0 (trapezoid in u = e^lambda): its declared order holds.
-# The other multistep / singlestep solvers take that step at first order (local error
-# O(alpha_1^2)) and restart their warm-up at grid point 1, which caps them at order 2.
-FULL_ORDER = {"unipc_bh1", "unipc_bh2", "unic_dpmpp_2m"}
+# The step from alpha = 0 is first order (local error O(alpha_1^2)) for solvers of order <= 2 and
+# corrected to second order (trapezoid in u = e^lambda) above: UniPC's corrector, and
+# ExpIntegrator.correct_first for DPM-Solver++ 3M (which measured 1.8 before, capped at 2).
 
 
 def test_the_solvers_that_start_at_alpha_zero():
@@ -164,15 +194,19 @@ def flow_problem():
 @pytest.mark.parametrize("name", ODE_STARTERS)
 def test_exact_gaussian_flow_sampled_from_t_equal_one_converges(name, flow_problem):
     """A flow network on the exact Gaussian flow, every deterministic solver that starts at
-    t = 1, its default (logSNR) grid from t = 1: the error falls at the expected rate."""
+    t = 1, its default (logSNR) grid from t = 1: the error falls at the declared order in the
+    grid's largest lambda step (from t = 1 it is ~ (lambda_max + log steps) / steps, see
+    test_solvers_registry._step_sizes): within 0.2 below it (3M: 4.0, the Gaussian cancellation
+    of the registry's order test)."""
     data, x_T, ref = flow_problem
-    order = get_solver(name).order
-    expected = order if name in FULL_ORDER else min(order, 2)
+    s = get_solver(name)
     ladder = [32, 64, 128, 256]
     errs = [rms(sample(FLOW, data.model("flow"), x_T, solver=name, steps=n).x, ref)
             for n in ladder]
-    slope = fitted_slope([1 / n for n in ladder], errs)
-    assert expected - 0.4 < slope < order + 1.0, f"{name}: slope {slope:.2f}, errors {errs}"
+    lams = [FLOW.lambda_(make_grid(FLOW, s.grid_for(FLOW), n)) for n in ladder]
+    hs = [float(lam[1:].diff().abs().max()) for lam in lams]
+    slope = fitted_slope(hs, errs)
+    assert s.order - 0.2 < slope < s.order + 1.2, f"{name}: slope {slope:.2f}, errors {errs}"
 
 
 def test_first_step_from_alpha_zero_is_the_closed_form(flow_problem):
@@ -686,3 +720,25 @@ def test_peers_flow_harness_measures_the_same_work_the_same():
     assert theirs["nfe"] == ours["nfe"] == 8
     assert ours["rms"] == pytest.approx(theirs["rms"], rel=1e-4)
     assert theirs["rms"] > 1e-3   # a real error, not a trivially exact solve
+
+
+def test_peers_flow_harness_says_where_the_mixture_error_sits():
+    """On a non-linear problem flow_evaluate counts the endpoints more than 1 from their reference
+    and the worst 5 states' share of the squared error (the mixture's RMS at 5-10 NFE is made by
+    a few states sent towards another mode)."""
+    pytest.importorskip("diffusers", reason="diffusers is an optional test dependency")
+    run = _peers_harness()
+
+    class Mixture:   # the two things flow_evaluate reads of a non-linear problem
+        linear, dim = False, 2
+        ref = torch.zeros(10, 2, dtype=F64)
+
+        def at(self, sig):
+            return self.ref
+
+    out = torch.zeros(10, 2, dtype=F64)
+    out[0, 0], out[1:, 1] = 3.0, 0.1   # one state 3 away, nine 0.1 away
+    res = run.flow_evaluate(Mixture(), {"sig0": 1.0, "sig1": 0.0, "run": lambda x: (out, 4)})
+    assert res["off_by_1"] == 1 and res["nfe"] == 4
+    assert res["worst5_share"] == pytest.approx((9 + 4 * 0.01) / (9 + 9 * 0.01))
+    assert res["rms"] == pytest.approx(math.sqrt((9 + 9 * 0.01) / 20))

@@ -382,7 +382,7 @@ def test_prior(name):
 
 
 def test_get_sde_builds_every_registered_process():
-    assert set(SDES) == {"vp", "cosine", "subvp", "ve", "edm", "ddpm", "flow"}
+    assert set(SDES) == {"vp", "cosine", "subvp", "ve", "edm", "ddpm", "flow", "trigflow"}
     for name, cls in SDES.items():
         assert type(get_sde(name)) is cls
     vp = get_sde("vp", beta_min=0.2, beta_max=10.0)

@@ -195,6 +195,8 @@ class DPMSolverMultistep(ExpIntegrator, OneCallStepper):
             return self.to_zero(p, i, x, eps, m), st
         if i < i0:  # from alpha = 0
             return self.first_step(p, x, m), st
+        if i == i0 > 0 and self.start_order == 2:  # that step at second order (order 3)
+            x = self.correct_first(p, x, st.outputs[1], m)   # outputs: (m at i0, m at 0)
         if i < i0 + 3 and st.singlestep_start:
             # the first three steps (of finite lambda) as one third-order singlestep block
             # whose stages are grid points i0 + 1, i0 + 2, from the state x_s at grid point i0

@@ -18,8 +18,9 @@ schedules.
 From a grid point where alpha = 0 (lambda = -inf: flow matching at t = 1) the data-prediction
 forms start in closed form: the first step is ``x_1 = (sigma_1/sigma_0) x + alpha_1 x0`` (the
 update with ``e^{-h} = 0``), the model output there is no Lagrange node for later steps (the
-multistep warm-up restarts at grid point 1), and UniPC corrects that first step by the
-trapezoid rule in ``u = e^lambda`` (see :meth:`UniPC._correct_first`). The noise-prediction
+multistep warm-up restarts at grid point 1), and solvers of order >= 3 correct that first step
+by the trapezoid rule in ``u = e^lambda`` once the output at grid point 1 is known (see
+:meth:`ExpIntegrator.correct_first`; UniPC's corrector does the same, :meth:`UniPC._correct_first`). The noise-prediction
 forms (DPM-Solver, DEIS) cannot start there: their update scales x by ``alpha_t / alpha_s``;
 they raise and ask for ``t_start < T`` or a data-prediction solver. The adaptive DPM-Solver
 steps in lambda and cannot start there either.
@@ -293,8 +294,27 @@ class ExpIntegrator(Solver):
     def first_step(self, p: Problem, x: Tensor, m: Tensor) -> Tensor:
         """The exact first-order data-prediction step from grid point 0, where alpha = 0, to
         grid point 1: ``x_1 = (sigma_1 / sigma_0) x + alpha_1 (1 - e^{-h}) x0`` with ``e^{-h} =
-        0`` (h = lambda_1 - lambda_0 = inf). Local error O(alpha_1^2)."""
+        0`` (h = lambda_1 - lambda_0 = inf). Local error O(alpha_1^2): enough for a method of
+        order <= 2; above, :meth:`correct_first` raises it (see :attr:`start_order`)."""
         return self.combine(p, x, 0, 1, torch.ones(1, dtype=F64), [m])
+
+    @property
+    def start_order(self) -> int:
+        """Order of the step from alpha = 0. A method of global order p needs a start of local
+        error O(h^p): the first-order :meth:`first_step` (O(alpha_1^2)) serves p <= 2 (and is
+        the step diffusers' flow-sigma schedulers take); p >= 3 corrects it to second order with
+        :meth:`correct_first` (O(alpha_1^3), no extra model call)."""
+        return 2 if (self.order or 1) >= 3 else 1
+
+    def correct_first(self, p: Problem, x: Tensor, m0: Tensor, m1: Tensor) -> Tensor:
+        """The step from alpha = 0 to grid point 1 at second order, once the output ``m1`` at
+        grid point 1 is known (``x`` the state :meth:`first_step` gave, ``m1`` taken there,
+        ``m0`` the output at alpha = 0). In ``u = e^lambda = alpha / sigma`` the data-prediction
+        update reads ``x_1 = (sigma_1 / sigma_0) x_0 + sigma_1 int_0^{u_1} x0 du`` (a node at u
+        = 0 is fine where lambda = -inf is not): the trapezoid rule, ``alpha_1 (m0 + m1) / 2``,
+        is :meth:`first_step` plus ``alpha_1 (m1 - m0) / 2``. Local error O(alpha_1^3); ``m1``
+        stays the node of the later steps (its offset O(alpha_1^2) enters them times h)."""
+        return x + float(p.alpha[1]) / 2 * (m1 - m0)
 
     def evaluate(self, p: Problem, x: Tensor, t: Any, a: Any, s: Any,
                  given: ModelOutput | None = None) -> tuple[Tensor, Tensor | None]:
