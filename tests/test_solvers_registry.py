@@ -63,7 +63,7 @@ def test_contract_on_the_flow_processes(name, sde_name):
     steps = _steps_for(s, 6)
     t0 = start_for(s, sde)
     x_T = data.marginal_sample(5, t0, torch.Generator().manual_seed(3), dtype=torch.float32)
-    sol = sample(sde, model, x_T, solver=s.for_problem(sde, model, (3,)), steps=steps, t_start=t0,
+    sol = sample(sde, model, x_T, solver=for_problem(s, sde, model, (3,)), steps=steps, t_start=t0,
                  seeds=list(range(5)))
     assert sol.x.shape == (5, 3) and sol.x.dtype == torch.float32
     assert torch.isfinite(sol.x).all(), f"{name} on {sde_name}: {sol.x}"
