@@ -281,12 +281,14 @@ class ExpIntegrator(Solver):
         On long last steps of non-uniform grids (Karras, quadratic: lambda steps 1.5-2 at 10
         steps, ratio 1.2-1.9) the step criterion made the noise-prediction solvers 1.5-7.6x
         worse (dpm_solver_3m on Karras at 10 NFE under VP: 7.6x on a Gaussian) while the
-        data-prediction ones gained 0.25-0.5x. Measured by benchmarks/grid_cells.py (results in
-        benchmarks/results/grid_cells.json: every lower-order-final solver x named grid x
-        process x NFE 5, 10, 20 on a Gaussian and a mixture, 1404 + 1404 cells), RMS of the
-        automatic choice over the better of on/off: geometric mean 1.04, worst 3.7x, 21 cells
-        over 2x; with the step criterion for every solver 1.06, 6.9x and 30; with neither
-        criterion 1.23, 36x and 118."""
+        data-prediction ones mostly gained (0.25-0.6x on quadratic grids). Measured by benchmarks/grid_cells.py
+        (benchmarks/results/grid_cells.md: 2556 cells, every lower-order-final solver x six
+        named grids x six processes x NFE 5, 10, 20 on a Gaussian and a mixture, run with it on
+        and off), RMS of the automatic choice over the better of the two: geometric mean 1.06,
+        worst 5.1x, 70 cells over 2x (mixture: 1.01, 2.6x, 2 cells); with the step criterion
+        for every solver 1.08, 7.6x, 92; on below 10 steps (the first rule) 1.16, 36x, 191.
+        Dropping the ratio criterion for noise prediction too would give 1.03 overall but 14
+        mixture cells over 2x (up to 4x, samples in the wrong mode) instead of 2."""
         if self.lower_order_final is None:
             d = p.lam[torch.isfinite(p.lam)].double().diff()
             if not d.numel():
