@@ -701,13 +701,13 @@ def search(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], nfe: 
             tg.record["calibration"]["seeds"], tg.record["heldout"]["seeds"] = cal_seeds, ho_seeds
             if path is not None:
                 tg.save(path)
-            e = tg.record["errors"]
+            errs = tg.record["errors"]
             tuned_rows.append({"solver": n, "options": o, "grid": "tuned",
                                "grid_file": None if path is None else str(path),
                                "grid_options": {}, "tuned": True, "status": "ok",
                                "steps": tg.steps, "nfe": tg.record["measured_nfe"],
-                               "calibration_rms": e["calibration_rms"],
-                               "heldout_rms": e["heldout_rms"], "times": tg.times.tolist(),
+                               "calibration_rms": errs["calibration_rms"],
+                               "heldout_rms": errs["heldout_rms"], "times": tg.times.tolist(),
                                "tuning_cost": tg.record["cost"]})
     ranked = sorted(ok + tuned_rows, key=lambda r: r["calibration_rms"])
     for i, r in enumerate(ranked):
