@@ -33,12 +33,12 @@ def default_config(sde: Any, steps: int) -> dict[str, Any]:
     -4.4, flow matching at -inf) the first step goes straight to -2.5, where the
     signal-to-noise ratio against data of unit scale is 0.007 and the data prediction is
     nearly the data mean, and the other ``steps - 1`` are equal steps in lambda from there to
-    the end (a plain logsnr grid spends 20-50% of its steps below -2.5, 50% on the
+    the end (a plain logsnr grid spends 17-50% of its steps below -2.5, 50% on the
     squared-cosine table). Of order 3 where that grid's lambda step ``h`` is at most
     :data:`ORDER3_MAX_LAMBDA_STEP` (1.2), else of order 2 without the lower-order final step;
-    ``h = (lambda_end - max(lambda(T), -2.5)) / (steps - 1)`` is 0.78-0.97 at 10 steps on VP,
-    DDPM, VE, EDM, flow and the squared-cosine table, 1.7-2.4 at 5 steps (order 2: order 3 and
-    the lower-order final step cost 3-5x on Gaussians there). Order 3 keeps its high order to
+    ``h = (lambda_end - max(lambda(T), -2.5)) / (steps - 1)`` is 0.78-1.05 at 10 steps on VP,
+    DDPM, VE, EDM, flow and the squared-cosine table, 1.8-2.4 at 5 steps (order 2: order 3 and
+    the lower-order final step cost 4-6x on Gaussians there). Order 3 keeps its high order to
     the end (its automatic ``lower_order_final`` is off: equal, short steps).
 
     Measured by ``benchmarks/default_rule.py`` (docs/defaults.md) on sdekit bench's Gaussian
