@@ -301,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rescore is not None:
         result = json.loads(args.rescore.read_text())
-        result.setdefault("current_is", CURRENT_BEFORE)
+        if any(x["rules"]["proposed (default_config)"].get("from_table")
+               for x in result["rows"] if "proposed (default_config)" in x["rules"]):
+            result.setdefault("current_is", CURRENT_BEFORE)   # a run before the rule existed
         rescore(result)
         args.rescore.write_text(json.dumps(result, separators=(",", ":")) + "\n")
         args.rescore.with_suffix(".md").write_text(markdown(result))
@@ -340,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                          + (" --sdes " + " ".join(args.sdes) if args.sdes else ""),
               "dim": DIM, "n_calibration": N_CAL, "n_heldout": N_HELDOUT,
               "search_solvers": SEARCH_SOLVERS, "extra": EXTRA,
-              "grids": [g for g, _ in NAMED_GRIDS], "within": WITHIN,
+              "grids": [label(("", {}, g, dict(go))).strip() for g, go in NAMED_GRIDS],
+              "within": WITHIN,
               "rows": rows, "check_rows": check, "summary": summarize(rows, rows),
               "check_summary": summarize(check, check),
               "total_wall_s": time.perf_counter() - t_all,
@@ -367,7 +370,10 @@ def write(result: dict[str, Any], out: Path, name: str) -> None:
 
 def markdown(r: dict[str, Any]) -> str:
     lines = ["# The option-free default vs the best fixed configuration", "",
-             (f"`{r['command']}` ({r['total_wall_s']:.0f} s on one thread). {r['dim']}-dim "
+             (f"`{r['command']}` ("
+              + (f"{len(r['shards'])} shards side by side, {r['total_wall_s']:.0f} s of wall time "
+                 "in all" if r.get("shards") else f"{r['total_wall_s']:.0f} s on one thread")
+              + f"). {r['dim']}-dim "
               "problems with exact models. Best fixed: `sdekit.tune.search` over "
               f"{', '.join(r['search_solvers'])} (all their searched option sets) and "
               "unipc_bh2 (default options and order=3) on the named grids " + ", ".join(r["grids"])
@@ -377,9 +383,9 @@ def markdown(r: dict[str, Any]) -> str:
               f"default / best fixed (held-out RMS); **bold** > {r['within']}x."), "",
              (f"'current' is {r.get('current_is', 'the option-free call of the sdekit that ran')}. "
              "'proposed (default_config)' is the rule sdekit.sample now uses (see "
-             "sdekit.solvers.default_config); its numbers are the held-out RMS of that exact "
-             "configuration in each cell's search table (the same states); it was designed after "
-             "looking at the data-seed-0 rows, the data-seed-1 rows are the check."
+             "sdekit.solvers.default_config), measured on the same states (in runs before it existed: "
+             "the held-out RMS of that configuration in each cell's search table); it was "
+             "designed after looking at data-seed-0 problems, the data-seed-1 rows are the check."
              " Other rules: `unipcK` = unipc_bh2 of order K, `lof` = lower_order_final "
              "(unset: automatic, `ExpIntegrator.lof`); `floor` = the logsnr grid with `lambda_floor=-2.5`."), "",
              "## Summary (cells within 1.25x / geo-mean ratio / max ratio)", "",
