@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                          + (" --sdes " + " ".join(args.sdes) if args.sdes else ""),
               "dim": DIM, "n_calibration": N_CAL, "n_heldout": N_HELDOUT,
               "search_solvers": SEARCH_SOLVERS, "extra": EXTRA,
-              "grids": [label(("", {}, g, dict(go))).strip() for g, go in NAMED_GRIDS],
+              "grids": [label(("", {}, g, dict(go))).split(" ", 1)[1] for g, go in NAMED_GRIDS],
               "within": WITHIN,
               "rows": rows, "check_rows": check, "summary": summarize(rows, rows),
               "check_summary": summarize(check, check),
