@@ -92,6 +92,25 @@ RULES: dict[str, Callable[[Any, int], Config]] = {
 }
 
 
+FLOOR = {"lambda_floor": -2.5}
+RULES["unipc3 logsnr floor"] = lambda sde, n: ("unipc_bh2", {"order": 3}, "logsnr", FLOOR)
+RULES["unipc2 logsnr floor lof=False"] = lambda sde, n: ("unipc_bh2", {
+    "lower_order_final": False}, "logsnr", FLOOR)
+
+
+def previous_rule(sde: Any, n: int) -> Config:
+    """default_config before the floor: unipc_bh2 on plain logsnr, order 3 where its lambda
+    step (lambda range / n) is at most 1.2, else order 2 without the lower-order final step."""
+    lam = sde.lambda_(make_grid(sde, "logsnr", n)).double()
+    d = lam[torch.isfinite(lam)].diff()
+    h = float(d.median()) if d.numel() else math.inf
+    return ("unipc_bh2", {"order": 3} if h <= 1.2 else {"lower_order_final": False}, "logsnr",
+            {})
+
+
+RULES["previous default (plain logsnr)"] = previous_rule
+
+
 def _split(rule: Callable[[Any, int], Config], low: Callable[[Any, int], Config],
            n_max: int) -> Callable[[Any, int], Config]:
     return lambda sde, n: low(sde, n) if n <= n_max else rule(sde, n)
@@ -122,6 +141,15 @@ def proposed(sde: Any, n: int) -> Config:
     return c["solver"], opts, c["grid"], c["grid_options"]
 
 
+def proposed_config(sde: Any, n: int) -> Config:
+    from sdekit.solvers import default_config
+    c = default_config(sde, n)
+    return c["solver"], dict(c["options"]), c["grid"], dict(c["grid_options"])
+
+
+RULES["proposed (default_config)"] = proposed_config
+
+
 def table_label(cfg: Config) -> str:
     """``label`` with the order-2 options as the search writes them (no ``order`` key)."""
     s, o, g, go = cfg
@@ -130,10 +158,13 @@ def table_label(cfg: Config) -> str:
 
 
 def rescore(result: dict[str, Any]) -> None:
-    """Add the proposed rule to every row from the row's own table (held-out RMS of that exact
-    configuration on the same states), and recompute the summaries."""
+    """Where a row has no measured proposed rule (results of an older run), add it from the
+    row's own table (held-out RMS of that exact configuration on the same states); recompute
+    the summaries."""
     for rows in (result["rows"], result["check_rows"]):
         for x in rows:
+            if "proposed (default_config)" in x["rules"]:
+                continue
             lab = table_label(proposed(SDES[x["sde"]](), x["nfe"]))
             hit = [t for t in x["best"]["table"] if t["config"] == lab]
             if not hit:
@@ -261,19 +292,39 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="gaussian and gmm under vp only")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--sdes", nargs="*", default=None,
+                    help="only these processes (a shard); merge the shards with --merge")
+    ap.add_argument("--merge", type=Path, nargs="*", default=None,
+                    help="shard JSONs (from --sdes runs): combine into results/default_rule.*")
     ap.add_argument("--rescore", type=Path, default=None,
                     help="a results JSON: add the proposed rule from its tables, rewrite the md")
     args = ap.parse_args(argv)
     if args.rescore is not None:
         result = json.loads(args.rescore.read_text())
-        result.setdefault("current_is", CURRENT_BEFORE)
+        if any(x["rules"]["proposed (default_config)"].get("from_table")
+               for x in result["rows"] if "proposed (default_config)" in x["rules"]):
+            result.setdefault("current_is", CURRENT_BEFORE)   # a run before the rule existed
         rescore(result)
         args.rescore.write_text(json.dumps(result, separators=(",", ":")) + "\n")
         args.rescore.with_suffix(".md").write_text(markdown(result))
         return 0
+    if args.merge:
+        parts = [json.loads(f.read_text()) for f in args.merge]
+        result = dict(parts[0])
+        order = {k: i for i, k in enumerate(SDES)}
+        for key in ("rows", "check_rows"):
+            result[key] = sorted((x for part in parts for x in part[key]),
+                                 key=lambda x: (order[x["sde"]], x["problem"] != "gaussian",
+                                                x["nfe"]))
+        result["command"] = "OMP_NUM_THREADS=1 python benchmarks/default_rule.py"
+        result["total_wall_s"] = sum(part["total_wall_s"] for part in parts)
+        result["shards"] = [part["command"] for part in parts]
+        rescore(result)
+        write(result, args.out, "default_rule")
+        return 0
     torch.set_num_threads(1)
     t_all = time.perf_counter()
-    sdes = ["vp"] if args.quick else list(SDES)
+    sdes = ["vp"] if args.quick else (args.sdes or list(SDES))
     rows, check = [], []
     for sde_name in sdes:
         for kind in KINDS:
@@ -287,10 +338,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
     result = {"description": __doc__.strip().splitlines()[0],
               "command": "OMP_NUM_THREADS=1 python benchmarks/default_rule.py"
-                         + (" --quick" if args.quick else ""),
+                         + (" --quick" if args.quick else "")
+                         + (" --sdes " + " ".join(args.sdes) if args.sdes else ""),
               "dim": DIM, "n_calibration": N_CAL, "n_heldout": N_HELDOUT,
               "search_solvers": SEARCH_SOLVERS, "extra": EXTRA,
-              "grids": [g for g, _ in NAMED_GRIDS], "within": WITHIN,
+              "grids": [label(("", {}, g, dict(go))).split(" ", 1)[1] for g, go in NAMED_GRIDS],
+              "within": WITHIN,
               "rows": rows, "check_rows": check, "summary": summarize(rows, rows),
               "check_summary": summarize(check, check),
               "total_wall_s": time.perf_counter() - t_all,
@@ -298,10 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                               "python": platform.python_version(), "threads": 1,
                               "dtype": str(DTYPE).replace("torch.", "")}}
     rescore(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "default_rule" + ("_quick" if args.quick else "")
-    (args.out / f"{name}.json").write_text(json.dumps(result, separators=(",", ":")) + "\n")
-    (args.out / f"{name}.md").write_text(markdown(result))
+    write(result, args.out, "default_rule" + ("_quick" if args.quick else "")
+          + ("_" + "_".join(args.sdes) if args.sdes else ""))
     for k, v in result["summary"].items():
         c = result["check_summary"][k]
         print(f"{k:45s} within {v['within']:2d}/{v['cells']} geo {v['geo_mean']:.2f} max "
@@ -311,9 +362,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def write(result: dict[str, Any], out: Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, separators=(",", ":")) + "\n")
+    (out / f"{name}.md").write_text(markdown(result))
+
+
 def markdown(r: dict[str, Any]) -> str:
     lines = ["# The option-free default vs the best fixed configuration", "",
-             (f"`{r['command']}` ({r['total_wall_s']:.0f} s on one thread). {r['dim']}-dim "
+             (f"`{r['command']}` ("
+              + (f"{len(r['shards'])} shards side by side, {r['total_wall_s']:.0f} s of wall time "
+                 "in all" if r.get("shards") else f"{r['total_wall_s']:.0f} s on one thread")
+              + f"). {r['dim']}-dim "
               "problems with exact models. Best fixed: `sdekit.tune.search` over "
               f"{', '.join(r['search_solvers'])} (all their searched option sets) and "
               "unipc_bh2 (default options and order=3) on the named grids " + ", ".join(r["grids"])
@@ -323,11 +383,11 @@ def markdown(r: dict[str, Any]) -> str:
               f"default / best fixed (held-out RMS); **bold** > {r['within']}x."), "",
              (f"'current' is {r.get('current_is', 'the option-free call of the sdekit that ran')}. "
              "'proposed (default_config)' is the rule sdekit.sample now uses (see "
-             "sdekit.solvers.default_config); its numbers are the held-out RMS of that exact "
-             "configuration in each cell's search table (the same states); it was designed after "
-             "looking at the data-seed-0 rows, the data-seed-1 rows are the check."
+             "sdekit.solvers.default_config), measured on the same states (in runs before it existed: "
+             "the held-out RMS of that configuration in each cell's search table); it was "
+             "designed after looking at data-seed-0 problems, the data-seed-1 rows are the check."
              " Other rules: `unipcK` = unipc_bh2 of order K, `lof` = lower_order_final "
-             "(unset: the rule of the sdekit that ran: on below 10 steps)."), "",
+             "(unset: automatic, `ExpIntegrator.lof`); `floor` = the logsnr grid with `lambda_floor=-2.5`."), "",
              "## Summary (cells within 1.25x / geo-mean ratio / max ratio)", "",
              "| rule | in-sample (data seed 0) | check (data seed 1, other states) |",
              "|---|---|---|"]
@@ -336,8 +396,8 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {k} | {v['within']}/{v['cells']} / {v['geo_mean']:.2f} / "
                      f"{v['max']:.2f} | {c['within']}/{c['cells']} / {c['geo_mean']:.2f} / "
                      f"{c['max']:.2f} |")
-    names = ["current", "proposed (default_config)", "unipc3 logsnr",
-             "unipc2 logsnr lof=False (N<=5), unipc3 logsnr lof=False"]
+    names = ["current", "previous default (plain logsnr)", "proposed (default_config)",
+             "unipc3 logsnr floor", "unipc3 logsnr"]
     for title, rows in (("In-sample problems (data seed 0)", r["rows"]),
                         ("Check problems (data seed 1)", r["check_rows"])):
         lines += ["", f"## {title}: ratio to best fixed", "",

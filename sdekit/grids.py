@@ -42,13 +42,32 @@ def _infinite_start(fn: Callable[..., Tensor], sde: ForwardSDE, steps: int, t_st
                       fn(sde, steps - 1, t1, t_end, **kwargs)])
 
 
-def uniform_logsnr(sde: ForwardSDE, steps: int, t_start: float, t_end: float) -> Tensor:
+def uniform_logsnr(sde: ForwardSDE, steps: int, t_start: float, t_end: float,
+                   lambda_floor: float | None = None) -> Tensor:
     """Uniform in the half-logSNR lambda (DPM-Solver's recommended grid). From a start where
-    lambda = -inf (alpha = 0, flow matching at t = 1) see :func:`_infinite_start`."""
-    if not math.isfinite(float(sde.lambda_(t_start))):
+    lambda = -inf (alpha = 0, flow matching at t = 1) see :func:`_infinite_start`.
+
+    ``lambda_floor``: where ``lambda(t_start) < lambda_floor < lambda(t_end)`` (and steps > 1),
+    the first step runs from ``t_start`` straight to ``lambda = lambda_floor`` and the other
+    ``steps - 1`` are uniform in lambda from there to ``t_end`` (also from lambda = -inf);
+    elsewhere the plain grid. Below the floor the signal-to-
+    noise ratio ``exp(2 lambda)`` is small against data of unit scale (``exp(-5) = 0.007`` at
+    -2.5): the data prediction there is close to the data mean, so one first-order step covers
+    that stretch and the steps a plain logsnr grid spends on it go where the trajectory
+    bends (the option-free default's grid, see :func:`sdekit.solvers.default_config`)."""
+    l0, l1 = float(sde.lambda_(t_start)), float(sde.lambda_(t_end))
+    if lambda_floor is not None:
+        if not is_real(lambda_floor):
+            raise ValueError(f"lambda_floor={lambda_floor!r} is invalid: expected a finite "
+                             "number (a half-logSNR)")
+        if l0 < lambda_floor < l1 and steps > 1:
+            lam = torch.linspace(float(lambda_floor), l1, steps, dtype=torch.float64)
+            t = torch.cat([torch.tensor([t_start], dtype=torch.float64), sde.t_of_lambda(lam)])
+            t[-1] = t_end
+            return t
+    if not math.isfinite(l0):
         return _infinite_start(uniform_logsnr, sde, steps, t_start, t_end)
-    lam = torch.linspace(float(sde.lambda_(t_start)), float(sde.lambda_(t_end)), steps + 1,
-                         dtype=torch.float64)
+    lam = torch.linspace(l0, l1, steps + 1, dtype=torch.float64)
     t = sde.t_of_lambda(lam)
     t[0], t[-1] = t_start, t_end  # exact endpoints (no round-off through lambda and back)
     return t

@@ -58,7 +58,7 @@ from .integrate import sample
 from .noise import SeededNoise, sample_seeds
 from .sde.base import ForwardSDE
 from .solvers.base import ModelOutputError, Solver
-from .solvers.registry import _REGISTRY, get_solver, solver_names
+from .solvers.registry import _REGISTRY, DEFAULT_LAMBDA_FLOOR, get_solver, solver_names
 from .tuned_grid import (TUNED_FORMAT, TunedGrid, TuneError, _diff, _json_norm,  # noqa: F401
                          is_grid_file, load_tuned_grid, model_identity, sde_fingerprint,
                          solver_config)
@@ -69,7 +69,8 @@ SEARCH_FORMAT = "sdekit-solver-search/1"
 #: the named grids every tuned grid is compared with (and the solver search sweeps)
 NAMED_GRIDS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("uniform", {}), ("quadratic", {}), ("logsnr", {}), ("karras", {}),
-    ("polyexponential", {"rho": 2.0}), ("kl_optimal", {}))
+    ("polyexponential", {"rho": 2.0}), ("kl_optimal", {}),
+    ("logsnr", {"lambda_floor": DEFAULT_LAMBDA_FLOOR}))   # the option-free default's grid
 #: the fine grids whose union is the teacher's candidate times
 CANDIDATE_GRIDS = ("uniform", "quadratic", "logsnr", "karras", "kl_optimal")
 
@@ -700,13 +701,13 @@ def search(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], nfe: 
             tg.record["calibration"]["seeds"], tg.record["heldout"]["seeds"] = cal_seeds, ho_seeds
             if path is not None:
                 tg.save(path)
-            e = tg.record["errors"]
+            errs = tg.record["errors"]
             tuned_rows.append({"solver": n, "options": o, "grid": "tuned",
                                "grid_file": None if path is None else str(path),
                                "grid_options": {}, "tuned": True, "status": "ok",
                                "steps": tg.steps, "nfe": tg.record["measured_nfe"],
-                               "calibration_rms": e["calibration_rms"],
-                               "heldout_rms": e["heldout_rms"], "times": tg.times.tolist(),
+                               "calibration_rms": errs["calibration_rms"],
+                               "heldout_rms": errs["heldout_rms"], "times": tg.times.tolist(),
                                "tuning_cost": tg.record["cost"]})
     ranked = sorted(ok + tuned_rows, key=lambda r: r["calibration_rms"])
     for i, r in enumerate(ranked):

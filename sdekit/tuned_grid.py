@@ -90,7 +90,7 @@ def model_identity(model: DiffusionModel, tag: str | None = None) -> dict[str, A
         if not isinstance(tag, str) or not tag:
             raise TuneError(f"model_tag={tag!r} is invalid: expected a non-empty string")
         return {**ident, "tag": tag}
-    fn = getattr(model.net, "fn", model.net)
+    fn: Any = getattr(model.net, "fn", model.net)
     inner = getattr(fn, "net", fn)       # a ConditionedNet wraps the network
     for obj in (fn, inner):
         if isinstance(getattr(obj, "weights_sha256", None), str):
@@ -177,9 +177,9 @@ class TunedGrid:
             diffs.append(_diff("steps", self.steps, int(steps)))
         if nfe is not None:
             diffs.append(_diff("NFE", self.nfe, int(nfe)))
-        diffs = [d for d in diffs if d]
-        if diffs:
-            raise TuneError(f"{where} does not match: " + "; ".join(diffs)
+        found = [d for d in diffs if d]
+        if found:
+            raise TuneError(f"{where} does not match: " + "; ".join(found)
                             + ". Tune a grid for this configuration (sdekit tune) or use a named "
                             "grid")
 

@@ -492,3 +492,34 @@ def test_automatic_lower_order_final_follows_the_grids_last_lambda_step():
         b = sample(sde, prob.model, x, solver="dpmpp_3m", grid="uniform", steps=steps,
                    lower_order_final=True).x
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_automatic_lower_order_final_long_last_step_only_for_data_prediction():
+    """On a Karras grid at 10 steps under VP the last lambda step is long (1.8) but only 1.3x
+    the one before. The step criterion (last step > auto_lower_order_step) applied to every
+    solver made the noise-prediction dpm_solver_3m 7.6x worse on a Gaussian (the rule before
+    this fix); it now applies to data prediction only, where it helps (dpmpp_3m, same grid)."""
+    from sdekit.bench.problems import gaussian_problem as bench_gaussian
+    from sdekit.solvers.base import Problem
+    from sdekit.solvers.exp_integrator import last_lambda_step_ratio
+    from sdekit.tune import prior_states
+
+    sde = sdekit.VPSDE()
+    prob = bench_gaussian(sde=sde, dim=16, seed=0)
+    x = prior_states(sde, 128, (16,), seed=1, dtype=F64)
+    ref = prob.flow(x)
+    grid = make_grid(sde, "karras", 10)
+    lam = sde.lambda_(grid)
+    assert float(lam.diff()[-1]) > get_solver("dpm_solver_3m").auto_lower_order_step
+    assert last_lambda_step_ratio(lam) < get_solver("dpm_solver_3m").auto_lower_order_ratio
+
+    def err(name: str, **o) -> float:
+        out = sample(sde, prob.model, x, solver=name, grid=grid, float64=True, **o).x
+        return float((out - ref).pow(2).mean().sqrt())
+
+    for name, lowered in (("dpm_solver_3m", False), ("dpmpp_3m", True)):
+        assert get_solver(name).lof(Problem(sde, prob.model, grid, None)) is lowered, name
+        auto, on, off = err(name), err(name, lower_order_final=True), err(name,
+                                                                            lower_order_final=False)
+        assert auto == (on if lowered else off), name
+    assert err("dpm_solver_3m", lower_order_final=True) > 3 * err("dpm_solver_3m")

@@ -72,6 +72,8 @@ def test_interpolated_keeps_the_flow_start():
     (dict(grid="interpolated", base=[0.9, 0.001]), "t_start=1.0 differs"),
     (dict(grid="polyexponential", rho=0), "rho=0 is invalid"),
     (dict(grid="kl_optimal", rho=2), r"grid_options \['rho'\] do not apply"),
+    (dict(grid="logsnr", lambda_floor=float("nan")), "lambda_floor=nan is invalid"),
+    (dict(grid="logsnr", lambda_floor="-2"), "lambda_floor='-2' is invalid"),
 ])
 def test_bad_grid_options(kwargs, msg):
     grid = kwargs.pop("grid")
@@ -93,6 +95,24 @@ def test_new_grids_serve_every_solver_kind(grid, solver):
     assert all(math.isfinite(e) for e in errs)
     if solver != "euler_maruyama":
         assert errs[1] < errs[0] / 2, f"{solver} on {grid}: errors {errs}"
+
+
+@pytest.mark.parametrize("name", ["vp", "ve", "ddpm", "cosine", "flow"])
+def test_logsnr_floor_jumps_to_the_floor_then_equal_lambda_steps(name):
+    """lambda_floor: the first step from lambda(T) (-inf on flow) straight to the floor, the
+    other steps - 1 equal in lambda to the end; the plain grid where the floor is outside
+    (lambda(T), lambda(t_end))."""
+    sde = SDES[name]()
+    t = make_grid(sde, "logsnr", 8, lambda_floor=-2.5)
+    lam = sde.lambda_(t)
+    assert float(t[0]) == sde.T and float(t[-1]) == sde.t_min and t.numel() == 9
+    assert float(lam[0]) < -2.5 and float(lam[1]) == pytest.approx(-2.5, abs=1e-9)
+    torch.testing.assert_close(lam[1:], torch.linspace(-2.5, float(lam[-1]), 8,
+                                                       dtype=torch.float64), rtol=0, atol=1e-9)
+    for floor in (float(lam[0]) - 1 if name != "flow" else None, float(lam[-1]) + 1):
+        if floor is not None:
+            torch.testing.assert_close(make_grid(sde, "logsnr", 8, lambda_floor=floor),
+                                       make_grid(sde, "logsnr", 8), rtol=0, atol=0)
 
 
 def test_bench_default_grids_are_unchanged():

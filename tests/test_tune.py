@@ -54,7 +54,8 @@ def test_tuned_grid_beats_every_named_grid_on_heldout_states(problem, tuned):
     assert tg.record["heldout"]["seeds"] == sample_seeds(1, 12)
     assert not set(tg.record["heldout"]["seeds"]) & set(tg.record["calibration"]["seeds"])
     tuned_err = rms(problem, x, grid=tg.times)
-    named = {g: rms(problem, x, grid=g, steps=5, grid_options=o) for g, o in NAMED_GRIDS}
+    named = {(g, str(o)): rms(problem, x, grid=g, steps=5, grid_options=o)
+             for g, o in NAMED_GRIDS}
     assert tuned_err == pytest.approx(tg.record["errors"]["heldout_rms"], rel=1e-9)
     assert tuned_err <= 0.7 * min(named.values()), (tuned_err, named)
     assert tg.record["errors"]["best_named_grid_heldout"]["heldout_rms"] == pytest.approx(

@@ -159,9 +159,9 @@ def run(args: argparse.Namespace) -> int:
                   max_sweeps=args.max_sweeps, out=out, fresh=args.fresh, **common)
     except TuneError as e:
         raise UsageError(str(e)) from None
-    e = tg.record["errors"]
+    errs = tg.record["errors"]
     print(json.dumps({"grid": str(out), "solver": tg.solver, "nfe": tg.nfe,
-                      "heldout_rms": e["heldout_rms"],
-                      "best_named_grid": e["best_named_grid_heldout"],
-                      "ratio": e["ratio_heldout"], "cost": tg.record["cost"]}, indent=1))
+                      "heldout_rms": errs["heldout_rms"],
+                      "best_named_grid": errs["best_named_grid_heldout"],
+                      "ratio": errs["ratio_heldout"], "cost": tg.record["cost"]}, indent=1))
     return 0

@@ -15,8 +15,11 @@ from .base import Solver
 DEFAULT_SOLVER = "unipc_bh2"
 
 
-#: default_config: the largest logsnr step (in lambda) at which the default solver is of order 3
+#: default_config: the largest lambda step of its grid at which the default solver is of order 3
 ORDER3_MAX_LAMBDA_STEP = 1.2
+#: default_config: its logsnr grid jumps from lambda(T) to this half-logSNR in one step (see
+#: :func:`sdekit.grids.uniform_logsnr`, ``lambda_floor``)
+DEFAULT_LAMBDA_FLOOR = -2.5
 
 
 def default_config(sde: Any, steps: int) -> dict[str, Any]:
@@ -24,29 +27,35 @@ def default_config(sde: Any, steps: int) -> dict[str, Any]:
     ``{"solver", "options", "grid", "grid_options"}`` (used by ``sdekit.sample``, ``sdekit
     sample`` and the trainers' sample previews when neither a solver nor a grid is given).
 
-    Rule: ``unipc_bh2`` on the uniform-logSNR grid (``logsnr``), of order 3 where that grid's
-    step in the half-logSNR lambda is at most :data:`ORDER3_MAX_LAMBDA_STEP` (1.2), else of
-    order 2 without the lower-order final step. The step is ``(lambda_max - lambda_min) /
-    steps`` (from the first finite lambda on flow matching): 0.85-1.06 at 10 steps on VP,
-    DDPM, VE, EDM and flow, 1.5 on the DDPM squared-cosine table (order 3 there: 17.5x the best
-    RMS at 10 NFE); 1.7-3 at 5 steps, where order 3 (and, for order 2, the lower-order final
-    step) cost 3-16x on Gaussians. Order 3 on logsnr keeps its high order to the end (its
-    automatic ``lower_order_final`` is off: equal, short steps).
+    Rule: ``unipc_bh2`` on the uniform-logSNR grid with a floor (``logsnr``,
+    ``lambda_floor=`` :data:`DEFAULT_LAMBDA_FLOOR` = -2.5): where the process starts below
+    lambda = -2.5 (VP and DDPM at -5, the squared-cosine DDPM table at -9.9, VE at -3.9, EDM at
+    -4.4, flow matching at -inf) the first step goes straight to -2.5, where the
+    signal-to-noise ratio against data of unit scale is 0.007 and the data prediction is
+    nearly the data mean, and the other ``steps - 1`` are equal steps in lambda from there to
+    the end (a plain logsnr grid spends 17-50% of its steps below -2.5, 50% on the
+    squared-cosine table). Of order 3 where that grid's lambda step ``h`` is at most
+    :data:`ORDER3_MAX_LAMBDA_STEP` (1.2), else of order 2 without the lower-order final step;
+    ``h = (lambda_end - max(lambda(T), -2.5)) / (steps - 1)`` is 0.78-1.05 at 10 steps on VP,
+    DDPM, VE, EDM, flow and the squared-cosine table, 1.8-2.4 at 5 steps (order 2: order 3 and
+    the lower-order final step cost 4-6x on Gaussians there). Order 3 keeps its high order to
+    the end (its automatic ``lower_order_final`` is off: equal, short steps).
 
     Measured by ``benchmarks/default_rule.py`` (docs/defaults.md) on sdekit bench's Gaussian
-    and mixture problems under VP, DDPM, squared-cosine DDPM, VE, EDM and flow at 5, 10, 20 NFE:
-    within 1.25x of the best fixed solver x named grid configuration in 22 of 36 cells (18 of
-    36 on a second draw of the problems), against 2 (2) for the previous default (order 2 on
-    logsnr); geometric-mean ratio 1.26 (1.73) against 3.36 (3.54)."""
+    and mixture problems under VP, DDPM, squared-cosine DDPM, VE, EDM and flow at 5, 10, 20 NFE
+    against the best fixed solver x named grid configuration: see docs/defaults.md for the
+    cells within 1.25x on two independent draws of the problems."""
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
         raise ValueError(f"steps={steps!r} is invalid: expected an integer >= 1")
     from ..grids import make_grid
-    lam = sde.lambda_(make_grid(sde, "logsnr", steps)).double()
+    grid_options = {"lambda_floor": DEFAULT_LAMBDA_FLOOR}
+    lam = sde.lambda_(make_grid(sde, "logsnr", steps, **grid_options)).double()
     d = lam[torch.isfinite(lam)].diff()
-    h = float(d.median()) if d.numel() else math.inf
+    h = float(d.median()) if d.numel() > 1 else math.inf   # the equal steps (not the jump)
     options = ({"order": 3} if h <= ORDER3_MAX_LAMBDA_STEP else
                {"order": 2, "lower_order_final": False})
-    return {"solver": DEFAULT_SOLVER, "options": options, "grid": "logsnr", "grid_options": {}}
+    return {"solver": DEFAULT_SOLVER, "options": options, "grid": "logsnr",
+            "grid_options": grid_options}
 
 
 _REGISTRY: dict[str, tuple[type[Solver], dict[str, Any]]] = {}
