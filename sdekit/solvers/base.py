@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .._utils import append_dims
-from ..dynamics.parameterization import DiffusionModel
+from ..dynamics.parameterization import KINDS, Coeffs, DiffusionModel, prediction_kind
 from ..grids import make_grid
 from ..sde.base import ForwardSDE
 
@@ -62,24 +62,31 @@ class Problem:
     def steps(self) -> int:
         return self.times.numel() - 1
 
-    def predict(self, x: Tensor, t: Any, kind: str = "eps") -> Tensor:
+    def predict(self, x: Tensor, t: Any, kind: str = "eps", coeffs: Coeffs | None = None
+                ) -> Tensor:
         """One counted model call (the network sees ``model_dtype``), converted to ``kind`` in the
-        state's dtype; NaN/Inf stops the solve. With ``grad_in_model`` the call runs with
+        state's dtype with ``coeffs`` (alpha, sigma at ``t``: :meth:`coeffs` at a grid point);
+        NaN/Inf stops the solve. With ``grad_in_model`` the call runs with
         autograd enabled on a detached input that requires grad (a guidance wrapper can
         differentiate with respect to it) and its output is detached."""
         t = torch.as_tensor(t, dtype=torch.float64)
         if not self.grad_in_model:
-            return self._checked(self.model.predict(x, t, kind, self.model_dtype), t)
+            return self._checked(self.model.predict(x, t, kind, self.model_dtype, coeffs), t)
         with torch.enable_grad():
-            out = self.model.predict(x.detach().requires_grad_(True), t, kind, self.model_dtype)
+            out = self.model.predict(x.detach().requires_grad_(True), t, kind, self.model_dtype,
+                                     coeffs)
         return self._checked(out.detach(), t)
 
-    def predict_native(self, x: Tensor, t: Any) -> tuple[str, Tensor]:
-        """One counted model call returned as ``("x0", x0)`` for x0/denoiser/flow networks
-        (flow -> x0 is one linear combination, finite at alpha = 0) and ``("eps", eps)``
-        otherwise, so linear update rules skip a conversion."""
-        kind = "x0" if self.model.prediction in ("x0", "denoiser", "flow") else "eps"
-        return kind, self.predict(x, t, kind)
+    @property
+    def linear_form(self) -> str:
+        """``"x0"`` or ``"eps"``: the form a model call gives in the fewest operations
+        (:attr:`~sdekit.dynamics.PredictionKind.linear_form` of the model's kind); solvers whose
+        update is linear in the model output ask for it and write the update in that form."""
+        return self.model.linear_form
+
+    def coeffs(self, i: int) -> Coeffs:
+        """The precomputed alpha and sigma at grid point ``i`` (float64) for a model call there."""
+        return Coeffs(self.alpha[i], self.sigma[i])
 
     def _checked(self, out: Tensor, t: Tensor) -> Tensor:
         # one reduction: the sum is NaN/Inf iff an element is (short of float overflow)
@@ -162,12 +169,13 @@ class Solver:
                 "-inf): it steps in x / alpha, in lambda or with the SDE's f and g, all infinite "
                 f"there. Use t_start < {t0:g} (e.g. t_start={t0 - 1e-3 * t0:g}) or a solver that "
                 f"starts there: {ok}")
-        if p.model.prediction in ("eps", "score", "denoiser"):
+        if not prediction_kind(p.model.prediction).x0_at_alpha_zero:
             raise ValueError(
                 f"a model with prediction={p.model.prediction!r} cannot be sampled from "
                 f"t_start={t0:g}, where alpha = 0: there x = sigma eps carries no information "
                 "about x0 (x0 = (x - sigma eps) / alpha is 0/0). Use t_start < "
-                f"{t0:g}, or a network predicting 'flow', 'v' or 'x0'")
+                f"{t0:g}, or a network predicting one of "
+                f"{[k for k, v in KINDS.items() if v.x0_at_alpha_zero]}")
 
     def for_problem(self, sde: ForwardSDE, model: DiffusionModel, state_shape: Any) -> Solver:
         """A solver ready for this problem: learned solvers fit themselves here when they were

@@ -261,7 +261,7 @@ class IPNDM(Solver):
                 for i in range(p.steps)]
 
     def step(self, p: Problem, i: int, x: Tensor, st: History) -> tuple[Tensor, History]:
-        st.add(i, p.predict(x, p.times[i], "eps"))
+        st.add(i, p.predict(x, p.times[i], "eps", p.coeffs(i)))
         a_s, w, a_t = st.extra["table"][i]
         v = x / a_s
         for j, wj in enumerate(w):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..dynamics.parameterization import from_eps
+from ..dynamics.parameterization import convert
 from .base import Problem, Solver
 from .exp_integrator import ExpIntegrator, History, phi
 from .registry import get_solver, register
@@ -28,20 +28,18 @@ class _Reuse:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._p, name)
 
-    def predict(self, x: Tensor, t: Any, kind: str = "eps") -> Tensor:
+    @property
+    def linear_form(self) -> str:
+        """The kind of the output already computed here: a linear update asks for it."""
+        return self._kind
+
+    def predict(self, x: Tensor, t: Any, kind: str = "eps", coeffs: Any = None) -> Tensor:
         p, i = self._p, self._i
         if self._out is None or float(torch.as_tensor(t)) != float(p.times[i]):
-            return p.predict(x, t, kind)
+            return p.predict(x, t, kind, coeffs)
         out, self.__dict__["_out"] = self._out, None
-        if kind == self._kind:
-            return out
-        a, s = p.bcast(p.alpha[i], x), p.bcast(p.sigma[i], x)
-        eps = out if self._kind == "eps" else (x - a * out) / s
-        return from_eps(kind, eps, x, a, s)
-
-    def predict_native(self, x: Tensor, t: Any) -> tuple[str, Tensor]:
-        kind = self._kind
-        return kind, self.predict(x, t, kind)  # through the reuse above
+        # plain grid numbers, as ExpIntegrator.data_estimate converts (eps -> x0: one fused pass)
+        return convert(self._kind, kind, out, x, float(p.alpha[i]), float(p.sigma[i]))
 
 
 def _b_weights(variant: str, hh: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -193,7 +191,7 @@ class UniPC(ExpIntegrator):
             kind, eps = "x0", None
             m = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i])[0]
         else:
-            kind, eps = "eps", p.predict(x, p.times[i], "eps")
+            kind, eps = "eps", p.predict(x, p.times[i], "eps", p.coeffs(i))
             m = self.convert(p, x, eps, p.alpha[i], p.sigma[i])
         if self.corrector and i > 0 and (i - 1) not in self.disable_corrector:
             if i - 1 < start:
