@@ -137,11 +137,13 @@ def _v_to_eps(out: Tensor, x: Tensor, c: Coeffs) -> Tensor:
 
 
 def _flow_to_x0(out: Tensor, x: Tensor, c: Coeffs) -> Tensor:
-    return (c.sigma_dot * x - c.sigma * out) / _flow_det("flow", c)
+    det = _flow_det("flow", c)
+    return (c.sigma_dot * x - c.sigma * out) / det
 
 
 def _flow_to_eps(out: Tensor, x: Tensor, c: Coeffs) -> Tensor:
-    return (c.alpha * out - c.alpha_dot * x) / _flow_det("flow", c)
+    det = _flow_det("flow", c)
+    return (c.alpha * out - c.alpha_dot * x) / det
 
 
 def _flow_from(x0: Callable[[], Tensor], eps: Callable[[], Tensor], x: Tensor, c: Coeffs
