@@ -13,11 +13,19 @@ from ..sde.base import ForwardSDE
 from .parameterization import DiffusionModel, as_model
 
 
+def reverse_drift(sde: ForwardSDE, x: Tensor, t: Any, eps: Tensor,
+                  weight: float = 1.0) -> Tensor:
+    """``f(t) x - weight g(t)^2 score``, written with the noise prediction: ``score = -eps /
+    sigma`` is folded into the coefficient ``weight g^2 / sigma`` (float64, on the time), so the
+    state sees one multiply-add. Weight 1 is the reverse-time SDE's drift (Song et al. 2021,
+    Eq. 6), 1/2 the probability-flow ODE's (Eq. 13)."""
+    coef = append_dims((weight * sde.g2(t) / sde.sigma(t)).to(x), x.ndim)
+    return sde.drift(x, t) + coef * eps
+
+
 class _ReverseDynamics:
-    """``dx = [f(t) x - weight g(t)^2 score(x, t)] dt (+ g(t) dw_bar)``. The drift is written
-    with the noise prediction: ``score = -eps / sigma`` is folded into the coefficient
-    ``weight g^2 / sigma`` (computed once, in float64, on the time), so the state sees one
-    multiply-add."""
+    """``dx = [f(t) x - weight g(t)^2 score(x, t)] dt (+ g(t) dw_bar)`` (drift:
+    :func:`reverse_drift`)."""
 
     weight = 1.0
 
@@ -37,10 +45,7 @@ class _ReverseDynamics:
     def drift(self, x: Tensor, t: Any, eps: Tensor | None = None) -> Tensor:
         """The drift at ``(x, t)``: from ``eps``, the noise prediction of a model call at
         ``(x, t)`` (a solver's counted call), or else from this object's model."""
-        eps = self._eps(x, t, eps)
-        sde = self.sde
-        coef = append_dims((self.weight * sde.g2(t) / sde.sigma(t)).to(x), x.ndim)
-        return sde.drift(x, t) + coef * eps
+        return reverse_drift(self.sde, x, t, self._eps(x, t, eps), self.weight)
 
 
 class ReverseSDE(_ReverseDynamics):

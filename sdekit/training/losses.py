@@ -43,6 +43,15 @@ LOSSES = ("eps", "likelihood", "edm", "flow")
 T_SAMPLINGS = ("logit_normal", "uniform")
 
 
+def _noised(sde: ForwardSDE, x0: Tensor, t: Tensor, noise: Tensor
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x_t, alpha, sigma)`` with ``x_t = alpha(t) x0 + sigma(t) noise`` (coefficients
+    broadcastable against x0, in its dtype)."""
+    a = append_dims(sde.alpha(t).to(x0), x0.ndim)
+    s = append_dims(sde.sigma(t).to(x0), x0.ndim)
+    return a * x0 + s * noise, a, s
+
+
 class DSMLoss:
     """Denoising score-matching loss for a network ``net(x, cond, y)``.
 
@@ -123,9 +132,7 @@ class DSMLoss:
                              f"shape {tuple(x0.shape)}")
         sde = self.sde
         t = torch.as_tensor(t, dtype=torch.float64, device=x0.device)
-        a = append_dims(sde.alpha(t).to(x0), x0.ndim)
-        s = append_dims(sde.sigma(t).to(x0), x0.ndim)
-        xt = a * x0 + s * noise
+        xt, a, s = _noised(sde, x0, t, noise)
         inp = network_input(self.prediction, xt, a)
         cond = time_cond(sde, self.time_input, t).to(x0.dtype)
         args: tuple[Any, ...] = (inp, cond) if y is None else (inp, cond, y)
@@ -173,15 +180,13 @@ class ClassifierLoss:
         self._times = DSMLoss(sde, "eps")
 
     def per_sample(self, net: Callable[..., Tensor], x0: Tensor, t: Tensor, noise: Tensor,
-                   y: Tensor) -> Tensor:
+                   y: Tensor | None) -> Tensor:
         """The cross-entropy of each sample at given times and noise (shape ``(B,)``)."""
         if y is None:
             raise ValueError("the classifier loss needs class labels y")
-        sde = self.sde
         t = torch.as_tensor(t, dtype=torch.float64, device=x0.device)
-        xt = append_dims(sde.alpha(t).to(x0), x0.ndim) * x0 \
-            + append_dims(sde.sigma(t).to(x0), x0.ndim) * noise
-        cond = time_cond(sde, self.time_input, t).to(x0.dtype)
+        xt = _noised(self.sde, x0, t, noise)[0]
+        cond = time_cond(self.sde, self.time_input, t).to(x0.dtype)
         logits = net(xt, cond)
         if logits.ndim != 2 or logits.shape[0] != x0.shape[0]:
             raise ValueError(f"shape mismatch: the classifier returned shape "
