@@ -452,15 +452,25 @@ class DiffusionModel:
         if dst.values == src.values:
             return out
         dots = dst.needs_dots or src.needs_dots
-        if coeffs is None:
-            c = self._coeffs(x, t, dots)
-        else:
-            c = (_bcast(coeffs.alpha, x), _bcast(coeffs.sigma, x))
-            if dots:
-                c += ((_bcast(coeffs.alpha_dot, x), _bcast(coeffs.sigma_dot, x))
-                      if coeffs.alpha_dot is not None and coeffs.sigma_dot is not None
-                      else self._coeffs(x, t, True)[2:])
+        c = self._coeffs(x, t, dots) if coeffs is None else self._given(coeffs, x, t, dots)
         return convert(self.prediction, kind, out, x, *c)
+
+    def _given(self, coeffs: Coeffs, x: Tensor, t: Any, dots: bool) -> tuple[Tensor, ...]:
+        """A solver's coefficients as tensors broadcastable against ``x`` in its dtype (the
+        derivatives from the SDE where a flow conversion needs them and they are not given);
+        scalar ones are cached per value, as :meth:`_coeffs` caches per time."""
+        given = [coeffs.alpha, coeffs.sigma]
+        if dots and coeffs.alpha_dot is not None and coeffs.sigma_dot is not None:
+            given += [coeffs.alpha_dot, coeffs.sigma_dot]
+
+        def factors() -> tuple[Tensor, ...]:
+            c = tuple(_bcast(v, x) for v in given)
+            return c + self._coeffs(x, t, True)[2:] if dots and len(c) == 2 else c
+
+        if all(isinstance(v, (int, float)) or (isinstance(v, Tensor) and v.ndim == 0
+                                                and v.device.type == "cpu") for v in given):
+            return self._cached(("given", dots, *(float(v) for v in given)), x, t, factors)
+        return factors()
 
     def eps(self, x: Tensor, t: Any) -> Tensor:
         return self.predict(x, t, "eps")
