@@ -9,7 +9,7 @@ variables, Chen et al. 2018), so
 with ``log p_T`` the prior's (``sde.prior_logp``). The augmented state ``[x, l]`` is integrated
 from ``t_min`` to ``T``. The independent variable is the half-logSNR lambda (smooth even where
 f(t) is not, e.g. DDPM-discrete tables), the same change of variable as the ODE samplers
-(:func:`sdekit.solvers.ode.pf_ode_lambda`): ``dx/dlambda = k x - sigma eps`` with
+(:meth:`sdekit.dynamics.ProbabilityFlowODE.drift_lambda`): ``dx/dlambda = k x - sigma eps`` with
 ``k = -2 sigma^2 f / g^2``; the divergence identity holds in any time variable. Where
 ``alpha(T) = 0`` (flow matching at ``T = 1``, lambda = -inf) it integrates in t with the
 velocity (flow prediction), which is finite there.
@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._utils import append_dims, check_seed, is_real, require
+from ._utils import check_seed, is_real, require
 from .dynamics.parameterization import DiffusionModel, as_model
+from .dynamics.reverse import ProbabilityFlowODE
 from .sde.base import ForwardSDE
 
 PROBES = ("rademacher", "gaussian")
@@ -157,12 +158,10 @@ def likelihood(sde: ForwardSDE, model: DiffusionModel | Any, x: Tensor, *,
             return model.flow(xx, s)
     else:
         lo_s, hi_s = sde.lambda_min, sde.lambda_max
+        pf_ode = ProbabilityFlowODE(sde, model)
 
         def velocity(xx: Tensor, s: Tensor) -> Tensor:
-            t = sde.t_of_lambda(s)
-            sig = sde.sigma(t)
-            k = -2 * sig * sig * sde.f(t) / sde.g2(t)
-            return append_dims(k.to(xx), xx.ndim) * xx - append_dims(sig.to(xx), xx.ndim) * model.eps(xx, t)
+            return pf_ode.drift_lambda(xx, sde.t_of_lambda(s))
 
     def rhs(s: Tensor, y: Tensor) -> Tensor:
         s = s.double().clamp(lo_s, hi_s)
