@@ -328,7 +328,8 @@ class DiffusionModel:
         net: ``net(x, cond) -> Tensor`` of x's shape. For ``prediction='denoiser'`` it is called as
             ``net(x / alpha, sigma_tilde)`` and returns x0.
         sde: the forward process the network was trained on.
-        prediction: what the network outputs: one of ``eps, x0, v, score, denoiser, flow``.
+        prediction: what the network outputs: a kind of :data:`PREDICTIONS` (``eps, x0, v,
+            score, denoiser, flow`` and any added by :func:`register_prediction`).
         time_input: the conditioning passed to the network: ``model_time`` (default:
             ``sde.model_time(t)``, the integer-timestep scale for :class:`DiscreteDDPM`, t otherwise),
             ``t``, ``sigma_tilde``, ``lambda``, ``t1000`` (1000 t: diffusers' flow transformers),
