@@ -403,11 +403,10 @@ class DiffusionModel:
         (float32 then; a DDPM network's timestep 999 stays 999)."""
         in_dtype = x.dtype if input_dtype is None else input_dtype
 
-        scaled = prediction_kind(self.prediction).scaled_input
-
         def factors() -> tuple[Tensor, ...]:
             tb = self._batch_time(x, t)
-            a = append_dims(self.sde.alpha(tb).to(x), x.ndim) if scaled else tb
+            a = (append_dims(self.sde.alpha(tb).to(x), x.ndim)
+                 if prediction_kind(self.prediction).scaled_input else tb)
             return a, self._cond(tb).to(compute_dtype(in_dtype))
 
         a, cond = (self._cached(("raw", in_dtype), x, t, factors) if not callable(self.time_input)
@@ -448,6 +447,8 @@ class DiffusionModel:
         or tensors broadcastable against x) for the conversion, so nothing of the SDE is
         evaluated for it; without them (or without the derivatives a flow conversion needs)
         they come from the SDE."""
+        if kind == self.prediction:   # no conversion (the common case): no look-ups either
+            return self.raw(x, t, input_dtype).to(x.dtype)
         dst, src = prediction_kind(kind), prediction_kind(self.prediction)
         out = self.raw(x, t, input_dtype).to(x.dtype)
         if dst.values == src.values:

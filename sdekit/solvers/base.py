@@ -85,8 +85,13 @@ class Problem:
         return self.model.linear_form
 
     def coeffs(self, i: int) -> Coeffs:
-        """The precomputed alpha and sigma at grid point ``i`` (float64) for a model call there."""
-        return Coeffs(self.alpha[i], self.sigma[i])
+        """The precomputed alpha and sigma at grid point ``i`` (float64 numbers, built once per
+        grid) for a model call there."""
+        table = self.__dict__.get("_coeffs")
+        if table is None:
+            table = self.__dict__["_coeffs"] = [
+                Coeffs(a, s) for a, s in zip(self.alpha.tolist(), self.sigma.tolist())]
+        return table[i]
 
     def _checked(self, out: Tensor, t: Tensor) -> Tensor:
         # one reduction: the sum is NaN/Inf iff an element is (short of float overflow)
