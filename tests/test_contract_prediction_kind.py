@@ -113,6 +113,12 @@ def test_kind_names_are_a_live_view_and_a_name_is_registered_once(diff_kind):
     with pytest.raises(ValueError, match="linear_form='v' is invalid"):
         register_prediction(PredictionKind("bad", DIFF.to_x0, DIFF.to_eps, DIFF.from_x0_eps,
                                            linear_form="v"))
+    with pytest.raises(ValueError, match="values_of='w' is invalid"):
+        register_prediction(PredictionKind("bad", DIFF.to_x0, DIFF.to_eps, DIFF.from_x0_eps,
+                                           values_of="w"))
+    with pytest.raises(ValueError, match="name='a b' is invalid"):
+        register_prediction(PredictionKind("a b", DIFF.to_x0, DIFF.to_eps, DIFF.from_x0_eps))
+    assert "bad" not in PREDICTIONS
     with pytest.raises(ValueError, match=r"prediction='nope' is invalid: expected one of \("):
         sdekit.DiffusionModel(lambda x, t: x, sdekit.VPSDE(), "nope")
 

@@ -161,8 +161,13 @@ def register_prediction(kind: PredictionKind) -> PredictionKind:
     the losses and every solver pick it up. Names are unique."""
     if not isinstance(kind, PredictionKind):
         raise TypeError(f"kind must be a PredictionKind, got {type(kind).__name__}")
+    if not (isinstance(kind.name, str) and kind.name.isidentifier()):
+        raise ValueError(f"name={kind.name!r} is invalid: expected an identifier such as 'eps'")
     if kind.name in KINDS:
         raise ValueError(f"prediction kind {kind.name!r} is already registered")
+    if kind.values_of is not None and kind.values_of not in KINDS:
+        raise ValueError(f"values_of={kind.values_of!r} is invalid: expected a registered kind, "
+                         f"one of {tuple(KINDS)}")
     if kind.linear_form not in ("x0", "eps"):
         raise ValueError(f"linear_form={kind.linear_form!r} is invalid: expected 'x0' or 'eps'")
     KINDS[kind.name] = kind
