@@ -9,7 +9,7 @@ variables, Chen et al. 2018), so
 with ``log p_T`` the prior's (``sde.prior_logp``). The augmented state ``[x, l]`` is integrated
 from ``t_min`` to ``T``. The independent variable is the half-logSNR lambda (smooth even where
 f(t) is not, e.g. DDPM-discrete tables), the same change of variable as the ODE samplers
-(:func:`sdekit.solvers.ode.pf_ode_lambda`): ``dx/dlambda = k x - sigma eps`` with
+(:meth:`sdekit.dynamics.ProbabilityFlowODE.drift_lambda`): ``dx/dlambda = k x - sigma eps`` with
 ``k = -2 sigma^2 f / g^2``; the divergence identity holds in any time variable. Where
 ``alpha(T) = 0`` (flow matching at ``T = 1``, lambda = -inf) it integrates in t with the
 velocity (flow prediction), which is finite there.
@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._utils import append_dims, check_seed, is_real, require, sum_tensors
+from ._utils import check_seed, is_real, require, sum_tensors
 from .dynamics.parameterization import DiffusionModel, as_model
+from .dynamics.reverse import ProbabilityFlowODE
 from .sde.base import ForwardSDE
 
 PROBES = ("rademacher", "gaussian")
@@ -184,17 +185,15 @@ def _probability_flow(sde: ForwardSDE, model: DiffusionModel
                       ) -> tuple[bool, float, float, Callable[[Tensor, Tensor], Tensor]]:
     """The probability-flow ODE's velocity and its independent variable: ``(in_t, low,
     high, velocity(x, s))``. In t where alpha(T) = 0 (flow matching: the model's velocity,
-    finite at T); otherwise in the half-logSNR lambda, ``dx/dlambda = k x - sigma eps`` with
-    ``k = -2 sigma^2 f / g^2`` (smooth where dt/dlambda is not)."""
+    finite at T); otherwise in the half-logSNR lambda
+    (:meth:`~sdekit.dynamics.ProbabilityFlowODE.drift_lambda`, smooth where dt/dlambda is
+    not)."""
     if float(sde.alpha(sde.T)) == 0.0:
         return True, sde.t_min, sde.T, model.flow
+    pf_ode = ProbabilityFlowODE(sde, model)
 
     def velocity(xx: Tensor, s: Tensor) -> Tensor:
-        t = sde.t_of_lambda(s)
-        sig = sde.sigma(t)
-        k = -2 * sig * sig * sde.f(t) / sde.g2(t)
-        return (append_dims(k.to(xx), xx.ndim) * xx
-                - append_dims(sig.to(xx), xx.ndim) * model.eps(xx, t))
+        return pf_ode.drift_lambda(xx, sde.t_of_lambda(s))
     return False, sde.lambda_min, sde.lambda_max, velocity
 
 

@@ -111,6 +111,35 @@ def test_schedule_is_frozen_and_the_driver_leaves_the_problem_alone():
         p.alpha = p.sigma
 
 
+
+def test_grid_coefficients_come_from_the_schedule_and_reach_the_one_call_steppers_call():
+    """The grid's Coeffs are the frozen schedule's (plain float64 numbers); a OneCallStepper's
+    call at grid point i converts with them (no SDE evaluated for it), in the linear form; a
+    given output comes back as it is in its own kind, or converted through the kinds table."""
+    from sdekit.dynamics import Coeffs, to_eps, to_x0
+    from sdekit.solvers import ModelOutput, Problem
+    sde = sdekit.VPSDE()
+    model = sdekit.DiffusionModel(lambda x, t: 0.5 * x, sde, "x0", time_input="t")
+    p = Problem(sde, model, sdekit.make_grid(sde, "logsnr", 5))
+    assert p.coeffs(2) is p.schedule.coeffs[2]
+    assert p.coeffs(2) == Coeffs(float(p.alpha[2]), float(p.sigma[2]))
+    assert all(type(v) is float for v in p.coeffs(2)[:2])
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    alpha, calls = sde.alpha, []
+    sde.alpha = lambda t: (calls.append(t), alpha(t))[1]
+    eps = p.predict_at(2, x, "eps")
+    assert calls == []      # the conversion x0 -> eps used the schedule's coefficients
+    torch.testing.assert_close(eps, to_eps("x0", 0.5 * x, x, *p.coeffs(2)), rtol=0, atol=0)
+    kind, x0 = p.predict_linear_at(2, x)
+    assert kind == p.linear_form == "x0" and torch.equal(x0, 0.5 * x)
+    given = ModelOutput(2, "eps", eps)
+    assert p.predict_linear_at(2, x, given) == ("eps", eps)
+    assert p.predict_at(2, x, "eps", given) is eps
+    torch.testing.assert_close(p.predict_at(2, x, "x0", given),
+                               to_x0("eps", eps, x, *p.coeffs(2)), rtol=0, atol=0)
+    torch.testing.assert_close(p.predict_at(2, x, "x0", given), x0)
+    assert calls == [] and model.nfe == 2
+
 def test_nan_message_names_the_denoising_step():
     """With the step derived from the call's time, the final denoising call (after the last
     step) is named as step ``steps``."""

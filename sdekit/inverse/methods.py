@@ -301,14 +301,14 @@ class _DPSModel(DiffusionModel):
         self.grad: Tensor | None = None
         self.res_norm: Tensor | None = None
 
-    def predict(self, x: Tensor, t: Any, kind: str, input_dtype: torch.dtype | None = None
-                ) -> Tensor:
+    def predict(self, x: Tensor, t: Any, kind: str, input_dtype: torch.dtype | None = None,
+                coeffs: Any = None) -> Tensor:
         if not self.armed:
-            return self.base.predict(x, t, kind, input_dtype)
+            return self.base.predict(x, t, kind, input_dtype, coeffs)
         self.armed = False
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            out = self.base.predict(xg, t, kind, input_dtype)
+            out = self.base.predict(xg, t, kind, input_dtype, coeffs)
             dots = kind == "flow"
             x0 = convert(kind, "x0", out, xg, *self.base._coeffs(xg, t, dots))
             r = (self.y.to(x0) - self.operator(x0)).reshape(x.shape[0], -1)

@@ -21,15 +21,16 @@ body gives the default; class attributes (``ClassVar``) are constants of the cla
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .._utils import append_dims
-from ..dynamics.parameterization import DiffusionModel, from_eps
+from ..dynamics.parameterization import KINDS, Coeffs, DiffusionModel, convert, prediction_kind
 from ..grids import make_grid
 from ..sde.base import ForwardSDE
 
@@ -93,6 +94,12 @@ class Schedule:
     def steps(self) -> int:
         return self.times.numel() - 1
 
+    @cached_property
+    def coeffs(self) -> tuple[Coeffs, ...]:
+        """alpha and sigma at each grid point as plain float64 numbers (:class:`Coeffs`, what a
+        model call's conversion takes), built on first use."""
+        return tuple(Coeffs(a, s) for a, s in zip(self.alpha.tolist(), self.sigma.tolist()))
+
     def step_of(self, t: float) -> int:
         """The step a time belongs to: the index of the grid point within 1e-9 (relative) of
         ``t``, else that of the step whose interval holds ``t`` (a stage of a multistage
@@ -140,35 +147,51 @@ class Problem:
     def steps(self) -> int:
         return self.schedule.steps
 
-    def predict(self, x: Tensor, t: Any, kind: str = "eps") -> Tensor:
+    def predict(self, x: Tensor, t: Any, kind: str = "eps", coeffs: Coeffs | None = None
+                ) -> Tensor:
         """One counted model call (the network sees ``model_dtype``), converted to ``kind`` in the
-        state's dtype; NaN/Inf stops the solve. With ``grad_in_model`` the call runs with
+        state's dtype with ``coeffs`` (alpha, sigma at ``t``: :meth:`coeffs` at a grid point);
+        NaN/Inf stops the solve. With ``grad_in_model`` the call runs with
         autograd enabled on a detached input that requires grad (a guidance wrapper can
         differentiate with respect to it) and its output is detached."""
         t = torch.as_tensor(t, dtype=torch.float64)
         if not self.grad_in_model:
-            return self._checked(self.model.predict(x, t, kind, self.model_dtype), t)
+            return self._checked(self.model.predict(x, t, kind, self.model_dtype, coeffs), t)
         with torch.enable_grad():
-            out = self.model.predict(x.detach().requires_grad_(True), t, kind, self.model_dtype)
+            out = self.model.predict(x.detach().requires_grad_(True), t, kind, self.model_dtype,
+                                     coeffs)
         return self._checked(out.detach(), t)
 
-    def predict_native(self, x: Tensor, t: Any) -> tuple[str, Tensor]:
-        """One counted model call returned as ``("x0", x0)`` for x0/denoiser/flow networks
-        (flow -> x0 is one linear combination, finite at alpha = 0) and ``("eps", eps)``
-        otherwise, so linear update rules skip a conversion."""
-        kind = "x0" if self.model.prediction in ("x0", "denoiser", "flow") else "eps"
-        return kind, self.predict(x, t, kind)
+    @property
+    def linear_form(self) -> str:
+        """``"x0"`` or ``"eps"``: the form a model call gives in the fewest operations
+        (:attr:`~sdekit.dynamics.PredictionKind.linear_form` of the model's kind); solvers whose
+        update is linear in the model output ask for it and write the update in that form."""
+        return self.model.linear_form
+
+    def coeffs(self, i: int) -> Coeffs:
+        """The precomputed alpha and sigma at grid point ``i`` (float64 numbers, built once per
+        grid: :attr:`Schedule.coeffs`) for a model call there."""
+        return self.schedule.coeffs[i]
 
     def predict_at(self, i: int, x: Tensor, kind: str = "eps",
                    given: ModelOutput | None = None) -> Tensor:
-        """:meth:`predict` at grid point ``i``, or the output ``given`` for it (converted to
-        ``kind`` at ``x``): the model call of a :class:`OneCallStepper`."""
-        return self.predict(x, self.times[i], kind) if given is None else given.as_kind(self, kind, x)
+        """:meth:`predict` at grid point ``i`` (with the grid's :meth:`coeffs`), or the output
+        ``given`` for it (converted to ``kind`` at ``x``): the model call of a
+        :class:`OneCallStepper`."""
+        if given is None:
+            return self.predict(x, self.times[i], kind, self.coeffs(i))
+        return given.as_kind(self, kind, x)
 
-    def predict_native_at(self, i: int, x: Tensor,
+    def predict_linear_at(self, i: int, x: Tensor,
                           given: ModelOutput | None = None) -> tuple[str, Tensor]:
-        """:meth:`predict_native` at grid point ``i``, or the output ``given`` for it."""
-        return self.predict_native(x, self.times[i]) if given is None else (given.kind, given.value)
+        """``(kind, output)`` at grid point ``i`` in the :attr:`linear_form` (a call asking for
+        it), or the output ``given`` for it in its own kind: for a solver whose update is linear
+        in the model output and written in either form."""
+        if given is None:
+            kind = self.linear_form
+            return kind, self.predict(x, self.times[i], kind, self.coeffs(i))
+        return given.kind, given.value
 
     def _checked(self, out: Tensor, t: Tensor) -> Tensor:
         check_model_output(out, t, self.solver_name, self.schedule.step_of,
@@ -196,12 +219,12 @@ class ModelOutput:
     value: Tensor
 
     def as_kind(self, p: Problem, kind: str, x: Tensor) -> Tensor:
-        """The output as ``kind``, converted (where it must be) at the state ``x``."""
+        """The output as ``kind``, converted (where it must be) at the state ``x`` through the
+        prediction-kind table with the grid's coefficients (plain numbers: eps -> x0 is one
+        fused pass, as :meth:`~sdekit.solvers.exp_integrator.ExpIntegrator.data_estimate`)."""
         if kind == self.kind:
             return self.value
-        a, s = p.bcast(p.alpha[self.i], x), p.bcast(p.sigma[self.i], x)
-        eps = self.value if self.kind == "eps" else (x - a * self.value) / s
-        return from_eps(kind, eps, x, a, s)
+        return convert(self.kind, kind, self.value, x, *p.coeffs(self.i))
 
 
 class Solver:
@@ -272,12 +295,13 @@ class Solver:
                 "-inf): it steps in x / alpha, in lambda or with the SDE's f and g, all infinite "
                 f"there. Use t_start < {t0:g} (e.g. t_start={t0 - 1e-3 * t0:g}) or a solver that "
                 f"starts there: {ok}")
-        if p.model.prediction in ("eps", "score", "denoiser"):
+        if not prediction_kind(p.model.prediction).x0_at_alpha_zero:
             raise ValueError(
                 f"a model with prediction={p.model.prediction!r} cannot be sampled from "
                 f"t_start={t0:g}, where alpha = 0: there x = sigma eps carries no information "
                 "about x0 (x0 = (x - sigma eps) / alpha is 0/0). Use t_start < "
-                f"{t0:g}, or a network predicting 'flow', 'v' or 'x0'")
+                f"{t0:g}, or a network predicting one of "
+                f"{[k for k, v in KINDS.items() if v.x0_at_alpha_zero]}")
 
     def grid_for(self, sde: ForwardSDE) -> str:
         """The grid an option-free call uses on ``sde`` (the driver, bench and CLI read this):

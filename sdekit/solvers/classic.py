@@ -8,15 +8,17 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..dynamics.reverse import reverse_drift
+from ..dynamics.reverse import ReverseSDE
 from .base import ExternalSolver, FixedGridSolver, Problem, Solver
 from .registry import get_solver, register
 
 
-def _drift(p: Problem, x: Tensor, t: Any) -> Tensor:
-    """The reverse-time SDE's drift from one counted, checked model call."""
+def _drift(p: Problem, x: Tensor, t: Any, coeffs: Any = None) -> Tensor:
+    """The reverse-time SDE's drift (:class:`~sdekit.dynamics.ReverseSDE`) from one counted,
+    checked model call (``coeffs``: the grid's alpha and sigma at ``t``, where it is a grid
+    point)."""
     t = torch.as_tensor(t, dtype=torch.float64)
-    return reverse_drift(p.sde, x, t, p.predict(x, t, "eps"))
+    return ReverseSDE(p.sde).drift(x, t, p.predict(x, t, "eps", coeffs))
 
 
 @register("euler_maruyama")
@@ -36,8 +38,9 @@ class EulerMaruyama(FixedGridSolver):
         t0, t1 = p.times[i], p.times[i + 1]
         dt = t1 - t0
         z = p.noise.increment(t0, t1, x)
-        g = p.sde.g(t0)
-        return x + _drift(p, x, t0) * float(dt) + p.bcast(g * torch.sqrt(-dt), x) * z, state
+        g = ReverseSDE(p.sde).diffusion(t0)
+        drift = _drift(p, x, t0, p.coeffs(i))
+        return x + drift * float(dt) + p.bcast(g * torch.sqrt(-dt), x) * z, state
 
 
 @register("reverse_diffusion")
@@ -58,7 +61,7 @@ class ReverseDiffusion(FixedGridSolver):
     def step(self, p: Problem, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
         a = p.alpha[i] / p.alpha[i + 1]
         G2 = (p.sigma[i] ** 2 - a * a * p.sigma[i + 1] ** 2).clamp_min(0)
-        score = -p.predict(x, p.times[i], "eps") / p.bcast(p.sigma[i], x)
+        score = p.predict(x, p.times[i], "score", p.coeffs(i))
         z = p.noise.increment(p.times[i], p.times[i + 1], x)
         return p.bcast(2 - a, x) * x + p.bcast(G2, x) * score + p.bcast(G2.sqrt(), x) * z, state
 
@@ -135,7 +138,7 @@ class PredictorCorrector(FixedGridSolver):
         t = p.times[i]
         a = (p.alpha[i] / p.alpha[i + 1]) ** 2
         for _ in range(self.n_corrector):
-            score = -p.predict(x, t, "eps") / p.bcast(p.sigma[i], x)
+            score = p.predict(x, t, "score", p.coeffs(i))
             z = p.noise.randn(x)
             if self.batch_norm:
                 zn = z.flatten(1).norm(dim=1).mean()
@@ -276,7 +279,7 @@ class TorchSDE(ExternalSolver):
 
             def g(self, s: Tensor, y: Tensor) -> Tensor:
                 t, d = at(s)
-                return (p.sde.g(t) * abs(d) ** 0.5).to(y) * torch.ones_like(y)
+                return (ReverseSDE(p.sde).diffusion(t) * abs(d) ** 0.5).to(y) * torch.ones_like(y)
 
         y0 = x.reshape(shape[0], -1)
         ts = torch.tensor([0.0, float(p.steps)], dtype=torch.float64)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..dynamics.parameterization import Coeffs, to_eps, to_x0
 from .base import ModelOutput, Problem, Solver
 
 F64 = torch.float64
@@ -342,14 +343,19 @@ class ExpIntegrator(Solver):
         When the network already outputs what the solver integrates no conversion is made, and
         ``eps`` is None for an x0 network (``to_zero`` then uses ``m``). ``given``: the output of
         a call already made at ``(x, t)`` (see :class:`~sdekit.solvers.base.ModelOutput`)."""
+        c = Coeffs(a, s)
         if torch.as_tensor(a).numel() == 1 and float(a) == 0.0:
             # alpha = 0: only the data prediction is defined (Solver.check_start vetted the model)
-            out = p.predict(x, t, "x0") if given is None else given.as_kind(p, "x0", x)
+            out = p.predict(x, t, "x0", c) if given is None else given.as_kind(p, "x0", x)
             return (dynamic_threshold(out, *self.threshold) if self.threshold else out), None
-        kind, out = p.predict_native(x, t) if given is None else (given.kind, given.value)
+        if given is None:
+            kind = p.linear_form
+            out = p.predict(x, t, kind, c)
+        else:
+            kind, out = given.kind, given.value
         if kind == self.prediction == "x0":
             return (dynamic_threshold(out, *self.threshold) if self.threshold else out), None
-        eps = out if kind == "eps" else (x - p.bcast(a, x) * out) / p.bcast(s, x)
+        eps = out if kind == "eps" else to_eps(kind, out, x, p.bcast(a, x), p.bcast(s, x))
         return self.convert(p, x, eps, a, s), eps
 
     def convert(self, p: Problem, x: Tensor, eps: Tensor, a: Any, s: Any) -> Tensor:
@@ -357,11 +363,12 @@ class ExpIntegrator(Solver):
         return eps if self.prediction == "eps" else self.data_estimate(p, x, eps, a, s)
 
     def data_estimate(self, p: Problem, x: Tensor, eps: Tensor, a: Any, s: Any) -> Tensor:
-        """``(x - sigma eps) / alpha``, thresholded if enabled."""
+        """x0 from eps at ``x`` (plain numbers for grid scalars: one fused pass), thresholded if
+        enabled."""
         if torch.as_tensor(s).numel() == 1 and torch.as_tensor(a).numel() == 1:
-            x0 = torch.add(x, eps, alpha=-float(s)).mul_(1 / float(a))
+            x0 = to_x0("eps", eps, x, float(a), float(s))
         else:
-            x0 = (x - p.bcast(s, x) * eps) / p.bcast(a, x)
+            x0 = to_x0("eps", eps, x, p.bcast(a, x), p.bcast(s, x))
         return dynamic_threshold(x0, *self.threshold) if self.threshold else x0
 
     def to_zero(self, p: Problem, i: int, x: Tensor, eps: Tensor | None, m: Tensor) -> Tensor:

@@ -8,22 +8,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..dynamics.parameterization import Coeffs, to_eps
+from ..dynamics.reverse import ProbabilityFlowODE
 from .base import AdaptiveSolver, FixedGridSolver, ModelOutput, OneCallStepper, Problem
 from .registry import register
 
 
 def pf_ode_lambda(p: Problem, x: Tensor, lam: Any) -> Tensor:
-    """The probability-flow ODE (Song et al. 2021, Eq. 13) with the half-logSNR lambda as the
-    independent variable: ``dx/dlambda = (d log alpha/dlambda) x - sigma eps`` with
-    ``d log alpha/dlambda = -2 sigma^2 f / g^2`` (``= sigma^2`` for every VP-type process). In
-    lambda the right-hand side is smooth even where f(t) is not (DDPM-discrete tables are
-    piecewise linear in t), so Runge-Kutta methods keep their order on every forward SDE."""
+    """The probability-flow ODE in the half-logSNR lambda,
+    :meth:`~sdekit.dynamics.ProbabilityFlowODE.drift_lambda`, from one counted model call."""
     lam = torch.as_tensor(lam, dtype=torch.float64)
     t = p.sde.t_of_lambda(lam)
-    eps = p.predict(x, t, "eps")
-    s = p.sde.sigma(t)
-    k = -2 * s * s * p.sde.f(t) / p.sde.g2(t)
-    return p.bcast(k, x) * x - p.bcast(s, x) * eps
+    return ProbabilityFlowODE(p.sde).drift_lambda(x, t, p.predict(x, t, "eps"))
 
 
 class ButcherTable:
@@ -250,7 +246,7 @@ class DDIM(OneCallStepper):
         if a0 == 0.0:  # alpha = 0 (flow matching at t = 1): only x0 is defined there
             kind, m = "x0", p.predict_at(i, x, "x0", given)
         else:
-            kind, m = p.predict_native_at(i, x, given)
+            kind, m = p.predict_linear_at(i, x, given)
         # x_s = a1 x0 + d eps with x = a0 x0 + s0 eps, written in the network's own output
         if kind == "eps":
             out = p.lin(a1 / a0, x, d - a1 * s0 / a0, m)
@@ -313,19 +309,26 @@ class EDMHeun(OneCallStepper):
             z = p.noise.randn(x)
             xt = xt + math.sqrt(s_hat ** 2 - s_cur ** 2) * self.S_noise * z
         if given is None or churn:
-            d = self._slope(p, xt, t_hat, s_hat, a_hat)
+            d = self._slope(p, xt, t_hat, s_hat, a_hat, p.coeffs(i) if s_hat == s_cur
+                            else Coeffs(a_hat, float(p.sde.sigma(t_hat))))
         else:
-            d = given.value if given.kind == "eps" else (xt - given.value).div_(s_hat)
+            d = self._tilde_eps(given.kind, given.value, xt, s_hat)
         xn = torch.add(xt, d, alpha=s_next - s_hat)
         a_next = alpha[i + 1]
         if self.heun:
-            d2 = self._slope(p, xn, p.times[i + 1], s_next, a_next)
+            d2 = self._slope(p, xn, p.times[i + 1], s_next, a_next, p.coeffs(i + 1))
             xn = torch.add(xt, d.add_(d2), alpha=0.5 * (s_next - s_hat))
         return (xn if a_next == 1.0 else xn * a_next), state
 
     @staticmethod
-    def _slope(p: Problem, xt: Tensor, t: Any, s: float, a: float) -> Tensor:
+    def _slope(p: Problem, xt: Tensor, t: Any, s: float, a: float, c: Coeffs) -> Tensor:
         """``d = (x_tilde - x0) / sigma_tilde``, which is exactly eps for eps networks (``a``:
-        alpha at t)."""
-        kind, m = p.predict_native(xt if a == 1.0 else xt * a, t)
-        return m if kind == "eps" else (xt - m).div_(s)
+        alpha at t, ``c`` alpha and sigma there for the model call)."""
+        kind = p.linear_form
+        return EDMHeun._tilde_eps(kind, p.predict(xt if a == 1.0 else xt * a, t, kind, c), xt, s)
+
+    @staticmethod
+    def _tilde_eps(kind: str, m: Tensor, xt: Tensor, s: float) -> Tensor:
+        """The slope from a model output ``m`` of ``kind`` (eps or x0): eps as it is, x0 converted
+        in the VE-equivalent variables (alpha 1, sigma ``s`` = sigma_tilde)."""
+        return m if kind == "eps" else to_eps(kind, m, xt, 1.0, s)

@@ -34,12 +34,22 @@ import torch
 from torch import Tensor
 
 from .._utils import append_dims, is_real, require
-from ..dynamics.parameterization import PREDICTIONS, convert, to_eps
+from ..dynamics.parameterization import (PREDICTIONS, TIME_INPUTS, convert, network_input,
+                                         network_time_input, prediction_kind, time_cond)
 from ..sde.base import ForwardSDE
 from ..sde.discrete import DiscreteDDPM
 
 LOSSES = ("eps", "likelihood", "edm", "flow")
 T_SAMPLINGS = ("logit_normal", "uniform")
+
+
+def _noised(sde: ForwardSDE, x0: Tensor, t: Tensor, noise: Tensor
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x_t, alpha, sigma)`` with ``x_t = alpha(t) x0 + sigma(t) noise`` (coefficients
+    broadcastable against x0, in its dtype)."""
+    a = append_dims(sde.alpha(t).to(x0), x0.ndim)
+    s = append_dims(sde.sigma(t).to(x0), x0.ndim)
+    return a * x0 + s * noise, a, s
 
 
 class DSMLoss:
@@ -48,10 +58,12 @@ class DSMLoss:
     Args:
         sde: the forward process.
         kind: ``eps``, ``likelihood`` or ``edm`` (see the module docstring).
-        prediction: the network's output: ``eps``, ``x0``, ``v``, ``score`` or ``denoiser``
-            (a denoiser is called as ``net(x / alpha, sigma_tilde)`` and returns x0).
-        time_input: the conditioning passed to non-denoiser networks: ``lambda`` (sdekit's
-            networks), ``t`` or ``model_time``.
+        prediction: the network's output, a kind of the model contract
+            (:data:`~sdekit.dynamics.PREDICTIONS`: ``eps``, ``x0``, ``v``, ``score``, ``denoiser``,
+            ``flow``; a denoiser is called as ``net(x / alpha, sigma_tilde)`` and returns x0).
+        time_input: the conditioning passed to non-denoiser networks, one of
+            :data:`~sdekit.dynamics.TIME_INPUTS` (:func:`~sdekit.dynamics.time_cond`):
+            ``lambda`` (sdekit's networks), ``t``, ``model_time``, ``sigma_tilde``, ``t1000``.
         importance: for ``likelihood``: sample lambda uniformly (True) or t uniformly (False).
         p_mean, p_std, sigma_data: EDM's noise distribution and data scale.
         t_sampling, logit_mean, logit_std: for ``flow``: ``logit_normal`` (default; ``t =
@@ -69,11 +81,10 @@ class DSMLoss:
         self.t_sampling, self.logit_mean, self.logit_std = t_sampling, float(logit_mean), \
             float(logit_std)
         require(prediction in PREDICTIONS, "prediction", prediction, f"one of {PREDICTIONS}")
-        require(time_input in ("lambda", "t", "model_time", "sigma_tilde"), "time_input",
-                time_input, "one of ('lambda', 't', 'model_time', 'sigma_tilde')")
+        require(time_input in TIME_INPUTS, "time_input", time_input, f"one of {TIME_INPUTS}")
         require(sigma_data > 0, "sigma_data", sigma_data, "a number > 0")
         self.sde, self.kind, self.prediction = sde, kind, prediction
-        self.time_input = "sigma_tilde" if prediction == "denoiser" else time_input
+        self.time_input = network_time_input(prediction, time_input)
         self.importance = bool(importance)
         self.p_mean, self.p_std, self.sigma_data = float(p_mean), float(p_std), float(sigma_data)
         self._lam_lo, self._lam_hi = sde.lambda_min, sde.lambda_max
@@ -121,32 +132,27 @@ class DSMLoss:
                              f"shape {tuple(x0.shape)}")
         sde = self.sde
         t = torch.as_tensor(t, dtype=torch.float64, device=x0.device)
-        a = append_dims(sde.alpha(t).to(x0), x0.ndim)
-        s = append_dims(sde.sigma(t).to(x0), x0.ndim)
-        xt = a * x0 + s * noise
-        inp = xt / a if self.prediction == "denoiser" else xt
-        cond = {"lambda": sde.lambda_, "t": lambda u: u, "model_time": sde.model_time,
-                "sigma_tilde": sde.sigma_tilde}[self.time_input](t).to(x0.dtype)
+        xt, a, s = _noised(sde, x0, t, noise)
+        inp = network_input(self.prediction, xt, a)
+        cond = time_cond(sde, self.time_input, t).to(x0.dtype)
         args: tuple[Any, ...] = (inp, cond) if y is None else (inp, cond, y)
         out = net(*args)
         if out.shape != x0.shape:
             raise ValueError(f"shape mismatch: the network returned shape {tuple(out.shape)} for "
                              f"an input of shape {tuple(x0.shape)}")
         w = self.weight(t).to(x0.dtype)
+        # the loss compares the network's output, converted by the model contract, with the
+        # kind's regression target: eps (eps, likelihood), x0 (edm), the velocity (flow)
+        kind = {"flow": "flow", "edm": "x0"}.get(self.kind, "eps")
+        c: tuple[Tensor, ...] = (a, s)
+        if prediction_kind(kind).needs_dots or prediction_kind(self.prediction).needs_dots:
+            c += (append_dims(sde.alpha_dot(t).to(x0), x0.ndim),
+                  append_dims(sde.sigma_dot(t).to(x0), x0.ndim))
+        target = {"flow": lambda: c[2] * x0 + c[3] * noise, "x0": lambda: x0,
+                  "eps": lambda: noise}[kind]()
+        hat = convert(self.prediction, kind, out, xt, *c)
         dims = tuple(range(1, x0.ndim))
-        if self.kind == "flow" or self.prediction == "flow":
-            da = append_dims(sde.alpha_dot(t).to(x0), x0.ndim)
-            ds = append_dims(sde.sigma_dot(t).to(x0), x0.ndim)
-            target = {"flow": da * x0 + ds * noise, "edm": x0}.get(self.kind, noise)
-            kind = {"flow": "flow", "edm": "x0"}.get(self.kind, "eps")
-            hat = convert(self.prediction, kind, out, xt, a, s, da, ds)
-            return w * (hat - target).pow(2).mean(dims)
-        if self.kind == "edm":
-            x0_hat = out if self.prediction == "denoiser" else \
-                (xt - s * to_eps(self.prediction, out, xt, a, s)) / a
-            return w * (x0_hat - x0).pow(2).mean(dims)
-        eps_hat = to_eps(self.prediction, out, xt, a, s)
-        return w * (eps_hat - noise).pow(2).mean(dims)
+        return w * (hat - target).pow(2).mean(dims)
 
     def __call__(self, net: Callable[..., Tensor], x0: Tensor, y: Tensor | None = None,
                  generator: torch.Generator | None = None) -> Tensor:
@@ -169,22 +175,18 @@ class ClassifierLoss:
     kind = "classifier"
 
     def __init__(self, sde: ForwardSDE, time_input: str = "lambda") -> None:
-        require(time_input in ("lambda", "t", "model_time", "sigma_tilde"), "time_input",
-                time_input, "one of ('lambda', 't', 'model_time', 'sigma_tilde')")
+        require(time_input in TIME_INPUTS, "time_input", time_input, f"one of {TIME_INPUTS}")
         self.sde, self.time_input = sde, time_input
         self._times = DSMLoss(sde, "eps")
 
     def per_sample(self, net: Callable[..., Tensor], x0: Tensor, t: Tensor, noise: Tensor,
-                   y: Tensor) -> Tensor:
+                   y: Tensor | None) -> Tensor:
         """The cross-entropy of each sample at given times and noise (shape ``(B,)``)."""
         if y is None:
             raise ValueError("the classifier loss needs class labels y")
-        sde = self.sde
         t = torch.as_tensor(t, dtype=torch.float64, device=x0.device)
-        xt = append_dims(sde.alpha(t).to(x0), x0.ndim) * x0 \
-            + append_dims(sde.sigma(t).to(x0), x0.ndim) * noise
-        cond = {"lambda": sde.lambda_, "t": lambda u: u, "model_time": sde.model_time,
-                "sigma_tilde": sde.sigma_tilde}[self.time_input](t).to(x0.dtype)
+        xt = _noised(self.sde, x0, t, noise)[0]
+        cond = time_cond(self.sde, self.time_input, t).to(x0.dtype)
         logits = net(xt, cond)
         if logits.ndim != 2 or logits.shape[0] != x0.shape[0]:
             raise ValueError(f"shape mismatch: the classifier returned shape "
