@@ -75,6 +75,13 @@ def raise_pending(pending: list[Any]) -> None:
             check_model_output(total, t, solver, step_of, None)
 
 
+def last_lambda_step_ratio(lam: Tensor) -> float:
+    """The grid's last step in lambda over the step before it (1 on a uniform-logSNR grid); 1
+    where the grid has fewer than two finite steps (nothing to compare)."""
+    d = lam[torch.isfinite(lam)].double().diff()
+    return float(d[-1] / d[-2]) if d.numel() >= 2 else 1.0
+
+
 @dataclass(frozen=True)
 class Schedule:
     """The grid and the forward process's coefficients at its points, float64, computed once
@@ -99,6 +106,14 @@ class Schedule:
         """alpha and sigma at each grid point as plain float64 numbers (:class:`Coeffs`, what a
         model call's conversion takes), built on first use."""
         return tuple(Coeffs(a, s) for a, s in zip(self.alpha.tolist(), self.sigma.tolist()))
+
+    @cached_property
+    def last_lambda_step(self) -> tuple[float, float] | None:
+        """The last finite step in lambda and its ratio to the step before it
+        (:func:`last_lambda_step_ratio`); None without a finite step. Computed once per grid
+        (the automatic lower-order-final rule reads it every step)."""
+        d = self.lam[torch.isfinite(self.lam)].double().diff()
+        return (float(d[-1]), last_lambda_step_ratio(self.lam)) if d.numel() else None
 
     def step_of(self, t: float) -> int:
         """The step a time belongs to: the index of the grid point within 1e-9 (relative) of

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..dynamics.parameterization import Coeffs, to_eps, to_x0
-from .base import ModelOutput, Problem, Solver
+from .base import ModelOutput, Problem, Solver, last_lambda_step_ratio  # noqa: F401 (re-exported)
 
 F64 = torch.float64
 _SERIES_TERMS = 24
@@ -129,13 +129,6 @@ def lagrange_eval(nodes: Tensor, u: Tensor) -> Tensor:
                 lj = lj * (u - nodes[..., m, None]) / (nodes[..., j, None] - nodes[..., m, None])
         out.append(lj)
     return torch.stack(out)
-
-
-def last_lambda_step_ratio(lam: Tensor) -> float:
-    """The grid's last step in lambda over the step before it (1 on a uniform-logSNR grid); 1
-    where the grid has fewer than two finite steps (nothing to compare)."""
-    d = lam[torch.isfinite(lam)].double().diff()
-    return float(d[-1] / d[-2]) if d.numel() >= 2 else 1.0
 
 
 def dynamic_threshold(x0: Tensor, ratio: float, lo: float, hi: float) -> Tensor:
@@ -289,12 +282,13 @@ class ExpIntegrator(Solver):
         Dropping the ratio criterion for noise prediction too would give 1.03 overall but 14
         mixture cells over 2x (up to 4x, samples in the wrong mode) instead of 2."""
         if self.lower_order_final is None:
-            d = p.lam[torch.isfinite(p.lam)].double().diff()
-            if not d.numel():
+            last = p.schedule.last_lambda_step
+            if last is None:
                 return False
-            if last_lambda_step_ratio(p.lam) > self.auto_lower_order_ratio:
+            step, ratio = last
+            if ratio > self.auto_lower_order_ratio:
                 return True
-            return self.prediction == "x0" and float(d[-1]) > self.auto_lower_order_step
+            return self.prediction == "x0" and step > self.auto_lower_order_step
         return self.lower_order_final
 
     def step_order(self, p: Problem, i: int, order: int, start: int = 0) -> int:
