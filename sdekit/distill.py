@@ -227,7 +227,7 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
                    batch: int = 128, lr: float = 2e-4, warmup: int = 100,
                    lr_decay: str = "cosine", grad_clip: float = 1.0, ema_decay: float = 0.999,
                    seed: int = 0, checkpoint_every: int = 500, until: int | None = None,
-                   progress: bool = False):
+                   feature_loss: float = 0.0, progress: bool = False):
     """Train (or resume training) an operator on a trajectory dataset; returns the EMA operator.
 
     ``backbone_at``: ``"slots"`` runs the backbone on ``x_T`` once per output time (conditioned
@@ -242,6 +242,9 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     The learning rate warms up over ``warmup`` steps, then follows ``lr_decay`` ("cosine" to 0
     at ``steps``, or "constant"). ``until`` stops (with a checkpoint) before ``steps``: a later
     call resumes exactly where it stopped.
+    ``feature_loss`` > 0 adds that multiple of a feature-space loss on the last slot (digits
+    states only: :func:`sdekit.training.feature_loss.digits_feature_loss`, a network that is
+    not the FD-digits evaluation network) to the L2 loss.
     """
     from .training.checkpoint import load_checkpoint, load_state, save_checkpoint
     from .training.trainer import lr_at, update_ema
@@ -252,6 +255,7 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     require(lr_decay in ("cosine", "constant"), "lr_decay", lr_decay, "'cosine' or 'constant'")
     require(0 <= ema_decay < 1, "ema_decay", ema_decay, "0 <= ema_decay < 1")
     require(backbone_at in ("slots", "start"), "backbone_at", backbone_at, "'slots' or 'start'")
+    require(feature_loss >= 0, "feature_loss", feature_loss, "a number >= 0")
     x_T, traj, meta = load_trajectories(data)
     if meta["sde"] != repr(sde):
         raise ValueError(f"the trajectories were made with {meta['sde']}, not {sde!r}")
@@ -275,6 +279,8 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
                         "lr_decay": lr_decay, "grad_clip": grad_clip, "ema_decay": ema_decay,
                         "seed": seed, "data": str(data), "data_sha256": data_id,
                         "init_backbone": init_backbone is not None}}
+    if feature_loss:  # recorded only when used, so older checkpoints still resume
+        config["train"]["feature_loss"] = feature_loss
     torch.manual_seed(seed)
     op = build_operator(config)
     out = Path(out)
@@ -303,6 +309,7 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
         step = ck["step"]
     w = torch.tensor(lambdas).exp().clamp(1, 1e4)
     w = (w / w.mean()).reshape((1, -1) + (1,) * len(shape))
+    objective = _objective(w, feature_loss, shape)
     stop = steps if until is None else min(int(until), steps)
     it = range(step, stop)
     if progress:
@@ -311,7 +318,7 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     for step in it:
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # counter-based batches
         idx = torch.randint(0, x_T.shape[0], (batch,), generator=g)
-        loss = (w * (op(x_T[idx]) - traj[idx]) ** 2).mean()
+        loss = objective(op(x_T[idx]), traj[idx])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"operator loss is {loss.item()} at step {step}; the last "
                                      f"good checkpoint is kept at {out}")
@@ -334,6 +341,24 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
                         optimizer=opt.state_dict(), step=0)
     ema.eval()
     return ema
+
+
+def _objective(w: Tensor, feature_loss: float, shape: tuple[int, ...]):
+    """The training loss ``(pred, target) -> scalar``: the slot-weighted L2 loss, plus
+    ``feature_loss`` times the feature-space loss of the last slot."""
+    if not feature_loss:
+        return lambda pred, target: (w * (pred - target) ** 2).mean()
+    if len(shape) != 3 or shape[0] != 1 or shape[1] != shape[2]:
+        raise ValueError(f"feature_loss={feature_loss} needs digit images (1, S, S), but the "
+                         f"trajectories have states of shape {shape}")
+    from .training.data import to_source_resolution
+    from .training.feature_loss import digits_feature_loss
+    feat = digits_feature_loss()
+
+    def loss(pred: Tensor, target: Tensor) -> Tensor:
+        a, b = (to_source_resolution(x[:, -1], {"source_size": 8}) for x in (pred, target))
+        return (w * (pred - target) ** 2).mean() + feature_loss * feat(a, b)
+    return loss
 
 
 def load_operator(path: str | Path):
