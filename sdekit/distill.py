@@ -260,6 +260,7 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     if meta["sde"] != repr(sde):
         raise ValueError(f"the trajectories were made with {meta['sde']}, not {sde!r}")
     shape = tuple(meta["state_shape"])
+    check_feature_loss(feature_loss, shape)
     lambdas = [float(sde.lambda_(t)) for t in meta["times_out"]]
     operator = {"width": width, "layers": layers, "modes": modes, "experts": experts,
                 "skip": "full" if len(shape) == 1 else "scalar"}
@@ -343,14 +344,21 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     return ema
 
 
+def check_feature_loss(feature_loss: float, shape: Sequence[int]) -> None:
+    """Raise a ValueError unless a feature-space loss of weight ``feature_loss`` applies to
+    states of ``shape`` (digit images ``(1, S, S)``; any shape when the weight is 0)."""
+    shape = tuple(int(s) for s in shape)
+    if feature_loss and (len(shape) != 3 or shape[0] != 1 or shape[1] != shape[2]):
+        raise ValueError(f"feature_loss={feature_loss} needs digit images (1, S, S), but the "
+                         f"states have shape {shape}")
+
+
 def _objective(w: Tensor, feature_loss: float, shape: tuple[int, ...]):
     """The training loss ``(pred, target) -> scalar``: the slot-weighted L2 loss, plus
     ``feature_loss`` times the feature-space loss of the last slot."""
     if not feature_loss:
         return lambda pred, target: (w * (pred - target) ** 2).mean()
-    if len(shape) != 3 or shape[0] != 1 or shape[1] != shape[2]:
-        raise ValueError(f"feature_loss={feature_loss} needs digit images (1, S, S), but the "
-                         f"trajectories have states of shape {shape}")
+    check_feature_loss(feature_loss, shape)
     from .training.data import to_source_resolution
     from .training.feature_loss import digits_feature_loss
     feat = digits_feature_loss()

@@ -124,3 +124,16 @@ def test_train_operator_records_and_resumes_the_feature_loss(tmp_path, monkeypat
     # without the option nothing is recorded (older checkpoints keep resuming)
     train_operator(tmp_path / "traj", tmp_path / "plain.pt", sde, **kw)
     assert "feature_loss" not in load_checkpoint(tmp_path / "plain.pt")["config"]["train"]
+
+
+def test_distill_cli_refuses_a_feature_loss_on_vectors_before_any_work(tmp_path, capsys):
+    from sdekit.cli.main import main as cli
+    out = tmp_path / "op"
+    assert cli(["distill", "--problem", "gaussian", "--dim", "4", "--out", str(out),
+                "--n", "64", "--train-steps", "1", "--feature-loss", "0.5", "--quiet"]) == 2
+    assert "feature_loss=0.5 needs digit images (1, S, S)" in capsys.readouterr().err
+    assert not (out / "trajectories").exists()
+    with pytest.raises(SystemExit) as e:
+        cli(["distill", "--problem", "gaussian", "--out", str(out), "--feature-loss", "-1"])
+    assert e.value.code == 2
+    assert "--feature-loss: -1 is invalid: expected a number >= 0" in capsys.readouterr().err
