@@ -121,7 +121,8 @@ def write_report(res_file: Path) -> None:
               f"{r['steps']} x {r['batch']} | {r['lr']:g} | {r['feature_loss']:g} | "
               f"{r['fd']:.2f} | {r['trajectories_cpu_s'] or NOTE} | "
               f"{r['training_cpu_s']} ({r['training_wall_s']}) | `{command(r)}` |"
-              for r in sorted(rows, key=lambda r: (r["n"], r["steps"], r["feature_loss"]))]
+              for r in sorted(rows, key=lambda r: (r["n"], r["steps"], r["lr"],
+                                                   r["feature_loss"]))]
     res_file.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
