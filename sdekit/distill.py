@@ -8,7 +8,9 @@ one-pass :class:`~sdekit.models.fno.TrajectoryOperator` trained to reproduce the
    with other settings or another teacher); a shard that fails its content hash is regenerated.
 2. :func:`train_operator` regresses the trajectories with the weighted L2 loss
    ``sum_k w_k |pred_k - target_k|^2``, ``w_k = clamp(sqrt(SNR_k), 1, 1e4)`` (the paper's weights;
-   L2 instead of LPIPS), Adam, EMA, atomic checkpoints and exact resume. The backbone runs
+   L2 instead of LPIPS; for digits, ``feature_loss`` adds a feature-space term on the last slot
+   in the features of a network that is not the FD-digits one), Adam, EMA, atomic checkpoints
+   and exact resume. The backbone runs
    either once per output time (``backbone_at="slots"``, beside a least-squares linear path:
    exact for a linear teacher) or once at ``x_T``'s own noise level (``"start"``, each slot
    starting from its one-step DDIM estimate: a teacher-initialised operator begins as the
