@@ -8,7 +8,9 @@ one-pass :class:`~sdekit.models.fno.TrajectoryOperator` trained to reproduce the
    with other settings or another teacher); a shard that fails its content hash is regenerated.
 2. :func:`train_operator` regresses the trajectories with the weighted L2 loss
    ``sum_k w_k |pred_k - target_k|^2``, ``w_k = clamp(sqrt(SNR_k), 1, 1e4)`` (the paper's weights;
-   L2 instead of LPIPS), Adam, EMA, atomic checkpoints and exact resume. The backbone runs
+   L2 instead of LPIPS; for digits, ``feature_loss`` adds a feature-space term on the last slot
+   in the features of a network that is not the FD-digits one), Adam, EMA, atomic checkpoints
+   and exact resume. The backbone runs
    either once per output time (``backbone_at="slots"``, beside a least-squares linear path:
    exact for a linear teacher) or once at ``x_T``'s own noise level (``"start"``, each slot
    starting from its one-step DDIM estimate: a teacher-initialised operator begins as the
@@ -24,12 +26,12 @@ import math
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from ._utils import require
+from ._utils import is_real, require
 from .dynamics.parameterization import DiffusionModel
 from .grids import make_grid
 from .integrate import sample
@@ -258,7 +260,8 @@ def _operator_config(data: str | Path, sde: ForwardSDE, meta: dict[str, Any],
 
 class _OperatorFit(FitLoop):
     """:class:`~sdekit.training.trainer.FitLoop` on a trajectory dataset: the weighted L2 loss
-    ``sum_k w_k |pred_k - target_k|^2`` on a batch of ``batch`` trajectories drawn with a
+    ``sum_k w_k |pred_k - target_k|^2`` (plus the feature-space term: :func:`_objective`) on a
+    batch of ``batch`` trajectories drawn with a
     generator seeded by ``(seed, step)``."""
 
     resume_hint = "remove it or use the same settings to resume"
@@ -270,12 +273,14 @@ class _OperatorFit(FitLoop):
                          checkpoint_path=out, progress=progress, desc="operator")
         self.x_T, self.traj, self.config, self.batch, self.seed = x_T, traj, config, batch, seed
         w = torch.tensor(config["lambdas"]).exp().clamp(1, 1e4)   # clamp(sqrt(SNR_k), 1, 1e4)
-        self.w = (w / w.mean()).reshape((1, -1) + (1,) * (traj.dim() - 2))
+        w = (w / w.mean()).reshape((1, -1) + (1,) * (traj.dim() - 2))
+        self.objective = _objective(w, config["train"].get("feature_loss", 0.0),
+                                    tuple(config["state_shape"]))
 
     def loss_at(self, step: int) -> Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)  # counter-based batches
         idx = torch.randint(0, self.x_T.shape[0], (self.batch,), generator=g)
-        return (self.w * (self.net(self.x_T[idx]) - self.traj[idx]) ** 2).mean()
+        return self.objective(self.net(self.x_T[idx]), self.traj[idx])
 
     def saved_config(self) -> dict[str, Any]:
         return self.config
@@ -298,7 +303,7 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
                    batch: int = 128, lr: float = 2e-4, warmup: int = 100,
                    lr_decay: str = "cosine", grad_clip: float = 1.0, ema_decay: float = 0.999,
                    seed: int = 0, checkpoint_every: int = 500, until: int | None = None,
-                   progress: bool = False) -> torch.nn.Module:
+                   feature_loss: float = 0.0, progress: bool = False) -> torch.nn.Module:
     """Train (or resume training) an operator on a trajectory dataset; returns the EMA operator.
 
     ``backbone_at``: ``"slots"`` runs the backbone on ``x_T`` once per output time (conditioned
@@ -316,6 +321,9 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     infinite loss stops with :class:`~sdekit.training.trainer.TrainingDiverged`, keeping the
     last checkpoint. ``until`` stops (with a checkpoint) before ``steps``: a later call resumes
     exactly where it stopped.
+    ``feature_loss`` > 0 adds that multiple of a feature-space loss on the last slot (digits
+    states only: :func:`sdekit.training.feature_loss.digits_feature_loss`, a network that is
+    not the FD-digits evaluation network) to the L2 loss.
     """
     require(isinstance(batch, int) and batch >= 1, "batch", batch, "an integer >= 1")
     require(isinstance(checkpoint_every, int) and checkpoint_every >= 1, "checkpoint_every",
@@ -323,15 +331,20 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     require(isinstance(grad_clip, (int, float)) and grad_clip >= 0, "grad_clip", grad_clip,
             "a number >= 0 (0 or inf: no clipping)")
     require(backbone_at in ("slots", "start"), "backbone_at", backbone_at, "'slots' or 'start'")
+    require(is_real(feature_loss) and feature_loss >= 0, "feature_loss", feature_loss,
+            "a number >= 0")
     fit = FitSettings(steps=steps, lr=lr, warmup=warmup, lr_decay=lr_decay,
                       grad_clip=grad_clip or math.inf, ema_decay=ema_decay,
                       ckpt_every=checkpoint_every)
     x_T, traj, meta = load_trajectories(data)
     if meta["sde"] != repr(sde):
         raise ValueError(f"the trajectories were made with {meta['sde']}, not {sde!r}")
+    check_feature_loss(feature_loss, meta["state_shape"])
     train = {"steps": steps, "batch": batch, "lr": lr, "warmup": warmup, "lr_decay": lr_decay,
              "grad_clip": grad_clip, "ema_decay": ema_decay, "seed": seed,
              "init_backbone": init_backbone is not None}
+    if feature_loss:  # recorded only when used, so older checkpoints still resume
+        train["feature_loss"] = feature_loss
     config = _operator_config(data, sde, meta, backbone, width=width, layers=layers,
                               modes=modes, experts=experts, backbone_at=backbone_at, train=train)
     torch.manual_seed(seed)
@@ -349,6 +362,32 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     if steps == 0:   # the untrained operator (e.g. the teacher's 1-NFE DDIM)
         loop.save()
     return loop.ema
+
+
+def check_feature_loss(feature_loss: float, shape: Sequence[int]) -> None:
+    """Raise a ValueError unless a feature-space loss of weight ``feature_loss`` applies to
+    states of ``shape`` (digit images ``(1, S, S)``; any shape when the weight is 0)."""
+    shape = tuple(int(s) for s in shape)
+    if feature_loss and (len(shape) != 3 or shape[0] != 1 or shape[1] != shape[2]):
+        raise ValueError(f"feature_loss={feature_loss} needs digit images (1, S, S), but the "
+                         f"states have shape {shape}")
+
+
+def _objective(w: Tensor, feature_loss: float, shape: tuple[int, ...]
+               ) -> Callable[[Tensor, Tensor], Tensor]:
+    """The training loss ``(pred, target) -> scalar``: the slot-weighted L2 loss, plus
+    ``feature_loss`` times the feature-space loss of the last slot."""
+    if not feature_loss:
+        return lambda pred, target: (w * (pred - target) ** 2).mean()
+    check_feature_loss(feature_loss, shape)
+    from .training.data import to_source_resolution
+    from .training.feature_loss import digits_feature_loss
+    feat = digits_feature_loss()
+
+    def loss(pred: Tensor, target: Tensor) -> Tensor:
+        a, b = (to_source_resolution(x[:, -1], {"source_size": 8}) for x in (pred, target))
+        return (w * (pred - target) ** 2).mean() + feature_loss * feat(a, b)
+    return loss
 
 
 def load_operator(path: str | Path) -> tuple[TrajectoryOperator, dict[str, Any]]:

@@ -13,6 +13,7 @@ from ._args import (
     alias,
     apply_threads,
     existing_file,
+    nonneg_float,
     nonneg_int,
     out_dir,
     positive_float,
@@ -69,6 +70,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
            "pass at x_T's own noise level, every slot starting from its one-step DDIM estimate "
            "(with --init-from-teacher the operator starts as the teacher's 1-NFE DDIM); auto "
            "(default): start with --init-from-teacher, slots otherwise")
+    a("--feature-loss", type=nonneg_float, default=0.0, metavar="WEIGHT",
+      help="add WEIGHT times a feature-space loss on the last slot (digits only; a feature "
+           "network of its own, not the FD-digits evaluation network; default 0: L2 only)")
     a("--init-from-teacher", action="store_true",
       help="use the teacher checkpoint's network (architecture and weights) as the backbone")
     a("--seed", type=seed_int, default=0, help="seed of the teacher's draws and of training")
@@ -114,12 +118,13 @@ def _teacher_network(args: argparse.Namespace, model: Any) -> tuple[dict, dict]:
 
 def run(args: argparse.Namespace) -> int:
     from .._io import atomic_write_bytes
-    from ..distill import generate_trajectories, train_operator
+    from ..distill import check_feature_loss, generate_trajectories, train_operator
 
     apply_threads(args.threads)
     t0 = time.perf_counter()
     try:
         sde, model, shape, teacher = _teacher(args)
+        check_feature_loss(args.feature_loss, shape)   # before the trajectories
         backbone = init = None
         backbone_at = args.backbone_at
         if backbone_at == "auto":
@@ -137,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                        modes=args.modes, experts=args.experts, backbone_at=backbone_at,
                        steps=args.train_steps,
                        batch=args.batch_size, lr=args.lr, seed=args.seed,
-                       progress=not args.quiet)
+                       feature_loss=args.feature_loss, progress=not args.quiet)
     except ValueError as e:  # BenchError and CheckpointError included; reported by main
         raise UsageError(str(e)) from e
     t2 = time.perf_counter()

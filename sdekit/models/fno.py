@@ -61,7 +61,7 @@ class TemporalSpectralConv(nn.Module):
         return torch.fft.irfft(out, n=K, dim=1).to(h.dtype)
 
 
-def _pointwise(lin: nn.Linear, h: Tensor) -> Tensor:
+def _pointwise(lin: nn.Module, h: Tensor) -> Tensor:
     """Apply a Linear over the channel axis (dim 2) of ``(B, K, C, *spatial)``."""
     return lin(h.movedim(2, -1)).movedim(-1, 2)
 
@@ -81,6 +81,11 @@ class TrajectoryOperator(nn.Module):
             module docstring); requires ``coeffs``.
         coeffs: ``(alphas, sigmas)`` of the K output times (with ``start``).
     """
+
+    lambdas: Tensor
+    start: Tensor
+    coeffs: Tensor
+    gate: nn.Sequential | None
 
     def __init__(self, backbone: nn.Module, state_shape: Sequence[int], lambdas: Sequence[float],
                  width: int = 64, layers: int = 2, modes: int = 2, skip: str = "full",
@@ -107,7 +112,7 @@ class TrajectoryOperator(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
         self.at_start = start is not None
-        if self.at_start:
+        if start is not None and coeffs is not None:
             if len(start) != 2 or len(coeffs) != 2 or any(len(c) != K for c in coeffs):
                 raise ValueError(f"start={start!r} must be (alpha_T, sigma_T) and coeffs two "
                                  f"sequences of {K} values (alphas, sigmas of the output times)")
@@ -124,10 +129,10 @@ class TrajectoryOperator(nn.Module):
         self.skip_weight = nn.Parameter(torch.zeros(shape))
         self.skip_bias = nn.Parameter(torch.zeros(experts, K, D))
         if experts > 1:  # softmax weights over the experts, per slot, from x_T
-            self.gate = nn.Sequential(nn.Linear(D, gate_width), nn.SiLU(),
-                                      nn.Linear(gate_width, K * experts))
-            nn.init.zeros_(self.gate[-1].weight)
-            nn.init.zeros_(self.gate[-1].bias)
+            last = nn.Linear(gate_width, K * experts)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+            self.gate = nn.Sequential(nn.Linear(D, gate_width), nn.SiLU(), last)
 
     @property
     def slots(self) -> int:
@@ -176,10 +181,10 @@ class TrajectoryOperator(nn.Module):
 
     def _ddim_from_start(self, x_T: Tensor) -> Tensor:
         """``(B, K, *shape)``: the one-step DDIM estimates from one backbone pass at x_T."""
-        a_T, s_T = (float(v) for v in self.start)
+        a_T, s_T = (v.to(x_T) for v in self.start)
         kind = getattr(self.backbone, "prediction", "eps")
-        lam = torch.full((x_T.shape[0],), math.log(a_T / s_T), dtype=x_T.dtype,
-                         device=x_T.device)
+        lam = torch.full((x_T.shape[0],), math.log(float(self.start[0] / self.start[1])),
+                         dtype=x_T.dtype, device=x_T.device)
         out = self._backbone(x_T / a_T if kind == "denoiser" else x_T, lam)
         eps = to_eps(kind, out, x_T, a_T, s_T)
         x0 = out if kind in ("x0", "denoiser") else from_eps("x0", eps, x_T, a_T, s_T)

@@ -72,12 +72,19 @@ def _shift(x: Tensor, g: torch.Generator, max_shift: int) -> Tensor:
 def train_classifier(recipe: dict[str, Any] = RECIPE,
                      verbose: bool = False) -> tuple[DigitClassifier, float]:
     """Train the FD-digits classifier on the training half; returns it and held-out accuracy."""
-    ds = load_dataset("digits")
-    assert ds.y is not None  # the digits ship with their labels
-    g = torch.Generator().manual_seed(recipe["seed"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe["seed"])
         clf = DigitClassifier(recipe["features"])
+    return clf, fit_classifier(clf, recipe, verbose)
+
+
+def fit_classifier(clf: nn.Module, recipe: dict[str, Any], verbose: bool = False) -> float:
+    """Train ``clf`` (a 10-class classifier of 8x8 digits) with ``recipe``'s settings (seed,
+    epochs, batch_size, lr, weight_decay, shift_aug) on the training half; returns its held-out
+    accuracy."""
+    ds = load_dataset("digits")
+    assert ds.y is not None  # the digits ship with their labels
+    g = torch.Generator().manual_seed(recipe["seed"])
     opt = torch.optim.AdamW(clf.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     n = ds.x.shape[0]
     bs = recipe["batch_size"]
@@ -98,8 +105,7 @@ def train_classifier(recipe: dict[str, Any] = RECIPE,
             print(f"fd-digits classifier epoch {ep + 1}: loss {loss.item():.4f}")
     clf.eval()
     with torch.no_grad():
-        acc = float((clf(ds.x_test).argmax(1) == ds.y_test).double().mean())
-    return clf, acc
+        return float((clf(ds.x_test).argmax(1) == ds.y_test).double().mean())
 
 
 def _stats(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
