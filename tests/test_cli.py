@@ -253,6 +253,7 @@ def test_option_free_sample_runs_and_records_the_default_rule(run_dir, tmp_path)
     assert meta["solver"] == "unipc_bh2(" + ", ".join(
         f"{k}={v}" for k, v in sorted(rule["options"].items())) + ")"
     assert meta["grid"] == rule["grid"] and meta["nfe"] == 10
+    assert meta["grid_options"] == rule["grid_options"] == {"lambda_floor": -2.5}
     x, _ = generate(net, sde, 6, steps=10, seed=0)
     np.testing.assert_array_equal(z["x"], x.numpy())
 

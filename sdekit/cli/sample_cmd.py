@@ -208,13 +208,14 @@ def _save(args: argparse.Namespace, x: Any, y: Any, nfe: int, net: Any, sde: Any
     png, npz = out.with_name(out.name + ".png"), out.with_name(out.name + ".npz")
     save_samples_png(png, x, nrow=10 if net.num_classes == 10 else None)
     transform = cfg.get("transform") or {}
-    solver, grid = args.solver, args.grid
+    solver, grid, grid_options = args.solver, args.grid, {}
     if solver is None:   # record what the option-free rule picked
         rule = default_config(sde, args.steps)
         solver = DEFAULT_SOLVER if grid else solver_label(rule["solver"], rule["options"])
-        grid = grid or rule["grid"]
+        if not grid:
+            grid, grid_options = rule["grid"], rule["grid_options"]
     meta = {"checkpoint": str(args.checkpoint), "solver": solver, "steps": args.steps,
-            "grid": grid,
+            "grid": grid, "grid_options": grid_options,
             "nfe": nfe, "seed": args.seed, "guidance": args.guidance, "ema": not args.raw,
             "cfg_rescale": args.cfg_rescale,
             "classifier": str(args.classifier) if clf is not None else None,
