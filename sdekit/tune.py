@@ -284,6 +284,260 @@ def _say(progress: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def _int_at_least(name: str, v: Any, lo: int) -> None:
+    """Raise a :class:`TuneError` unless ``v`` is an integer (not a bool) >= ``lo``."""
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
+        raise TuneError(f"{name}={v!r} is invalid: expected an integer >= {lo}")
+
+
+def _tune_solver(solver: str, opts: dict[str, Any], nfe: int) -> tuple[dict[str, Any], int]:
+    """The checked solver of :func:`tune`: its effective options and its steps at ``nfe``."""
+    try:
+        slv = get_solver(solver, **opts)
+        cfg = solver_config(solver, opts)
+    except (TypeError, ValueError) as e:
+        raise TuneError(str(e)) from None
+    check_tunable(slv)
+    _int_at_least("nfe", nfe, 1)
+    steps = _steps_for(slv, nfe)
+    if steps < 2:
+        raise TuneError(f"nfe={nfe} gives solver {solver!r} {steps} step: a grid of one step has "
+                        "nothing to tune (its ends are fixed); expected a budget of >= 2 steps")
+    return cfg, steps
+
+
+def _check_tune_limits(candidates: int, max_sweeps: int, teacher_factor: int, min_move: float,
+                       validation: float) -> None:
+    """Check the search limits and the validation fraction of :func:`tune`."""
+    for name, v, lo in (("candidates", candidates, 4), ("max_sweeps", max_sweeps, 0),
+                        ("teacher_factor", teacher_factor, 1)):
+        _int_at_least(name, v, lo)
+    if not (isinstance(min_move, (int, float)) and 0 < min_move < 0.5):
+        raise TuneError(f"min_move={min_move!r} is invalid: expected a number in (0, 0.5)")
+    if not (isinstance(validation, (int, float)) and 0 <= validation < 1):
+        raise TuneError(f"validation={validation!r} is invalid: expected a fraction in [0, 1)")
+
+
+def _split_calibration(x_cal: Tensor, x_ho: Tensor, validation: float) -> tuple[int, int]:
+    """The checked split of the calibration batch: ``(n_fit, n_val)`` states."""
+    if x_cal.shape == x_ho.shape and bool((x_cal == x_ho).all(dim=tuple(range(1, x_cal.ndim)))
+                                           .any()):
+        raise TuneError("heldout and calibration batches share initial states: they must differ")
+    n_val = round(validation * x_cal.shape[0])
+    n_fit = x_cal.shape[0] - n_val
+    if n_fit < 2 or (validation and n_val < 2):
+        raise TuneError(f"calibration batch of {x_cal.shape[0]} with validation={validation:g} "
+                        f"leaves {n_fit} states to fit and {n_val} to validate: expected >= 2 "
+                        "each (a larger calibration batch, or validation=0)")
+    return n_fit, n_val
+
+
+def _load_state(state: str | os.PathLike | None, fresh: bool, key: dict[str, Any],
+                key_json: str, progress: bool) -> dict[str, Any]:
+    """The saved state of this tuning run (empty when there is none or ``fresh``)."""
+    if state is None or not os.path.exists(state) or fresh:
+        return {}
+    st: dict[str, Any] = load_verified(state, "tuning state")
+    if st.get("key") != key_json:
+        old = json.loads(st.get("key", "{}"))
+        diff = sorted(k for k in set(old) | set(key) if old.get(k) != _json_norm(key).get(k))
+        raise TuneError(f"state file {str(state)!r} belongs to another tuning run (it "
+                        f"differs in {diff}): delete it, pass another state/out, or fresh="
+                        "True (--fresh)")
+    _say(progress, f"tune: resuming from {state} (stage {st.get('stage')})")
+    return st
+
+
+@dataclass
+class _Tuning:
+    """One tuning run's batches and resumable state ``st`` (``save`` writes it per stage)."""
+
+    run: _Run
+    nfe: int
+    x_cal: Tensor
+    x_ho: Tensor
+    n_fit: int
+    n_val: int
+    st: dict[str, Any]
+    key_json: str
+    state: str | os.PathLike | None
+    t_wall: float
+
+    def __post_init__(self) -> None:
+        self.spent = dict(self.st.get("spent", {"nfe": 0, "wall_s": 0.0, "evals": 0}))
+        self.fit, self.val = slice(0, self.n_fit), slice(self.n_fit, None)
+
+    def save(self, stage: str, **kw: Any) -> None:
+        """Record ``kw`` and the cost so far as ``stage`` and write the state file (if any)."""
+        st, spent, run = self.st, self.spent, self.run
+        st.update(kw, stage=stage, key=self.key_json)
+        st["spent"] = {"nfe": spent["nfe"] + run.nfe_spent, "evals": spent["evals"] + run.evals,
+                       "wall_s": spent["wall_s"] + time.perf_counter() - self.t_wall}
+        if self.state is not None:
+            save_verified(self.state, st)
+
+
+def _stage_references(tu: _Tuning, reference: str | Callable[[Tensor], Tensor],
+                      reference_tol: float | None) -> None:
+    """Stage 1: the converged reference solves of the calibration and held-out batches."""
+    if "ref_cal" in tu.st:
+        return
+    run = tu.run
+    _say(run.progress, f"tune {run.solver} @ {tu.nfe} NFE ({run.steps} steps): reference solves")
+    ref_cal, rinfo = _reference(run, tu.x_cal, reference, reference_tol)
+    ref_ho, _ = _reference(run, tu.x_ho, reference, reference_tol)
+    tu.save("reference", ref_cal=ref_cal, ref_ho=ref_ho, ref_info=json.dumps(rinfo))
+
+
+def _stage_named(tu: _Tuning) -> dict[str, Any]:
+    """Stage 2: the solver's errors on every grid of :data:`NAMED_GRIDS` (by label)."""
+    if "named" not in tu.st:
+        run, st, fit, val = tu.run, tu.st, tu.fit, tu.val
+        x_cal, ref_cal = tu.x_cal, st["ref_cal"]
+        named = {}
+        for g, gopt in NAMED_GRIDS:
+            label = g if not gopt else g + "(" + ",".join(f"{k}={v}" for k, v in gopt.items()) + ")"
+            try:
+                t = make_grid(run.sde, g, run.steps, **gopt)
+            except ValueError:
+                continue
+            named[label] = {"grid": g, "options": gopt,
+                            "fit_rms": run.error(x_cal[fit], ref_cal[fit], t),
+                            "validation_rms": run.error(x_cal[val], ref_cal[val], t)
+                            if tu.n_val else None,
+                            "heldout_rms": run.error(tu.x_ho, st["ref_ho"], t),
+                            "times": t.tolist()}
+        tu.save("named", named=json.dumps(named))
+    out: dict[str, Any] = json.loads(tu.st["named"])
+    return out
+
+
+def _stage_teacher(tu: _Tuning, teacher: str, candidates: int, teacher_factor: int) -> None:
+    """Stage 3: the teacher's states and x0 predictions at the candidate times."""
+    if "teacher_states" in tu.st or "dp_times" in tu.st:
+        return
+    run, sde, dm, x = tu.run, tu.run.sde, tu.run.model, tu.x_cal[tu.fit]
+    _say(run.progress, f"tune: teacher ({teacher}) on the candidate times")
+    cand = candidate_times(sde, candidates)
+    fine = _refine_times(sde, cand, teacher_factor)
+    n0 = dm.nfe
+    sol = sample(sde, dm, x, solver=teacher, grid=fine, save_at=cand.tolist(), float64=True)
+    states = torch.stack([sol.trajectory[float(t)] for t in cand]).double()
+    with torch.no_grad():
+        x0 = torch.stack([dm.predict(states[i].to(run.dtype), torch.tensor(float(t)), "x0")
+                          .double() for i, t in enumerate(cand)])
+    run.nfe_spent += dm.nfe - n0
+    teacher_rms = float((states[-1] - tu.st["ref_cal"][tu.fit]).pow(2).mean().sqrt())
+    tu.save("teacher", teacher_states=states, teacher_x0=x0, cand=cand, teacher_rms=teacher_rms)
+
+
+def _stage_dp(tu: _Tuning, named: dict[str, Any], best_label: str) -> None:
+    """Stage 4: the DP grid, and the two starts of the refinement (DP and best named grid)."""
+    st, run, steps, sde = tu.st, tu.run, tu.run.steps, tu.run.sde
+    if "dp_times" in st:
+        return
+    cand = st["cand"]
+    idx = dp_grid(sde.alpha(cand).double(), sde.sigma(cand).double(), st["teacher_states"],
+                  st["teacher_x0"], steps)
+    dp_times = cand[idx].clone()
+    dp_err = run.error(tu.x_cal[tu.fit], st["ref_cal"][tu.fit], dp_times)
+    named_t = torch.tensor(named[best_label]["times"], dtype=torch.float64)
+    _say(run.progress, f"tune: DP grid fit RMS {dp_err:.3e}, best named grid "
+                       f"{best_label} {named[best_label]['fit_rms']:.3e}")
+    st.pop("teacher_states"), st.pop("teacher_x0")   # not needed any more: keep it small
+    # two starts, each refined: the DP grid and the best named grid
+    starts = [(dp_times, dp_err), (named_t, named[best_label]["fit_rms"])]
+    runs = [{"cur": t, "cur_err": e, "start_err": e, "fk": [0.25] * (steps - 1), "dk": [1] * (steps - 1),
+             "sweeps": 0, "trace": []} for t, e in starts]
+    tu.save("dp", dp_times=dp_times, dp_err=dp_err, runs=runs)
+
+
+def _stage_refine(tu: _Tuning, max_sweeps: int, min_move: float) -> None:
+    """Stage 5: the coordinate search from each start (with a tqdm bar each)."""
+    from tqdm.auto import tqdm
+    run, runs = tu.run, tu.st["runs"]
+    for i, r in enumerate(runs):
+        bar = tqdm(total=max_sweeps, initial=r["sweeps"], unit="sweep", leave=False,
+                   desc=f"tune {run.solver}@{tu.nfe} start {i + 1}/{len(runs)}",
+                   disable=not run.progress, file=sys.stderr)
+        try:
+            _coordinate_search(run, tu.x_cal[tu.fit], tu.st["ref_cal"][tu.fit], r, max_sweeps,
+                               min_move, bar, lambda: tu.save("refine"))
+        finally:
+            bar.close()
+
+
+def _stage_select(tu: _Tuning, named: dict[str, Any], best_label: str) -> None:
+    """Stage 6: the grid kept, chosen on the validation part of the calibration batch among the
+    refined grids and the best named grid (a refined grid that only fits the fitted states loses
+    there)."""
+    if "selected" in tu.st:
+        return
+    run, x_cal, ref_cal, val = tu.run, tu.x_cal, tu.st["ref_cal"], tu.val
+    picks = [(f"refined from {w}", r["cur"], r["cur_err"])
+             for w, r in zip(("the DP grid", best_label), tu.st["runs"])]
+    picks.append((f"named grid {best_label}", torch.tensor(
+        named[best_label]["times"], dtype=torch.float64), named[best_label]["fit_rms"]))
+    if tu.n_val:
+        scores = [run.error(x_cal[val], ref_cal[val], t) for _, t, _ in picks]
+    else:
+        scores = [e for _, _, e in picks]
+    i = min(range(len(picks)), key=lambda j: scores[j])
+    tu.save("selected", selected=picks[i][0], cur=picks[i][1], cur_fit=picks[i][2],
+            cur_val=scores[i] if tu.n_val else None,
+            cur_cal=run.error(x_cal, ref_cal, picks[i][1]))
+
+
+def _tune_errors(st: Mapping[str, Any], named: dict[str, Any], best_label: str) -> dict[str, Any]:
+    """The ``errors`` part of a tuned grid's record."""
+    ho_err = float(st["heldout_rms"])
+    best_ho = min(named, key=lambda k: named[k]["heldout_rms"])
+    return {
+        "heldout_rms": ho_err, "calibration_rms": float(st["cur_cal"]),
+        "fit_rms": float(st["cur_fit"]), "validation_rms": st["cur_val"],
+        "selected": st["selected"], "dp_calibration_rms": float(st["dp_err"]),
+        "best_named_grid": {"by": "fit_rms", "grid": best_label,
+                            "fit_rms": named[best_label]["fit_rms"],
+                            "heldout_rms": named[best_label]["heldout_rms"]},
+        "best_named_grid_heldout": {"grid": best_ho,
+                                    "heldout_rms": named[best_ho]["heldout_rms"]},
+        "ratio_heldout": ho_err / named[best_ho]["heldout_rms"]
+        if named[best_ho]["heldout_rms"] > 0 else None,
+        "named_grids": {k: {kk: v[kk] for kk in ("fit_rms", "validation_rms", "heldout_rms")}
+                        for k, v in named.items()}}
+
+
+def _tune_record(tu: _Tuning, cfg: dict[str, Any], ident: Any, seeds: tuple[Any, Any],
+                 teacher: str, named: dict[str, Any], best_label: str) -> dict[str, Any]:
+    """The record of a finished tuning run (:attr:`TunedGrid.record`)."""
+    from . import __version__
+    st, run, x_cal, x_ho = tu.st, tu.run, tu.x_cal, tu.x_ho
+    best_run = min(st["runs"], key=lambda r: r["cur_err"])
+    return {
+        "format": TUNED_FORMAT, "created": _dt.datetime.now(_dt.timezone.utc)
+        .isoformat(timespec="seconds"), "sdekit": __version__,
+        "solver": run.solver, "solver_options": cfg, "solver_options_given": _json_norm(run.options),
+        "nfe": tu.nfe, "measured_nfe": int(st["measured_nfe"]), "steps": run.steps,
+        "sde": sde_fingerprint(run.sde), "model": ident,
+        "calibration": {"n": int(x_cal.shape[0]), "seeds": seeds[0],
+                        "states_sha256": content_hash(x_cal)},
+        "heldout": {"n": int(x_ho.shape[0]), "seeds": seeds[1],
+                    "states_sha256": content_hash(x_ho)},
+        "dtype": str(run.dtype).replace("torch.", ""),
+        "reference": json.loads(st["ref_info"]),
+        "teacher": {"solver": teacher, "candidates": int(st["cand"].numel()),
+                    "rms_vs_reference": float(st["teacher_rms"])},
+        "errors": _tune_errors(st, named, best_label),
+        "cost": {"wall_s": st["spent"]["wall_s"], "nfe": st["spent"]["nfe"],
+                 "solves": st["spent"]["evals"], "sweeps": best_run["sweeps"],
+                 "trace": best_run["trace"],
+                 "starts": [{"fit_rms_start": r["start_err"],
+                             "fit_rms": r["cur_err"], "sweeps": r["sweeps"]}
+                            for r in st["runs"]],
+                 "batch": int(x_cal.shape[0]), "fit": tu.n_fit, "validation": tu.n_val},
+    }
+
+
 def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver: str = "dpmpp_2m",
          nfe: int = 10, *, solver_options: Mapping[str, Any] | None = None,
          calibration: int | Tensor = 64, seeds: Sequence[int] | None = None, seed: int = 0,
@@ -331,40 +585,13 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
     t_wall = time.perf_counter()
     dm = as_model(model, sde, prediction)
     opts = dict(solver_options or {})
-    try:
-        slv = get_solver(solver, **opts)
-        cfg = solver_config(solver, opts)
-    except (TypeError, ValueError) as e:
-        raise TuneError(str(e)) from None
-    check_tunable(slv)
-    if not (isinstance(nfe, int) and not isinstance(nfe, bool) and nfe >= 1):
-        raise TuneError(f"nfe={nfe!r} is invalid: expected an integer >= 1")
-    steps = _steps_for(slv, nfe)
-    if steps < 2:
-        raise TuneError(f"nfe={nfe} gives solver {solver!r} {steps} step: a grid of one step has "
-                        "nothing to tune (its ends are fixed); expected a budget of >= 2 steps")
-    for name, v, lo in (("candidates", candidates, 4), ("max_sweeps", max_sweeps, 0),
-                        ("teacher_factor", teacher_factor, 1)):
-        if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
-            raise TuneError(f"{name}={v!r} is invalid: expected an integer >= {lo}")
-    if not (isinstance(min_move, (int, float)) and 0 < min_move < 0.5):
-        raise TuneError(f"min_move={min_move!r} is invalid: expected a number in (0, 0.5)")
-    if not (isinstance(validation, (int, float)) and 0 <= validation < 1):
-        raise TuneError(f"validation={validation!r} is invalid: expected a fraction in [0, 1)")
+    cfg, steps = _tune_solver(solver, opts, nfe)
+    _check_tune_limits(candidates, max_sweeps, teacher_factor, min_move, validation)
     _check_reference(reference)
     ident = model_identity(dm, model_tag)
     x_cal, cal_seeds, x_ho, ho_seeds = _batches(sde, calibration, seeds, seed, heldout,
                                                 heldout_seeds, heldout_seed, shape, dtype)
-    if x_cal.shape == x_ho.shape and bool((x_cal == x_ho).all(dim=tuple(range(1, x_cal.ndim)))
-                                           .any()):
-        raise TuneError("heldout and calibration batches share initial states: they must differ")
-    n_val = round(validation * x_cal.shape[0])
-    n_fit = x_cal.shape[0] - n_val
-    if n_fit < 2 or (validation and n_val < 2):
-        raise TuneError(f"calibration batch of {x_cal.shape[0]} with validation={validation:g} "
-                        f"leaves {n_fit} states to fit and {n_val} to validate: expected >= 2 "
-                        "each (a larger calibration batch, or validation=0)")
-    fit, val = slice(0, n_fit), slice(n_fit, None)
+    n_fit, n_val = _split_calibration(x_cal, x_ho, validation)
     run = _Run(sde, dm, solver, opts, steps, dtype, progress)
     key = {"format": STATE_FORMAT, "solver": solver, "solver_options": cfg, "nfe": nfe,
            "steps": steps, "sde": sde_fingerprint(sde), "model": ident,
@@ -376,159 +603,27 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
     key_json = json.dumps(key, sort_keys=True, default=str)
     if state is None and out is not None:
         state = str(out) + ".state.pt"
-    st: dict[str, Any] = {}
-    if state is not None and os.path.exists(state) and not fresh:
-        st = load_verified(state, "tuning state")
-        if st.get("key") != key_json:
-            old = json.loads(st.get("key", "{}"))
-            diff = sorted(k for k in set(old) | set(key) if old.get(k) != _json_norm(key).get(k))
-            raise TuneError(f"state file {str(state)!r} belongs to another tuning run (it "
-                            f"differs in {diff}): delete it, pass another state/out, or fresh="
-                            "True (--fresh)")
-        _say(progress, f"tune: resuming from {state} (stage {st.get('stage')})")
-    spent = dict(st.get("spent", {"nfe": 0, "wall_s": 0.0, "evals": 0}))
-
-    def save(stage: str, **kw: Any) -> None:
-        st.update(kw, stage=stage, key=key_json)
-        st["spent"] = {"nfe": spent["nfe"] + run.nfe_spent, "evals": spent["evals"] + run.evals,
-                       "wall_s": spent["wall_s"] + time.perf_counter() - t_wall}
-        if state is not None:
-            save_verified(state, st)
-
-    # 1. references
-    if "ref_cal" not in st:
-        _say(progress, f"tune {solver} @ {nfe} NFE ({steps} steps): reference solves")
-        ref_cal, rinfo = _reference(run, x_cal, reference, reference_tol)
-        ref_ho, _ = _reference(run, x_ho, reference, reference_tol)
-        save("reference", ref_cal=ref_cal, ref_ho=ref_ho, ref_info=json.dumps(rinfo))
-    ref_cal, ref_ho = st["ref_cal"], st["ref_ho"]
-    # 2. named grids
-    if "named" not in st:
-        named = {}
-        for g, gopt in NAMED_GRIDS:
-            label = g if not gopt else g + "(" + ",".join(f"{k}={v}" for k, v in gopt.items()) + ")"
-            try:
-                t = make_grid(sde, g, steps, **gopt)
-            except ValueError:
-                continue
-            named[label] = {"grid": g, "options": gopt,
-                            "fit_rms": run.error(x_cal[fit], ref_cal[fit], t),
-                            "validation_rms": run.error(x_cal[val], ref_cal[val], t)
-                            if n_val else None,
-                            "heldout_rms": run.error(x_ho, ref_ho, t), "times": t.tolist()}
-        save("named", named=json.dumps(named))
-    named = json.loads(st["named"])
+    st = _load_state(state, fresh, key, key_json, progress)
+    tu = _Tuning(run, nfe, x_cal, x_ho, n_fit, n_val, st, key_json, state, t_wall)
+    _stage_references(tu, reference, reference_tol)           # 1. references
+    named = _stage_named(tu)                                   # 2. named grids
     best_label = min(named, key=lambda k: named[k]["fit_rms"])
-    # 3. teacher trajectory
-    if "teacher_states" not in st and "dp_times" not in st:
-        _say(progress, f"tune: teacher ({teacher}) on the candidate times")
-        cand = candidate_times(sde, candidates)
-        fine = _refine_times(sde, cand, teacher_factor)
-        n0 = dm.nfe
-        sol = sample(sde, dm, x_cal[fit], solver=teacher, grid=fine, save_at=cand.tolist(),
-                     float64=True)
-        states = torch.stack([sol.trajectory[float(t)] for t in cand]).double()
-        with torch.no_grad():
-            x0 = torch.stack([dm.predict(states[i].to(dtype), torch.tensor(float(t)), "x0")
-                              .double() for i, t in enumerate(cand)])
-        run.nfe_spent += dm.nfe - n0
-        teacher_rms = float((states[-1] - ref_cal[fit]).pow(2).mean().sqrt())
-        save("teacher", teacher_states=states, teacher_x0=x0, cand=cand,
-             teacher_rms=teacher_rms)
-    # 4. dynamic programming
-    if "dp_times" not in st:
-        cand = st["cand"]
-        idx = dp_grid(sde.alpha(cand).double(), sde.sigma(cand).double(), st["teacher_states"],
-                      st["teacher_x0"], steps)
-        dp_times = cand[idx].clone()
-        dp_err = run.error(x_cal[fit], ref_cal[fit], dp_times)
-        named_t = torch.tensor(named[best_label]["times"], dtype=torch.float64)
-        _say(progress, f"tune: DP grid fit RMS {dp_err:.3e}, best named grid "
-                       f"{best_label} {named[best_label]['fit_rms']:.3e}")
-        st.pop("teacher_states"), st.pop("teacher_x0")   # not needed any more: keep it small
-        # two starts, each refined: the DP grid and the best named grid
-        starts = [(dp_times, dp_err), (named_t, named[best_label]["fit_rms"])]
-        runs = [{"cur": t, "cur_err": e, "start_err": e, "fk": [0.25] * (steps - 1), "dk": [1] * (steps - 1),
-                 "sweeps": 0, "trace": []} for t, e in starts]
-        save("dp", dp_times=dp_times, dp_err=dp_err, runs=runs)
-    # 5. refinement of each start
-    from tqdm.auto import tqdm
-    for i, r in enumerate(st["runs"]):
-        bar = tqdm(total=max_sweeps, initial=r["sweeps"], unit="sweep", leave=False,
-                   desc=f"tune {solver}@{nfe} start {i + 1}/{len(st['runs'])}",
-                   disable=not progress, file=sys.stderr)
-        try:
-            _coordinate_search(run, x_cal[fit], ref_cal[fit], r, max_sweeps, min_move, bar,
-                               lambda: save("refine"))
-        finally:
-            bar.close()
-    # 6. selection on the validation part of the calibration batch: the refined grids and the
-    # best named grid (a refined grid that only fits the fitted states loses there)
-    if "selected" not in st:
-        picks = [(f"refined from {w}", r["cur"], r["cur_err"])
-                 for w, r in zip(("the DP grid", best_label), st["runs"])]
-        picks.append((f"named grid {best_label}", torch.tensor(
-            named[best_label]["times"], dtype=torch.float64), named[best_label]["fit_rms"]))
-        if n_val:
-            scores = [run.error(x_cal[val], ref_cal[val], t) for _, t, _ in picks]
-        else:
-            scores = [e for _, _, e in picks]
-        i = min(range(len(picks)), key=lambda j: scores[j])
-        save("selected", selected=picks[i][0], cur=picks[i][1], cur_fit=picks[i][2],
-             cur_val=scores[i] if n_val else None,
-             cur_cal=run.error(x_cal, ref_cal, picks[i][1]))
-    cur, err = st["cur"], float(st["cur_cal"])
-    best_run = min(st["runs"], key=lambda r: r["cur_err"])
-    sweeps, trace = best_run["sweeps"], best_run["trace"]
-    # 7. held-out evaluation
-    if "heldout_rms" not in st:
-        ho = run.error(x_ho, ref_ho, cur)
-        save("done", heldout_rms=ho, measured_nfe=run.last_nfe)
-    ho_err = float(st["heldout_rms"])
-    best_ho = min(named, key=lambda k: named[k]["heldout_rms"])
-    measured = int(st["measured_nfe"])
-    from . import __version__
-    record = {
-        "format": TUNED_FORMAT, "created": _dt.datetime.now(_dt.timezone.utc)
-        .isoformat(timespec="seconds"), "sdekit": __version__,
-        "solver": solver, "solver_options": cfg, "solver_options_given": _json_norm(opts),
-        "nfe": nfe, "measured_nfe": int(measured), "steps": steps,
-        "sde": sde_fingerprint(sde), "model": ident,
-        "calibration": {"n": int(x_cal.shape[0]), "seeds": cal_seeds,
-                        "states_sha256": content_hash(x_cal)},
-        "heldout": {"n": int(x_ho.shape[0]), "seeds": ho_seeds,
-                    "states_sha256": content_hash(x_ho)},
-        "dtype": str(dtype).replace("torch.", ""),
-        "reference": json.loads(st["ref_info"]),
-        "teacher": {"solver": teacher, "candidates": int(st["cand"].numel()),
-                    "rms_vs_reference": float(st["teacher_rms"])},
-        "errors": {
-            "heldout_rms": ho_err, "calibration_rms": err, "fit_rms": float(st["cur_fit"]),
-            "validation_rms": st["cur_val"], "selected": st["selected"],
-            "dp_calibration_rms": float(st["dp_err"]),
-            "best_named_grid": {"by": "fit_rms", "grid": best_label,
-                                "fit_rms": named[best_label]["fit_rms"],
-                                "heldout_rms": named[best_label]["heldout_rms"]},
-            "best_named_grid_heldout": {"grid": best_ho,
-                                        "heldout_rms": named[best_ho]["heldout_rms"]},
-            "ratio_heldout": ho_err / named[best_ho]["heldout_rms"]
-            if named[best_ho]["heldout_rms"] > 0 else None,
-            "named_grids": {k: {kk: v[kk] for kk in ("fit_rms", "validation_rms",
-                                                     "heldout_rms")}
-                            for k, v in named.items()}},
-        "cost": {"wall_s": st["spent"]["wall_s"], "nfe": st["spent"]["nfe"],
-                 "solves": st["spent"]["evals"], "sweeps": sweeps, "trace": trace,
-                 "starts": [{"fit_rms_start": r["start_err"],
-                             "fit_rms": r["cur_err"], "sweeps": r["sweeps"]}
-                            for r in st["runs"]],
-                 "batch": int(x_cal.shape[0]), "fit": n_fit, "validation": n_val},
-    }
-    tg = TunedGrid(cur.clone(), record)
+    _stage_teacher(tu, teacher, candidates, teacher_factor)    # 3. teacher trajectory
+    _stage_dp(tu, named, best_label)                           # 4. dynamic programming
+    _stage_refine(tu, max_sweeps, min_move)                    # 5. refinement of each start
+    _stage_select(tu, named, best_label)                       # 6. selection
+    if "heldout_rms" not in st:                                # 7. held-out evaluation
+        ho = run.error(x_ho, st["ref_ho"], st["cur"])
+        tu.save("done", heldout_rms=ho, measured_nfe=run.last_nfe)
+    record = _tune_record(tu, cfg, ident, (cal_seeds, ho_seeds), teacher, named, best_label)
+    tg = TunedGrid(st["cur"].clone(), record)
     if out is not None:
         tg.save(out)
-    _say(progress, f"tune {solver} @ {nfe} NFE: held-out RMS {ho_err:.3e} (best named grid "
-                   f"{best_ho}: {named[best_ho]['heldout_rms']:.3e}); {record['cost']['nfe']} NFE "
-                   f"spent, {record['cost']['wall_s']:.1f} s")
+    errs = record["errors"]
+    best_ho = errs["best_named_grid_heldout"]
+    _say(progress, f"tune {solver} @ {nfe} NFE: held-out RMS {errs['heldout_rms']:.3e} (best "
+                   f"named grid {best_ho['grid']}: {best_ho['heldout_rms']:.3e}); "
+                   f"{record['cost']['nfe']} NFE spent, {record['cost']['wall_s']:.1f} s")
     return tg
 
 
@@ -618,6 +713,91 @@ class CachedReference:
         return self.refs[content_hash(x)]
 
 
+def _search_space(solvers: Sequence[str] | None,
+                  grids: Sequence[tuple[str, Mapping[str, Any]]] | None, nfe: int, tune_top: int
+                  ) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+    """The checked solvers and grids of :func:`search` (and its checked ``nfe``, ``tune_top``)."""
+    names = list(solvers) if solvers is not None else [n for n in solver_names() if _tunable(n)]
+    for n in names:
+        if n not in solver_names():
+            raise TuneError(f"unknown solver {n!r}: expected one of {solver_names()}")
+        check_tunable(get_solver(n))
+    grid_list = [(g, dict(o)) for g, o in (grids if grids is not None else NAMED_GRIDS)]
+    for g, _ in grid_list:
+        if g not in GRIDS or g == "interpolated":
+            raise TuneError(f"unknown grid {g!r}: expected one of "
+                            f"{sorted(k for k in GRIDS if k != 'interpolated')}")
+    _int_at_least("nfe", nfe, 1)
+    if not (isinstance(tune_top, int) and tune_top >= 0):
+        raise TuneError(f"tune_top={tune_top!r} is invalid: expected an integer >= 0")
+    return names, grid_list
+
+
+def _search_rows(run: _Run, plan: list[tuple[str, dict[str, Any], str, dict[str, Any]]],
+                 nfe: int, x_cal: Tensor, ref_cal: Tensor, x_ho: Tensor, ref_ho: Tensor
+                 ) -> list[dict[str, Any]]:
+    """One row per candidate of ``plan``: its calibration and held-out errors, or why not."""
+    from tqdm.auto import tqdm
+    rows = []
+    for n, o, g, go in tqdm(plan, desc=f"search @ {nfe} NFE", disable=not run.progress,
+                            leave=False, file=sys.stderr):
+        slv = get_solver(n, **o)
+        row: dict[str, Any] = {"solver": n, "options": o, "grid": g, "grid_options": go,
+                               "tuned": False}
+        try:
+            steps = _steps_for(slv, nfe)
+            times = make_grid(run.sde, g, steps, **go)
+        except ValueError as e:
+            rows.append({**row, "status": "skipped", "reason": str(e)})
+            continue
+        run.solver, run.options = n, o
+        row.update(steps=steps, calibration_rms=run.error(x_cal, ref_cal, times))
+        row["nfe"] = run.last_nfe
+        row["heldout_rms"] = run.error(x_ho, ref_ho, times)
+        row["status"] = "ok" if math.isfinite(row["calibration_rms"]) else "failed"
+        rows.append(row)
+    return rows
+
+
+def _top_configs(ok: list[dict[str, Any]], k: int) -> list[tuple[str, dict[str, Any]]]:
+    """The ``k`` best distinct (solver, options) of the ranked rows ``ok``."""
+    picked: list[tuple[str, dict[str, Any]]] = []
+    for r in ok:
+        if (r["solver"], r["options"]) not in picked:
+            picked.append((r["solver"], r["options"]))
+        if len(picked) == k:
+            break
+    return picked
+
+
+def _tuned_rows(run: _Run, picked: list[tuple[str, dict[str, Any]]], nfe: int,
+                batches: tuple[Tensor, list[int] | None, Tensor, list[int] | None],
+                cached: CachedReference, out_dir: str | os.PathLike | None,
+                model_tag: str | None, tune_options: Mapping[str, Any] | None
+                ) -> list[dict[str, Any]]:
+    """The rows of the grids tuned for the ``picked`` solver configurations."""
+    x_cal, cal_seeds, x_ho, ho_seeds = batches
+    rows = []
+    for n, o in picked:
+        path = None if out_dir is None else Path(out_dir) / (
+            f"{n}" + "".join(f"-{k}={v}" for k, v in sorted(o.items())) + f"-nfe{nfe}.json")
+        tg = tune(run.sde, run.model, n, nfe, solver_options=o, calibration=x_cal, heldout=x_ho,
+                  dtype=run.dtype, reference=cached, out=path, progress=run.progress,
+                  model_tag=model_tag, **dict(tune_options or {}))
+        tg.record["calibration"]["seeds"], tg.record["heldout"]["seeds"] = cal_seeds, ho_seeds
+        if path is not None:
+            tg.save(path)
+        errs = tg.record["errors"]
+        rows.append({"solver": n, "options": o, "grid": "tuned",
+                     "grid_file": None if path is None else str(path),
+                     "grid_options": {}, "tuned": True, "status": "ok",
+                     "steps": tg.steps, "nfe": tg.record["measured_nfe"],
+                     "calibration_rms": errs["calibration_rms"],
+                     "heldout_rms": errs["heldout_rms"], "times": tg.times.tolist(),
+                     "tuning_cost": tg.record["cost"]})
+    return rows
+
+
 def search(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], nfe: int, *,
            solvers: Sequence[str] | None = None,
            grids: Sequence[tuple[str, Mapping[str, Any]]] | None = None, tune_top: int = 0,
@@ -640,75 +820,24 @@ def search(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], nfe: 
     rest as rows marked ``tuned``. Returns ``{"winner": row, "table": rows (ranked), ...}``."""
     t0 = time.perf_counter()
     dm = as_model(model, sde, prediction)
-    names = list(solvers) if solvers is not None else [n for n in solver_names() if _tunable(n)]
-    for n in names:
-        if n not in solver_names():
-            raise TuneError(f"unknown solver {n!r}: expected one of {solver_names()}")
-        check_tunable(get_solver(n))
-    grid_list = [(g, dict(o)) for g, o in (grids if grids is not None else NAMED_GRIDS)]
-    for g, _ in grid_list:
-        if g not in GRIDS or g == "interpolated":
-            raise TuneError(f"unknown grid {g!r}: expected one of "
-                            f"{sorted(k for k in GRIDS if k != 'interpolated')}")
-    if not (isinstance(nfe, int) and not isinstance(nfe, bool) and nfe >= 1):
-        raise TuneError(f"nfe={nfe!r} is invalid: expected an integer >= 1")
-    if not (isinstance(tune_top, int) and tune_top >= 0):
-        raise TuneError(f"tune_top={tune_top!r} is invalid: expected an integer >= 0")
+    names, grid_list = _search_space(solvers, grids, nfe, tune_top)
     _check_reference(reference)
     ident = model_identity(dm, model_tag)
-    x_cal, cal_seeds, x_ho, ho_seeds = _batches(sde, calibration, seeds, seed, heldout,
-                                                heldout_seeds, heldout_seed, shape, dtype)
+    batches = _batches(sde, calibration, seeds, seed, heldout, heldout_seeds, heldout_seed,
+                       shape, dtype)
+    x_cal, cal_seeds, x_ho, ho_seeds = batches
     run = _Run(sde, dm, "", {}, 0, dtype, progress)
     ref_cal, rinfo = _reference(run, x_cal, reference, reference_tol)
     ref_ho, _ = _reference(run, x_ho, reference, reference_tol)
     plan = [(n, o, g, go) for n in names for o in solver_variants(n) for g, go in grid_list]
-    from tqdm.auto import tqdm
-    rows = []
-    for n, o, g, go in tqdm(plan, desc=f"search @ {nfe} NFE", disable=not progress,
-                            leave=False, file=sys.stderr):
-        slv = get_solver(n, **o)
-        row: dict[str, Any] = {"solver": n, "options": o, "grid": g, "grid_options": go,
-                               "tuned": False}
-        try:
-            steps = _steps_for(slv, nfe)
-            times = make_grid(sde, g, steps, **go)
-        except ValueError as e:
-            rows.append({**row, "status": "skipped", "reason": str(e)})
-            continue
-        run.solver, run.options = n, o
-        row.update(steps=steps, calibration_rms=run.error(x_cal, ref_cal, times))
-        row["nfe"] = run.last_nfe
-        row["heldout_rms"] = run.error(x_ho, ref_ho, times)
-        row["status"] = "ok" if math.isfinite(row["calibration_rms"]) else "failed"
-        rows.append(row)
+    rows = _search_rows(run, plan, nfe, x_cal, ref_cal, x_ho, ref_ho)
     ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["calibration_rms"])
-    tuned_rows = []
+    tuned_rows: list[dict[str, Any]] = []
     if tune_top:
         cached = CachedReference({content_hash(x_cal): ref_cal, content_hash(x_ho): ref_ho},
-                                  rinfo["method"])
-        picked: list[tuple[str, dict[str, Any]]] = []
-        for r in ok:
-            if (r["solver"], r["options"]) not in picked:
-                picked.append((r["solver"], r["options"]))
-            if len(picked) == tune_top:
-                break
-        for n, o in picked:
-            path = None if out_dir is None else Path(out_dir) / (
-                f"{n}" + "".join(f"-{k}={v}" for k, v in sorted(o.items())) + f"-nfe{nfe}.json")
-            tg = tune(sde, dm, n, nfe, solver_options=o, calibration=x_cal, heldout=x_ho,
-                      dtype=dtype, reference=cached, out=path, progress=progress,
-                      model_tag=model_tag, **dict(tune_options or {}))
-            tg.record["calibration"]["seeds"], tg.record["heldout"]["seeds"] = cal_seeds, ho_seeds
-            if path is not None:
-                tg.save(path)
-            errs = tg.record["errors"]
-            tuned_rows.append({"solver": n, "options": o, "grid": "tuned",
-                               "grid_file": None if path is None else str(path),
-                               "grid_options": {}, "tuned": True, "status": "ok",
-                               "steps": tg.steps, "nfe": tg.record["measured_nfe"],
-                               "calibration_rms": errs["calibration_rms"],
-                               "heldout_rms": errs["heldout_rms"], "times": tg.times.tolist(),
-                               "tuning_cost": tg.record["cost"]})
+                                 rinfo["method"])
+        tuned_rows = _tuned_rows(run, _top_configs(ok, tune_top), nfe, batches, cached, out_dir,
+                                 model_tag, tune_options)
     ranked = sorted(ok + tuned_rows, key=lambda r: r["calibration_rms"])
     for i, r in enumerate(ranked):
         r["rank"] = i + 1

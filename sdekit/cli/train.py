@@ -89,6 +89,7 @@ def _recipe_default(key: str, net: bool = False, flow: bool = False) -> str:
     return "default: " + ", ".join(f"{k} {v}" for k, v in vals.items())
 
 
+# over 60 lines: argparse declarations only (one option after another), nothing to split out
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from ..models import EMBEDDINGS, NET_PREDICTIONS, NETWORKS
     from ..sde import SDES

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._args import (
     RawHelpFormatter,
@@ -18,6 +18,9 @@ from ._args import (
     seed_int,
 )
 from .bench import _csv
+
+if TYPE_CHECKING:
+    from ..bench.problems import BenchProblem
 
 DEFAULT_OUT = Path("runs") / "tune"
 EPILOG = """\
@@ -97,17 +100,10 @@ def _option_kv(s: str) -> tuple[str, Any]:
         return key, val
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..bench.problems import PROBLEMS, resolve_problem
-    from ..sde import get_sde
-    from ..tune import TuneError, format_search, search, tune
-
-    builtin = args.problem in PROBLEMS
-    apply_threads(args.threads, 1 if builtin else None)
+def _check_args(args: argparse.Namespace, builtin: bool, problems: Any) -> None:
+    """Refuse the option combinations ``sdekit tune`` does not take (before any work)."""
     if not builtin and (args.sde is not None or args.dim is not None):
-        raise UsageError(f"--sde/--dim configure the built-in problems {sorted(PROBLEMS)} only, "
+        raise UsageError(f"--sde/--dim configure the built-in problems {sorted(problems)} only, "
                          f"not --problem {args.problem!r}")
     if not args.search and (args.solvers or args.tune_top):
         raise UsageError("--solvers/--tune-top go with --search")
@@ -118,6 +114,59 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out={str(args.out)!r} is invalid: expected a .json file name")
     if args.out is not None and args.out.is_dir():
         raise UsageError(f"--out={str(args.out)!r} is a directory: expected a .json file name")
+
+
+def _run_search(args: argparse.Namespace, problem: BenchProblem, name: str,
+                common: dict[str, Any]) -> int:
+    """``sdekit tune --search``: rank the candidates, write the ranking, print the winner."""
+    from ..tune import TuneError, format_search, search
+    out = args.out or DEFAULT_OUT / f"{name}-search-nfe{args.nfe}.json"
+    try:
+        result = search(problem.sde, problem.model, args.nfe, solvers=args.solvers or None,
+                        tune_top=args.tune_top, out_dir=out.parent,
+                        tune_options={"max_sweeps": args.max_sweeps}, **common)
+    except TuneError as e:
+        raise UsageError(str(e)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from ..bench.runner import atomic_write_json
+    atomic_write_json(out, result)
+    print(format_search(result))
+    w = result["winner"]
+    where = (f"its tuned grid {w['grid_file']}" if w.get("grid_file") else
+             f"the {w['grid']} grid" + (f" {w['grid_options']}" if w["grid_options"] else ""))
+    print(f"\nwinner: {w['solver']} {w['options'] or ''} on {where}: held-out RMS "
+          f"{w['heldout_rms']:.3e} at {w['nfe']} NFE ({result['cost']['nfe']} NFE spent, "
+          f"{result['cost']['wall_s']:.1f} s) -> {out}")
+    return 0
+
+
+def _run_tune(args: argparse.Namespace, problem: BenchProblem, name: str, options: dict[str, Any],
+              common: dict[str, Any]) -> int:
+    """``sdekit tune``: tune one solver's grid, write the grid file, print its summary."""
+    from ..tune import TuneError, tune
+    out = args.out or DEFAULT_OUT / f"{name}-{args.solver}-nfe{args.nfe}.json"
+    try:
+        tg = tune(problem.sde, problem.model, args.solver, args.nfe, solver_options=options,
+                  max_sweeps=args.max_sweeps, out=out, fresh=args.fresh, **common)
+    except TuneError as e:
+        raise UsageError(str(e)) from None
+    errs = tg.record["errors"]
+    print(json.dumps({"grid": str(out), "solver": tg.solver, "nfe": tg.nfe,
+                      "heldout_rms": errs["heldout_rms"],
+                      "best_named_grid": errs["best_named_grid_heldout"],
+                      "ratio": errs["ratio_heldout"], "cost": tg.record["cost"]}, indent=1))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..bench.problems import PROBLEMS, resolve_problem
+    from ..sde import get_sde
+
+    builtin = args.problem in PROBLEMS
+    apply_threads(args.threads, 1 if builtin else None)
+    _check_args(args, builtin, PROBLEMS)
     options = dict(args.solver_option)
     try:
         sde = get_sde(args.sde) if args.sde is not None else None
@@ -135,33 +184,5 @@ def run(args: argparse.Namespace) -> int:
         "model_tag": args.model_tag}
     name = problem.name + ("" if not builtin else f"-{args.sde or 'vp'}")
     if args.search:
-        out = args.out or DEFAULT_OUT / f"{name}-search-nfe{args.nfe}.json"
-        try:
-            result = search(problem.sde, problem.model, args.nfe, solvers=args.solvers or None,
-                            tune_top=args.tune_top, out_dir=out.parent,
-                            tune_options={"max_sweeps": args.max_sweeps}, **common)
-        except TuneError as e:
-            raise UsageError(str(e)) from None
-        out.parent.mkdir(parents=True, exist_ok=True)
-        from ..bench.runner import atomic_write_json
-        atomic_write_json(out, result)
-        print(format_search(result))
-        w = result["winner"]
-        where = (f"its tuned grid {w['grid_file']}" if w.get("grid_file") else
-                 f"the {w['grid']} grid" + (f" {w['grid_options']}" if w["grid_options"] else ""))
-        print(f"\nwinner: {w['solver']} {w['options'] or ''} on {where}: held-out RMS "
-              f"{w['heldout_rms']:.3e} at {w['nfe']} NFE ({result['cost']['nfe']} NFE spent, "
-              f"{result['cost']['wall_s']:.1f} s) -> {out}")
-        return 0
-    out = args.out or DEFAULT_OUT / f"{name}-{args.solver}-nfe{args.nfe}.json"
-    try:
-        tg = tune(problem.sde, problem.model, args.solver, args.nfe, solver_options=options,
-                  max_sweeps=args.max_sweeps, out=out, fresh=args.fresh, **common)
-    except TuneError as e:
-        raise UsageError(str(e)) from None
-    errs = tg.record["errors"]
-    print(json.dumps({"grid": str(out), "solver": tg.solver, "nfe": tg.nfe,
-                      "heldout_rms": errs["heldout_rms"],
-                      "best_named_grid": errs["best_named_grid_heldout"],
-                      "ratio": errs["ratio_heldout"], "cost": tg.record["cost"]}, indent=1))
-    return 0
+        return _run_search(args, problem, name, common)
+    return _run_tune(args, problem, name, options, common)
