@@ -13,7 +13,7 @@ from .dynamics.parameterization import DiffusionModel, as_model
 from .grids import make_grid
 from .guidance import check_guided_solver
 from ._utils import check_float_dtype, check_seed, compute_dtype
-from .noise import SeededNoise, sample_seeds
+from .noise import SeededNoise
 from .sde.base import ForwardSDE
 from .solvers.base import FixedGridSolver, OwnLoopSolver, Problem, Solver, raise_pending
 from .solvers.registry import DEFAULT_SOLVER, default_config, get_solver
@@ -185,7 +185,7 @@ def _noise_source(noise: Any, seed: int, seeds: Sequence[int] | None, n: int) ->
     """``noise``, else per-sample seeded noise for ``n`` samples (``seeds``, else from ``seed``)."""
     if noise is not None:
         return noise
-    return SeededNoise(list(seeds) if seeds is not None else sample_seeds(seed, n))
+    return SeededNoise(list(seeds)) if seeds is not None else SeededNoise.from_seed(seed, n)
 
 
 def check_projectable(slv: Solver, project: Any) -> None:

@@ -58,14 +58,38 @@ class SeededNoise:
     def __init__(self, seeds: Sequence[int]) -> None:
         for s in seeds:
             check_seed("seeds", s)
-        self.seeds = [int(s) for s in seeds]
-        self.gens = [torch.Generator().manual_seed(s) for s in self.seeds]
+        self._seeds: list[int] | None = [int(s) for s in seeds]
+        self._derive = (0, 0)
+        self.n = len(self._seeds)
+        self._gens: list[torch.Generator] | None = None   # made on the first draw
         # (event shape, dtype, device) -> [block of shape (draws, batch, *event), next draw]
         self._blocks: dict[tuple[Any, ...], list[Any]] = {}
 
+    @classmethod
+    def from_seed(cls, seed: int, n: int) -> SeededNoise:
+        """The noise of ``n`` samples with the seeds :func:`sample_seeds` ``(seed, n)``, derived
+        (and their generators made) on the first draw: a deterministic solve pays nothing."""
+        check_seed("seed", seed)
+        self = cls([])
+        self._seeds, self._derive, self.n = None, (int(seed), int(n)), int(n)
+        return self
+
+    @property
+    def seeds(self) -> list[int]:
+        if self._seeds is None:
+            self._seeds = sample_seeds(*self._derive)
+        return self._seeds
+
+    @property
+    def gens(self) -> list[torch.Generator]:
+        """Each sample's generator, seeded with its seed."""
+        if self._gens is None:
+            self._gens = [torch.Generator().manual_seed(s) for s in self.seeds]
+        return self._gens
+
     def _check(self, like: Tensor) -> None:
-        if like.shape[0] != len(self.gens):
-            raise ValueError(f"shape mismatch: the noise source has {len(self.gens)} per-sample "
+        if like.shape[0] != self.n:
+            raise ValueError(f"shape mismatch: the noise source has {self.n} per-sample "
                              f"seeds but the state has shape {tuple(like.shape)}")
 
     def randn(self, like: Tensor) -> Tensor:

@@ -367,3 +367,23 @@ def test_dpmpp_2m_matches_k_diffusion_sample_dpmpp_2m():
                   lower_order_final=False)
     assert ours.nfe == 8
     torch.testing.assert_close(ours.x, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_seeded_noise_from_a_seed_is_derived_on_the_first_draw_only(monkeypatch):
+    """SeededNoise.from_seed(seed, n) is SeededNoise(sample_seeds(seed, n)) draw for draw, and a
+    deterministic solve (no draw) derives no seed and makes no generator."""
+    from sdekit.noise import SeededNoise, sample_seeds
+    lazy, eager = SeededNoise.from_seed(7, 3), SeededNoise(sample_seeds(7, 3))
+    assert lazy._gens is None and lazy._seeds is None
+    like = torch.empty(3, 5)
+    assert torch.equal(lazy.randn(like), eager.randn(like)) and lazy.seeds == eager.seeds
+    sde, _ = _problem()
+    made = []
+    orig = SeededNoise.from_seed.__func__
+
+    def spy(cls, seed, n):
+        made.append(orig(cls, seed, n))
+        return made[-1]
+    monkeypatch.setattr(SeededNoise, "from_seed", classmethod(spy))
+    sample(sde, lambda x, t: torch.zeros_like(x), torch.randn(4, 3), solver="ddim", steps=3)
+    assert len(made) == 1 and made[0]._gens is None and made[0]._seeds is None

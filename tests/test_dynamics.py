@@ -362,3 +362,35 @@ def test_bad_predictions_and_inputs():
         m.eps(x, 2.0)
     with pytest.raises(ValueError, match=r"t=nan"):
         ReverseSDE(sde, m).drift(x, float("nan"))
+
+
+def test_unit_alpha_is_declared_exactly_where_alpha_is_one():
+    """ForwardSDE.unit_alpha (it lets a denoiser call skip x / alpha) is declared only where
+    alpha is 1 at every time, and by the built-in variance-exploding processes (a custom
+    schedule with alpha = 1 does not declare it: only a missed shortcut)."""
+    from conftest import SDE_FACTORIES
+    for name in SDE_FACTORIES:
+        sde = make_sde(name)
+        t = torch.linspace(sde.t_min, sde.T, 17, dtype=torch.float64)
+        if sde.unit_alpha:
+            assert bool((sde.alpha(t) == 1).all()), name
+    assert [n for n in SDE_FACTORIES if make_sde(n).unit_alpha] == ["ve", "edm"]
+
+
+def test_a_denoiser_on_a_unit_alpha_process_sees_the_state_itself():
+    """On EDM / VE the denoiser's input x / alpha is x: the network gets the state tensor (no
+    division pass, no copy) and the result is the one of the explicit division."""
+    from sdekit.sde import EDMSDE, VPSDE
+    seen = []
+
+    def net(x, c):
+        seen.append(x)
+        return 0.5 * x
+    x = torch.randn(4, 3)
+    for sde in (EDMSDE(), VPSDE()):
+        seen.clear()
+        m = DiffusionModel(net, sde, "denoiser")
+        out = m.x0(x, 0.5)
+        a = float(sde.alpha(torch.tensor(0.5, dtype=torch.float64)))
+        assert (seen[0] is x) == sde.unit_alpha
+        torch.testing.assert_close(out, 0.5 * (x / a), rtol=0, atol=0)

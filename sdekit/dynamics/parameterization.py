@@ -296,8 +296,11 @@ def network_time_input(prediction: str, time_input: str | Callable[[Tensor], Ten
 
 def network_input(prediction: str, x: Tensor, alpha: Any) -> Tensor:
     """The state a network of kind ``prediction`` sees: ``x / alpha`` for a kind with
-    ``scaled_input`` (the denoiser), ``x`` otherwise."""
-    return x / alpha if prediction_kind(prediction).scaled_input else x
+    ``scaled_input`` (the denoiser), ``x`` otherwise (and where alpha is the number 1, as on
+    variance-exploding processes: no division, no copy)."""
+    if not prediction_kind(prediction).scaled_input or (isinstance(alpha, float) and alpha == 1.0):
+        return x
+    return x / alpha
 
 
 def _bcast(v: Any, like: Tensor) -> Tensor:
@@ -381,7 +384,7 @@ class DiffusionModel:
             if len(self._memo) >= self.MEMO_SIZE:
                 self._memo.clear()
             out = fn()
-            if not any(v.requires_grad for v in out):
+            if not any(isinstance(v, Tensor) and v.requires_grad for v in out):
                 self._memo[key] = out
         return out
 
@@ -408,10 +411,11 @@ class DiffusionModel:
         (float32 then; a DDPM network's timestep 999 stays 999)."""
         in_dtype = x.dtype if input_dtype is None else input_dtype
 
-        def factors() -> tuple[Tensor, ...]:
+        def factors() -> tuple[Any, Tensor]:
             tb = self._batch_time(x, t)
-            a = (append_dims(self.sde.alpha(tb).to(x), x.ndim)
-                 if prediction_kind(self.prediction).scaled_input else tb)
+            a: Any = tb   # unused unless the input is scaled
+            if prediction_kind(self.prediction).scaled_input:   # 1.0: no pass over x
+                a = 1.0 if self.sde.unit_alpha else append_dims(self.sde.alpha(tb).to(x), x.ndim)
             return a, self._cond(tb).to(compute_dtype(in_dtype))
 
         a, cond = (self._cached(("raw", in_dtype), x, t, factors) if not callable(self.time_input)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any
+from typing import Any, ClassVar
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +42,8 @@ class ForwardSDE(abc.ABC):
 
     t_min: float
     T: float
+    #: alpha(t) = 1 at every t (variance exploding: VE, EDM); lets model calls skip x / alpha
+    unit_alpha: ClassVar[bool] = False
 
     def __init__(self, t_min: float, T: float) -> None:
         if not (is_real(t_min) and is_real(T) and 0 <= t_min < T):

@@ -18,6 +18,8 @@ class VESDE(ForwardSDE):
     std sigma_min. The prior is ``N(0, sigma_max^2 I)``.
     """
 
+    unit_alpha = True
+
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 0.0,
                  T: float = 1.0) -> None:
         require_finite_positive("sigma_min", sigma_min)
@@ -55,6 +57,8 @@ class EDMSDE(ForwardSDE):
     """EDM process (Karras et al. 2022, Table 1): ``sigma(t) = t``, ``alpha = 1``, ``f = 0``,
     ``g = sqrt(2 t)``, on ``[sigma_min, sigma_max]`` (0.002 and 80 by default). ``sigma_data`` is
     recorded for EDM preconditioning. Prior ``N(0, sigma_max^2 I)``."""
+
+    unit_alpha = True
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0,
                  sigma_data: float = 0.5) -> None:
