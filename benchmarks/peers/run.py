@@ -454,7 +454,9 @@ def flow_main(args: argparse.Namespace) -> None:
     import diffusers
     default_solver = "default_config: " + ", ".join(
         f"{n} NFE {sdekit.solvers.default_config(FLOW, n)['options']}" for n in (5, 10, 20))
-    default_grid = sdekit.solvers.default_config(FLOW, 10)["grid"]
+    rule = sdekit.solvers.default_config(FLOW, 10)
+    default_grid = rule["grid"] + (f"({', '.join(f'{k}={v}' for k, v in rule['grid_options'].items())})"
+                                   if rule["grid_options"] else "")
     problems = {}
     for pname in args.problems.split(","):
         prob = FlowProblem(pname, seed=args.seed)
