@@ -99,16 +99,21 @@ def _selected(pairs: list, solvers: list[str] | None) -> list:
     return [p for p in pairs if solvers is None or p[0] in solvers]
 
 
+def _counted(calls: dict[str, int], who: str, factor: float):
+    """A near-free network ``x -> factor * x`` that counts its calls in ``calls[who]``."""
+    def net(x, _t):
+        calls[who] += 1
+        return x * factor
+    return net
+
+
 def measure(kd, shape: tuple[int, ...], steps: int, rounds: int,
             solvers: list[str] | None = None) -> list[dict]:
     sde = sdekit.EDMSDE()
     calls = {"sdekit": 0, "k-diffusion": 0, "network": 0}
 
     def denoiser(who: str):
-        def D(x, sigma):
-            calls[who] += 1
-            return x * 0.5
-        return D
+        return _counted(calls, who, 0.5)
 
     model = sdekit.DiffusionModel(denoiser("sdekit"), sde, prediction="denoiser")
     grid = sdekit.make_grid(sde, "karras", steps)
@@ -154,14 +159,7 @@ def measure_diffusers(shape: tuple[int, ...], steps: int, rounds: int,
     import diffusers
     sde = sdekit.DiscreteDDPM()
     calls = {"sdekit": 0, "diffusers": 0, "network": 0}
-
-    def eps(who: str):
-        def net(x, t):
-            calls[who] += 1
-            return x * 0.1
-        return net
-
-    net_a, net_b, net_n = eps("sdekit"), eps("diffusers"), eps("network")
+    net_a, net_b, net_n = (_counted(calls, who, 0.1) for who in ("sdekit", "diffusers", "network"))
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
     def network(nfe: int) -> None:
