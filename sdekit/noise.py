@@ -59,7 +59,7 @@ class SeededNoise:
         for s in seeds:
             check_seed("seeds", s)
         self._seeds: list[int] | None = [int(s) for s in seeds]
-        self._derive = (0, 0)
+        self._derive: tuple[int, int] | None = None   # (seed, n) of from_seed, until derived
         self.n = len(self._seeds)
         self._gens: list[torch.Generator] | None = None   # made on the first draw
         # (event shape, dtype, device) -> [block of shape (draws, batch, *event), next draw]
@@ -77,6 +77,7 @@ class SeededNoise:
     @property
     def seeds(self) -> list[int]:
         if self._seeds is None:
+            assert self._derive is not None  # from_seed set it
             self._seeds = sample_seeds(*self._derive)
         return self._seeds
 
