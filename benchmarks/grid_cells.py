@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import sdekit
 from default_rule import DIM, KINDS, NFES, SDES, rms
+
+import sdekit
 from sdekit.bench.problems import gaussian_problem, gmm_problem
 from sdekit.bench.runner import steps_for_budget
 from sdekit.grids import make_grid

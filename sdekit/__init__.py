@@ -1,17 +1,40 @@
 """sdekit: diffusion sampling as numerical ODE/SDE solving."""
 from .analytic import GaussianData, GaussianMixtureData
-from .solvers import Solver, get_solver, list_solvers, register, solver_names
-from .solvers.analytic_dpm import MomentTable, estimate_moments
-from .dynamics import (DiffusionModel, NFECounter, ProbabilityFlowODE, ReverseSDE, as_model)
+from .dynamics import DiffusionModel, NFECounter, ProbabilityFlowODE, ReverseSDE, as_model
 from .grids import GRIDS, make_grid
 from .integrate import Solution, sample
-from .inverse import (DDRMSolver, Denoising, Inpainting, MatrixOperator, SuperResolution,
-                      SVDOperator, ddrm, dps, inpaint, replacement, sdedit)
+from .inverse import (
+    DDRMSolver,
+    Denoising,
+    Inpainting,
+    MatrixOperator,
+    SuperResolution,
+    SVDOperator,
+    ddrm,
+    dps,
+    inpaint,
+    replacement,
+    sdedit,
+)
 from .likelihood import LikelihoodResult, likelihood
 from .noise import BrownianNoise, SeededNoise
+from .sde import (
+    EDMSDE,
+    VESDE,
+    VPSDE,
+    CosineVPSDE,
+    CustomSDE,
+    DiscreteDDPM,
+    FlowSDE,
+    ForwardSDE,
+    LinearInterpolantSDE,
+    SubVPSDE,
+    TrigFlowSDE,
+    get_sde,
+)
+from .solvers import Solver, get_solver, list_solvers, register, solver_names
+from .solvers.analytic_dpm import MomentTable, estimate_moments
 from .tune import TunedGrid, load_tuned_grid, search, tune
-from .sde import (EDMSDE, VESDE, VPSDE, CosineVPSDE, CustomSDE, DiscreteDDPM, FlowSDE,
-                  ForwardSDE, LinearInterpolantSDE, SubVPSDE, TrigFlowSDE, get_sde)
 
 __version__ = "0.1.0"
 

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -24,20 +24,20 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from ._io import IntegrityError, atomic_write_bytes, content_hash, load_verified, save_verified
 from ._utils import is_real, require
 from .dynamics.parameterization import DiffusionModel
 from .grids import make_grid
 from .integrate import sample
 from .noise import sample_seeds
 from .sde.base import ForwardSDE
-from ._io import IntegrityError, atomic_write_bytes, content_hash, load_verified, save_verified
 from .training.checkpoint import load_state
 from .training.trainer import FitLoop, FitSettings
 

@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from ._utils import check_float_dtype, check_seed, compute_dtype
 from .dynamics.parameterization import DiffusionModel, as_model
 from .grids import make_grid
 from .guidance import check_guided_solver
-from ._utils import check_float_dtype, check_seed, compute_dtype
 from .noise import SeededNoise
 from .sde.base import ForwardSDE
 from .solvers.base import FixedGridSolver, OwnLoopSolver, Problem, Solver, raise_pending

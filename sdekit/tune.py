@@ -59,9 +59,18 @@ from .noise import SeededNoise, sample_seeds
 from .sde.base import ForwardSDE
 from .solvers.base import ModelOutputError, Solver
 from .solvers.registry import _REGISTRY, DEFAULT_LAMBDA_FLOOR, get_solver, solver_names
-from .tuned_grid import (TUNED_FORMAT, TunedGrid, TuneError, _diff, _json_norm,  # noqa: F401
-                         is_grid_file, load_tuned_grid, model_identity, sde_fingerprint,
-                         solver_config)
+from .tuned_grid import (  # noqa: F401
+    TUNED_FORMAT,
+    TunedGrid,
+    TuneError,
+    _diff,
+    _json_norm,
+    is_grid_file,
+    load_tuned_grid,
+    model_identity,
+    sde_fingerprint,
+    solver_config,
+)
 
 STATE_FORMAT = "sdekit-tune-state/1"
 SEARCH_FORMAT = "sdekit-solver-search/1"

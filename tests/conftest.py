@@ -12,8 +12,18 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from sdekit.sde import (EDMSDE, VESDE, VPSDE, CosineVPSDE, CustomSDE, DiscreteDDPM, FlowSDE,
-                        ForwardSDE, SubVPSDE, TrigFlowSDE)
+from sdekit.sde import (
+    EDMSDE,
+    VESDE,
+    VPSDE,
+    CosineVPSDE,
+    CustomSDE,
+    DiscreteDDPM,
+    FlowSDE,
+    ForwardSDE,
+    SubVPSDE,
+    TrigFlowSDE,
+)
 
 # Modest example counts and no deadline: the machine running CI is small and shared.
 settings.register_profile("sdekit", max_examples=30, deadline=None,

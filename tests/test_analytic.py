@@ -6,11 +6,19 @@ import math
 
 import pytest
 import torch
+from conftest import (
+    assert_close,
+    finite_diff,
+    is_discrete,
+    make_sde,
+    off_knot_time,
+    random_spd,
+    random_vector,
+    time_at,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import (assert_close, finite_diff, is_discrete, make_sde, off_knot_time,
-                      random_spd, random_vector, time_at)
 from sdekit.analytic import GaussianData, GaussianMixtureData
 from sdekit.dynamics import ProbabilityFlowODE
 from sdekit.sde import ForwardSDE

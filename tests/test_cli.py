@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_TRAIN, run_cli
 
 from sdekit.cli import _args
 from sdekit.cli.main import build_parser, main
 from sdekit.training import load_checkpoint
 from sdekit.training.checkpoint import save_checkpoint
-
-from helpers import TINY_TRAIN, run_cli
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,17 @@ import pytest
 import torch
 
 import sdekit
-from sdekit.dynamics import (KINDS, PREDICTIONS, Coeffs, PredictionKind, ProbabilityFlowODE,
-                             ReverseSDE, convert, register_prediction, time_cond)
+from sdekit.dynamics import (
+    KINDS,
+    PREDICTIONS,
+    Coeffs,
+    PredictionKind,
+    ProbabilityFlowODE,
+    ReverseSDE,
+    convert,
+    register_prediction,
+    time_cond,
+)
 from sdekit.solvers import get_solver, solver_names
 from sdekit.training.losses import DSMLoss
 

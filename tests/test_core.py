@@ -6,13 +6,12 @@ import re
 
 import pytest
 import torch
+from helpers import gaussian_problem, load_k_diffusion, rms
 
 import sdekit
 from sdekit import BrownianNoise, SeededNoise, make_grid, sample
 from sdekit.grids import GRIDS
 from sdekit.solvers import ModelOutputError
-
-from helpers import gaussian_problem, load_k_diffusion, rms
 
 ALL_SDES = [sdekit.VPSDE, sdekit.CosineVPSDE, sdekit.SubVPSDE, sdekit.VESDE, sdekit.EDMSDE,
             sdekit.DiscreteDDPM]

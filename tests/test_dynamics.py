@@ -7,13 +7,21 @@ import math
 
 import pytest
 import torch
+from conftest import assert_close, make_sde, random_spd, random_vector, time_at
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import assert_close, make_sde, random_spd, random_vector, time_at
 from sdekit.analytic import GaussianData
-from sdekit.dynamics import (PREDICTIONS, DiffusionModel, NFECounter, ProbabilityFlowODE,
-                             ReverseSDE, as_model, from_eps, to_eps)
+from sdekit.dynamics import (
+    PREDICTIONS,
+    DiffusionModel,
+    NFECounter,
+    ProbabilityFlowODE,
+    ReverseSDE,
+    as_model,
+    from_eps,
+    to_eps,
+)
 from sdekit.sde import ForwardSDE
 
 F64 = torch.float64

@@ -10,14 +10,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import make_sde
 
 import sdekit
 from sdekit import DiscreteDDPM, GaussianData, make_grid, sample
 from sdekit.sde.base import ForwardSDE
 from sdekit.solvers import get_solver, solver_names
 from sdekit.solvers.exp_integrator import block_plan, ei_weights, phi
-
-from conftest import make_sde
 
 F64 = torch.float64
 FAST = ("dpm_solver", "dpmpp", "deis", "ipndm", "unipc", "unic")
@@ -438,6 +437,7 @@ def test_deis_tab3_caps_its_extrapolation_on_grids_packed_near_T(grid):
     700-7400x (RMS 0.5 and 28 at 10 NFE on 64-d Gaussians); its steps now lower their order
     until the amplification is at most DEISMultistep.MAX_AMPLIFICATION."""
     from helpers import gaussian_problem, rms
+
     from sdekit.solvers.base import Problem
 
     sde = sdekit.DiscreteDDPM.squaredcos()

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import TINY_TRAIN, fitted_slope, gaussian_problem, rms, run_cli
 
 import sdekit
 from sdekit import FlowSDE, GaussianData, make_grid, sample
@@ -13,8 +14,6 @@ from sdekit.dynamics import DiffusionModel, convert, from_eps, to_eps, to_x0
 from sdekit.grids import flux_mu, shift_factor, shift_times
 from sdekit.sde.base import ForwardSDE
 from sdekit.solvers import get_solver, solver_names
-
-from helpers import TINY_TRAIN, fitted_slope, gaussian_problem, rms, run_cli
 
 F64 = torch.float64
 FLOW = FlowSDE()

@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
+from helpers import gaussian_problem
 
 import sdekit
 from sdekit.grids import BENCH_GRIDS, GRIDS, make_grid
-
-from helpers import gaussian_problem
 
 SDES = {"vp": sdekit.VPSDE, "ve": sdekit.VESDE, "ddpm": sdekit.DiscreteDDPM,
         "cosine": sdekit.CosineVPSDE, "flow": sdekit.FlowSDE}

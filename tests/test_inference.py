@@ -8,12 +8,11 @@ import functools
 import numpy as np
 import pytest
 import torch
+from helpers import gaussian_problem
 
 import sdekit
 from sdekit import sample
 from sdekit.solvers import for_problem, get_solver, solver_names
-
-from helpers import gaussian_problem
 
 NAMES = solver_names()
 

@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from sdekit.dynamics import DiffusionModel, from_eps
-from sdekit.models import (ConditionedNet, FourierEmbedding, MLPScoreNet, SinusoidalEmbedding,
-                           UNet, build_network, wrap)
+from sdekit.models import (
+    ConditionedNet,
+    FourierEmbedding,
+    MLPScoreNet,
+    SinusoidalEmbedding,
+    UNet,
+    build_network,
+    wrap,
+)
 from sdekit.sde import EDMSDE, VESDE, VPSDE, DiscreteDDPM
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

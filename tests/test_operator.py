@@ -8,8 +8,13 @@ import pytest
 import torch
 
 import sdekit
-from sdekit.distill import (generate_trajectories, load_operator, load_trajectories,
-                            output_times, train_operator)
+from sdekit.distill import (
+    generate_trajectories,
+    load_operator,
+    load_trajectories,
+    output_times,
+    train_operator,
+)
 from sdekit.models.fno import TemporalSpectralConv
 
 

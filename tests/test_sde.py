@@ -6,13 +6,35 @@ import math
 
 import pytest
 import torch
+from conftest import (
+    NON_VP_NAMES,
+    SDE_NAMES,
+    assert_close,
+    custom_vp,
+    ddpm_table,
+    finite_diff,
+    is_discrete,
+    make_sde,
+    off_knot_time,
+    time_at,
+    vp_alpha_fn,
+    vp_sigma_fn,
+)
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from conftest import (NON_VP_NAMES, SDE_NAMES, assert_close, custom_vp, ddpm_table, finite_diff,
-                      is_discrete, make_sde, off_knot_time, time_at, vp_alpha_fn, vp_sigma_fn)
-from sdekit.sde import (EDMSDE, SDES, VESDE, VPSDE, CosineVPSDE, CustomSDE, DiscreteDDPM,
-                        ForwardSDE, SubVPSDE, get_sde)
+from sdekit.sde import (
+    EDMSDE,
+    SDES,
+    VESDE,
+    VPSDE,
+    CosineVPSDE,
+    CustomSDE,
+    DiscreteDDPM,
+    ForwardSDE,
+    SubVPSDE,
+    get_sde,
+)
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

@@ -6,13 +6,12 @@ import math
 
 import pytest
 import torch
+from conftest import INTERPOLANT_NAMES, SDE_NAMES, make_sde
+from helpers import ORDER_SDES, fitted_slope, gaussian_problem, model_kind, rms, start_for
 
 import sdekit
 from sdekit import BrownianNoise, make_grid, sample
 from sdekit.solvers import for_problem, get_solver, solver_names
-
-from conftest import INTERPOLANT_NAMES, SDE_NAMES, make_sde
-from helpers import ORDER_SDES, fitted_slope, gaussian_problem, model_kind, rms, start_for
 
 NAMES = solver_names()
 SOLVERS = {n: get_solver(n) for n in NAMES}

@@ -18,9 +18,20 @@ import torch
 from sdekit.cli.main import main as cli
 from sdekit.dynamics import from_eps
 from sdekit.sde import EDMSDE, VESDE, VPSDE, CosineVPSDE, DiscreteDDPM, SubVPSDE
-from sdekit.training import (DATASETS, CheckpointError, DSMLoss, Trainer, TrainingDiverged,
-                             generate, load_checkpoint, load_dataset, load_model, mode_coverage,
-                             recipe, sample_toy)
+from sdekit.training import (
+    DATASETS,
+    CheckpointError,
+    DSMLoss,
+    Trainer,
+    TrainingDiverged,
+    generate,
+    load_checkpoint,
+    load_dataset,
+    load_model,
+    mode_coverage,
+    recipe,
+    sample_toy,
+)
 from sdekit.training.checkpoint import save_checkpoint
 from sdekit.training.data import digits_split
 from sdekit.training.fd_digits import RECIPE, FDDigits, frechet_distance

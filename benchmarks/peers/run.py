@@ -47,9 +47,9 @@ import platform
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import numpy as np
 import torch

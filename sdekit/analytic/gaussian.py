@@ -13,8 +13,8 @@ arithmetic is float64; results come back in the input's dtype.
 from __future__ import annotations
 
 import math
-from typing import Any
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

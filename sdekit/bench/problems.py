@@ -26,15 +26,15 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
-from ..analytic import GaussianData, GaussianMixtureData
 from .._utils import sum_tensors
+from ..analytic import GaussianData, GaussianMixtureData
 from ..analytic.gaussian import random_covariance
 from ..dynamics.parameterization import DiffusionModel
 from ..sde.base import ForwardSDE

@@ -52,9 +52,15 @@ import torch
 from torch import Tensor
 
 from .. import __version__
-from .._io import (IntegrityError, LockedError, atomic_write_bytes, exclusive_lock,
-                   load_verified, save_verified)
 from .. import integrate as _driver
+from .._io import (
+    IntegrityError,
+    LockedError,
+    atomic_write_bytes,
+    exclusive_lock,
+    load_verified,
+    save_verified,
+)
 from ..grids import BENCH_GRIDS, GRIDS
 from ..integrate import sample
 from ..solvers.base import ModelOutputError, Solver

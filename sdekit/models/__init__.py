@@ -6,8 +6,8 @@ Build one from a JSON-able config with :func:`build_network` and hand it to the 
 """
 from __future__ import annotations
 
-from typing import Any
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -15,9 +15,8 @@ from torch import Tensor, nn
 from ..dynamics.parameterization import DiffusionModel
 from ..guidance import CFGNet, _check_scale
 from ..sde.base import ForwardSDE
-from .embedding import (EMBEDDINGS, NET_PREDICTIONS, FourierEmbedding, ScoreNet,
-                        SinusoidalEmbedding)
 from .classifier import NoisyClassifier
+from .embedding import EMBEDDINGS, NET_PREDICTIONS, FourierEmbedding, ScoreNet, SinusoidalEmbedding
 from .mlp import MLPScoreNet
 from .unet import UNet
 

@@ -8,7 +8,7 @@ from .custom import CustomSDE
 from .discrete import DiscreteDDPM
 from .flow import FlowSDE, LinearInterpolantSDE, TrigFlowSDE
 from .ve import EDMSDE, VESDE
-from .vp import CosineVPSDE, SubVPSDE, VPSDE
+from .vp import VPSDE, CosineVPSDE, SubVPSDE
 
 SDES: dict[str, type[ForwardSDE]] = {
     "vp": VPSDE, "cosine": CosineVPSDE, "subvp": SubVPSDE, "ve": VESDE, "edm": EDMSDE,

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any, ClassVar
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor

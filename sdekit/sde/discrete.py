@@ -15,8 +15,8 @@ is interpolated linearly, so that ``log alpha = log alpha_{N-2} + log(1 - w)``.
 from __future__ import annotations
 
 import math
-from typing import Any
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

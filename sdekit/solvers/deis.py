@@ -14,10 +14,10 @@ from .base import FixedGridSolver, ModelOutput, OneCallStepper, Problem, lambda_
 from .exp_integrator import (
     ExpIntegrator,
     Outputs,
-    push,
     ei_weights_per_step,
     gauss_legendre,
     lagrange_eval,
+    push,
 )
 from .ode import TABLES, ButcherTable
 from .registry import register

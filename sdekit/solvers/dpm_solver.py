@@ -13,11 +13,11 @@ from .base import AdaptiveSolver, FixedGridSolver, ModelOutput, OneCallStepper, 
 from .exp_integrator import (
     ExpIntegrator,
     Outputs,
-    push,
     block_plan,
     ei_weights,
     ei_weights_per_step,
     phi,
+    push,
 )
 from .registry import register
 

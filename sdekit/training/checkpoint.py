@@ -25,14 +25,20 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from collections.abc import Mapping
 
 import torch
 
-from .._io import (IntegrityError, atomic_write_bytes, content_hash, read_torch,
-                   save_verified, verify)
+from .._io import (
+    IntegrityError,
+    atomic_write_bytes,
+    content_hash,
+    read_torch,
+    save_verified,
+    verify,
+)
 
 FORMAT = "sdekit-checkpoint"
 VERSION = 1

@@ -14,13 +14,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor

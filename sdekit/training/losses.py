@@ -27,15 +27,22 @@ All losses are averaged over the data dimensions (so their scale does not grow w
 from __future__ import annotations
 
 import math
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._utils import append_dims, is_real, require
-from ..dynamics.parameterization import (PREDICTIONS, TIME_INPUTS, convert, network_input,
-                                         network_time_input, prediction_kind, time_cond)
+from ..dynamics.parameterization import (
+    PREDICTIONS,
+    TIME_INPUTS,
+    convert,
+    network_input,
+    network_time_input,
+    prediction_kind,
+    time_cond,
+)
 from ..sde.base import ForwardSDE
 from ..sde.discrete import DiscreteDDPM
 

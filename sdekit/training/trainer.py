@@ -28,7 +28,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
 from .._utils import is_real, require
 from ..models import build_network
 from ..sde import SDES, get_sde
