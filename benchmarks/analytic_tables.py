@@ -1,4 +1,5 @@
-"""Regenerate the analytic benchmark tables of docs/benchmarks.md (and record the results they came from).
+"""Regenerate the analytic benchmark tables of docs/benchmarks.md (and record the results they
+came from).
 
 For each analytic problem (the 16-dim Gaussian and the 16-dim, 8-mode Gaussian mixture, both
 under the linear VP SDE with exact scores) sweep every registered solver x every time grid at

@@ -239,7 +239,8 @@ def markdown(res: dict[str, Any]) -> str:
             cnt[f"{r['sde']}: {r['grid']}"] = cnt.get(f"{r['sde']}: {r['grid']}", 0) + 1
         lines.append(f"| {k} | {len(rs)} | " + ", ".join(f"{a} ({b})" for a, b in sorted(
             cnt.items())) + " |")
-    lines += ["", "| problem | SDE | solver | NFE | grid | RMS | best grid's RMS | ratio | reason |",
+    lines += ["",
+              "| problem | SDE | solver | NFE | grid | RMS | best grid's RMS | ratio | reason |",
               "|---|---|---|---:|---|---:|---:|---:|---|"]
     for r in sorted(v, key=lambda r: (r["solver"], r["sde"], r["problem"], r["nfe"])):
         lines.append(f"| {r['problem']} | {r['sde']} | {r['solver']} | {r['nfe']} | {r['grid']} "

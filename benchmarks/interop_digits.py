@@ -117,7 +117,8 @@ def markdown(r: dict) -> str:
     lines = [
         "# A trained digits U-Net: diffusers pipeline vs sdekit.sample",
         "",
-        (f"`python benchmarks/interop_digits.py` on a `sdekit train --data digits --sde {r['sde']}` "
+        (f"`python benchmarks/interop_digits.py` on a "
+        f"`sdekit train --data digits --sde {r['sde']}` "
         f"checkpoint (step {r['step']}, {r['prediction']} network, weights "
         f"`{r['weights_sha256'][:12]}`): {r['n']} samples, seed {r['seed']}, {r['nfe']} NFE "
         f"({r['nfe'] - 1} steps and the final x0), one CPU thread, torch {r['torch']}, "

@@ -70,7 +70,8 @@ def scores(x: torch.Tensor, m: torch.Tensor, C: torch.Tensor) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--results", type=Path, default=Path("benchmarks/results/inverse_gaussian.json"))
+    ap.add_argument("--results", type=Path,
+                    default=Path("benchmarks/results/inverse_gaussian.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows, t_all = [], time.perf_counter()

@@ -7,7 +7,8 @@ from sdekit.cli.solvers_cmd import batch_invariance, starts_at_t1
 
 
 def main() -> None:
-    print("| name | family | kind | order | strong order | NFE/step | default grid | batch invariant "
+    print("| name | family | kind | order | strong order | NFE/step | default grid "
+          "| batch invariant "
           "| starts at alpha = 0 (t = 1 of flow) | paper |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for s in sdekit.list_solvers():

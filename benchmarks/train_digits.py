@@ -3,7 +3,8 @@
 Runs exactly ``sdekit train --data digits --sde vp --threads T --out OUT`` (in-process), times
 it, then draws as many samples as the training half holds (901) with 20-NFE solvers from the EMA
 weights and reports FD-digits against the held-out half beside the real-vs-real floor (training
-half vs held-out half). Writes a JSON record, a Markdown snippet for docs/benchmarks.md and a PNG grid.
+half vs held-out half). Writes a JSON record, a Markdown snippet for docs/benchmarks.md and a PNG
+grid.
 
     python benchmarks/train_digits.py --threads 1
 

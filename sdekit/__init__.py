@@ -40,7 +40,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ForwardSDE", "VPSDE", "CosineVPSDE", "SubVPSDE", "VESDE", "EDMSDE", "DiscreteDDPM",
-    "FlowSDE", "TrigFlowSDE", "LinearInterpolantSDE", "CustomSDE", "get_sde", "DiffusionModel", "NFECounter", "as_model", "ReverseSDE",
+    "FlowSDE", "TrigFlowSDE", "LinearInterpolantSDE", "CustomSDE", "get_sde", "DiffusionModel",
+    "NFECounter", "as_model", "ReverseSDE",
     "ProbabilityFlowODE", "GaussianData", "GaussianMixtureData", "__version__",
     "sample", "Solution", "GRIDS", "make_grid", "SeededNoise", "BrownianNoise", "Solver",
     "get_solver", "list_solvers", "register", "solver_names", "likelihood", "LikelihoodResult",

@@ -44,12 +44,14 @@ def torch_single_thread():
 
 
 # ------------------------------------------------------------------ schedules
-def vp_alpha_fn(beta_min: float = 0.1, beta_max: float = 20.0) -> Callable[[torch.Tensor], torch.Tensor]:
+def vp_alpha_fn(beta_min: float = 0.1,
+                beta_max: float = 20.0) -> Callable[[torch.Tensor], torch.Tensor]:
     """The linear-VP alpha(t) written out independently of sdekit (Song et al. 2021, Eq. 29)."""
     return lambda t: torch.exp(-0.25 * t * t * (beta_max - beta_min) - 0.5 * t * beta_min)
 
 
-def vp_sigma_fn(beta_min: float = 0.1, beta_max: float = 20.0) -> Callable[[torch.Tensor], torch.Tensor]:
+def vp_sigma_fn(beta_min: float = 0.1,
+                beta_max: float = 20.0) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda t: torch.sqrt(-torch.expm1(-0.5 * t * t * (beta_max - beta_min) - t * beta_min))
 
 
@@ -132,14 +134,17 @@ def off_knot_time(sde: ForwardSDE, u: float, frac: float) -> float:
 def assert_close(actual, expected, rtol: float, atol: float = 0.0, msg: str = "") -> None:
     actual = torch.as_tensor(actual, dtype=torch.float64)
     expected = torch.as_tensor(expected, dtype=torch.float64)
-    assert actual.shape == expected.shape, f"{msg}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (f"{msg}: shape {tuple(actual.shape)} vs "
+                                            f"{tuple(expected.shape)}")
     err = (actual - expected).abs()
     bound = atol + rtol * expected.abs()
     if not bool((err <= bound).all()):
         i = int((err - bound).flatten().argmax())
         raise AssertionError(f"{msg}: max violation at flat index {i}: actual "
-                             f"{actual.flatten()[i].item()!r}, expected {expected.flatten()[i].item()!r}, "
-                             f"|err| = {err.flatten()[i].item():.3g} > {bound.flatten()[i].item():.3g}")
+                             f"{actual.flatten()[i].item()!r}, expected "
+                             f"{expected.flatten()[i].item()!r}, "
+                             f"|err| = {err.flatten()[i].item():.3g} > "
+                             f"{bound.flatten()[i].item():.3g}")
 
 
 def random_spd(dim: int, seed: int, floor: float = 0.05) -> torch.Tensor:
@@ -163,6 +168,7 @@ def finite_diff(fn: Callable[[float], torch.Tensor], t: float, h: float) -> torc
     return (-fn(t + 2 * h) + 8 * fn(t + h) - 8 * fn(t - h) + fn(t - 2 * h)) / (12 * h)
 
 
-__all__ = ["SDE_FACTORIES", "SDE_NAMES", "INTERPOLANT_NAMES", "NON_VP_NAMES", "make_sde", "is_discrete", "time_at",
-           "off_knot_time", "assert_close", "random_spd", "random_vector", "tol_for",
+__all__ = ["SDE_FACTORIES", "SDE_NAMES", "INTERPOLANT_NAMES", "NON_VP_NAMES", "make_sde",
+           "is_discrete", "time_at", "off_knot_time", "assert_close", "random_spd",
+           "random_vector", "tol_for",
            "finite_diff", "vp_alpha_fn", "vp_sigma_fn", "ddpm_table", "custom_vp", "custom_edm"]

@@ -56,7 +56,8 @@ def mixture(sde_name: str, event: tuple = (3,), K: int = 3, seed: int = 0) -> Ga
 def marginal_mvn(sde: ForwardSDE, mean, cov, t: float) -> torch.distributions.MultivariateNormal:
     a, s = float(sde.alpha(t)), float(sde.sigma(t))
     D = mean.numel()
-    return torch.distributions.MultivariateNormal(a * mean, a * a * cov + s * s * torch.eye(D, dtype=F64))
+    return torch.distributions.MultivariateNormal(a * mean,
+                                                  a * a * cov + s * s * torch.eye(D, dtype=F64))
 
 
 def probe_points(data, t: torch.Tensor, B: int, seed: int, dtype=F64) -> torch.Tensor:
@@ -165,7 +166,8 @@ def test_pf_ode_drift_is_time_derivative_of_flow(name, event, u, v, fr, seed):
     ode = ProbabilityFlowODE(sde, data.model("score"))
     drift = ode.drift(y, t)
     scale = float(drift.abs().max() + y.abs().max() * abs(float(sde.f(t))))
-    assert_close(dydt, drift, rtol=1e-6, atol=1e-7 * scale, msg=f"{sde!r}: d flow/dt vs PF-ODE drift")
+    assert_close(dydt, drift, rtol=1e-6, atol=1e-7 * scale,
+                 msg=f"{sde!r}: d flow/dt vs PF-ODE drift")
 
 
 @given(name=st.sampled_from(ORACLE_SDES), event=st.sampled_from(EVENTS),
@@ -277,7 +279,8 @@ def test_gmm_against_independent_formulas(name, event, us, per_sample, seed):
     (grad,) = torch.autograd.grad(lp.sum(), x)
     x = x.detach()
     score, x0, eps = data.score(x, t), data.x0(x, t), data.eps(x, t)
-    assert_close(score, grad, rtol=1e-8, atol=1e-9 * float(grad.abs().max()), msg="score vs autograd")
+    assert_close(score, grad, rtol=1e-8, atol=1e-9 * float(grad.abs().max()),
+                 msg="score vs autograd")
     xs = x.reshape(B, -1)
     for b, tb in enumerate(per_row(t, B)):
         a, s = float(sde.alpha(tb)), float(sde.sigma(tb))
@@ -316,7 +319,8 @@ def test_gmm_covariance_forms_agree():
     iso = GaussianMixtureData(sde, [1, 3], means, 0.3)
     per = GaussianMixtureData(sde, [1, 3], means, [0.3, 0.3])
     diag = GaussianMixtureData(sde, [1, 3], means, [[0.3, 0.3], [0.3, 0.3]])
-    full = GaussianMixtureData(sde, [0.25, 0.75], means, 0.3 * torch.eye(2, dtype=F64).expand(2, 2, 2))
+    full = GaussianMixtureData(sde, [0.25, 0.75], means,
+                               0.3 * torch.eye(2, dtype=F64).expand(2, 2, 2))
     ref = full.score(x, 0.3)
     for m in (iso, per, diag):
         assert_close(m.score(x, 0.3), ref, rtol=1e-12)
@@ -339,7 +343,8 @@ def test_gmm_marginal_sample_moments():
     a, s = float(data.sde.alpha(t)), float(data.sde.sigma(t))
     mus = torch.stack([c.mean for c in data.components])
     m = data.weights @ mus
-    second = sum(w * (c.cov + torch.outer(c.mean, c.mean)) for w, c in zip(data.weights, data.components))
+    second = sum(w * (c.cov + torch.outer(c.mean, c.mean))
+                 for w, c in zip(data.weights, data.components))
     cov0 = second - torch.outer(m, m)
     g = torch.Generator().manual_seed(5)
     n = 20000

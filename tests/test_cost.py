@@ -120,7 +120,8 @@ def test_operator_in_start_mode_costs_one_backbone_pass():
     backbone = build_network({"name": "mlp", "data_shape": [D], "width": 32, "depth": 2})
     lams = [2.0, 0.5, -1.0, -3.0]
     op = TrajectoryOperator(backbone, (D,), lams, width=width, layers=2, modes=2,
-                            start=(0.1, 0.99), coeffs=([0.2, 0.5, 0.8, 0.99], [0.98, 0.8, 0.6, 0.1]))
+                            start=(0.1, 0.99),
+                            coeffs=([0.2, 0.5, 0.8, 0.99], [0.98, 0.8, 0.6, 0.1]))
     x = torch.randn(B, D)
     with count_macs() as one:
         backbone(x, torch.zeros(B))

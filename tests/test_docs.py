@@ -211,7 +211,8 @@ def test_names_in_backticks_exist():
 #: format the driver reads, sits with the driver)
 LAYERS = ["sdekit._utils sdekit._io", "sdekit.sde", "sdekit.dynamics.parameterization",
           "sdekit.dynamics sdekit.guidance", "sdekit.grids", "sdekit.noise", "sdekit.solvers",
-          "sdekit.integrate sdekit.tuned_grid", "sdekit.analytic", "sdekit.likelihood sdekit.inverse",
+          "sdekit.integrate sdekit.tuned_grid", "sdekit.analytic",
+          "sdekit.likelihood sdekit.inverse",
           "sdekit.interop", "sdekit.models", "sdekit.training sdekit.interop.export",
           "sdekit.distill", "sdekit.bench sdekit.tune",
           "sdekit.cli"]

@@ -102,8 +102,8 @@ def test_to_eps_from_eps_are_inverse(name, shape, us, per_sample, dtype, seed):
         r = rtol_for(dtype)
         assert_close(out, ref, rtol=r, atol=r * float(ref.abs().max() + 1), msg=f"from_eps {kind}")
         back = to_eps(kind, out, x, a, s)
-        atol = cond_atol(a64.expand(x.shape[0], *a64.shape[1:]), s64.expand(x.shape[0], *a64.shape[1:]),
-                         dtype, x, eps, ref)
+        atol = cond_atol(a64.expand(x.shape[0], *a64.shape[1:]),
+                         s64.expand(x.shape[0], *a64.shape[1:]), dtype, x, eps, ref)
         assert_close(back, eps, rtol=r, atol=atol, msg=f"to_eps(from_eps({kind}))")
         assert_close(to_eps(kind, ref.to(dtype), x, a, s), eps, rtol=r, atol=atol,
                      msg=f"to_eps {kind}")
@@ -161,7 +161,8 @@ def test_model_of_exact_gaussian_predictions(name, event, dtype):
                          msg=f"{sde!r}: model({p}).{q}")
         for q in ("eps", "x0", "v", "score"):
             assert_close(getattr(model, q)(x, t), truth[q], rtol=r,
-                         atol=cond_atol(a, s, dtype, x, truth[q], truth[p]), msg=f"model({p}).{q}()")
+                         atol=cond_atol(a, s, dtype, x, truth[q], truth[p]),
+                         msg=f"model({p}).{q}()")
     # the v target on non-VP processes really is alpha eps - sigma x0 (not eps - ... )
     assert_close(data.model("eps").v(x, t), a * eps - s * x0, rtol=r,
                  atol=cond_atol(a, s, dtype, x, eps, x0))
@@ -171,7 +172,8 @@ def test_model_of_exact_gaussian_predictions(name, event, dtype):
 # ------------------------------------------------------------------ the denoiser
 def kdiff_denoiser(data: GaussianData, calls: list):
     """k-diffusion style D(x_tilde, sigma_tilde) for Gaussian data, written independently:
-    x_tilde = x0 + sigma_tilde eps, so E[x0 | x_tilde] = mu + Sigma (Sigma + st^2 I)^-1 (x_tilde - mu)."""
+    x_tilde = x0 + sigma_tilde eps, so
+    E[x0 | x_tilde] = mu + Sigma (Sigma + st^2 I)^-1 (x_tilde - mu)."""
     def D(x_tilde: torch.Tensor, sigma_tilde: torch.Tensor) -> torch.Tensor:
         calls.append((x_tilde.clone(), sigma_tilde.clone()))
         B = x_tilde.shape[0]
@@ -235,7 +237,8 @@ def test_reverse_sde_and_pf_ode_drifts(name, shape, us, per_sample, dtype, seed)
     data = gaussian(name, shape[1:])
     sde = data.sde
     t = draw_times(sde, us, per_sample, dtype)
-    x = data.marginal_sample(shape[0], t, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    x = data.marginal_sample(shape[0], t, generator=torch.Generator().manual_seed(seed),
+                             dtype=dtype)
     tb = t.double().expand(shape[0]) if t.ndim == 0 else t.double()
     f, g2 = sde.f(tb).view(_view(x)), sde.g2(tb).view(_view(x))
     score = data.score(x.double(), tb)

@@ -377,7 +377,8 @@ def test_drift_and_marginal_sample_per_sample_times(name, dtype, shape):
     assert_close(d, sde.f(t.double()).view(view) * x.double(), rtol=1e-5, atol=1e-6)
     xt, n_out = sde.marginal_sample(x, t, noise=noise)
     assert xt.dtype == dtype and n_out is noise
-    ref = sde.alpha(t.double()).view(view) * x.double() + sde.sigma(t.double()).view(view) * noise.double()
+    ref = (sde.alpha(t.double()).view(view) * x.double()
+           + sde.sigma(t.double()).view(view) * noise.double())
     assert_close(xt, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     # one scalar time == that time repeated per sample
     assert_close(sde.drift(x, t[1]), sde.drift(x, t[1].expand(4)), rtol=0, atol=0)

@@ -137,7 +137,8 @@ class GaussianData:
     def marginal_cov(self, t: Any) -> Tensor:
         """Covariance ``alpha^2 cov + sigma^2 I``: ``(D, D)``, or ``(B, D, D)`` for ``t`` of shape
         ``(B,)``."""
-        a, s = self.sde.alpha(t).double()[..., None, None], self.sde.sigma(t).double()[..., None, None]
+        a, s = (self.sde.alpha(t).double()[..., None, None],
+                self.sde.sigma(t).double()[..., None, None])
         return a * a * self.cov + s * s * torch.eye(self.dim, dtype=torch.float64)
 
     def score(self, x: Tensor, t: Any) -> Tensor:

@@ -35,8 +35,9 @@ TITLES = {"rms": "RMS error vs the reference PF-ODE solution",
           "ms_median": "wall time per sample, side by side, median [ms]"}
 CSV_COLUMNS = ("id", "solver", "label", "options", "family", "kind", "order", "adaptive", "grid",
                "budget", "tol", "steps", "expected_nfe", "nfe", "status", "rms", "fd",
-               "fd_method", "kl", "kl_method", "sw", "mmd", "wall_s", "ms_per_sample", "macs_per_sample",
-               "passes", "ms_min", "ms_median", "timing_repeats", "reason", "note")
+               "fd_method", "kl", "kl_method", "sw", "mmd", "wall_s", "ms_per_sample",
+               "macs_per_sample", "passes", "ms_min", "ms_median", "timing_repeats", "reason",
+               "note")
 FORMATS = ("json", "csv", "md", "png")
 
 
@@ -217,7 +218,8 @@ def _cost_line(results: Mapping[str, Any]) -> str:
     t = cost.get("teacher_macs_per_sample")
     unit = (f"1 teacher pass = {t:.4g} MACs per sample" if t else
             "the problem's model is not a counted torch network, so costs are raw MACs")
-    return (f"Rows and grids as in the {_primary(results)} table; {unit}; wall time from {cost.get('timing_repeats', 0)} interleaved "
+    return (f"Rows and grids as in the {_primary(results)} table; {unit}; wall time from "
+            f"{cost.get('timing_repeats', 0)} interleaved "
             "rounds of every ok cell (median (min) ms per sample; adaptive rows: one entry)")
 
 

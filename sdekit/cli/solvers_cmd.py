@@ -67,7 +67,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = add_command(subparsers, "solvers", help="list the registered solvers",
                     description="List the solver registry: name, family, order (strong "
                                 "order for SDE solvers), NFE per step, ODE or SDE, the "
-                                "default time grid (its rule per forward SDE), batch invariance (yes: a sample never "
+                                "default time grid (its rule per forward SDE), batch "
+                                "invariance (yes: a sample never "
                                 "depends on its batch; to tol.: only to within the solver's "
                                 "tolerance), whether it starts where alpha = 0 (alpha=0: t = 1 "
                                 "of flow matching, an exact prior) and the paper.")

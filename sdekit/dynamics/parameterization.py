@@ -339,14 +339,15 @@ class DiffusionModel:
         prediction: what the network outputs: a kind of :data:`PREDICTIONS` (``eps, x0, v,
             score, denoiser, flow`` and any added by :func:`register_prediction`).
         time_input: the conditioning passed to the network: ``model_time`` (default:
-            ``sde.model_time(t)``, the integer-timestep scale for :class:`DiscreteDDPM`, t otherwise),
+            ``sde.model_time(t)``, the integer-timestep scale for :class:`DiscreteDDPM`, t
+            otherwise),
             ``t``, ``sigma_tilde``, ``lambda``, ``t1000`` (1000 t: diffusers' flow transformers),
             or a callable ``t -> cond``.
     """
 
     def __init__(self, net: Callable[[Tensor, Tensor], Tensor], sde: ForwardSDE,
-                 prediction: str = "eps", time_input: str | Callable[[Tensor], Tensor] = "model_time"
-                 ) -> None:
+                 prediction: str = "eps",
+                 time_input: str | Callable[[Tensor], Tensor] = "model_time") -> None:
         prediction_kind(prediction)
         if not callable(time_input) and time_input not in TIME_INPUTS:
             raise ValueError(f"time_input={time_input!r} is invalid: expected one of "

@@ -3,7 +3,8 @@
 * :func:`read_scheduler_config`: a diffusers scheduler config -> the forward SDE, the
   network's prediction kind and time input (:class:`DiffusersSchedule`).
 * :func:`from_diffusers`: a scheduler (or its config) plus a diffusers network -> ``(sde, model)``.
-* :func:`from_k_diffusion`: a k-diffusion denoiser ``D(x, sigma, **extra_args)`` -> ``(sde, model)``.
+* :func:`from_k_diffusion`: a k-diffusion denoiser ``D(x, sigma, **extra_args)`` ->
+  ``(sde, model)``.
 * :func:`k_sampler`: any registered solver as a k-diffusion sampler
   ``sample(model, x, sigmas, extra_args=None, callback=None, disable=None)``.
 * :class:`SdekitScheduler`: any fixed-grid solver as a diffusers scheduler, inside an unchanged

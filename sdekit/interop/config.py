@@ -12,8 +12,9 @@ was trained on, what it predicts, which time it is told) and returns a :class:`D
   ``n = 0 .. N-1`` (sdekit's ``model_time``).
 * flow-matching schedulers (``FlowMatch*``, ``use_flow_sigmas`` / ``prediction_type=
   'flow_prediction'``, or a config with flow-shift fields and no beta table: an in-memory
-  ``scheduler.config`` has no ``_class_name``): :class:`~sdekit.sde.flow.FlowSDE` on ``[1/N, 1]``, the network told
-  ``N sigma`` (diffusers' flow transformers' 0..1000 scale); the static ``shift`` /
+  ``scheduler.config`` has no ``_class_name``): :class:`~sdekit.sde.flow.FlowSDE` on
+  ``[1/N, 1]``, the network told ``N sigma`` (diffusers' flow transformers' 0..1000 scale); the
+  static ``shift`` /
   ``flow_shift`` or the dynamic (resolution-dependent) shift become the grid options of
   :func:`sdekit.grids.make_grid` (:meth:`DiffusersSchedule.grid_options`).
 
@@ -253,7 +254,8 @@ def read_scheduler_config(scheduler_or_config: Any) -> DiffusersSchedule:
     if ac.numel() != n and cfg.get("trained_betas") is not None:
         raise ValueError(f"scheduler config field trained_betas has {ac.numel()} entries but "
                          f"num_train_timesteps={n}: expected one beta per training timestep")
-    return DiffusersSchedule(sde=DiscreteDDPM(alphas_cumprod=ac), prediction=PREDICTION_TYPES[ptype],
+    return DiffusersSchedule(sde=DiscreteDDPM(alphas_cumprod=ac),
+                             prediction=PREDICTION_TYPES[ptype],
                              time_input="model_time", kind="ddpm", timestep_spacing=spacing,
                              steps_offset=offset,
                              learned_variance=variance in ("learned", "learned_range"), **common)

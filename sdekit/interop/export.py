@@ -2,8 +2,8 @@
 
 :func:`to_diffusers` returns ``(unet, scheduler)`` for a diffusers pipeline: ``unet`` is
 :class:`DiffusersUNet`, a torch module called as diffusers calls a ``UNet2DModel``
-(``unet(sample, timestep, class_labels=None, return_dict=True).sample``, with ``config.sample_size``,
-``config.in_channels``, ``dtype`` and ``device``), and ``scheduler`` an
+(``unet(sample, timestep, class_labels=None, return_dict=True).sample``, with
+``config.sample_size``, ``config.in_channels``, ``dtype`` and ``device``), and ``scheduler`` an
 :class:`~sdekit.interop.SdekitScheduler` built for the network's own forward SDE, prediction and
 time input (its ``timesteps`` are in that time input's units, which is what ``unet`` takes).
 So ``DDPMPipeline(*to_diffusers("runs/digits/checkpoint.pt", solver="dpmpp_2m"))`` samples the

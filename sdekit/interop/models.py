@@ -108,10 +108,10 @@ def from_diffusers(scheduler_or_config: Any, network: Callable[..., Any], **cond
         scheduler_or_config: a diffusers scheduler, its ``config`` or a dict of config fields
             (read by :func:`~sdekit.interop.config.read_scheduler_config`: forward process,
             prediction type, time input; an unsupported field raises ``ValueError``).
-        network: ``UNet2DModel``, ``UNet2DConditionModel``, a transformer (``DiTTransformer2DModel``,
-            ``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ...) or any callable
-            ``network(x, timestep, **cond)`` returning the prediction (a tensor, a tuple or an
-            output with ``.sample``).
+        network: ``UNet2DModel``, ``UNet2DConditionModel``, a transformer
+            (``DiTTransformer2DModel``, ``SD3Transformer2DModel``, ``FluxTransformer2DModel``,
+            ...) or any callable ``network(x, timestep, **cond)`` returning the prediction (a
+            tensor, a tuple or an output with ``.sample``).
         cond: keyword arguments passed to the network at every call (``encoder_hidden_states``,
             ``class_labels``, ``added_cond_kwargs``, ``pooled_projections``, ...).
 

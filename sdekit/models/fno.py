@@ -36,8 +36,8 @@ from ..dynamics.parameterization import from_eps, to_eps
 
 class TemporalSpectralConv(nn.Module):
     """``h (B, K, C_in, *spatial) -> (B, K, C_out, *spatial)``: real FFT along the slot axis, a
-    learned complex multiplication ``R in C^{C_in x C_out x M}`` on the lowest ``modes`` frequencies,
-    inverse FFT. Computed in float32 or float64 (never half precision)."""
+    learned complex multiplication ``R in C^{C_in x C_out x M}`` on the lowest ``modes``
+    frequencies, inverse FFT. Computed in float32 or float64 (never half precision)."""
 
     def __init__(self, c_in: int, c_out: int, modes: int) -> None:
         super().__init__()

@@ -137,7 +137,8 @@ class ForwardSDE(abc.ABC):
         return self._eval(self._lambda, t)
 
     def sigma_tilde(self, t: Any) -> Tensor:
-        """VE-equivalent noise level ``sigma/alpha = exp(-lambda)`` (k-diffusion's / EDM's sigma)."""
+        """VE-equivalent noise level ``sigma/alpha = exp(-lambda)`` (k-diffusion's / EDM's
+        sigma)."""
         return self._eval(lambda u: torch.exp(-self._lambda(u)), t)
 
     @property
@@ -207,7 +208,8 @@ class ForwardSDE(abc.ABC):
 
     def marginal_sample(self, x0: Tensor, t: Any, noise: Tensor | None = None,
                         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Sample ``x_t | x_0``; returns ``(x_t, noise)`` where ``x_t = alpha x_0 + sigma noise``."""
+        """Sample ``x_t | x_0``; returns ``(x_t, noise)`` where
+        ``x_t = alpha x_0 + sigma noise``."""
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
         elif noise.shape != x0.shape:
@@ -226,11 +228,13 @@ class ForwardSDE(abc.ABC):
         (1 for VP; about sigma_max for VE-like processes).
         """
         t = torch.tensor(self.T, dtype=torch.float64)
-        return float(torch.sqrt(torch.exp(2 * self._log_alpha(t)) + torch.exp(2 * self._log_sigma(t))))
+        return float(torch.sqrt(torch.exp(2 * self._log_alpha(t))
+                                + torch.exp(2 * self._log_sigma(t))))
 
     def marginal_std(self, t: Any) -> float:
         """Standard deviation of ``x_t`` for data of unit variance, ``sqrt(alpha_t^2 + sigma_t^2)``:
-        the initial state's scale of a solve that starts at ``t`` (from ``T``: :attr:`prior_std`)."""
+        the initial state's scale of a solve that starts at ``t`` (from ``T``:
+        :attr:`prior_std`)."""
         t = torch.as_tensor(t, dtype=torch.float64)
         return float((self.alpha(t) ** 2 + self.sigma(t) ** 2).sqrt())
 

@@ -21,7 +21,8 @@ class CustomSDE(ForwardSDE):
     """
 
     def __init__(self, alpha: Callable[[Tensor], Tensor], sigma: Callable[[Tensor], Tensor],
-                 t_min: float, T: float, prior_std: float | None = None, name: str = "custom") -> None:
+                 t_min: float, T: float, prior_std: float | None = None,
+                 name: str = "custom") -> None:
         if not callable(alpha) or not callable(sigma):
             raise TypeError("alpha and sigma must be callables mapping a float64 tensor of times "
                             "to a tensor of the same shape")

@@ -106,7 +106,8 @@ class DiscreteDDPM(ForwardSDE):
 
     def _segment(self, t: Tensor) -> Tensor:
         knots = self.t_table.to(t.device)
-        return (torch.searchsorted(knots, t.detach().contiguous(), right=True) - 1).clamp(0, self.N - 2)
+        return (torch.searchsorted(knots, t.detach().contiguous(), right=True) - 1).clamp(
+            0, self.N - 2)
 
     def _log_alpha(self, t: Tensor) -> Tensor:
         la = self.log_alpha_table.to(t.device)

@@ -24,7 +24,8 @@ class VESDE(ForwardSDE):
                  T: float = 1.0) -> None:
         require_finite_positive("sigma_min", sigma_min)
         require_finite_positive("sigma_max", sigma_max)
-        require(sigma_max > sigma_min, "sigma_max", sigma_max, f"sigma_max > sigma_min ({sigma_min})")
+        require(sigma_max > sigma_min, "sigma_max", sigma_max,
+                f"sigma_max > sigma_min ({sigma_min})")
         super().__init__(t_min, T)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
@@ -65,7 +66,8 @@ class EDMSDE(ForwardSDE):
         require_finite_positive("sigma_min", sigma_min)
         require_finite_positive("sigma_max", sigma_max)
         require_finite_positive("sigma_data", sigma_data)
-        require(sigma_max > sigma_min, "sigma_max", sigma_max, f"sigma_max > sigma_min ({sigma_min})")
+        require(sigma_max > sigma_min, "sigma_max", sigma_max,
+                f"sigma_max > sigma_min ({sigma_min})")
         super().__init__(sigma_min, sigma_max)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.sigma_data = float(sigma_data)

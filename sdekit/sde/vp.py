@@ -31,7 +31,8 @@ class VPSDE(ForwardSDE):
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3,
                  T: float = 1.0) -> None:
         _check_betas(beta_min, beta_max)
-        require(is_real(t_min) and t_min > 0, "t_min", t_min, "t_min > 0 (sigma(0) = 0 for a VP process)")
+        require(is_real(t_min) and t_min > 0, "t_min", t_min,
+                "t_min > 0 (sigma(0) = 0 for a VP process)")
         super().__init__(t_min, T)
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
 
@@ -94,7 +95,8 @@ class CosineVPSDE(ForwardSDE):
     def __init__(self, s: float = 0.008, t_min: float = 1e-3, T: float = 0.9946) -> None:
         require(is_real(s) and s > 0, "s", s, "a finite number > 0")
         require(is_real(T) and T < 1.0, "T", T, "T < 1 (alpha(1) = 0 for the cosine schedule)")
-        require(is_real(t_min) and t_min > 0, "t_min", t_min, "t_min > 0 (sigma(0) = 0 for a VP process)")
+        require(is_real(t_min) and t_min > 0, "t_min", t_min,
+                "t_min > 0 (sigma(0) = 0 for a VP process)")
         super().__init__(t_min, T)
         self.s = float(s)
         self._theta_s = math.pi / 2 * self.s / (1 + self.s)

@@ -66,7 +66,8 @@ class TrainConfig:
     net: dict[str, Any] = field(default_factory=dict)
     loss: str = "eps"
     importance: bool = True            # likelihood loss: sample lambda uniformly
-    t_sampling: str = "logit_normal"   # flow loss: t = sigmoid(logit_mean + logit_std z), or uniform
+    t_sampling: str = "logit_normal"   # flow loss: t = sigmoid(logit_mean + logit_std z),
+                                       # or uniform
     logit_mean: float = 0.0
     logit_std: float = 1.0
     image_size: int = 8
