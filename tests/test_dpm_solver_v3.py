@@ -185,3 +185,22 @@ def test_estimate_ems_refuses_bad_input():
     with pytest.raises(ValueError, match="finite half-logSNR.*t_start=0.99"):
         estimate_ems(flow, gaussian_problem(flow, dim=3).model("flow"), xc)
     assert model.nfe == 0
+
+
+def test_ems_from_prior_states_match_those_from_data():
+    """``source="prior"``: calibration states at T carried along the EMS grid by a teacher solve
+    (the model's own marginals) give the EMS that noised data give: on Gaussian data l exactly
+    (the Jacobian does not depend on x), b to sampling error, and the same accuracy."""
+    sde, data, model, t0, x = _problem("vp")
+    from_data = _ems(sde, data, model, t0, n=50)
+    prior = data.marginal_sample(256, sde.T, torch.Generator().manual_seed(7), dtype=F64)
+    from_prior = estimate_ems(sde, model, prior, n=50, source="prior")
+    assert from_prior.nfe == from_data.nfe + 50
+    torch.testing.assert_close(from_prior.l, from_data.l, rtol=0, atol=1e-10)
+    assert float((from_prior.b - from_data.b).abs().max()) < 0.05 * float(from_data.b.abs().max())
+    exact = data.flow(x, t0, sde.t_min)
+    errs = [rms(sdekit.sample(sde, model, x, solver="dpm_solver_v3", ems=e, steps=5).x, exact)
+            for e in (from_data, from_prior)]
+    assert errs[1] < 1.5 * errs[0], errs
+    with pytest.raises(ValueError, match="source='x' is invalid"):
+        estimate_ems(sde, model, prior, source="x")

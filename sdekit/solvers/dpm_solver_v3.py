@@ -376,11 +376,15 @@ class DPMSolverV3(ExpIntegrator, OneCallStepper):
 @torch.no_grad()
 def estimate_ems(sde: ForwardSDE, model: Any, x_cal: Tensor, n: int = 200, *,
                  t_start: float | None = None, t_end: float | None = None,
-                 fd_step: float = 1e-3, seed: int = 0) -> EMS:
+                 fd_step: float = 1e-3, seed: int = 0, source: str = "data",
+                 teacher: str = "dpmpp_3m") -> EMS:
     """The EMS of ``model`` on ``n + 1`` half-logSNR points uniform from ``lambda(t_start)``
     (default the SDE's ``T``) to ``lambda(t_end)`` (default ``t_min``), from the calibration
     data ``x_cal`` (``(m, *state_shape)`` clean samples in the model's space, m >= 2) noised to
-    each point as ``x = alpha x0 + sigma z`` (one seeded ``z`` per sample for every point).
+    each point as ``x = alpha x0 + sigma z`` (one seeded ``z`` per sample for every point);
+    with ``source="prior"`` ``x_cal`` are instead states at ``t_start`` (e.g. calibration draws
+    from the prior: no data needed), carried through the points by a ``teacher`` solve on them
+    (the model's own marginals; ``n`` more calls).
 
     Per dimension (the paper's Eq. 9): ``l = sigma E[diag(d eps / dx)]`` by Hutchinson's
     estimator ``E[v * (J v)]`` (one seeded Rademacher ``v`` per sample) with the product ``J v``
@@ -403,6 +407,9 @@ def estimate_ems(sde: ForwardSDE, model: Any, x_cal: Tensor, n: int = 200, *,
         raise ValueError("x_cal contains NaN or Inf")
     if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
         raise ValueError(f"n={n!r} is invalid: expected an integer >= 1 (lambda intervals)")
+    if source not in ("data", "prior"):
+        raise ValueError(f"source={source!r} is invalid: expected 'data' (x_cal are clean "
+                         "samples) or 'prior' (x_cal are states at t_start)")
     if not (isinstance(fd_step, (int, float)) and 0 < fd_step < 0.1):
         raise ValueError(f"fd_step={fd_step!r} is invalid: expected a number in (0, 0.1)")
     t0 = float(sde.T if t_start is None else t_start)
@@ -419,6 +426,13 @@ def estimate_ems(sde: ForwardSDE, model: Any, x_cal: Tensor, n: int = 200, *,
     lam = torch.linspace(lam0, lam1, n + 1, dtype=F64)
     lo, hi = sde.lambda_min, sde.lambda_max
     nfe0 = model.nfe
+    traj = None
+    if source == "prior":   # the teacher's states at every point (lambda increasing = t falling)
+        from ..integrate import sample
+        times = sde.t_of_lambda(lam)
+        times[0], times[-1] = t0, t1
+        traj = sample(sde, model, x0, solver=teacher, grid=times, save_at=times.tolist(),
+                      float64=True).trajectory
 
     def coeffs(lm: float) -> tuple[float, float, float]:
         t = float(sde.t_of_lambda(torch.tensor(lm, dtype=F64)))
@@ -426,9 +440,9 @@ def estimate_ems(sde: ForwardSDE, model: Any, x_cal: Tensor, n: int = 200, *,
         return t, float(sde.alpha(tt)), float(sde.sigma(tt))
 
     ls, moments = [], []
-    for lm in lam.tolist():
+    for k, lm in enumerate(lam.tolist()):
         t, a, s = coeffs(lm)
-        x = a * x0 + s * z
+        x = a * x0 + s * z if traj is None else traj[float(times[k])].double()
         eps = model.eps(x, t).double()
         dx = fd_step * math.sqrt(a * a + s * s)
         jv = (model.eps(x + dx * v, t).double() - model.eps(x - dx * v, t).double()) / (2 * dx)
