@@ -21,20 +21,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import sdekit  # noqa: E402
-from sdekit.bench.problems import gaussian_problem, gmm_problem  # noqa: E402
-from sdekit.grids import make_grid  # noqa: E402
-from sdekit.solvers.dpm_solver_v3 import estimate_ems  # noqa: E402
-from sdekit.tune import prior_states  # noqa: E402
+import sdekit
+from sdekit.bench.problems import gaussian_problem, gmm_problem
+from sdekit.grids import make_grid
+from sdekit.solvers.dpm_solver_v3 import estimate_ems
+from sdekit.tune import prior_states
 
 DIM, N_CAL, N_HELDOUT, NFES = 16, 256, 512, (5, 10)
 GRIDS = (("logsnr", {}), ("logsnr(floor -2.5)", {"lambda_floor": -2.5}))
-SOLVERS = (("dpm_solver_v3 (EMS, order 3)", "dpm_solver_v3", {"order": 3}),
-           ("dpm_solver_v3 (EMS, order 2 + corrector)", "dpm_solver_v3",
+SOLVERS = (("dpm_solver_v3 (EMS, order 3)", "dpm_solver_v3", {"order": 3, "corrector": False}),
+           ("dpm_solver_v3 (EMS, order 2 + corrector: the default)", "dpm_solver_v3",
             {"order": 2, "corrector": True}),
+           ("dpm_solver_v3 (EMS, order 3 + corrector)", "dpm_solver_v3",
+            {"order": 3, "corrector": True}),
            ("dpm_solver_v3 (EMS, order 3, pseudo-order)", "dpm_solver_v3",
-            {"order": 3, "pseudo_order": True}),
-           ("dpm_solver_v3 (no EMS: data_prediction)", "dpm_solver_v3", {"ems": "data_prediction"}),
+            {"order": 3, "corrector": False, "pseudo_order": True}),
+           ("dpm_solver_v3 (no EMS: data_prediction, order 2 + corrector)", "dpm_solver_v3",
+            {"ems": "data_prediction"}),
            ("dpmpp_2m", "dpmpp_2m", {}), ("dpmpp_3m", "dpmpp_3m", {}),
            ("unipc_bh2", "unipc_bh2", {}), ("unipc_bh2 (order 3)", "unipc_bh2", {"order": 3}))
 

@@ -46,7 +46,8 @@ def test_the_named_statistics_are_dpm_solver_pp_and_dpm_solver(order, sde_name):
         kw["warmup"] = "lower_order"
     for ems, ref in (("data_prediction", "dpmpp"), ("noise_prediction", "dpm_solver")):
         name = f"{ref}_{order}m" if order > 1 else f"{ref}_1"
-        a = sdekit.sample(sde, model, x, solver="dpm_solver_v3", ems=ems, order=order, steps=7,
+        a = sdekit.sample(sde, model, x, solver="dpm_solver_v3", ems=ems, order=order,
+                          corrector=False, steps=7,
                           t_start=t0, lower_order_final=False).x
         b = sdekit.sample(sde, model, x, solver=name, steps=7, t_start=t0, **kw).x
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -63,8 +64,8 @@ def test_ems_have_their_closed_form_on_a_diagonal_gaussian():
     sde = sdekit.VPSDE()
     mu, v = torch.tensor([0.8, -0.5, 0.2]), torch.tensor([0.05, 0.4, 1.3])
     data = sdekit.GaussianData(sde, mu, torch.diag(v))
-    ems = estimate_ems(sde, data.model(), data.sample(64, torch.Generator().manual_seed(1)).double(),
-                       n=400)
+    x_cal = data.sample(64, torch.Generator().manual_seed(1)).double()
+    ems = estimate_ems(sde, data.model(), x_cal, n=400)
     q = v.double() * torch.exp(2 * ems.lam)[:, None]
     torch.testing.assert_close(ems.l, 1 / (1 + q), rtol=0, atol=1e-8)
     assert float(ems.s.abs().max()) == 0.0
@@ -108,12 +109,14 @@ def mixture():
     return sde, mix, x, ref, ems
 
 
-@pytest.mark.parametrize("options,order", [({"order": 3}, 3), ({"order": 2, "corrector": True}, 3),
-                                           ({"order": 3, "pseudo_order": True}, 2)])
+@pytest.mark.parametrize("options,order", [({"order": 3, "corrector": False}, 3), ({}, 3),
+                                           ({"order": 3, "corrector": False,
+                                             "pseudo_order": True}, 2)])
 def test_declared_order_with_estimated_statistics_on_a_mixture(options, order, mixture):
     """With EMS estimated from a Gaussian mixture (a nonlinear score), against a converged RK4
     reference: the fitted slope over 32-128 logSNR steps is the declared order (the predictor's
-    order; the corrector adds one; the pseudo-order caps it at 2)."""
+    order; the corrector, on by default with order 2, adds one; the pseudo-order caps it at
+    2)."""
     sde, mix, x, ref, ems = mixture
     solver = sdekit.get_solver("dpm_solver_v3", ems=ems, **options)
     assert solver.order == order
@@ -155,7 +158,8 @@ def test_statistics_that_do_not_fit_are_refused():
     shape, or not EMS at all: a clear error before any model call."""
     sde, data, model, t0, x = _problem("vp", dim=3)
     ems = _ems(sde, data, model, t0, m=16, n=10)
-    with pytest.raises(ValueError, match=r"ems were estimated on VPSDE.* but sampling uses VESDE.*half-logSNR differs"):
+    with pytest.raises(ValueError, match=r"ems were estimated on VPSDE.* but sampling uses "
+                                         r"VESDE.*half-logSNR differs"):
         ve = sdekit.VESDE()
         sdekit.sample(ve, gaussian_problem(ve, dim=3).model(), x, solver="dpm_solver_v3",
                       ems=ems, steps=4)
