@@ -286,7 +286,7 @@ class DPMSolverV3(ExpIntegrator, OneCallStepper):
     3 at most; ``pseudo_order`` caps it at 2), 1 NFE per step, ODE; the first steps warm up at
     orders 1, 2, ... (and ``lower_order_final`` steps down as for DPM-Solver++). Default order 2
     with the corrector: of the variants it was the most accurate on the VP Gaussian and mixture
-    at NFE 5 and 10 in 5 of 8 cells (benchmarks/results/dpm_solver_v3.md).
+    at NFE 5 and 10 in 7 of 8 cells (benchmarks/results/dpm_solver_v3.md).
 
     ``ems``: an :class:`EMS` from :func:`estimate_ems` (estimated on the same forward process,
     covering the grid's lambda range, of the state's shape or shared by every dimension), the
