@@ -10,21 +10,21 @@ With ``N = sigma eps - l x`` the ODE ``dx/dlambda = (dlog alpha/dlambda) x - sig
 
 with ``f = N / alpha``, ``L(u) = int_{lambda_s}^u l``, ``S(u) = int_{lambda_s}^u s``,
 ``A = e^{-L(lambda_t)}``, ``E(u) = e^{L(u) + S(u)}``, ``B(u) = int_{lambda_s}^u e^{-S(r)} b(r) dr``
-and the re-parameterised model ``g = e^{-S} f - B`` (the paper's Eq. 7-8). The EMS (Eq. 9) make
+and the re-parameterised model ``g = e^{-S} f - B``. The EMS make
 the first-order error small: ``l = E[diag(sigma d eps / dx)]`` minimises ``E |grad_x N|_F^2``, and
 ``(s, b)`` minimise ``E |f' - s f - b|^2`` (``f'`` the total derivative along the ODE), i.e. per
 dimension ``s = Cov(f', f) / Var(f)``, ``b = E f' - s E f``. The step expands ``g`` in
 ``lambda - lambda_s`` with derivatives from the previous steps' ``g`` values (multistep
-predictor, Sec. 3.3) and integrates the terms against ``E`` numerically (Gauss-Legendre on
+predictor) and integrates the terms against ``E`` numerically (Gauss-Legendre on
 every interval of the EMS's fine lambda grid: the EMS are piecewise linear in lambda, ``L`` and
 ``S`` then exact). Special cases: ``l = 1, s = b = 0`` is DPM-Solver++ (``g = -x0``), ``l = 0,
 s = -1, b = 0`` is DPM-Solver (``g = e^{-lambda_s} eps``), both with the exact weights of the
 Lagrange interpolant (``solver_type='lagrange'`` of the ``dpmpp_*m`` / ``dpm_solver_*m``
 solvers).
 
-``pseudo_order`` (Sec. 3.4, as read here): the k-th derivative is taken from the k x k Taylor
-system of the k nearest points only (not corrected by farther ones): more stable at few steps,
-global order 2 whatever ``order`` (>= 2). The corrector (Sec. 3.3, predictor-corrector, as in
+``pseudo_order`` (the paper's technique for few steps, as read here): the k-th derivative is
+taken from the k x k Taylor system of the k nearest points only (not corrected by farther
+ones): more stable at few steps, global order 2 whatever ``order`` (>= 2). The corrector (the paper's predictor-corrector, as in
 UniC) re-takes the last step with the model output at its end point (the next step's call, no
 extra NFE), one order higher.
 
@@ -301,8 +301,8 @@ class DPMSolverV3(ExpIntegrator, OneCallStepper):
     does not declare, on the very batch being sampled."""
 
     family = "exponential-integrator"
-    paper = ("Zheng et al. 2023, DPM-Solver-v3, Eq. 7-9 (EMS), Sec. 3.3 (multistep predictor, "
-             "corrector), Sec. 3.4 (pseudo-order)")
+    paper = ("Zheng et al. 2023, DPM-Solver-v3 (NeurIPS): EMS parameterisation, multistep "
+             "predictor-corrector, pseudo-order")
 
     def __init__(self, ems: Any = "data_prediction", order: int = 2, corrector: bool = True,
                  pseudo_order: bool = False, lower_order_final: bool | None = None) -> None:
@@ -404,7 +404,7 @@ def estimate_ems(sde: ForwardSDE, model: Any, x_cal: Tensor, n: int = 200, *,
     from the prior: no data needed), carried through the points by a ``teacher`` solve on them
     (the model's own marginals; ``n`` more calls).
 
-    Per dimension (the paper's Eq. 9): ``l = sigma E[diag(d eps / dx)]`` by Hutchinson's
+    Per dimension (the paper's least-squares optima): ``l = sigma E[diag(d eps / dx)]`` by Hutchinson's
     estimator ``E[v * (J v)]`` (one seeded Rademacher ``v`` per sample) with the product ``J v``
     by central finite differences of step ``fd_step * sqrt(alpha^2 + sigma^2)`` (not autograd:
     any model, also one without gradients, works); then ``f = (sigma eps - l x) / alpha`` and its
