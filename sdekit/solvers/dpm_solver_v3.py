@@ -24,9 +24,9 @@ solvers).
 
 ``pseudo_order`` (the paper's technique for few steps, as read here): the k-th derivative is
 taken from the k x k Taylor system of the k nearest points only (not corrected by farther
-ones): more stable at few steps, global order 2 whatever ``order`` (>= 2). The corrector (the paper's predictor-corrector, as in
-UniC) re-takes the last step with the model output at its end point (the next step's call, no
-extra NFE), one order higher.
+ones): more stable at few steps, global order 2 whatever ``order`` (>= 2). The corrector (the
+paper's predictor-corrector, as in UniC) re-takes the last step with the model output at its
+end point (the next step's call, no extra NFE), one order higher.
 
 EMS come from :func:`estimate_ems` (a saveable :class:`EMS`); without them the registered
 ``dpm_solver_v3`` runs the named statistics ``ems="data_prediction"`` (DPM-Solver++'s
@@ -404,8 +404,8 @@ def estimate_ems(sde: ForwardSDE, model: Any, x_cal: Tensor, n: int = 200, *,
     from the prior: no data needed), carried through the points by a ``teacher`` solve on them
     (the model's own marginals; ``n`` more calls).
 
-    Per dimension (the paper's least-squares optima): ``l = sigma E[diag(d eps / dx)]`` by Hutchinson's
-    estimator ``E[v * (J v)]`` (one seeded Rademacher ``v`` per sample) with the product ``J v``
+    Per dimension (the paper's least-squares optima): ``l = sigma E[diag(d eps / dx)]`` by
+    Hutchinson's estimator ``E[v * (J v)]`` (one seeded Rademacher ``v`` per sample) with the product ``J v``
     by central finite differences of step ``fd_step * sqrt(alpha^2 + sigma^2)`` (not autograd:
     any model, also one without gradients, works); then ``f = (sigma eps - l x) / alpha`` and its
     total derivative along the ODE ``f' = -l' x / alpha - (1 - l) e^{-lambda} eps - dx0/dlambda``
