@@ -405,8 +405,8 @@ def estimate_ems(sde: ForwardSDE, model: Any, x_cal: Tensor, n: int = 200, *,
     (the model's own marginals; ``n`` more calls).
 
     Per dimension (the paper's least-squares optima): ``l = sigma E[diag(d eps / dx)]`` by
-    Hutchinson's estimator ``E[v * (J v)]`` (one seeded Rademacher ``v`` per sample) with the product ``J v``
-    by central finite differences of step ``fd_step * sqrt(alpha^2 + sigma^2)`` (not autograd:
+    Hutchinson's estimator ``E[v * (J v)]`` (one seeded Rademacher ``v`` per sample) with the
+    product ``J v`` by central finite differences of step ``fd_step * sqrt(alpha^2 + sigma^2)`` (not autograd:
     any model, also one without gradients, works); then ``f = (sigma eps - l x) / alpha`` and its
     total derivative along the ODE ``f' = -l' x / alpha - (1 - l) e^{-lambda} eps - dx0/dlambda``
     (``l'`` by finite differences on the grid, ``dx0/dlambda`` by central differences of step
