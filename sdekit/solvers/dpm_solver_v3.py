@@ -406,13 +406,13 @@ def estimate_ems(sde: ForwardSDE, model: Any, x_cal: Tensor, n: int = 200, *,
 
     Per dimension (the paper's least-squares optima): ``l = sigma E[diag(d eps / dx)]`` by
     Hutchinson's estimator ``E[v * (J v)]`` (one seeded Rademacher ``v`` per sample) with the
-    product ``J v`` by central finite differences of step ``fd_step * sqrt(alpha^2 + sigma^2)`` (not autograd:
-    any model, also one without gradients, works); then ``f = (sigma eps - l x) / alpha`` and its
-    total derivative along the ODE ``f' = -l' x / alpha - (1 - l) e^{-lambda} eps - dx0/dlambda``
-    (``l'`` by finite differences on the grid, ``dx0/dlambda`` by central differences of step
-    ``fd_step`` in lambda between DDIM moves of ``x``), and ``s = Cov(f', f) / Var(f)``,
-    ``b = E f' - s E f`` (``s = 0`` where ``Var(f)`` vanishes). Cost: 5 model calls on the batch
-    per point (recorded in ``EMS.nfe``)."""
+    product ``J v`` by central finite differences of step ``fd_step * sqrt(alpha^2 + sigma^2)``
+    (not autograd: any model, also one without gradients, works); then ``f = (sigma eps - l x) /
+    alpha`` and its total derivative along the ODE ``f' = -l' x / alpha - (1 - l) e^{-lambda}
+    eps - dx0/dlambda`` (``l'`` by finite differences on the grid, ``dx0/dlambda`` by central
+    differences of step ``fd_step`` in lambda between DDIM moves of ``x``), and ``s = Cov(f', f)
+    / Var(f)``, ``b = E f' - s E f`` (``s = 0`` where ``Var(f)`` vanishes). Cost: 5 model calls
+    on the batch per point (recorded in ``EMS.nfe``)."""
     from ..dynamics.parameterization import DiffusionModel
     if not isinstance(model, DiffusionModel):
         raise TypeError(f"model must be a DiffusionModel (sdekit.as_model), got "
