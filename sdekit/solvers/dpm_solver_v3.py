@@ -439,8 +439,8 @@ def estimate_ems(sde: ForwardSDE, model: Any, x_cal: Tensor, n: int = 200, *,
                          " (on a flow process start below T, e.g. t_start=0.99)")
     g = torch.Generator().manual_seed(seed)
     x0 = x_cal.double()
-    z = torch.randn(x0.shape, generator=g, dtype=F64)
-    v = torch.randint(0, 2, x0.shape, generator=g).to(F64) * 2 - 1
+    z = torch.randn(x0.shape, generator=g, dtype=F64).to(x0.device)   # seeded on the CPU
+    v = (torch.randint(0, 2, x0.shape, generator=g).to(F64) * 2 - 1).to(x0.device)
     lam = torch.linspace(lam0, lam1, n + 1, dtype=F64)
     lo, hi = sde.lambda_min, sde.lambda_max
     nfe0 = model.nfe
@@ -462,7 +462,7 @@ def estimate_ems(sde: ForwardSDE, model: Any, x_cal: Tensor, n: int = 200, *,
         eps = model.eps(x, t).double()
         dx = fd_step * math.sqrt(a * a + s * s)
         jv = (model.eps(x + dx * v, t).double() - model.eps(x - dx * v, t).double()) / (2 * dx)
-        ls.append(s * (v * jv).mean(0))
+        ls.append((s * (v * jv).mean(0)).cpu())   # the statistics live on the CPU, float64
         lp, lm_ = min(lm + fd_step, hi), max(lm - fd_step, lo)
         ends = []
         for l2 in (lp, lm_):
@@ -474,7 +474,7 @@ def estimate_ems(sde: ForwardSDE, model: Any, x_cal: Tensor, n: int = 200, *,
         uf = u.reshape(4, u.shape[1], -1)
         mean = uf.mean(1)                                                       # (4, D)
         cen = uf - mean[:, None]
-        moments.append((mean, torch.einsum("amd,bmd->abd", cen, cen) / uf.shape[1]))
+        moments.append((mean.cpu(), (torch.einsum("amd,bmd->abd", cen, cen) / uf.shape[1]).cpu()))
     l_grid = torch.stack(ls)                                  # (N + 1, *shape)
     l_flat = l_grid.reshape(n + 1, -1)
     dl = torch.gradient(l_flat, spacing=(lam,), dim=0)[0]
