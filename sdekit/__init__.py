@@ -34,6 +34,7 @@ from .sde import (
 )
 from .solvers import Solver, get_solver, list_solvers, register, solver_names
 from .solvers.analytic_dpm import MomentTable, estimate_moments
+from .solvers.dpm_solver_v3 import EMS, estimate_ems
 from .tune import TunedGrid, load_tuned_grid, search, tune
 
 __version__ = "0.1.0"
@@ -47,6 +48,6 @@ __all__ = [
     "get_solver", "list_solvers", "register", "solver_names", "likelihood", "LikelihoodResult",
     "sdedit", "inpaint", "replacement", "dps", "ddrm", "DDRMSolver", "SVDOperator",
     "MatrixOperator", "Inpainting", "SuperResolution", "Denoising",
-    "estimate_moments", "MomentTable",
+    "estimate_moments", "MomentTable", "estimate_ems", "EMS",
     "tune", "search", "TunedGrid", "load_tuned_grid",
 ]

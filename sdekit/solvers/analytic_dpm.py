@@ -144,6 +144,21 @@ def analytic_variance(alpha_t: float, sigma_t: float, alpha_s: float, sigma_s: f
     return lam2 + k * k * var_x0
 
 
+def check_model_and_batch(model: Any, x: Any, name: str, what: str) -> None:
+    """The refusals of the estimators from model statistics (:func:`estimate_moments`,
+    DPM-Solver-v3's ``estimate_ems``): ``model`` a :class:`DiffusionModel`, ``x`` (argument
+    ``name``) a finite Tensor of at least 2 ``what``."""
+    if not isinstance(model, DiffusionModel):
+        raise TypeError(f"model must be a DiffusionModel (sdekit.as_model / sdekit.models.wrap), "
+                        f"got {type(model).__name__}")
+    if not isinstance(x, Tensor) or x.ndim < 2 or x.shape[0] < 2:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} of shape {shape} is invalid: expected a Tensor of at least 2 "
+                         f"{what}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
 @torch.no_grad()
 def estimate_moments(sde: ForwardSDE, model: DiffusionModel, data: Tensor, times: Any, *,
                      diagonal: bool = False, batch_size: int = 1000, seed: int = 0
@@ -154,15 +169,7 @@ def estimate_moments(sde: ForwardSDE, model: DiffusionModel, data: Tensor, times
     time (``n / batch_size * len(times)`` NFE). ``diagonal``: per-coordinate ``E eps_hat_j^2``.
     Pass the sampling grid as ``times`` (e.g. ``make_grid(sde, "uniform", steps)``; the last
     time, where no step starts, may be included)."""
-    if not isinstance(model, DiffusionModel):
-        raise TypeError(f"model must be a DiffusionModel (sdekit.as_model / sdekit.models.wrap), "
-                        f"got {type(model).__name__}")
-    if not isinstance(data, Tensor) or data.ndim < 2 or data.shape[0] < 2:
-        shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
-        raise ValueError(f"data of shape {shape} is invalid: expected a Tensor of at least 2 "
-                         "samples, (n, *state_shape)")
-    if not bool(torch.isfinite(data).all()):
-        raise ValueError("data contains NaN or Inf")
+    check_model_and_batch(model, data, "data", "samples, (n, *state_shape)")
     ts = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
     if ts.numel() == 0 or not bool(torch.isfinite(ts).all()):
         raise ValueError(f"times={ts.tolist()!r} is invalid: expected finite times")

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from ..sde.base import ForwardSDE
+from .analytic_dpm import check_model_and_batch
 from .base import ModelOutput, OneCallStepper, Problem
 from .exp_integrator import ExpIntegrator, Outputs, gauss_legendre, push
 from .registry import register
@@ -413,23 +414,7 @@ def estimate_ems(sde: ForwardSDE, model: Any, x_cal: Tensor, n: int = 200, *,
     differences of step ``fd_step`` in lambda between DDIM moves of ``x``), and ``s = Cov(f', f)
     / Var(f)``, ``b = E f' - s E f`` (``s = 0`` where ``Var(f)`` vanishes). Cost: 5 model calls
     on the batch per point (recorded in ``EMS.nfe``)."""
-    from ..dynamics.parameterization import DiffusionModel
-    if not isinstance(model, DiffusionModel):
-        raise TypeError(f"model must be a DiffusionModel (sdekit.as_model), got "
-                        f"{type(model).__name__}")
-    if not isinstance(x_cal, Tensor) or x_cal.ndim < 2 or x_cal.shape[0] < 2:
-        shape = tuple(x_cal.shape) if isinstance(x_cal, Tensor) else type(x_cal).__name__
-        raise ValueError(f"x_cal of shape {shape} is invalid: expected a Tensor of at least 2 "
-                         "calibration samples, (m, *state_shape)")
-    if not bool(torch.isfinite(x_cal).all()):
-        raise ValueError("x_cal contains NaN or Inf")
-    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
-        raise ValueError(f"n={n!r} is invalid: expected an integer >= 1 (lambda intervals)")
-    if source not in ("data", "prior"):
-        raise ValueError(f"source={source!r} is invalid: expected 'data' (x_cal are clean "
-                         "samples) or 'prior' (x_cal are states at t_start)")
-    if not (isinstance(fd_step, (int, float)) and 0 < fd_step < 0.1):
-        raise ValueError(f"fd_step={fd_step!r} is invalid: expected a number in (0, 0.1)")
+    _check_ems_args(model, x_cal, n, source, fd_step)
     t0 = float(sde.T if t_start is None else t_start)
     t1 = float(sde.t_min if t_end is None else t_end)
     lam0, lam1 = (float(sde.lambda_(torch.tensor(t, dtype=F64))) for t in (t0, t1))
@@ -442,41 +427,74 @@ def estimate_ems(sde: ForwardSDE, model: Any, x_cal: Tensor, n: int = 200, *,
     z = torch.randn(x0.shape, generator=g, dtype=F64).to(x0.device)   # seeded on the CPU
     v = (torch.randint(0, 2, x0.shape, generator=g).to(F64) * 2 - 1).to(x0.device)
     lam = torch.linspace(lam0, lam1, n + 1, dtype=F64)
-    lo, hi = sde.lambda_min, sde.lambda_max
     nfe0 = model.nfe
     traj = None
     times = sde.t_of_lambda(lam).double()
     times[0], times[-1] = t0, t1
     if source == "prior":   # the teacher's states at every point (lambda increasing = t falling)
         traj = _teacher_states(sde, model, x0, times, teacher)
-
-    def coeffs(lm: float) -> tuple[float, float, float]:
-        t = float(sde.t_of_lambda(torch.tensor(lm, dtype=F64)))
-        tt = torch.tensor(t, dtype=F64)
-        return t, float(sde.alpha(tt)), float(sde.sigma(tt))
-
     ls, moments = [], []
     for k, lm in enumerate(lam.tolist()):
-        t, a, s = coeffs(lm)
+        t, a, s = _coeffs(sde, lm)
         x = a * x0 + s * z if traj is None else traj[k]
-        eps = model.eps(x, t).double()
-        dx = fd_step * math.sqrt(a * a + s * s)
-        jv = (model.eps(x + dx * v, t).double() - model.eps(x - dx * v, t).double()) / (2 * dx)
-        ls.append((s * (v * jv).mean(0)).cpu())   # the statistics live on the CPU, float64
-        lp, lm_ = min(lm + fd_step, hi), max(lm - fd_step, lo)
-        ends = []
-        for l2 in (lp, lm_):
-            t2, a2, s2 = coeffs(l2)
-            x2 = a2 / a * x - s2 * math.expm1(l2 - lm) * eps   # DDIM move to lambda = l2
-            ends.append(model.x0(x2, t2).double())
-        dx0 = (ends[0] - ends[1]) / (lp - lm_)
-        u = torch.stack([x / a, (x - s * eps) / a, math.exp(-lm) * eps, dx0])   # (4, m, ...)
-        uf = u.reshape(4, u.shape[1], -1)
-        mean = uf.mean(1)                                                       # (4, D)
-        cen = uf - mean[:, None]
-        moments.append((mean.cpu(), (torch.einsum("amd,bmd->abd", cen, cen) / uf.shape[1]).cpu()))
+        lk, mom = _point_statistics(sde, model, x, lm, v, fd_step)
+        ls.append(lk)
+        moments.append(mom)
     l_grid = torch.stack(ls)                                  # (N + 1, *shape)
-    l_flat = l_grid.reshape(n + 1, -1)
+    s_grid, b_grid = _fit_s_b(l_grid.reshape(n + 1, -1), lam, moments)
+    shape = (n + 1, *x0.shape[1:])
+    return EMS(lam, l_grid, s_grid.reshape(shape), b_grid.reshape(shape),
+               times, repr(sde), int(x0.shape[0]), int(model.nfe - nfe0))
+
+
+def _check_ems_args(model: Any, x_cal: Any, n: Any, source: Any, fd_step: Any) -> None:
+    """:func:`estimate_ems`'s refusals, before any model call."""
+    check_model_and_batch(model, x_cal, "x_cal", "calibration samples, (m, *state_shape)")
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+        raise ValueError(f"n={n!r} is invalid: expected an integer >= 1 (lambda intervals)")
+    if source not in ("data", "prior"):
+        raise ValueError(f"source={source!r} is invalid: expected 'data' (x_cal are clean "
+                         "samples) or 'prior' (x_cal are states at t_start)")
+    if not (isinstance(fd_step, (int, float)) and 0 < fd_step < 0.1):
+        raise ValueError(f"fd_step={fd_step!r} is invalid: expected a number in (0, 0.1)")
+
+
+def _coeffs(sde: ForwardSDE, lm: float) -> tuple[float, float, float]:
+    """``(t, alpha, sigma)`` at half-logSNR ``lm``."""
+    t = float(sde.t_of_lambda(torch.tensor(lm, dtype=F64)))
+    tt = torch.tensor(t, dtype=F64)
+    return t, float(sde.alpha(tt)), float(sde.sigma(tt))
+
+
+def _point_statistics(sde: ForwardSDE, model: Any, x: Tensor, lm: float, v: Tensor,
+                      fd_step: float) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """At one point of the grid (5 model calls): ``l`` (Hutchinson's ``sigma E[v * (J v)]``,
+    ``J v`` by central differences) and the per-dimension mean and covariance of
+    ``u = (x / alpha, x0, e^{-lambda} eps, dx0/dlambda)``, of which ``f`` and ``f'`` are linear
+    combinations (:func:`_fit_s_b`); all on the CPU in float64."""
+    t, a, s = _coeffs(sde, lm)
+    eps = model.eps(x, t).double()
+    dx = fd_step * math.sqrt(a * a + s * s)
+    jv = (model.eps(x + dx * v, t).double() - model.eps(x - dx * v, t).double()) / (2 * dx)
+    lp, lm_ = min(lm + fd_step, sde.lambda_max), max(lm - fd_step, sde.lambda_min)
+    ends = []
+    for l2 in (lp, lm_):
+        t2, a2, s2 = _coeffs(sde, l2)
+        x2 = a2 / a * x - s2 * math.expm1(l2 - lm) * eps   # DDIM move to lambda = l2
+        ends.append(model.x0(x2, t2).double())
+    dx0 = (ends[0] - ends[1]) / (lp - lm_)
+    u = torch.stack([x / a, (x - s * eps) / a, math.exp(-lm) * eps, dx0])   # (4, m, ...)
+    uf = u.reshape(4, u.shape[1], -1)
+    mean = uf.mean(1)                                                       # (4, D)
+    cen = uf - mean[:, None]
+    cov = torch.einsum("amd,bmd->abd", cen, cen) / uf.shape[1]
+    return (s * (v * jv).mean(0)).cpu(), (mean.cpu(), cov.cpu())
+
+
+def _fit_s_b(l_flat: Tensor, lam: Tensor, moments: list[tuple[Tensor, Tensor]]
+             ) -> tuple[Tensor, Tensor]:
+    """Per point and dimension, the least-squares ``s = Cov(f', f) / Var(f)`` (0 where
+    ``Var(f)`` vanishes) and ``b = E f' - s E f``, with ``l'`` by differences on the grid."""
     dl = torch.gradient(l_flat, spacing=(lam,), dim=0)[0]
     s_rows, b_rows = [], []
     for k, (mean, cov) in enumerate(moments):
@@ -491,9 +509,7 @@ def estimate_ems(sde: ForwardSDE, model: Any, x_cal: Tensor, n: int = 200, *,
         sk = torch.where(ok, covfd / torch.where(ok, var, one), torch.zeros_like(var))
         s_rows.append(sk)
         b_rows.append((c_d * mean).sum(0) - sk * (c_f * mean).sum(0))
-    shape = (n + 1, *x0.shape[1:])
-    return EMS(lam, l_grid, torch.stack(s_rows).reshape(shape), torch.stack(b_rows).reshape(shape),
-               times, repr(sde), int(x0.shape[0]), int(model.nfe - nfe0))
+    return torch.stack(s_rows), torch.stack(b_rows)
 
 
 def _teacher_states(sde: ForwardSDE, model: Any, x: Tensor, times: Tensor, teacher: str
