@@ -69,11 +69,28 @@ SAMPLE_KEYWORDS = frozenset({
     "progress", "dtype", "device", "project", "grid_options", "grad", "solver_options"})
 
 
+def option_parameters(cls: type[Solver]) -> tuple[inspect.Parameter, ...]:
+    """The options of solver class ``cls`` (what get_solver accepts, solver_config records and
+    sdekit tune searches): its constructor's named parameters (without ``self``) and, where it
+    also takes ``**kwargs``, the keyword-only parameters of the next constructor up its class
+    hierarchy, which it passes them on to (the exponential integrators'
+    :class:`~sdekit.solvers.exp_integrator.ThresholdingOptions`), and so on up."""
+    out: dict[str, inspect.Parameter] = {}
+    inits = [vars(k)["__init__"] for k in cls.__mro__ if "__init__" in vars(k)]
+    for i, init in enumerate(inits):
+        params = list(inspect.signature(init).parameters.values())[1:]
+        for p in params:
+            if p.kind is p.KEYWORD_ONLY or (i == 0 and p.kind is p.POSITIONAL_OR_KEYWORD):
+                out.setdefault(p.name, p)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return tuple(out.values())
+
+
 def _check_option_names(name: str, cls: type[Solver], defaults: dict[str, Any]) -> None:
-    """Refuse a registration whose solver options (``cls``'s constructor parameters and the
+    """Refuse a registration whose solver options (``cls``'s :func:`option_parameters` and the
     registered defaults) include a keyword of :func:`sdekit.sample`."""
-    params = [p.name for p in inspect.signature(cls.__init__).parameters.values()
-              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)][1:]   # without self
+    params = [p.name for p in option_parameters(cls)]
     clash = sorted(SAMPLE_KEYWORDS.intersection([*params, *defaults]))
     if clash:
         raise ValueError(f"@register({name!r}): solver {cls.__name__} has options {clash} named "
@@ -113,7 +130,7 @@ def get_solver(solver: str | Solver, **options: Any) -> Solver:
     if not isinstance(solver, str) or solver not in _REGISTRY:
         raise ValueError(f"unknown solver {solver!r}: expected one of {sorted(_REGISTRY)}")
     cls, defaults = _REGISTRY[solver]
-    valid = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
+    valid = [p.name for p in option_parameters(cls)]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise TypeError(f"solver {solver!r} got unknown options {unknown}: valid options are "
