@@ -1,6 +1,7 @@
 """The solver registry: ``@register("name", **defaults)`` on a Solver class."""
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -59,6 +60,8 @@ def default_config(sde: Any, steps: int) -> dict[str, Any]:
 
 
 _REGISTRY: dict[str, tuple[type[Solver], dict[str, Any]]] = {}
+#: the registered classes whose instances register() names (see _name_instances)
+_NAMED: set[type[Solver]] = set()
 
 #: the keyword names of :func:`sdekit.sample` (tests/test_solvers_registry.py holds this to its
 #: signature): no solver option may be named like one, so ``sample(..., solver=name,
@@ -100,7 +103,9 @@ def _check_option_names(name: str, cls: type[Solver], defaults: dict[str, Any]) 
 
 def register(name: str, **defaults: Any) -> Callable[[type[Solver]], type[Solver]]:
     """Register a solver class under ``name`` with default options (one class may be registered
-    under several names with different defaults). Duplicate names are an error."""
+    under several names with different defaults). Duplicate names are an error. An instance
+    built straight from the class (``DPMSolverMultistep(order=3)``) is named after its
+    registration (:func:`registered_name`), as :func:`get_solver` names its own."""
 
     def deco(cls: type[Solver]) -> type[Solver]:
         if name in _REGISTRY:
@@ -110,9 +115,52 @@ def register(name: str, **defaults: Any) -> Callable[[type[Solver]], type[Solver
             raise TypeError(f"@register({name!r}) must decorate a Solver subclass")
         _check_option_names(name, cls, defaults)
         _REGISTRY[name] = (cls, dict(defaults))
+        if cls not in _NAMED:
+            _name_instances(cls)   # at the first registration of cls
         return cls
 
     return deco
+
+
+def _name_instances(cls: type[Solver]) -> None:
+    """Wrap ``cls.__init__`` (once, its signature kept) so that an instance of ``cls`` itself is
+    named by :func:`registered_name` from the arguments it was built with."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Solver, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if type(self) is cls:   # a subclass is not this registration
+            self.name = registered_name(cls, *args, **kwargs)
+
+    setattr(cls, "__init__", __init__)   # (mypy refuses assigning to a method)
+    _NAMED.add(cls)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError, RuntimeError):   # e.g. a tensor of several elements
+        return False
+
+
+def registered_name(cls: type[Solver], *args: Any, **kwargs: Any) -> str:
+    """The registry name of ``cls(*args, **kwargs)``: of the registrations of ``cls`` whose
+    default options the call's effective options (given or the constructor's defaults) agree
+    with, the one that sets the most (``UniPC(order=2, predictor="dpmpp_2m")`` is
+    ``unic_dpmpp_2m``, not ``unipc_bh2``; ``EDMHeun(heun=False)`` is ``edm_euler``), the first
+    registered among equals; ``"?"`` where none does."""
+    sig = inspect.signature(cls.__init__)
+    eff = {p.name: p.default for p in option_parameters(cls)}   # given ones replace these
+    for k, v in list(sig.bind(None, *args, **kwargs).arguments.items())[1:]:   # without self
+        kind = sig.parameters[k].kind
+        if kind is kind.VAR_KEYWORD:
+            eff.update(v)
+        elif kind is not kind.VAR_POSITIONAL:
+            eff[k] = v
+    fits = [(n, d) for n, (c, d) in _REGISTRY.items()
+            if c is cls and all(k in eff and _equal(eff[k], v) for k, v in d.items())]
+    return max(fits, key=lambda nd: len(nd[1]))[0] if fits else "?"
 
 
 def solver_names() -> list[str]:
