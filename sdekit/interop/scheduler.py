@@ -760,7 +760,7 @@ def _build() -> dict[str, type]:
             sde, times = self._core.sde, self._core.times
             if times is None:
                 return float(sde.prior_std)
-            scale = float((sde.alpha(times[0]) ** 2 + sde.sigma(times[0]) ** 2).sqrt())
+            scale = sde.marginal_std(times[0])
             return 1.0 if abs(scale - 1.0) < 1e-9 else scale
 
         def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:

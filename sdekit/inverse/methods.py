@@ -251,7 +251,7 @@ def _replacement(sde: ForwardSDE, model: Any, shape: tuple[int, ...], dtype: tor
 
     with torch.no_grad():
         scale = sde.prior_std if t_start is None and not _explicit(grid) else \
-            float((sde.alpha(times[0]) ** 2 + sde.sigma(times[0]) ** 2).sqrt())
+            sde.marginal_std(times[0])
         z = torch.empty(shape, dtype=compute_dtype(dtype), device=device)
         x = at(scale * SeededNoise(_streams(base, _START)).randn(z), float(times[0]))
         blk = jump if resample > 1 else n_steps
