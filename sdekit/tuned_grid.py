@@ -21,7 +21,13 @@ from .dynamics.parameterization import DiffusionModel
 from .grids import GRIDS
 from .sde.base import ForwardSDE
 from .solvers.base import Solver
-from .solvers.registry import _REGISTRY, get_solver, option_parameters, solver_names
+from .solvers.registry import (
+    _REGISTRY,
+    built_options,
+    get_solver,
+    option_parameters,
+    solver_names,
+)
 
 TUNED_FORMAT = "sdekit-tuned-grid/1"
 
@@ -166,6 +172,10 @@ class TunedGrid:
                                                              else None)))
         if isinstance(solver, Solver):
             diffs.append(_diff("solver", rec["solver"], solver.name))
+            built = built_options(solver)   # None: not an instance of a registered class
+            if solver.name == rec["solver"] and built is not None:
+                diffs.append(_diff("solver options", rec["solver_options"],
+                                   solver_config(solver.name, built)))
         elif solver is not None:
             diffs.append(_diff("solver", rec["solver"], solver))
             if solver == rec["solver"]:

@@ -94,3 +94,8 @@ def test_directly_built_solver_samples_under_its_name_and_takes_its_tuned_grid(p
                                                 solver="dpmpp_3m", grid=path).x)
     with pytest.raises(TuneError, match="solver: tuned for 'dpmpp_3m', given 'dpmpp_2m'"):
         sdekit.sample(problem.sde, problem.model, x, solver=DPMSolverMultistep(), grid=path)
+    # an instance is held to its options too, however it was built (a name alone was checked)
+    for other, what in ((DPMSolverMultistep(3, lower_order_final=False), "lower_order_final"),
+                        (sdekit.get_solver("dpmpp_3m", solver_type="midpoint"), "solver_type")):
+        with pytest.raises(TuneError, match=f"solver options differs in {what} "):
+            sdekit.sample(problem.sde, problem.model, x, solver=other, grid=path)

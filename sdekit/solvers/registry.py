@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -60,8 +61,10 @@ def default_config(sde: Any, steps: int) -> dict[str, Any]:
 
 
 _REGISTRY: dict[str, tuple[type[Solver], dict[str, Any]]] = {}
-#: the registered classes whose instances register() names (see _name_instances)
+#: the registered classes whose instances register() names (see _name_instances), and the
+#: options each such instance was built with
 _NAMED: set[type[Solver]] = set()
+_BUILT: weakref.WeakKeyDictionary[Solver, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 #: the keyword names of :func:`sdekit.sample` (tests/test_solvers_registry.py holds this to its
 #: signature): no solver option may be named like one, so ``sample(..., solver=name,
@@ -123,18 +126,40 @@ def register(name: str, **defaults: Any) -> Callable[[type[Solver]], type[Solver
 
 
 def _name_instances(cls: type[Solver]) -> None:
-    """Wrap ``cls.__init__`` (once, its signature kept) so that an instance of ``cls`` itself is
-    named by :func:`registered_name` from the arguments it was built with."""
+    """Wrap ``cls.__init__`` (once, its signature kept) so that an instance of ``cls`` itself
+    is named after the effective options it was built with (:func:`registered_name`), which
+    :func:`built_options` returns."""
     init = cls.__init__
 
     @functools.wraps(init)
     def __init__(self: Solver, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
         if type(self) is cls:   # a subclass is not this registration
-            self.name = registered_name(cls, *args, **kwargs)
+            _BUILT[self] = options = _effective_options(cls, args, kwargs)
+            self.name = _name_of(cls, options)
 
     setattr(cls, "__init__", __init__)   # (mypy refuses assigning to a method)
     _NAMED.add(cls)
+
+
+def _effective_options(cls: type[Solver], args: tuple[Any, ...], kwargs: dict[str, Any]
+                       ) -> dict[str, Any]:
+    """The options of ``cls(*args, **kwargs)``: the given ones and the defaults of the rest."""
+    sig = inspect.signature(cls.__init__)
+    eff = {p.name: p.default for p in option_parameters(cls) if p.default is not p.empty}
+    for k, v in list(sig.bind(None, *args, **kwargs).arguments.items())[1:]:   # without self
+        kind = sig.parameters[k].kind
+        if kind is kind.VAR_KEYWORD:
+            eff.update(v)
+        elif kind is not kind.VAR_POSITIONAL:
+            eff[k] = v
+    return eff
+
+
+def built_options(solver: Solver) -> dict[str, Any] | None:
+    """The effective options (given or defaults) that ``solver``, an instance of a registered
+    class, was built with (by :func:`get_solver` or straight from its class); None for another."""
+    return _BUILT.get(solver)
 
 
 def _equal(a: Any, b: Any) -> bool:
@@ -144,23 +169,19 @@ def _equal(a: Any, b: Any) -> bool:
         return False
 
 
+def _name_of(cls: type[Solver], options: dict[str, Any]) -> str:
+    fits = [(n, d) for n, (c, d) in _REGISTRY.items()
+            if c is cls and all(k in options and _equal(options[k], v) for k, v in d.items())]
+    return max(fits, key=lambda nd: len(nd[1]))[0] if fits else "?"
+
+
 def registered_name(cls: type[Solver], *args: Any, **kwargs: Any) -> str:
     """The registry name of ``cls(*args, **kwargs)``: of the registrations of ``cls`` whose
     default options the call's effective options (given or the constructor's defaults) agree
     with, the one that sets the most (``UniPC(order=2, predictor="dpmpp_2m")`` is
     ``unic_dpmpp_2m``, not ``unipc_bh2``; ``EDMHeun(heun=False)`` is ``edm_euler``), the first
     registered among equals; ``"?"`` where none does."""
-    sig = inspect.signature(cls.__init__)
-    eff = {p.name: p.default for p in option_parameters(cls)}   # given ones replace these
-    for k, v in list(sig.bind(None, *args, **kwargs).arguments.items())[1:]:   # without self
-        kind = sig.parameters[k].kind
-        if kind is kind.VAR_KEYWORD:
-            eff.update(v)
-        elif kind is not kind.VAR_POSITIONAL:
-            eff[k] = v
-    fits = [(n, d) for n, (c, d) in _REGISTRY.items()
-            if c is cls and all(k in eff and _equal(eff[k], v) for k, v in d.items())]
-    return max(fits, key=lambda nd: len(nd[1]))[0] if fits else "?"
+    return _name_of(cls, _effective_options(cls, args, kwargs))
 
 
 def solver_names() -> list[str]:
