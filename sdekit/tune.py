@@ -36,7 +36,6 @@ few) on the calibration batch and reports each candidate's held-out error.
 from __future__ import annotations
 
 import datetime as _dt
-import inspect
 import itertools
 import json
 import math
@@ -58,7 +57,13 @@ from .integrate import sample
 from .noise import SeededNoise, sample_seeds
 from .sde.base import ForwardSDE
 from .solvers.base import ModelOutputError, Solver
-from .solvers.registry import _REGISTRY, DEFAULT_LAMBDA_FLOOR, get_solver, solver_names
+from .solvers.registry import (
+    _REGISTRY,
+    DEFAULT_LAMBDA_FLOOR,
+    get_solver,
+    option_parameters,
+    solver_names,
+)
 from .tuned_grid import (  # noqa: F401
     TUNED_FORMAT,
     TunedGrid,
@@ -698,7 +703,7 @@ def solver_variants(name: str) -> list[dict[str, Any]]:
     :data:`OPTION_SPACE` values of the options it has, without sets it rejects and without
     duplicates (sets with equal effective options)."""
     cls, _ = _REGISTRY[name]
-    have = [k for k in inspect.signature(cls.__init__).parameters if k in OPTION_SPACE]
+    have = [p.name for p in option_parameters(cls) if p.name in OPTION_SPACE]
     out, seen = [], set()
     for values in itertools.product(*(OPTION_SPACE[k] for k in have)):
         opts = dict(zip(have, values))

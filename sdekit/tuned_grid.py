@@ -6,7 +6,6 @@ before any work. It sits below the driver (which reads these files); the tuning 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 from collections.abc import Mapping
@@ -22,7 +21,13 @@ from .dynamics.parameterization import DiffusionModel
 from .grids import GRIDS
 from .sde.base import ForwardSDE
 from .solvers.base import Solver
-from .solvers.registry import _REGISTRY, get_solver, solver_names
+from .solvers.registry import (
+    _REGISTRY,
+    built_options,
+    get_solver,
+    option_parameters,
+    solver_names,
+)
 
 TUNED_FORMAT = "sdekit-tuned-grid/1"
 
@@ -46,8 +51,7 @@ def solver_config(solver: str, options: Mapping[str, Any] | None = None) -> dict
                         f"{solver_names()})")
     get_solver(solver, **dict(options or {}))  # validates the name and the options
     cls, defaults = _REGISTRY[solver]
-    sig = inspect.signature(cls.__init__).parameters
-    eff = {k: p.default for k, p in sig.items() if k != "self" and p.default is not p.empty}
+    eff = {p.name: p.default for p in option_parameters(cls) if p.default is not p.empty}
     eff.update(defaults)
     eff.update(options or {})
     return _json_norm(eff)
@@ -168,6 +172,10 @@ class TunedGrid:
                                                              else None)))
         if isinstance(solver, Solver):
             diffs.append(_diff("solver", rec["solver"], solver.name))
+            built = built_options(solver)   # None: not an instance of a registered class
+            if solver.name == rec["solver"] and built is not None:
+                diffs.append(_diff("solver options", rec["solver_options"],
+                                   solver_config(solver.name, built)))
         elif solver is not None:
             diffs.append(_diff("solver", rec["solver"], solver))
             if solver == rec["solver"]:

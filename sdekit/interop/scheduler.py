@@ -51,7 +51,7 @@ from torch import Tensor
 from .._utils import check_seed, compute_dtype
 from ..dynamics.parameterization import DiffusionModel, convert
 from ..grids import make_grid, shift_factor, shift_times
-from ..integrate import sample
+from ..integrate import _configure, sample
 from ..noise import sample_seeds
 from ..sde.base import ForwardSDE
 from ..sde.discrete import DiscreteDDPM
@@ -174,12 +174,15 @@ class SchedulerCore:
     (:class:`~sdekit.DiffusionModel`); see :class:`SdekitScheduler` for the rest."""
 
     def __init__(self, sde: ForwardSDE, prediction: str, time_input: Any,
-                 solver: str | Solver = DEFAULT_SOLVER, grid: Any = None, *, denoise: bool = True,
+                 solver: str | Solver | None = None, grid: Any = None, *, denoise: bool = True,
                  seed: int = 0, seeds: Sequence[int] | None = None, float64: bool = False,
                  grid_options: dict[str, Any] | None = None, num_train_timesteps: int | None = None,
                  steps_offset: int = 0, solver_options: dict[str, Any] | None = None,
                  exact_timesteps: bool = False) -> None:
-        self.solver = get_solver(solver, **(solver_options or {}))
+        # solver None: sdekit.sample's rule (its _configure), with each set_timesteps' step count
+        self.given_solver, self.solver_options = solver, dict(solver_options or {})
+        self.solver = get_solver(DEFAULT_SOLVER if solver is None else solver,
+                                 **self.solver_options)   # its options checked before any work
         name = self.solver.name
         if self.solver.adaptive:
             raise ValueError(f"solver {name!r} is adaptive: the times of its model calls depend on "
@@ -266,6 +269,11 @@ class SchedulerCore:
         if steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps} is too few with "
                              "denoise=True: expected at least 2 (one step, then the final x0)")
+        if self.given_solver is None and grid is None:   # the option-free call: default_config
+            name, options, grid, grid_options = _configure(self.sde, None, steps, None,
+                                                           self.grid_options, self.solver_options)
+            self.solver = get_solver(name, **options)
+            return make_grid(self.sde, grid, steps, **grid_options or {})
         name = self.solver.grid_for(self.sde) if grid is None else grid
         return make_grid(self.sde, name, steps, **self.grid_options)
 
@@ -297,6 +305,8 @@ class SchedulerCore:
         """Plan a solve; ``times``: an sdekit grid already made (``num_inference_steps`` and
         ``timesteps`` are then None)."""
         self.close()
+        if self.given_solver is None:   # DEFAULT_SOLVER, unless make_times takes the option-free
+            self.solver = get_solver(DEFAULT_SOLVER, **self.solver_options)   # rule's solver
         if times is None:
             times = self.make_times(num_inference_steps, timesteps)
         calls, self.lead_in = self._plan(times)
@@ -624,7 +634,11 @@ def _build() -> dict[str, type]:
         Args:
             solver: a registry name (``sdekit.solver_names()``) or a Solver; ``solver_options``
                 are its options (e.g. ``order=3`` or ``S_churn=...``). Adaptive solvers and
-                ``fno`` are refused (no timesteps list exists for them in advance).
+                ``fno`` are refused (no timesteps list exists for them in advance). ``None``
+                (default): :func:`sdekit.sample`'s rule, with no ``grid`` either the option-free
+                :func:`sdekit.solvers.default_config` at each ``set_timesteps``' step count (its
+                solver, options and grid; ``solver_options`` added to its), else
+                ``DEFAULT_SOLVER`` (``unipc_bh2``) with its registry defaults.
             grid: ``None`` (the solver's own grid, as :func:`sdekit.sample`), an sdekit grid name
                 (``logsnr``, ``karras``, ...; ``grid_options`` are its options), one of diffusers'
                 spacings ``leading``, ``trailing``, ``linspace`` (integer timesteps spaced as
@@ -670,7 +684,7 @@ def _build() -> dict[str, type]:
 
         config_name = "scheduler_config.json"  # type: ignore[assignment]  # diffusers: None
 
-        def __init__(self, solver: str | Solver = DEFAULT_SOLVER, grid: Any = None,
+        def __init__(self, solver: str | Solver | None = None, grid: Any = None,
                      denoise: bool = True, seed: int = 0, seeds: Sequence[int] | None = None,
                      float64: bool = False, grid_options: dict[str, Any] | None = None,
                      source_class: str | None = None,
@@ -706,7 +720,8 @@ def _build() -> dict[str, type]:
                 exact_timesteps=sde is not None)
             self.num_inference_steps: int | None = None
             self.register_to_config(
-                solver=self._core.solver.name, solver_options=dict(solver_options),
+                solver=None if solver is None else self._core.solver.name,
+                solver_options=dict(solver_options),
                 grid=grid if grid is None or isinstance(grid, str) else
                 torch.as_tensor(grid, dtype=torch.float64).tolist(),
                 denoise=bool(denoise), seed=seed, seeds=None if seeds is None else list(seeds),
@@ -760,7 +775,7 @@ def _build() -> dict[str, type]:
             sde, times = self._core.sde, self._core.times
             if times is None:
                 return float(sde.prior_std)
-            scale = float((sde.alpha(times[0]) ** 2 + sde.sigma(times[0]) ** 2).sqrt())
+            scale = sde.marginal_std(times[0])
             return 1.0 if abs(scale - 1.0) < 1e-9 else scale
 
         def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:

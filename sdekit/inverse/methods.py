@@ -32,11 +32,11 @@ from torch import Tensor
 from .._utils import append_dims, check_seed, compute_dtype, is_real, require
 from ..dynamics.parameterization import DiffusionModel, as_model, convert
 from ..grids import make_grid
-from ..integrate import DEFAULT_STEPS, Solution, check_projectable, sample
+from ..integrate import DEFAULT_STEPS, Solution, _configure, check_projectable, sample
 from ..noise import SeededNoise, sample_seeds
 from ..sde.base import ForwardSDE
 from ..solvers.base import Solver, for_problem
-from ..solvers.registry import DEFAULT_SOLVER, get_solver
+from ..solvers.registry import get_solver
 from .operators import SVDOperator, _as_bool_mask
 
 # the streams of each sample's seed (see _streams)
@@ -100,7 +100,7 @@ def _grid(sde: ForwardSDE, slv: Solver, grid: Any, steps: int | None, t_start: A
 
 # --------------------------------------------------------------------------------- SDEdit
 def sdedit(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], x0: Tensor,
-           t0: float, *, solver: str | Solver = DEFAULT_SOLVER, steps: int | None = None,
+           t0: float, *, solver: str | Solver | None = None, steps: int | None = None,
            seed: int = 0, seeds: Sequence[int] | None = None, prediction: str = "eps",
            **sample_options: Any) -> Solution:
     """SDEdit (Meng et al. 2022): perturb ``x0`` to time ``t0`` with the forward marginal and
@@ -111,6 +111,8 @@ def sdedit(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], x0: T
         x0: the images to edit, ``(batch, *event_shape)``.
         t0: the time to noise to, ``t_min < t0 <= T``: small ``t0`` returns ``x0`` (almost)
             unchanged, ``t0 = T`` forgets it and samples the model's law.
+        solver: as in :func:`sdekit.sample`, whose rule picks it where it is None (default):
+            with no ``grid`` either, the option-free :func:`sdekit.solvers.default_config`.
         steps: steps from ``t0`` down to ``t_min`` (default 20) on the solver's grid.
         seed, seeds: per-sample seeds of the perturbation and of the solver's noise.
         sample_options: passed to :func:`sdekit.sample` (``grid``, ``denoise``, solver options..).
@@ -146,7 +148,7 @@ def _check_mask(mask: Any, y: Tensor) -> Tensor:
 
 def inpaint(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], y: Tensor,
             mask: Tensor, *, resample: int = 1, jump: int = 1,
-            solver: str | Solver = DEFAULT_SOLVER, steps: int | None = None,
+            solver: str | Solver | None = None, steps: int | None = None,
             grid: str | Tensor | Sequence[float] | None = None,
             t_start: float | None = None, t_end: float | None = None,
             grid_options: dict[str, Any] | None = None, seed: int = 0,
@@ -164,7 +166,9 @@ def inpaint(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], y: T
         jump: RePaint's jump length in steps (used when ``resample > 1``).
         solver, steps, grid, t_start, t_end, grid_options, solver_options: as in
             :func:`sdekit.sample` (a fixed-grid solver; a multistep solver restarts its history
-            at each RePaint block). The NFE is about ``resample * steps * nfe_per_step``.
+            at each RePaint block), with its rule where ``solver`` is None (default; with no
+            ``grid`` either, the option-free :func:`sdekit.solvers.default_config`). The NFE
+            is about ``resample * steps * nfe_per_step``.
         seed, seeds: per-sample seeds.
 
     Returns a :class:`sdekit.Solution` whose ``x`` equals ``y`` on the known region and whose
@@ -185,7 +189,7 @@ def inpaint(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], y: T
 
 def replacement(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], y: Tensor,
                 operator: SVDOperator, *, resample: int = 1, jump: int = 1,
-                solver: str | Solver = DEFAULT_SOLVER, steps: int | None = None,
+                solver: str | Solver | None = None, steps: int | None = None,
                 grid: str | Tensor | Sequence[float] | None = None,
                 t_start: float | None = None, t_end: float | None = None,
                 grid_options: dict[str, Any] | None = None, seed: int = 0,
@@ -233,6 +237,8 @@ def _replacement(sde: ForwardSDE, model: Any, shape: tuple[int, ...], dtype: tor
     for k, v in (("resample", resample), ("jump", jump)):
         require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, k, v, "an integer >= 1")
     dm = as_model(model, sde, prediction)
+    solver, solver_options, grid, grid_options = _configure(sde, solver, steps, grid,
+                                                            grid_options, solver_options)
     slv = for_problem(get_solver(solver, **solver_options), sde, dm, shape)
     check_projectable(slv, final)
     times = _grid(sde, slv, grid, steps, t_start, t_end, grid_options)
@@ -251,7 +257,7 @@ def _replacement(sde: ForwardSDE, model: Any, shape: tuple[int, ...], dtype: tor
 
     with torch.no_grad():
         scale = sde.prior_std if t_start is None and not _explicit(grid) else \
-            float((sde.alpha(times[0]) ** 2 + sde.sigma(times[0]) ** 2).sqrt())
+            sde.marginal_std(times[0])
         z = torch.empty(shape, dtype=compute_dtype(dtype), device=device)
         x = at(scale * SeededNoise(_streams(base, _START)).randn(z), float(times[0]))
         blk = jump if resample > 1 else n_steps
@@ -329,6 +335,8 @@ class _DPSModel(DiffusionModel):
 
 def dps(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], y: Tensor,
         operator: Callable[[Tensor], Tensor], *, zeta: float = 1.0,
+        # not sample()'s rule: DPS is the paper's correction of a DDPM (ancestral) step, and its
+        # zeta (once per step) was tuned for that sampler
         shape: Sequence[int] | None = None, solver: str | Solver = "ancestral",
         steps: int | None = None, seed: int = 0, seeds: Sequence[int] | None = None,
         prediction: str = "eps", **sample_options: Any) -> Solution:

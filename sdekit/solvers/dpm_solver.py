@@ -4,7 +4,7 @@ sigma and lambda (see :mod:`sdekit.solvers.exp_integrator`)."""
 from __future__ import annotations
 
 import math
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -13,6 +13,7 @@ from .base import AdaptiveSolver, FixedGridSolver, ModelOutput, OneCallStepper, 
 from .exp_integrator import (
     ExpIntegrator,
     Outputs,
+    ThresholdingOptions,
     block_plan,
     ei_weights,
     ei_weights_per_step,
@@ -20,6 +21,9 @@ from .exp_integrator import (
     push,
 )
 from .registry import register
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 SOLVER_TYPES = ("lagrange", "midpoint")
 
@@ -121,13 +125,10 @@ class DPMSolverMultistep(ExpIntegrator, OneCallStepper):
     def __init__(self, order: int = 2, predict_x0: bool = True, solver_type: str | None = None,
                  warmup: str | None = None, lower_order_final: bool | None = None,
                  final_to_zero: bool = False,
-                 thresholding: bool = False, threshold_ratio: float = 0.995,
-                 threshold_min: float = 1.0, threshold_max: float = math.inf) -> None:
+                 **thresholding_options: Unpack[ThresholdingOptions]) -> None:
         _check_order(order, (1, 2, 3))
         solver_type = _solver_type(solver_type, order)
-        super().__init__(predict_x0, lower_order_final, final_to_zero,
-                         thresholding=thresholding, threshold_ratio=threshold_ratio,
-                         threshold_min=threshold_min, threshold_max=threshold_max)
+        super().__init__(predict_x0, lower_order_final, final_to_zero, **thresholding_options)
         if warmup not in (None, "auto", "singlestep", "lower_order"):
             raise ValueError(f"warmup={warmup!r} is invalid: expected 'singlestep', "
                              "'lower_order', 'auto' or None")
@@ -230,13 +231,10 @@ class DPMSolverSinglestep(ExpIntegrator, OneCallStepper):
 
     def __init__(self, order: int = 3, predict_x0: bool = False, solver_type: str | None = None,
                  lower_order_at: str = "start", final_to_zero: bool = False,
-                 thresholding: bool = False, threshold_ratio: float = 0.995,
-                 threshold_min: float = 1.0, threshold_max: float = math.inf) -> None:
+                 **thresholding_options: Unpack[ThresholdingOptions]) -> None:
         _check_order(order, (1, 2, 3))
         solver_type = _solver_type(solver_type, order)
-        super().__init__(predict_x0, False, final_to_zero,
-                         thresholding=thresholding, threshold_ratio=threshold_ratio,
-                         threshold_min=threshold_min, threshold_max=threshold_max)
+        super().__init__(predict_x0, False, final_to_zero, **thresholding_options)
         block_plan(order, order, lower_order_at)  # validates lower_order_at
         self.order, self.solver_type, self.lower_order_at = order, solver_type, lower_order_at
 
@@ -320,9 +318,8 @@ class DPMSolverAdaptive(ExpIntegrator, AdaptiveSolver):
 
     def __init__(self, order: int = 3, predict_x0: bool = False, rtol: float = 0.05,
                  atol: float | None = None, h_init: float = 0.05, h_max: float = 1.0,
-                 theta: float = 0.9, max_iters: int = 10_000, thresholding: bool = False,
-                 threshold_ratio: float = 0.995,
-                 threshold_min: float = 1.0, threshold_max: float = math.inf) -> None:
+                 theta: float = 0.9, max_iters: int = 10_000,
+                 **thresholding_options: Unpack[ThresholdingOptions]) -> None:
         _check_order(order, (2, 3))
         if atol is None and isinstance(rtol, (int, float)):
             atol = self.ATOL_PER_RTOL * rtol
@@ -334,9 +331,7 @@ class DPMSolverAdaptive(ExpIntegrator, AdaptiveSolver):
         if not (isinstance(h_max, (int, float)) and h_max > 0):
             raise ValueError(f"h_max={h_max!r} is invalid: expected a number > 0 (math.inf: "
                              "no cap)")
-        super().__init__(predict_x0, False, False,
-                         thresholding=thresholding, threshold_ratio=threshold_ratio,
-                         threshold_min=threshold_min, threshold_max=threshold_max)
+        super().__init__(predict_x0, False, False, **thresholding_options)
         self.order, self.rtol, self.atol = order, float(rtol), float(atol)
         self.h_init, self.theta, self.max_iters = float(h_init), float(theta), int(max_iters)
         self.h_max = float(h_max)
@@ -420,13 +415,10 @@ class SDEDPMSolverPP(ExpIntegrator, FixedGridSolver):
 
     def __init__(self, order: int = 2, solver_type: str | None = None,
                  lower_order_final: bool | None = None, final_to_zero: bool = False,
-                 thresholding: bool = False, threshold_ratio: float = 0.995,
-                 threshold_min: float = 1.0, threshold_max: float = math.inf) -> None:
+                 **thresholding_options: Unpack[ThresholdingOptions]) -> None:
         _check_order(order, (1, 2))
         solver_type = _solver_type(solver_type, order)
-        super().__init__(True, lower_order_final, final_to_zero,
-                         thresholding=thresholding, threshold_ratio=threshold_ratio,
-                         threshold_min=threshold_min, threshold_max=threshold_max)
+        super().__init__(True, lower_order_final, final_to_zero, **thresholding_options)
         self.order, self.solver_type = order, solver_type
 
     def init(self, p: Problem, x: Tensor) -> SDEState:

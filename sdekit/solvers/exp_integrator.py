@@ -28,7 +28,7 @@ steps in lambda and cannot start there either.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import numpy as np
 import torch
@@ -179,6 +179,18 @@ def push(outputs: Outputs, m: Tensor, keep: int) -> Outputs:
 KINDS = {"eps": 1.0, "x0": -1.0}
 
 
+class ThresholdingOptions(TypedDict, total=False):
+    """The thresholding options of :class:`ExpIntegrator` (keyword-only there: their defaults and
+    checks), which a subclass takes as ``**thresholding_options: Unpack[ThresholdingOptions]``
+    and passes on: the registry counts them among its options (see
+    :func:`sdekit.solvers.registry.option_parameters`)."""
+
+    thresholding: bool
+    threshold_ratio: float
+    threshold_min: float
+    threshold_max: float
+
+
 class ExpIntegrator(Solver):
     """Options shared by the exponential-integrator solvers.
 
@@ -196,7 +208,8 @@ class ExpIntegrator(Solver):
             returns the clean-data estimate ``(x - sigma eps) / alpha`` of its model call (the
             data prediction itself for ``"x0"``) instead of ``x(t_end)``; no extra model call.
         thresholding: dynamic thresholding of the data prediction (``"x0"`` only), see
-            :func:`dynamic_threshold` (``threshold_ratio``, ``threshold_min``, ``threshold_max``).
+            :func:`dynamic_threshold` (``threshold_ratio``, ``threshold_min``, ``threshold_max``);
+            keyword-only, taken by the subclasses as :class:`ThresholdingOptions`.
     """
 
     family = "exponential-integrator"
@@ -208,7 +221,7 @@ class ExpIntegrator(Solver):
     auto_lower_order_step = 1.4
 
     def __init__(self, predict_x0: bool = True, lower_order_final: bool | None = None,
-                 final_to_zero: bool = False, thresholding: bool = False,
+                 final_to_zero: bool = False, *, thresholding: bool = False,
                  threshold_ratio: float = 0.995, threshold_min: float = 1.0,
                  threshold_max: float = math.inf) -> None:
         prediction = "x0" if predict_x0 else "eps"
@@ -430,6 +443,7 @@ class ExpIntegrator(Solver):
 __all__ = [
     "ExpIntegrator",
     "Outputs",
+    "ThresholdingOptions",
     "push",
     "block_plan",
     "dynamic_threshold",

@@ -1,8 +1,10 @@
 """The solver registry: ``@register("name", **defaults)`` on a Solver class."""
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +61,10 @@ def default_config(sde: Any, steps: int) -> dict[str, Any]:
 
 
 _REGISTRY: dict[str, tuple[type[Solver], dict[str, Any]]] = {}
+#: the registered classes whose instances register() names (see _name_instances), and the
+#: options each such instance was built with
+_NAMED: set[type[Solver]] = set()
+_BUILT: weakref.WeakKeyDictionary[Solver, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 #: the keyword names of :func:`sdekit.sample` (tests/test_solvers_registry.py holds this to its
 #: signature): no solver option may be named like one, so ``sample(..., solver=name,
@@ -69,11 +75,28 @@ SAMPLE_KEYWORDS = frozenset({
     "progress", "dtype", "device", "project", "grid_options", "grad", "solver_options"})
 
 
+def option_parameters(cls: type[Solver]) -> tuple[inspect.Parameter, ...]:
+    """The options of solver class ``cls`` (what get_solver accepts, solver_config records and
+    sdekit tune searches): its constructor's named parameters (without ``self``) and, where it
+    also takes ``**kwargs``, the keyword-only parameters of the next constructor up its class
+    hierarchy, which it passes them on to (the exponential integrators'
+    :class:`~sdekit.solvers.exp_integrator.ThresholdingOptions`), and so on up."""
+    out: dict[str, inspect.Parameter] = {}
+    inits = [vars(k)["__init__"] for k in cls.__mro__ if "__init__" in vars(k)]
+    for i, init in enumerate(inits):
+        params = list(inspect.signature(init).parameters.values())[1:]
+        for p in params:
+            if p.kind is p.KEYWORD_ONLY or (i == 0 and p.kind is p.POSITIONAL_OR_KEYWORD):
+                out.setdefault(p.name, p)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return tuple(out.values())
+
+
 def _check_option_names(name: str, cls: type[Solver], defaults: dict[str, Any]) -> None:
-    """Refuse a registration whose solver options (``cls``'s constructor parameters and the
+    """Refuse a registration whose solver options (``cls``'s :func:`option_parameters` and the
     registered defaults) include a keyword of :func:`sdekit.sample`."""
-    params = [p.name for p in inspect.signature(cls.__init__).parameters.values()
-              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)][1:]   # without self
+    params = [p.name for p in option_parameters(cls)]
     clash = sorted(SAMPLE_KEYWORDS.intersection([*params, *defaults]))
     if clash:
         raise ValueError(f"@register({name!r}): solver {cls.__name__} has options {clash} named "
@@ -83,7 +106,9 @@ def _check_option_names(name: str, cls: type[Solver], defaults: dict[str, Any]) 
 
 def register(name: str, **defaults: Any) -> Callable[[type[Solver]], type[Solver]]:
     """Register a solver class under ``name`` with default options (one class may be registered
-    under several names with different defaults). Duplicate names are an error."""
+    under several names with different defaults). Duplicate names are an error. An instance
+    built straight from the class (``DPMSolverMultistep(order=3)``) is named after its
+    registration (:func:`registered_name`), as :func:`get_solver` names its own."""
 
     def deco(cls: type[Solver]) -> type[Solver]:
         if name in _REGISTRY:
@@ -93,9 +118,70 @@ def register(name: str, **defaults: Any) -> Callable[[type[Solver]], type[Solver
             raise TypeError(f"@register({name!r}) must decorate a Solver subclass")
         _check_option_names(name, cls, defaults)
         _REGISTRY[name] = (cls, dict(defaults))
+        if cls not in _NAMED:
+            _name_instances(cls)   # at the first registration of cls
         return cls
 
     return deco
+
+
+def _name_instances(cls: type[Solver]) -> None:
+    """Wrap ``cls.__init__`` (once, its signature kept) so that an instance of ``cls`` itself
+    is named after the effective options it was built with (:func:`registered_name`), which
+    :func:`built_options` returns."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Solver, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if type(self) is cls:   # a subclass is not this registration
+            _BUILT[self] = options = _effective_options(cls, args, kwargs)
+            self.name = _name_of(cls, options)
+
+    setattr(cls, "__init__", __init__)   # (mypy refuses assigning to a method)
+    _NAMED.add(cls)
+
+
+def _effective_options(cls: type[Solver], args: tuple[Any, ...], kwargs: dict[str, Any]
+                       ) -> dict[str, Any]:
+    """The options of ``cls(*args, **kwargs)``: the given ones and the defaults of the rest."""
+    sig = inspect.signature(cls.__init__)
+    eff = {p.name: p.default for p in option_parameters(cls) if p.default is not p.empty}
+    for k, v in list(sig.bind(None, *args, **kwargs).arguments.items())[1:]:   # without self
+        kind = sig.parameters[k].kind
+        if kind is kind.VAR_KEYWORD:
+            eff.update(v)
+        elif kind is not kind.VAR_POSITIONAL:
+            eff[k] = v
+    return eff
+
+
+def built_options(solver: Solver) -> dict[str, Any] | None:
+    """The effective options (given or defaults) that ``solver``, an instance of a registered
+    class, was built with (by :func:`get_solver` or straight from its class); None for another."""
+    return _BUILT.get(solver)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError, RuntimeError):   # e.g. a tensor of several elements
+        return False
+
+
+def _name_of(cls: type[Solver], options: dict[str, Any]) -> str:
+    fits = [(n, d) for n, (c, d) in _REGISTRY.items()
+            if c is cls and all(k in options and _equal(options[k], v) for k, v in d.items())]
+    return max(fits, key=lambda nd: len(nd[1]))[0] if fits else "?"
+
+
+def registered_name(cls: type[Solver], *args: Any, **kwargs: Any) -> str:
+    """The registry name of ``cls(*args, **kwargs)``: of the registrations of ``cls`` whose
+    default options the call's effective options (given or the constructor's defaults) agree
+    with, the one that sets the most (``UniPC(order=2, predictor="dpmpp_2m")`` is
+    ``unic_dpmpp_2m``, not ``unipc_bh2``; ``EDMHeun(heun=False)`` is ``edm_euler``), the first
+    registered among equals; ``"?"`` where none does."""
+    return _name_of(cls, _effective_options(cls, args, kwargs))
 
 
 def solver_names() -> list[str]:
@@ -113,7 +199,7 @@ def get_solver(solver: str | Solver, **options: Any) -> Solver:
     if not isinstance(solver, str) or solver not in _REGISTRY:
         raise ValueError(f"unknown solver {solver!r}: expected one of {sorted(_REGISTRY)}")
     cls, defaults = _REGISTRY[solver]
-    valid = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
+    valid = [p.name for p in option_parameters(cls)]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise TypeError(f"solver {solver!r} got unknown options {unknown}: valid options are "

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .base import ModelOutput, OneCallStepper, Problem, Solver
-from .exp_integrator import ExpIntegrator, Outputs, phi, push
+from .exp_integrator import ExpIntegrator, Outputs, ThresholdingOptions, phi, push
 from .registry import get_solver, register
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 VARIANTS = ("bh1", "bh2")
 
@@ -77,15 +80,13 @@ class UniPC(ExpIntegrator, OneCallStepper):
     def __init__(self, order: int = 2, variant: str = "bh2", predict_x0: bool = True,
                  corrector: bool = True, predictor: str | Solver | None = None,
                  disable_corrector: Iterable[int] = (), lower_order_final: bool | None = None,
-                 final_to_zero: bool = False, thresholding: bool = False,
-                 threshold_ratio: float = 0.995, threshold_min: float = 1.0,
-                 threshold_max: float = math.inf) -> None:
+                 final_to_zero: bool = False,
+                 **thresholding_options: Unpack[ThresholdingOptions]) -> None:
         if order not in (1, 2, 3):
             raise ValueError(f"order={order!r} is invalid: expected 1, 2 or 3")
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r} is invalid: expected one of {VARIANTS}")
-        super().__init__(predict_x0, lower_order_final, final_to_zero, thresholding,
-                         threshold_ratio, threshold_min, threshold_max)
+        super().__init__(predict_x0, lower_order_final, final_to_zero, **thresholding_options)
         self.max_order, self.variant, self.corrector = order, variant, bool(corrector)
         self.disable_corrector = frozenset(int(i) for i in disable_corrector)
         self.predictor: OneCallStepper | None = None
