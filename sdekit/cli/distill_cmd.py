@@ -46,7 +46,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a("--out", type=out_dir, required=True,
       help="directory for trajectories and operator.pt (required)")
     a("--n", type=positive_int, default=8192, help="number of teacher trajectories")
-    a("--solver", default="heun", help="teacher solver (any registered fixed-grid solver)")
+    a("--solver", default=None,
+      help="teacher solver (any registered fixed-grid solver; default heun, or unipc_bh2 of "
+           "order 3 where the process starts at alpha = 0, flow matching at t = 1, where Heun "
+           "cannot start)")
     a("--steps-per-segment", type=positive_int, default=8,
       help="teacher steps between consecutive output times")
     a("--shard-size", type=positive_int, default=1024,
