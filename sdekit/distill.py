@@ -372,7 +372,7 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
             checkpoint_every, "an integer >= 1")
     require(isinstance(grad_clip, (int, float)) and grad_clip >= 0, "grad_clip", grad_clip,
             "a number >= 0 (0 or inf: no clipping)")
-    require(backbone_at in ("slots", "start"), "backbone_at", backbone_at, "'slots' or 'start'")
+    check_backbone_at(sde, backbone_at)
     require(is_real(feature_loss) and feature_loss >= 0, "feature_loss", feature_loss,
             "a number >= 0")
     fit = FitSettings(steps=steps, lr=lr, warmup=warmup, lr_decay=lr_decay,
@@ -404,6 +404,18 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     if steps == 0:   # the untrained operator (e.g. the teacher's 1-NFE DDIM)
         loop.save()
     return loop.ema
+
+
+def check_backbone_at(sde: ForwardSDE, backbone_at: str) -> None:
+    """Raise a ValueError unless ``backbone_at`` is 'slots' or 'start', and 'start' only where
+    the process does not start at alpha = 0 (there x_T's noise level is lambda = -inf, which
+    the backbone's time input cannot take, and the one-step DDIM estimate needs a data
+    prediction at x_T)."""
+    require(backbone_at in ("slots", "start"), "backbone_at", backbone_at, "'slots' or 'start'")
+    if backbone_at == "start" and starts_at_alpha_zero(sde):
+        raise ValueError(f"backbone_at='start' runs the backbone at x_T's noise level, lambda = "
+                         f"-inf at T={sde.T:g} where alpha = 0 ({sde!r}): use "
+                         "backbone_at='slots' (one pass per output time)")
 
 
 def check_feature_loss(feature_loss: float, shape: Sequence[int]) -> None:

@@ -106,3 +106,27 @@ def test_cli_distills_a_flow_checkpoint(tmp_path):
     assert z["x"].shape == (8, 2) and np.isfinite(z["x"]).all() and '"nfe": 1' in str(z["meta"])
     assert cli(["distill", "--checkpoint", ck, "--out", str(tmp_path / "h"), "--n", "8",
                 "--solver", "heun", "--quiet"]) == 2
+
+
+def test_start_mode_is_refused_at_alpha_zero_and_auto_picks_slots(tmp_path):
+    """backbone_at='start' runs the backbone at lambda(T) = -inf on a flow process: before, a
+    bare 'math domain error' after the trajectories; now a clear error before any work, and
+    the CLI's auto (with --init-from-teacher) picks slots there."""
+    from sdekit.cli.main import main as cli
+    sde = sdekit.FlowSDE()
+    with pytest.raises(ValueError, match=r"backbone_at='start' .* alpha = 0.*'slots'"):
+        train_operator(tmp_path / "none", tmp_path / "op.pt", sde, backbone_at="start")
+    run = tmp_path / "run"
+    assert cli(["train", "--data", "two_moons", "--objective", "flow", "--steps", "2", "--width",
+                "16", "--depth", "1", "--batch-size", "16", "--ckpt-every", "2", "--sample-n",
+                "8", "--sample-steps", "2", "--no-progress", "--device", "cpu",
+                "--out", str(run)]) == 0
+    ck = str(run / "checkpoint.pt")
+    assert cli(["distill", "--checkpoint", ck, "--out", str(tmp_path / "o"), "--n", "32",
+                "--steps-per-segment", "1", "--train-steps", "1", "--batch", "16",
+                "--init-from-teacher", "--quiet"]) == 0
+    cfg = load_operator(tmp_path / "o" / "operator.pt")[1]
+    assert "start" not in cfg["operator"] and cfg["train"]["init_backbone"]
+    assert cli(["distill", "--checkpoint", ck, "--out", str(tmp_path / "s"), "--n", "8",
+                "--backbone-at", "start", "--quiet"]) == 2
+    assert not (tmp_path / "s" / "trajectories").exists(), "refused before the trajectories"
