@@ -130,3 +130,21 @@ def test_start_mode_is_refused_at_alpha_zero_and_auto_picks_slots(tmp_path):
     assert cli(["distill", "--checkpoint", ck, "--out", str(tmp_path / "s"), "--n", "8",
                 "--backbone-at", "start", "--quiet"]) == 2
     assert not (tmp_path / "s" / "trajectories").exists(), "refused before the trajectories"
+
+
+def test_distill_a_flow_problem_then_bench_fno(tmp_path):
+    """`sdekit distill --problem gaussian --sde flow` (exact flow teacher, Heun before: an
+    error) then `sdekit bench --sde flow -O fno.operator=...`: the operator of the linear
+    teacher is exact, one NFE from t = 1."""
+    from sdekit.cli.main import main as cli
+    op = tmp_path / "op"
+    assert cli(["distill", "--problem", "gaussian", "--sde", "flow", "--dim", "3", "--out",
+                str(op), "--n", "256", "--steps-per-segment", "16", "--train-steps", "0",
+                "--quiet"]) == 0
+    assert json.loads((op / "trajectories" / "meta.json").read_text())["solver"] == "unipc_bh2"
+    assert cli(["bench", "--problem", "gaussian", "--sde", "flow", "--dim", "3", "--solvers",
+                "fno", "--grids", "logsnr", "--nfe", "1", "-n", "64", "--quiet", "--formats",
+                "json", "-O", f"fno.operator={op / 'operator.pt'}", "--out",
+                str(tmp_path / "b")]) == 0
+    (cell,) = json.loads((tmp_path / "b" / "bench.json").read_text())["cells"]
+    assert (cell["status"], cell["nfe"]) == ("ok", 1) and cell["rms"] < 2e-3, cell
