@@ -21,6 +21,7 @@ calibration/held-out seeds 2/3): the out-of-sample check.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import platform
@@ -298,7 +299,29 @@ def main(argv: list[str] | None = None) -> int:
                     help="shard JSONs (from --sdes runs): combine into results/default_rule.*")
     ap.add_argument("--rescore", type=Path, default=None,
                     help="a results JSON: add the proposed rule from its tables, rewrite the md")
+    ap.add_argument("--remeasure", nargs="*", default=None, metavar="SDE",
+                    help="re-measure the option-free call ('current') and the proposed rule on "
+                         "these processes' problems (both draws, the same states) in "
+                         "results/default_rule.json, keeping its best fixed configurations (no "
+                         "search: about a minute per process); rewrite results/default_rule.*")
+    ap.add_argument("--flow-scan", action="store_true",
+                    help="candidate flow-matching rules on the 16-dim problems (both draws) and "
+                         "benchmarks/peers/run.py --sde flow's problems (seeds 0, 1), against "
+                         "the stored best; writes results/default_rule_flow_scan.md")
     args = ap.parse_args(argv)
+    if args.flow_scan:
+        torch.set_num_threads(1)
+        t0 = time.perf_counter()
+        table = flow_scan(args.out)
+        (args.out / "default_rule_flow_scan.md").write_text(
+            "`OMP_NUM_THREADS=1 python benchmarks/default_rule.py --flow-scan` "
+            f"({time.perf_counter() - t0:.0f} s). Ratio of each rule's RMS to the best stored "
+            "for the cell (docs/defaults.md, flow matching).\n\n" + table)
+        print(table)
+        return 0
+    if args.remeasure is not None:
+        remeasure(args.out / "default_rule.json", args.remeasure)
+        return 0
     if args.rescore is not None:
         result = json.loads(args.rescore.read_text())
         if any(x["rules"]["proposed (default_config)"].get("from_table")
@@ -362,6 +385,114 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def remeasure(path: Path, sdes: list[str]) -> None:
+    """``--remeasure``: 'current' and 'proposed (default_config)' measured anew on the rows of
+    ``sdes`` (same problems and states as :func:`measure`), the stored best fixed kept."""
+    result = json.loads(path.read_text())
+    t0 = time.perf_counter()
+    for key, data_seed, seeds in (("rows", 0, (0, 1)), ("check_rows", 1, (2, 3))):
+        for kind in KINDS:
+            for sde_name in sdes:
+                cell = Cell(kind, sde_name, data_seed, seeds)
+                for x in result[key]:
+                    if (x["problem"], x["sde"]) != (kind, sde_name):
+                        continue
+                    cfg = proposed_config(cell.sde, x["nfe"])
+                    c, h = cell.error(cfg, x["nfe"])
+                    x["current"] = cell.current(x["nfe"])
+                    x["rules"]["proposed (default_config)"] = {
+                        "config": label(cfg), "heldout_rms": h, "calibration_rms": c}
+    result["summary"] = summarize(result["rows"], result["rows"])
+    result["check_summary"] = summarize(result["check_rows"], result["check_rows"])
+    result["remeasured"] = {"sdes": sdes, "wall_s": time.perf_counter() - t0,
+                            "command": "OMP_NUM_THREADS=1 python benchmarks/default_rule.py "
+                                       "--remeasure " + " ".join(sdes)}
+    write(result, path.parent, path.stem)
+
+
+#: --flow-scan: candidate rules on flow matching, as (name, N -> config); the default first
+FLOW_SCAN: list[tuple[str, Callable[[int], Config]]] = [
+    ("default_config", lambda n: proposed_config(SDES["flow"](), n)),
+    ("previous: unipc_bh2 floor (order 2 lof=False at h > 1.2, else 3)",
+     lambda n: previous_floor(n)),
+    ("unipc_bh2 karras", lambda n: ("unipc_bh2", {}, "karras", {})),
+    ("unipc_bh2 quadratic order 3", lambda n: ("unipc_bh2", {"order": 3}, "quadratic", {})),
+    ("unipc_bh2 uniform order 3", lambda n: ("unipc_bh2", {"order": 3}, "uniform", {})),
+    ("unipc_bh2 logsnr order 3", lambda n: ("unipc_bh2", {"order": 3}, "logsnr", {}))] + [
+    (f"unipc_bh2 order 3 floor {f}", lambda n, f=f: ("unipc_bh2", {"order": 3}, "logsnr",
+                                                     {"lambda_floor": f}))
+    for f in (-3.5, -3.0, -2.0, -1.5)] + [
+    ("unipc_bh1 order 3 lof=True floor -2.5",
+     lambda n: ("unipc_bh1", {"order": 3, "lower_order_final": True}, "logsnr", FLOOR))]
+
+
+def previous_floor(n: int) -> Config:
+    """default_config before the flow rule (the floored logsnr rule on every process)."""
+    lam = SDES["flow"]().lambda_(make_grid(SDES["flow"](), "logsnr", n, **FLOOR)).double()
+    h = float(lam[torch.isfinite(lam)].diff().median())
+    return ("unipc_bh2", {"order": 3} if h <= 1.2 else
+            {"order": 2, "lower_order_final": False}, "logsnr", dict(FLOOR))
+
+
+#: --flow-scan: the step counts of its second table (rule / default_config, no best known)
+FLOW_SCAN_NEIGHBOURS = (3, 4, 6, 8, 9, 12, 14, 16, 25, 30)
+
+
+def flow_scan(results: Path) -> str:
+    """``--flow-scan``: every :data:`FLOW_SCAN` rule on eight flow cells: this script's 16-dim
+    Gaussian and mixture on both draws (ratio to the stored best fixed of
+    results/default_rule.json) and benchmarks/peers/run.py --sde flow's 64-dim Gaussian and
+    16-dim mixture, seeds 0 and 1 (ratio to the best sdekit RMS stored in
+    benchmarks/peers/flow_results*.json, the same states and references), at NFE 5, 10, 20;
+    then, at :data:`FLOW_SCAN_NEIGHBOURS` steps, each rule's RMS over default_config's.
+    Markdown tables."""
+    spec = importlib.util.spec_from_file_location("peers_run", ROOT / "benchmarks/peers/run.py")
+    peers = importlib.util.module_from_spec(spec)   # type: ignore[arg-type]
+    spec.loader.exec_module(peers)   # type: ignore[union-attr]
+    stored = json.loads((results / "default_rule.json").read_text())
+    # (name, held-out RMS of (config, n), best RMS at n in NFES)
+    cells: list[tuple[str, Callable[[Config, int], float], dict[int, float]]] = []
+    for kind in KINDS:
+        for d, (key, ds, seeds) in enumerate((("rows", 0, (0, 1)), ("check_rows", 1, (2, 3)))):
+            c = Cell(kind, "flow", ds, seeds)
+            best = {x["nfe"]: x["best"]["winner"]["heldout_rms"] for x in stored[key]
+                    if (x["sde"], x["problem"]) == ("flow", kind)}
+            cells.append((f"{kind} draw {d}", lambda cfg, n, c=c: c.error(cfg, n)[1], best))
+    for kind in KINDS:
+        for seed in (0, 1):
+            prob = peers.FlowProblem(kind, seed=seed)
+            f = ROOT / "benchmarks/peers" / ("flow_results.json" if seed == 0 else
+                                            f"flow_results_seed{seed}.json")
+            recs = json.loads(f.read_text())["problems"][kind]["records"]
+            pbest = {n: min(r["rms"] for r in recs if r["library"] == "sdekit"
+                            and r["budget"] == n and "rms" in r) for n in NFES}
+            rows = 1 if prob.linear else prob.x1.shape[0]   # as peers' flow_evaluate
+
+            def err(cfg: Config, n: int, prob: Any = prob, rows: int = rows) -> float:
+                s, o, g, go = cfg
+                out = sdekit.sample(peers.FLOW, prob.model, prob.x1.clone(), solver=s,
+                                    grid=make_grid(peers.FLOW, g, n, **go), **o).x.double()
+                e = float((out - prob.at(peers.FLOW.t_min)).pow(2).sum()) / (rows * prob.dim)
+                return math.sqrt(e)
+            cells.append((f"peers {kind} seed {seed}", err, pbest))
+    head = " | ".join(n for n, _, _ in cells)
+    lines = ["Ratio to the cell's best:", "", f"| rule | NFE | {head} | max |",
+             "|---|---:|" + "---:|" * (len(cells) + 1)]
+    for name, rule in FLOW_SCAN:
+        for n in NFES:
+            v = [f(rule(n), n) / best[n] for _, f, best in cells]
+            lines.append(f"| {name} | {n} | " + " | ".join(f"{x:.2f}" for x in v)
+                         + f" | {max(v):.2f} |")
+    lines += ["", "At other step counts, RMS over default_config's (no best known):", "",
+              f"| rule | N | {head} |", "|---|---:|" + "---:|" * len(cells)]
+    for name, rule in FLOW_SCAN[1:]:
+        for n in FLOW_SCAN_NEIGHBOURS:
+            base = FLOW_SCAN[0][1](n)
+            v = [f(rule(n), n) / f(base, n) for _, f, _ in cells]
+            lines.append(f"| {name} | {n} | " + " | ".join(f"{x:.2f}" for x in v) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write(result: dict[str, Any], out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, separators=(",", ":")) + "\n")
@@ -388,6 +519,10 @@ def markdown(r: dict[str, Any]) -> str:
              "designed after looking at data-seed-0 problems, the data-seed-1 rows are the check."
              " Other rules: `unipcK` = unipc_bh2 of order K, `lof` = lower_order_final "
              "(unset: automatic, `ExpIntegrator.lof`); `floor` = the logsnr grid with `lambda_floor=-2.5`."), "",
+             *([f"'current' and 'proposed (default_config)' on {', '.join(r['remeasured']['sdes'])}"
+                f" re-measured by `{r['remeasured']['command']}` "
+                f"({r['remeasured']['wall_s']:.0f} s; the best fixed configurations kept).", ""]
+               if r.get("remeasured") else []),
              "## Summary (cells within 1.25x / geo-mean ratio / max ratio)", "",
              "| rule | in-sample (data seed 0) | check (data seed 1, other states) |",
              "|---|---|---|"]

@@ -94,8 +94,43 @@ def teacher_grid(sde: ForwardSDE, times_out: Tensor, steps_per_segment: int) -> 
     return torch.cat(parts + [knots[-1:]])
 
 
+#: The teacher where the forward process starts at alpha = 0 (flow matching at t = 1, where Heun
+#: cannot start: it steps with the SDE's f and g, infinite there): a data-prediction multistep
+#: solver of order 3, whose first step from alpha = 0 is in closed form (one NFE per step: on the
+#: same teacher grid, half Heun's NFE; on the Gaussian flow its error at 8 and 16 steps per
+#: segment is about Heun's on VP, tests/test_distill_flow.py).
+ALPHA_ZERO_TEACHER: tuple[str, dict[str, Any]] = ("unipc_bh2", {"order": 3})
+
+
+def starts_at_alpha_zero(sde: ForwardSDE) -> bool:
+    """Whether ``sde`` starts where alpha = 0 (lambda = -inf: the linear interpolants at T = 1)."""
+    return float(sde.alpha(torch.tensor(sde.T, dtype=torch.float64))) == 0.0
+
+
+def teacher_solver(sde: ForwardSDE, solver: str | None = None,
+                   solver_options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """``(name, options)`` of the teacher solver: ``solver`` with ``solver_options`` as given,
+    or (``solver=None``) Heun, or :data:`ALPHA_ZERO_TEACHER` where the process starts at
+    alpha = 0. A given solver that cannot start there is refused (a ValueError naming those that
+    can), before any work."""
+    from .solvers import get_solver, list_solvers
+    options = dict(solver_options or {})
+    at_zero = starts_at_alpha_zero(sde)
+    if solver is None:
+        if not at_zero:
+            return "heun", options
+        name, auto = ALPHA_ZERO_TEACHER
+        return name, {**auto, **options}
+    if at_zero and not get_solver(solver, **options).starts_at_alpha_zero:
+        ok = [d["name"] for d in list_solvers() if d["starts_at_alpha_zero"]]
+        raise ValueError(f"solver={solver!r} cannot start the teacher trajectories at "
+                         f"T={sde.T:g}, where alpha = 0 ({sde!r}): use one of {ok}, or leave "
+                         f"the solver unset ({ALPHA_ZERO_TEACHER[0]} of order 3 there)")
+    return solver, options
+
+
 def generate_trajectories(path: str | Path, sde: ForwardSDE, model: DiffusionModel,
-                          state_shape: Sequence[int], n: int, *, solver: str = "heun",
+                          state_shape: Sequence[int], n: int, *, solver: str | None = None,
                           steps_per_segment: int = 16, slots: int = 4,
                           spacing: str = "quadratic", shard_size: int = 256, seed: int = 0,
                           teacher: str = "", teacher_sha256: str | None = None,
@@ -103,12 +138,15 @@ def generate_trajectories(path: str | Path, sde: ForwardSDE, model: DiffusionMod
     """Write (or finish writing) a teacher-trajectory dataset in directory ``path``.
 
     ``x_T`` are prior draws (per-sample seeds from ``seed``); the states at the K output times
-    come from ``solver`` on :func:`teacher_grid`. ``teacher`` is a free-text description of the
+    come from ``solver`` on :func:`teacher_grid` (default: Heun, or where the process starts at
+    alpha = 0 the data-prediction solver :data:`ALPHA_ZERO_TEACHER`, recorded in ``meta.json``:
+    :func:`teacher_solver`). ``teacher`` is a free-text description of the
     model, recorded in ``meta.json`` and in the operator's checkpoint; ``teacher_sha256`` its
     weights' identity (default: :func:`weights_sha256_of` the model). A rerun resumes when the
     settings and the teacher's identity (its weights' hash where known, else the description)
     are the same; existing shards that fail to load are regenerated with a warning."""
     path = Path(path)
+    solver, solver_options = teacher_solver(sde, solver, solver_options)
     times_out = output_times(sde, slots, spacing)
     grid = teacher_grid(sde, times_out, steps_per_segment)
     teacher_sha256 = teacher_sha256 or weights_sha256_of(model)
@@ -249,7 +287,11 @@ def _operator_config(data: str | Path, sde: ForwardSDE, meta: dict[str, Any],
         operator.update(start=[float(sde.alpha(t0)), float(sde.sigma(t0))],
                         coeffs=[sde.alpha(t_out).tolist(), sde.sigma(t_out).tolist()])
     data_id = content_hash({k: v for k, v in meta.items() if k not in ("teacher", "teacher_nfe")})
-    return {"kind": "operator", "teacher": meta.get("teacher", ""),
+    # the teacher solver is recorded where it is not Heun by default (alpha = 0 at T: no
+    # operator checkpoint from an older sdekit exists there, so every other one still resumes)
+    solver = ({"teacher_solver": {"name": meta["solver"], "options": meta["solver_options"]}}
+              if starts_at_alpha_zero(sde) else {})
+    return {"kind": "operator", **solver, "teacher": meta.get("teacher", ""),
             "teacher_sha256": meta.get("teacher_sha256"), "sde_repr": repr(sde),
             "state_shape": list(shape), "times_out": meta["times_out"],
             "t_start": meta["t_start"],
@@ -330,7 +372,7 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
             checkpoint_every, "an integer >= 1")
     require(isinstance(grad_clip, (int, float)) and grad_clip >= 0, "grad_clip", grad_clip,
             "a number >= 0 (0 or inf: no clipping)")
-    require(backbone_at in ("slots", "start"), "backbone_at", backbone_at, "'slots' or 'start'")
+    check_backbone_at(sde, backbone_at)
     require(is_real(feature_loss) and feature_loss >= 0, "feature_loss", feature_loss,
             "a number >= 0")
     fit = FitSettings(steps=steps, lr=lr, warmup=warmup, lr_decay=lr_decay,
@@ -362,6 +404,18 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     if steps == 0:   # the untrained operator (e.g. the teacher's 1-NFE DDIM)
         loop.save()
     return loop.ema
+
+
+def check_backbone_at(sde: ForwardSDE, backbone_at: str) -> None:
+    """Raise a ValueError unless ``backbone_at`` is 'slots' or 'start', and 'start' only where
+    the process does not start at alpha = 0 (there x_T's noise level is lambda = -inf, which
+    the backbone's time input cannot take, and the one-step DDIM estimate needs a data
+    prediction at x_T)."""
+    require(backbone_at in ("slots", "start"), "backbone_at", backbone_at, "'slots' or 'start'")
+    if backbone_at == "start" and starts_at_alpha_zero(sde):
+        raise ValueError(f"backbone_at='start' runs the backbone at x_T's noise level, lambda = "
+                         f"-inf at T={sde.T:g} where alpha = 0 ({sde!r}): use "
+                         "backbone_at='slots' (one pass per output time)")
 
 
 def check_feature_loss(feature_loss: float, shape: Sequence[int]) -> None:

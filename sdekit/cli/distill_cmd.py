@@ -46,7 +46,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a("--out", type=out_dir, required=True,
       help="directory for trajectories and operator.pt (required)")
     a("--n", type=positive_int, default=8192, help="number of teacher trajectories")
-    a("--solver", default="heun", help="teacher solver (any registered fixed-grid solver)")
+    a("--solver", default=None,
+      help="teacher solver (any registered fixed-grid solver; default heun, or unipc_bh2 of "
+           "order 3 where the process starts at alpha = 0, flow matching at t = 1, where Heun "
+           "cannot start)")
     a("--steps-per-segment", type=positive_int, default=8,
       help="teacher steps between consecutive output times")
     a("--shard-size", type=positive_int, default=1024,
@@ -68,8 +71,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a("--backbone-at", choices=("auto", "slots", "start"), default="auto",
       help="slots: one backbone pass per output time beside a fitted linear path; start: one "
            "pass at x_T's own noise level, every slot starting from its one-step DDIM estimate "
-           "(with --init-from-teacher the operator starts as the teacher's 1-NFE DDIM); auto "
-           "(default): start with --init-from-teacher, slots otherwise")
+           "(with --init-from-teacher the operator starts as the teacher's 1-NFE DDIM; not on "
+           "a process that starts at alpha = 0, flow matching); auto (default): start with "
+           "--init-from-teacher where the process allows it, slots otherwise")
     a("--feature-loss", type=nonneg_float, default=0.0, metavar="WEIGHT",
       help="add WEIGHT times a feature-space loss on the last slot (digits only; a feature "
            "network of its own, not the FD-digits evaluation network; default 0: L2 only)")
@@ -118,7 +122,13 @@ def _teacher_network(args: argparse.Namespace, model: Any) -> tuple[dict, dict]:
 
 def run(args: argparse.Namespace) -> int:
     from .._io import atomic_write_bytes
-    from ..distill import check_feature_loss, generate_trajectories, train_operator
+    from ..distill import (
+        check_backbone_at,
+        check_feature_loss,
+        generate_trajectories,
+        starts_at_alpha_zero,
+        train_operator,
+    )
 
     apply_threads(args.threads)
     t0 = time.perf_counter()
@@ -127,8 +137,10 @@ def run(args: argparse.Namespace) -> int:
         check_feature_loss(args.feature_loss, shape)   # before the trajectories
         backbone = init = None
         backbone_at = args.backbone_at
-        if backbone_at == "auto":
-            backbone_at = "start" if args.init_from_teacher else "slots"
+        if backbone_at == "auto":   # start has no noise level to run at where alpha(T) = 0
+            backbone_at = ("start" if args.init_from_teacher and not starts_at_alpha_zero(sde)
+                           else "slots")
+        check_backbone_at(sde, backbone_at)   # before the trajectories
         if args.init_from_teacher:
             backbone, init = _teacher_network(args, model)
         data = generate_trajectories(args.out / "trajectories", sde, model, shape, args.n,

@@ -46,19 +46,25 @@ class OperatorSampler(LearnedSampler):
 
     def check_start(self, p: Problem) -> None:
         """A guided model cannot be sampled: the operator replaces the model's calls, so its
-        guidance would be silently dropped."""
+        guidance would be silently dropped. A start at alpha = 0 (flow matching at t = 1) is
+        fine: the operator maps x_T to the trajectory without a step or a model call, from the
+        start it was distilled from (checked in :meth:`integrate`). The registry's
+        ``starts_at_alpha_zero`` stays False: it declares a stepping solver's first step."""
         from ..guidance import is_guided
         if is_guided(p.model):
             raise ValueError("solver 'fno' replaces the model by its distilled operator and never "
                              "calls it, so it cannot apply the model's guidance (classifier-free "
                              "or classifier): use a solver that calls the model (any other "
                              "registered solver)")
-        super().check_start(p)
+        if float(p.alpha[0]) != 0.0:
+            super().check_start(p)
 
     def for_problem(self, sde: Any, model: Any, state_shape: Any) -> OperatorSampler:
         """A quick distillation on this problem when no operator was given (used by the
-        registry's contract tests): 512 Heun trajectories and the operator's linear path fitted
-        by least squares (no gradient steps; exact for Gaussian data)."""
+        registry's contract tests): 512 teacher trajectories (Heun, or where the process starts
+        at alpha = 0 the data-prediction teacher of :func:`sdekit.distill.teacher_solver`) and
+        the operator's linear path fitted by least squares (no gradient steps; exact for
+        Gaussian data)."""
         if self.operator is not None:
             return self
         import tempfile

@@ -22,6 +22,11 @@ ORDER3_MAX_LAMBDA_STEP = 1.2
 #: default_config: its logsnr grid jumps from lambda(T) to this half-logSNR in one step (see
 #: :func:`sdekit.grids.uniform_logsnr`, ``lambda_floor``)
 DEFAULT_LAMBDA_FLOOR = -2.5
+#: default_config on a process that starts at alpha = 0 (flow matching): above this lambda step
+#: of the floored grid (N <= 5 on rectified flow: h = 2.35 at 5 steps, 1.88 at 6) the Karras
+#: grid replaces it (measured at N = 3..9: better at 3-5 steps, 2-15x worse on the Gaussian
+#: at 6-8, see docs/defaults.md)
+ALPHA_ZERO_KARRAS_MIN_LAMBDA_STEP = 2.0
 
 
 def default_config(sde: Any, steps: int) -> dict[str, Any]:
@@ -46,7 +51,18 @@ def default_config(sde: Any, steps: int) -> dict[str, Any]:
     Measured by ``benchmarks/default_rule.py`` (docs/defaults.md) on sdekit bench's Gaussian
     and mixture problems under VP, DDPM, squared-cosine DDPM, VE, EDM and flow at 5, 10, 20 NFE
     against the best fixed solver x named grid configuration: see docs/defaults.md for the
-    cells within 1.25x on two independent draws of the problems."""
+    cells within 1.25x on two independent draws of the problems.
+
+    A process that starts at alpha = 0 (flow matching at t = 1: lambda(T) = -inf) where ``h``
+    is over :data:`ALPHA_ZERO_KARRAS_MIN_LAMBDA_STEP` = 2.0 (N <= 5 on rectified flow, whose
+    floored grid spans -2.5..6.9 in lambda: h = 2.35 at 5 steps) gets ``unipc_bh2`` with its
+    registry options (order 2, automatic lower-order final step) on the Karras grid: its steps
+    shrink towards both ends in lambda (-1.4, 0, 1.6, 3.8, 6.9 at 5 steps from t = 1), where
+    the floored grid's equal 2.35 steps overshoot the mixtures' mode decisions (lambda -2..1).
+    At 5 NFE the worst of eight flow cells (the 16-dim Gaussian and mixture on two draws,
+    benchmarks/peers/run.py --sde flow's 64-dim Gaussian and mixture, seeds 0 and 1) goes from
+    4.1x to 3.2x of the best fixed configuration (docs/defaults.md); at 6-8 steps Karras is
+    2-15x worse on the Gaussians, so there and at N >= 10 the rule above holds."""
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
         raise ValueError(f"steps={steps!r} is invalid: expected an integer >= 1")
     from ..grids import make_grid
@@ -54,6 +70,8 @@ def default_config(sde: Any, steps: int) -> dict[str, Any]:
     lam = sde.lambda_(make_grid(sde, "logsnr", steps, **grid_options)).double()
     d = lam[torch.isfinite(lam)].diff()
     h = float(d.median()) if d.numel() > 1 else math.inf   # the equal steps (not the jump)
+    if h > ALPHA_ZERO_KARRAS_MIN_LAMBDA_STEP and not math.isfinite(float(lam[0])):  # alpha(T) = 0
+        return {"solver": DEFAULT_SOLVER, "options": {}, "grid": "karras", "grid_options": {}}
     options = ({"order": 3} if h <= ORDER3_MAX_LAMBDA_STEP else
                {"order": 2, "lower_order_final": False})
     return {"solver": DEFAULT_SOLVER, "options": options, "grid": "logsnr",
