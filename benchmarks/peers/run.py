@@ -452,17 +452,17 @@ FLOW_PEERS: list[tuple[str, dict[str, Any]]] = [
 
 def flow_main(args: argparse.Namespace) -> None:
     import diffusers
+    rules = {n: sdekit.solvers.default_config(FLOW, n) for n in (5, 10, 20)}
     default_solver = "default_config: " + ", ".join(
-        f"{n} NFE {sdekit.solvers.default_config(FLOW, n)['options']}" for n in (5, 10, 20))
-    rule = sdekit.solvers.default_config(FLOW, 10)
-    default_grid = rule["grid"] + (f"({', '.join(f'{k}={v}' for k, v in rule['grid_options'].items())})"
-                                   if rule["grid_options"] else "")
+        f"{n} NFE {r['solver']} {r['options']}" for n, r in rules.items())
+    default_grid = ", ".join(f"{n} NFE {label(r['grid'], r['grid_options'])}"
+                             for n, r in rules.items())
     problems = {}
     for pname in args.problems.split(","):
         prob = FlowProblem(pname, seed=args.seed)
         jobs: list[tuple[str, str, bool, Callable[[int], Any]]] = [
-            ("sdekit", (f"default: sample(FlowSDE(), model, x, steps=N) [{default_solver}, "
-                        f"grid {default_grid}]"), True,
+            ("sdekit", (f"default: sample(FlowSDE(), model, x, steps=N) [{default_solver}; "
+                        f"grids {default_grid}]"), True,
              lambda b, p=prob: flow_sdekit_runner(p, None, None, b))]
         for name, opts in (FLOW_SDEKIT[:3] if args.quick else FLOW_SDEKIT):
             takes = inspect.signature(type(sdekit.get_solver(name)).__init__).parameters
