@@ -8,6 +8,7 @@ import torch
 
 import sdekit
 from sdekit.analytic import GaussianData
+from sdekit.solvers import LearnedSampler
 
 ORDER_SDES = {
     "vp": lambda: sdekit.VPSDE(),
@@ -25,8 +26,11 @@ FLOW_T_START = 0.99
 
 def start_for(solver, sde) -> float:
     """The time a generated test starts ``solver`` at on ``sde``: ``T``, or :data:`FLOW_T_START`
-    where alpha(T) = 0 and the solver cannot start there (it says so: tests/test_flow.py)."""
-    if float(sde.alpha(sde.T)) == 0.0 and not solver.starts_at_alpha_zero:
+    where alpha(T) = 0 and the solver cannot step from there (it says so: tests/test_flow.py).
+    A learned sampler does not step: it starts where it was distilled, T (sdekit.distill's
+    teacher starts at alpha = 0: tests/test_distill_flow.py)."""
+    if (float(sde.alpha(sde.T)) == 0.0 and not solver.starts_at_alpha_zero
+            and not isinstance(solver, LearnedSampler)):
         return FLOW_T_START
     return sde.T
 

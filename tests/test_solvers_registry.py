@@ -53,9 +53,6 @@ def test_contract_on_the_flow_processes(name, sde_name):
     t = 1 (alpha = 0, the exact prior) for the solvers that start there, from
     helpers.FLOW_T_START for the others (which refuse t = 1: tests/test_flow.py)."""
     s = SOLVERS[name]
-    if name == "fno":
-        pytest.skip("fno's quick distillation (for_problem) integrates Heun teacher trajectories "
-                    "from the SDE's T, where Heun cannot start on a flow process (alpha = 0)")
     sde = make_sde(sde_name)
     data = gaussian_problem(sde, dim=3)
     model = data.model(model_kind(sde))
