@@ -10,6 +10,13 @@ from .._utils import require, require_finite_positive
 from .base import ForwardSDE
 
 
+def _check_sigma_range(sigma_min: float, sigma_max: float) -> None:
+    """``0 < sigma_min < sigma_max``, both finite (the VE and EDM noise ranges)."""
+    require_finite_positive("sigma_min", sigma_min)
+    require_finite_positive("sigma_max", sigma_max)
+    require(sigma_max > sigma_min, "sigma_max", sigma_max, f"sigma_max > sigma_min ({sigma_min})")
+
+
 class VESDE(ForwardSDE):
     """VE SDE with geometric noise: ``sigma(t) = sigma_min (sigma_max/sigma_min)^t``, ``alpha = 1``,
     ``f = 0``, ``g = sigma(t) sqrt(2 log(sigma_max/sigma_min))`` (Song et al. 2021, Eq. 30).
@@ -22,10 +29,7 @@ class VESDE(ForwardSDE):
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 0.0,
                  T: float = 1.0) -> None:
-        require_finite_positive("sigma_min", sigma_min)
-        require_finite_positive("sigma_max", sigma_max)
-        require(sigma_max > sigma_min, "sigma_max", sigma_max,
-                f"sigma_max > sigma_min ({sigma_min})")
+        _check_sigma_range(sigma_min, sigma_max)
         super().__init__(t_min, T)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
@@ -63,11 +67,8 @@ class EDMSDE(ForwardSDE):
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0,
                  sigma_data: float = 0.5) -> None:
-        require_finite_positive("sigma_min", sigma_min)
-        require_finite_positive("sigma_max", sigma_max)
+        _check_sigma_range(sigma_min, sigma_max)
         require_finite_positive("sigma_data", sigma_data)
-        require(sigma_max > sigma_min, "sigma_max", sigma_max,
-                f"sigma_max > sigma_min ({sigma_min})")
         super().__init__(sigma_min, sigma_max)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.sigma_data = float(sigma_data)
