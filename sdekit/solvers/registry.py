@@ -22,11 +22,32 @@ ORDER3_MAX_LAMBDA_STEP = 1.2
 #: default_config: its logsnr grid jumps from lambda(T) to this half-logSNR in one step (see
 #: :func:`sdekit.grids.uniform_logsnr`, ``lambda_floor``)
 DEFAULT_LAMBDA_FLOOR = -2.5
+#: default_config: up to this many steps the floor is DEFAULT_LAMBDA_FLOOR; above, it falls by
+#: FLOOR_FALL * ln(steps / FLOOR_FULL_STEPS), so that the one step below it stops bounding the
+#: error as the steps grow (see default_lambda_floor)
+FLOOR_FULL_STEPS = 20
+FLOOR_FALL = 0.75
 #: default_config on a process that starts at alpha = 0 (flow matching): above this lambda step
 #: of the floored grid (N <= 5 on rectified flow: h = 2.35 at 5 steps, 1.88 at 6) the Karras
 #: grid replaces it (measured at N = 3..9: better at 3-5 steps, 2-15x worse on the Gaussian
 #: at 6-8, see docs/defaults.md)
 ALPHA_ZERO_KARRAS_MIN_LAMBDA_STEP = 2.0
+
+
+def default_lambda_floor(steps: int) -> float:
+    """The option-free grid's floor at ``steps`` steps: :data:`DEFAULT_LAMBDA_FLOOR` (-2.5) up
+    to :data:`FLOOR_FULL_STEPS` (20) steps, then ``-2.5 - 0.75 ln(steps / 20)`` (-3.0 at 39
+    steps, -3.5 at 76, -4.1 at 160). The first step, from lambda(T) to the floor, has an
+    error that does not shrink with ``steps`` and falls as ``e^{p floor}``, ``p`` about 4
+    (measured on the 16-dim Gaussians of sdekit bench under VP and flow matching at 320 steps:
+    6-9x less per half unit of lambda, VP 3.4e-6 at -2.5, 3.9e-7 at -3.0), while the order-3
+    steps after it have an error falling as ``steps^-3``: a floor falling by ``(3 / 4)
+    ln(steps)`` keeps the first step's share of the error from growing. With the fixed floor
+    the default stalled at RMS 3.4e-6 from 160 to 320 steps on the VP Gaussian (the plain
+    logsnr grid: 1.8e-7 at 160; this floor: 1.2e-7; benchmarks/default_many_steps.py,
+    tests/test_default_flow.py)."""
+    return DEFAULT_LAMBDA_FLOOR - FLOOR_FALL * math.log(max(steps, FLOOR_FULL_STEPS)
+                                                        / FLOOR_FULL_STEPS)
 
 
 def default_config(sde: Any, steps: int) -> dict[str, Any]:
@@ -46,7 +67,9 @@ def default_config(sde: Any, steps: int) -> dict[str, Any]:
     ``h = (lambda_end - max(lambda(T), -2.5)) / (steps - 1)`` is 0.78-1.05 at 10 steps on VP,
     DDPM, VE, EDM, flow and the squared-cosine table, 1.8-2.4 at 5 steps (order 2: order 3 and
     the lower-order final step cost 4-6x on Gaussians there). Order 3 keeps its high order to
-    the end (its automatic ``lower_order_final`` is off: equal, short steps).
+    the end (its automatic ``lower_order_final`` is off: equal, short steps). Above 20 steps
+    the floor falls with ``steps`` (:func:`default_lambda_floor`), so the rule converges at the
+    solver's order as the steps grow.
 
     Measured by ``benchmarks/default_rule.py`` (docs/defaults.md) on sdekit bench's Gaussian
     and mixture problems under VP, DDPM, squared-cosine DDPM, VE, EDM and flow at 5, 10, 20 NFE
@@ -66,7 +89,7 @@ def default_config(sde: Any, steps: int) -> dict[str, Any]:
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
         raise ValueError(f"steps={steps!r} is invalid: expected an integer >= 1")
     from ..grids import make_grid
-    grid_options = {"lambda_floor": DEFAULT_LAMBDA_FLOOR}
+    grid_options = {"lambda_floor": default_lambda_floor(steps)}
     lam = sde.lambda_(make_grid(sde, "logsnr", steps, **grid_options)).double()
     d = lam[torch.isfinite(lam)].diff()
     h = float(d.median()) if d.numel() > 1 else math.inf   # the equal steps (not the jump)
