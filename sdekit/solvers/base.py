@@ -49,30 +49,42 @@ class ModelOutputError(FloatingPointError):
 def check_model_output(out: Tensor, t: Tensor, solver: str, step_of: Callable[[float], int],
                        pending: list[Any] | None) -> None:
     """Stop the solve with a :class:`ModelOutputError` (naming the step, time and solver) where
-    ``out`` holds NaN or Inf, by one reduction: the sum is NaN/Inf iff an element is (short of
-    float overflow). With ``pending`` (a list: the driver's fixed-grid loop off the CPU) the
-    reduction stays on the device, queued there, so a model call costs no host-device sync;
-    :func:`raise_pending` reads the queue once, at the end of the solve. The step is worked
-    out (``step_of(t)``) only when raising."""
-    total = out.sum()
+    ``out`` holds NaN or Inf, at the cost of one reading reduction.
+
+    On the CPU (``pending`` None) that reduction is ``out.sum()`` in ``out``'s dtype (the
+    cheapest pass there): NaN/Inf make it non-finite, and so can overflow of a large but finite
+    output (a float16 sum exceeds 65504 easily), so a non-finite sum is confirmed by the exact
+    ``isfinite`` test before raising: no false positive, and the exact pass runs only then.
+
+    With ``pending`` (a list: the driver's fixed-grid loop off the CPU) the reduction is
+    :func:`torch.aminmax`, exact by itself (min and max propagate NaN, an infinite element is an
+    extreme, and no overflow can occur), queued on the device: a model call costs no
+    host-device sync, and :func:`raise_pending` reads the queue once, at the end of the solve.
+    The step is worked out (``step_of(t)``) only when raising."""
+    if not out.numel():
+        return
     if pending is not None:
-        pending.append((t, solver, step_of, total))
-    elif not math.isfinite(total.item()):
-        t0 = float(t.flatten()[0])
-        raise ModelOutputError(f"the model returned NaN or Inf at step {step_of(t0)} "
-                               f"(t={t0:.6g}) of solver {solver!r}")
+        pending.append((t, solver, step_of, torch.aminmax(out)))
+    elif not math.isfinite(out.sum().item()) and not bool(torch.isfinite(out).all()):
+        _raise_model_output_error(t, solver, step_of)
+
+
+def _raise_model_output_error(t: Tensor, solver: str, step_of: Callable[[float], int]) -> None:
+    t0 = float(t.flatten()[0])
+    raise ModelOutputError(f"the model returned NaN or Inf at step {step_of(t0)} "
+                           f"(t={t0:.6g}) of solver {solver!r}")
 
 
 def raise_pending(pending: list[Any]) -> None:
     """The error :func:`check_model_output` would have raised for the first queued output that
     holds NaN or Inf (one host-device sync for the whole queue), then the queue is emptied."""
     if pending:
-        ok = torch.isfinite(torch.stack([c[3] for c in pending])).tolist()
+        extremes = torch.stack([v for c in pending for v in c[3]]).reshape(-1, 2)
+        ok = torch.isfinite(extremes).all(1).tolist()
         bad = pending[ok.index(False)] if False in ok else None
         pending.clear()
         if bad is not None:
-            t, solver, step_of, total = bad
-            check_model_output(total, t, solver, step_of, None)
+            _raise_model_output_error(*bad[:3])
 
 
 def last_lambda_step_ratio(lam: Tensor) -> float:
@@ -215,8 +227,10 @@ class Problem:
 
     @staticmethod
     def lin(a: float, x: Tensor, b: float, y: Tensor) -> Tensor:
-        """``a x + b y`` for scalar coefficients in as few tensor passes as possible."""
-        return torch.add(x if a == 1.0 else x * a, y, alpha=b)
+        """``a x + b y`` for scalar coefficients in as few tensor passes as possible: one
+        allocation (the result), then in place (the same numbers as ``torch.add(a * x, y,
+        alpha=b)``)."""
+        return torch.add(x, y, alpha=b) if a == 1.0 else (x * a).add_(y, alpha=b)
 
     def bcast(self, v: Any, like: Tensor) -> Tensor:
         """A scalar or per-sample value as a tensor broadcastable against ``like``."""
