@@ -49,12 +49,16 @@ def _passes_per_step(sde, net, prediction, solver, steps=10, shape=(4, 3, 16, 16
 @pytest.mark.parametrize("sde_name,prediction,solver,most,allocations", [
     # network's output in the solver's form: the update (1 allocation + 1 in place per further
     # term) and the one reading check
-    ("edm", "denoiser", "dpmpp_2m", 4, 1),     # c_x x + c_0 m_0 + c_1 m_1, the check
+    ("ddpm", "x0", "dpmpp_2m", 4, 1),          # c_x x + c_0 m_0 + c_1 m_1, the check
     ("ddpm", "eps", "ddim", 3, 1),             # a x + b eps, the check
-    ("edm", "denoiser", "ddim", 3, 1),
     ("ddpm", "eps", "dpmpp_2m", 6, 2),         # eps -> x0 (2 passes), the update, the check
     ("ddpm", "eps", "unipc_bh2", 9, 4),        # eps -> x0, UniP (3), UniC (3), the check
     ("edm", "denoiser", "unipc_bh2", 7, 3),    # UniP, UniC, the check: no conversion
+    # alpha = 1 (VE, EDM): the data-prediction updates are affine, one lerp per output
+    ("edm", "denoiser", "dpmpp_2m", 3, 1),     # lerp(m_0, m_1), lerp with x, the check
+    ("edm", "denoiser", "dpmpp_3m", 4, 1),
+    ("edm", "denoiser", "ddim", 2, 1),         # lerp(x0, x), the check
+    ("edm", "eps", "deis_tab3", 4, 1),         # c_x = 1: x + sum_j c_j eps_j, no scaling pass
 ])
 def test_passes_over_the_state_per_step(sde_name, prediction, solver, most, allocations):
     """A step of the image-path solvers reads and writes the state no more often, and
@@ -191,3 +195,27 @@ def test_image_noise_fills_several_steps_per_call_with_the_step_by_step_numbers(
         assert torch.equal(prior[i], torch.randn(shape, generator=g))
         for j in range(k):
             assert torch.equal(got[j][i], torch.randn(shape, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("c_x,cs", [
+    (0.6, [0.5, -0.1]),               # affine (DPM-Solver++(2M) on alpha = 1)
+    (0.55, [0.6, -0.2, 0.05]),        # affine, three outputs
+    (0.3, [0.7]),                     # affine, one output (DDIM's x0 form on alpha = 1)
+    (0.9, [0.4, -0.1]),               # not affine
+    (1.0, [-0.2, 0.05]),              # c_x = 1 (noise prediction on alpha = 1)
+    (0.5, [0.3, -0.2999, 0.4999]),    # affine with a vanishing partial sum: the general form
+    (0.5, [1e-4, 0.4999]),
+])
+def test_linear_combination_equals_the_sum_it_stands_for(c_x, cs):
+    from sdekit.solvers.base import linear_combination
+    g = torch.Generator().manual_seed(2)
+    x, *ms = (torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(len(cs) + 1))
+    before = [t.clone() for t in (x, *ms)]
+    with _StatePasses(x.numel()) as c:
+        out = linear_combination(c_x, x, cs, ms)
+    ref = c_x * x + sum(cj * m for cj, m in zip(cs, ms))
+    torch.testing.assert_close(out, ref, rtol=0, atol=4e-16 * float(ref.abs().max()) * len(cs))
+    assert all(torch.equal(a, b) for a, b in zip(before, (x, *ms)))   # inputs untouched
+    affine = abs(c_x + sum(cs) - 1) < 1e-12 and min(abs(sum(cs[:k + 1])) for k in range(len(cs))) > 1e-3
+    assert sum(c.ops.values()) == len(cs) + (0 if affine or c_x == 1.0 else 1)
+    assert c.allocations == 1

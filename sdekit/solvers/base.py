@@ -87,6 +87,48 @@ def raise_pending(pending: list[Any]) -> None:
             _raise_model_output_error(*bad[:3])
 
 
+#: :func:`linear_combination` takes a combination whose coefficients sum to 1 within this for
+#: an affine one
+AFFINE_TOL = 1e-12
+#: ... and evaluates it as lerps only where every partial sum of the outputs' coefficients is
+#: at least this large in magnitude (a lerp weight is a coefficient over a partial sum)
+AFFINE_MIN_PARTIAL = 1e-3
+
+
+def linear_combination(c_x: float, x: Tensor, cs: list[float], ms: list[Tensor]) -> Tensor:
+    """``c_x x + sum_j c_j m_j`` for scalar coefficients, in as few passes over the state as
+    PyTorch's kernels allow, the first allocating the result and the rest in place (``x`` and the
+    outputs ``ms`` are left as they are).
+
+    In general that is ``x * c_x`` and one ``add_`` per output (n + 1 passes; n where c_x = 1,
+    the same numbers). Where the
+    coefficients sum to 1 (an affine combination: the data-prediction updates on a process with
+    alpha = 1, VE and EDM, whose state coefficient is ``sigma_t / sigma_s = e^{-h}`` and whose
+    outputs' weights sum to ``1 - e^{-h}``) it is a chain of lerps, one pass per output:
+    ``y = m_0``, ``y <- lerp(y, m_j, c_j / (c_0 + ... + c_j))``, then ``lerp(y, x, c_x)``, each a
+    difference form (DPM-Solver++(2M): ``m_0 + (m_0 - m_1) / (2 r)``, then ``y + c_x (x - y)``)."""
+    partial, weights = cs[0] if cs else 0.0, []
+    for cj in cs[1:]:
+        partial += cj
+        weights.append(cj / partial if abs(partial) >= AFFINE_MIN_PARTIAL else math.nan)
+    affine = (abs(c_x + partial - 1.0) <= AFFINE_TOL and abs(cs[0]) >= AFFINE_MIN_PARTIAL
+              and all(math.isfinite(w) for w in weights)) if cs else False
+    if not affine:
+        if c_x == 1.0 and ms:   # the noise-prediction forms on alpha = 1: no scaling pass
+            out, cs, ms = torch.add(x, ms[0], alpha=cs[0]), cs[1:], ms[1:]
+        else:
+            out = x * c_x
+        for cj, m in zip(cs, ms):
+            out = out.add_(m, alpha=cj)
+        return out
+    if len(ms) == 1:
+        return torch.lerp(ms[0], x, c_x)
+    y = torch.lerp(ms[0], ms[1], weights[0])
+    for w, m in zip(weights[1:], ms[2:]):
+        y = y.lerp_(m, w)
+    return y.lerp_(x, c_x)
+
+
 def last_lambda_step_ratio(lam: Tensor) -> float:
     """The grid's last step in lambda over the step before it (1 on a uniform-logSNR grid); 1
     where the grid has fewer than two finite steps (nothing to compare)."""
@@ -228,9 +270,8 @@ class Problem:
     @staticmethod
     def lin(a: float, x: Tensor, b: float, y: Tensor) -> Tensor:
         """``a x + b y`` for scalar coefficients in as few tensor passes as possible: one
-        allocation (the result), then in place (the same numbers as ``torch.add(a * x, y,
-        alpha=b)``)."""
-        return torch.add(x, y, alpha=b) if a == 1.0 else (x * a).add_(y, alpha=b)
+        (``a = 1``, or ``a + b = 1``: a lerp), else two (:func:`linear_combination`)."""
+        return torch.add(x, y, alpha=b) if a == 1.0 else linear_combination(a, x, [b], [y])
 
     def bcast(self, v: Any, like: Tensor) -> Tensor:
         """A scalar or per-sample value as a tensor broadcastable against ``like``."""
