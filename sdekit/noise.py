@@ -40,15 +40,9 @@ MAX_BLOCK = 64
 #: so calls of any multiple of 16 numbers continue one stream alike. Where a sample's draw has
 #: ``n`` elements, a multiple of 16 and at least ``PER_STEP_ELEMENTS``, each step's draw is
 #: made in place instead, one call per sample into a contiguous ``(batch, *event)`` tensor: the
-#: same numbers as the blocks, without a block to stack, at about the cost of one ``randn_like``.
-#: From a shape's second draw on, one call per sample fills ``IMAGE_BLOCK`` steps' draws in
-#: place (at most ``IMAGE_BLOCK_ELEMENTS`` numbers per sample and call): the same numbers, at a
-#: quarter of the per-sample calls (a call costs ~5 us beside the ~18 us of 3,072 normals); a
-#: shape's first draw is made alone, so a one-off draw of another shape or dtype (the float32
-#: prior of a float64 solve) takes the same numbers of each stream as step by step
+#: same numbers as the blocks, without a block to stack and keep, at about the cost of one
+#: ``randn_like`` (a per-sample call costs little beside 2,048 normals)
 PER_STEP_ELEMENTS = 2048
-IMAGE_BLOCK = 4
-IMAGE_BLOCK_ELEMENTS = 1 << 14
 
 
 class SeededNoise:
@@ -58,8 +52,8 @@ class SeededNoise:
     depends only on the state's shape per sample: a sample's noise, and so its result, is the
     same in any batch, and a step's noise costs one indexing op rather than one generator call
     per sample (the block refill, every ``MAX_BLOCK`` steps for small states, costs one call per
-    sample). Image-sized states (see :data:`PER_STEP_ELEMENTS`) draw the same numbers in place,
-    ``IMAGE_BLOCK`` steps at a time, one call per sample, with no block to stack."""
+    sample). Image-sized states (see :data:`PER_STEP_ELEMENTS`) draw the same numbers step by
+    step, one call per sample straight into the step's tensor."""
 
     def __init__(self, seeds: Sequence[int]) -> None:
         for s in seeds:
@@ -106,18 +100,13 @@ class SeededNoise:
         shape = tuple(like.shape[1:])
         dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
         n = math.prod(shape)
+        if n % 16 == 0 and n >= PER_STEP_ELEMENTS:
+            z = torch.empty((len(self.gens),) + shape, dtype=dtype)
+            for part, g in zip(z, self.gens):
+                part.normal_(generator=g)
+            return z.to(device=like.device, dtype=like.dtype)
         key = (shape, dtype, like.device)
         entry = self._blocks.get(key)
-        if n % 16 == 0 and n >= PER_STEP_ELEMENTS:
-            if entry is None or entry[1] == entry[0].shape[1]:
-                draws = 1 if entry is None else max(1, min(IMAGE_BLOCK, IMAGE_BLOCK_ELEMENTS // n))
-                block = torch.empty((len(self.gens), draws) + shape, dtype=dtype)
-                for part, g in zip(block, self.gens):   # (draws, *event), contiguous
-                    part.normal_(generator=g)
-                entry = self._blocks[key] = [block.to(like.device), 0]
-            z = entry[0][:, entry[1]]   # (batch, *event)
-            entry[1] += 1
-            return z.to(dtype=like.dtype)
         if entry is None or entry[1] == entry[0].shape[0]:
             draws = max(1, min(MAX_BLOCK, BLOCK_ELEMENTS // max(1, n)))
             block = torch.stack([torch.randn((draws,) + shape, generator=g, dtype=dtype)

@@ -175,28 +175,6 @@ def test_unipc_combination_equals_the_difference_form(opts):
         assert torch.equal(shared, fresh)
 
 
-# --------------------------------------------------------------------------- image-sized noise
-def test_image_noise_fills_several_steps_per_call_with_the_step_by_step_numbers():
-    """Image-sized per-sample draws cost one generator call per sample per ``IMAGE_BLOCK`` steps
-    (after a shape's first draw, made alone), not one per sample per step; each sample's k-th
-    draw is still the k-th event of its own generator drawn step by step, also where the first
-    draw is of another dtype (a float64 solve's float32 prior)."""
-    from sdekit import noise as noise_mod
-    seeds, shape, k = [11, 12, 2 ** 40], (3, 32, 32), 9
-    assert noise_mod.IMAGE_BLOCK_ELEMENTS // (3 * 32 * 32) >= noise_mod.IMAGE_BLOCK > 1
-    src = noise_mod.SeededNoise(seeds)
-    prior = src.randn(torch.empty((3,) + shape))
-    with _StatePasses(3 * 32 * 32 * noise_mod.IMAGE_BLOCK) as c:   # one sample's block
-        got = [src.randn(torch.empty((3,) + shape, dtype=torch.float64)) for _ in range(k)]
-    calls = 1 + -(-(k - 1) // noise_mod.IMAGE_BLOCK)        # the first alone, then blocks
-    assert c.ops["aten.normal_.default"] == (calls - 1) * len(seeds)
-    for i, s in enumerate(seeds):
-        g = torch.Generator().manual_seed(s)
-        assert torch.equal(prior[i], torch.randn(shape, generator=g))
-        for j in range(k):
-            assert torch.equal(got[j][i], torch.randn(shape, generator=g, dtype=torch.float64))
-
-
 @pytest.mark.parametrize("c_x,cs", [
     (0.6, [0.5, -0.1]),               # affine (DPM-Solver++(2M) on alpha = 1)
     (0.55, [0.6, -0.2, 0.05]),        # affine, three outputs
