@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -198,6 +199,7 @@ def main() -> None:
     args = ap.parse_args()
     solvers = args.solvers.split(",") if args.solvers else None
     torch.set_num_threads(1)
+    load_start = os.getloadavg()   # the machine's load beside the numbers (shared cores)
     rows = []
     if args.peer == "diffusers":
         for r in args.regimes.split(","):
@@ -213,7 +215,9 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"command": "python benchmarks/step_overhead.py "
                        + " ".join(sys.argv[1:]), "rounds": args.rounds, "threads": 1,
-                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+                       "torch": torch.__version__,
+                       "load_average_1_5_15min": {"start": load_start, "end": os.getloadavg()},
+                       "rows": rows}, f, indent=1)
             f.write("\n")
 
 

@@ -13,6 +13,7 @@ or churn).
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -26,9 +27,15 @@ from ._utils import check_seed
 
 def sample_seeds(seed: int, n: int) -> list[int]:
     """Per-sample seeds derived from one integer seed: sample i gets a seed that depends only on
-    ``(seed, i)``."""
-    return [int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0]) >> 1
-            for i in range(n)]
+    ``(seed, i)``. Derived once per ``(seed, n)`` (a bounded cache: 256 seeds cost ~2.5 ms, a
+    tenth of a millisecond per step of a 20-step solve of 256 images); a new list each call."""
+    return list(_derived_seeds(int(seed), int(n)))
+
+
+@functools.lru_cache(maxsize=64)
+def _derived_seeds(seed: int, n: int) -> tuple[int, ...]:
+    return tuple(int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0]) >> 1
+                 for i in range(n))
 
 
 #: a sample's normals are drawn in blocks of ``max(1, min(MAX_BLOCK, BLOCK_ELEMENTS // n))``

@@ -49,30 +49,84 @@ class ModelOutputError(FloatingPointError):
 def check_model_output(out: Tensor, t: Tensor, solver: str, step_of: Callable[[float], int],
                        pending: list[Any] | None) -> None:
     """Stop the solve with a :class:`ModelOutputError` (naming the step, time and solver) where
-    ``out`` holds NaN or Inf, by one reduction: the sum is NaN/Inf iff an element is (short of
-    float overflow). With ``pending`` (a list: the driver's fixed-grid loop off the CPU) the
-    reduction stays on the device, queued there, so a model call costs no host-device sync;
-    :func:`raise_pending` reads the queue once, at the end of the solve. The step is worked
-    out (``step_of(t)``) only when raising."""
-    total = out.sum()
+    ``out`` holds NaN or Inf, at the cost of one reading reduction.
+
+    On the CPU (``pending`` None) that reduction is ``out.sum()`` in ``out``'s dtype (the
+    cheapest pass there): NaN/Inf make it non-finite, and so can overflow of a large but finite
+    output (a float16 sum exceeds 65504 easily), so a non-finite sum is confirmed by the exact
+    ``isfinite`` test before raising: no false positive, and the exact pass runs only then.
+
+    With ``pending`` (a list: the driver's fixed-grid loop off the CPU) the reduction is
+    :func:`torch.aminmax`, exact by itself (min and max propagate NaN, an infinite element is an
+    extreme, and no overflow can occur), queued on the device: a model call costs no
+    host-device sync, and :func:`raise_pending` reads the queue once, at the end of the solve.
+    The step is worked out (``step_of(t)``) only when raising."""
+    if not out.numel():
+        return
     if pending is not None:
-        pending.append((t, solver, step_of, total))
-    elif not math.isfinite(total.item()):
-        t0 = float(t.flatten()[0])
-        raise ModelOutputError(f"the model returned NaN or Inf at step {step_of(t0)} "
-                               f"(t={t0:.6g}) of solver {solver!r}")
+        pending.append((t, solver, step_of, torch.aminmax(out)))
+    elif not math.isfinite(out.sum().item()) and not bool(torch.isfinite(out).all()):
+        _raise_model_output_error(t, solver, step_of)
+
+
+def _raise_model_output_error(t: Tensor, solver: str, step_of: Callable[[float], int]) -> None:
+    t0 = float(t.flatten()[0])
+    raise ModelOutputError(f"the model returned NaN or Inf at step {step_of(t0)} "
+                           f"(t={t0:.6g}) of solver {solver!r}")
 
 
 def raise_pending(pending: list[Any]) -> None:
     """The error :func:`check_model_output` would have raised for the first queued output that
     holds NaN or Inf (one host-device sync for the whole queue), then the queue is emptied."""
     if pending:
-        ok = torch.isfinite(torch.stack([c[3] for c in pending])).tolist()
+        extremes = torch.stack([v for c in pending for v in c[3]]).reshape(-1, 2)
+        ok = torch.isfinite(extremes).all(1).tolist()
         bad = pending[ok.index(False)] if False in ok else None
         pending.clear()
         if bad is not None:
-            t, solver, step_of, total = bad
-            check_model_output(total, t, solver, step_of, None)
+            _raise_model_output_error(*bad[:3])
+
+
+#: :func:`linear_combination` takes a combination whose coefficients sum to 1 within this for
+#: an affine one
+AFFINE_TOL = 1e-12
+#: ... and evaluates it as lerps only where every partial sum of the outputs' coefficients is
+#: at least this large in magnitude (a lerp weight is a coefficient over a partial sum)
+AFFINE_MIN_PARTIAL = 1e-3
+
+
+def linear_combination(c_x: float, x: Tensor, cs: list[float], ms: list[Tensor]) -> Tensor:
+    """``c_x x + sum_j c_j m_j`` for scalar coefficients, in as few passes over the state as
+    PyTorch's kernels allow, the first allocating the result and the rest in place (``x`` and the
+    outputs ``ms`` are left as they are).
+
+    In general that is ``x * c_x`` and one ``add_`` per output (n + 1 passes; n where c_x = 1,
+    the same numbers). Where the
+    coefficients sum to 1 (an affine combination: the data-prediction updates on a process with
+    alpha = 1, VE and EDM, whose state coefficient is ``sigma_t / sigma_s = e^{-h}`` and whose
+    outputs' weights sum to ``1 - e^{-h}``) it is a chain of lerps, one pass per output:
+    ``y = m_0``, ``y <- lerp(y, m_j, c_j / (c_0 + ... + c_j))``, then ``lerp(y, x, c_x)``, each a
+    difference form (DPM-Solver++(2M): ``m_0 + (m_0 - m_1) / (2 r)``, then ``y + c_x (x - y)``)."""
+    partial, weights = cs[0] if cs else 0.0, []
+    for cj in cs[1:]:
+        partial += cj
+        weights.append(cj / partial if abs(partial) >= AFFINE_MIN_PARTIAL else math.nan)
+    affine = (abs(c_x + partial - 1.0) <= AFFINE_TOL and abs(cs[0]) >= AFFINE_MIN_PARTIAL
+              and all(math.isfinite(w) for w in weights)) if cs else False
+    if not affine:
+        if c_x == 1.0 and ms:   # the noise-prediction forms on alpha = 1: no scaling pass
+            out, cs, ms = torch.add(x, ms[0], alpha=cs[0]), cs[1:], ms[1:]
+        else:
+            out = x * c_x
+        for cj, m in zip(cs, ms):
+            out = out.add_(m, alpha=cj)
+        return out
+    if len(ms) == 1:
+        return torch.lerp(ms[0], x, c_x)
+    y = torch.lerp(ms[0], ms[1], weights[0])
+    for w, m in zip(weights[1:], ms[2:]):
+        y = y.lerp_(m, w)
+    return y.lerp_(x, c_x)
 
 
 def last_lambda_step_ratio(lam: Tensor) -> float:
@@ -215,8 +269,9 @@ class Problem:
 
     @staticmethod
     def lin(a: float, x: Tensor, b: float, y: Tensor) -> Tensor:
-        """``a x + b y`` for scalar coefficients in as few tensor passes as possible."""
-        return torch.add(x if a == 1.0 else x * a, y, alpha=b)
+        """``a x + b y`` for scalar coefficients in as few tensor passes as possible: one
+        (``a = 1``, or ``a + b = 1``: a lerp), else two (:func:`linear_combination`)."""
+        return torch.add(x, y, alpha=b) if a == 1.0 else linear_combination(a, x, [b], [y])
 
     def bcast(self, v: Any, like: Tensor) -> Tensor:
         """A scalar or per-sample value as a tensor broadcastable against ``like``."""

@@ -35,7 +35,13 @@ import torch
 from torch import Tensor
 
 from ..dynamics.parameterization import Coeffs, to_eps, to_x0
-from .base import ModelOutput, Problem, Solver, last_lambda_step_ratio  # noqa: F401 (re-exported)
+from .base import (  # noqa: F401 (last_lambda_step_ratio re-exported)
+    ModelOutput,
+    Problem,
+    Solver,
+    last_lambda_step_ratio,
+    linear_combination,
+)
 
 F64 = torch.float64
 _SERIES_TERMS = 24
@@ -411,11 +417,9 @@ class ExpIntegrator(Solver):
 
     @staticmethod
     def apply(x: Tensor, c: tuple[float, list[float]], ms: list[Tensor]) -> Tensor:
-        """``c_x x + sum_j c_j m_j`` for coefficients from :meth:`coefficients`."""
-        out = x * c[0]
-        for cj, m in zip(c[1], ms):
-            out = out.add_(m, alpha=cj)
-        return out
+        """``c_x x + sum_j c_j m_j`` for coefficients from :meth:`coefficients`
+        (:func:`~sdekit.solvers.base.linear_combination`)."""
+        return linear_combination(c[0], x, c[1], ms)
 
     def combine(self, p: Problem, x: Tensor, i0: Any, t_idx: Any, W: Tensor, ms: list[Tensor],
                 a_t: Any = None, s_t: Any = None, a_s: Any = None, s_s: Any = None) -> Tensor:

@@ -25,15 +25,15 @@ StepCoefficients = tuple[float, float, list[float], list[float], list[float]]
 class UniPCState(NamedTuple):
     """State of :class:`UniPC`: the recent outputs, the first grid point of finite lambda
     (``start``), every step's coefficients (``table``), the predicted state the corrector starts
-    from (``x_base``), the predictor's terms the next corrector reuses (``shared``: ``(s, c_x x +
-    c_0 m_s, [D_k])``, consumed by it) and the state of another predictor (``inner``)."""
+    from (``x_base``), the predictor's term the next corrector reuses (``shared``: ``(s, c_x x)``,
+    consumed by it) and the state of another predictor (``inner``)."""
 
     outputs: Outputs
     start: int
     table: dict[int, StepCoefficients]
     inner: Any = None
     x_base: Tensor | None = None
-    shared: tuple[int, Tensor, list[Tensor]] | None = None
+    shared: tuple[int, Tensor] | None = None
 
 
 def _b_weights(variant: str, hh: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -142,34 +142,29 @@ class UniPC(ExpIntegrator, OneCallStepper):
 
     def _update(self, x: Tensor, st: UniPCState, s: int, c: StepCoefficients,
                 m_t: Tensor | None, keep: bool = False
-                ) -> tuple[Tensor, tuple[int, Tensor, list[Tensor]] | None]:
+                ) -> tuple[Tensor, tuple[int, Tensor] | None]:
         """UniP (``m_t`` None) or UniC from grid point ``s`` to ``s + 1`` with step ``s``'s
         coefficients ``c`` from :meth:`step_table`: ``x~ = c_x x + c_0 m_s - sum_k w_k D_k``
-        (``D_k = (m_{s-k} - m_s) / r_k``, and ``m_t - m_s`` for the corrector's node r = 1).
-        The corrector from ``s`` shares ``c_x x + c_0 m_s`` and the ``D_k`` with the predictor
-        from ``s``: with ``keep`` the predictor returns them for it (the same numbers) as the
-        second item, ``(s, c_x x + c_0 m_s, [D_k])`` (else None); the corrector consumes
-        ``st.shared`` (updates it in place)."""
+        (``D_k = (m_{s-k} - m_s) / r_k``, and ``m_t - m_s`` for the corrector's node r = 1),
+        evaluated as the one linear combination it is, ``c_x x + (c_0 + sum_k w_k / r_k) m_s -
+        sum_k (w_k / r_k) m_{s-k}`` (one pass per term, the first allocating the result; the
+        differences ``D_k`` are never formed). The corrector from ``s`` shares ``c_x x`` with
+        the predictor from ``s``: with ``keep`` the predictor returns it for it (the same
+        numbers) as the second item, ``(s, c_x x)`` (else None); the corrector consumes
+        ``st.shared``."""
         c_x, c_0, rks, w_p, w_c = c
-        m0 = st.outputs[0]   # the newest output is that of grid point s
         shared = st.shared
         if shared is not None and shared[0] == s and m_t is not None:
-            out, D = shared[1], shared[2]
+            base = shared[1]
         else:
-            out = x * c_x
-            out = out.add_(m0, alpha=c_0)
-            D = [(st.outputs[j] - m0).div_(rk) for j, rk in enumerate(rks, 1)]
-        if m_t is None:
-            kept = None
-            if keep:
-                kept = (s, out, D)
-                out = out.clone()
-            for wk, d in zip(w_p, D):
-                out = out.sub_(d * wk if keep else d.mul_(wk))
-            return out, kept
-        for wk, d in zip(w_c, D + [m_t - m0]):
-            out = out.sub_(d.mul_(wk))
-        return out, None
+            base = x * c_x
+        w, ms = (w_p, list(st.outputs[1:len(rks) + 1])) if m_t is None else \
+            (w_c, list(st.outputs[1:len(rks) + 1]) + [m_t])
+        coefs = [-wk / rk for wk, rk in zip(w, rks)] + ([-w[-1]] if m_t is not None else [])
+        out = torch.add(base, st.outputs[0], alpha=c_0 - sum(coefs))   # m_s: the newest output
+        for ck, m in zip(coefs, ms):
+            out = out.add_(m, alpha=ck)
+        return out, ((s, base) if keep and m_t is None else None)
 
     def _correct_first(self, p: Problem, x: Tensor, outputs: Outputs, m: Tensor) -> Tensor:
         """UniC for the step from alpha = 0 (grid point 0) to grid point 1. In ``u = e^lambda =
@@ -182,8 +177,11 @@ class UniPC(ExpIntegrator, OneCallStepper):
 
     def step(self, p: Problem, i: int, x: Tensor, st: UniPCState,
              given: ModelOutput | None = None) -> tuple[Tensor, UniPCState]:
-        start = st.start
-        if i < start:  # alpha = 0: only the data prediction is defined there
+        start, last = st.start, self.final_to_zero and i == p.steps - 1
+        # alpha = 0: only the data prediction is defined there; an x0 network (x0, denoiser)
+        # under UniP: its output is what UniPC integrates, no conversion
+        if i < start or (self.prediction == "x0" and self.predictor is None and not last
+                         and (p.linear_form if given is None else given.kind) == "x0"):
             kind, eps = "x0", None
             m = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i], given)[0]
         else:
@@ -196,7 +194,7 @@ class UniPC(ExpIntegrator, OneCallStepper):
             else:
                 x = self._update(st.x_base, st, i - 1, st.table[i - 1], m)[0]
         st = UniPCState(push(st.outputs, m, self.max_order + 1), start, st.table, st.inner, x)
-        if self.final_to_zero and i == p.steps - 1:
+        if last:
             return self.to_zero(p, i, x, eps, m), st
         if self.predictor is None:
             if i < start:
