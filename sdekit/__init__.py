@@ -51,3 +51,15 @@ __all__ = [
     "estimate_moments", "MomentTable", "estimate_ems", "EMS",
     "tune", "search", "TunedGrid", "load_tuned_grid",
 ]
+
+#: subpackages loaded on first use (``sdekit.models.wrap(...)``, ``sdekit.interop.to_diffusers(...)``
+#: after a bare ``import sdekit``), not at import: they are larger and the interop bridges reach
+#: for optional dependencies
+_LAZY_SUBMODULES = frozenset({"models", "interop", "training", "bench", "distill", "cli"})
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'sdekit' has no attribute {name!r}")

@@ -419,3 +419,17 @@ def test_a_diverged_run_is_reported_once_without_a_traceback(command, tmp_path, 
     err = capsys.readouterr().err
     assert f"sdekit {command}: error: loss is nan at step 1" in err
     assert "Traceback" not in err
+
+
+def test_a_closed_output_pipe_ends_quietly():
+    """`sdekit solvers | head` where head has gone: no BrokenPipeError traceback (the reader is
+    closed before the command writes, so every write fails)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        out = subprocess.run([sys.executable, "-m", "sdekit.cli.main", "solvers", "--json"],
+                             stdout=w, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.returncode == 1

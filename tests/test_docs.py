@@ -270,3 +270,14 @@ def test_layers_import_only_the_layers_below_them():
     assert not unranked, (f"modules {unranked} have no layer: add them to LAYERS in "
                           "tests/test_docs.py and to the layer table of docs/architecture.md")
     assert not bad, "imports against the layering of docs/architecture.md:\n  " + "\n  ".join(bad)
+
+
+def test_the_subpackages_the_readme_names_resolve_after_a_bare_import():
+    """README writes `sdekit.models.wrap(...)` and `sdekit.interop.to_diffusers(...)` after
+    `import sdekit`: they load on first use (a fresh interpreter, so nothing imported them)."""
+    code = ("import sys, sdekit; assert 'sdekit.models' not in sys.modules; "
+            "print(callable(sdekit.models.wrap), callable(sdekit.interop.to_diffusers), "
+            "callable(sdekit.training.Trainer))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True)
+    assert out.stdout.split() == ["True", "True", "True"]

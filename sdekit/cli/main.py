@@ -10,6 +10,7 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -67,6 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ModelOutputError, TrainingDiverged) as e:   # the run failed, not the input
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:   # the reader went away (`sdekit solvers | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no error at exit
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

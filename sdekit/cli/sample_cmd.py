@@ -54,8 +54,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a("--solver", default=default_solver(), action=_Given,
       help="registered solver name (see `sdekit solvers`), as in sdekit.sample(); with a "
            "--grid FILE unless given: the solver it was tuned for (default: sdekit.sample's "
-           "option-free rule, which also picks the grid and the solver's options: "
-           "unipc_bh2(order=3) on logsnr; with --grid NAME: unipc_bh2)")
+           "option-free rule, sdekit.solvers.default_config, which also picks the grid and "
+           "the solver's options from the forward SDE and --steps: unipc_bh2 on the logsnr "
+           "grid with a floor, of order 3 where its lambda steps are at most 1.2 (order 2 "
+           "where longer), on the Karras grid for flow matching at <= 5 steps; docs/defaults.md; "
+           "with --grid NAME: unipc_bh2)")
     a("--steps", type=positive_int, default=20, action=_Given,
       help="solver steps; with a --grid FILE unless given: its steps")
     a("--grid", default=None,
