@@ -6,7 +6,8 @@ bench, 128 held-out prior states (seed 1), float64, under VP, flow matching, the
 DDPM table and EDM, on three grids: the floor fixed at -2.5, the default's falling floor
 (``sdekit.solvers.registry.default_lambda_floor``) and the plain logsnr grid.
 
-    OMP_NUM_THREADS=1 python benchmarks/default_many_steps.py   # writes results/default_many_steps.md
+    # writes results/default_many_steps.md
+    OMP_NUM_THREADS=1 python benchmarks/default_many_steps.py
 """
 from __future__ import annotations
 

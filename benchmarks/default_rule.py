@@ -237,7 +237,8 @@ class Cell:
     def best_fixed(self, nfe: int) -> dict[str, Any]:
         res = search(self.sde, self.model, nfe, solvers=SEARCH_SOLVERS, calibration=self.x_cal,
                      heldout=self.x_ho, dtype=DTYPE, reference=self.reference, progress=False)
-        rows = [{"config": f"{r['solver']}({','.join(f'{k}={v}' for k, v in sorted(r['options'].items()))}) "
+        rows = [{"config": f"{r['solver']}("
+                 f"{','.join(f'{k}={v}' for k, v in sorted(r['options'].items()))}) "
                  f"{r['grid']}" + (f"({','.join(f'{k}={v}' for k, v in r['grid_options'].items())})"
                                    if r["grid_options"] else ""),
                  "calibration_rms": r["calibration_rms"], "heldout_rms": r["heldout_rms"]}
@@ -514,11 +515,12 @@ def markdown(r: dict[str, Any]) -> str:
               f"default / best fixed (held-out RMS); **bold** > {r['within']}x."), "",
              (f"'current' is {r.get('current_is', 'the option-free call of the sdekit that ran')}. "
              "'proposed (default_config)' is the rule sdekit.sample now uses (see "
-             "sdekit.solvers.default_config), measured on the same states (in runs before it existed: "
-             "the held-out RMS of that configuration in each cell's search table); it was "
+             "sdekit.solvers.default_config), measured on the same states (in runs before it "
+             "existed: the held-out RMS of that configuration in each cell's search table); it was "
              "designed after looking at data-seed-0 problems, the data-seed-1 rows are the check."
              " Other rules: `unipcK` = unipc_bh2 of order K, `lof` = lower_order_final "
-             "(unset: automatic, `ExpIntegrator.lof`); `floor` = the logsnr grid with `lambda_floor=-2.5`."), "",
+             "(unset: automatic, `ExpIntegrator.lof`); `floor` = the logsnr grid with "
+             "`lambda_floor=-2.5`."), "",
              *([f"'current' and 'proposed (default_config)' on {', '.join(r['remeasured']['sdes'])}"
                 f" re-measured by `{r['remeasured']['command']}` "
                 f"({r['remeasured']['wall_s']:.0f} s; the best fixed configurations kept).", ""]

@@ -2,9 +2,9 @@
 
 For each problem: distil an operator with `sdekit distill` (timed: trajectories + training; kept
 and not redone on a rerun unless --redistill), then run `sdekit bench` with `fno` beside every
-registered solver (digits: the solvers of the digits table in docs/benchmarks.md) on the same x_T and the same
-reference (the converged PF-ODE solution of the teacher), and record the best configuration per
-budget.
+registered solver (digits: the solvers of the digits table in docs/benchmarks.md) on the same x_T
+and the same reference (the converged PF-ODE solution of the teacher), and record the best
+configuration per budget.
 
     python benchmarks/operator_targets.py                      # all three problems
     python benchmarks/operator_targets.py --only gmm64         # one of them
@@ -31,7 +31,8 @@ from pathlib import Path
 
 from sdekit.cli.main import main as cli
 
-# digits: the solvers of the digits table in docs/benchmarks.md (a full sweep of the U-Net takes hours here)
+# digits: the solvers of the digits table in docs/benchmarks.md (a full sweep of the U-Net takes
+# hours here)
 DIGITS_SOLVERS = "fno,ddim,dpmpp_2m,dpmpp_3m,unipc_bh1,unipc_bh2,deis_tab3,ipndm,dpm_solver_3m"
 
 PROBLEMS = {

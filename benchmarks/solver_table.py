@@ -11,9 +11,12 @@ def main() -> None:
           "| batch invariant "
           "| starts at alpha = 0 (t = 1 of flow) | paper |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def fmt(v):
+        return "-" if v is None else f"{v:g}"
+
     for s in sdekit.list_solvers():
         nfe = "adaptive" if s["adaptive"] else s["nfe_per_step"]
-        fmt = lambda v: "-" if v is None else f"{v:g}"
         print(f"| `{s['name']}` | {s['family']} | {s['kind']} | {fmt(s['order'])} | "
               f"{fmt(s['strong_order'])} | {nfe} | {s['grid_rule']} | {batch_invariance(s)} | "
               f"{starts_at_t1(s)} | {s['paper']} |")

@@ -1,4 +1,4 @@
-"""Per-step overhead of sdekit's solvers beside k-diffusion's equivalents, measured side by side.
+r"""Per-step overhead of sdekit's solvers beside k-diffusion's equivalents, measured side by side.
 
 A near-free denoiser (x0 = x / 2, one tensor op) under the EDM process (sigma(t) = t, so
 k-diffusion's sigma grid is sdekit's time grid), one CPU thread, in one process. For every pair
@@ -10,9 +10,10 @@ k-diffusion the same callable. The network calls of both are counted and must ag
 min and median ms per step of each, and the ratio sdekit / k-diffusion of the medians (and of the
 mins); and the same for the per-step overhead excluding the network (each round also times the
 network alone, called as often on the same state, and that time is taken off both contenders':
-``overhead_ratio_median``, ``overhead_ratio_min``). Two regimes: small states (64 x 2, 1,000 steps: Python overhead decides) and images
-(256 x 3 x 32 x 32, 20 steps). k-diffusion: ``pip install --no-deps k-diffusion`` is enough (only
-``k_diffusion.sampling`` is loaded, as in benchmarks/peers/run.py). Run:
+``overhead_ratio_median``, ``overhead_ratio_min``). Two regimes: small states (64 x 2, 1,000
+steps: Python overhead decides) and images (256 x 3 x 32 x 32, 20 steps). k-diffusion:
+``pip install --no-deps k-diffusion`` is enough (only ``k_diffusion.sampling`` is loaded, as in
+benchmarks/peers/run.py). Run:
 
     python benchmarks/step_overhead.py --out benchmarks/results/step_overhead.json
 
@@ -22,7 +23,8 @@ network alone, called as often on the same state, and that time is taken off bot
 under DDPM's linear discrete schedule, each library's natural loop (see
 :func:`measure_diffusers`):
 
-    python benchmarks/step_overhead.py --peer diffusers --out benchmarks/results/step_overhead_diffusers.json
+    python benchmarks/step_overhead.py --peer diffusers \
+        --out benchmarks/results/step_overhead_diffusers.json
 """
 from __future__ import annotations
 

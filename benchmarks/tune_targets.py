@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                          + (" --quick" if args.quick else ""),
               "dim": DIM, "n_calibration": N_CAL, "n_heldout": N_HELDOUT,
               "calibration_seed": 0, "heldout_seed": 1, "max_sweeps": MAX_SWEEPS,
-              "named_grids": named_grids(), "references": refs_info, "rows": rows, "met": met, "cells": len(rows),
+              "named_grids": named_grids(), "references": refs_info, "rows": rows, "met": met,
+              "cells": len(rows),
               "total_wall_s": total,
               "environment": {"sdekit": sdekit.__version__, "torch": torch.__version__,
                               "python": platform.python_version(), "threads": 1}}
@@ -134,7 +135,8 @@ def named_grids() -> list[str]:
 def markdown(r: dict) -> str:
     lines = [(f"# Tuned grids vs the best named grid ({r['met']}/{r['cells']} cells meet "
              f"tuned <= {r['target']}x)"), "",
-             (f"`{r['command']}` ({r['total_wall_s']:.0f} s on one thread, on a shared machine). {r['dim']}-dim "
+             (f"`{r['command']}` ({r['total_wall_s']:.0f} s on one thread, on a shared machine). "
+             f"{r['dim']}-dim "
              f"problems with exact models; tuned on {r['n_calibration']['gaussian']} (Gaussian) "
              f"or {r['n_calibration']['gmm']} (mixture) calibration states "
              f"(seed {r['calibration_seed']}; the first half fitted, the second half used to "
@@ -142,8 +144,8 @@ def markdown(r: dict) -> str:
              f"RMS below on {r['n_heldout']} held-out states "
              f"(seed {r['heldout_seed']}) against the exact flow map (Gaussian) or a dopri5 "
              "solve at rtol = atol = 1e-8 (mixture). Best named = the same solver's best grid "
-             f"among {', '.join(r['named_grids'])}, chosen on the held-out states. Tuning cost excludes the problem's shared "
-             "reference solve (listed below)."), "",
+             f"among {', '.join(r['named_grids'])}, chosen on the held-out states. Tuning cost "
+             "excludes the problem's shared reference solve (listed below)."), "",
              ("| problem | SDE | solver | NFE | tuned RMS | best named grid | its RMS | ratio | "
              "met | tuned fit RMS | kept | tuning s | tuning NFE |"),
              "|---|---|---|---:|---:|---|---:|---:|---|---:|---|---:|---:|"]

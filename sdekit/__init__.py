@@ -52,9 +52,9 @@ __all__ = [
     "tune", "search", "TunedGrid", "load_tuned_grid",
 ]
 
-#: subpackages loaded on first use (``sdekit.models.wrap(...)``, ``sdekit.interop.to_diffusers(...)``
-#: after a bare ``import sdekit``), not at import: they are larger and the interop bridges reach
-#: for optional dependencies
+#: subpackages loaded on first use (``sdekit.models.wrap(...)``,
+#: ``sdekit.interop.to_diffusers(...)`` after a bare ``import sdekit``), not at import: they are
+#: larger and the interop bridges reach for optional dependencies
 _LAZY_SUBMODULES = frozenset({"models", "interop", "training", "bench", "distill", "cli"})
 
 

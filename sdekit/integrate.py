@@ -71,13 +71,13 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
         grid: a grid name (``uniform``, ``quadratic``, ``logsnr``, ``karras``,
             ``polyexponential``, ``kl_optimal``, ``interpolated``; see :mod:`sdekit.grids`) or
             an explicit decreasing array of times; default: the option-free rule's grid
-            without ``solver``, else the solver's grid for this SDE (``Solver.grid_for(sde)``); or the path of a tuned-grid file (``.json``, made by
-            :func:`sdekit.tune.tune` / ``sdekit tune``), which must have been tuned for this
-            forward SDE, model, solver, solver options and step count (leave ``steps`` out).
-            ``grid_options`` are the named grid's options (``rho``
-            for ``karras`` and ``polyexponential``, ``base`` for ``interpolated``; for every
-            named grid a timestep shift: ``shift``, ``mu``, ``image_seq_len``, ``shift_type``,
-            see :func:`sdekit.grids.shift_times`).
+            without ``solver``, else the solver's grid for this SDE (``Solver.grid_for(sde)``);
+            or the path of a tuned-grid file (``.json``, made by :func:`sdekit.tune.tune` /
+            ``sdekit tune``), which must have been tuned for this forward SDE, model, solver, solver
+            options and step count (leave ``steps`` out). ``grid_options`` are the named grid's
+            options (``rho`` for ``karras`` and ``polyexponential``, ``base`` for ``interpolated``;
+            for every named grid a timestep shift: ``shift``, ``mu``, ``image_seq_len``,
+            ``shift_type``, see :func:`sdekit.grids.shift_times`).
         t_start, t_end: integration range of a named grid (default ``sde.T`` down to
             ``sde.t_min``); an explicit grid carries its own range.
         denoise: finish with one extra model call returning the x0 prediction at ``t_end``.

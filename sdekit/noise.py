@@ -128,7 +128,8 @@ class SeededNoise:
 
     def levy_area(self, t0: Any, t1: Any, like: Tensor) -> Tensor:
         """The standardised space-time Levy area of the step ``[t0, t1]`` (either order):
-        ``H sqrt(12 / h)`` with ``H = (1/h) int (W(s) - W(t0) - (s - t0)/(t1 - t0) (W(t1) - W(t0))) ds``
+        ``H sqrt(12 / h)`` with
+        ``H = (1/h) int (W(s) - W(t0) - (s - t0)/(t1 - t0) (W(t1) - W(t0))) ds``
         and ``h = |t1 - t0|``; a standard normal independent of the step's increment (Foster,
         Lyons & Oberhauser 2020). Here a fresh normal from each sample's generator."""
         return self.randn(like)
@@ -172,7 +173,8 @@ class BrownianNoise(SeededNoise):
         t = float(t)
         i = int(torch.searchsorted(self.times, torch.tensor(t, dtype=torch.float64)))
         for j in (i - 1, i):
-            if 0 <= j < self.times.numel() and abs(self.times[j].item() - t) <= 1e-12 * (1 + abs(t)):
+            if (0 <= j < self.times.numel()
+                    and abs(self.times[j].item() - t) <= 1e-12 * (1 + abs(t))):
                 return j
         raise ValueError(f"time {t!r} is not a point of the Brownian grid")
 

@@ -15,10 +15,11 @@ drawn from the prior with per-sample seeds:
    proxy for every solver (a multistep solver's local error depends on its history); stage 5
    optimises the true error.
 5. **Refinement** of the true end-point error by coordinate search (:func:`_coordinate_search`),
-   from the DP grid and from the best named grid, keeping the better result: each interior point moves a fraction ``f_k`` of the way
-   to a neighbour (in the half-logSNR lambda; in t towards a start where lambda = -inf), so the
-   grid stays monotone with its ends fixed; a move is kept where it lowers the error, ``f_k``
-   doubles after a kept move and halves after a point fails in both directions.
+   from the DP grid and from the best named grid, keeping the better result: each interior
+   point moves a fraction ``f_k`` of the way to a neighbour (in the half-logSNR lambda; in t
+   towards a start where lambda = -inf), so the grid stays monotone with its ends fixed; a move is
+   kept where it lowers the error, ``f_k`` doubles after a kept move and halves after a point fails
+   in both directions.
 6. **Selection** on the validation part of the calibration batch (``validation``, default the
    last half; stages 3-5 use the first half): the better refined grid or the best named grid.
 7. **Held-out evaluation**: every number the result reports as *the* error is measured on the
@@ -461,8 +462,8 @@ def _stage_dp(tu: _Tuning, named: dict[str, Any], best_label: str) -> None:
     st.pop("teacher_states"), st.pop("teacher_x0")   # not needed any more: keep it small
     # two starts, each refined: the DP grid and the best named grid
     starts = [(dp_times, dp_err), (named_t, named[best_label]["fit_rms"])]
-    runs = [{"cur": t, "cur_err": e, "start_err": e, "fk": [0.25] * (steps - 1), "dk": [1] * (steps - 1),
-             "sweeps": 0, "trace": []} for t, e in starts]
+    runs = [{"cur": t, "cur_err": e, "start_err": e, "fk": [0.25] * (steps - 1),
+             "dk": [1] * (steps - 1), "sweeps": 0, "trace": []} for t, e in starts]
     tu.save("dp", dp_times=dp_times, dp_err=dp_err, runs=runs)
 
 
@@ -530,7 +531,8 @@ def _tune_record(tu: _Tuning, cfg: dict[str, Any], ident: Any, seeds: tuple[Any,
     return {
         "format": TUNED_FORMAT, "created": _dt.datetime.now(_dt.timezone.utc)
         .isoformat(timespec="seconds"), "sdekit": __version__,
-        "solver": run.solver, "solver_options": cfg, "solver_options_given": _json_norm(run.options),
+        "solver": run.solver, "solver_options": cfg,
+        "solver_options_given": _json_norm(run.options),
         "nfe": tu.nfe, "measured_nfe": int(st["measured_nfe"]), "steps": run.steps,
         "sde": sde_fingerprint(run.sde), "model": ident,
         "calibration": {"n": int(x_cal.shape[0]), "seeds": seeds[0],
@@ -561,7 +563,8 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
          reference: str | Callable[[Tensor], Tensor] = "dopri5",
          reference_tol: float | None = None, candidates: int = 48, teacher: str = "dpmpp_3m",
          teacher_factor: int = 4, max_sweeps: int = 40, min_move: float = 1 / 64,
-         validation: float = 0.5, state: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+         validation: float = 0.5, state: str | os.PathLike | None = None,
+         out: str | os.PathLike | None = None,
          fresh: bool = False, progress: bool = True, model_tag: str | None = None) -> TunedGrid:
     """Tune the time grid of ``solver`` for ``model`` at ``nfe`` model evaluations.
 

@@ -213,7 +213,8 @@ def load_tuned_grid(path: str | os.PathLike) -> TunedGrid:
         raise TuneError(f"tuned grid file {str(p)!r} is not valid JSON ({e})") from None
     if not isinstance(rec, dict) or rec.get("format") != TUNED_FORMAT:
         raise TuneError(f"{str(p)!r} is not a tuned grid file (expected format "
-                        f"{TUNED_FORMAT!r}, found {rec.get('format') if isinstance(rec, dict) else type(rec).__name__!r})")
+                        f"{TUNED_FORMAT!r}, found "
+                        f"{rec.get('format') if isinstance(rec, dict) else type(rec).__name__!r})")
     missing = [k for k in ("times", "solver", "solver_options", "nfe", "sde", "model")
                if k not in rec]
     if missing:

@@ -302,7 +302,11 @@ def test_nfe_counter_counts_one_per_network_call():
 def test_time_inputs(name, dtype):
     sde = make_sde(name)
     seen = []
-    net = lambda x, c: (seen.append(c), torch.zeros_like(x))[1]
+
+    def net(x, c):
+        seen.append(c)
+        return torch.zeros_like(x)
+
     x = torch.zeros(3, 2, dtype=dtype)
     t = torch.tensor([time_at(sde, u) for u in (0.0, 0.5, 1.0)], dtype=F64)
     expected = {

@@ -455,11 +455,11 @@ def test_deis_tab3_caps_its_extrapolation_on_grids_packed_near_T(grid):
 def test_automatic_lower_order_final_follows_the_grids_last_lambda_step():
     """lower_order_final=None lowers the final order where the grid's last lambda step is more
     than auto_lower_order_ratio times the one before, or longer than auto_lower_order_step, at
-    any step count. Under the old rule (on below 10 steps only), dpmpp_3m on a uniform grid at 10 steps (last lambda step 4.7x the one
-    before) sent most of a mixture's samples to another mode (RMS 2.5 against a converged
-    reference; 0.1 with the lower-order final step). Below 10 steps on a uniform grid it stays
-    on (unchanged); on a VP logsnr grid (equal steps) it is on at 5 steps (unchanged) and off
-    at 8 (lambda steps of 1.2)."""
+    any step count. Under the old rule (on below 10 steps only), dpmpp_3m on a uniform grid at 10
+    steps (last lambda step 4.7x the one before) sent most of a mixture's samples to another mode
+    (RMS 2.5 against a converged reference; 0.1 with the lower-order final step). Below 10 steps on
+    a uniform grid it stays on (unchanged); on a VP logsnr grid (equal steps) it is on at 5 steps
+    (unchanged) and off at 8 (lambda steps of 1.2)."""
     from sdekit.bench.problems import gmm_problem
     from sdekit.solvers.base import Problem
     from sdekit.solvers.exp_integrator import last_lambda_step_ratio

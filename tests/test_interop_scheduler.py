@@ -364,7 +364,8 @@ def test_custom_sigmas_and_timesteps_rules():
     assert torch.equal(own.timesteps, named.timesteps)
     custom = SdekitScheduler.from_config(cfg, solver="ddim")
     custom.set_timesteps(timesteps=[1000.0, 750.0, 500.0, 250.0])
-    torch.testing.assert_close(custom.times, torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64))
+    torch.testing.assert_close(custom.times,
+                               torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64))
     with pytest.raises(ValueError, match="sigmas=.* is invalid: expected a strictly decreasing"):
         custom.set_timesteps(sigmas=[0.5, 0.8, 0.2])
     with pytest.raises(ValueError, match="num_inference_steps=4 disagrees with the 3 sigmas"):
@@ -464,8 +465,8 @@ def test_img2img_ddim_equals_diffusers_ddim(unet, begin):
     torch.testing.assert_close(start, start_ref)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
     assert (got - image).abs().max() > 0.1
-    sol = sdekit.sample(sched.sde, lambda x, t: unet(x, t).sample, start, solver="ddim", grid=sched.times[4:],
-                        denoise=True)
+    sol = sdekit.sample(sched.sde, lambda x, t: unet(x, t).sample, start, solver="ddim",
+                        grid=sched.times[4:], denoise=True)
     torch.testing.assert_close(got, sol.x, atol=2e-6, rtol=0)
 
 

@@ -101,7 +101,10 @@ def test_sdedit_ode_law_is_the_pushforward_of_the_noised_input(name):
     out = sdedit(sde, g.model("eps"), x0.expand(n, 3), t0, solver="dpmpp_3m", steps=40,
                  float64=True).x
     a, s = float(sde.alpha(t0)), float(sde.sigma(t0))
-    flow = lambda v: g.flow(v.reshape(-1, 3), t0, sde.t_min)
+
+    def flow(v):
+        return g.flow(v.reshape(-1, 3), t0, sde.t_min)
+
     mean = flow(a * x0[None])[0]
     J = flow(torch.eye(3, dtype=torch.float64) + a * x0) - mean   # rows: J e_i (J symmetric)
     C = s * s * J @ J.T
@@ -157,7 +160,10 @@ def replacement_mean(ode: bool, n: int = 4000) -> float:
     b = (-k * c01 / det * a * Y0).tolist()       # -C^{-1}_{10} alpha y = c01 / det alpha y
     m, h = 0.0, float(ts[2] - ts[0])
     for i in range(0, 2 * n, 2):                 # RK4 with midpoints at the odd nodes
-        f = lambda j, v: A[j] * v + b[j]
+
+        def f(j, v):
+            return A[j] * v + b[j]
+
         k1 = f(i, m)
         k2 = f(i + 1, m + h / 2 * k1)
         k3 = f(i + 1, m + h / 2 * k2)
@@ -367,7 +373,10 @@ def test_dps_nonlinear_operator_through_autograd():
     samples). DPS's step zeta / ||r|| keeps its correction's size as the residual shrinks, so
     the residual levels off near a size that grows with zeta (0.21-0.24 at 0.3, 1.2 at 1)."""
     g = GaussianData(VP, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
-    A = lambda x: torch.tanh(2 * x[:, :1]) * x[:, 1:2] + 0.5 * x[:, 2:]
+
+    def A(x):
+        return torch.tanh(2 * x[:, :1]) * x[:, 1:2] + 0.5 * x[:, 2:]
+
     n = 64
     y = A(g.sample(1, torch.Generator().manual_seed(2))).expand(n, 1)
     prior = g.sample(n, torch.Generator().manual_seed(3))

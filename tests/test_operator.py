@@ -147,8 +147,9 @@ def test_distill_and_sample_through_the_cli(tmp_path):
     assert cli(["sample", "--checkpoint", str(run / "checkpoint.pt"), "--solver", "ddim",
                 "--operator", str(op_dir / "operator.pt"), "--n", "4", "--out", str(out)]) == 2
     # --init-from-teacher: by default one backbone pass at x_T's noise level (backbone_at start)
-    assert cli(["distill", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(tmp_path / "o2"),
-                "--n", "128", "--train-steps", "2", "--batch", "32", "--init-from-teacher"]) == 0
+    assert cli(["distill", "--checkpoint", str(run / "checkpoint.pt"),
+                "--out", str(tmp_path / "o2"), "--n", "128", "--train-steps", "2", "--batch", "32",
+                "--init-from-teacher"]) == 0
     _, cfg = load_operator(tmp_path / "o2" / "operator.pt")
     assert "start" in cfg["operator"] and cfg["train"]["init_backbone"]
     assert "start" not in load_operator(op_dir / "operator.pt")[1]["operator"]

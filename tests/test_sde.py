@@ -56,8 +56,13 @@ def check_marginal_consistency(sde: ForwardSDE, t: float) -> None:
     else:
         h = min(1e-5 * (sde.T - sde.t_min), (t - sde.t_min) / 2.5, (sde.T - t) / 2.5)
     assert h > 0
-    alpha = lambda s: sde.alpha(T64(s))
-    sigma2 = lambda s: sde.sigma(T64(s)) ** 2
+
+    def alpha(s):
+        return sde.alpha(T64(s))
+
+    def sigma2(s):
+        return sde.sigma(T64(s)) ** 2
+
     f, g2 = sde.f(T64(t)), sde.g2(T64(t))
     a, s2 = alpha(t), sigma2(t)
     assert f.dtype == F64 and g2.dtype == F64

@@ -322,10 +322,10 @@ WEAK_SDES = ["vp", "cosine", "subvp", "ve", "edm", "ddpm", "custom_edm"] + INTER
 # (none today: the torchsde backend used to step uniformly in t only, biased on EDM).
 WEAK_LIMITS: dict[tuple[str, str], str] = {}
 # Steps where the default (100 NFE, at least 20 steps) is not enough, each with its measurement.
-# torchsde_srk on EDM and its CustomSDE twin (logsnr grid, sigma 80 -> 0.002, a factor 1.7 per step at 20 steps): the
-# covariance's first entry was 0.725 / 0.865 / 0.983 of 1.0 at 20 / 40 / 100 steps (2000
-# samples, seed 11): a discretisation error that shrinks like 1 / steps, not a bias of the
-# noise. (At 20 steps seed 7 once passed by 0.001 inside the tolerance.)
+# torchsde_srk on EDM and its CustomSDE twin (logsnr grid, sigma 80 -> 0.002, a factor 1.7 per
+# step at 20 steps): the covariance's first entry was 0.725 / 0.865 / 0.983 of 1.0 at 20 / 40 /
+# 100 steps (2000 samples, seed 11): a discretisation error that shrinks like 1 / steps, not a bias
+# of the noise. (At 20 steps seed 7 once passed by 0.001 inside the tolerance.)
 WEAK_STEPS: dict[tuple[str, str], int] = {("torchsde_srk", "edm"): 100,
                                          ("torchsde_srk", "custom_edm"): 100}
 
@@ -336,8 +336,8 @@ def test_weak_correctness(name, sde_name):
     """The option-free call (the solver's grid for this SDE, samples from the prior) with the
     exact score reproduces the data mean and covariance at t_min within Monte-Carlo error:
     5 standard errors of the sample mean / covariance for n samples, plus a discretisation
-    allowance of 0.02 / 0.03 at 100 NFE (at least 20 steps). (With the uniform grid on EDM, the default before
-    Solver.grid_for, the covariance was off by 10-60 standard errors.)"""
+    allowance of 0.02 / 0.03 at 100 NFE (at least 20 steps). (With the uniform grid on EDM, the
+    default before Solver.grid_for, the covariance was off by 10-60 standard errors.)"""
     if (name, sde_name) in WEAK_LIMITS:
         pytest.xfail(WEAK_LIMITS[name, sde_name])
     sde = make_sde(sde_name)

@@ -181,8 +181,8 @@ def test_unipc_step_table_equals_one_step_formulas(opts, ends, sde_name, grid, s
     step's order (warm-up, lower_order_final, final_to_zero, and the start at alpha = 0)."""
     from sdekit.solvers import get_solver
     sde = {"vp": sdekit.VPSDE(), "edm": sdekit.EDMSDE(), "flow": sdekit.FlowSDE()}[sde_name]
-    slv = get_solver("unipc_" + opts["variant"], **{k: v for k, v in opts.items() if k != "variant"},
-                     **ends)
+    slv = get_solver("unipc_" + opts["variant"],
+                     **{k: v for k, v in opts.items() if k != "variant"}, **ends)
     p = _problem(sde, grid, steps, "x0" if sde_name == "flow" else "eps")
     st = slv.init(p, torch.zeros(2, 2))
     start = slv.start_index(p)

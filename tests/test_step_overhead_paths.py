@@ -164,8 +164,8 @@ def test_unipc_combination_equals_the_difference_form(opts):
         c_x, c_0, rks, w_p, w_c = c = st.table[s]
         D = [(outputs[k] - outputs[0]) / r for k, r in enumerate(rks, 1)]
         ref_p = c_x * x + c_0 * outputs[0] - sum((w * d for w, d in zip(w_p, D)), torch.zeros(2, 3))
-        ref_c = c_x * x + c_0 * outputs[0] - sum((w * d for w, d in zip(w_c, D + [m_t - outputs[0]])),
-                                                 torch.zeros(2, 3))
+        ref_c = c_x * x + c_0 * outputs[0] - sum(
+            (w * d for w, d in zip(w_c, D + [m_t - outputs[0]])), torch.zeros(2, 3))
         pred, kept = slv._update(x, st, s, c, None, True)
         fresh = slv._update(x, st, s, c, m_t)[0]
         shared = slv._update(x, st._replace(shared=kept), s, c, m_t)[0]
@@ -194,7 +194,8 @@ def test_linear_combination_equals_the_sum_it_stands_for(c_x, cs):
     ref = c_x * x + sum(cj * m for cj, m in zip(cs, ms))
     torch.testing.assert_close(out, ref, rtol=0, atol=4e-16 * float(ref.abs().max()) * len(cs))
     assert all(torch.equal(a, b) for a, b in zip(before, (x, *ms)))   # inputs untouched
-    affine = abs(c_x + sum(cs) - 1) < 1e-12 and min(abs(sum(cs[:k + 1])) for k in range(len(cs))) > 1e-3
+    affine = (abs(c_x + sum(cs) - 1) < 1e-12
+              and min(abs(sum(cs[:k + 1])) for k in range(len(cs))) > 1e-3)
     assert sum(c.ops.values()) == len(cs) + (0 if affine or c_x == 1.0 else 1)
     assert c.allocations == 1
 

@@ -168,7 +168,9 @@ def test_bad_input_is_refused_before_work(problem, args, kw, what):
 
 
 def test_unidentifiable_model_needs_a_tag(problem):
-    net = lambda x, t: torch.zeros_like(x)
+    def net(x, t):
+        return torch.zeros_like(x)
+
     with pytest.raises(TuneError, match="pass model_tag="):
         tune(problem.sde, net, "ddim", 3, **KW)
 

@@ -262,7 +262,8 @@ def kdiff_runner(kd: types.ModuleType, fn: str, budget: int,
 # converged reference solve (mixture) to sigma_0, at no cost to it.
 FLOW = FlowSDE()
 FLOW_ENDS = {0.0: "sigma = 0", FLOW.t_min: "t_min"}
-REF_TOL = 1e-10          # dopri5 rtol = atol of the mixture's reference (error estimate: 1e-8 solve)
+REF_TOL = 1e-10          # dopri5 rtol = atol of the mixture's reference
+                         # (error estimate: 1e-8 solve)
 GMM_N = 512              # mixture: Monte-Carlo batch of starting states (paired across samplers)
 
 

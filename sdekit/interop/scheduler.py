@@ -254,7 +254,8 @@ class SchedulerCore:
             if num_inference_steps is not None and num_inference_steps != times.numel():
                 raise ValueError(f"num_inference_steps={num_inference_steps!r} disagrees with the "
                                  f"explicit grid of {times.numel()} times: pass "
-                                 f"num_inference_steps={times.numel()} (its points) or leave it out")
+                                 f"num_inference_steps={times.numel()} (its points) or leave "
+                                 "it out")
             return times
         if not (isinstance(num_inference_steps, int) and not isinstance(num_inference_steps, bool)
                 and num_inference_steps >= 1):
@@ -383,10 +384,10 @@ class SchedulerCore:
             t = torch.where(near.any(1), exact, t)
         bad = (t < self.sde.t_min - 1e-12) | (t > self.sde.T + 1e-12) | ~torch.isfinite(t)
         if bool(bad.any()):
+            ends = self.network_time(torch.tensor([self.sde.t_min, self.sde.T])).tolist()
             raise ValueError(f"timesteps={v.tolist()} are invalid: expected network times of "
                              f"{self.sde!r}'s range [t_min, T] = [{self.sde.t_min:g}, "
-                             f"{self.sde.T:g}] (as timesteps: "
-                             f"{self.network_time(torch.tensor([self.sde.t_min, self.sde.T])).tolist()})")
+                             f"{self.sde.T:g}] (as timesteps: {ends})")
         return t.expand(batch)
 
     def add_noise(self, x0: Tensor, noise: Tensor, timesteps: Any) -> Tensor:

@@ -6,10 +6,11 @@
 * :func:`inpaint`: after every solver step to time ``t`` the known region is replaced by the
   observation noised to ``t`` with the forward marginal (Song et al. 2021, App. I.2, the
   "replacement" method; :func:`replacement` does the same for the observed spectral
-  coordinates of any noise-free linear measurement with an SVD, e.g. super-resolution); with ``resample = r > 1`` RePaint's resampling (Lugmayr et al. 2022,
-  Alg. 1 with jumps): the grid is cut into blocks of ``jump`` steps, each block is solved, noised
-  back to its start with the forward transition ``x_a = (alpha_a / alpha_b) x_b + sqrt(sigma_a^2 -
-  (alpha_a / alpha_b)^2 sigma_b^2) z`` and solved again, ``r`` times in all.
+  coordinates of any noise-free linear measurement with an SVD, e.g. super-resolution); with
+  ``resample = r > 1`` RePaint's resampling (Lugmayr et al. 2022, Alg. 1 with jumps): the grid is
+  cut into blocks of ``jump`` steps, each block is solved, noised back to its start with the forward
+  transition ``x_a = (alpha_a / alpha_b) x_b + sqrt(sigma_a^2 - (alpha_a / alpha_b)^2 sigma_b^2) z``
+  and solved again, ``r`` times in all.
 * :func:`dps` (Chung et al. 2023, Alg. 1): after each step ``x_{i+1} -= zeta_i grad_{x_i}
   ||y - A(x0_hat(x_i))||^2`` with ``zeta_i = zeta / ||y - A(x0_hat(x_i))||`` per sample; the
   gradient goes through the network's x0 prediction by autograd at the step's first model call

@@ -1,5 +1,6 @@
 """The solver registry and the built-in solvers."""
-# imported for their registrations: the classic, ODE, fast exponential-integrator and learned solvers
+# imported for their registrations: the classic, ODE, fast exponential-integrator and learned
+# solvers
 from . import classic, deis, dpm_solver, dpm_solver_v3, ode, operator, unipc  # noqa: F401
 from .base import (
     AdaptiveSolver,

@@ -13,7 +13,8 @@ which keeps every marginal for any ``0 <= lambda^2 <= sigma_s^2`` (``lambda^2 = 
 for ``eta = 1``). The reverse step ``p(x_s | x_t) = N(mu(x_t, x0_hat), v I)`` with the model's
 ``x0_hat = E[x0 | x_t]`` has the optimal (KL-minimising) variance
 
-    v* = lambda^2 + k^2 E tr Cov[x0 | x_t] / d,   k = alpha_s - sqrt(sigma_s^2 - lambda^2) alpha_t / sigma_t,
+    v* = lambda^2 + k^2 E tr Cov[x0 | x_t] / d,
+    k = alpha_s - sqrt(sigma_s^2 - lambda^2) alpha_t / sigma_t,
 
 and, as ``x0 = (x_t - sigma_t eps) / alpha_t`` and ``E tr Cov[eps | x_t] = d - E |E[eps | x_t]|^2``,
 

@@ -275,7 +275,8 @@ class Problem:
 
     def bcast(self, v: Any, like: Tensor) -> Tensor:
         """A scalar or per-sample value as a tensor broadcastable against ``like``."""
-        return append_dims(torch.as_tensor(v, dtype=torch.float64).to(like.device), like.ndim).to(like.dtype)
+        return append_dims(torch.as_tensor(v, dtype=torch.float64).to(like.device),
+                           like.ndim).to(like.dtype)
 
 
 @dataclass(frozen=True)

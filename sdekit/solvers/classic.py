@@ -243,7 +243,8 @@ class TorchSDE(ExternalSolver):
 
     def __init__(self, method: str = "euler") -> None:
         if method not in self._ORDERS:
-            raise ValueError(f"method={method!r} is invalid: expected one of {sorted(self._ORDERS)}")
+            raise ValueError(f"method={method!r} is invalid: expected one of "
+                             f"{sorted(self._ORDERS)}")
         self.method = method
         self.strong_order = self._ORDERS[method]
         self.order = 1

@@ -165,7 +165,8 @@ class DEISMultistep(ExpIntegrator, OneCallStepper):
     def init(self, p: Problem, x: Tensor) -> DEISState:
         self.check(p)
         W = self.coefficients(p)
-        table: dict[int, tuple[float, list[float]]] = {}   # combine's (c_x, [c_j]) per step (the base method)
+        # combine's (c_x, [c_j]) per step (the base method)
+        table: dict[int, tuple[float, list[float]]] = {}
         for n in {w.numel() for w in W}:
             idx = [i for i, w in enumerate(W) if w.numel() == n]
             table.update(zip(idx, ExpIntegrator.coefficients(

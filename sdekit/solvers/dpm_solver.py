@@ -191,7 +191,8 @@ class DPMSolverMultistep(ExpIntegrator, OneCallStepper):
              given: ModelOutput | None = None) -> tuple[Tensor, MultistepState]:
         m, eps = self.evaluate(p, x, p.times[i], p.alpha[i], p.sigma[i], given)
         i0 = st.start
-        st = MultistepState(push(st.outputs, m, self.max_order), i0, st.singlestep_start, st.table, st.x_s)
+        st = MultistepState(push(st.outputs, m, self.max_order), i0, st.singlestep_start, st.table,
+                            st.x_s)
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps, m), st
         if i < i0:  # from alpha = 0

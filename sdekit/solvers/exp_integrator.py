@@ -6,24 +6,24 @@ linear part is exact (Lu et al. 2022, Eq. 3.4 and 2022b, Eq. 8):
 * noise prediction: ``x_t = (alpha_t/alpha_s) x_s - alpha_t int e^{-lambda} eps dlambda``
 * data prediction:  ``x_t = (sigma_t/sigma_s) x_s + sigma_t int e^{lambda} x0 dlambda``
 
-(integrals over ``[lambda_s, lambda_t]``), and approximates the model output under the integral by the Lagrange polynomial through the
-outputs already computed (previous steps, or earlier stages of a singlestep block). With
-``tau = lambda - lambda_s`` and nodes ``lambda_s + r_j h`` the weight of output ``j`` over
-``[lambda_s, lambda_s + c h]`` is ``|k| int_0^{ch} e^{k (ch - tau)} l_j(tau / h) dtau``, which
-:func:`ei_weights` evaluates in closed form with the phi functions (``k = +1`` eps, ``-1`` x0,
-``-2`` the x0 term of SDE-DPM-Solver++). Only ``alpha``, ``sigma`` and ``lambda`` of the forward
-SDE enter, so the solvers run unchanged on VP, sub-VP, VE, EDM, discrete, flow and custom
-schedules.
+(integrals over ``[lambda_s, lambda_t]``), and approximates the model output under the integral by
+the Lagrange polynomial through the outputs already computed (previous steps, or earlier stages of a
+singlestep block). With ``tau = lambda - lambda_s`` and nodes ``lambda_s + r_j h`` the weight of
+output ``j`` over ``[lambda_s, lambda_s + c h]`` is
+``|k| int_0^{ch} e^{k (ch - tau)} l_j(tau / h) dtau``, which :func:`ei_weights` evaluates in closed
+form with the phi functions (``k = +1`` eps, ``-1`` x0, ``-2`` the x0 term of SDE-DPM-Solver++).
+Only ``alpha``, ``sigma`` and ``lambda`` of the forward SDE enter, so the solvers run unchanged on
+VP, sub-VP, VE, EDM, discrete, flow and custom schedules.
 
 From a grid point where alpha = 0 (lambda = -inf: flow matching at t = 1) the data-prediction
 forms start in closed form: the first step is ``x_1 = (sigma_1/sigma_0) x + alpha_1 x0`` (the
 update with ``e^{-h} = 0``), the model output there is no Lagrange node for later steps (the
 multistep warm-up restarts at grid point 1), and solvers of order >= 3 correct that first step
 by the trapezoid rule in ``u = e^lambda`` once the output at grid point 1 is known (see
-:meth:`ExpIntegrator.correct_first`; UniPC's corrector does the same, :meth:`UniPC._correct_first`). The noise-prediction
-forms (DPM-Solver, DEIS) cannot start there: their update scales x by ``alpha_t / alpha_s``;
-they raise and ask for ``t_start < T`` or a data-prediction solver. The adaptive DPM-Solver
-steps in lambda and cannot start there either.
+:meth:`ExpIntegrator.correct_first`; UniPC's corrector does the same, :meth:`UniPC._correct_first`).
+The noise-prediction forms (DPM-Solver, DEIS) cannot start there: their update scales x by
+``alpha_t / alpha_s``; they raise and ask for ``t_start < T`` or a data-prediction solver. The
+adaptive DPM-Solver steps in lambda and cannot start there either.
 """
 from __future__ import annotations
 
@@ -292,14 +292,14 @@ class ExpIntegrator(Solver):
         On long last steps of non-uniform grids (Karras, quadratic: lambda steps 1.5-2 at 10
         steps, ratio 1.2-1.9) the step criterion made the noise-prediction solvers 1.5-7.6x
         worse (dpm_solver_3m on Karras at 10 NFE under VP: 7.6x on a Gaussian) while the
-        data-prediction ones mostly gained (0.25-0.6x on quadratic grids). Measured by benchmarks/grid_cells.py
-        (benchmarks/results/grid_cells.md: 2556 cells, every lower-order-final solver x six
-        named grids x six processes x NFE 5, 10, 20 on a Gaussian and a mixture, run with it on
-        and off), RMS of the automatic choice over the better of the two: geometric mean 1.06,
-        worst 5.1x, 70 cells over 2x (mixture: 1.01, 2.6x, 2 cells); with the step criterion
-        for every solver 1.08, 7.6x, 92; on below 10 steps (the first rule) 1.16, 36x, 191.
-        Dropping the ratio criterion for noise prediction too would give 1.03 overall but 14
-        mixture cells over 2x (up to 4x, samples in the wrong mode) instead of 2."""
+        data-prediction ones mostly gained (0.25-0.6x on quadratic grids). Measured by
+        benchmarks/grid_cells.py (benchmarks/results/grid_cells.md: 2556 cells, every
+        lower-order-final solver x six named grids x six processes x NFE 5, 10, 20 on a Gaussian and
+        a mixture, run with it on and off), RMS of the automatic choice over the better of the two:
+        geometric mean 1.06, worst 5.1x, 70 cells over 2x (mixture: 1.01, 2.6x, 2 cells); with the
+        step criterion for every solver 1.08, 7.6x, 92; on below 10 steps (the first rule) 1.16,
+        36x, 191. Dropping the ratio criterion for noise prediction too would give 1.03 overall but
+        14 mixture cells over 2x (up to 4x, samples in the wrong mode) instead of 2."""
         if self.lower_order_final is None:
             last = p.schedule.last_lambda_step
             if last is None:
