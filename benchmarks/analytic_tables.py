@@ -113,8 +113,9 @@ def markdown(all_results: dict[str, dict[str, Any]]) -> str:
         out += [f"### {p['description']}", "",
                 f"n = {p['n']} samples per cell from the same initial states (this script's "
                 "default; a plain `sdekit bench` uses n = 500); "
-                f"{res['summary']['cells']} cells ({res['summary']['ok']} measured, "
-                f"{res['summary']['skipped']} skipped), sdekit {res['environment']['sdekit']}, "
+                f"{res['summary']['cells']} cells ({res['summary']['ok']} ok, "
+                f"{res['summary']['diverged']} diverged, {res['summary']['skipped']} skipped), "
+                f"sdekit {res['environment']['sdekit']}, "
                 f"torch {res['environment']['torch']}, commit "
                 f"{(res.get('git', {}).get('commit') or '?')[:10]}"
                 + (" with uncommitted changes" if res.get("git", {}).get("uncommitted") else "")
