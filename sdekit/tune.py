@@ -777,11 +777,25 @@ def _search_rows(run: _Run, plan: list[tuple[str, dict[str, Any], str, dict[str,
 
 
 def _top_configs(ok: list[dict[str, Any]], k: int) -> list[tuple[str, dict[str, Any]]]:
-    """The ``k`` best distinct (solver, options) of the ranked rows ``ok``."""
-    picked: list[tuple[str, dict[str, Any]]] = []
+    """The ``k`` best distinct (solver, options) of the ranked rows ``ok``: distinct in what
+    they do, so a configuration whose calibration errors on every searched grid equal those of
+    one already picked (e.g. an automatic ``lower_order_final`` that resolves to the explicit
+    value everywhere) is the same sampler on these grids and is passed over."""
+    def key(r: dict[str, Any]) -> tuple[str, str]:
+        return r["solver"], json.dumps(r["options"], sort_keys=True, default=str)
+
+    behaviour: dict[tuple[str, str], list[tuple[str, str, float]]] = {}
     for r in ok:
-        if (r["solver"], r["options"]) not in picked:
+        behaviour.setdefault(key(r), []).append(
+            (r["grid"], json.dumps(r["grid_options"], sort_keys=True, default=str),
+             r["calibration_rms"]))
+    picked: list[tuple[str, dict[str, Any]]] = []
+    seen: list[list[tuple[str, str, float]]] = []
+    for r in ok:
+        b = sorted(behaviour[key(r)])
+        if (r["solver"], r["options"]) not in picked and b not in seen:
             picked.append((r["solver"], r["options"]))
+            seen.append(b)
         if len(picked) == k:
             break
     return picked

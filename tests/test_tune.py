@@ -267,3 +267,25 @@ def test_cli_search_writes_the_ranking(tmp_path, capsys):
     cal = [r["calibration_rms"] for r in res["table"]]
     assert cal == sorted(cal) and res["winner"] == res["table"][0]
     assert "| 1 | " in text and "winner: " in text and "held-out RMS" in text
+
+
+def test_tune_top_passes_over_configurations_that_behave_the_same():
+    """`--tune-top 2` tuned two configurations differing only in an option that changed nothing
+    on the searched grids (equal calibration errors everywhere): the second pick must be a
+    configuration that does something else."""
+    from sdekit.tune import _top_configs
+
+    def row(solver, options, grid, rms):
+        return {"solver": solver, "options": options, "grid": grid, "grid_options": {},
+                "calibration_rms": rms}
+    a, b, c = {"order": 3}, {"order": 3, "lower_order_final": True}, {"order": 2}
+    ok = sorted([row("unipc_bh2", a, "logsnr", 0.1), row("unipc_bh2", b, "logsnr", 0.1),
+                 row("unipc_bh2", a, "karras", 0.3), row("unipc_bh2", b, "karras", 0.3),
+                 row("unipc_bh2", c, "logsnr", 0.2), row("unipc_bh2", c, "karras", 0.4)],
+                key=lambda r: r["calibration_rms"])
+    assert _top_configs(ok, 2) == [("unipc_bh2", a), ("unipc_bh2", c)]
+    # an option that does change something on one grid keeps its configuration distinct
+    ok = sorted([r if not (r["options"] == b and r["grid"] == "karras")
+                 else row("unipc_bh2", b, "karras", 0.35) for r in ok],
+                key=lambda r: r["calibration_rms"])
+    assert _top_configs(ok, 2) == [("unipc_bh2", a), ("unipc_bh2", b)]
