@@ -102,11 +102,6 @@ def teacher_grid(sde: ForwardSDE, times_out: Tensor, steps_per_segment: int) -> 
 ALPHA_ZERO_TEACHER: tuple[str, dict[str, Any]] = ("unipc_bh2", {"order": 3})
 
 
-def starts_at_alpha_zero(sde: ForwardSDE) -> bool:
-    """Whether ``sde`` starts where alpha = 0 (lambda = -inf: the linear interpolants at T = 1)."""
-    return float(sde.alpha(torch.tensor(sde.T, dtype=torch.float64))) == 0.0
-
-
 def teacher_solver(sde: ForwardSDE, solver: str | None = None,
                    solver_options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
     """``(name, options)`` of the teacher solver: ``solver`` with ``solver_options`` as given,
@@ -115,7 +110,7 @@ def teacher_solver(sde: ForwardSDE, solver: str | None = None,
     can), before any work."""
     from .solvers import get_solver, list_solvers
     options = dict(solver_options or {})
-    at_zero = starts_at_alpha_zero(sde)
+    at_zero = sde.alpha_zero_at_T
     if solver is None:
         if not at_zero:
             return "heun", options
@@ -290,7 +285,7 @@ def _operator_config(data: str | Path, sde: ForwardSDE, meta: dict[str, Any],
     # the teacher solver is recorded where it is not Heun by default (alpha = 0 at T: no
     # operator checkpoint from an older sdekit exists there, so every other one still resumes)
     solver = ({"teacher_solver": {"name": meta["solver"], "options": meta["solver_options"]}}
-              if starts_at_alpha_zero(sde) else {})
+              if sde.alpha_zero_at_T else {})
     return {"kind": "operator", **solver, "teacher": meta.get("teacher", ""),
             "teacher_sha256": meta.get("teacher_sha256"), "sde_repr": repr(sde),
             "state_shape": list(shape), "times_out": meta["times_out"],
@@ -412,7 +407,7 @@ def check_backbone_at(sde: ForwardSDE, backbone_at: str) -> None:
     the backbone's time input cannot take, and the one-step DDIM estimate needs a data
     prediction at x_T)."""
     require(backbone_at in ("slots", "start"), "backbone_at", backbone_at, "'slots' or 'start'")
-    if backbone_at == "start" and starts_at_alpha_zero(sde):
+    if backbone_at == "start" and sde.alpha_zero_at_T:
         raise ValueError(f"backbone_at='start' runs the backbone at x_T's noise level, lambda = "
                          f"-inf at T={sde.T:g} where alpha = 0 ({sde!r}): use "
                          "backbone_at='slots' (one pass per output time)")

@@ -188,7 +188,7 @@ def _probability_flow(sde: ForwardSDE, model: DiffusionModel
     finite at T); otherwise in the half-logSNR lambda
     (:meth:`~sdekit.dynamics.ProbabilityFlowODE.drift_lambda`, smooth where dt/dlambda is
     not)."""
-    if float(sde.alpha(sde.T)) == 0.0:
+    if sde.alpha_zero_at_T:
         return True, sde.t_min, sde.T, model.flow
     pf_ode = ProbabilityFlowODE(sde, model)
 

@@ -29,7 +29,7 @@ def start_for(solver, sde) -> float:
     where alpha(T) = 0 and the solver cannot step from there (it says so: tests/test_flow.py).
     A learned sampler does not step: it starts where it was distilled, T (sdekit.distill's
     teacher starts at alpha = 0: tests/test_distill_flow.py)."""
-    if (float(sde.alpha(sde.T)) == 0.0 and not solver.starts_at_alpha_zero
+    if (sde.alpha_zero_at_T and not solver.starts_at_alpha_zero
             and not isinstance(solver, LearnedSampler)):
         return FLOW_T_START
     return sde.T
@@ -38,7 +38,7 @@ def start_for(solver, sde) -> float:
 def model_kind(sde) -> str:
     """The network output a generated test uses: ``flow`` on a flow process (eps is undefined
     at alpha = 0), else eps."""
-    return "flow" if float(sde.alpha(sde.T)) == 0.0 else "eps"
+    return "flow" if sde.alpha_zero_at_T else "eps"
 
 
 def gaussian_problem(sde, dim: int = 4, eig_min: float = 1e-2, seed: int = 1) -> GaussianData:

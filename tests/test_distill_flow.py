@@ -78,6 +78,17 @@ def test_vp_operator_config_is_unchanged(tmp_path):
     assert "teacher_solver" not in load_operator(tmp_path / "op.pt")[1]
 
 
+def _tiny_flow_checkpoint(tmp_path, steps: int, batch: int, sample_n: int) -> str:
+    """A few steps of `sdekit train --objective flow` on two_moons: its checkpoint's path."""
+    from sdekit.cli.main import main as cli
+    run = tmp_path / "run"
+    assert cli(["train", "--data", "two_moons", "--objective", "flow", "--steps", str(steps),
+                "--width", "16", "--depth", "1", "--batch-size", str(batch), "--ckpt-every",
+                str(steps), "--sample-n", str(sample_n), "--sample-steps", "2", "--no-progress",
+                "--device", "cpu", "--out", str(run)]) == 0
+    return str(run / "checkpoint.pt")
+
+
 def test_cli_distills_a_flow_checkpoint(tmp_path):
     """`sdekit train --objective flow` -> `sdekit distill` (raised before: Heun from t = 1)
     -> `sdekit sample --solver fno` from t = 1 with one NFE; an explicit --solver heun is a
@@ -85,12 +96,7 @@ def test_cli_distills_a_flow_checkpoint(tmp_path):
     import numpy as np
 
     from sdekit.cli.main import main as cli
-    run = tmp_path / "run"
-    assert cli(["train", "--data", "two_moons", "--objective", "flow", "--steps", "3", "--width",
-                "16", "--depth", "1", "--batch-size", "32", "--ckpt-every", "3", "--sample-n",
-                "16", "--sample-steps", "2", "--no-progress", "--device", "cpu",
-                "--out", str(run)]) == 0
-    ck = str(run / "checkpoint.pt")
+    ck = _tiny_flow_checkpoint(tmp_path, steps=3, batch=32, sample_n=16)
     op_dir = tmp_path / "op"
     assert cli(["distill", "--checkpoint", ck, "--out", str(op_dir), "--n", "64",
                 "--steps-per-segment", "2", "--train-steps", "2", "--batch", "16",
@@ -116,12 +122,7 @@ def test_start_mode_is_refused_at_alpha_zero_and_auto_picks_slots(tmp_path):
     sde = sdekit.FlowSDE()
     with pytest.raises(ValueError, match=r"backbone_at='start' .* alpha = 0.*'slots'"):
         train_operator(tmp_path / "none", tmp_path / "op.pt", sde, backbone_at="start")
-    run = tmp_path / "run"
-    assert cli(["train", "--data", "two_moons", "--objective", "flow", "--steps", "2", "--width",
-                "16", "--depth", "1", "--batch-size", "16", "--ckpt-every", "2", "--sample-n",
-                "8", "--sample-steps", "2", "--no-progress", "--device", "cpu",
-                "--out", str(run)]) == 0
-    ck = str(run / "checkpoint.pt")
+    ck = _tiny_flow_checkpoint(tmp_path, steps=2, batch=16, sample_n=8)
     assert cli(["distill", "--checkpoint", ck, "--out", str(tmp_path / "o"), "--n", "32",
                 "--steps-per-segment", "1", "--train-steps", "1", "--batch", "16",
                 "--init-from-teacher", "--quiet"]) == 0

@@ -92,7 +92,7 @@ class BenchProblem:
 # ------------------------------------------------------------------ built-in problems
 def _default_prediction(sde: ForwardSDE) -> str:
     """The exact model's output: eps, or flow where the prior has alpha = 0 (flow matching)."""
-    return "flow" if float(sde.alpha(sde.T)) == 0.0 else "eps"
+    return "flow" if sde.alpha_zero_at_T else "eps"
 
 
 def gaussian_problem(sde: ForwardSDE | None = None, dim: int = 16, seed: int = 0,

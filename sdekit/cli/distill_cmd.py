@@ -126,7 +126,6 @@ def run(args: argparse.Namespace) -> int:
         check_backbone_at,
         check_feature_loss,
         generate_trajectories,
-        starts_at_alpha_zero,
         train_operator,
     )
 
@@ -138,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         backbone = init = None
         backbone_at = args.backbone_at
         if backbone_at == "auto":   # start has no noise level to run at where alpha(T) = 0
-            backbone_at = ("start" if args.init_from_teacher and not starts_at_alpha_zero(sde)
+            backbone_at = ("start" if args.init_from_teacher and not sde.alpha_zero_at_T
                            else "slots")
         check_backbone_at(sde, backbone_at)   # before the trajectories
         if args.init_from_teacher:

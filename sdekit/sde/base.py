@@ -149,6 +149,12 @@ class ForwardSDE(abc.ABC):
     def lambda_max(self) -> float:
         return float(self._lambda(torch.tensor(self.t_min, dtype=torch.float64)))
 
+    @property
+    def alpha_zero_at_T(self) -> bool:
+        """Whether the process starts where alpha = 0 (lambda(T) = -inf, an exact prior: the
+        linear interpolants of flow matching at T = 1)."""
+        return float(self.alpha(torch.tensor(self.T, dtype=torch.float64))) == 0.0
+
     def t_of_lambda(self, lam: Any) -> Tensor:
         """Inverse of :meth:`lambda_`: the time at which the half-logSNR equals ``lam``."""
         ll = as_tensor(lam)

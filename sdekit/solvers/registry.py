@@ -93,7 +93,7 @@ def default_config(sde: Any, steps: int) -> dict[str, Any]:
     lam = sde.lambda_(make_grid(sde, "logsnr", steps, **grid_options)).double()
     d = lam[torch.isfinite(lam)].diff()
     h = float(d.median()) if d.numel() > 1 else math.inf   # the equal steps (not the jump)
-    if h > ALPHA_ZERO_KARRAS_MIN_LAMBDA_STEP and not math.isfinite(float(lam[0])):  # alpha(T) = 0
+    if h > ALPHA_ZERO_KARRAS_MIN_LAMBDA_STEP and sde.alpha_zero_at_T:
         return {"solver": DEFAULT_SOLVER, "options": {}, "grid": "karras", "grid_options": {}}
     options = ({"order": 3} if h <= ORDER3_MAX_LAMBDA_STEP else
                {"order": 2, "lower_order_final": False})
