@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .base import ModelOutput, OneCallStepper, Problem, Solver
+from .base import ModelOutput, OneCallStepper, Problem, Solver, linear_combination
 from .exp_integrator import ExpIntegrator, Outputs, ThresholdingOptions, phi, push
 from .registry import get_solver, register
 
@@ -161,9 +161,8 @@ class UniPC(ExpIntegrator, OneCallStepper):
         w, ms = (w_p, list(st.outputs[1:len(rks) + 1])) if m_t is None else \
             (w_c, list(st.outputs[1:len(rks) + 1]) + [m_t])
         coefs = [-wk / rk for wk, rk in zip(w, rks)] + ([-w[-1]] if m_t is not None else [])
-        out = torch.add(base, st.outputs[0], alpha=c_0 - sum(coefs))   # m_s: the newest output
-        for ck, m in zip(coefs, ms):
-            out = out.add_(m, alpha=ck)
+        out = linear_combination(1.0, base, [c_0 - sum(coefs), *coefs],   # m_s: the newest output
+                                 [st.outputs[0], *ms])
         return out, ((s, base) if keep and m_t is None else None)
 
     def _correct_first(self, p: Problem, x: Tensor, outputs: Outputs, m: Tensor) -> Tensor:
