@@ -64,14 +64,16 @@ def _timed(fn) -> float:
 
 
 def _side_by_side(ours, theirs, network, calls: dict[str, int], peer: str, what: str,
-                  steps: int, rounds: int, row: dict) -> dict:
+                  steps: int, rounds: int, row: dict, noise=None) -> dict:
     """Warm both up, check that they make the same number of network calls, then time them
     interleaved (A B N, ``rounds`` rounds; N: ``network(nfe)``, the same network called as
     often on the same state, alone); completes ``row`` with the NFE, min and median ms per step
     of each (keys ``sdekit_ms_*`` and ``<peer>_ms_*``, ``peer`` without a hyphen) and their
     ratios, and the same for the per-step overhead excluding the network (each round's time
     less that round's network time: ``*_overhead_ms_*``, ``overhead_ratio_*``), prints it and
-    returns it."""
+    returns it. ``noise``: for a stochastic pair, the two contenders' noise draws of one solve
+    (sdekit's, the peer's), timed in the same rounds (``*_noise_ms_*``) and also taken off
+    (``*_rest_ms_*``, ``rest_ratio_*``: the overhead beyond the network and the noise)."""
     key = peer.replace("-", "")
     ours(), theirs()  # warm-up (also checks the work is the same)
     calls.update({"sdekit": 0, peer: 0})
@@ -79,16 +81,24 @@ def _side_by_side(ours, theirs, network, calls: dict[str, int], peer: str, what:
     if calls["sdekit"] != calls[peer]:
         raise SystemExit(f"{what}: {calls} network calls differ")
     nfe = row["nfe"] = calls["sdekit"]
-    a, b, n = [], [], []
-    for _ in range(rounds):  # interleaved A B N
+    a, b, n, za, zb = [], [], [], [], []
+    for _ in range(rounds):  # interleaved A B N (and the noise draws of A and B)
         a.append(_timed(ours) / steps * 1e3)
         b.append(_timed(theirs) / steps * 1e3)
         n.append(_timed(lambda: network(nfe)) / steps * 1e3)
+        if noise is not None:
+            za.append(_timed(noise[0]) / steps * 1e3)
+            zb.append(_timed(noise[1]) / steps * 1e3)
     oa, ob = [x - y for x, y in zip(a, n)], [x - y for x, y in zip(b, n)]
-    for name, v in (("sdekit_ms", a), (f"{key}_ms", b), ("network_ms", n),
-                    ("sdekit_overhead_ms", oa), (f"{key}_overhead_ms", ob)):
+    series = [("sdekit_ms", a), (f"{key}_ms", b), ("network_ms", n),
+              ("sdekit_overhead_ms", oa), (f"{key}_overhead_ms", ob)]
+    if noise is not None:
+        series += [("sdekit_noise_ms", za), (f"{key}_noise_ms", zb),
+                   ("sdekit_rest_ms", [x - y for x, y in zip(oa, za)]),
+                   (f"{key}_rest_ms", [x - y for x, y in zip(ob, zb)])]
+    for name, v in series:
         row.update({f"{name}_min": min(v), f"{name}_median": statistics.median(v)})
-    for pre in ("", "overhead_"):
+    for pre in ("", "overhead_") + (("rest_",) if noise is not None else ()):
         for stat in ("median", "min"):
             row[f"{pre}ratio_{stat}"] = (row[f"sdekit_{pre}ms_{stat}"]
                                          / row[f"{key}_{pre}ms_{stat}"])
@@ -108,6 +118,21 @@ def _counted(calls: dict[str, int], who: str, factor: float):
         calls[who] += 1
         return x * factor
     return net
+
+
+def _noise_draws(x: torch.Tensor, steps: int):
+    """One solve's noise draws of each contender: sdekit's per-sample seeded source (what
+    ``sample(..., seed=0)`` makes), one draw shaped like the state per step, and k-diffusion's
+    default ``torch.randn_like`` per step (its ``default_noise_sampler``)."""
+    def ours():
+        src = sdekit.SeededNoise.from_seed(0, x.shape[0])
+        for _ in range(steps):
+            src.randn(x)
+
+    def theirs():
+        for _ in range(steps):
+            torch.randn_like(x)
+    return ours, theirs
 
 
 def measure(kd, shape: tuple[int, ...], steps: int, rounds: int,
@@ -141,8 +166,9 @@ def measure(kd, shape: tuple[int, ...], steps: int, rounds: int,
         row = {"regime": f"{'x'.join(map(str, shape))}, {steps} steps", "solver": name,
                "kdiffusion": kname + (f"({', '.join(f'{k}={v}' for k, v in kopts.items())})"
                                       if kopts else "")}
+        noise = (_noise_draws(x, steps) if sdekit.get_solver(name).stochastic else None)
         rows.append(_side_by_side(ours, theirs, network, calls, "k-diffusion",
-                                  f"{name} vs {kname}", steps, rounds, row))
+                                  f"{name} vs {kname}", steps, rounds, row, noise))
     return rows
 
 

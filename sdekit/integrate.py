@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -290,8 +291,15 @@ def _fixed_grid_loop(slv: FixedGridSolver, p: Problem, x: Tensor, grid_times: li
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, desc=slv.name, leave=False)
+    # a state that only this loop still holds once its step is done becomes the next step's
+    # spare (the buffer of its result); not with a callback or projection, which see the states
+    recycle, x_in = callback is None and project is None and _CAN_COUNT, x
     for i in it:
-        x, state = slv.step(p, i, x, state)
+        x_new, state = slv.step(p, i, x, state)
+        if recycle and x is not x_in and x is not x_new and unshared(x):
+            p.spare = x
+        x = x_new
+        del x_new
         t_next = grid_times[i + 1]
         if project is not None:
             x = project(i, t_next, x)
@@ -299,7 +307,24 @@ def _fixed_grid_loop(slv: FixedGridSolver, p: Problem, x: Tensor, grid_times: li
             traj[t_next] = x.clone()
         if callback is not None:
             callback(i, t_next, x)
+    p.spare = None
     return x
+
+
+#: whether this interpreter and torch let :func:`unshared` count references (CPython's
+#: ``sys.getrefcount``, torch's storage use count); without them no state is recycled
+_CAN_COUNT = (hasattr(sys, "getrefcount") and hasattr(torch.Tensor, "_use_count")
+              and hasattr(torch._C, "_storage_Use_Count"))
+
+
+def unshared(x: Tensor) -> bool:
+    """Whether nothing but the caller's one variable refers to ``x`` or to its memory: no other
+    Python reference (a solver's history, a network that kept its input, a list), no view or
+    alias of its storage (``x[0]``, ``x.detach()``, ``x.numpy()``), no autograd use. Then
+    writing into ``x`` can change nothing anyone can see. (References counted here: the
+    caller's variable, this parameter, ``getrefcount``'s argument.)"""
+    return (sys.getrefcount(x) == 3 and x._use_count() == 1  # type: ignore[attr-defined]
+            and torch._C._storage_Use_Count(x.untyped_storage()._cdata) == 2)
 
 
 GRAD_MODES = ("none", "model", "full")

@@ -95,7 +95,8 @@ AFFINE_TOL = 1e-12
 AFFINE_MIN_PARTIAL = 1e-3
 
 
-def linear_combination(c_x: float, x: Tensor, cs: list[float], ms: list[Tensor]) -> Tensor:
+def linear_combination(c_x: float, x: Tensor, cs: list[float], ms: list[Tensor],
+                       out: Tensor | None = None) -> Tensor:
     """``c_x x + sum_j c_j m_j`` for scalar coefficients, in as few passes over the state as
     PyTorch's kernels allow, the first allocating the result and the rest in place (``x`` and the
     outputs ``ms`` are left as they are).
@@ -106,7 +107,11 @@ def linear_combination(c_x: float, x: Tensor, cs: list[float], ms: list[Tensor])
     alpha = 1, VE and EDM, whose state coefficient is ``sigma_t / sigma_s = e^{-h}`` and whose
     outputs' weights sum to ``1 - e^{-h}``) it is a chain of lerps, one pass per output:
     ``y = m_0``, ``y <- lerp(y, m_j, c_j / (c_0 + ... + c_j))``, then ``lerp(y, x, c_x)``, each a
-    difference form (DPM-Solver++(2M): ``m_0 + (m_0 - m_1) / (2 r)``, then ``y + c_x (x - y)``)."""
+    difference form (DPM-Solver++(2M): ``m_0 + (m_0 - m_1) / (2 r)``, then ``y + c_x (x - y)``).
+
+    ``out``: a tensor shaped like ``x``, sharing memory with neither ``x`` nor ``ms``, that the
+    first pass writes into instead of allocating (the spare state of
+    :meth:`Problem.take_spare`; the same numbers)."""
     partial, weights = cs[0] if cs else 0.0, []
     for cj in cs[1:]:
         partial += cj
@@ -115,15 +120,15 @@ def linear_combination(c_x: float, x: Tensor, cs: list[float], ms: list[Tensor])
               and all(math.isfinite(w) for w in weights)) if cs else False
     if not affine:
         if c_x == 1.0 and ms:   # the noise-prediction forms on alpha = 1: no scaling pass
-            out, cs, ms = torch.add(x, ms[0], alpha=cs[0]), cs[1:], ms[1:]
+            y, cs, ms = torch.add(x, ms[0], alpha=cs[0], out=out), cs[1:], ms[1:]
         else:
-            out = x * c_x
+            y = x * c_x if out is None else torch.mul(x, c_x, out=out)
         for cj, m in zip(cs, ms):
-            out = out.add_(m, alpha=cj)
-        return out
+            y = y.add_(m, alpha=cj)
+        return y
     if len(ms) == 1:
-        return torch.lerp(ms[0], x, c_x)
-    y = torch.lerp(ms[0], ms[1], weights[0])
+        return torch.lerp(ms[0], x, c_x, out=out)
+    y = torch.lerp(ms[0], ms[1], weights[0], out=out)
     for w, m in zip(weights[1:], ms[2:]):
         y = y.lerp_(m, w)
     return y.lerp_(x, c_x)
@@ -195,6 +200,9 @@ class Problem:
         self.model_dtype, self.grad_in_model = model_dtype, grad_in_model
         self.schedule = Schedule.of(sde, times)
         self.pending_checks: list[Any] | None = None   # see check_model_output
+        #: a dead state of this solve that nothing else references (set by the driver, see
+        #: :func:`sdekit.integrate.unshared`), which the next step may write its result into
+        self.spare: Tensor | None = None
 
     @property
     def times(self) -> Tensor:
@@ -268,10 +276,22 @@ class Problem:
         return out
 
     @staticmethod
-    def lin(a: float, x: Tensor, b: float, y: Tensor) -> Tensor:
+    def lin(a: float, x: Tensor, b: float, y: Tensor, out: Tensor | None = None) -> Tensor:
         """``a x + b y`` for scalar coefficients in as few tensor passes as possible: one
-        (``a = 1``, or ``a + b = 1``: a lerp), else two (:func:`linear_combination`)."""
-        return torch.add(x, y, alpha=b) if a == 1.0 else linear_combination(a, x, [b], [y])
+        (``a = 1``, or ``a + b = 1``: a lerp), else two (:func:`linear_combination`, also for
+        ``out``)."""
+        return linear_combination(a, x, [b], [y], out)
+
+    def take_spare(self, like: Tensor) -> Tensor | None:
+        """The spare state (:attr:`spare`) if it can hold a tensor like ``like`` (same shape,
+        dtype and device, no autograd), else None; either way the spare is used up. A step
+        passes it as the ``out`` of its update's first pass (:func:`linear_combination`): on
+        image-sized states that saves the allocation (and first touch) of a fresh result."""
+        z, self.spare = self.spare, None
+        if (z is None or z.shape != like.shape or z.dtype != like.dtype
+                or z.device != like.device or z.requires_grad or like.requires_grad):
+            return None
+        return z
 
     def bcast(self, v: Any, like: Tensor) -> Tensor:
         """A scalar or per-sample value as a tensor broadcastable against ``like``."""

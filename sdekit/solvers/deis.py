@@ -180,7 +180,7 @@ class DEISMultistep(ExpIntegrator, OneCallStepper):
         if self.final_to_zero and i == p.steps - 1:
             return self.to_zero(p, i, x, eps, m), st
         c = st.table[i]
-        return self.apply(x, c, list(st.outputs[:len(c[1])])), st
+        return self.apply(x, c, list(st.outputs[:len(c[1])]), p.take_spare(x)), st
 
 
 RK_TABLES = {

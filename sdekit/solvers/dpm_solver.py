@@ -207,7 +207,7 @@ class DPMSolverMultistep(ExpIntegrator, OneCallStepper):
             st = MultistepState(st.outputs, i0, True, st.table, x_s)
             return self.block_stage(p, x_s, st.outputs, i0, 3, i), st
         c = st.table[i]
-        return self.apply(x, c, list(st.outputs[:len(c[1])])), st
+        return self.apply(x, c, list(st.outputs[:len(c[1])]), p.take_spare(x)), st
 
 
 @register("dpm_solver_2", order=2, predict_x0=False)

@@ -416,10 +416,11 @@ class ExpIntegrator(Solver):
         return list(zip(c_x.tolist(), coefs.tolist()))
 
     @staticmethod
-    def apply(x: Tensor, c: tuple[float, list[float]], ms: list[Tensor]) -> Tensor:
+    def apply(x: Tensor, c: tuple[float, list[float]], ms: list[Tensor],
+              out: Tensor | None = None) -> Tensor:
         """``c_x x + sum_j c_j m_j`` for coefficients from :meth:`coefficients`
-        (:func:`~sdekit.solvers.base.linear_combination`)."""
-        return linear_combination(c[0], x, c[1], ms)
+        (:func:`~sdekit.solvers.base.linear_combination`, into ``out`` if given)."""
+        return linear_combination(c[0], x, c[1], ms, out)
 
     def combine(self, p: Problem, x: Tensor, i0: Any, t_idx: Any, W: Tensor, ms: list[Tensor],
                 a_t: Any = None, s_t: Any = None, a_s: Any = None, s_s: Any = None) -> Tensor:

@@ -249,9 +249,9 @@ class DDIM(OneCallStepper):
             kind, m = p.predict_linear_at(i, x, given)
         # x_s = a1 x0 + d eps with x = a0 x0 + s0 eps, written in the network's own output
         if kind == "eps":
-            out = p.lin(a1 / a0, x, d - a1 * s0 / a0, m)
+            out = p.lin(a1 / a0, x, d - a1 * s0 / a0, m, p.take_spare(x))
         else:
-            out = p.lin(d / s0, x, a1 - d * a0 / s0, m)
+            out = p.lin(d / s0, x, a1 - d * a0 / s0, m, p.take_spare(x))
         if isinstance(std, Tensor):
             out = out.addcmul_(p.noise.increment(p.times[i], p.times[i + 1], x), std)
         elif std > 0:
