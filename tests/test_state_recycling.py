@@ -46,7 +46,7 @@ def test_recycling_gives_the_same_numbers(sde_name, prediction, solver, monkeypa
     assert torch.equal(x, x_before)   # the caller's state is never written into
 
 
-@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "deis_tab3", "ancestral"])
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "deis_tab3", "ancestral", "unipc_bh2"])
 def test_a_plain_solve_recycles_its_states(solver, monkeypatch):
     """The check above is not vacuous: a solve with nothing holding its states hands every
     step after the second one the state of two steps before."""

@@ -141,7 +141,7 @@ class UniPC(ExpIntegrator, OneCallStepper):
         return table
 
     def _update(self, x: Tensor, st: UniPCState, s: int, c: StepCoefficients,
-                m_t: Tensor | None, keep: bool = False
+                m_t: Tensor | None, keep: bool = False, out: Tensor | None = None
                 ) -> tuple[Tensor, tuple[int, Tensor] | None]:
         """UniP (``m_t`` None) or UniC from grid point ``s`` to ``s + 1`` with step ``s``'s
         coefficients ``c`` from :meth:`step_table`: ``x~ = c_x x + c_0 m_s - sum_k w_k D_k``
@@ -151,7 +151,7 @@ class UniPC(ExpIntegrator, OneCallStepper):
         differences ``D_k`` are never formed). The corrector from ``s`` shares ``c_x x`` with
         the predictor from ``s``: with ``keep`` the predictor returns it for it (the same
         numbers) as the second item, ``(s, c_x x)`` (else None); the corrector consumes
-        ``st.shared``."""
+        ``st.shared``. ``out``: the buffer of the result (:meth:`Problem.take_spare`)."""
         c_x, c_0, rks, w_p, w_c = c
         shared = st.shared
         if shared is not None and shared[0] == s and m_t is not None:
@@ -161,9 +161,9 @@ class UniPC(ExpIntegrator, OneCallStepper):
         w, ms = (w_p, list(st.outputs[1:len(rks) + 1])) if m_t is None else \
             (w_c, list(st.outputs[1:len(rks) + 1]) + [m_t])
         coefs = [-wk / rk for wk, rk in zip(w, rks)] + ([-w[-1]] if m_t is not None else [])
-        out = linear_combination(1.0, base, [c_0 - sum(coefs), *coefs],   # m_s: the newest output
-                                 [st.outputs[0], *ms])
-        return out, ((s, base) if keep and m_t is None else None)
+        y = linear_combination(1.0, base, [c_0 - sum(coefs), *coefs],   # m_s: the newest output
+                               [st.outputs[0], *ms], out)
+        return y, ((s, base) if keep and m_t is None else None)
 
     def _correct_first(self, p: Problem, x: Tensor, outputs: Outputs, m: Tensor) -> Tensor:
         """UniC for the step from alpha = 0 (grid point 0) to grid point 1. In ``u = e^lambda =
@@ -191,7 +191,8 @@ class UniPC(ExpIntegrator, OneCallStepper):
             if i - 1 < start:
                 x = self._correct_first(p, st.x_base, st.outputs, m)
             else:
-                x = self._update(st.x_base, st, i - 1, st.table[i - 1], m)[0]
+                x = self._update(st.x_base, st, i - 1, st.table[i - 1], m,
+                                 out=p.take_spare(x))[0]
         st = UniPCState(push(st.outputs, m, self.max_order + 1), start, st.table, st.inner, x)
         if last:
             return self.to_zero(p, i, x, eps, m), st
@@ -199,7 +200,7 @@ class UniPC(ExpIntegrator, OneCallStepper):
             if i < start:
                 return self.first_step(p, x, m), st
             keep = self.corrector and i not in self.disable_corrector and i + 1 < p.steps
-            x_next, shared = self._update(x, st, i, st.table[i], None, keep)
+            x_next, shared = self._update(x, st, i, st.table[i], None, keep, p.take_spare(x))
             return x_next, UniPCState(st.outputs, start, st.table, None, x, shared)
         out = ModelOutput(i, kind, eps if eps is not None else m)
         x_next, inner = self.predictor.step(p, i, x, st.inner, out)
