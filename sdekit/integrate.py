@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +15,7 @@ from .grids import make_grid
 from .guidance import check_guided_solver
 from .noise import SeededNoise
 from .sde.base import ForwardSDE
-from .solvers.base import FixedGridSolver, OwnLoopSolver, Problem, Solver, raise_pending
+from .solvers.base import FixedGridSolver, OwnLoopSolver, Problem, Solver, raise_pending, unshared
 from .solvers.registry import DEFAULT_SOLVER, default_config, get_solver
 
 DEFAULT_STEPS = 20
@@ -108,8 +107,8 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             differentiable (memory grows with every step).
     """
     # long for its docstring only (the reference of every argument); the code is named steps
-    solver, solver_options, grid, grid_options = _configure(sde, solver, steps, grid,
-                                                            grid_options, solver_options)
+    solver, solver_options, grid, grid_options = configure(sde, solver, steps, grid,
+                                                           grid_options, solver_options)
     if grid is not None and not isinstance(grid, Tensor):
         from .tuned_grid import is_grid_file
         if is_grid_file(grid):
@@ -134,12 +133,14 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
                       project)
 
 
-def _configure(sde: ForwardSDE, solver: str | Solver | None, steps: int | None, grid: Any,
-               grid_options: dict[str, Any] | None, solver_options: dict[str, Any]
-               ) -> tuple[str | Solver, dict[str, Any], Any, dict[str, Any] | None]:
+def configure(sde: ForwardSDE, solver: str | Solver | None, steps: int | None, grid: Any,
+              grid_options: dict[str, Any] | None, solver_options: dict[str, Any]
+              ) -> tuple[str | Solver, dict[str, Any], Any, dict[str, Any] | None]:
     """``(solver, solver_options, grid, grid_options)`` of a call: the option-free rule's
     (:func:`default_config`, with the given options added to its) where neither a solver nor a
-    grid is given, ``DEFAULT_SOLVER`` where only a grid is, else as given."""
+    grid is given, ``DEFAULT_SOLVER`` where only a grid is, else as given. The one place that
+    rule is applied: :func:`sample`, the inverse-problem methods and the diffusers scheduler
+    call it."""
     if solver is None and grid is None:   # the option-free call
         cfg = default_config(sde, DEFAULT_STEPS if steps is None else steps)
         return (cfg["solver"], {**cfg["options"], **solver_options}, cfg["grid"],
@@ -293,7 +294,7 @@ def _fixed_grid_loop(slv: FixedGridSolver, p: Problem, x: Tensor, grid_times: li
         it = tqdm(it, desc=slv.name, leave=False)
     # a state that only this loop still holds once its step is done becomes the next step's
     # spare (the buffer of its result); not with a callback or projection, which see the states
-    recycle, x_in = callback is None and project is None and _CAN_COUNT, x
+    recycle, x_in = callback is None and project is None, x
     for i in it:
         x_new, state = slv.step(p, i, x, state)
         if recycle and x is not x_in and x is not x_new and unshared(x):
@@ -310,21 +311,6 @@ def _fixed_grid_loop(slv: FixedGridSolver, p: Problem, x: Tensor, grid_times: li
     p.spare = None
     return x
 
-
-#: whether this interpreter and torch let :func:`unshared` count references (CPython's
-#: ``sys.getrefcount``, torch's storage use count); without them no state is recycled
-_CAN_COUNT = (hasattr(sys, "getrefcount") and hasattr(torch.Tensor, "_use_count")
-              and hasattr(torch._C, "_storage_Use_Count"))
-
-
-def unshared(x: Tensor) -> bool:
-    """Whether nothing but the caller's one variable refers to ``x`` or to its memory: no other
-    Python reference (a solver's history, a network that kept its input, a list), no view or
-    alias of its storage (``x[0]``, ``x.detach()``, ``x.numpy()``), no autograd use. Then
-    writing into ``x`` can change nothing anyone can see. (References counted here: the
-    caller's variable, this parameter, ``getrefcount``'s argument.)"""
-    return (sys.getrefcount(x) == 3 and x._use_count() == 1  # type: ignore[attr-defined]
-            and torch._C._storage_Use_Count(x.untyped_storage()._cdata) == 2)
 
 
 GRAD_MODES = ("none", "model", "full")

@@ -1,12 +1,15 @@
-"""The fixed-grid driver's recycled states (`Problem.spare`): a step writes its result into a
-state of the solve that nothing references any more, and only then. The numbers are those of
-a solve without recycling; a state that anyone still holds (the caller, a network that kept
-its input or a view of it, a callback, a solver's history) is never written into."""
+"""Recycled memory: the fixed-grid driver's spare states (`Problem.spare`), into which a step
+writes its result, are states of the solve that nothing references any more, and only those;
+a data-prediction exponential integrator converts a network's eps output to x0 in place only
+where nothing else holds that output (`sdekit.solvers.base.unshared`). The numbers are those
+of a solve without recycling; a tensor that anyone still holds (the caller, a network that
+kept its input or output or a view of it, a callback, a solver's history) is never written
+into."""
 import pytest
 import torch
 
 import sdekit
-import sdekit.integrate as integrate
+import sdekit.solvers.base as base
 from sdekit.solvers.base import Problem
 
 SOLVERS = ["ddim", "ancestral", "dpmpp_2m", "dpmpp_3m", "deis_tab3", "unipc_bh2", "edm_euler"]
@@ -14,7 +17,7 @@ SDES = {"ddpm": sdekit.DiscreteDDPM, "edm": sdekit.EDMSDE, "flow": sdekit.FlowSD
 
 
 def _solve(sde, net, x, solver, prediction, recycle, monkeypatch, **kw):
-    monkeypatch.setattr(integrate, "_CAN_COUNT", recycle)
+    monkeypatch.setattr(base, "_CAN_COUNT", recycle)
     return sdekit.sample(sde, net, x, solver=solver, steps=8, seed=3, prediction=prediction,
                          **kw).x
 
@@ -79,6 +82,23 @@ def test_states_a_network_kept_are_never_written_into(keep, solver, monkeypatch)
     assert taken[0] == 0
     for k, c in zip(kept, copies):
         assert torch.equal(torch.as_tensor(k), c)
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "dpmpp_3m", "dpmpp_2s", "dpmpp_2m_sde"])
+def test_outputs_a_network_kept_are_never_converted_in_place(solver, monkeypatch):
+    """An eps network that keeps its outputs (or returns a cached tensor) sees them unchanged;
+    one that does not gets the same numbers with its outputs converted to x0 in place."""
+    kept, copies = [], []
+
+    def keeping(y, t):
+        kept.append(0.3 * y)
+        copies.append(kept[-1].clone())
+        return kept[-1]
+    sde, x = sdekit.DiscreteDDPM(), torch.randn(3, 8)
+    ref = _solve(sde, lambda y, t: 0.3 * y, x, solver, "eps", False, monkeypatch)
+    assert torch.equal(_solve(sde, keeping, x, solver, "eps", True, monkeypatch), ref)
+    assert all(torch.equal(k, c) for k, c in zip(kept, copies))
+    assert torch.equal(_solve(sde, lambda y, t: 0.3 * y, x, solver, "eps", True, monkeypatch), ref)
 
 
 def test_a_network_that_returns_its_input_is_not_corrupted(monkeypatch):

@@ -319,13 +319,14 @@ def test_unipc_corrector_reuses_the_predictors_terms_bit_for_bit(opts, dtype, mo
     solver = "unipc_" + opts.pop("variant", "bh2")
     update, kept = UniPC._update, []
 
-    def recording(self, *a):
+    def recording(self, *a, **kw):   # kw: the result's buffer (out=)
         kept.append(a[5] if len(a) > 5 else False)
-        return update(self, *a)
+        return update(self, *a, **kw)
 
     monkeypatch.setattr(UniPC, "_update", recording)
     shared = sdekit.sample(sde, model, x, solver=solver, steps=9, **opts).x
     assert any(kept)     # the predictor left its terms to the corrector
-    monkeypatch.setattr(UniPC, "_update", lambda self, *a: update(self, *a[:5], keep=False))
+    monkeypatch.setattr(UniPC, "_update",
+                        lambda self, *a, **kw: update(self, *a[:5], keep=False, **kw))
     fresh = sdekit.sample(sde, model, x, solver=solver, steps=9, **opts).x
     assert torch.equal(shared, fresh)

@@ -51,7 +51,7 @@ from torch import Tensor
 from .._utils import check_seed, compute_dtype
 from ..dynamics.parameterization import DiffusionModel, convert
 from ..grids import make_grid, shift_factor, shift_times
-from ..integrate import _configure, sample
+from ..integrate import configure, sample
 from ..noise import sample_seeds
 from ..sde.base import ForwardSDE
 from ..sde.discrete import DiscreteDDPM
@@ -179,10 +179,11 @@ class SchedulerCore:
                  grid_options: dict[str, Any] | None = None, num_train_timesteps: int | None = None,
                  steps_offset: int = 0, solver_options: dict[str, Any] | None = None,
                  exact_timesteps: bool = False) -> None:
-        # solver None: sdekit.sample's rule (its _configure), with each set_timesteps' step count
+        # solver None: sdekit.sample's rule (its configure), with each set_timesteps' step count
         self.given_solver, self.solver_options = solver, dict(solver_options or {})
         self.solver = get_solver(DEFAULT_SOLVER if solver is None else solver,
                                  **self.solver_options)   # its options checked before any work
+        self._base_solver = self.solver   # the solver of a solve the option-free rule does not set
         name = self.solver.name
         if self.solver.adaptive:
             raise ValueError(f"solver {name!r} is adaptive: the times of its model calls depend on "
@@ -242,13 +243,16 @@ class SchedulerCore:
                              f"times as grid= instead (time_input={ti!r})")
         return t.double()
 
-    def make_times(self, num_inference_steps: int | None, timesteps: Any) -> Tensor:
-        """The sdekit grid for ``set_timesteps``."""
-        grid = self.grid
+    def make_times(self, num_inference_steps: int | None, timesteps: Any
+                   ) -> tuple[Tensor, Solver]:
+        """The sdekit grid for ``set_timesteps`` and the solver that runs on it: the option-free
+        rule's (:func:`sdekit.integrate.configure`) where neither a solver nor a grid was given
+        and the step count decides, else the scheduler's own."""
+        grid, base = self.grid, self._base_solver
         if timesteps is not None:
             if num_inference_steps is not None:
                 raise ValueError("give num_inference_steps or timesteps, not both")
-            return self.time_of_network_time(timesteps)
+            return self.time_of_network_time(timesteps), base
         if grid is not None and not isinstance(grid, str):   # explicit sdekit times
             times = torch.as_tensor(grid, dtype=torch.float64)
             if num_inference_steps is not None and num_inference_steps != times.numel():
@@ -256,7 +260,7 @@ class SchedulerCore:
                                  f"explicit grid of {times.numel()} times: pass "
                                  f"num_inference_steps={times.numel()} (its points) or leave "
                                  "it out")
-            return times
+            return times, base
         if not (isinstance(num_inference_steps, int) and not isinstance(num_inference_steps, bool)
                 and num_inference_steps >= 1):
             raise ValueError(f"num_inference_steps={num_inference_steps!r} is invalid: expected "
@@ -265,18 +269,18 @@ class SchedulerCore:
             assert self.num_train_timesteps is not None  # __init__ refuses a spacing without
             ts = spacing_timesteps(grid, num_inference_steps, self.num_train_timesteps,
                                    self.steps_offset)
-            return self.time_of_network_time(ts)
+            return self.time_of_network_time(ts), base
         steps = num_inference_steps - 1 if self.denoise else num_inference_steps
         if steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps} is too few with "
                              "denoise=True: expected at least 2 (one step, then the final x0)")
         if self.given_solver is None and grid is None:   # the option-free call: default_config
-            name, options, grid, grid_options = _configure(self.sde, None, steps, None,
-                                                           self.grid_options, self.solver_options)
-            self.solver = get_solver(name, **options)
-            return make_grid(self.sde, grid, steps, **grid_options or {})
-        name = self.solver.grid_for(self.sde) if grid is None else grid
-        return make_grid(self.sde, name, steps, **self.grid_options)
+            name, options, grid, grid_options = configure(self.sde, None, steps, None,
+                                                          self.grid_options, self.solver_options)
+            times = make_grid(self.sde, grid, steps, **grid_options or {})
+            return times, get_solver(name, **options)
+        name = base.grid_for(self.sde) if grid is None else grid
+        return make_grid(self.sde, name, steps, **self.grid_options), base
 
     def _plan(self, times: Tensor) -> tuple[list[float], bool]:
         """The continuous time of every model call of the solve on ``times`` (a dry run on a
@@ -306,10 +310,10 @@ class SchedulerCore:
         """Plan a solve; ``times``: an sdekit grid already made (``num_inference_steps`` and
         ``timesteps`` are then None)."""
         self.close()
-        if self.given_solver is None:   # DEFAULT_SOLVER, unless make_times takes the option-free
-            self.solver = get_solver(DEFAULT_SOLVER, **self.solver_options)   # rule's solver
         if times is None:
-            times = self.make_times(num_inference_steps, timesteps)
+            times, self.solver = self.make_times(num_inference_steps, timesteps)
+        else:
+            self.solver = self._base_solver
         calls, self.lead_in = self._plan(times)
         if self.lead_in:  # the solver moves the state before its first call (EDM's churn)
             calls.insert(0, float(times[0]))

@@ -33,7 +33,7 @@ from torch import Tensor
 from .._utils import append_dims, check_seed, compute_dtype, is_real, require
 from ..dynamics.parameterization import DiffusionModel, as_model, convert
 from ..grids import make_grid
-from ..integrate import DEFAULT_STEPS, Solution, _configure, check_projectable, sample
+from ..integrate import DEFAULT_STEPS, Solution, check_projectable, configure, sample
 from ..noise import SeededNoise, sample_seeds
 from ..sde.base import ForwardSDE
 from ..solvers.base import Solver, for_problem
@@ -238,8 +238,8 @@ def _replacement(sde: ForwardSDE, model: Any, shape: tuple[int, ...], dtype: tor
     for k, v in (("resample", resample), ("jump", jump)):
         require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, k, v, "an integer >= 1")
     dm = as_model(model, sde, prediction)
-    solver, solver_options, grid, grid_options = _configure(sde, solver, steps, grid,
-                                                            grid_options, solver_options)
+    solver, solver_options, grid, grid_options = configure(sde, solver, steps, grid,
+                                                           grid_options, solver_options)
     slv = for_problem(get_solver(solver, **solver_options), sde, dm, shape)
     check_projectable(slv, final)
     times = _grid(sde, slv, grid, steps, t_start, t_end, grid_options)

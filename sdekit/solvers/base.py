@@ -21,6 +21,7 @@ body gives the default; class attributes (``ClassVar``) are constants of the cla
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -85,6 +86,25 @@ def raise_pending(pending: list[Any]) -> None:
         pending.clear()
         if bad is not None:
             _raise_model_output_error(*bad[:3])
+
+
+#: whether this interpreter and torch let :func:`unshared` count references (CPython's
+#: ``sys.getrefcount``, torch's storage use count); without them nothing is ever recycled
+_CAN_COUNT = (hasattr(sys, "getrefcount") and hasattr(torch.Tensor, "_use_count")
+              and hasattr(torch._C, "_storage_Use_Count"))
+
+
+def unshared(x: Tensor) -> bool:
+    """Whether nothing but the caller's one variable refers to ``x`` or to its memory: no other
+    Python reference (a solver's history, a network that kept its input or output, a list), no
+    view or alias of its storage (``x[0]``, ``x.detach()``, ``x.numpy()``), no autograd use.
+    Then writing into ``x`` can change nothing anyone can see: the driver recycles such a
+    state (:attr:`Problem.spare`), a data-prediction solver converts such a network output in
+    place (:meth:`~sdekit.solvers.exp_integrator.ExpIntegrator.evaluate`). (References
+    counted: the caller's variable, this parameter, ``getrefcount``'s argument.)"""
+    return (_CAN_COUNT and sys.getrefcount(x) == 3
+            and x._use_count() == 1  # type: ignore[attr-defined]
+            and torch._C._storage_Use_Count(x.untyped_storage()._cdata) == 2)
 
 
 #: :func:`linear_combination` takes a combination whose coefficients sum to 1 within this for
@@ -201,7 +221,7 @@ class Problem:
         self.schedule = Schedule.of(sde, times)
         self.pending_checks: list[Any] | None = None   # see check_model_output
         #: a dead state of this solve that nothing else references (set by the driver, see
-        #: :func:`sdekit.integrate.unshared`), which the next step may write its result into
+        #: :func:`unshared`), which the next step may write its result into
         self.spare: Tensor | None = None
 
     @property

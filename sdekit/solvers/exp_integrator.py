@@ -41,6 +41,7 @@ from .base import (  # noqa: F401 (last_lambda_step_ratio re-exported)
     Solver,
     last_lambda_step_ratio,
     linear_combination,
+    unshared,
 )
 
 F64 = torch.float64
@@ -368,6 +369,10 @@ class ExpIntegrator(Solver):
             kind, out = given.kind, given.value
         if kind == self.prediction == "x0":
             return (dynamic_threshold(out, *self.threshold) if self.threshold else out), None
+        if kind == "eps" and self.prediction == "x0" and given is None and unshared(out):
+            # the network's own eps, seen by nothing else: x0 is computed into it, and the
+            # step's x0 (m) then stands for that call, as for an x0 network (eps None)
+            return self.data_estimate(p, x, out, a, s, into_eps=True), None
         eps = out if kind == "eps" else to_eps(kind, out, x, p.bcast(a, x), p.bcast(s, x))
         return self.convert(p, x, eps, a, s), eps
 
@@ -375,11 +380,16 @@ class ExpIntegrator(Solver):
         """The output this solver integrates, from the eps of a call at ``x``."""
         return eps if self.prediction == "eps" else self.data_estimate(p, x, eps, a, s)
 
-    def data_estimate(self, p: Problem, x: Tensor, eps: Tensor, a: Any, s: Any) -> Tensor:
+    def data_estimate(self, p: Problem, x: Tensor, eps: Tensor, a: Any, s: Any,
+                      into_eps: bool = False) -> Tensor:
         """x0 from eps at ``x`` (plain numbers for grid scalars: one fused pass), thresholded if
-        enabled."""
+        enabled; with ``into_eps`` (grid scalars) written into ``eps``'s memory, the same
+        arithmetic as :func:`~sdekit.dynamics.to_x0` (``(x - sigma eps) / alpha``)."""
         if torch.as_tensor(s).numel() == 1 and torch.as_tensor(a).numel() == 1:
-            x0 = to_x0("eps", eps, x, float(a), float(s))
+            if into_eps:
+                x0 = torch.add(x, eps, alpha=-float(s), out=eps).mul_(1 / float(a))
+            else:
+                x0 = to_x0("eps", eps, x, float(a), float(s))
         else:
             x0 = to_x0("eps", eps, x, p.bcast(a, x), p.bcast(s, x))
         return dynamic_threshold(x0, *self.threshold) if self.threshold else x0

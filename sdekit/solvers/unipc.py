@@ -200,7 +200,8 @@ class UniPC(ExpIntegrator, OneCallStepper):
             if i < start:
                 return self.first_step(p, x, m), st
             keep = self.corrector and i not in self.disable_corrector and i + 1 < p.steps
-            x_next, shared = self._update(x, st, i, st.table[i], None, keep, p.take_spare(x))
+            x_next, shared = self._update(x, st, i, st.table[i], None, keep,
+                                          out=p.take_spare(x))
             return x_next, UniPCState(st.outputs, start, st.table, None, x, shared)
         out = ModelOutput(i, kind, eps if eps is not None else m)
         x_next, inner = self.predictor.step(p, i, x, st.inner, out)
