@@ -312,7 +312,6 @@ def _fixed_grid_loop(slv: FixedGridSolver, p: Problem, x: Tensor, grid_times: li
     return x
 
 
-
 GRAD_MODES = ("none", "model", "full")
 
 
