@@ -108,7 +108,8 @@ def teacher_solver(sde: ForwardSDE, solver: str | None = None,
     or (``solver=None``) Heun, or :data:`ALPHA_ZERO_TEACHER` where the process starts at
     alpha = 0. A given solver that cannot start there is refused (a ValueError naming those that
     can), before any work."""
-    from .solvers import get_solver, list_solvers
+    from .solvers import get_solver
+    from .solvers.registry import alpha_zero_starters
     options = dict(solver_options or {})
     at_zero = sde.alpha_zero_at_T
     if solver is None:
@@ -117,9 +118,9 @@ def teacher_solver(sde: ForwardSDE, solver: str | None = None,
         name, auto = ALPHA_ZERO_TEACHER
         return name, {**auto, **options}
     if at_zero and not get_solver(solver, **options).starts_at_alpha_zero:
-        ok = [d["name"] for d in list_solvers() if d["starts_at_alpha_zero"]]
         raise ValueError(f"solver={solver!r} cannot start the teacher trajectories at "
-                         f"T={sde.T:g}, where alpha = 0 ({sde!r}): use one of {ok}, or leave "
+                         f"T={sde.T:g}, where alpha = 0 ({sde!r}): use one of "
+                         f"{alpha_zero_starters()}, or leave "
                          f"the solver unset ({ALPHA_ZERO_TEACHER[0]} of order 3 there)")
     return solver, options
 

@@ -300,7 +300,6 @@ def _fixed_grid_loop(slv: FixedGridSolver, p: Problem, x: Tensor, grid_times: li
         if recycle and x is not x_in and x is not x_new and unshared(x):
             p.spare = x
         x = x_new
-        del x_new
         t_next = grid_times[i + 1]
         if project is not None:
             x = project(i, t_next, x)

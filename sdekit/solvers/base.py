@@ -399,8 +399,8 @@ class Solver:
             return
         t0 = float(p.times[0])
         if not self.starts_at_alpha_zero:
-            from .registry import list_solvers
-            ok = [d["name"] for d in list_solvers() if d["starts_at_alpha_zero"]]
+            from .registry import alpha_zero_starters
+            ok = alpha_zero_starters()
             raise ValueError(
                 f"solver {self.name!r} cannot start at t_start={t0:g}, where alpha = 0 (lambda = "
                 "-inf): it steps in x / alpha, in lambda or with the SDE's f and g, all infinite "

@@ -255,5 +255,11 @@ def list_solvers() -> list[dict[str, Any]]:
     return [get_solver(n).describe() for n in solver_names()]
 
 
+def alpha_zero_starters() -> list[str]:
+    """The registered solvers (with their default options) that can start where alpha = 0,
+    flow matching's t = 1 (``Solver.starts_at_alpha_zero``): what an error names as valid."""
+    return [n for n in solver_names() if get_solver(n).starts_at_alpha_zero]
+
+
 def _load_builtin() -> None:
     import sdekit.solvers  # noqa: F401  (registers the built-in solvers)
