@@ -289,7 +289,12 @@ def make_grid(sde: ForwardSDE, grid: str | Tensor | Any = "logsnr", steps: int |
     else:
         if kwargs:
             raise ValueError(f"grid_options {sorted(kwargs)} do not apply to an explicit grid")
-        times = torch.as_tensor(grid, dtype=torch.float64).detach().cpu().clone()
+        try:
+            times = torch.as_tensor(grid, dtype=torch.float64).detach().cpu().clone()
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"grid of type {type(grid).__name__} is invalid: expected a grid "
+                             f"name ({sorted(GRIDS)}), a 1-D array of times, a tuned grid file "
+                             "(.json) or the TunedGrid that sdekit.tune returns") from None
         if times.ndim != 1 or times.numel() < 2:
             raise ValueError(f"grid must be a 1-D array of at least 2 times, got shape "
                              f"{tuple(times.shape)}")

@@ -72,10 +72,12 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             ``polyexponential``, ``kl_optimal``, ``interpolated``; see :mod:`sdekit.grids`) or
             an explicit decreasing array of times; default: the option-free rule's grid
             without ``solver``, else the solver's grid for this SDE (``Solver.grid_for(sde)``);
-            or the path of a tuned-grid file (``.json``, made by :func:`sdekit.tune.tune` /
-            ``sdekit tune``), which must have been tuned for this forward SDE, model, solver, solver
-            options and step count (leave ``steps`` out). ``grid_options`` are the named grid's
-            options (``rho`` for ``karras`` and ``polyexponential``, ``base`` for ``interpolated``;
+            or a tuned grid: the :class:`~sdekit.tuned_grid.TunedGrid` that
+            :func:`sdekit.tune.tune` returns, or the path of its file (``.json``, written by
+            ``tune(out=...)`` / ``sdekit tune``), which must have been tuned for this forward
+            SDE, model, solver, solver options and step count (leave ``steps`` out).
+            ``grid_options`` are the named grid's options (``rho`` for ``karras`` and
+            ``polyexponential``, ``base`` for ``interpolated``;
             for every named grid a timestep shift: ``shift``, ``mu``, ``image_seq_len``,
             ``shift_type``, see :func:`sdekit.grids.shift_times`).
         t_start, t_end: integration range of a named grid (default ``sde.T`` down to
@@ -110,8 +112,8 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
     solver, solver_options, grid, grid_options = configure(sde, solver, steps, grid,
                                                            grid_options, solver_options)
     if grid is not None and not isinstance(grid, Tensor):
-        from .tuned_grid import is_grid_file
-        if is_grid_file(grid):
+        from .tuned_grid import TunedGrid, is_grid_file
+        if isinstance(grid, TunedGrid) or is_grid_file(grid):
             grid, grid_options = _tuned_grid(grid, sde, model, prediction, solver,
                                              solver_options, steps, t_start, t_end, grid_options)
             steps = None
@@ -202,12 +204,13 @@ def check_projectable(slv: Solver, project: Any) -> None:
                          "'euler_maruyama'")
 
 
-def _tuned_grid(path: Any, sde: ForwardSDE, model: Any, prediction: str, solver: Any,
+def _tuned_grid(grid: Any, sde: ForwardSDE, model: Any, prediction: str, solver: Any,
                 solver_options: dict[str, Any], steps: int | None, t_start: Any, t_end: Any,
                 grid_options: dict[str, Any] | None) -> tuple[Tensor, None]:
-    """The times of a tuned-grid file (:mod:`sdekit.tune`), after checking that it was tuned for
+    """The times of a tuned grid (a file or the :class:`~sdekit.tuned_grid.TunedGrid` that
+    :func:`sdekit.tune.tune` returns), after checking that it was tuned for
     this forward SDE, model, solver (and options) and step count."""
-    from .tuned_grid import load_tuned_grid
+    from .tuned_grid import TunedGrid, load_tuned_grid
     opts = dict(grid_options or {})
     tag = opts.pop("model_tag", None)
     if opts:
@@ -217,7 +220,7 @@ def _tuned_grid(path: Any, sde: ForwardSDE, model: Any, prediction: str, solver:
         if v is not None:
             raise ValueError(f"{name}={v!r} cannot be combined with a tuned grid: its first and "
                              "last times are the range")
-    tg = load_tuned_grid(path)
+    tg = grid if isinstance(grid, TunedGrid) else load_tuned_grid(grid)
     tg.check(sde, as_model(model, sde, prediction), solver, solver_options, steps, model_tag=tag)
     return tg.times, None
 

@@ -77,6 +77,25 @@ def test_file_round_trip_and_sample_with_the_file(problem, tuned):
     assert torch.equal(c.x, a.x)
 
 
+def test_sample_takes_the_tuned_grid_object_with_the_same_checks(problem, tuned):
+    tg, _ = tuned
+    x = prior_states(problem.sde, 7, 3)
+    a = sdekit.sample(problem.sde, problem.model, x, solver="dpmpp_2m", grid=tg)
+    b = sdekit.sample(problem.sde, problem.model, x, solver="dpmpp_2m", grid=tg.times)
+    assert torch.equal(a.x, b.x) and a.nfe == 5
+    with pytest.raises(ValueError, match="solver: tuned for 'dpmpp_2m', given 'ddim'"):
+        sdekit.sample(problem.sde, problem.model, x, solver="ddim", grid=tg)
+    other = gaussian_problem(dim=DIM, seed=5)
+    with pytest.raises(TuneError, match="model differs in object_sha256"):
+        sdekit.sample(other.sde, other.model, x, solver="dpmpp_2m", grid=tg)
+
+
+def test_a_grid_of_no_usable_type_is_refused_by_name(problem):
+    x = prior_states(problem.sde, 3, 2)
+    with pytest.raises(ValueError, match="grid of type object is invalid: expected a grid name"):
+        sdekit.sample(problem.sde, problem.model, x, solver="ddim", grid=object())
+
+
 @pytest.mark.parametrize("kw, what", [
     ({"solver": "ddim"}, "solver: tuned for 'dpmpp_2m', given 'ddim'"),
     ({"solver": "dpmpp_2m", "steps": 6}, "steps: tuned for 5, given 6"),
