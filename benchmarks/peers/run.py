@@ -271,7 +271,8 @@ class FlowProblem:
     """A flow-matching problem: the exact flow model, the states at t = 1, and the exact (or
     converged) PF-ODE map from t = 1 to any noise level in [0, 1]."""
 
-    def __init__(self, name: str, seed: int = 0, dim: int | None = None) -> None:
+    def __init__(self, name: str, seed: int = 0, dim: int | None = None,
+                 states: int = GMM_N) -> None:
         self.name = name
         if name == "gaussian":
             dim = dim or 64
@@ -288,10 +289,10 @@ class FlowProblem:
             # the same mixture on a longer range, for the reference endpoint at sigma = 0
             self.model0 = gmm_problem(FlowSDE(t_min=1e-7), dim=dim, seed=seed).model
             self.linear = False
-            self.x1 = torch.randn(GMM_N, dim, generator=torch.Generator().manual_seed(seed + 1),
+            self.x1 = torch.randn(states, dim, generator=torch.Generator().manual_seed(seed + 1),
                                   dtype=F64)
             self.description = (f"{dim}-dim 8-component Gaussian mixture (sdekit.bench gmm, seed "
-                                f"{seed}), exact flow model, {GMM_N} paired starting states")
+                                f"{seed}), exact flow model, {states} paired starting states")
         else:
             raise ValueError(f"problem={name!r} is invalid: expected 'gaussian' or 'gmm'")
         self.dim = dim
@@ -460,7 +461,7 @@ def flow_main(args: argparse.Namespace) -> None:
                              for n, r in rules.items())
     problems = {}
     for pname in args.problems.split(","):
-        prob = FlowProblem(pname, seed=args.seed)
+        prob = FlowProblem(pname, seed=args.seed, states=args.states)
         jobs: list[tuple[str, str, bool, Callable[[int], Any]]] = [
             ("sdekit", (f"default: sample(FlowSDE(), model, x, steps=N) [{default_solver}; "
                         f"grids {default_grid}]"), True,
@@ -496,7 +497,8 @@ def flow_main(args: argparse.Namespace) -> None:
            "problems": problems}
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
-    stem = "flow_results" + (f"_seed{args.seed}" if args.seed else "")
+    stem = ("flow_results" + (f"_states{args.states}" if args.states != GMM_N else "")
+            + (f"_seed{args.seed}" if args.seed else ""))
     (dest / f"{stem}.json").write_text(json.dumps(out, indent=1))
     (dest / f"{stem}.md").write_text(flow_report(out))
     print(flow_report(out, summary_only=True))
@@ -656,7 +658,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0,
                     help="with --sde flow: the problems' draw (a second draw checks that a "
                          "finding is not one problem's; writes flow_results_seed<N>.*)")
+    ap.add_argument("--states", type=int, default=GMM_N,
+                    help=f"with --sde flow: the mixture's number of paired starting states "
+                         f"(default {GMM_N}; another count writes flow_results_states<N>*)")
     args = ap.parse_args()
+    if args.states < 2:
+        ap.error(f"--states {args.states} is invalid: expected at least 2 starting states")
     torch.set_num_threads(1)
     import warnings
     warnings.filterwarnings("ignore")
