@@ -250,13 +250,64 @@ def shift_times(sde: ForwardSDE, times: Tensor, s: float) -> Tensor:
     return out
 
 
+def grid_option_names(name: str) -> list[str]:
+    """The options of the named grid ``name``: its own, then the timestep shift's."""
+    return list(inspect.signature(GRIDS[name]).parameters)[4:] + list(SHIFT_OPTIONS)
+
+
+def parse_grid(spec: str) -> tuple[str, dict[str, Any]]:
+    """``(name, options)`` of a named grid written ``name`` or ``name(key=value, ...)``, the
+    form the benchmark tables print (``logsnr(lambda_floor=-2.5)``, ``uniform(shift=3.0)``);
+    values are numbers, or words for ``shift_type``. Raises ValueError for an unknown name,
+    an option the grid does not take or a malformed spec."""
+    text = spec.strip()
+    name, paren, rest = text.partition("(")
+    name = name.strip()
+    if name not in GRIDS:
+        raise ValueError(f"unknown grid {spec!r}: expected one of {sorted(GRIDS)} (options as "
+                         "name(key=value, ...)), an array of times or a tuned grid file (.json, "
+                         "made by sdekit tune)")
+    opts: dict[str, Any] = {}
+    if not paren:
+        return name, opts
+    if not rest.endswith(")"):
+        raise ValueError(f"grid {spec!r} is malformed: expected {name}(key=value, ...)")
+    for item in filter(str.strip, rest[:-1].split(",")):
+        key, eq, val = (part.strip() for part in item.partition("="))
+        if not eq or not key or not val:
+            raise ValueError(f"grid {spec!r} is malformed at {item.strip()!r}: expected "
+                             f"{name}(key=value, ...)")
+        if key not in grid_option_names(name):
+            raise ValueError(f"grid option {key!r} does not apply to grid {name!r}: its "
+                             f"options are {grid_option_names(name)}")
+        if key in opts:
+            raise ValueError(f"grid {spec!r} gives {key!r} twice")
+        try:
+            opts[key] = int(val) if val.lstrip("+-").isdigit() else float(val)
+        except ValueError:
+            opts[key] = val.strip("'\"")
+    return name, opts
+
+
+def is_grid_spec(spec: Any) -> bool:
+    """Whether ``spec`` is a string :func:`parse_grid` accepts."""
+    if not isinstance(spec, str):
+        return False
+    try:
+        parse_grid(spec)
+    except ValueError:
+        return False
+    return True
+
+
 def make_grid(sde: ForwardSDE, grid: str | Tensor | Any = "logsnr", steps: int | None = None,
               t_start: float | None = None, t_end: float | None = None, **kwargs: Any) -> Tensor:
     """Build a validated time grid.
 
     Args:
-        grid: a name in :data:`GRIDS` or an explicit array of times (then ``steps`` must be None
-            or equal ``len(grid) - 1``).
+        grid: a name in :data:`GRIDS`, optionally with options as the tables print them
+            (``"logsnr(lambda_floor=-2.5)"``, :func:`parse_grid`), or an explicit array of times
+            (then ``steps`` must be None or equal ``len(grid) - 1``).
         steps: number of intervals.
         t_start, t_end: defaults ``sde.T`` and ``sde.t_min``.
         kwargs: grid options (``rho`` for ``karras``), and for every named grid a timestep
@@ -270,20 +321,22 @@ def make_grid(sde: ForwardSDE, grid: str | Tensor | Any = "logsnr", steps: int |
     t_start = sde.T if t_start is None else float(t_start)
     t_end = sde.t_min if t_end is None else float(t_end)
     if isinstance(grid, str):
-        if grid not in GRIDS:
-            raise ValueError(f"unknown grid {grid!r}: expected one of {sorted(GRIDS)}, an "
-                             "array of times or a tuned grid file (.json, made by sdekit tune)")
+        grid, given = parse_grid(grid)
+        both = sorted(set(given) & set(kwargs))
+        if both:
+            raise ValueError(f"grid option(s) {both} given twice: in the grid's name and in "
+                             "grid_options")
+        kwargs = {**given, **kwargs}
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps={steps!r} is invalid: expected an integer >= 1")
         if not t_start > t_end:
             raise ValueError(f"t_start={t_start!r} must be greater than t_end={t_end!r}")
         sde.lambda_(torch.tensor([t_start, t_end], dtype=torch.float64))  # range check
         fn = GRIDS[grid]
-        valid = list(inspect.signature(fn).parameters)[4:]
-        unknown = sorted(set(kwargs) - set(valid) - set(SHIFT_OPTIONS))
+        unknown = sorted(set(kwargs) - set(grid_option_names(grid)))
         if unknown:
             raise ValueError(f"grid_options {unknown} do not apply to grid {grid!r}: its options "
-                             f"are {valid + list(SHIFT_OPTIONS)}")
+                             f"are {grid_option_names(grid)}")
         s = shift_factor(**{k: kwargs.pop(k) for k in SHIFT_OPTIONS if k in kwargs})
         times = shift_times(sde, fn(sde, steps, t_start, t_end, **kwargs), s)
     else:

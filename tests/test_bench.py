@@ -296,10 +296,25 @@ def test_user_factory_problem(tmp_path, monkeypatch, capsys):
         assert msg in err and "expected a factory() returning" in err, (spec, err)
 
 
+def test_cli_grids_with_options_keep_their_commas(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["bench", "--sde", "flow", "--solvers", "dpmpp_2m", "--grids",
+               "logsnr,logsnr(lambda_floor=-2.5),uniform(shift=3, shift_type=linear)",
+               "--nfe", "6", "--n", "64", "--timing-repeats", "0", "--formats", "json",
+               "--out", str(out), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    cells = {c["grid"]: c for c in json.loads((out / "bench.json").read_text())["cells"]}
+    assert set(cells) == {"logsnr", "logsnr(lambda_floor=-2.5)",
+                          "uniform(shift=3, shift_type=linear)"}
+    assert all(c["status"] == "ok" for c in cells.values())
+    assert cells["logsnr"]["rms"] != cells["logsnr(lambda_floor=-2.5)"]["rms"]
+
+
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("argv, msg", [
     (["--solvers", "ddim,nope"], "unknown solver 'nope': expected one of"),
     (["--grids", "cubic"], "unknown grid 'cubic': expected one of"),
+    (["--grids", "logsnr(rho=2)"], "--grids: grid option 'rho' does not apply to grid 'logsnr'"),
     (["--problem", "mnist"], "unknown --problem 'mnist': expected one of ['gaussian', 'gmm']"),
     (["--nfe", "0"], "--nfe=[0] is invalid"),
     (["--exclude", "nope"], "--exclude: unknown solver 'nope'"),

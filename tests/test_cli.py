@@ -82,6 +82,8 @@ BAD = [  # (argv after the command, text the one line must contain)
     (["sample", "--checkpoint", "{ckpt}", "--batch-size", "0"], ["--batch-size"]),
     (["sample", "--checkpoint", "{ckpt}", "--solver", "foo"], ["--solver", "'foo'"]),
     (["sample", "--checkpoint", "{ckpt}", "--grid", "foo"], ["--grid", "'foo'"]),
+    (["sample", "--checkpoint", "{ckpt}", "--grid", "karras(rho=2, floor=1)"],
+     ["--grid", "'floor'", "'karras'"]),
     (["sample", "--checkpoint", "{tmp}/missing.pt"], ["--checkpoint", "missing.pt"]),
     (["sample", "--checkpoint", "{ckpt}", "--operator", "{tmp}/missing.pt"], ["--operator"]),
     (["distill", "--problem", "gaussian", "--width", "-3"], ["--width", "-3"]),

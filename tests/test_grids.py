@@ -10,7 +10,7 @@ import torch
 from helpers import gaussian_problem
 
 import sdekit
-from sdekit.grids import BENCH_GRIDS, GRIDS, make_grid
+from sdekit.grids import BENCH_GRIDS, GRIDS, is_grid_spec, make_grid, parse_grid
 
 SDES = {"vp": sdekit.VPSDE, "ve": sdekit.VESDE, "ddpm": sdekit.DiscreteDDPM,
         "cosine": sdekit.CosineVPSDE, "flow": sdekit.FlowSDE}
@@ -117,3 +117,40 @@ def test_logsnr_floor_jumps_to_the_floor_then_equal_lambda_steps(name):
 def test_bench_default_grids_are_unchanged():
     assert set(BENCH_GRIDS) == {"uniform", "quadratic", "logsnr", "karras"}
     assert set(BENCH_GRIDS) < set(GRIDS)
+
+
+@pytest.mark.parametrize("spec, name, opts", [
+    ("logsnr(lambda_floor=-2.5)", "logsnr", {"lambda_floor": -2.5}),
+    ("uniform(shift=3, shift_type=linear)", "uniform", {"shift": 3, "shift_type": "linear"}),
+    (" karras( rho = 5 ) ", "karras", {"rho": 5}),
+    ("quadratic()", "quadratic", {}),
+    ("kl_optimal", "kl_optimal", {}),
+])
+def test_a_grid_written_with_its_options_is_that_grid(spec, name, opts):
+    """The ``name(key=value, ...)`` form the tables print names the grid with those options,
+    in make_grid and in sample."""
+    assert parse_grid(spec) == (name, opts) and is_grid_spec(spec)
+    sde = sdekit.FlowSDE()
+    torch.testing.assert_close(make_grid(sde, spec, 7), make_grid(sde, name, 7, **opts),
+                               rtol=0, atol=0)
+    data = gaussian_problem(sde)
+    x = data.marginal_sample(4, sde.T, torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = data.model("flow")
+    a = sdekit.sample(sde, model, x, solver="dpmpp_2m", grid=spec, steps=7)
+    b = sdekit.sample(sde, model, x, solver="dpmpp_2m", grid=name, steps=7,
+                      grid_options=opts or None)
+    assert torch.equal(a.x, b.x)
+
+
+@pytest.mark.parametrize("spec, kwargs, msg", [
+    ("logsnr(rho=2)", {}, "grid option 'rho' does not apply to grid 'logsnr': its options are"),
+    ("logsnr(lambda_floor)", {}, "malformed at 'lambda_floor'"),
+    ("karras(rho=2", {}, r"malformed: expected karras\(key=value"),
+    ("karras(rho=2, rho=3)", {}, "gives 'rho' twice"),
+    ("cubic(rho=2)", {}, r"unknown grid 'cubic\(rho=2\)': expected one of"),
+    ("karras(rho=2)", {"rho": 3}, r"grid option\(s\) \['rho'\] given twice"),
+])
+def test_bad_grid_specs_are_refused_by_name(spec, kwargs, msg):
+    assert not is_grid_spec(spec) or kwargs
+    with pytest.raises(ValueError, match=msg):
+        make_grid(sdekit.VPSDE(), spec, 5, **kwargs)

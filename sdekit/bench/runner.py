@@ -61,7 +61,7 @@ from .._io import (
     load_verified,
     save_verified,
 )
-from ..grids import BENCH_GRIDS, GRIDS
+from ..grids import BENCH_GRIDS, is_grid_spec, parse_grid
 from ..integrate import sample
 from ..solvers.base import ModelOutputError, Solver
 from ..solvers.registry import get_solver, solver_names
@@ -141,7 +141,9 @@ class SweepConfig:
 
     Attributes:
         solvers: registry names (None: every registered solver).
-        grids: grid names (None: :data:`sdekit.grids.BENCH_GRIDS`) and tuned grid files.
+        grids: grid names, optionally with options (``"logsnr(lambda_floor=-2.5)"``,
+            :func:`sdekit.grids.parse_grid`; None: :data:`sdekit.grids.BENCH_GRIDS`) and tuned
+            grid files.
         nfe: NFE budgets for fixed-grid solvers.
         tols: tolerances (rtol = atol) for adaptive solvers.
         n: samples per cell (one batch); n_ref: held-out samples (default n).
@@ -200,27 +202,29 @@ class SweepConfig:
 
     def _validate_grids(self) -> None:
         for g in self.grids or []:
-            if g not in GRIDS and not _is_grid_file(g):
-                raise ConfigError("grids", f": unknown grid {g!r}: expected one of "
-                                  f"{sorted(GRIDS)} or a tuned grid file (.json, made by "
-                                  "sdekit tune)")
-            if g not in GRIDS:
-                tg = _load_tuned(g)
-                if tg.solver not in self.solver_list():
-                    raise ConfigError("grids", f": {g} was tuned for solver {tg.solver!r}, "
-                                      "which is not among the swept solvers: add it")
+            if is_grid_spec(g):
+                continue
+            if not _is_grid_file(g):
+                try:
+                    parse_grid(str(g))   # raises, naming what is wrong with it
+                except ValueError as e:
+                    raise ConfigError("grids", f": {e}") from None
+            tg = _load_tuned(g)
+            if tg.solver not in self.solver_list():
+                raise ConfigError("grids", f": {g} was tuned for solver {tg.solver!r}, "
+                                  "which is not among the swept solvers: add it")
 
     def solver_list(self) -> list[str]:
         return list(self.solvers) if self.solvers else solver_names()
 
     def grid_list(self) -> list[str]:
         """The named grids swept (tuned-grid files are planned separately)."""
-        named = [g for g in self.grids or [] if g in GRIDS]
+        named = [g for g in self.grids or [] if is_grid_spec(g)]
         return named if named or self.grids else list(BENCH_GRIDS)
 
     def tuned_grids(self) -> list[str]:
         """The tuned-grid files of ``grids``."""
-        return [g for g in self.grids or [] if g not in GRIDS]
+        return [g for g in self.grids or [] if not is_grid_spec(g)]
 
     def options_of(self, name: str) -> dict[str, Any]:
         """The options the sweep gives solver ``name`` (a copy)."""

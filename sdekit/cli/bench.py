@@ -59,6 +59,22 @@ def _csv(kind: type, name: str):
     return parse
 
 
+def _grids(s: str) -> list[str]:
+    """``--grids``: comma-separated grids, where a grid's options keep their commas
+    (``logsnr,uniform(shift=3, shift_type=linear)``)."""
+    if s.strip().lower() == "all":
+        return []
+    out, depth, cur = [], 0, ""
+    for ch in s:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [g.strip() for g in out + [cur] if g.strip()]
+
+
 def _option(s: str) -> tuple[str, str, Any]:
     name, _, rest = s.partition(".")
     key, eq, val = rest.partition("=")
@@ -91,10 +107,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
       help="comma-separated registry names (default: all; see `sdekit solvers`)")
     a("--exclude", type=_csv(str, "--exclude"), default=[],
       help="solvers to leave out (default: none)")
-    a("--grids", type=_csv(str, "--grids"), default=[],
-      help="comma-separated time grids (default: all: uniform, quadratic, logsnr, karras); a "
-           "tuned grid file (.json from `sdekit tune`) adds its own row, '<solver> [tuned]', at "
-           "its NFE")
+    a("--grids", type=_grids, default=[],
+      help="comma-separated time grids (default: all: uniform, quadratic, logsnr, karras), "
+           "with options as the tables print them, e.g. 'logsnr(lambda_floor=-2.5)' or "
+           "'uniform(shift=3)' (quote them for the shell); a tuned grid file (.json from "
+           "`sdekit tune`) adds its own row, '<solver> [tuned]', at its NFE")
     a("--nfe", type=_csv(int, "--nfe"), default=[5, 10, 20, 50], help="NFE budgets "
                                                                       "(default: 5,10,20,50)")
     a("--tols", type=_csv(float, "--tols"), default=[1e-2, 1e-3, 1e-4],

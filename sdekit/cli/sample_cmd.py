@@ -62,9 +62,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a("--steps", type=positive_int, default=20, action=_Given,
       help="solver steps; with a --grid FILE unless given: its steps")
     a("--grid", default=None,
-      help="time grid: a name, or a tuned grid file (.json from `sdekit tune`, refused unless "
-           "tuned for this checkpoint, solver and steps; its solver options are used) "
-           "(default: the solver's own)")
+      help="time grid: a name, with options as the tables print them (e.g. "
+           "'logsnr(lambda_floor=-2.5)', 'uniform(shift=3)'), or a tuned grid file (.json "
+           "from `sdekit tune`, refused unless tuned for this checkpoint, solver and steps; "
+           "its solver options are used) (default: the solver's own)")
     a("--n", type=positive_int, default=64, help="number of samples")
     a("--seed", type=seed_int, default=0, help="seed of the per-sample seeds")
     a("--batch-size", type=positive_int, default=1000, help="samples per solver call")
@@ -140,14 +141,20 @@ def run(args: argparse.Namespace) -> int:
 def _tuned_grid(args: argparse.Namespace) -> Any:
     """The tuned grid file ``--grid`` names (None for a named grid); its solver and step count
     fill ``--solver``/``--steps`` where they were not given."""
-    from ..grids import GRIDS
+    from ..grids import GRIDS, is_grid_spec, parse_grid
     from ..tune import TuneError, is_grid_file, load_tuned_grid
 
-    if args.grid is None or args.grid in GRIDS:
+    if args.grid is None or is_grid_spec(args.grid):
         return None
     if not is_grid_file(args.grid):
+        if "(" in args.grid:   # a named grid with options: say what is wrong with them
+            try:
+                parse_grid(args.grid)
+            except ValueError as e:
+                raise UsageError(f"--grid: {e}") from None
         raise UsageError(f"--grid={args.grid!r} is invalid: expected one of {sorted(GRIDS)} "
-                         "or a tuned grid file (.json, made by sdekit tune)")
+                         "(options as name(key=value, ...)) or a tuned grid file (.json, made "
+                         "by sdekit tune)")
     try:
         tuned = load_tuned_grid(args.grid)
     except TuneError as e:
