@@ -259,6 +259,23 @@ def test_option_free_sample_runs_and_records_the_default_rule(run_dir, tmp_path)
     np.testing.assert_array_equal(z["x"], x.numpy())
 
 
+def test_sample_grid_with_options_in_its_name(run_dir, tmp_path):
+    import numpy as np
+
+    from sdekit.training.checkpoint import load_model
+    from sdekit.training.sampling import generate
+
+    out = tmp_path / "s"
+    assert main(["sample", "--checkpoint", str(run_dir / "checkpoint.pt"), "--solver", "ddim",
+                 "--steps", "6", "--grid", "logsnr(lambda_floor=-2.5)", "--n", "4",
+                 "--out", str(out)]) == 0
+    z = np.load(out.with_name("s.npz"))
+    net, sde, _ = load_model(run_dir / "checkpoint.pt")
+    x, _ = generate(net, sde, 4, solver="ddim", steps=6, seed=0, grid="logsnr",
+                    grid_options={"lambda_floor": -2.5})
+    np.testing.assert_array_equal(z["x"], x.numpy())
+
+
 def test_old_flag_spellings_still_work_and_are_hidden(capsys):
     parse = build_parser().parse_args
     assert parse(["distill", "--problem", "gaussian", "--out", "o", "--batch", "7"]).batch_size == 7
