@@ -99,6 +99,12 @@ BAD = [  # (argv after the command, text the one line must contain)
     (["bench", "--seed", "-1"], ["--seed"]),
     (["bench", "--shard-timeout", "0"], ["--shard-timeout"]),
     (["bench", "--reference-tol", "2"], ["--reference-tol"]),
+    # each used to be accepted: the scale was ignored without a classifier; an empty --solvers
+    # or --grids (an unset shell variable) ran the sweep over every solver or grid
+    (["sample", "--checkpoint", "{ckpt}", "--classifier-scale", "2"],
+     ["--classifier-scale", "--classifier"]),
+    (["bench", "--solvers", ""], ["--solvers", "''"]),
+    (["bench", "--grids", ","], ["--grids", "','"]),
 ]
 
 

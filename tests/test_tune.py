@@ -304,6 +304,8 @@ def test_cli_tune_then_sample_and_bench_with_the_grid(ckpt, tmp_path, capsys):
     (["--nfe", "5", "-O", "bogus"], "expected OPTION=VALUE"),
     (["--nfe", "5", "--problem", "nope"], "unknown --problem 'nope'"),
     (["--nfe", "5", "--sde", "nope"], "--sde: unknown SDE"),
+    # an empty --solvers (an unset shell variable) used to run the search over every solver
+    (["--nfe", "5", "--search", "--solvers", ""], "--solvers='' is invalid"),
 ])
 def test_cli_tune_bad_input(argv, what, capsys, tmp_path, monkeypatch):
     from helpers import run_cli

@@ -47,15 +47,22 @@ Progress (the reference solve, then each cell) goes to stderr; --quiet turns it 
 """
 
 
-def _csv(kind: type, name: str):
+def _csv(kind: type, name: str, empty_means_all: bool = False):
+    """A comma-separated list of ``kind`` values ('all': the empty list, the flag's default);
+    with ``empty_means_all`` an empty value is refused, not read as 'all' (an unset shell
+    variable must not start the whole sweep)."""
     def parse(s: str) -> list[Any]:
         if s.strip().lower() == "all":
             return []
         try:
-            return [kind(v) for v in s.split(",") if v.strip()]
+            values = [kind(v) for v in s.split(",") if v.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"{name}={s!r} is invalid: expected comma-separated {kind.__name__} values")
+        if empty_means_all and not values:
+            raise argparse.ArgumentTypeError(
+                f"{name}={s!r} is invalid: expected comma-separated names (or 'all')")
+        return values
     return parse
 
 
@@ -87,11 +94,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                   "`sdekit sdes`")
     a("--dim", type=positive_int, default=None,
       help="dimension of a built-in problem (default: gaussian 16, gmm 16)")
-    a("--solvers", type=_csv(str, "--solvers"), default=[],
+    a("--solvers", type=_csv(str, "--solvers", empty_means_all=True), default=[],
       help="comma-separated registry names (default: all; see `sdekit solvers`)")
     a("--exclude", type=_csv(str, "--exclude"), default=[],
       help="solvers to leave out (default: none)")
-    a("--grids", type=_csv(str, "--grids"), default=[],
+    a("--grids", type=_csv(str, "--grids", empty_means_all=True), default=[],
       help="comma-separated time grids (default: all: uniform, quadratic, logsnr, karras); a "
            "tuned grid file (.json from `sdekit tune`) adds its own row, '<solver> [tuned]', at "
            "its NFE")
