@@ -120,6 +120,16 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(argv, names, run_dir, 
     assert _listing(out) == []
 
 
+def test_train_device_cuda_without_cuda_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    """It used to end in a traceback: AssertionError: Torch not compiled with CUDA enabled."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    rc, _, err = run(["train", "--data", "two_moons", "--steps", "1", "--device", "cuda",
+                      "--out", str(out)], capsys)
+    assert_usage_error(rc, err, "device='cuda'", "no CUDA device")
+    assert _listing(out) == []
+
+
 @pytest.mark.parametrize("cmd", [
     ["train", "--data", "two_moons", "--out", "{f}"],
     ["train", "--data", "two_moons", "--out", "{f}/sub"],
