@@ -73,6 +73,8 @@ BAD = [  # (argv after the command, text the one line must contain)
     (["train", "--data", "two_moons", "--ema-decay", "1"], ["--ema-decay"]),
     (["train", "--data", "two_moons", "--seed", "-1"], ["--seed"]),
     (["train", "--data", "digits", "--channel-mult", "1,0"], ["--channel-mult"]),
+    # used to train a U-Net with no attention layer at all (3 is no resolution of an 8x8 net)
+    (["train", "--data", "digits", "--attn-resolutions", "3"], ["--attn-resolutions", "[8, 4]"]),
     (["sample", "--checkpoint", "{ckpt}", "--threads", "-2"], ["--threads", "-2"]),
     (["sample", "--checkpoint", "{ckpt}", "--threads", "0"], ["--threads", "0"]),
     (["sample", "--checkpoint", "{ckpt}", "--seed", "-1"], ["--seed", "-1"]),
