@@ -235,6 +235,15 @@ def test_sample_refuses_an_sde_that_is_not_a_forward_sde(sde):
     assert calls == []
 
 
+def test_sample_refuses_an_unknown_prediction_with_a_diffusion_model():
+    """A DiffusionModel carries its own prediction, so sample() used to ignore a misspelt one."""
+    sde = sdekit.VPSDE()
+    net, calls = _count_calls()
+    with pytest.raises(ValueError, match="prediction='epss' is invalid"):
+        sample(sde, sdekit.DiffusionModel(net, sde), shape=(2, 3), prediction="epss")
+    assert calls == []
+
+
 def test_save_at_takes_a_tensor_of_grid_times():
     """A tensor of several times used to end in torch's 'Boolean value of Tensor with more than
     one value is ambiguous' (``save_at or []``)."""
