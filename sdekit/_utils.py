@@ -78,7 +78,18 @@ def require(cond: bool, name: str, value: Any, valid: str) -> None:
 
 def is_real(value: Any) -> bool:
     """A finite real Python/NumPy number (not a bool, string or tensor)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    return is_number(value) and math.isfinite(value)
+
+
+def is_number(value: Any) -> bool:
+    """A real Python/NumPy number that is not NaN (infinities allowed; not a bool, string or
+    tensor): what a comparison such as ``0 < v <= 1`` can be trusted on."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
+
+
+def is_int(value: Any) -> bool:
+    """A Python/NumPy integer (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def require_finite_positive(name: str, value: float) -> None:

@@ -106,9 +106,10 @@ def teacher_solver(sde: ForwardSDE, solver: str | None = None,
                    solver_options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
     """``(name, options)`` of the teacher solver: ``solver`` with ``solver_options`` as given,
     or (``solver=None``) Heun, or :data:`ALPHA_ZERO_TEACHER` where the process starts at
-    alpha = 0. A given solver that cannot start there is refused (a ValueError naming those that
-    can), before any work."""
+    alpha = 0. A given solver that is unknown, runs its own loop or cannot start there is
+    refused (a ValueError naming what would be valid), before any work."""
     from .solvers import get_solver
+    from .solvers.base import FixedGridSolver
     from .solvers.registry import alpha_zero_starters
     options = dict(solver_options or {})
     at_zero = sde.alpha_zero_at_T
@@ -117,7 +118,13 @@ def teacher_solver(sde: ForwardSDE, solver: str | None = None,
             return "heun", options
         name, auto = ALPHA_ZERO_TEACHER
         return name, {**auto, **options}
-    if at_zero and not get_solver(solver, **options).starts_at_alpha_zero:
+    slv = get_solver(solver, **options)   # an unknown name or option: refused here
+    if not isinstance(slv, FixedGridSolver):
+        raise ValueError(f"solver={solver!r} is invalid for the teacher: it runs its own loop "
+                         "(adaptive, external or learned), but the trajectories are read at "
+                         "grid times: expected a fixed-grid solver such as 'heun', 'dpmpp_3m' "
+                         "or 'unipc_bh2'")
+    if at_zero and not slv.starts_at_alpha_zero:
         raise ValueError(f"solver={solver!r} cannot start the teacher trajectories at "
                          f"T={sde.T:g}, where alpha = 0 ({sde!r}): use one of "
                          f"{alpha_zero_starters()}, or leave "

@@ -318,6 +318,9 @@ def make_grid(sde: ForwardSDE, grid: str | Tensor | Any = "logsnr", steps: int |
     for name, v in (("t_start", t_start), ("t_end", t_end)):
         if v is not None and not is_real(v):
             raise ValueError(f"{name}={v!r} is invalid: expected a finite number")
+    if not isinstance(sde, ForwardSDE):
+        raise TypeError(f"sde must be an sdekit ForwardSDE (e.g. sdekit.VPSDE()), got "
+                        f"{type(sde).__name__}")
     t_start = sde.T if t_start is None else float(t_start)
     t_end = sde.t_min if t_end is None else float(t_end)
     if isinstance(grid, str):

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._utils import check_float_dtype, check_seed, compute_dtype
-from .dynamics.parameterization import DiffusionModel, as_model
+from ._utils import check_float_dtype, check_seed, compute_dtype, is_real
+from .dynamics.parameterization import DiffusionModel, as_model, prediction_kind
 from .grids import make_grid
 from .guidance import check_guided_solver
 from .noise import SeededNoise
@@ -109,6 +109,7 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             differentiable (memory grows with every step).
     """
     # long for its docstring only (the reference of every argument); the code is named steps
+    _check_call(sde, grid_options, prediction)
     solver, solver_options, grid, grid_options = configure(sde, solver, steps, grid,
                                                            grid_options, solver_options)
     if grid is not None and not isinstance(grid, Tensor):
@@ -118,7 +119,7 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
                                              solver_options, steps, t_start, t_end, grid_options)
             steps = None
     x_init, dtype = _check_inputs(x_init, shape, dtype, steps, grid, t_start, t_end, seed,
-                                  seeds, noise, callback, grad)
+                                  seeds, noise, callback, grad, save_at, device)
     dm = as_model(model, sde, prediction)
     slv = get_solver(solver, **solver_options)
     if project is not None:
@@ -232,7 +233,7 @@ def _solve(slv: Solver, p: Problem, x: Tensor, dtype: torch.dtype, float64: bool
     """Solve ``p`` from ``x``: :meth:`OwnLoopSolver.integrate` for adaptive and external
     solvers, else the fixed-grid loop (:func:`_fixed_grid_loop`)."""
     times = p.times
-    save = {float(t) for t in (save_at or [])}
+    save = {float(t) for t in (save_at if save_at is not None else [])}
     grid_times = times.tolist()  # the grid as plain numbers (float(times[i]) for each i)
     missing = save - set(grid_times)
     if not isinstance(slv, (FixedGridSolver, OwnLoopSolver)):
@@ -317,9 +318,35 @@ def _fixed_grid_loop(slv: FixedGridSolver, p: Problem, x: Tensor, grid_times: li
 GRAD_MODES = ("none", "model", "full")
 
 
+def _check_call(sde: Any, grid_options: Any, prediction: Any = "eps") -> None:
+    """Check the arguments that :func:`configure` reads, before it reads them, and
+    ``prediction`` (also where a :class:`DiffusionModel`, which carries its own, ignores it)."""
+    prediction_kind(prediction)
+    if not isinstance(sde, ForwardSDE):
+        raise TypeError(f"sde must be an sdekit ForwardSDE (e.g. sdekit.VPSDE()), got "
+                        f"{type(sde).__name__}")
+    if grid_options is not None and not isinstance(grid_options, Mapping):
+        raise TypeError(f"grid_options={grid_options!r} is invalid: expected a dict of the "
+                        "grid's options, e.g. {'rho': 7.0}")
+
+
+def _is_collection(v: Any) -> bool:
+    """An iterable that is not a string (a list, tuple, array or tensor of values)."""
+    return isinstance(v, Iterable) and not isinstance(v, (str, bytes))
+
+
+def _check_device(device: Any) -> None:
+    """Raise unless ``device`` names a device that torch can allocate on here."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, TypeError, AssertionError) as e:   # unknown name, no such device
+        raise ValueError(f"device={device!r} is invalid: expected a torch device available "
+                         f"here, e.g. 'cpu' or 'cuda' ({e})") from None
+
+
 def _check_inputs(x_init: Any, shape: Any, dtype: Any, steps: Any, grid: Any, t_start: Any,
-                  t_end: Any, seed: Any, seeds: Any, noise: Any, callback: Any, grad: Any
-                  ) -> tuple[Tensor | None, torch.dtype]:
+                  t_end: Any, seed: Any, seeds: Any, noise: Any, callback: Any, grad: Any,
+                  save_at: Any = None, device: Any = None) -> tuple[Tensor | None, torch.dtype]:
     """Validate sample()'s arguments before any work; returns ``(x_init, dtype)``."""
     if grad not in GRAD_MODES:
         raise ValueError(f"grad={grad!r} is invalid: expected one of {GRAD_MODES}")
@@ -332,6 +359,8 @@ def _check_inputs(x_init: Any, shape: Any, dtype: Any, steps: Any, grid: Any, t_
             raise ValueError(f"x_init has shape {tuple(x_init.shape)}: expected (batch, ...) "
                              "with batch >= 1")
         check_float_dtype("x_init", x_init.dtype)
+        if not bool(torch.isfinite(x_init).all()):
+            raise ValueError("x_init contains NaN or Inf: expected finite initial states")
         if shape is not None and tuple(shape) != tuple(x_init.shape):
             raise ValueError(f"shape mismatch: shape={tuple(shape)} but x_init has shape "
                              f"{tuple(x_init.shape)}")
@@ -349,6 +378,9 @@ def _check_inputs(x_init: Any, shape: Any, dtype: Any, steps: Any, grid: Any, t_
         if noise is not None:
             raise ValueError("give seeds or noise, not both: a noise source carries its own "
                              "per-sample seeds")
+        if not _is_collection(seeds):
+            raise TypeError(f"seeds={seeds!r} is invalid: expected a list of per-sample "
+                            "integer seeds, one per sample (or seed= for one integer)")
         seeds = list(seeds)
         n = x_init.shape[0] if x_init is not None else shape[0]
         if len(seeds) != n:
@@ -364,6 +396,17 @@ def _check_inputs(x_init: Any, shape: Any, dtype: Any, steps: Any, grid: Any, t_
         if steps is not None and steps != len(grid) - 1:
             raise ValueError(f"steps={steps!r} disagrees with the given grid of {len(grid)} "
                              f"times ({len(grid) - 1} steps): leave steps out")
+    if noise is not None and (isinstance(noise, type) or not all(
+            callable(getattr(noise, m, None)) for m in ("randn", "increment"))):
+        raise TypeError(f"noise={noise!r} is invalid: expected a noise source with randn(like) "
+                        "and increment(t0, t1, like), e.g. an instance of sdekit.SeededNoise "
+                        "or sdekit.BrownianNoise")
+    if save_at is not None and not (_is_collection(save_at) and all(
+            is_real(t) or isinstance(t, Tensor) and t.numel() == 1 for t in save_at)):
+        raise ValueError(f"save_at={save_at!r} is invalid: expected a list of grid times "
+                         "(finite numbers, each a point of the grid)")
+    if device is not None:
+        _check_device(device)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as callback(i, t, x), got "
                         f"{type(callback).__name__}")

@@ -37,13 +37,14 @@ few) on the calibration batch and reports each candidate's held-out error.
 from __future__ import annotations
 
 import datetime as _dt
+import inspect
 import itertools
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ import torch
 from torch import Tensor
 
 from ._io import content_hash, load_verified, save_verified
+from ._utils import check_float_dtype, check_seed, is_int
 from .dynamics.parameterization import DiffusionModel, as_model
 from .grids import GRIDS, make_grid, validate_grid
 from .integrate import sample
@@ -129,6 +131,12 @@ def _init_states(x: int | Tensor, seeds: Sequence[int] | None, seed: int, sde: F
                         "tensor of initial states")
     if shape is None:
         raise TuneError(f"{what}={x}: give shape= (the event shape of one sample, e.g. (16,))")
+    if not (_is_collection(shape) and all(is_int(d) and d >= 1 for d in shape)):
+        raise TuneError(f"shape={shape!r} is invalid: expected the event shape of one sample, a "
+                        "tuple of integers >= 1 (e.g. (16,))")
+    if seeds is not None and not _is_collection(seeds):
+        raise TuneError(f"{what} seeds={seeds!r} are invalid: expected a list of integer seeds, "
+                        "one per sample")
     seeds = list(seeds) if seeds is not None else sample_seeds(seed, x)
     if len(seeds) != x:
         raise TuneError(f"{what}: {len(seeds)} seeds for a batch of {x}: expected one per sample")
@@ -150,6 +158,10 @@ def _batches(sde: ForwardSDE, calibration: int | Tensor, seeds: Sequence[int] | 
     """The calibration and held-out batches of :func:`tune` and :func:`search` (held-out seeds
     default to ``seed + 1`` and must differ from the calibration ones, the event shapes must
     agree): ``(x_cal, cal_seeds, x_ho, ho_seeds)``."""
+    check_float_dtype("dtype", dtype)
+    check_seed("seed", seed)
+    if heldout_seed is not None:
+        check_seed("heldout_seed", heldout_seed)
     x_cal, cal_seeds = _init_states(calibration, seeds, seed, sde, shape, dtype, "calibration")
     ho_seed = seed + 1 if heldout_seed is None else heldout_seed
     x_ho, ho_seeds = _init_states(heldout, heldout_seeds, ho_seed, sde,
@@ -168,6 +180,7 @@ def prior_states(sde: ForwardSDE, n: int, shape: Sequence[int], seed: int = 0,
                  seeds: Sequence[int] | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """The ``n`` initial states :func:`tune` draws for a batch: prior draws with per-sample seeds
     (``seeds``, default derived from ``seed``), as ``sample(shape=(n, *shape), seeds=...)``."""
+    check_seed("seed", seed)
     return _init_states(n, seeds, seed, sde, shape, dtype, "n")[0]
 
 
@@ -242,6 +255,12 @@ class _NoNoise:
 
     def __getattr__(self, name: str) -> Any:
         raise RuntimeError("a deterministic solver drew noise during tuning")
+
+    def randn(self, *args: Any) -> Any:   # declared, so sample() sees a noise source
+        return self.__getattr__("randn")
+
+    def increment(self, *args: Any) -> Any:
+        return self.__getattr__("increment")
 
 
 _NO_NOISE = _NoNoise()
@@ -601,10 +620,17 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
     """
     t_wall = time.perf_counter()
     dm = as_model(model, sde, prediction)
+    if solver_options is not None and not isinstance(solver_options, Mapping):
+        raise TuneError(f"solver_options={solver_options!r} is invalid: expected a dict of the "
+                        "solver's options, e.g. {'order': 3}")
     opts = dict(solver_options or {})
     cfg, steps = _tune_solver(solver, opts, nfe)
     _check_tune_limits(candidates, max_sweeps, teacher_factor, min_move, validation)
     _check_reference(reference)
+    for name, path in (("out", out), ("state", state)):
+        if path is not None and os.path.isdir(path):
+            raise TuneError(f"{name}={str(path)!r} is a directory: expected the path of a file "
+                            "(e.g. grid.json)")
     ident = model_identity(dm, model_tag)
     x_cal, cal_seeds, x_ho, ho_seeds = _batches(sde, calibration, seeds, seed, heldout,
                                                 heldout_seeds, heldout_seed, shape, dtype)
@@ -734,6 +760,14 @@ def _search_space(solvers: Sequence[str] | None,
                   grids: Sequence[tuple[str, Mapping[str, Any]]] | None, nfe: int, tune_top: int
                   ) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
     """The checked solvers and grids of :func:`search` (and its checked ``nfe``, ``tune_top``)."""
+    if solvers is not None and not (_is_collection(solvers) and len(list(solvers)) > 0):
+        raise TuneError(f"solvers={solvers!r} is invalid: expected a non-empty list of solver "
+                        "names, e.g. ['dpmpp_2m', 'unipc_bh2'] (None: every tunable solver)")
+    if grids is not None and not (_is_collection(grids) and all(
+            isinstance(e, (tuple, list)) and len(e) == 2 and isinstance(e[1], Mapping)
+            for e in grids)):
+        raise TuneError(f"grids={grids!r} is invalid: expected a list of (grid name, options) "
+                        "pairs, e.g. [('karras', {'rho': 7.0}), ('logsnr', {})]")
     names = list(solvers) if solvers is not None else [n for n in solver_names() if _tunable(n)]
     for n in names:
         if n not in solver_names():
@@ -748,6 +782,28 @@ def _search_space(solvers: Sequence[str] | None,
     if not (isinstance(tune_top, int) and tune_top >= 0):
         raise TuneError(f"tune_top={tune_top!r} is invalid: expected an integer >= 0")
     return names, grid_list
+
+
+#: the arguments of :func:`tune` that :func:`search` sets itself (not in its ``tune_options``)
+_SEARCH_SETS = frozenset({"sde", "model", "solver", "nfe", "solver_options", "calibration",
+                          "heldout", "dtype", "reference", "out", "progress", "model_tag"})
+
+
+def _check_tune_options(tune_options: Any) -> None:
+    """Raise unless ``tune_options`` is None or a dict of :func:`tune`'s other options."""
+    valid = sorted(set(inspect.signature(tune).parameters) - _SEARCH_SETS)
+    if tune_options is not None and not isinstance(tune_options, Mapping):
+        raise TuneError(f"tune_options={tune_options!r} is invalid: expected a dict of tune()'s "
+                        f"options among {valid}")
+    unknown = sorted(set(tune_options or {}) - set(valid))
+    if unknown:
+        raise TuneError(f"tune_options {unknown} are not options of tune() that search() passes "
+                        f"on: expected some of {valid}")
+
+
+def _is_collection(v: Any) -> bool:
+    """An iterable that is not a string (a list, tuple or array of values)."""
+    return isinstance(v, Iterable) and not isinstance(v, (str, bytes))
 
 
 def _search_rows(run: _Run, plan: list[tuple[str, dict[str, Any], str, dict[str, Any]]],
@@ -852,6 +908,7 @@ def search(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], nfe: 
     t0 = time.perf_counter()
     dm = as_model(model, sde, prediction)
     names, grid_list = _search_space(solvers, grids, nfe, tune_top)
+    _check_tune_options(tune_options)
     _check_reference(reference)
     ident = model_identity(dm, model_tag)
     batches = _batches(sde, calibration, seeds, seed, heldout, heldout_seeds, heldout_seed,

@@ -73,6 +73,8 @@ BAD = [  # (argv after the command, text the one line must contain)
     (["train", "--data", "two_moons", "--ema-decay", "1"], ["--ema-decay"]),
     (["train", "--data", "two_moons", "--seed", "-1"], ["--seed"]),
     (["train", "--data", "digits", "--channel-mult", "1,0"], ["--channel-mult"]),
+    # used to train a U-Net with no attention layer at all (3 is no resolution of an 8x8 net)
+    (["train", "--data", "digits", "--attn-resolutions", "3"], ["--attn-resolutions", "[8, 4]"]),
     (["sample", "--checkpoint", "{ckpt}", "--threads", "-2"], ["--threads", "-2"]),
     (["sample", "--checkpoint", "{ckpt}", "--threads", "0"], ["--threads", "0"]),
     (["sample", "--checkpoint", "{ckpt}", "--seed", "-1"], ["--seed", "-1"]),
@@ -101,6 +103,12 @@ BAD = [  # (argv after the command, text the one line must contain)
     (["bench", "--seed", "-1"], ["--seed"]),
     (["bench", "--shard-timeout", "0"], ["--shard-timeout"]),
     (["bench", "--reference-tol", "2"], ["--reference-tol"]),
+    # each used to be accepted: the scale was ignored without a classifier; an empty --solvers
+    # or --grids (an unset shell variable) ran the sweep over every solver or grid
+    (["sample", "--checkpoint", "{ckpt}", "--classifier-scale", "2"],
+     ["--classifier-scale", "--classifier"]),
+    (["bench", "--solvers", ""], ["--solvers", "''"]),
+    (["bench", "--grids", ","], ["--grids", "','"]),
 ]
 
 
@@ -113,6 +121,16 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(argv, names, run_dir, 
         argv += ["--out", str(out / "samples" if argv[0] == "sample" else out)]
     rc, _, err = run(argv, capsys)
     assert_usage_error(rc, err, *names)
+    assert _listing(out) == []
+
+
+def test_train_device_cuda_without_cuda_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    """It used to end in a traceback: AssertionError: Torch not compiled with CUDA enabled."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    rc, _, err = run(["train", "--data", "two_moons", "--steps", "1", "--device", "cuda",
+                      "--out", str(out)], capsys)
+    assert_usage_error(rc, err, "device='cuda'", "no CUDA device")
     assert _listing(out) == []
 
 

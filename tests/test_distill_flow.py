@@ -67,6 +67,20 @@ def test_teacher_solver_choice_and_refusal(tmp_path):
     assert not (tmp_path / "t").exists(), "refused before any file is written"
 
 
+@pytest.mark.parametrize("solver, match", [
+    # off alpha = 0 both used to pass: meta.json was written, then sample() failed ("unknown
+    # solver", or dopri5's "save_at can only hold the first and last times")
+    ("nope", "unknown solver 'nope'"),
+    ("dopri5", "solver='dopri5' is invalid for the teacher: it runs its own loop"),
+])
+def test_teacher_solver_unknown_or_own_loop_is_refused_before_any_file(tmp_path, solver, match):
+    sde = sdekit.VPSDE()
+    _, model = _problem(sde)
+    with pytest.raises(ValueError, match=match):
+        generate_trajectories(tmp_path / "t", sde, model, (4,), 8, solver=solver)
+    assert not (tmp_path / "t").exists(), "refused before any file is written"
+
+
 def test_vp_operator_config_is_unchanged(tmp_path):
     """Off alpha = 0 the teacher is Heun as before and the operator config has no new key."""
     sde = sdekit.VPSDE()

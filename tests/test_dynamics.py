@@ -363,6 +363,12 @@ def test_bad_predictions_and_inputs():
         DiffusionModel(lambda x, c: x, sde).predict(x, 0.5, "bogus")
     with pytest.raises(ValueError, match="time_input='bogus'"):
         DiffusionModel(lambda x, c: x, sde, time_input="bogus")
+    # both used to be accepted, then fail at the first model call ('int' object is not
+    # callable, 'NoneType' object has no attribute ...)
+    with pytest.raises(TypeError, match="net must be a callable net"):
+        DiffusionModel(5, sde)
+    with pytest.raises(TypeError, match="sde must be an sdekit ForwardSDE"):
+        DiffusionModel(lambda x, c: x, None)
     with pytest.raises(ValueError, match="prediction"):
         ReverseSDE(sde, lambda x, c: x, prediction="bogus")
     m = DiffusionModel(lambda x, c: x, sde)

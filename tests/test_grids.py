@@ -80,6 +80,13 @@ def test_bad_grid_options(kwargs, msg):
         make_grid(sdekit.VPSDE(), grid, 5, **kwargs)
 
 
+@pytest.mark.parametrize("sde", [None, "vp"])
+def test_make_grid_refuses_an_sde_that_is_not_a_forward_sde(sde):
+    """It used to end in AttributeError: 'NoneType' object has no attribute 'T'."""
+    with pytest.raises(TypeError, match="sde must be an sdekit ForwardSDE"):
+        make_grid(sde, "uniform", 5)
+
+
 @pytest.mark.parametrize("grid", ["polyexponential", "kl_optimal"])
 @pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "unipc_bh2", "deis_tab3", "heun",
                                     "edm_heun", "euler_maruyama"])

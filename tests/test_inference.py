@@ -198,6 +198,21 @@ BAD_CALLS = {
                              ValueError, "do not apply to an explicit grid"),
     "callback": (dict(shape=(2, 3), callback=3), TypeError, "callback must be callable"),
     "t_end string": (dict(shape=(2, 3), t_end="0.1"), ValueError, "t_end='0.1' is invalid"),
+    # each of these used to end in Python's or torch's own error (AttributeError 'int' object
+    # has no attribute 'randn', RuntimeError from torch.empty, 'float' object is not iterable)
+    # or, for the NaN state, in a ModelOutputError blaming the model after its first call
+    "x_init NaN": (dict(x_init=torch.full((2, 3), float("nan"))), ValueError,
+                   "x_init contains NaN or Inf"),
+    "seeds int": (dict(shape=(2, 3), seeds=5), TypeError, "seeds=5 is invalid"),
+    "noise int": (dict(shape=(2, 3), noise=5), TypeError, "noise=5 is invalid"),
+    "noise class": (dict(shape=(2, 3), noise=sdekit.BrownianNoise), TypeError,
+                    "noise=<class 'sdekit.noise.BrownianNoise'> is invalid"),
+    "save_at number": (dict(shape=(2, 3), save_at=0.5), ValueError, "save_at=0.5 is invalid"),
+    "save_at None": (dict(shape=(2, 3), save_at=[None]), ValueError,
+                     r"save_at=\[None\] is invalid"),
+    "grid_options str": (dict(shape=(2, 3), grid="karras", grid_options="rho"), TypeError,
+                         "grid_options='rho' is invalid"),
+    "device unknown": (dict(shape=(2, 3), device="nope"), ValueError, "device='nope' is invalid"),
 }
 
 
@@ -209,6 +224,34 @@ def test_bad_sample_arguments_fail_before_any_work(case):
     with pytest.raises(exc, match=msg):
         sample(sde, net, **kwargs)
     assert calls == [], "the error must come before the first model call"
+
+
+@pytest.mark.parametrize("sde", [None, "vp"])
+def test_sample_refuses_an_sde_that_is_not_a_forward_sde(sde):
+    """It used to end in AttributeError: 'NoneType' object has no attribute 'lambda_'."""
+    net, calls = _count_calls()
+    with pytest.raises(TypeError, match="sde must be an sdekit ForwardSDE"):
+        sample(sde, net, shape=(2, 3))
+    assert calls == []
+
+
+def test_sample_refuses_an_unknown_prediction_with_a_diffusion_model():
+    """A DiffusionModel carries its own prediction, so sample() used to ignore a misspelt one."""
+    sde = sdekit.VPSDE()
+    net, calls = _count_calls()
+    with pytest.raises(ValueError, match="prediction='epss' is invalid"):
+        sample(sde, sdekit.DiffusionModel(net, sde), shape=(2, 3), prediction="epss")
+    assert calls == []
+
+
+def test_save_at_takes_a_tensor_of_grid_times():
+    """A tensor of several times used to end in torch's 'Boolean value of Tensor with more than
+    one value is ambiguous' (``save_at or []``)."""
+    sde = sdekit.VPSDE()
+    net, _ = _count_calls()
+    times = sdekit.make_grid(sde, "uniform", 4)
+    sol = sample(sde, net, shape=(2, 3), solver="ddim", grid=times, save_at=times[1:3])
+    assert sorted(sol.trajectory) == sorted(times[1:3].tolist())
 
 
 def test_consistent_steps_with_an_explicit_grid_is_accepted():

@@ -420,6 +420,14 @@ def test_bad_input_is_refused_before_any_work():
         dps(VP, model, torch.full((2, 2), float("nan")), op)
     with pytest.raises(ValueError, match="event_shape"):
         SuperResolution((1, 6, 6), 4)
+    # these three used to end in Python's or torch's own TypeError ('int' object is not
+    # iterable, new(): invalid data type 'str')
+    with pytest.raises(ValueError, match="event_shape=8 is invalid"):
+        SuperResolution(8, 4)
+    with pytest.raises(ValueError, match="event_shape=None is invalid"):
+        Denoising(None)
+    with pytest.raises(ValueError, match="H='str' is invalid"):
+        MatrixOperator("H")
     assert model.nfe == 0
 
 

@@ -455,10 +455,23 @@ def test_get_sde_builds_every_registered_process():
     (lambda: CustomSDE(lambda t: torch.ones_like(t), lambda t: t - 0.5, 0.0, 1.0), "sigma"),
     (lambda: CustomSDE(lambda t: torch.ones_like(t)[:-1], lambda t: t, 0.1, 1.0), "alpha"),
     (lambda: CustomSDE(lambda t: torch.ones_like(t), lambda t: t, 1.0, 0.1), "t_min"),
+    # accepted, then the prior draw ended in torch's "unsupported operand" (or sampled with a
+    # negative scale)
+    (lambda: CustomSDE(lambda t: torch.ones_like(t), lambda t: t, 0.1, 1.0, prior_std=-1.0),
+     "prior_std=-1.0 is invalid"),
+    (lambda: CustomSDE(lambda t: torch.ones_like(t), lambda t: t, 0.1, 1.0, prior_std="1"),
+     "prior_std='1' is invalid"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_invalid_construction(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+@pytest.mark.parametrize("name", ["betas", "alphas_cumprod"])
+def test_discrete_table_of_no_numbers_is_refused_by_name(name):
+    """It used to end in torch's "new(): invalid data type 'str'"."""
+    with pytest.raises(TypeError, match=f"{name}='x' is invalid: expected a 1-D table"):
+        DiscreteDDPM(**{name: "x"})
 
 
 def test_get_sde_error_lists_valid_names():

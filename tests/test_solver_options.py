@@ -99,3 +99,36 @@ def test_directly_built_solver_samples_under_its_name_and_takes_its_tuned_grid(p
                         (sdekit.get_solver("dpmpp_3m", solver_type="midpoint"), "solver_type")):
         with pytest.raises(TuneError, match=f"solver options differs in {what} "):
             sdekit.sample(problem.sde, problem.model, x, solver=other, grid=path)
+
+
+@pytest.mark.parametrize("solver, options, match", [
+    # a wrong type used to end in Python's own TypeError from a comparison or conversion
+    ("dpmpp_2m", {"threshold_ratio": "0.9"}, r"threshold_ratio='0.9' is invalid"),
+    ("dpmpp_2m", {"threshold_max": None}, r"threshold_max=None are invalid"),
+    ("dpmpp_2m", {"threshold_min": [1]}, r"threshold_min=\[1\], .* are invalid"),
+    ("dpmpp_adaptive", {"theta": None}, r"theta=None is invalid"),
+    ("dpmpp_adaptive", {"max_iters": None}, r"max_iters=None is invalid"),
+    ("dpmpp_adaptive", {"max_iters": "x"}, r"max_iters='x' is invalid"),
+    ("edm_heun", {"S_tmax": "50"}, r"S_tmax='50' is invalid"),
+    ("unipc_bh2", {"disable_corrector": 2}, r"disable_corrector=2 is invalid"),
+    ("unipc_bh2", {"disable_corrector": [1.5]}, r"disable_corrector=\[1.5\] is invalid"),
+    ("heun", {"method": ["rk4"]}, r"method=\['rk4'\] is invalid"),
+    ("dopri5", {"method": ["dopri5"]}, r"method=\['dopri5'\] is invalid"),
+    ("torchsde", {"method": ["srk"]}, r"method=\['srk'\] is invalid"),
+    # accepted, then a solve that could never converge: RuntimeError after the work
+    ("dpmpp_adaptive", {"max_iters": 0}, r"max_iters=0 is invalid: expected an integer >= 1"),
+    ("dpm_solver_adaptive", {"max_iters": 2.5}, r"max_iters=2.5 is invalid"),
+])
+def test_bad_option_value_is_refused_by_name_when_the_solver_is_built(solver, options, match):
+    with pytest.raises(ValueError, match=match):
+        sdekit.get_solver(solver, **options)
+
+
+def test_option_checks_keep_valid_values():
+    """The checks accept what was valid before: an infinite threshold_max, any iterable of step
+    indices, a NumPy integer max_iters."""
+    import numpy as np
+    slv = sdekit.get_solver("dpmpp_2m", thresholding=True, threshold_max=math.inf)
+    assert slv.threshold == (0.995, 1.0, math.inf)
+    assert sdekit.get_solver("unipc_bh2", disable_corrector=range(2)).disable_corrector == {0, 1}
+    assert sdekit.get_solver("dpmpp_adaptive", max_iters=np.int64(50)).max_iters == 50

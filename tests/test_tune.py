@@ -178,11 +178,49 @@ def test_resume_after_interruption_gives_the_same_grid(problem, tmp_path, monkey
     (("dpmpp_2m", 5), {"reference": "ddim"}, "reference='ddim' is invalid"),
     (("dpmpp_2m", 5), {"bogus": 1}, "unexpected keyword"),
     (("dpmpp_2m", 5), {"solver_options": {"bogus": 1}}, "unknown options"),
+    # each of these used to end in Python's, NumPy's or the filesystem's own error (the
+    # directory out= only after the whole tuning run)
+    (("dpmpp_2m", 5), {"solver_options": "order"}, "solver_options='order' is invalid"),
+    (("dpmpp_2m", 5), {"seed": -1}, "seed=-1 is invalid"),
+    (("dpmpp_2m", 5), {"heldout_seed": "x"}, "heldout_seed='x' is invalid"),
+    (("dpmpp_2m", 5), {"seeds": 5}, "calibration seeds=5 are invalid"),
+    (("dpmpp_2m", 5), {"shape": 4}, "shape=4 is invalid"),
+    (("dpmpp_2m", 5), {"shape": (0,)}, r"shape=\(0,\) is invalid"),
+    (("dpmpp_2m", 5), {"dtype": torch.int32}, "dtype has dtype torch.int32"),
 ])
 def test_bad_input_is_refused_before_work(problem, args, kw, what):
     calls = problem.model.nfe
-    with pytest.raises((TuneError, TypeError), match=what):
+    with pytest.raises((TuneError, TypeError, ValueError), match=what):
         tune(problem.sde, problem.model, *args, **{**KW, **kw})
+    assert problem.model.nfe == calls
+
+
+@pytest.mark.parametrize("name", ["out", "state"])
+def test_a_directory_for_out_or_state_is_refused_before_work(problem, name, tmp_path):
+    """out= a directory used to end in IsADirectoryError after the whole tuning run."""
+    calls = problem.model.nfe
+    with pytest.raises(TuneError, match=f"{name}='{tmp_path}' is a directory"):
+        tune(problem.sde, problem.model, "dpmpp_2m", 5, **{name: tmp_path}, **KW)
+    assert problem.model.nfe == calls and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kw, what", [
+    # solvers='ddim' was read letter by letter ("unknown solver 'd'"), [] searched nothing; the
+    # others ended in TypeError/ValueError from unpacking; tune_options were read only when
+    # tune_top > 0, after the whole search
+    ({"solvers": "ddim"}, "solvers='ddim' is invalid"),
+    ({"solvers": []}, r"solvers=\[\] is invalid"),
+    ({"solvers": 5}, "solvers=5 is invalid"),
+    ({"grids": "karras"}, "grids='karras' is invalid"),
+    ({"grids": [("karras", "rho")]}, r"grids=\[\('karras', 'rho'\)\] is invalid"),
+    ({"tune_options": "x"}, "tune_options='x' is invalid"),
+    ({"tune_options": {"bogus": 1}}, r"tune_options \['bogus'\] are not options of tune"),
+    ({"tune_options": {"out": "a.json"}}, r"tune_options \['out'\] are not options"),
+])
+def test_bad_search_input_is_refused_before_work(problem, kw, what):
+    calls = problem.model.nfe
+    with pytest.raises(TuneError, match=what):
+        search(problem.sde, problem.model, 5, **{"solvers": ["ddim"], **KW, **kw})
     assert problem.model.nfe == calls
 
 
@@ -266,6 +304,8 @@ def test_cli_tune_then_sample_and_bench_with_the_grid(ckpt, tmp_path, capsys):
     (["--nfe", "5", "-O", "bogus"], "expected OPTION=VALUE"),
     (["--nfe", "5", "--problem", "nope"], "unknown --problem 'nope'"),
     (["--nfe", "5", "--sde", "nope"], "--sde: unknown SDE"),
+    # an empty --solvers (an unset shell variable) used to run the search over every solver
+    (["--nfe", "5", "--search", "--solvers", ""], "--solvers='' is invalid"),
 ])
 def test_cli_tune_bad_input(argv, what, capsys, tmp_path, monkeypatch):
     from helpers import run_cli

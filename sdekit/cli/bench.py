@@ -47,23 +47,28 @@ Progress (the reference solve, then each cell) goes to stderr; --quiet turns it 
 """
 
 
-def _csv(kind: type, name: str):
+def _csv(kind: type, name: str, refuse_empty: bool = False, nested: bool = False):
+    """A comma-separated list of ``kind`` values ('all': the empty list, the flag's default);
+    with ``refuse_empty`` an empty value is refused, not read as 'all' (an unset shell
+    variable must not start the whole sweep); with ``nested`` commas inside parentheses stay
+    (a grid's options: ``logsnr,uniform(shift=3, shift_type=linear)``)."""
     def parse(s: str) -> list[Any]:
         if s.strip().lower() == "all":
             return []
         try:
-            return [kind(v) for v in s.split(",") if v.strip()]
+            values = [kind(v.strip()) for v in (_split_outside_parens(s) if nested
+                                                else s.split(",")) if v.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"{name}={s!r} is invalid: expected comma-separated {kind.__name__} values")
+        if refuse_empty and not values:
+            raise argparse.ArgumentTypeError(
+                f"{name}={s!r} is invalid: expected comma-separated names (or 'all')")
+        return values
     return parse
 
 
-def _grids(s: str) -> list[str]:
-    """``--grids``: comma-separated grids, where a grid's options keep their commas
-    (``logsnr,uniform(shift=3, shift_type=linear)``)."""
-    if s.strip().lower() == "all":
-        return []
+def _split_outside_parens(s: str) -> list[str]:
     out, depth, cur = [], 0, ""
     for ch in s:
         depth += (ch == "(") - (ch == ")")
@@ -72,7 +77,7 @@ def _grids(s: str) -> list[str]:
             cur = ""
         else:
             cur += ch
-    return [g.strip() for g in out + [cur] if g.strip()]
+    return out + [cur]
 
 
 def _option(s: str) -> tuple[str, str, Any]:
@@ -103,11 +108,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                   "`sdekit sdes`")
     a("--dim", type=positive_int, default=None,
       help="dimension of a built-in problem (default: gaussian 16, gmm 16)")
-    a("--solvers", type=_csv(str, "--solvers"), default=[],
+    a("--solvers", type=_csv(str, "--solvers", refuse_empty=True), default=[],
       help="comma-separated registry names (default: all; see `sdekit solvers`)")
     a("--exclude", type=_csv(str, "--exclude"), default=[],
       help="solvers to leave out (default: none)")
-    a("--grids", type=_grids, default=[],
+    a("--grids", type=_csv(str, "--grids", refuse_empty=True, nested=True), default=[],
       help="comma-separated time grids (default: all: uniform, quadratic, logsnr, karras), "
            "with options as the tables print them, e.g. 'logsnr(lambda_floor=-2.5)' or "
            "'uniform(shift=3)' (quote them for the shell); a tuned grid file (.json from "

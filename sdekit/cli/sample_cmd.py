@@ -80,8 +80,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
       help="a noise-conditional classifier checkpoint (`sdekit train --objective classifier`, "
            "on the same SDE) for classifier guidance towards --label or the cycling labels "
            "(default: none)")
-    a("--classifier-scale", type=float_in(-math.inf), default=1.0, metavar="S",
-      help="classifier guidance scale s: eps - s sigma grad log p(y | x_t)")
+    a("--classifier-scale", type=float_in(-math.inf), default=None, metavar="S",
+      help="classifier guidance scale s: eps - s sigma grad log p(y | x_t), with --classifier "
+           "(default: 1)")
     a("--sde", default=None,
       help="forward SDE to sample (default: the one the checkpoint records, the only valid one)")
     a("--prediction", default=None,
@@ -118,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
                              f"{str(args.checkpoint)!r}: its network was {what} {recorded!r} "
                              f"(loss {cfg.get('loss')!r}): expected {recorded!r}, or omit {flag}")
     clf = _classifier(args, cfg)
+    if args.classifier_scale is None:
+        args.classifier_scale = 1.0
+    elif clf is None:
+        raise UsageError("--classifier-scale is only used with --classifier")
     y = _labels(args, net, clf)
     kw = {"grid": args.grid} if args.grid else {}
     if tuned is not None and args.solver == tuned.solver:

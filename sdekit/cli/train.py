@@ -269,6 +269,15 @@ def check_config(cfg: Any) -> None:
                              f"({SDES[cfg.sde].__name__}): expected some of {valid}")
     with user_input("--sde-kwargs"):
         get_sde(cfg.sde, **cfg.sde_kwargs)
+    net = cfg.net
+    if net.get("name") == "unet" and isinstance(cfg.image_size, int) and net.get(
+            "attn_resolutions"):
+        levels = [cfg.image_size // 2 ** i for i in range(len(net.get("channel_mult") or [1]))]
+        bad = [r for r in net["attn_resolutions"] if r not in levels]
+        if bad:   # an attention layer at no level of the U-Net would silently be left out
+            raise UsageError(f"--attn-resolutions {bad} are not resolutions of the U-Net: "
+                             f"expected some of {levels} (--image-size {cfg.image_size} halved "
+                             "at each --channel-mult level)")
     with user_input("--sample-solver"):
         slv = get_solver(cfg.sample_solver or DEFAULT_SOLVER)
     if cfg.sample_steps < slv.min_steps:

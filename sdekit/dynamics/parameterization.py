@@ -348,6 +348,12 @@ class DiffusionModel:
     def __init__(self, net: Callable[[Tensor, Tensor], Tensor], sde: ForwardSDE,
                  prediction: str = "eps",
                  time_input: str | Callable[[Tensor], Tensor] = "model_time") -> None:
+        if not callable(net):
+            raise TypeError(f"net must be a callable net(x, cond) -> Tensor, got "
+                            f"{type(net).__name__}")
+        if not isinstance(sde, ForwardSDE):
+            raise TypeError(f"sde must be an sdekit ForwardSDE (the process the network was "
+                            f"trained on), got {type(sde).__name__}")
         prediction_kind(prediction)
         if not callable(time_input) and time_input not in TIME_INPUTS:
             raise ValueError(f"time_input={time_input!r} is invalid: expected one of "

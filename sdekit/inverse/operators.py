@@ -19,6 +19,13 @@ from torch import Tensor
 from .._utils import require
 
 
+def _shape(event_shape: Any) -> tuple[Any, ...]:
+    """``event_shape`` as a tuple, refused by name when it is not a sequence of sizes."""
+    require(isinstance(event_shape, (tuple, list, torch.Size)), "event_shape", event_shape,
+            "the shape of one sample, a tuple of integers >= 1 such as (1, 8, 8)")
+    return tuple(event_shape)
+
+
 class SVDOperator:
     """Base class: a linear operator ``H = U diag(s) V^T`` (``M`` singular values, ``M <= D``).
 
@@ -80,7 +87,11 @@ class MatrixOperator(SVDOperator):
     computed once in float64."""
 
     def __init__(self, H: Any, event_shape: Sequence[int] | None = None) -> None:
-        H = torch.as_tensor(H, dtype=torch.float64)
+        try:
+            H = torch.as_tensor(H, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            require(False, "H", type(H).__name__, "a matrix of shape (M, D) (a tensor or nested "
+                    "list of numbers)")
         require(H.ndim == 2 and 1 <= H.shape[0] <= H.shape[1], "H",
                 f"(a tensor of shape {tuple(H.shape)})", "a matrix of shape (M, D) with M <= D")
         require(bool(torch.isfinite(H).all()), "H", "(a matrix with NaN or Inf)", "finite values")
@@ -149,7 +160,7 @@ class SuperResolution(SVDOperator):
     other directions come from one fixed orthonormal basis of the block (unobserved)."""
 
     def __init__(self, event_shape: Sequence[int], factor: int = 4) -> None:
-        shape = tuple(event_shape)
+        shape = _shape(event_shape)
         require(isinstance(factor, int) and not isinstance(factor, bool) and factor >= 2,
                 "factor", factor, "an integer >= 2")
         require(len(shape) == 3 and shape[1] % factor == 0 and shape[2] % factor == 0,
@@ -198,7 +209,7 @@ class Denoising(SVDOperator):
     """The identity ``y = x`` (with measurement noise: denoising); ``U = V = I``, ``s = 1``."""
 
     def __init__(self, event_shape: Sequence[int]) -> None:
-        shape = tuple(event_shape)
+        shape = _shape(event_shape)
         require(len(shape) >= 1 and all(isinstance(d, int) and d >= 1 for d in shape),
                 "event_shape", shape, "a tuple of integers >= 1")
         self.event_shape = self.obs_shape = shape

@@ -6,6 +6,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .._utils import require_finite_positive
 from .base import ForwardSDE
 
 _CHECK_POINTS = 257
@@ -26,6 +27,8 @@ class CustomSDE(ForwardSDE):
         if not callable(alpha) or not callable(sigma):
             raise TypeError("alpha and sigma must be callables mapping a float64 tensor of times "
                             "to a tensor of the same shape")
+        if prior_std is not None:
+            require_finite_positive("prior_std", prior_std)
         super().__init__(t_min, T)
         self._alpha_fn, self._sigma_fn = alpha, sigma
         self._prior_std = prior_std

@@ -27,7 +27,11 @@ from .base import ForwardSDE
 
 
 def _table(name: str, values: Any) -> Tensor:
-    v = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
+    try:
+        v = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name}={values!r} is invalid: expected a 1-D table of numbers (a "
+                        "list or tensor)") from None
     if v.ndim != 1 or v.numel() < 2:
         raise ValueError(f"{name} must be a 1-D table with at least 2 entries, got shape "
                          f"{tuple(v.shape)}")

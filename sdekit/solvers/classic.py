@@ -242,7 +242,7 @@ class TorchSDE(ExternalSolver):
     _NFE: ClassVar[dict[str, int]] = {"euler": 1, "milstein": 1, "srk": 10}
 
     def __init__(self, method: str = "euler") -> None:
-        if method not in self._ORDERS:
+        if not isinstance(method, str) or method not in self._ORDERS:
             raise ValueError(f"method={method!r} is invalid: expected one of "
                              f"{sorted(self._ORDERS)}")
         self.method = method

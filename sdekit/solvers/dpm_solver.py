@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from .._utils import is_int, is_number
 from .base import AdaptiveSolver, FixedGridSolver, ModelOutput, OneCallStepper, Problem
 from .exp_integrator import (
     ExpIntegrator,
@@ -327,11 +328,13 @@ class DPMSolverAdaptive(ExpIntegrator, AdaptiveSolver):
         for name, v in (("rtol", rtol), ("atol", atol), ("h_init", h_init)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name}={v!r} is invalid: expected a finite number > 0")
-        if not 0 < theta <= 1:
+        if not (is_number(theta) and 0 < theta <= 1):
             raise ValueError(f"theta={theta!r} is invalid: expected a number in (0, 1]")
         if not (isinstance(h_max, (int, float)) and h_max > 0):
             raise ValueError(f"h_max={h_max!r} is invalid: expected a number > 0 (math.inf: "
                              "no cap)")
+        if not (is_int(max_iters) and max_iters >= 1):
+            raise ValueError(f"max_iters={max_iters!r} is invalid: expected an integer >= 1")
         super().__init__(predict_x0, False, False, **thresholding_options)
         self.order, self.rtol, self.atol = order, float(rtol), float(atol)
         self.h_init, self.theta, self.max_iters = float(h_init), float(theta), int(max_iters)

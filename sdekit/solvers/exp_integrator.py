@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._utils import is_number
 from ..dynamics.parameterization import Coeffs, to_eps, to_x0
 from .base import (  # noqa: F401 (last_lambda_step_ratio re-exported)
     ModelOutput,
@@ -241,10 +242,11 @@ class ExpIntegrator(Solver):
         if thresholding and not predict_x0:
             raise ValueError("thresholding=True needs a data-prediction solver: use "
                              "predict_x0=True (DPM-Solver++, UniPC)")
-        if not 0 < threshold_ratio <= 1:
+        if not (is_number(threshold_ratio) and 0 < threshold_ratio <= 1):
             raise ValueError(f"threshold_ratio={threshold_ratio!r} is invalid: expected a "
                              "number in (0, 1]")
-        if not 0 < threshold_min <= threshold_max:
+        if not (is_number(threshold_min) and is_number(threshold_max)
+                and 0 < threshold_min <= threshold_max):
             raise ValueError(f"threshold_min={threshold_min!r}, threshold_max={threshold_max!r} "
                              "are invalid: expected 0 < threshold_min <= threshold_max")
         self.prediction = prediction

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._utils import is_number
 from ..dynamics.parameterization import Coeffs, to_eps
 from ..dynamics.reverse import ProbabilityFlowODE
 from .base import AdaptiveSolver, FixedGridSolver, ModelOutput, OneCallStepper, Problem
@@ -68,7 +69,7 @@ class ExplicitRK(FixedGridSolver):
     paper = "Song et al. 2021, Score-Based Generative Modeling through SDEs, Eq. 13"
 
     def __init__(self, method: str = "euler") -> None:
-        if method not in TABLES:
+        if not isinstance(method, str) or method not in TABLES:
             raise ValueError(f"method={method!r} is invalid: expected one of {sorted(TABLES)}")
         self.table, self.order = TABLES[method]
         self.nfe_per_step = self.table.stages
@@ -113,7 +114,7 @@ class TorchDiffEq(AdaptiveSolver):
         """``atol`` defaults to ``rtol`` (the states are of unit scale), so that tightening
         ``rtol`` alone tightens the solve."""
         from torchdiffeq._impl.odeint import SOLVERS
-        if method not in SOLVERS:
+        if not isinstance(method, str) or method not in SOLVERS:
             raise ValueError(f"method={method!r} is invalid: expected one of {sorted(SOLVERS)}")
         atol = rtol if atol is None else atol
         for k, v in (("rtol", rtol), ("atol", atol)):
@@ -279,7 +280,7 @@ class EDMHeun(OneCallStepper):
         for k, v in (("S_churn", S_churn), ("S_tmin", S_tmin), ("S_noise", S_noise)):
             if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
                 raise ValueError(f"{k}={v!r} is invalid: expected a finite number >= 0")
-        if not S_tmax >= S_tmin:
+        if not (is_number(S_tmax) and S_tmax >= S_tmin):
             raise ValueError(f"S_tmax={S_tmax!r} is invalid: expected S_tmax >= S_tmin ({S_tmin})")
         self.heun, self.S_churn, self.S_tmin, self.S_tmax, self.S_noise = (
             bool(heun), float(S_churn), float(S_tmin), float(S_tmax), float(S_noise))

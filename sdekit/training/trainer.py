@@ -220,6 +220,9 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' is invalid: no CUDA device is available here "
+                             "(torch.cuda.is_available() is False): expected 'cpu' or 'auto'")
         return torch.device("cuda", local_rank)
     return torch.device(name)
 
