@@ -74,7 +74,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
       help="name of a model that cannot be hashed (default: the weights hash)")
     a("--search", action="store_true",
       help="rank solvers x options x named grids instead of tuning one solver")
-    a("--solvers", type=_csv(str, "--solvers", empty_means_all=True), default=[],
+    a("--solvers", type=_csv(str, "--solvers", refuse_empty=True), default=[],
       help="with --search: solvers to rank (default: every deterministic fixed-grid solver)")
     a("--tune-top", type=int_at_least(0), default=0,
       help="with --search: also tune the grids of the best K solver configurations")
