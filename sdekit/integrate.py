@@ -15,7 +15,15 @@ from .grids import make_grid
 from .guidance import check_guided_solver
 from .noise import SeededNoise
 from .sde.base import ForwardSDE
-from .solvers.base import FixedGridSolver, OwnLoopSolver, Problem, Solver, raise_pending, unshared
+from .solvers.base import (
+    FixedGridSolver,
+    OwnLoopSolver,
+    Problem,
+    Solver,
+    has_nonfinite,
+    raise_pending,
+    unshared,
+)
 from .solvers.registry import DEFAULT_SOLVER, default_config, get_solver
 
 DEFAULT_STEPS = 20
@@ -359,7 +367,7 @@ def _check_inputs(x_init: Any, shape: Any, dtype: Any, steps: Any, grid: Any, t_
             raise ValueError(f"x_init has shape {tuple(x_init.shape)}: expected (batch, ...) "
                              "with batch >= 1")
         check_float_dtype("x_init", x_init.dtype)
-        if not bool(torch.isfinite(x_init).all()):
+        if x_init.numel() and has_nonfinite(x_init):
             raise ValueError("x_init contains NaN or Inf: expected finite initial states")
         if shape is not None and tuple(shape) != tuple(x_init.shape):
             raise ValueError(f"shape mismatch: shape={tuple(shape)} but x_init has shape "

@@ -66,8 +66,15 @@ def check_model_output(out: Tensor, t: Tensor, solver: str, step_of: Callable[[f
         return
     if pending is not None:
         pending.append((t, solver, step_of, torch.aminmax(out)))
-    elif not math.isfinite(out.sum().item()) and not bool(torch.isfinite(out).all()):
+    elif has_nonfinite(out):
         _raise_model_output_error(t, solver, step_of)
+
+
+def has_nonfinite(x: Tensor) -> bool:
+    """Whether ``x`` holds NaN or Inf, in one reading pass where it does not: a finite
+    ``x.sum()`` proves it (NaN/Inf propagate), a non-finite one (also from the overflow of a
+    large finite sum) is confirmed by the exact ``isfinite`` test."""
+    return not math.isfinite(x.sum().item()) and not bool(torch.isfinite(x).all())
 
 
 def _raise_model_output_error(t: Tensor, solver: str, step_of: Callable[[float], int]) -> None:
