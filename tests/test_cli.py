@@ -253,7 +253,7 @@ def test_sample_default_solver_is_sample_functions(run_dir, capsys):
         capsys.readouterr().out.split())
 
 
-def test_option_free_sample_runs_and_records_the_default_rule(run_dir, tmp_path):
+def test_option_free_sample_runs_and_records_the_default_rule(run_dir, tmp_path, capsys):
     """`sdekit sample` without --solver/--grid draws what generate() (sdekit.sample's option-free
     rule, default_config) draws, and its .npz records the rule's solver, options and grid."""
     import numpy as np
@@ -267,6 +267,7 @@ def test_option_free_sample_runs_and_records_the_default_rule(run_dir, tmp_path)
                  "--n", "6", "--out", str(out)]) == 0
     z = np.load(out.with_name("s.npz"))
     meta = json.loads(str(z["meta"]))
+    assert f"10 NFE ({meta['solver']}, 10 steps)" in capsys.readouterr().out   # not "None"
     net, sde, _ = load_model(run_dir / "checkpoint.pt")
     rule = default_config(sde, 10)
     assert meta["solver"] == "unipc_bh2(" + ", ".join(

@@ -138,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
                           classifier_scale=args.classifier_scale, **kw)
     except (ValueError, KeyError) as e:   # a library input error, after the checks above
         raise UsageError(str(e.args[0] if e.args else e)) from e
-    png, npz = _save(args, x, y, nfe, net, sde, cfg, clf)
-    print(f"{args.n} samples, {nfe} NFE ({args.solver}, {args.steps} steps) -> {png}, {npz}")
+    png, npz, solver = _save(args, x, y, nfe, net, sde, cfg, clf)
+    print(f"{args.n} samples, {nfe} NFE ({solver}, {args.steps} steps) -> {png}, {npz}")
     return 0
 
 
@@ -210,8 +210,9 @@ def _labels(args: argparse.Namespace, net: Any, clf: Any) -> Any:
 
 
 def _save(args: argparse.Namespace, x: Any, y: Any, nfe: int, net: Any, sde: Any,
-          cfg: dict[str, Any], clf: Any) -> tuple[Any, Any]:
-    """Write the sample grid (.png) and the samples with their metadata (.npz)."""
+          cfg: dict[str, Any], clf: Any) -> tuple[Any, Any, str]:
+    """Write the sample grid (.png) and the samples with their metadata (.npz); returns their
+    paths and the solver as recorded (the option-free rule's where none was given)."""
     import numpy as np
 
     from ..solvers.registry import DEFAULT_SOLVER, default_config
@@ -244,4 +245,4 @@ def _save(args: argparse.Namespace, x: Any, y: Any, nfe: int, net: Any, sde: Any
     if y is not None:
         arrays["y"] = y.numpy()
     np.savez(npz, **arrays)
-    return png, npz
+    return png, npz, solver
