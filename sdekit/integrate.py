@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ._utils import check_float_dtype, check_seed, compute_dtype, is_real
-from .dynamics.parameterization import DiffusionModel, as_model, prediction_kind
+from .dynamics.parameterization import DiffusionModel, as_model
 from .grids import make_grid
 from .guidance import check_guided_solver
 from .noise import SeededNoise
@@ -117,7 +117,7 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             differentiable (memory grows with every step).
     """
     # long for its docstring only (the reference of every argument); the code is named steps
-    _check_call(sde, grid_options, prediction)
+    _check_call(sde, grid_options)
     solver, solver_options, grid, grid_options = configure(sde, solver, steps, grid,
                                                            grid_options, solver_options)
     if grid is not None and not isinstance(grid, Tensor):
@@ -326,10 +326,8 @@ def _fixed_grid_loop(slv: FixedGridSolver, p: Problem, x: Tensor, grid_times: li
 GRAD_MODES = ("none", "model", "full")
 
 
-def _check_call(sde: Any, grid_options: Any, prediction: Any = "eps") -> None:
-    """Check the arguments that :func:`configure` reads, before it reads them, and
-    ``prediction`` (also where a :class:`DiffusionModel`, which carries its own, ignores it)."""
-    prediction_kind(prediction)
+def _check_call(sde: Any, grid_options: Any) -> None:
+    """Check the arguments that :func:`configure` reads, before it reads them."""
     if not isinstance(sde, ForwardSDE):
         raise TypeError(f"sde must be an sdekit ForwardSDE (e.g. sdekit.VPSDE()), got "
                         f"{type(sde).__name__}")

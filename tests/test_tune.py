@@ -173,6 +173,7 @@ def test_resume_after_interruption_gives_the_same_grid(problem, tmp_path, monkey
     (("dpmpp_2m", 1), {}, "nothing to tune"),
     (("heun", 1), {}, "below the minimum cost"),
     (("dpmpp_2m", 5), {"calibration": 1}, "calibration=1 is invalid"),
+    (("dpmpp_2m", 5), {"prediction": "epss"}, "prediction='epss' is invalid"),
     (("dpmpp_2m", 5), {"shape": None}, "give shape="),
     (("dpmpp_2m", 5), {"heldout_seed": 0}, "heldout seeds overlap"),
     (("dpmpp_2m", 5), {"reference": "ddim"}, "reference='ddim' is invalid"),

@@ -521,7 +521,10 @@ class DiffusionModel:
 
 
 def as_model(model: Any, sde: ForwardSDE, prediction: str = "eps") -> DiffusionModel:
-    """Return ``model`` if it already is a :class:`DiffusionModel`, else wrap the callable."""
+    """Return ``model`` if it already is a :class:`DiffusionModel`, else wrap the callable;
+    ``prediction`` is checked either way (a DiffusionModel carries its own and would ignore a
+    misspelt one)."""
+    prediction_kind(prediction)
     if isinstance(model, DiffusionModel):
         if model.sde is not sde:
             raise ValueError(f"the model was built for {model.sde!r} but is used with {sde!r}: "
