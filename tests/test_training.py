@@ -339,7 +339,8 @@ def test_cli_train_then_sample(tmp_path, capsys):
     args = ["train", "--data", "two_moons", "--steps", "3", "--width", "16", "--depth", "1",
             "--batch-size", "32", "--ckpt-every", "3", "--sample-n", "16", "--sample-steps",
             "2", "--no-progress", "--device", "cpu", "--out", str(out)]
-    assert cli(args) == 0
+    assert cli(args + ["--resume"]) == 0        # nothing to resume: says so, starts at 0
+    assert f"--resume: no checkpoint in {out}, so from step 0" in capsys.readouterr().out
     assert (out / "checkpoint.pt").exists() and (out / "log.csv").exists()
     assert (out / "samples_0000003.png").exists()
     assert cli(args) == 2                       # refuses to overwrite without --resume

@@ -319,7 +319,9 @@ def run(args: argparse.Namespace) -> int:
                       f"{trainer.step} = --steps; pass a larger --steps to train further")
             return 0
         if trainer.rank == 0:
-            start = f" (resumed at step {trainer.step})" if trainer.step else ""
+            start = (f" (resumed at step {trainer.step})" if trainer.step else
+                     f" (--resume: no checkpoint in {out}, so from step 0)" if args.resume
+                     else "")
             n = sum(p.numel() for p in trainer.net.parameters())
             what = ("classes" if trainer.is_classifier
                     else f"prediction {trainer.net.prediction}")
