@@ -87,6 +87,11 @@ def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
 
 
+def is_collection(value: Any) -> bool:
+    """An iterable that is not a string or bytes (a list, tuple, array or tensor of values)."""
+    return isinstance(value, Iterable) and not isinstance(value, (str, bytes))
+
+
 def is_int(value: Any) -> bool:
     """A Python/NumPy integer (not a bool)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._utils import check_float_dtype, check_seed, compute_dtype, is_real
+from ._utils import check_float_dtype, check_seed, compute_dtype, is_collection, is_real
 from .dynamics.parameterization import DiffusionModel, as_model
 from .grids import make_grid
 from .guidance import check_guided_solver
@@ -336,10 +336,6 @@ def _check_call(sde: Any, grid_options: Any) -> None:
                         "grid's options, e.g. {'rho': 7.0}")
 
 
-def _is_collection(v: Any) -> bool:
-    """An iterable that is not a string (a list, tuple, array or tensor of values)."""
-    return isinstance(v, Iterable) and not isinstance(v, (str, bytes))
-
 
 def _check_device(device: Any) -> None:
     """Raise unless ``device`` names a device that torch can allocate on here."""
@@ -365,7 +361,7 @@ def _check_inputs(x_init: Any, shape: Any, dtype: Any, steps: Any, grid: Any, t_
             raise ValueError(f"x_init has shape {tuple(x_init.shape)}: expected (batch, ...) "
                              "with batch >= 1")
         check_float_dtype("x_init", x_init.dtype)
-        if x_init.numel() and has_nonfinite(x_init):
+        if has_nonfinite(x_init):   # an empty x_init sums to 0: finite
             raise ValueError("x_init contains NaN or Inf: expected finite initial states")
         if shape is not None and tuple(shape) != tuple(x_init.shape):
             raise ValueError(f"shape mismatch: shape={tuple(shape)} but x_init has shape "
@@ -384,7 +380,7 @@ def _check_inputs(x_init: Any, shape: Any, dtype: Any, steps: Any, grid: Any, t_
         if noise is not None:
             raise ValueError("give seeds or noise, not both: a noise source carries its own "
                              "per-sample seeds")
-        if not _is_collection(seeds):
+        if not is_collection(seeds):
             raise TypeError(f"seeds={seeds!r} is invalid: expected a list of per-sample "
                             "integer seeds, one per sample (or seed= for one integer)")
         seeds = list(seeds)
@@ -407,7 +403,7 @@ def _check_inputs(x_init: Any, shape: Any, dtype: Any, steps: Any, grid: Any, t_
         raise TypeError(f"noise={noise!r} is invalid: expected a noise source with randn(like) "
                         "and increment(t0, t1, like), e.g. an instance of sdekit.SeededNoise "
                         "or sdekit.BrownianNoise")
-    if save_at is not None and not (_is_collection(save_at) and all(
+    if save_at is not None and not (is_collection(save_at) and all(
             is_real(t) or isinstance(t, Tensor) and t.numel() == 1 for t in save_at)):
         raise ValueError(f"save_at={save_at!r} is invalid: expected a list of grid times "
                          "(finite numbers, each a point of the grid)")

@@ -44,7 +44,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from ._io import content_hash, load_verified, save_verified
-from ._utils import check_float_dtype, check_seed, is_int
+from ._utils import check_float_dtype, check_seed, is_collection, is_int
 from .dynamics.parameterization import DiffusionModel, as_model
 from .grids import GRIDS, make_grid, validate_grid
 from .integrate import sample
@@ -131,10 +131,10 @@ def _init_states(x: int | Tensor, seeds: Sequence[int] | None, seed: int, sde: F
                         "tensor of initial states")
     if shape is None:
         raise TuneError(f"{what}={x}: give shape= (the event shape of one sample, e.g. (16,))")
-    if not (_is_collection(shape) and all(is_int(d) and d >= 1 for d in shape)):
+    if not (is_collection(shape) and all(is_int(d) and d >= 1 for d in shape)):
         raise TuneError(f"shape={shape!r} is invalid: expected the event shape of one sample, a "
                         "tuple of integers >= 1 (e.g. (16,))")
-    if seeds is not None and not _is_collection(seeds):
+    if seeds is not None and not is_collection(seeds):
         raise TuneError(f"{what} seeds={seeds!r} are invalid: expected a list of integer seeds, "
                         "one per sample")
     seeds = list(seeds) if seeds is not None else sample_seeds(seed, x)
@@ -760,10 +760,10 @@ def _search_space(solvers: Sequence[str] | None,
                   grids: Sequence[tuple[str, Mapping[str, Any]]] | None, nfe: int, tune_top: int
                   ) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
     """The checked solvers and grids of :func:`search` (and its checked ``nfe``, ``tune_top``)."""
-    if solvers is not None and not (_is_collection(solvers) and len(list(solvers)) > 0):
+    if solvers is not None and not (is_collection(solvers) and len(list(solvers)) > 0):
         raise TuneError(f"solvers={solvers!r} is invalid: expected a non-empty list of solver "
                         "names, e.g. ['dpmpp_2m', 'unipc_bh2'] (None: every tunable solver)")
-    if grids is not None and not (_is_collection(grids) and all(
+    if grids is not None and not (is_collection(grids) and all(
             isinstance(e, (tuple, list)) and len(e) == 2 and isinstance(e[1], Mapping)
             for e in grids)):
         raise TuneError(f"grids={grids!r} is invalid: expected a list of (grid name, options) "
@@ -800,10 +800,6 @@ def _check_tune_options(tune_options: Any) -> None:
         raise TuneError(f"tune_options {unknown} are not options of tune() that search() passes "
                         f"on: expected some of {valid}")
 
-
-def _is_collection(v: Any) -> bool:
-    """An iterable that is not a string (a list, tuple or array of values)."""
-    return isinstance(v, Iterable) and not isinstance(v, (str, bytes))
 
 
 def _search_rows(run: _Run, plan: list[tuple[str, dict[str, Any], str, dict[str, Any]]],

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .._utils import is_int
+from .._utils import is_collection, is_int
 from .base import ModelOutput, OneCallStepper, Problem, Solver, linear_combination
 from .exp_integrator import ExpIntegrator, Outputs, ThresholdingOptions, phi, push
 from .registry import get_solver, register
@@ -89,8 +89,7 @@ class UniPC(ExpIntegrator, OneCallStepper):
             raise ValueError(f"variant={variant!r} is invalid: expected one of {VARIANTS}")
         super().__init__(predict_x0, lower_order_final, final_to_zero, **thresholding_options)
         self.max_order, self.variant, self.corrector = order, variant, bool(corrector)
-        steps = (list(disable_corrector) if isinstance(disable_corrector, Iterable)
-                 and not isinstance(disable_corrector, str) else None)
+        steps = list(disable_corrector) if is_collection(disable_corrector) else None
         if steps is None or not all(is_int(i) and i >= 0 for i in steps):
             raise ValueError(f"disable_corrector={disable_corrector!r} is invalid: expected a "
                              "collection of step indices (integers >= 0), e.g. (0, 1)")
