@@ -215,6 +215,23 @@ def measure_diffusers(shape: tuple[int, ...], steps: int, rounds: int,
     return rows
 
 
+def markdown_table(doc: dict) -> str:
+    """The docs/benchmarks.md table of a results file (``--table FILE``)."""
+    peer = "diffusers" if "diffusers" in doc["rows"][0] else "kdiffusion"
+    name = {"diffusers": "diffusers scheduler", "kdiffusion": "k-diffusion sampler"}[peer]
+    short = name.split()[0]
+    lines = [f"| states, steps | sdekit solver | {name} | NFE | network ms/step (median) | "
+             f"sdekit ms/step (median) | {short} ms/step (median) | ratio of medians | "
+             "overhead ratio, excluding the network (median / min) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in doc["rows"]:
+        lines.append(f"| {r['regime']} | `{r['solver']}` | `{r[peer]}` | {r['nfe']} | "
+                     f"{r['network_ms_median']:.3f} | {r['sdekit_ms_median']:.3f} | "
+                     f"{r[peer + '_ms_median']:.3f} | {r['ratio_median']:.2f} | "
+                     f"{r['overhead_ratio_median']:.2f} / {r['overhead_ratio_min']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
@@ -224,7 +241,12 @@ def main() -> None:
     ap.add_argument("--solvers", default=None,
                     help="comma-separated sdekit solvers of the pairs to run (default: all)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--table", default=None, metavar="FILE",
+                    help="print the markdown table of a results file (--out) and exit")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())))
+        return
     solvers = args.solvers.split(",") if args.solvers else None
     torch.set_num_threads(1)
     load_start = os.getloadavg()   # the machine's load beside the numbers (shared cores)
