@@ -346,12 +346,8 @@ def _check_device(device: Any) -> None:
                          f"here, e.g. 'cpu' or 'cuda' ({e})") from None
 
 
-def _check_inputs(x_init: Any, shape: Any, dtype: Any, steps: Any, grid: Any, t_start: Any,
-                  t_end: Any, seed: Any, seeds: Any, noise: Any, callback: Any, grad: Any,
-                  save_at: Any = None, device: Any = None) -> tuple[Tensor | None, torch.dtype]:
-    """Validate sample()'s arguments before any work; returns ``(x_init, dtype)``."""
-    if grad not in GRAD_MODES:
-        raise ValueError(f"grad={grad!r} is invalid: expected one of {GRAD_MODES}")
+def _check_state(x_init: Any, shape: Any, dtype: Any) -> torch.dtype:
+    """Check ``x_init`` (or, without it, ``shape`` and ``dtype``); returns the solve's dtype."""
     if x_init is not None:
         if not isinstance(x_init, Tensor):
             raise TypeError(f"x_init must be a torch.Tensor of shape (batch, ...), got "
@@ -366,16 +362,20 @@ def _check_inputs(x_init: Any, shape: Any, dtype: Any, steps: Any, grid: Any, t_
         if shape is not None and tuple(shape) != tuple(x_init.shape):
             raise ValueError(f"shape mismatch: shape={tuple(shape)} but x_init has shape "
                              f"{tuple(x_init.shape)}")
-        dtype = x_init.dtype
-    else:
-        if shape is None:
-            raise ValueError("give either x_init or shape")
-        dims = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else None
-        if not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
-                               for d in dims):
-            raise ValueError(f"shape={shape!r} is invalid: expected a tuple of integers >= 1, "
-                             "(batch, ...)")
-        check_float_dtype("dtype", dtype)
+        return x_init.dtype
+    if shape is None:
+        raise ValueError("give either x_init or shape")
+    dims = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else None
+    if not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
+                           for d in dims):
+        raise ValueError(f"shape={shape!r} is invalid: expected a tuple of integers >= 1, "
+                         "(batch, ...)")
+    check_float_dtype("dtype", dtype)
+    return dtype
+
+
+def _check_seeds(seed: Any, seeds: Any, noise: Any, n: int) -> None:
+    """Check ``seed``, or ``seeds`` (one per sample of the ``n``) beside ``noise``."""
     if seeds is not None:
         if noise is not None:
             raise ValueError("give seeds or noise, not both: a noise source carries its own "
@@ -384,12 +384,21 @@ def _check_inputs(x_init: Any, shape: Any, dtype: Any, steps: Any, grid: Any, t_
             raise TypeError(f"seeds={seeds!r} is invalid: expected a list of per-sample "
                             "integer seeds, one per sample (or seed= for one integer)")
         seeds = list(seeds)
-        n = x_init.shape[0] if x_init is not None else shape[0]
         if len(seeds) != n:
             raise ValueError(f"seeds has {len(seeds)} entries but the batch has {n} samples: "
                              "expected one seed per sample")
     else:
         check_seed("seed", seed)
+
+
+def _check_inputs(x_init: Any, shape: Any, dtype: Any, steps: Any, grid: Any, t_start: Any,
+                  t_end: Any, seed: Any, seeds: Any, noise: Any, callback: Any, grad: Any,
+                  save_at: Any = None, device: Any = None) -> tuple[Tensor | None, torch.dtype]:
+    """Validate sample()'s arguments before any work; returns ``(x_init, dtype)``."""
+    if grad not in GRAD_MODES:
+        raise ValueError(f"grad={grad!r} is invalid: expected one of {GRAD_MODES}")
+    dtype = _check_state(x_init, shape, dtype)
+    _check_seeds(seed, seeds, noise, x_init.shape[0] if x_init is not None else shape[0])
     if grid is not None and not isinstance(grid, str):  # an explicit grid carries its range
         for name, v in (("t_start", t_start), ("t_end", t_end)):
             if v is not None:

@@ -340,6 +340,14 @@ def _tune_solver(solver: str, opts: dict[str, Any], nfe: int) -> tuple[dict[str,
     return cfg, steps
 
 
+def _check_files(**paths: str | os.PathLike | None) -> None:
+    """Raise a TuneError for a path that is a directory where a file is written."""
+    for name, path in paths.items():
+        if path is not None and os.path.isdir(path):
+            raise TuneError(f"{name}={str(path)!r} is a directory: expected the path of a file "
+                            "(e.g. grid.json)")
+
+
 def _check_tune_limits(candidates: int, max_sweeps: int, teacher_factor: int, min_move: float,
                        validation: float) -> None:
     """Check the search limits and the validation fraction of :func:`tune`."""
@@ -627,10 +635,7 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
     cfg, steps = _tune_solver(solver, opts, nfe)
     _check_tune_limits(candidates, max_sweeps, teacher_factor, min_move, validation)
     _check_reference(reference)
-    for name, path in (("out", out), ("state", state)):
-        if path is not None and os.path.isdir(path):
-            raise TuneError(f"{name}={str(path)!r} is a directory: expected the path of a file "
-                            "(e.g. grid.json)")
+    _check_files(out=out, state=state)
     ident = model_identity(dm, model_tag)
     x_cal, cal_seeds, x_ho, ho_seeds = _batches(sde, calibration, seeds, seed, heldout,
                                                 heldout_seeds, heldout_seed, shape, dtype)
