@@ -607,10 +607,10 @@ def flow_times_of_sigmas(sde: ForwardSDE, sigmas: Any, grid_options: Mapping[str
     return shift_times(sde, s, factor)
 
 
+# over 60 lines: the body is the class statement of SdekitScheduler, built lazily so that
+# importing sdekit never imports diffusers; its methods are short and the logic lives in
+# SchedulerCore above
 def _build() -> dict[str, type]:
-    # Long by design: the body is the class statement of SdekitScheduler, built lazily so
-    # that importing sdekit never imports diffusers; its methods are short and the logic
-    # lives in SchedulerCore above.
     try:
         from diffusers.configuration_utils import ConfigMixin
         from diffusers.schedulers.scheduling_utils import SchedulerMixin
