@@ -76,6 +76,19 @@ def require(cond: bool, name: str, value: Any, valid: str) -> None:
         raise ValueError(f"{name}={value!r} is invalid: expected {valid}")
 
 
+def is_flag(value: Any, allow_none: bool = False) -> bool:
+    """A Python or NumPy bool (or None where ``allow_none``): what an on/off option takes, so
+    that ``'no'`` or ``0.5`` is refused instead of read as true."""
+    import numpy as np
+    return isinstance(value, (bool, np.bool_)) or (allow_none and value is None)
+
+
+def check_flags(**flags: Any) -> None:
+    """Raise a ValueError naming the first of the on/off ``flags`` that is not True or False."""
+    for name, v in flags.items():
+        require(is_flag(v), name, v, "True or False")
+
+
 def is_real(value: Any) -> bool:
     """A finite real Python/NumPy number (not a bool, string or tensor)."""
     return is_number(value) and math.isfinite(value)

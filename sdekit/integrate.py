@@ -9,7 +9,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._utils import check_float_dtype, check_seed, compute_dtype, is_collection, is_real
+from ._utils import (
+    check_flags,
+    check_float_dtype,
+    check_seed,
+    compute_dtype,
+    is_collection,
+    is_real,
+)
 from .dynamics.parameterization import DiffusionModel, as_model
 from .grids import make_grid
 from .guidance import check_guided_solver
@@ -117,7 +124,7 @@ def sample(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor],
             differentiable (memory grows with every step).
     """
     # long for its docstring only (the reference of every argument); the code is named steps
-    _check_call(sde, grid_options)
+    _check_call(sde, grid_options, denoise=denoise, float64=float64, progress=progress)
     solver, solver_options, grid, grid_options = configure(sde, solver, steps, grid,
                                                            grid_options, solver_options)
     if grid is not None and not isinstance(grid, Tensor):
@@ -326,15 +333,16 @@ def _fixed_grid_loop(slv: FixedGridSolver, p: Problem, x: Tensor, grid_times: li
 GRAD_MODES = ("none", "model", "full")
 
 
-def _check_call(sde: Any, grid_options: Any) -> None:
-    """Check the arguments that :func:`configure` reads, before it reads them."""
+def _check_call(sde: Any, grid_options: Any, **flags: Any) -> None:
+    """Check the arguments that :func:`configure` reads, before it reads them, and the on/off
+    ``flags`` (True or False: a string such as 'no' is not read as true)."""
+    check_flags(**flags)
     if not isinstance(sde, ForwardSDE):
         raise TypeError(f"sde must be an sdekit ForwardSDE (e.g. sdekit.VPSDE()), got "
                         f"{type(sde).__name__}")
     if grid_options is not None and not isinstance(grid_options, Mapping):
         raise TypeError(f"grid_options={grid_options!r} is invalid: expected a dict of the "
                         "grid's options, e.g. {'rho': 7.0}")
-
 
 
 def _check_device(device: Any) -> None:

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from ._io import content_hash, load_verified, save_verified
-from ._utils import check_float_dtype, check_seed, is_collection, is_int
+from ._utils import check_flags, check_float_dtype, check_seed, is_collection, is_int
 from .dynamics.parameterization import DiffusionModel, as_model
 from .grids import GRIDS, make_grid, validate_grid
 from .integrate import sample
@@ -636,6 +636,7 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
     _check_tune_limits(candidates, max_sweeps, teacher_factor, min_move, validation)
     _check_reference(reference)
     _check_files(out=out, state=state)
+    check_flags(fresh=fresh, progress=progress)
     ident = model_identity(dm, model_tag)
     x_cal, cal_seeds, x_ho, ho_seeds = _batches(sde, calibration, seeds, seed, heldout,
                                                 heldout_seeds, heldout_seed, shape, dtype)
@@ -911,6 +912,7 @@ def search(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], nfe: 
     names, grid_list = _search_space(solvers, grids, nfe, tune_top)
     _check_tune_options(tune_options)
     _check_reference(reference)
+    check_flags(progress=progress)
     ident = model_identity(dm, model_tag)
     batches = _batches(sde, calibration, seeds, seed, heldout, heldout_seeds, heldout_seed,
                        shape, dtype)

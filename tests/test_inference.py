@@ -213,6 +213,12 @@ BAD_CALLS = {
     "grid_options str": (dict(shape=(2, 3), grid="karras", grid_options="rho"), TypeError,
                          "grid_options='rho' is invalid"),
     "device unknown": (dict(shape=(2, 3), device="nope"), ValueError, "device='nope' is invalid"),
+    # on/off flags used to be read for their truth: float64='no' ran in float64
+    "float64 string": (dict(shape=(2, 3), float64="no"), ValueError, "float64='no' is invalid"),
+    "denoise number": (dict(shape=(2, 3), denoise=1), ValueError, "denoise=1 is invalid"),
+    "progress None": (dict(shape=(2, 3), progress=None), ValueError, "progress=None is invalid"),
+    "solver flag": (dict(shape=(2, 3), solver="dpmpp_2m", final_to_zero="x"), ValueError,
+                    "final_to_zero='x' is invalid: expected True or False"),
 }
 
 

@@ -132,3 +132,31 @@ def test_option_checks_keep_valid_values():
     assert slv.threshold == (0.995, 1.0, math.inf)
     assert sdekit.get_solver("unipc_bh2", disable_corrector=range(2)).disable_corrector == {0, 1}
     assert sdekit.get_solver("dpmpp_adaptive", max_iters=np.int64(50)).max_iters == 50
+
+
+def _flag_options() -> list[tuple[str, str, bool]]:
+    """(solver, option, takes None) for every on/off option of every registered solver."""
+    return [(name, p.name, p.annotation == "bool | None") for name, (cls, _) in _REGISTRY.items()
+            for p in option_parameters(cls) if p.annotation in ("bool", "bool | None")]
+
+
+def test_every_flag_option_is_found():
+    found = {(s, o) for s, o, _ in _flag_options()}
+    assert {("dpmpp_2m", "final_to_zero"), ("unipc_bh2", "corrector"), ("edm_heun", "heun"),
+            ("dpmpp_2m", "lower_order_final"), ("dpm_solver_v3", "pseudo_order")} <= found
+
+
+@pytest.mark.parametrize("solver, option, takes_none", _flag_options())
+def test_on_off_options_take_only_bools(solver, option, takes_none):
+    """A string or number for an on/off option used to be read for its truth ('no' as True);
+    it is refused by name when the solver is built. True and False (and None where the option
+    is automatic by default) still build."""
+    for bad in ("no", 1, 0.0) + (() if takes_none else (None,)):
+        with pytest.raises(ValueError, match=f"{option}={bad!r} is invalid: expected True or "
+                                             "False"):
+            sdekit.get_solver(solver, **{option: bad})
+    for good in (True, False) + ((None,) if takes_none else ()):
+        try:
+            sdekit.get_solver(solver, **{option: good})
+        except ValueError as e:   # a valid flag may still clash with another option
+            assert f"{option}={good!r} is invalid" not in str(e)

@@ -188,6 +188,9 @@ def test_resume_after_interruption_gives_the_same_grid(problem, tmp_path, monkey
     (("dpmpp_2m", 5), {"shape": 4}, "shape=4 is invalid"),
     (("dpmpp_2m", 5), {"shape": (0,)}, r"shape=\(0,\) is invalid"),
     (("dpmpp_2m", 5), {"dtype": torch.int32}, "dtype has dtype torch.int32"),
+    # on/off flags used to be read for their truth (fresh='no' discarded the saved state)
+    (("dpmpp_2m", 5), {"fresh": "no"}, "fresh='no' is invalid: expected True or False"),
+    (("dpmpp_2m", 5), {"progress": 0}, "progress=0 is invalid: expected True or False"),
 ])
 def test_bad_input_is_refused_before_work(problem, args, kw, what):
     calls = problem.model.nfe
@@ -222,6 +225,13 @@ def test_bad_search_input_is_refused_before_work(problem, kw, what):
     calls = problem.model.nfe
     with pytest.raises(TuneError, match=what):
         search(problem.sde, problem.model, 5, **{"solvers": ["ddim"], **KW, **kw})
+    assert problem.model.nfe == calls
+
+
+def test_search_progress_must_be_a_bool(problem):
+    calls = problem.model.nfe
+    with pytest.raises(ValueError, match="progress='yes' is invalid: expected True or False"):
+        search(problem.sde, problem.model, 5, **{"solvers": ["ddim"], **KW, "progress": "yes"})
     assert problem.model.nfe == calls
 
 

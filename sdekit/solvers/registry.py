@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .._utils import is_flag, require
 from .base import Solver
 
 # The default solver: of the option-free rule (default_config), and of a call that gives a grid
@@ -172,11 +173,21 @@ def _name_instances(cls: type[Solver]) -> None:
     :func:`built_options` returns."""
     init = cls.__init__
 
+    flags = {p.name: p.annotation == "bool | None" for p in option_parameters(cls)
+             if p.annotation in ("bool", "bool | None")}   # on/off options (None: automatic)
+
     @functools.wraps(init)
     def __init__(self: Solver, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **kwargs)
         if type(self) is cls:   # a subclass is not this registration
-            _BUILT[self] = options = _effective_options(cls, args, kwargs)
+            options = _effective_options(cls, args, kwargs)
+            for k, allow_none in flags.items():
+                if k in options:
+                    require(is_flag(options[k], allow_none), k, options[k],
+                            "True or False" + (" (or None: automatic)" if allow_none else "")
+                            + f" for solver {cls.__name__}")
+        init(self, *args, **kwargs)
+        if type(self) is cls:
+            _BUILT[self] = options
             self.name = _name_of(cls, options)
 
     setattr(cls, "__init__", __init__)   # (mypy refuses assigning to a method)
