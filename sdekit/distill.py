@@ -106,8 +106,8 @@ def teacher_solver(sde: ForwardSDE, solver: str | None = None,
                    solver_options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
     """``(name, options)`` of the teacher solver: ``solver`` with ``solver_options`` as given,
     or (``solver=None``) Heun, or :data:`ALPHA_ZERO_TEACHER` where the process starts at
-    alpha = 0. A given solver that is unknown, runs its own loop or cannot start there is
-    refused (a ValueError naming what would be valid), before any work."""
+    alpha = 0. A given solver that is unknown, runs its own loop, is stochastic or cannot
+    start there is refused (a ValueError naming what would be valid), before any work."""
     from .solvers import get_solver
     from .solvers.base import FixedGridSolver
     from .solvers.registry import alpha_zero_starters
@@ -124,6 +124,11 @@ def teacher_solver(sde: ForwardSDE, solver: str | None = None,
                          "(adaptive, external or learned), but the trajectories are read at "
                          "grid times: expected a fixed-grid solver such as 'heun', 'dpmpp_3m' "
                          "or 'unipc_bh2'")
+    if slv.stochastic:
+        raise ValueError(f"solver={solver!r} is invalid for the teacher: it is stochastic, so "
+                         "its trajectory is not a function of x_T and the operator would learn "
+                         "the average of its draws: expected a deterministic solver such as "
+                         "'heun', 'dpmpp_3m' or 'unipc_bh2'")
     if at_zero and not slv.starts_at_alpha_zero:
         raise ValueError(f"solver={solver!r} cannot start the teacher trajectories at "
                          f"T={sde.T:g}, where alpha = 0 ({sde!r}): use one of "

@@ -84,6 +84,9 @@ def _check(x: Any, solver: str, steps: Any, exact_trace: Any, probes: Any, probe
         ok = (isinstance(data_range, (tuple, list)) and len(data_range) == 2
               and all(is_real(v) for v in data_range) and data_range[0] < data_range[1])
         require(ok, "data_range", data_range, "a pair (low, high) of finite numbers, low < high")
+    elif not (isinstance(data_range, (tuple, list)) and list(data_range) == [-1.0, 1.0]):
+        raise ValueError(f"data_range={data_range!r} is only used with bins= (data on a lattice "
+                         "of bins levels spanning it): give bins, or leave data_range out")
 
 
 def _check_lattice(x: Tensor, bins: int, lo: float, hi: float) -> None:

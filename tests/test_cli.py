@@ -108,6 +108,9 @@ BAD = [  # (argv after the command, text the one line must contain)
     (["sample", "--checkpoint", "{ckpt}", "--classifier-scale", "2"],
      ["--classifier-scale", "--classifier"]),
     (["bench", "--solvers", ""], ["--solvers", "''"]),
+    # --steps was echoed in the summary line and ignored: dopri5 picks its own steps
+    (["sample", "--checkpoint", "{ckpt}", "--solver", "dopri5", "--steps", "7"],
+     ["--steps=7", "dopri5", "its own steps"]),
     (["bench", "--grids", ","], ["--grids", "','"]),
 ]
 
@@ -276,6 +279,14 @@ def test_option_free_sample_runs_and_records_the_default_rule(run_dir, tmp_path,
     assert meta["grid_options"] == rule["grid_options"] == {"lambda_floor": -2.5}
     x, _ = generate(net, sde, 6, steps=10, seed=0)
     np.testing.assert_array_equal(z["x"], x.numpy())
+
+
+def test_sample_with_an_adaptive_solver_says_it_picks_its_own_steps(run_dir, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["sample", "--checkpoint", str(run_dir / "checkpoint.pt"), "--solver",
+                 "dopri5", "--n", "4", "--out", str(out)]) == 0
+    line = capsys.readouterr().out
+    assert "(dopri5, its own steps)" in line and "20 steps" not in line
 
 
 def test_sample_grid_with_options_in_its_name(run_dir, tmp_path):

@@ -72,8 +72,11 @@ def test_teacher_solver_choice_and_refusal(tmp_path):
     # solver", or dopri5's "save_at can only hold the first and last times")
     ("nope", "unknown solver 'nope'"),
     ("dopri5", "solver='dopri5' is invalid for the teacher: it runs its own loop"),
+    # used to be accepted: the operator learned the mean of the teacher's random draws
+    ("euler_maruyama", "solver='euler_maruyama' is invalid for the teacher: it is stochastic"),
+    ("ancestral", "solver='ancestral' is invalid for the teacher: it is stochastic"),
 ])
-def test_teacher_solver_unknown_or_own_loop_is_refused_before_any_file(tmp_path, solver, match):
+def test_teacher_solver_unknown_own_loop_or_stochastic_is_refused(tmp_path, solver, match):
     sde = sdekit.VPSDE()
     _, model = _problem(sde)
     with pytest.raises(ValueError, match=match):

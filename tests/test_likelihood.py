@@ -142,6 +142,8 @@ def test_bits_per_dim_bounds_discrete_probability():
     ({"bins": 256, "data_range": (1.0, -1.0)}, "data_range"),
     ({"bins": 256, "data_range": (-0.5, 0.5)}, "outside the declared data_range"),
     ({"bins": 3}, "not on the lattice"),
+    # used to be ignored without bins (nothing said so)
+    ({"data_range": (0.0, 1.0)}, "data_range=\\(0.0, 1.0\\) is only used with bins="),
     ({"prior_logp": 3}, "prior_logp"),
 ])
 def test_bad_input(kw, match):

@@ -106,6 +106,11 @@ def run(args: argparse.Namespace) -> int:
     tuned = _tuned_grid(args)
     with user_input("--solver"):
         slv = get_solver(args.solver or DEFAULT_SOLVER)
+    own = ("an adaptive solver picks its own steps" if slv.adaptive else
+           "the operator runs at its own output times" if slv.grid_free else None)
+    if own and "steps" in getattr(args, "given", set()):
+        raise UsageError(f"--steps={args.steps} does not apply to --solver {slv.name}: {own}; "
+                         "leave --steps out")
     if args.steps < slv.min_steps:
         raise UsageError(f"--steps={args.steps} is too few for --solver {args.solver}: expected "
                          f"at least {slv.min_steps}")
@@ -139,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, KeyError) as e:   # a library input error, after the checks above
         raise UsageError(str(e.args[0] if e.args else e)) from e
     png, npz, solver = _save(args, x, y, nfe, net, sde, cfg, clf)
-    print(f"{args.n} samples, {nfe} NFE ({solver}, {args.steps} steps) -> {png}, {npz}")
+    steps = "its own steps" if own else f"{args.steps} steps"
+    print(f"{args.n} samples, {nfe} NFE ({solver}, {steps}) -> {png}, {npz}")
     return 0
 
 
