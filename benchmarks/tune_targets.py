@@ -14,6 +14,7 @@ its own row).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import sys
@@ -41,6 +42,8 @@ N_CAL = {"gaussian": 64, "gmm": 256}
 N_HELDOUT = 512
 MAX_SWEEPS = {"gaussian": 30, "gmm": 15}
 TARGET = 0.5
+#: sdekit.tune's default simplex-search budget (solves)
+POLISH = inspect.signature(tune).parameters["polish"].default
 #: the dtype of the initial states and solves (sdekit sample's and bench's default); a grid tuned
 #: in float64 leaned on two tiny first steps whose rounding float32 amplified (6e-3 max error)
 DTYPE = torch.float32
@@ -67,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="gaussian under vp only")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--polish", type=int, default=POLISH,
+                    help=f"sdekit.tune's polish= (simplex-search solves; default {POLISH}, "
+                         "sdekit.tune's own; another value writes tune_targets_polishN.*)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     problems = PROBLEMS[:1] if args.quick else PROBLEMS
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 tg = tune(sde, problem.model, solver, nfe, calibration=N_CAL[kind],
                           heldout=N_HELDOUT, shape=shape, dtype=DTYPE, reference=ref,
-                          max_sweeps=MAX_SWEEPS[kind], progress=False)
+                          max_sweeps=MAX_SWEEPS[kind], polish=args.polish, progress=False)
                 e, c = tg.record["errors"], tg.record["cost"]
                 row = {"problem": kind, "sde": sde_name, "solver": solver, "nfe": nfe,
                        "measured_nfe": tg.record["measured_nfe"],
@@ -108,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     met = sum(r["target_met"] for r in rows)
     result = {"description": __doc__.strip().splitlines()[0], "target": TARGET,
               "command": "OMP_NUM_THREADS=1 python benchmarks/tune_targets.py"
-                         + (" --quick" if args.quick else ""),
+                         + (" --quick" if args.quick else "")
+                         + (f" --polish {args.polish}" if args.polish != POLISH else ""),
+              "polish": args.polish,
               "dim": DIM, "n_calibration": N_CAL, "n_heldout": N_HELDOUT,
               "calibration_seed": 0, "heldout_seed": 1, "max_sweeps": MAX_SWEEPS,
               "named_grids": named_grids(), "references": refs_info, "rows": rows, "met": met,
@@ -117,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
               "environment": {"sdekit": sdekit.__version__, "torch": torch.__version__,
                               "python": platform.python_version(), "threads": 1}}
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "tune_targets" + ("_quick" if args.quick else "")
+    name = ("tune_targets" + ("_quick" if args.quick else "")
+            + (f"_polish{args.polish}" if args.polish != POLISH else ""))
     result["dtype"] = str(DTYPE).replace("torch.", "")
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / f"{name}.md").write_text(markdown(result))
@@ -139,8 +148,10 @@ def markdown(r: dict) -> str:
              f"{r['dim']}-dim "
              f"problems with exact models; tuned on {r['n_calibration']['gaussian']} (Gaussian) "
              f"or {r['n_calibration']['gmm']} (mixture) calibration states "
-             f"(seed {r['calibration_seed']}; the first half fitted, the second half used to "
-             "choose between the refined grids and the best named grid, column 'kept'), every "
+             f"(seed {r['calibration_seed']}; the first half fitted, by the coordinate search "
+             f"and a multi-start simplex search of {r.get('polish', 0)} solves, the second half "
+             "used to choose between the refined grids, the simplex search's and the best named "
+             "grid, column 'kept'), every "
              f"RMS below on {r['n_heldout']} held-out states "
              f"(seed {r['heldout_seed']}) against the exact flow map (Gaussian) or a dopri5 "
              "solve at rtol = atol = 1e-8 (mixture). Best named = the same solver's best grid "

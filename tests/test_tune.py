@@ -63,6 +63,27 @@ def test_tuned_grid_beats_every_named_grid_on_heldout_states(problem, tuned):
     assert tg.record["measured_nfe"] == 5 and tg.record["cost"]["nfe"] > 0
 
 
+def test_simplex_search_starts_where_the_coordinate_search_ends_and_only_improves(problem):
+    """polish=N adds a multi-start Nelder-Mead stage on the fitted states: its grid's fit error
+    is at most the coordinate search's best (which it also starts from), the solves it spent are
+    recorded and stay near the budget; polish=0 runs the coordinate search alone."""
+    kw = dict(reference=problem.flow, max_sweeps=6, validation=0.5, **KW)
+    plain = tune(problem.sde, problem.model, "unipc_bh2", 5, polish=0, **kw)
+    polished = tune(problem.sde, problem.model, "unipc_bh2", 5, polish=400, **kw)
+    assert "simplex" not in plain.record["cost"]
+    assert plain.record["errors"]["selected"] != "simplex search"
+    simplex = polished.record["cost"]["simplex"]
+    best_refined = min(r["fit_rms"] for r in plain.record["cost"]["starts"])
+    assert simplex["fit_rms"] <= best_refined * (1 + 1e-12)
+    # 9 starts of 4 free log steps: each start's simplex (5 solves) may exceed its share
+    assert 200 <= simplex["solves"] <= 400 + 10 * 6
+    # the same run before it, plus the simplex solves and the validation error of its grid
+    assert (polished.record["cost"]["solves"] - plain.record["cost"]["solves"]
+            == simplex["solves"] + 1)
+    if polished.record["errors"]["selected"] == "simplex search":
+        assert polished.record["errors"]["fit_rms"] == simplex["fit_rms"]
+
+
 def test_file_round_trip_and_sample_with_the_file(problem, tuned):
     tg, path = tuned
     back = load_tuned_grid(path)
@@ -190,6 +211,8 @@ def test_resume_after_interruption_gives_the_same_grid(problem, tmp_path, monkey
     (("dpmpp_2m", 5), {"dtype": torch.int32}, "dtype has dtype torch.int32"),
     # on/off flags used to be read for their truth (fresh='no' discarded the saved state)
     (("dpmpp_2m", 5), {"fresh": "no"}, "fresh='no' is invalid: expected True or False"),
+    (("dpmpp_2m", 5), {"polish": -1}, "polish=-1 is invalid"),
+    (("dpmpp_2m", 5), {"polish": 2.5}, "polish=2.5 is invalid"),
     (("dpmpp_2m", 5), {"progress": 0}, "progress=0 is invalid: expected True or False"),
 ])
 def test_bad_input_is_refused_before_work(problem, args, kw, what):
@@ -317,6 +340,7 @@ def test_cli_tune_then_sample_and_bench_with_the_grid(ckpt, tmp_path, capsys):
     (["--nfe", "5", "--sde", "nope"], "--sde: unknown SDE"),
     # an empty --solvers (an unset shell variable) used to run the search over every solver
     (["--nfe", "5", "--search", "--solvers", ""], "--solvers='' is invalid"),
+    (["--nfe", "5", "--polish", "-1"], "--polish"),
 ])
 def test_cli_tune_bad_input(argv, what, capsys, tmp_path, monkeypatch):
     from helpers import run_cli

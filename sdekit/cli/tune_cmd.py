@@ -70,6 +70,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
       help="rtol = atol of the dopri5 reference (default: 1e-8 in float64, else 1e-6; the "
            "built-in gaussian problem uses its exact flow map)")
     a("--max-sweeps", type=int_at_least(0), default=40, help="coordinate-search sweeps at most")
+    a("--polish", type=int_at_least(0), default=1000, metavar="SOLVES",
+      help="solves of the multi-start simplex search after the coordinate search (0: none)")
     a("--model-tag", default=None,
       help="name of a model that cannot be hashed (default: the weights hash)")
     a("--search", action="store_true",
@@ -124,7 +126,8 @@ def _run_search(args: argparse.Namespace, problem: BenchProblem, name: str,
     try:
         result = search(problem.sde, problem.model, args.nfe, solvers=args.solvers or None,
                         tune_top=args.tune_top, out_dir=out.parent,
-                        tune_options={"max_sweeps": args.max_sweeps}, **common)
+                        tune_options={"max_sweeps": args.max_sweeps, "polish": args.polish},
+                        **common)
     except TuneError as e:
         raise UsageError(str(e)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +150,8 @@ def _run_tune(args: argparse.Namespace, problem: BenchProblem, name: str, option
     out = args.out or DEFAULT_OUT / f"{name}-{args.solver}-nfe{args.nfe}.json"
     try:
         tg = tune(problem.sde, problem.model, args.solver, args.nfe, solver_options=options,
-                  max_sweeps=args.max_sweeps, out=out, fresh=args.fresh, **common)
+                  max_sweeps=args.max_sweeps, polish=args.polish, out=out, fresh=args.fresh,
+                  **common)
     except TuneError as e:
         raise UsageError(str(e)) from None
     errs = tg.record["errors"]
