@@ -524,7 +524,7 @@ def _stage_polish(tu: _Tuning, named: dict[str, Any], evals: int) -> None:
     share = max(1, evals // (2 * len(starts)))
     _say(run.progress, f"tune: simplex search from {len(starts)} starts")
     found = [_simplex_search(run, x, ref, t, share) for t in starts]
-    t, e, used = min(found, key=lambda q: q[1])
+    t = min(found, key=lambda q: q[1])[0]
     t, e, more = _simplex_search(run, x, ref, t, max(1, evals - share * len(starts)))
     tu.save("polish", polished={"cur": t, "cur_err": e, "evals": share * len(starts) + more})
 

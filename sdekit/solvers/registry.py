@@ -178,17 +178,18 @@ def _name_instances(cls: type[Solver]) -> None:
 
     @functools.wraps(init)
     def __init__(self: Solver, *args: Any, **kwargs: Any) -> None:
-        if type(self) is cls:   # a subclass is not this registration
-            options = _effective_options(cls, args, kwargs)
-            for k, allow_none in flags.items():
-                if k in options:
-                    require(is_flag(options[k], allow_none), k, options[k],
-                            "True or False" + (" (or None: automatic)" if allow_none else "")
-                            + f" for solver {cls.__name__}")
+        if type(self) is not cls:   # a subclass is not this registration
+            init(self, *args, **kwargs)
+            return
+        options = _effective_options(cls, args, kwargs)
+        for k, allow_none in flags.items():
+            if k in options:
+                require(is_flag(options[k], allow_none), k, options[k],
+                        "True or False" + (" (or None: automatic)" if allow_none else "")
+                        + f" for solver {cls.__name__}")
         init(self, *args, **kwargs)
-        if type(self) is cls:
-            _BUILT[self] = options
-            self.name = _name_of(cls, options)
+        _BUILT[self] = options
+        self.name = _name_of(cls, options)
 
     setattr(cls, "__init__", __init__)   # (mypy refuses assigning to a method)
     _NAMED.add(cls)
