@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ._utils import is_real
-from .sde.base import ForwardSDE
+from .sde.base import ForwardSDE, check_forward_sde
 
 
 def uniform_t(sde: ForwardSDE, steps: int, t_start: float, t_end: float) -> Tensor:
@@ -318,9 +318,7 @@ def make_grid(sde: ForwardSDE, grid: str | Tensor | Any = "logsnr", steps: int |
     for name, v in (("t_start", t_start), ("t_end", t_end)):
         if v is not None and not is_real(v):
             raise ValueError(f"{name}={v!r} is invalid: expected a finite number")
-    if not isinstance(sde, ForwardSDE):
-        raise TypeError(f"sde must be an sdekit ForwardSDE (e.g. sdekit.VPSDE()), got "
-                        f"{type(sde).__name__}")
+    check_forward_sde(sde)
     t_start = sde.T if t_start is None else float(t_start)
     t_end = sde.t_min if t_end is None else float(t_end)
     if isinstance(grid, str):

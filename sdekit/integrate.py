@@ -21,7 +21,7 @@ from .dynamics.parameterization import DiffusionModel, as_model
 from .grids import make_grid
 from .guidance import check_guided_solver
 from .noise import SeededNoise
-from .sde.base import ForwardSDE
+from .sde.base import ForwardSDE, check_forward_sde
 from .solvers.base import (
     FixedGridSolver,
     OwnLoopSolver,
@@ -337,9 +337,7 @@ def _check_call(sde: Any, grid_options: Any, **flags: Any) -> None:
     """Check the arguments that :func:`configure` reads, before it reads them, and the on/off
     ``flags`` (True or False: a string such as 'no' is not read as true)."""
     check_flags(**flags)
-    if not isinstance(sde, ForwardSDE):
-        raise TypeError(f"sde must be an sdekit ForwardSDE (e.g. sdekit.VPSDE()), got "
-                        f"{type(sde).__name__}")
+    check_forward_sde(sde)
     if grid_options is not None and not isinstance(grid_options, Mapping):
         raise TypeError(f"grid_options={grid_options!r} is invalid: expected a dict of the "
                         "grid's options, e.g. {'rho': 7.0}")

@@ -41,6 +41,8 @@ PROBES = ("rademacher", "gaussian")
 #: torchdiffeq's fixed-grid methods: they need ``steps``
 FIXED_METHODS = ("euler", "midpoint", "heun3", "rk4", "explicit_adams", "implicit_adams")
 EXACT_TRACE_MAX_DIM = 32
+#: the default ``data_range`` of :func:`likelihood` (sdekit's data space, [-1, 1])
+DATA_RANGE = (-1.0, 1.0)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class LikelihoodResult:
     logp_se: Tensor | None = None
     bpd: Tensor | None = None
     z: Tensor | None = None
+
 
 
 def _check(x: Any, solver: str, steps: Any, exact_trace: Any, probes: Any, probe: Any, seed: Any,
@@ -84,7 +87,7 @@ def _check(x: Any, solver: str, steps: Any, exact_trace: Any, probes: Any, probe
         ok = (isinstance(data_range, (tuple, list)) and len(data_range) == 2
               and all(is_real(v) for v in data_range) and data_range[0] < data_range[1])
         require(ok, "data_range", data_range, "a pair (low, high) of finite numbers, low < high")
-    elif not (isinstance(data_range, (tuple, list)) and list(data_range) == [-1.0, 1.0]):
+    elif not (isinstance(data_range, (tuple, list)) and tuple(data_range) == DATA_RANGE):
         raise ValueError(f"data_range={data_range!r} is only used with bins= (data on a lattice "
                          "of bins levels spanning it): give bins, or leave data_range out")
 
@@ -107,7 +110,7 @@ def likelihood(sde: ForwardSDE, model: DiffusionModel | Any, x: Tensor, *,
                solver: str = "dopri5", steps: int | None = None,
                exact_trace: bool | None = None, probes: int = 1, probe: str = "rademacher",
                seed: int = 0, rtol: float = 1e-5, atol: float = 1e-5,
-               bins: int | None = None, data_range: Sequence[float] = (-1.0, 1.0),
+               bins: int | None = None, data_range: Sequence[float] = DATA_RANGE,
                prediction: str = "eps", prior_logp: Callable[[Tensor], Tensor] | None = None
                ) -> LikelihoodResult:
     """Probability-flow log-likelihood ``log p_{t_min}(x)`` of a batch ``x`` (see the module

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from .._utils import append_dims, as_tensor, compute_dtype
-from ..sde.base import ForwardSDE
+from ..sde.base import ForwardSDE, check_forward_sde
 
 #: ``t1000``: 1000 t, the timestep scale diffusers' flow-matching transformers (SD3, Flux) take
 TIME_INPUTS = ("model_time", "t", "sigma_tilde", "lambda", "t1000")
@@ -351,9 +351,7 @@ class DiffusionModel:
         if not callable(net):
             raise TypeError(f"net must be a callable net(x, cond) -> Tensor, got "
                             f"{type(net).__name__}")
-        if not isinstance(sde, ForwardSDE):
-            raise TypeError(f"sde must be an sdekit ForwardSDE (the process the network was "
-                            f"trained on), got {type(sde).__name__}")
+        check_forward_sde(sde, "the process the network was trained on")
         prediction_kind(prediction)
         if not callable(time_input) and time_input not in TIME_INPUTS:
             raise ValueError(f"time_input={time_input!r} is invalid: expected one of "

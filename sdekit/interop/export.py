@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .._utils import append_dims
 from ..models import ScoreNet
-from ..sde.base import ForwardSDE
+from ..sde.base import ForwardSDE, check_forward_sde
 
 
 @dataclass
@@ -58,9 +58,7 @@ class DiffusersUNet(torch.nn.Module):
         if not isinstance(net, ScoreNet):
             raise TypeError(f"net must be an sdekit ScoreNet (UNet, MLPScoreNet), got "
                             f"{type(net).__name__}")
-        if not isinstance(sde, ForwardSDE):
-            raise TypeError(f"sde must be an sdekit ForwardSDE (the process the network was "
-                            f"trained on), got {type(sde).__name__}")
+        check_forward_sde(sde, "the process the network was trained on")
         shape = tuple(getattr(net, "data_shape", ()))
         if len(shape) != 3 or shape[1] != shape[2]:
             raise ValueError(f"net has sample shape {shape}: expected square images "

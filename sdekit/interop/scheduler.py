@@ -53,7 +53,7 @@ from ..dynamics.parameterization import DiffusionModel, convert
 from ..grids import make_grid, shift_factor, shift_times
 from ..integrate import configure, sample
 from ..noise import sample_seeds
-from ..sde.base import ForwardSDE
+from ..sde.base import ForwardSDE, check_forward_sde
 from ..sde.discrete import DiscreteDDPM
 from ..sde.flow import FlowSDE
 from ..solvers.base import Solver
@@ -547,8 +547,7 @@ def _sdekit_schedule(sde: ForwardSDE, prediction: str | None, time_input: Any,
                      scheduler_config: Any, source_class: str | None) -> tuple:
     """The schedule of an sdekit network given as ``(sde, prediction, time_input)``,
     and the config fields that record it."""
-    if not isinstance(sde, ForwardSDE):
-        raise TypeError(f"sde must be an sdekit ForwardSDE, got {type(sde).__name__}")
+    check_forward_sde(sde)
     extra = sorted(k for k in dict(scheduler_config or {}) if not k.startswith("_"))
     if extra or source_class:
         raise ValueError(f"give sde= or a diffusers scheduler config, not both (got "

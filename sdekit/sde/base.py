@@ -265,3 +265,11 @@ class ForwardSDE(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(t_min={self.t_min:g}, T={self.T:g})"
+
+
+def check_forward_sde(sde: Any, expected: str = "e.g. sdekit.VPSDE()") -> None:
+    """Raise a TypeError unless ``sde`` is a :class:`ForwardSDE` (``expected``: which one, in
+    the message)."""
+    if not isinstance(sde, ForwardSDE):
+        raise TypeError(f"sde must be an sdekit ForwardSDE ({expected}), got "
+                        f"{type(sde).__name__}")
