@@ -526,7 +526,8 @@ def _stage_polish(tu: _Tuning, named: dict[str, Any], evals: int) -> None:
     found = [_simplex_search(run, x, ref, t, share) for t in starts]
     t = min(found, key=lambda q: q[1])[0]
     t, e, more = _simplex_search(run, x, ref, t, max(1, evals - share * len(starts)))
-    tu.save("polish", polished={"cur": t, "cur_err": e, "evals": share * len(starts) + more})
+    tu.save("polish", polished={"cur": t, "cur_err": e,   # the solves spent, not the budget
+                                "evals": sum(q[2] for q in found) + more})
 
 
 def _simplex_search(run: _Run, x: Tensor, ref: Tensor, start: Tensor, evals: int
@@ -699,7 +700,8 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
             screen every start (the refined grids, the DP grid and each named grid) in equal
             shares, the rest continue the best one; it finds grids the coordinate search
             cannot reach (on the 16-dim Gaussian under flow, ``unipc_bh2`` at NFE 5: 0.44x the
-            best named grid with 3000 solves against 0.63x without; docs/benchmarks.md).
+            best named grid with 3000 solves against 0.63x without;
+            benchmarks/results/tune_targets*.md).
         state: the resumable state file (default ``<out>.state.pt``; none without ``out``);
             ``fresh`` ignores an existing one.
         out: write the tuned grid (JSON) there.
