@@ -340,7 +340,8 @@ def test_cli_tune_then_sample_and_bench_with_the_grid(ckpt, tmp_path, capsys):
     (["--nfe", "5", "--sde", "nope"], "--sde: unknown SDE"),
     # an empty --solvers (an unset shell variable) used to run the search over every solver
     (["--nfe", "5", "--search", "--solvers", ""], "--solvers='' is invalid"),
-    (["--nfe", "5", "--polish", "-1"], "--polish"),
+    (["--nfe", "5", "--polish", "-1"],
+     "argument --polish: -1 is invalid: expected an integer >= 0"),
 ])
 def test_cli_tune_bad_input(argv, what, capsys, tmp_path, monkeypatch):
     from helpers import run_cli
