@@ -15,6 +15,7 @@ from sdekit.tune import (
     TuneError,
     _Run,
     load_tuned_grid,
+    ratio_interval,
     search,
     solver_variants,
     tune,
@@ -61,6 +62,36 @@ def test_tuned_grid_beats_every_named_grid_on_heldout_states(problem, tuned):
     assert tg.record["errors"]["best_named_grid_heldout"]["heldout_rms"] == pytest.approx(
         min(named.values()), rel=1e-9)
     assert tg.record["measured_nfe"] == 5 and tg.record["cost"]["nfe"] > 0
+
+
+def test_heldout_ratio_carries_its_paired_bootstrap_interval(problem, tuned):
+    tg, _ = tuned
+    e = tg.record["errors"]
+    x = prior_states(problem.sde, 1)
+    best = e["best_named_grid_heldout"]["grid"]
+    g, o = next((g, o) for g, o in NAMED_GRIDS
+                if best == g + ("(" + ",".join(f"{k}={v}" for k, v in o.items()) + ")" if o
+                                else ""))
+
+    def state_e2(**kw):
+        out = sdekit.sample(problem.sde, problem.model, x, solver="dpmpp_2m", **kw).x
+        return (out - problem.flow(x)).pow(2).mean(1)
+
+    e_t, e_n = state_e2(grid=tg.times), state_e2(grid=g, steps=5, grid_options=o)
+    lo, hi = e["ratio_heldout_ci95"]
+    assert (lo, hi) == pytest.approx(ratio_interval(e_t, e_n), rel=1e-9)
+    assert lo <= e["ratio_heldout"] <= hi and "bootstrap" in e["ratio_ci_method"]
+
+
+def test_ratio_interval_is_exact_for_proportional_errors_and_wide_for_one_outlier():
+    e = torch.rand(200, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
+    assert ratio_interval(4 * e, e) == pytest.approx((2.0, 2.0), rel=1e-12)
+    assert ratio_interval(e, e) == pytest.approx((1.0, 1.0), rel=1e-12)
+    heavy = e.clone()
+    heavy[7] = 1e4        # one state holds nearly all of one grid's squared error
+    lo, hi = ratio_interval(heavy, e)
+    point = float((heavy.mean() / e.mean()).sqrt())
+    assert lo < 0.3 * point and lo <= point <= hi
 
 
 def test_simplex_search_starts_where_the_coordinate_search_ends_and_only_improves(problem):

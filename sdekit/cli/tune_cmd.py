@@ -158,7 +158,9 @@ def _run_tune(args: argparse.Namespace, problem: BenchProblem, name: str, option
     print(json.dumps({"grid": str(out), "solver": tg.solver, "nfe": tg.nfe,
                       "heldout_rms": errs["heldout_rms"],
                       "best_named_grid": errs["best_named_grid_heldout"],
-                      "ratio": errs["ratio_heldout"], "cost": tg.record["cost"]}, indent=1))
+                      "ratio": errs["ratio_heldout"],
+                      "ratio_ci95": errs["ratio_heldout_ci95"], "cost": tg.record["cost"]},
+                     indent=1))
     return 0
 
 
