@@ -1,6 +1,7 @@
 """Tuned grids and the solver search (sdekit.tune): on exact Gaussian oracles, small and fast."""
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -92,6 +93,21 @@ def test_ratio_interval_is_exact_for_proportional_errors_and_wide_for_one_outlie
     lo, hi = ratio_interval(heavy, e)
     point = float((heavy.mean() / e.mean()).sqrt())
     assert lo < 0.3 * point and lo <= point <= hi
+
+
+def test_tune_says_when_the_heldout_batch_cannot_tell_the_grids_apart(problem, capsys,
+                                                                      monkeypatch):
+    kw = dict(KW, progress=True)
+    tune(problem.sde, problem.model, "dpmpp_2m", 5, reference=problem.flow, max_sweeps=2,
+         polish=0, **kw)
+    assert "cannot tell" not in capsys.readouterr().err    # exact Gaussian: a narrow interval
+    # a wide interval that holds 1 (sdekit.tune is the function: patch its module)
+    monkeypatch.setattr(importlib.import_module("sdekit.tune"), "ratio_interval",
+                        lambda a, b: (0.4, 2.5))
+    tune(problem.sde, problem.model, "dpmpp_2m", 5, reference=problem.flow, max_sweeps=2,
+         polish=0, **kw)
+    err = capsys.readouterr().err
+    assert "95% interval 0.4-2.5" in err and "cannot tell the tuned grid" in err
 
 
 def test_simplex_search_starts_where_the_coordinate_search_ends_and_only_improves(problem):
