@@ -679,7 +679,9 @@ def ratio_interval(e_a: Tensor, e_b: Tensor, resamples: int = BOOTSTRAP_RESAMPLE
     grids' per-state squared errors on the same states (resampling the states, both grids
     together): how far the ratio measured on this batch can be trusted. On a Gaussian mixture,
     whose RMS over a few hundred states rests on the few near a boundary between modes, it is
-    wide."""
+    wide. It only resamples the states drawn: an event too rare to be among them (a state sent
+    to another mode by one grid and not the other) is in neither end, so a narrow interval on a
+    small batch is not proof."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, e_a.shape[0], (resamples, e_a.shape[0]), generator=g)
     r = (e_a.double()[idx].mean(1) / e_b.double()[idx].mean(1).clamp_min(1e-300)).sqrt()

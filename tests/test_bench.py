@@ -236,6 +236,48 @@ def test_cached_cells_are_recomputed_when_the_solver_code_changes(tmp_path, monk
     assert calls == ["ddim/logsnr/nfe=4", "heun/logsnr/nfe=4", "heun/logsnr/nfe=4"]
 
 
+@pytest.mark.parametrize("sde_name", ["vp", "flow"])
+def test_default_row_is_the_option_free_call(tmp_path, sde_name):
+    """``--solvers default``: at each budget N the cell is ``sample(sde, model, x, steps=N)``
+    with no solver or grid, on the sweep's own initial states; its note names what the rule
+    picked, and running that choice explicitly gives the same endpoints."""
+    import sdekit
+    from sdekit.solvers import default_config
+    sde = sdekit.FlowSDE() if sde_name == "flow" else sdekit.VPSDE()
+    problem = gaussian_problem(sde, dim=4)
+    config = SweepConfig(solvers=["default", "ddim"], grids=["logsnr"], nfe=[5, 10], n=40)
+    res = run_sweep(problem, config, tmp_path, progress=False)
+    rows = {c["id"]: c for c in res["cells"]}
+    assert set(rows) == {"default/rule/nfe=5", "default/rule/nfe=10", "ddim/logsnr/nfe=5",
+                         "ddim/logsnr/nfe=10"}
+    prep = runner.prepare(problem, config, tmp_path)
+    ref = problem.flow(prep.x_init.double())
+    for n in (5, 10):
+        c = rows[f"default/rule/nfe={n}"]
+        rule = default_config(sde, n)
+        assert c["status"] == "ok" and c["nfe"] == n and c["grid"] == "rule"
+        assert rule["solver"] in c["note"] and rule["grid"] in c["note"]
+        plain = sdekit.sample(sde, problem.model, prep.x_init, steps=n).x
+        explicit = sdekit.sample(sde, problem.model, prep.x_init, steps=n,
+                                 solver=rule["solver"], grid=rule["grid"],
+                                 grid_options=rule["grid_options"], **rule["options"]).x
+        assert torch.equal(plain, explicit)
+        rms = float((plain.double() - ref).pow(2).mean().sqrt())
+        assert c["rms"] == pytest.approx(rms, rel=1e-6)
+    assert res["solvers"]["default"]["name"] == "default"
+    again = run_sweep(problem, config, tmp_path, progress=False)   # read back from the cache
+    assert [c["rms"] for c in again["cells"]] == [c["rms"] for c in res["cells"]]
+
+
+def test_default_row_takes_no_options(tmp_path, capsys):
+    from sdekit.bench.runner import ConfigError
+    with pytest.raises(ConfigError, match="the 'default' row takes no options"):
+        SweepConfig(solvers=["default"], solver_options={"default": {"order": 3}})
+    assert main(["bench", "--solvers", "default", "-O", "default.order=3", "--out",
+                 str(tmp_path), "--quiet"]) == 2
+    assert "takes no options" in capsys.readouterr().err
+
+
 def test_sharded_sweep_merges_on_rank0(tmp_path, monkeypatch):
     problem = gaussian_problem(dim=4)
     calls: list[str] = []

@@ -64,7 +64,7 @@ from .._io import (
 from ..grids import BENCH_GRIDS, is_grid_spec, parse_grid
 from ..integrate import sample
 from ..solvers.base import ModelOutputError, Solver
-from ..solvers.registry import get_solver, solver_names
+from ..solvers.registry import DEFAULT_SOLVER, default_config, get_solver, solver_names
 from . import cells as _schema
 from . import metrics as M
 from .cells import Cell, Metrics, Run, Timing
@@ -74,6 +74,15 @@ from .problems import BenchError, BenchProblem
 BENCH_FORMAT = "sdekit-bench/1"
 DEFAULT_NFE = (5, 10, 20, 50)
 DEFAULT_TOLS = (1e-2, 1e-3, 1e-4)
+#: the name of the option-free row (``--solvers default``): at each budget N the call
+#: ``sample(sde, model, x, steps=N)`` with no solver and no grid, whose rule
+#: (:func:`sdekit.solvers.default_config`) picks them from the forward process and N
+DEFAULT_ROW = "default"
+DEFAULT_ROW_DESCRIPTION = {
+    "name": DEFAULT_ROW, "family": "option-free default",
+    "description": "sample(sde, model, x, steps=N) with no solver or grid: the rule of "
+                   "sdekit.solvers.default_config picks the solver, its options and the grid "
+                   "(each cell's note says which)"}
 
 METRIC_DOCS = {
     "rms": "per-coordinate RMS error against the reference PF-ODE solution from the same initial "
@@ -122,9 +131,10 @@ class CacheBusyError(BenchError):
     """Another sweep holds the cache directory."""
 
 
-def check_solver_names(names: Iterable[str], field: str) -> None:
-    """Raise a :class:`ConfigError` on ``field`` for the first name that is not registered."""
-    valid = solver_names()
+def check_solver_names(names: Iterable[str], field: str, default_row: bool = False) -> None:
+    """Raise a :class:`ConfigError` on ``field`` for the first name that is not registered
+    (``default_row``: :data:`DEFAULT_ROW` is valid too)."""
+    valid = solver_names() + ([DEFAULT_ROW] if default_row else [])
     for s in names:
         if s not in valid:
             raise ConfigError(field, f": unknown solver {s!r}: expected one of {valid}")
@@ -178,7 +188,11 @@ class SweepConfig:
 
     def validate(self) -> None:
         """Raise a :class:`ConfigError` (a ``ValueError``) naming the first bad field."""
-        check_solver_names(self.solvers or [], "solvers")
+        check_solver_names(self.solvers or [], "solvers", default_row=True)
+        if DEFAULT_ROW in self.solver_options:
+            raise ConfigError("solver_options", f": the {DEFAULT_ROW!r} row takes no options "
+                              "(it is the option-free call; sweep the solver it picks, with "
+                              "options, beside it)")
         check_solver_names(self.solver_options, "solver_options")
         self._validate_grids()
         if not self.nfe or not all(_is_int(b, 1) for b in self.nfe):
@@ -334,6 +348,25 @@ def _budget_cell(base: dict[str, Any], slv: Solver, grid: str, budget: int) -> C
     return cell
 
 
+def default_cells(config: SweepConfig) -> list[Cell]:
+    """The option-free row (:data:`DEFAULT_ROW`): one cell per budget N, running ``sample(sde,
+    model, x, steps=N)`` (the rule's solver, ``unipc_bh2``, costs one NFE a step); its grid
+    column reads ``rule``, and its note, once run, what the rule picked."""
+    slv = _build(DEFAULT_SOLVER, {})
+    base = {**_identity(DEFAULT_ROW, {}, slv), "family": DEFAULT_ROW_DESCRIPTION["family"],
+            "order": None}
+    return [Cell(**base, id=f"{DEFAULT_ROW}/rule/nfe={b}", grid="rule", budget=int(b), tol=None,
+                 steps=int(b) // slv.nfe_per_step, expected_nfe=int(b), built=slv)
+            for b in config.nfe]
+
+
+def _rule_note(sde: Any, steps: int) -> str:
+    """What the option-free rule runs at ``steps`` steps on ``sde``."""
+    r = default_config(sde, steps)
+    return (f"option-free rule: {_label(r['solver'], r['options'])} on "
+            f"{_label(r['grid'], r['grid_options'])}")
+
+
 def tuned_cells(config: SweepConfig, solvers: Mapping[str, Solver] | None = None) -> list[Cell]:
     """One cell per tuned-grid file of ``config.grids``, for the swept solver configuration it
     was tuned for (``solvers[name]`` where given), at its NFE: its own row (label
@@ -365,8 +398,11 @@ def tuned_cells(config: SweepConfig, solvers: Mapping[str, Solver] | None = None
 def make_plan(config: SweepConfig) -> Plan:
     """Build each swept solver configuration once (a :class:`ConfigError` on bad options) and
     plan every cell: its steps, or skipped with the reason."""
-    solvers = {name: _build(name, config.options_of(name)) for name in config.solver_list()}
-    cells = [c for name, slv in solvers.items() for c in _solver_cells(config, name, slv)]
+    solvers = {name: _build(name, config.options_of(name)) for name in config.solver_list()
+               if name != DEFAULT_ROW}
+    cells = [c for name in config.solver_list() for c in (
+        default_cells(config) if name == DEFAULT_ROW else _solver_cells(config, name,
+                                                                        solvers[name]))]
     return Plan(solvers, cells + tuned_cells(config, solvers))
 
 
@@ -608,6 +644,8 @@ def compute_cell(prep: Prepared, cell: Cell | Mapping[str, Any], config: SweepCo
     scale (:func:`divergence`) gives ``diverged`` (metrics kept); anything else unexpected
     ``error``."""
     cell = Cell.from_dict(cell)
+    if cell.solver == DEFAULT_ROW:
+        cell = replace(cell, note=_rule_note(prep.problem.sde, cell.steps or 1))
     try:
         slv, solve = cell_solve(prep, cell, config)
         with count_macs() as macs:
@@ -639,6 +677,8 @@ def build_solver(cell: Cell) -> Solver:
     """A cell's solver from its name, options and tolerance (for a cell read back from JSON;
     planned cells hold theirs)."""
     tol = {} if cell.tol is None else {"rtol": cell.tol, "atol": cell.tol}
+    if cell.solver == DEFAULT_ROW:
+        return _build(DEFAULT_SOLVER, {})
     return _build(cell.solver, cell.options, **tol)
 
 
@@ -648,6 +688,9 @@ def cell_solve(prep: Prepared, cell: Cell | Mapping[str, Any], config: SweepConf
     cell = Cell.from_dict(cell)
     slv = cell.built if cell.built is not None else build_solver(cell)
     p = prep.problem
+    if cell.solver == DEFAULT_ROW:   # the option-free call itself
+        return slv, lambda: sample(p.sde, p.model, prep.x_init, seed=config.seed,
+                                   float64=config.float64, steps=cell.steps or 1)
     return slv, lambda: sample(p.sde, p.model, prep.x_init, solver=slv, seed=config.seed,
                                float64=config.float64, steps=cell.steps or 1,
                                grid=cell.grid_file or cell.grid)
@@ -751,8 +794,10 @@ def fingerprint_files(name: str) -> list[str]:
     """The source files a cell of solver ``name`` depends on: the solver's module and its base
     classes' modules, the driver, the metrics, and what every solve runs through: the noise
     sources, the grids, the forward processes and the model contract."""
-    cls = type(get_solver(name))
+    cls = type(get_solver(DEFAULT_SOLVER if name == DEFAULT_ROW else name))
     files = {inspect.getsourcefile(k) for k in cls.__mro__ if k.__module__.startswith("sdekit")}
+    if name == DEFAULT_ROW:   # the rule lives beside the registry
+        files.add(inspect.getsourcefile(default_config))
     files |= {inspect.getsourcefile(_driver), inspect.getsourcefile(M)}
     root = Path(inspect.getsourcefile(_driver) or ".").parent
     files |= {str(root / f) for f in ("noise.py", "grids.py", "_utils.py")}
@@ -1003,7 +1048,8 @@ def sweep_document(prep: Prepared, config: SweepConfig, plan: Plan, cells: Seque
                  "timing_repeats": config.timing_repeats},
         "config": {**settings, "solvers": config.solver_list(), "grids": config.grid_list(),
                    "solver_options": {k: dict(v) for k, v in config.solver_options.items()}},
-        "solvers": {n: plan.solvers[n].describe() for n in config.solver_list()},
+        "solvers": {n: plan.solvers[n].describe() if n != DEFAULT_ROW else DEFAULT_ROW_DESCRIPTION
+                    for n in config.solver_list()},
         "environment": {**environment(), "world_size": world},
         "summary": {"cells": len(cells), **{s: status.count(s) for s in
                     ("ok", "skipped", "diverged", "error")},

@@ -109,7 +109,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a("--dim", type=positive_int, default=None,
       help="dimension of a built-in problem (default: gaussian 16, gmm 16)")
     a("--solvers", type=_csv(str, "--solvers", refuse_empty=True), default=[],
-      help="comma-separated registry names (default: all; see `sdekit solvers`)")
+      help="comma-separated registry names (default: all); 'default': the option-free call")
     a("--exclude", type=_csv(str, "--exclude"), default=[],
       help="solvers to leave out (default: none)")
     a("--grids", type=_csv(str, "--grids", refuse_empty=True, nested=True), default=[],
