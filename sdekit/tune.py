@@ -683,9 +683,14 @@ def ratio_interval(e_a: Tensor, e_b: Tensor, resamples: int = BOOTSTRAP_RESAMPLE
     to another mode by one grid and not the other) is in neither end, so a narrow interval on a
     small batch is not proof."""
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, e_a.shape[0], (resamples, e_a.shape[0]), generator=g)
-    r = (e_a.double()[idx].mean(1) / e_b.double()[idx].mean(1).clamp_min(1e-300)).sqrt()
-    lo, hi = torch.quantile(r, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    n, chunk = e_a.shape[0], max(1, 2 ** 22 // max(e_a.shape[0], 1))   # ~32 MB of indices a chunk
+    ratios = []
+    for k in range(0, resamples, chunk):
+        idx = torch.randint(0, n, (min(chunk, resamples - k), n), generator=g)
+        ratios.append((e_a.double()[idx].mean(1)
+                       / e_b.double()[idx].mean(1).clamp_min(1e-300)).sqrt())
+    lo, hi = torch.quantile(torch.cat(ratios), torch.tensor([0.025, 0.975],
+                                                            dtype=torch.float64)).tolist()
     return float(lo), float(hi)
 
 
@@ -802,7 +807,7 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
     if ci and ci[0] < 1 < ci[1] and ci[1] > 1.25 * ci[0]:
         _say(progress, "tune: the held-out batch cannot tell the tuned grid from the named one "
                        "(the interval holds 1): its error rests on a few states; larger "
-                       "calibration= and heldout= batches would")
+                       "calibration= and heldout= batches would tell them apart")
     return tg
 
 

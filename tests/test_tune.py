@@ -88,6 +88,8 @@ def test_ratio_interval_is_exact_for_proportional_errors_and_wide_for_one_outlie
     e = torch.rand(200, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
     assert ratio_interval(4 * e, e) == pytest.approx((2.0, 2.0), rel=1e-12)
     assert ratio_interval(e, e) == pytest.approx((1.0, 1.0), rel=1e-12)
+    big = e.repeat(25)    # 5000 states: the resamples are drawn in chunks
+    assert ratio_interval(9 * big, big) == pytest.approx((3.0, 3.0), rel=1e-12)
     heavy = e.clone()
     heavy[7] = 1e4        # one state holds nearly all of one grid's squared error
     lo, hi = ratio_interval(heavy, e)
