@@ -109,7 +109,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a("--dim", type=positive_int, default=None,
       help="dimension of a built-in problem (default: gaussian 16, gmm 16)")
     a("--solvers", type=_csv(str, "--solvers", refuse_empty=True), default=[],
-      help="comma-separated registry names (default: all); 'default': the option-free call")
+      help="comma-separated registry names, 'default': the option-free call (default: all)")
     a("--exclude", type=_csv(str, "--exclude"), default=[],
       help="solvers to leave out (default: none)")
     a("--grids", type=_csv(str, "--grids", refuse_empty=True, nested=True), default=[],
@@ -164,11 +164,12 @@ FLAGS = {"solvers": "--solvers", "exclude": "--exclude", "solver_options": "--so
 
 def _config(args: argparse.Namespace) -> SweepConfig:
     """The :class:`~sdekit.bench.runner.SweepConfig` of the flags (checked when made)."""
-    from ..bench.runner import SweepConfig, check_solver_names
+    from ..bench.runner import DEFAULT_ROW, SweepConfig, check_solver_names
     from ..solvers.registry import solver_names
 
-    check_solver_names(args.exclude, "exclude")  # (--solvers: checked by SweepConfig)
-    solvers = [s for s in (args.solvers or solver_names()) if s not in set(args.exclude)]
+    check_solver_names(args.exclude, "exclude", default_row=True)  # (--solvers: SweepConfig's)
+    every = [DEFAULT_ROW, *solver_names()]     # no --solvers: the option-free row and all
+    solvers = [s for s in (args.solvers or every) if s not in set(args.exclude)]
     if not solvers:
         raise UsageError("--solvers/--exclude leave no solver to run")
     options: dict[str, dict[str, Any]] = {}
