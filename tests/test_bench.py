@@ -269,6 +269,19 @@ def test_default_row_is_the_option_free_call(tmp_path, sde_name):
     assert [c["rms"] for c in again["cells"]] == [c["rms"] for c in res["cells"]]
 
 
+def test_cli_sweeps_the_default_row_unless_told_otherwise(tmp_path, capsys):
+    """Without --solvers the CLI sweeps the option-free row beside every solver: excluding every
+    registered solver leaves exactly that row."""
+    out = tmp_path / "b"
+    assert main(["bench", "--exclude", ",".join(solver_names()), "--nfe", "5", "-n", "40",
+                 "--timing-repeats", "0", "--out", str(out), "--quiet"]) == 0
+    doc = json.loads((out / "bench.json").read_text())
+    assert [c["id"] for c in doc["cells"]] == ["default/rule/nfe=5"]
+    assert main(["bench", "--exclude", ",".join(["default", *solver_names()]), "--out",
+                 str(out), "--quiet"]) == 2
+    assert "leave no solver to run" in capsys.readouterr().err
+
+
 def test_default_row_takes_no_options(tmp_path, capsys):
     from sdekit.bench.runner import ConfigError
     with pytest.raises(ConfigError, match="the 'default' row takes no options"):
