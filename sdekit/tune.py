@@ -1022,6 +1022,26 @@ def _tuned_rows(run: _Run, picked: list[tuple[str, dict[str, Any]]], nfe: int,
     return rows
 
 
+def _winner_margin(run: _Run, ranked: list[dict[str, Any]], x_ho: Tensor, ref_ho: Tensor
+                   ) -> dict[str, Any] | None:
+    """The winner's held-out RMS over the runner-up's, with its paired-bootstrap 95% interval
+    (:func:`ratio_interval`; two more held-out solves): whether the held-out batch tells the two
+    apart. None with fewer than two ranked rows or where a solve fails."""
+    if len(ranked) < 2:
+        return None
+    errs = []
+    for r in ranked[:2]:
+        run.solver, run.options = r["solver"], r["options"]
+        times = torch.tensor(r["times"], dtype=torch.float64) if r["tuned"] else \
+            make_grid(run.sde, r["grid"], r["steps"], **r["grid_options"])
+        errs.append(run.state_errors(x_ho, ref_ho, times))
+    e_w, e_r = errs
+    if e_w is None or e_r is None or float(e_r.sum()) == 0:
+        return None
+    return {"runner_up_rank": 2, "ratio": float((e_w.mean() / e_r.mean()).sqrt()),
+            "ci95": list(ratio_interval(e_w, e_r))}
+
+
 def search(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], nfe: int, *,
            solvers: Sequence[str] | None = None,
            grids: Sequence[tuple[str, Mapping[str, Any]]] | None = None, tune_top: int = 0,
@@ -1067,11 +1087,13 @@ def search(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], nfe: 
     ranked = sorted(ok + tuned_rows, key=lambda r: r["calibration_rms"])
     for i, r in enumerate(ranked):
         r["rank"] = i + 1
+    margin = _winner_margin(run, ranked, x_ho, ref_ho)
     return {"format": SEARCH_FORMAT, "nfe": nfe, "sde": sde_fingerprint(sde), "model": ident,
             "calibration": {"n": int(x_cal.shape[0]), "seeds": cal_seeds},
             "heldout": {"n": int(x_ho.shape[0]), "seeds": ho_seeds}, "reference": rinfo,
             "ranked_by": "calibration_rms", "winner": ranked[0] if ranked else None,
             "table": ranked, "not_ranked": [r for r in rows if r["status"] != "ok"],
+            "winner_vs_runner_up": margin,
             "cost": {"wall_s": time.perf_counter() - t0, "nfe": run.nfe_spent
                      + sum(r["tuning_cost"]["nfe"] for r in tuned_rows), "candidates": len(plan)}}
 
@@ -1089,4 +1111,10 @@ def format_search(result: Mapping[str, Any], top: int = 15) -> str:
                                                                   and r["grid"] != "tuned" else "")
         lines.append(f"| {r['rank']} | {r['solver']} | {opts} | {grid} | {r['nfe']} | "
                      f"{r['calibration_rms']:.3e} | {r['heldout_rms']:.3e} |")
+    m = result.get("winner_vs_runner_up")
+    if m:
+        lines += ["", f"held-out RMS of rank 1 / rank 2: {m['ratio']:.3g} (95% paired-bootstrap "
+                  f"interval {m['ci95'][0]:.3g}-{m['ci95'][1]:.3g}"
+                  + ("; the held-out batch cannot tell them apart)" if m["ci95"][0] < 1
+                     < m["ci95"][1] else ")")]
     return "\n".join(lines)

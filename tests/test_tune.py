@@ -15,6 +15,7 @@ from sdekit.tune import (
     NAMED_GRIDS,
     TuneError,
     _Run,
+    format_search,
     load_tuned_grid,
     ratio_interval,
     search,
@@ -330,6 +331,10 @@ def test_search_ranks_on_calibration_and_reports_heldout(problem):
     assert float((out - problem.flow(x)).pow(2).mean().sqrt()) == pytest.approx(
         w["heldout_rms"], rel=1e-9)
     assert w["solver"] == "dpmpp_2m"   # second order beats DDIM at 5 NFE here
+    m = r["winner_vs_runner_up"]      # rank 1 / rank 2 on the held-out states, with its interval
+    assert m["ratio"] == pytest.approx(w["heldout_rms"] / table[1]["heldout_rms"], rel=1e-9)
+    assert m["ci95"][0] <= m["ratio"] <= m["ci95"][1]
+    assert f"rank 1 / rank 2: {m['ratio']:.3g} (95% paired-bootstrap" in format_search(r)
     with pytest.raises(TuneError, match="cannot be tuned: it is stochastic"):
         search(problem.sde, problem.model, 5, solvers=["pc"], **KW)
 
