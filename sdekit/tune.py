@@ -694,6 +694,15 @@ def ratio_interval(e_a: Tensor, e_b: Tensor, resamples: int = BOOTSTRAP_RESAMPLE
     return float(lo), float(hi)
 
 
+def _paired_ratio(e_a: Tensor | None, e_b: Tensor | None
+                  ) -> tuple[float, tuple[float, float]] | None:
+    """The RMS ratio of two grids' per-state squared errors on the same states and its
+    :func:`ratio_interval`; None where either solve failed or ``e_b`` is all zero."""
+    if e_a is None or e_b is None or float(e_b.sum()) == 0:
+        return None
+    return float((e_a.mean() / e_b.mean()).sqrt()), ratio_interval(e_a, e_b)
+
+
 def _stage_heldout(tu: _Tuning, named: dict[str, Any]) -> None:
     """Stage 7: the kept grid's held-out error, and the paired-bootstrap interval of its ratio to
     the best named grid on the held-out states (one more held-out solve of that grid)."""
@@ -703,11 +712,9 @@ def _stage_heldout(tu: _Tuning, named: dict[str, Any]) -> None:
     best_ho = min(named, key=lambda k: named[k]["heldout_rms"])
     e_n = run.state_errors(tu.x_ho, ref_ho, torch.tensor(named[best_ho]["times"],
                                                          dtype=torch.float64))
-    ci = None
-    if e_t is not None and e_n is not None and float(e_n.sum()) > 0:
-        ci = ratio_interval(e_t, e_n)
+    paired = _paired_ratio(e_t, e_n)
     tu.save("done", heldout_rms=math.inf if e_t is None else float(e_t.mean().sqrt()),
-            measured_nfe=nfe, ratio_ci=json.dumps(ci))
+            measured_nfe=nfe, ratio_ci=json.dumps(None if paired is None else paired[1]))
 
 
 def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver: str = "dpmpp_2m",
@@ -1035,11 +1042,9 @@ def _winner_margin(run: _Run, ranked: list[dict[str, Any]], x_ho: Tensor, ref_ho
         times = torch.tensor(r["times"], dtype=torch.float64) if r["tuned"] else \
             make_grid(run.sde, r["grid"], r["steps"], **r["grid_options"])
         errs.append(run.state_errors(x_ho, ref_ho, times))
-    e_w, e_r = errs
-    if e_w is None or e_r is None or float(e_r.sum()) == 0:
-        return None
-    return {"runner_up_rank": 2, "ratio": float((e_w.mean() / e_r.mean()).sqrt()),
-            "ci95": list(ratio_interval(e_w, e_r))}
+    paired = _paired_ratio(*errs)
+    return None if paired is None else {"runner_up_rank": 2, "ratio": paired[0],
+                                        "ci95": list(paired[1])}
 
 
 def search(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], nfe: int, *,
