@@ -14,7 +14,9 @@ one-pass :class:`~sdekit.models.fno.TrajectoryOperator` trained to reproduce the
    either once per output time (``backbone_at="slots"``, beside a least-squares linear path:
    exact for a linear teacher) or once at ``x_T``'s own noise level (``"start"``, each slot
    starting from its one-step DDIM estimate: a teacher-initialised operator begins as the
-   teacher's 1-NFE DDIM and costs one backbone evaluation per sample).
+   teacher's 1-NFE DDIM and costs one backbone evaluation per sample). With ``adversarial``
+   (:class:`AdversarialSettings`) a second stage adds a GAN loss on fresh prior draws against
+   the teacher's endpoints (:mod:`sdekit.training.adversarial`).
 
 The operator checkpoint records the teacher's ``weights_sha256``; the ``fno`` solver refuses a
 teacher model whose loaded weights carry another one (:func:`check_teacher`).
@@ -25,6 +27,7 @@ import json
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +41,8 @@ from .grids import make_grid
 from .integrate import sample
 from .noise import sample_seeds
 from .sde.base import ForwardSDE
-from .training.checkpoint import load_state
+from .training.adversarial import AdversarialTerm
+from .training.checkpoint import CheckpointError, load_state
 from .training.trainer import FitLoop, FitSettings
 
 if TYPE_CHECKING:
@@ -346,6 +350,72 @@ class _OperatorFit(FitLoop):
         return must, {}
 
 
+@dataclass(frozen=True)
+class AdversarialSettings:
+    """The adversarial stage of :func:`train_operator`: ``steps`` more steps from the L2-trained
+    operator, adding ``weight`` times the non-saturating GAN loss of the last slot on fresh prior
+    draws against the teacher's endpoints (:mod:`sdekit.training.adversarial`); Adam with betas
+    (0.5, 0.99) at the constant rate ``lr`` for the operator and ``disc_lr`` for the
+    discriminator, EMA decay ``ema_decay``. Invalid values raise a ValueError naming them."""
+
+    weight: float
+    steps: int = 2500
+    lr: float = 2e-4
+    disc_lr: float = 1e-3
+    ema_decay: float = 0.99
+
+    def __post_init__(self) -> None:
+        require(is_real(self.weight) and self.weight > 0, "adversarial weight", self.weight,
+                "a finite number > 0")
+        require(isinstance(self.steps, int) and self.steps >= 1, "adversarial steps",
+                self.steps, "an integer >= 1")
+        for name in ("lr", "disc_lr"):
+            v = getattr(self, name)
+            require(is_real(v) and v > 0, f"adversarial {name}", v, "a finite number > 0")
+        require(is_real(self.ema_decay) and 0 <= self.ema_decay < 1, "adversarial ema_decay",
+                self.ema_decay, "0 <= ema_decay < 1")
+
+
+class _AdversarialFit(_OperatorFit):
+    """The adversarial stage (:class:`AdversarialSettings`): the L2 loss of
+    :class:`_OperatorFit` on a batch of trajectories plus ``weight`` times the student's GAN loss
+    on the last slot from ``batch`` fresh prior draws; each step first takes one discriminator
+    step on teacher endpoints (another batch) against those samples. The batches and draws come
+    from a generator seeded by ``(seed, step)``; the discriminator and its optimiser are
+    checkpointed (:meth:`extra_state`), so a resumed run continues exactly."""
+
+    def __init__(self, op: torch.nn.Module, x_T: Tensor, traj: Tensor, config: dict[str, Any],
+                 out: Path, fit: FitSettings, *, batch: int, seed: int, progress: bool,
+                 prior_std: float, adversarial: AdversarialSettings) -> None:
+        super().__init__(op, x_T, traj, config, out, fit, batch=batch, seed=seed,
+                         progress=progress)
+        self.desc = "operator (adversarial)"
+        self.opt = torch.optim.Adam(op.parameters(), lr=fit.lr, betas=(0.5, 0.99))
+        self.prior_std, self.weight = prior_std, adversarial.weight
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            self.adv = AdversarialTerm(tuple(config["state_shape"]), lr=adversarial.disc_lr)
+
+    def loss_at(self, step: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        n = self.x_T.shape[0]
+        idx, ridx = (torch.randint(0, n, (self.batch,), generator=g) for _ in range(2))
+        l2 = self.objective(self.net(self.x_T[idx]), self.traj[idx])
+        z = self.prior_std * torch.randn((self.batch,) + tuple(self.x_T.shape[1:]), generator=g)
+        fake = self.net(z)[:, -1]
+        return l2 + self.weight * self.adv.step(self.traj[ridx, -1], fake)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"adversarial": self.adv.full_state()}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        if "adversarial" not in extra:
+            raise CheckpointError(f"checkpoint {str(self.checkpoint_path)!r} holds no "
+                                  "discriminator state, so its adversarial stage cannot resume: "
+                                  "remove it to restart that stage")
+        self.adv.load_full_state(extra["adversarial"])
+
+
 def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
                    backbone: dict | None = None, init_backbone: dict | None = None,
                    width: int = 64, layers: int = 2, modes: int = 2, experts: int = 1,
@@ -353,7 +423,9 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
                    batch: int = 128, lr: float = 2e-4, warmup: int = 100,
                    lr_decay: str = "cosine", grad_clip: float = 1.0, ema_decay: float = 0.999,
                    seed: int = 0, checkpoint_every: int = 500, until: int | None = None,
-                   feature_loss: float = 0.0, progress: bool = False) -> torch.nn.Module:
+                   feature_loss: float = 0.0,
+                   adversarial: AdversarialSettings | None = None,
+                   progress: bool = False) -> torch.nn.Module:
     """Train (or resume training) an operator on a trajectory dataset; returns the EMA operator.
 
     ``backbone_at``: ``"slots"`` runs the backbone on ``x_T`` once per output time (conditioned
@@ -374,6 +446,11 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     ``feature_loss`` > 0 adds that multiple of a feature-space loss on the last slot (digits
     states only: :func:`sdekit.training.feature_loss.digits_feature_loss`, a network that is
     not the FD-digits evaluation network) to the L2 loss.
+    ``adversarial`` (:class:`AdversarialSettings`) adds a second stage: the L2-trained operator
+    is checkpointed at ``out``'s name with ``_l2`` added (``operator_l2.pt``), then trained
+    ``adversarial.steps`` more steps with a GAN loss on fresh prior draws (the teacher's
+    endpoints as the real samples) into ``out``; its config records the first stage's weights
+    hash, and both stages resume. ``until`` counts the steps of both stages.
     """
     require(isinstance(batch, int) and batch >= 1, "batch", batch, "an integer >= 1")
     require(isinstance(checkpoint_every, int) and checkpoint_every >= 1, "checkpoint_every",
@@ -400,17 +477,42 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     torch.manual_seed(seed)
     op = build_operator(config)
     out = Path(out)
-    if not out.exists():  # a resumed run takes every weight from its checkpoint
+    first = out.with_name(f"{out.stem}_l2{out.suffix}") if adversarial else out
+    if not first.exists():  # a resumed run takes every weight from its checkpoint
         if init_backbone is not None:
             load_state(op.backbone, init_backbone, data, "backbone initialisation")
         if backbone_at == "slots":
             op.fit_linear_path(x_T, traj, seed=seed)
-    loop = _OperatorFit(op, x_T, traj, config, out, fit, batch=batch, seed=seed,
+    loop = _OperatorFit(op, x_T, traj, config, first, fit, batch=batch, seed=seed,
                         progress=progress)
     loop.resume()
     loop.train(until)
     if steps == 0:   # the untrained operator (e.g. the teacher's 1-NFE DDIM)
         loop.save()
+    if adversarial is None or (until is not None and until <= steps):
+        return loop.ema
+    return _adversarial_stage(loop, out, sde, adversarial,
+                              None if until is None else until - steps)
+
+
+def _adversarial_stage(first: _OperatorFit, out: Path, sde: ForwardSDE,
+                       adversarial: AdversarialSettings, until: int | None) -> torch.nn.Module:
+    """Stage 2 of :func:`train_operator`: from the L2 stage ``first``'s EMA weights, train
+    ``adversarial.steps`` steps of :class:`_AdversarialFit` into ``out`` (resuming it there);
+    returns its EMA operator."""
+    config = first.config
+    train = {**config["train"], "adversarial": {
+        **asdict(adversarial), "init_sha256": content_hash(first.ema.state_dict())}}
+    op = build_operator(config)
+    op.load_state_dict(first.ema.state_dict())
+    fit = FitSettings(steps=adversarial.steps, lr=adversarial.lr, lr_decay="constant",
+                      grad_clip=first.fit.grad_clip, ema_decay=adversarial.ema_decay,
+                      ckpt_every=first.fit.ckpt_every)
+    loop = _AdversarialFit(op, first.x_T, first.traj, {**config, "train": train}, out, fit,
+                           batch=first.batch, seed=first.seed, progress=first.progress,
+                           prior_std=sde.prior_std, adversarial=adversarial)
+    loop.resume()
+    loop.train(until)
     return loop.ema
 
 

@@ -78,6 +78,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a("--feature-loss", type=nonneg_float, default=0.0, metavar="WEIGHT",
       help="add WEIGHT times a feature-space loss on the last slot (digits only; a feature "
            "network of its own, not the FD-digits evaluation network; default 0: L2 only)")
+    a("--adversarial", type=nonneg_float, default=0.0, metavar="WEIGHT",
+      help="after the L2 training (kept as OUT/operator_l2.pt), train --adversarial-steps "
+           "more with WEIGHT times a GAN loss on fresh prior draws, the teacher's endpoints as "
+           "the real samples, into OUT/operator.pt (default 0: L2 only)")
+    a("--adversarial-steps", type=positive_int, default=2500,
+      help="steps of the adversarial stage (with --adversarial)")
+    a("--adversarial-lr", type=positive_float, default=2e-4,
+      help="constant learning rate of the adversarial stage (the discriminator's: 1e-3)")
     a("--init-from-teacher", action="store_true",
       help="use the teacher checkpoint's network (architecture and weights) as the backbone")
     a("--seed", type=seed_int, default=0, help="seed of the teacher's draws and of training")
@@ -124,6 +132,7 @@ def _teacher_network(args: argparse.Namespace, model: Any) -> tuple[dict, dict]:
 def run(args: argparse.Namespace) -> int:
     from .._io import atomic_write_bytes
     from ..distill import (
+        AdversarialSettings,
         check_backbone_at,
         check_feature_loss,
         generate_trajectories,
@@ -141,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
             backbone_at = ("start" if args.init_from_teacher and not sde.alpha_zero_at_T
                            else "slots")
         check_backbone_at(sde, backbone_at)   # before the trajectories
+        adversarial = (AdversarialSettings(args.adversarial, args.adversarial_steps,
+                                           args.adversarial_lr) if args.adversarial else None)
         if args.init_from_teacher:
             backbone, init = _teacher_network(args, model)
         data = generate_trajectories(args.out / "trajectories", sde, model, shape, args.n,
@@ -154,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
                        modes=args.modes, experts=args.experts, backbone_at=backbone_at,
                        steps=args.train_steps,
                        batch=args.batch_size, lr=args.lr, seed=args.seed,
-                       feature_loss=args.feature_loss, progress=not args.quiet)
+                       feature_loss=args.feature_loss, adversarial=adversarial,
+                       progress=not args.quiet)
     except ValueError as e:  # BenchError and CheckpointError included; reported by main
         raise UsageError(str(e)) from e
     t2 = time.perf_counter()

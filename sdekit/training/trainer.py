@@ -353,6 +353,14 @@ class FitLoop:
     def _after_save(self) -> None:
         """Called by :meth:`train` after each checkpoint."""
 
+    def extra_state(self) -> dict[str, Any]:
+        """More training state to checkpoint (e.g. a discriminator and its optimiser), given
+        back to :meth:`load_extra_state` on resume."""
+        return {}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` saved (``extra``: the checkpoint's extra entries)."""
+
     # ----------------------------------------------------------------- one step
     def lr_at(self, step: int) -> float:
         return self.fit.lr_at(step)
@@ -400,7 +408,8 @@ class FitLoop:
         if path is not None and self.rank == 0:
             save_checkpoint(path, config=self.saved_config(), model=self.net.state_dict(),
                             ema=self.ema.state_dict(), optimizer=self.opt.state_dict(),
-                            step=self.step, extra={"world_size": self.world_size})
+                            step=self.step,
+                            extra={"world_size": self.world_size, **self.extra_state()})
         if self.world_size > 1:
             dist.barrier()
         return path
@@ -433,6 +442,7 @@ class FitLoop:
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {str(path)!r}: optimizer state does not fit: "
                                   f"{e}") from None
+        self.load_extra_state(ck.get("extra") or {})
         self.step = int(ck["step"])
         rng = ck.get("rng", {}).get("torch")
         if isinstance(rng, torch.Tensor) and self.rank == 0:

@@ -1,0 +1,81 @@
+"""An adversarial term for one-pass samplers (issue 18): a small discriminator tells the
+teacher's samples from the student's, and the student is pushed toward samples it cannot tell
+apart.
+
+A student fitted to teacher trajectories by L2 regresses toward the conditional mean wherever it
+cannot fit the map exactly (on states it was not trained on, near the boundaries between
+modes), and its samples come out shrunk: on the digits operator the feature variance of its
+samples is below the teacher's. The regression term keeps the student's pairing with the
+teacher; the adversarial term (non-saturating GAN loss, Goodfellow et al. 2014) is taken on
+*fresh* prior draws, which cost no teacher solve, so it acts where the student generalises
+rather than where it has memorised its pairs. The real samples are the teacher's own endpoints:
+no training data enters.
+
+:class:`AdversarialTerm` owns the discriminator and its Adam optimiser; :meth:`AdversarialTerm.step`
+takes one discriminator step on ``(real, fake.detach())`` and returns the student's loss on
+``fake``. Its ``state_dict`` (the discriminator's and the optimiser's) goes into the training
+checkpoint so that a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.functional import softplus
+
+from .._utils import is_real, require
+
+
+def discriminator(state_shape: Sequence[int], width: int = 64) -> nn.Module:
+    """A small discriminator for states of ``state_shape``: three 3x3 convolutions (the last
+    two of stride 2) and a linear read-out for images ``(C, H, W)``; a 3-layer MLP otherwise."""
+    shape = tuple(int(s) for s in state_shape)
+    require(isinstance(width, int) and width >= 1, "width", width, "an integer >= 1")
+    act = nn.LeakyReLU(0.2)
+    if len(shape) == 3:
+        c, h, w = shape
+        cells = math.ceil(h / 4) * math.ceil(w / 4)
+        return nn.Sequential(nn.Conv2d(c, width, 3, padding=1), act,
+                             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), act,
+                             nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), act,
+                             nn.Flatten(), nn.Linear(4 * width * cells, 1))
+    d = math.prod(shape)
+    return nn.Sequential(nn.Flatten(), nn.Linear(d, 4 * width), act,
+                         nn.Linear(4 * width, 4 * width), act, nn.Linear(4 * width, 1))
+
+
+class AdversarialTerm(nn.Module):
+    """The discriminator of states of ``state_shape`` and its optimiser (Adam, ``lr``,
+    betas (0.5, 0.99), as usual for GANs); built from the current torch seed."""
+
+    def __init__(self, state_shape: Sequence[int], lr: float = 1e-3, width: int = 64) -> None:
+        super().__init__()
+        require(is_real(lr) and lr > 0, "lr", lr, "a finite number > 0")
+        self.disc = discriminator(state_shape, width)
+        self.opt = torch.optim.Adam(self.disc.parameters(), lr=lr, betas=(0.5, 0.99))
+        self.last_disc_loss = math.nan
+
+    def score(self, x: Tensor) -> Tensor:
+        """The discriminator's logit per state (positive: looks like a teacher sample)."""
+        return self.disc(x).reshape(-1)
+
+    def step(self, real: Tensor, fake: Tensor) -> Tensor:
+        """One discriminator step on ``real`` against ``fake`` (detached), then the student's
+        non-saturating loss ``mean softplus(-D(fake))`` (gradients reach ``fake`` only through
+        the updated discriminator; its own gradients are cleared at its next step)."""
+        loss = softplus(-self.score(real)).mean() + softplus(self.score(fake.detach())).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.last_disc_loss = float(loss.detach())
+        return softplus(-self.score(fake)).mean()
+
+    def full_state(self) -> dict[str, Any]:
+        return {"disc": self.disc.state_dict(), "opt": self.opt.state_dict()}
+
+    def load_full_state(self, state: dict[str, Any]) -> None:
+        self.disc.load_state_dict(state["disc"])
+        self.opt.load_state_dict(state["opt"])
