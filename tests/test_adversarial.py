@@ -114,3 +114,6 @@ def test_cli_adversarial_stage(tmp_path):
     assert cfg["train"]["adversarial"]["steps"] == 2
     with pytest.raises(SystemExit):
         cli(base + ["--out", str(tmp_path / "x"), "--adversarial", "-1"])
+    # a setting of the stage without the stage is refused, not ignored, before any work
+    assert cli(base + ["--out", str(tmp_path / "y"), "--adversarial-steps", "5"]) == 2
+    assert not (tmp_path / "y").exists()

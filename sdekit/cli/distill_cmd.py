@@ -82,10 +82,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
       help="after the L2 training (kept as OUT/operator_l2.pt), train --adversarial-steps "
            "more with WEIGHT times a GAN loss on fresh prior draws, the teacher's endpoints as "
            "the real samples, into OUT/operator.pt (default 0: L2 only)")
-    a("--adversarial-steps", type=positive_int, default=2500,
-      help="steps of the adversarial stage (with --adversarial)")
-    a("--adversarial-lr", type=positive_float, default=2e-4,
-      help="constant learning rate of the adversarial stage (the discriminator's: 1e-3)")
+    a("--adversarial-steps", type=positive_int, default=None,
+      help="steps of the adversarial stage (with --adversarial; default 2500)")
+    a("--adversarial-lr", type=positive_float, default=None,
+      help="constant learning rate of the adversarial stage (with --adversarial; default "
+           "2e-4; the discriminator's: 1e-3)")
     a("--init-from-teacher", action="store_true",
       help="use the teacher checkpoint's network (architecture and weights) as the backbone")
     a("--seed", type=seed_int, default=0, help="seed of the teacher's draws and of training")
@@ -129,6 +130,21 @@ def _teacher_network(args: argparse.Namespace, model: Any) -> tuple[dict, dict]:
     return dict(net.config), net.state_dict()
 
 
+def _adversarial(args: argparse.Namespace, settings: Any) -> Any:
+    """The adversarial stage's settings from the command line (None without --adversarial);
+    its other flags without --adversarial are refused rather than ignored."""
+    given = {k: v for k, v in (("steps", args.adversarial_steps), ("lr", args.adversarial_lr))
+             if v is not None}
+    if not args.adversarial:
+        if given:
+            flags = " and ".join(f"--adversarial-{k}" for k in given)
+            raise UsageError(f"{flags} {'set' if len(given) > 1 else 'sets'} the adversarial "
+                             "stage, which runs only with --adversarial WEIGHT > 0: give the "
+                             "weight too, or leave it out")
+        return None
+    return settings(args.adversarial, **given)
+
+
 def run(args: argparse.Namespace) -> int:
     from .._io import atomic_write_bytes
     from ..distill import (
@@ -150,8 +166,7 @@ def run(args: argparse.Namespace) -> int:
             backbone_at = ("start" if args.init_from_teacher and not sde.alpha_zero_at_T
                            else "slots")
         check_backbone_at(sde, backbone_at)   # before the trajectories
-        adversarial = (AdversarialSettings(args.adversarial, args.adversarial_steps,
-                                           args.adversarial_lr) if args.adversarial else None)
+        adversarial = _adversarial(args, AdversarialSettings)
         if args.init_from_teacher:
             backbone, init = _teacher_network(args, model)
         data = generate_trajectories(args.out / "trajectories", sde, model, shape, args.n,
