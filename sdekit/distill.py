@@ -319,21 +319,31 @@ class _OperatorFit(FitLoop):
     generator seeded by ``(seed, step)``."""
 
     resume_hint = "remove it or use the same settings to resume"
+    adam_betas = (0.9, 0.999)    # torch's defaults
+    desc = "operator"
 
     def __init__(self, op: torch.nn.Module, x_T: Tensor, traj: Tensor, config: dict[str, Any],
                  out: Path, fit: FitSettings, *, batch: int, seed: int,
                  progress: bool) -> None:
-        super().__init__(op, torch.optim.Adam(op.parameters(), lr=fit.lr), fit,
-                         checkpoint_path=out, progress=progress, desc="operator")
+        super().__init__(op, torch.optim.Adam(op.parameters(), lr=fit.lr, betas=self.adam_betas),
+                         fit, checkpoint_path=out, progress=progress, desc=self.desc)
         self.x_T, self.traj, self.config, self.batch, self.seed = x_T, traj, config, batch, seed
         w = torch.tensor(config["lambdas"]).exp().clamp(1, 1e4)   # clamp(sqrt(SNR_k), 1, 1e4)
         w = (w / w.mean()).reshape((1, -1) + (1,) * (traj.dim() - 2))
         self.objective = _objective(w, config["train"].get("feature_loss", 0.0),
                                     tuple(config["state_shape"]))
 
+    def batch_generator(self, step: int) -> torch.Generator:
+        """The generator of step ``step``'s draws (counter-based: a resumed run draws the
+        batches an uninterrupted one would)."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+
+    def draw(self, g: torch.Generator) -> Tensor:
+        """``batch`` trajectory indices."""
+        return torch.randint(0, self.x_T.shape[0], (self.batch,), generator=g)
+
     def loss_at(self, step: int) -> Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)  # counter-based batches
-        idx = torch.randint(0, self.x_T.shape[0], (self.batch,), generator=g)
+        idx = self.draw(self.batch_generator(step))
         return self.objective(self.net(self.x_T[idx]), self.traj[idx])
 
     def saved_config(self) -> dict[str, Any]:
@@ -384,22 +394,22 @@ class _AdversarialFit(_OperatorFit):
     from a generator seeded by ``(seed, step)``; the discriminator and its optimiser are
     checkpointed (:meth:`extra_state`), so a resumed run continues exactly."""
 
+    adam_betas = (0.5, 0.99)     # as usual for GANs
+    desc = "operator (adversarial)"
+
     def __init__(self, op: torch.nn.Module, x_T: Tensor, traj: Tensor, config: dict[str, Any],
                  out: Path, fit: FitSettings, *, batch: int, seed: int, progress: bool,
                  prior_std: float, adversarial: AdversarialSettings) -> None:
         super().__init__(op, x_T, traj, config, out, fit, batch=batch, seed=seed,
                          progress=progress)
-        self.desc = "operator (adversarial)"
-        self.opt = torch.optim.Adam(op.parameters(), lr=fit.lr, betas=(0.5, 0.99))
         self.prior_std, self.weight = prior_std, adversarial.weight
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             self.adv = AdversarialTerm(tuple(config["state_shape"]), lr=adversarial.disc_lr)
 
     def loss_at(self, step: int) -> Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        n = self.x_T.shape[0]
-        idx, ridx = (torch.randint(0, n, (self.batch,), generator=g) for _ in range(2))
+        g = self.batch_generator(step)
+        idx, ridx = self.draw(g), self.draw(g)
         l2 = self.objective(self.net(self.x_T[idx]), self.traj[idx])
         z = self.prior_std * torch.randn((self.batch,) + tuple(self.x_T.shape[1:]), generator=g)
         fake = self.net(z)[:, -1]

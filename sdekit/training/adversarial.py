@@ -13,8 +13,8 @@ no training data enters.
 
 :class:`AdversarialTerm` owns the discriminator and its Adam optimiser; :meth:`AdversarialTerm.step`
 takes one discriminator step on ``(real, fake.detach())`` and returns the student's loss on
-``fake``. Its ``state_dict`` (the discriminator's and the optimiser's) goes into the training
-checkpoint so that a resumed run continues exactly.
+``fake``. :meth:`AdversarialTerm.full_state` (the discriminator's and the optimiser's state)
+goes into the training checkpoint so that a resumed run continues exactly.
 """
 from __future__ import annotations
 
