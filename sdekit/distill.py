@@ -16,7 +16,9 @@ one-pass :class:`~sdekit.models.fno.TrajectoryOperator` trained to reproduce the
    starting from its one-step DDIM estimate: a teacher-initialised operator begins as the
    teacher's 1-NFE DDIM and costs one backbone evaluation per sample). With ``adversarial``
    (:class:`AdversarialSettings`) a second stage adds a GAN loss on fresh prior draws against
-   the teacher's endpoints (:mod:`sdekit.training.adversarial`).
+   the teacher's endpoints; with :class:`DistributionMatchingSettings` it adds DMD's
+   distribution-matching loss instead, the teacher's score against a fake score trained on the
+   operator's samples (both in :mod:`sdekit.training.adversarial`).
 
 The operator checkpoint records the teacher's ``weights_sha256``; the ``fno`` solver refuses a
 teacher model whose loaded weights carry another one (:func:`check_teacher`).
@@ -41,7 +43,7 @@ from .grids import make_grid
 from .integrate import sample
 from .noise import sample_seeds
 from .sde.base import ForwardSDE
-from .training.adversarial import AdversarialTerm
+from .training.adversarial import AdversarialTerm, DistributionMatchingTerm
 from .training.checkpoint import CheckpointError, load_state
 from .training.trainer import FitLoop, FitSettings
 
@@ -375,37 +377,80 @@ class AdversarialSettings:
     ema_decay: float = 0.99
 
     def __post_init__(self) -> None:
-        require(is_real(self.weight) and self.weight > 0, "adversarial weight", self.weight,
-                "a finite number > 0")
-        require(isinstance(self.steps, int) and self.steps >= 1, "adversarial steps",
-                self.steps, "an integer >= 1")
-        for name in ("lr", "disc_lr"):
-            v = getattr(self, name)
-            require(is_real(v) and v > 0, f"adversarial {name}", v, "a finite number > 0")
-        require(is_real(self.ema_decay) and 0 <= self.ema_decay < 1, "adversarial ema_decay",
-                self.ema_decay, "0 <= ema_decay < 1")
+        _check_stage(self, "adversarial", ("lr", "disc_lr"))
+
+
+@dataclass(frozen=True)
+class DistributionMatchingSettings:
+    """The distribution-matching stage of :func:`train_operator` (DMD, Yin et al. 2024;
+    :class:`~sdekit.training.adversarial.DistributionMatchingTerm`): ``steps`` more steps from
+    the L2-trained operator, adding ``weight`` times the DMD loss of the last slot on fresh prior
+    draws, the teacher's score against a fake score (a copy of the teacher's network) trained
+    ``fake_steps`` times per step at the rate ``fake_lr``; Adam with betas (0, 0.99) at the
+    constant rate ``lr`` for the operator, EMA decay ``ema_decay``. Needs the teacher's
+    checkpoint (``train_operator(teacher=...)``). Invalid values raise a ValueError naming
+    them."""
+
+    weight: float = 2.5
+    steps: int = 1500
+    lr: float = 5e-5
+    fake_lr: float = 2e-4
+    fake_steps: int = 4
+    ema_decay: float = 0.995
+
+    def __post_init__(self) -> None:
+        _check_stage(self, "distribution matching", ("lr", "fake_lr"))
+        require(isinstance(self.fake_steps, int) and self.fake_steps >= 1,
+                "distribution matching fake_steps", self.fake_steps, "an integer >= 1")
+
+
+def _check_stage(stage: Any, what: str, rates: tuple[str, ...]) -> None:
+    """Check a second stage's weight, steps, learning rates ``rates`` and EMA decay, naming
+    a bad one as ``'<what> <field>'``."""
+    require(is_real(stage.weight) and stage.weight > 0, f"{what} weight", stage.weight,
+            "a finite number > 0")
+    require(isinstance(stage.steps, int) and stage.steps >= 1, f"{what} steps", stage.steps,
+            "an integer >= 1")
+    for name in rates:
+        v = getattr(stage, name)
+        require(is_real(v) and v > 0, f"{what} {name}", v, "a finite number > 0")
+    require(is_real(stage.ema_decay) and 0 <= stage.ema_decay < 1, f"{what} ema_decay",
+            stage.ema_decay, "0 <= ema_decay < 1")
+
+
+Stage = AdversarialSettings | DistributionMatchingSettings
 
 
 class _AdversarialFit(_OperatorFit):
-    """The adversarial stage (:class:`AdversarialSettings`): the L2 loss of
-    :class:`_OperatorFit` on a batch of trajectories plus ``weight`` times the student's GAN loss
-    on the last slot from ``batch`` fresh prior draws; each step first takes one discriminator
-    step on teacher endpoints (another batch) against those samples. The batches and draws come
-    from a generator seeded by ``(seed, step)``; the discriminator and its optimiser are
-    checkpointed (:meth:`extra_state`), so a resumed run continues exactly."""
+    """The second stage (:class:`AdversarialSettings` or :class:`DistributionMatchingSettings`):
+    the L2 loss of :class:`_OperatorFit` on a batch of trajectories plus ``weight`` times the
+    stage's term on the last slot from ``batch`` fresh prior draws. The GAN term first takes one
+    discriminator step on teacher endpoints (another batch) against those samples; the DMD term
+    (``matching``: the teacher's network ``net`` and its training ``loss``) updates its fake
+    score on them. The batches and draws come from a generator seeded by ``(seed, step)``; the
+    term's networks and optimiser are checkpointed (:meth:`extra_state`), so a resumed run
+    continues exactly."""
 
-    adam_betas = (0.5, 0.99)     # as usual for GANs
     desc = "operator (adversarial)"
 
     def __init__(self, op: torch.nn.Module, x_T: Tensor, traj: Tensor, config: dict[str, Any],
                  out: Path, fit: FitSettings, *, batch: int, seed: int, progress: bool,
-                 prior_std: float, adversarial: AdversarialSettings) -> None:
+                 sde: ForwardSDE, stage: Stage, matching: tuple[Any, Any] | None) -> None:
+        self.matching = isinstance(stage, DistributionMatchingSettings)
+        self.adam_betas = (0.0, 0.99) if self.matching else (0.5, 0.99)   # as usual for GANs
+        if self.matching:
+            self.desc = "operator (distribution matching)"
         super().__init__(op, x_T, traj, config, out, fit, batch=batch, seed=seed,
                          progress=progress)
-        self.prior_std, self.weight = prior_std, adversarial.weight
+        self.prior_std, self.weight = sde.prior_std, stage.weight
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
-            self.adv = AdversarialTerm(tuple(config["state_shape"]), lr=adversarial.disc_lr)
+            if isinstance(stage, DistributionMatchingSettings):
+                assert matching is not None
+                self.adv: Any = DistributionMatchingTerm(
+                    matching[0], sde, matching[1], lr=stage.fake_lr, fake_steps=stage.fake_steps)
+            else:
+                self.adv = AdversarialTerm(tuple(config["state_shape"]), lr=stage.disc_lr)
 
     def loss_at(self, step: int) -> Tensor:
         g = self.batch_generator(step)
@@ -413,15 +458,18 @@ class _AdversarialFit(_OperatorFit):
         l2 = self.objective(self.net(self.x_T[idx]), self.traj[idx])
         z = self.prior_std * torch.randn((self.batch,) + tuple(self.x_T.shape[1:]), generator=g)
         fake = self.net(z)[:, -1]
-        return l2 + self.weight * self.adv.step(self.traj[ridx, -1], fake)
+        term = (self.adv.step(fake, g) if self.matching
+                else self.adv.step(self.traj[ridx, -1], fake))
+        return l2 + self.weight * term
 
     def extra_state(self) -> dict[str, Any]:
         return {"adversarial": self.adv.full_state()}
 
     def load_extra_state(self, extra: dict[str, Any]) -> None:
         if "adversarial" not in extra:
+            what = "fake score" if self.matching else "discriminator"
             raise CheckpointError(f"checkpoint {str(self.checkpoint_path)!r} holds no "
-                                  "discriminator state, so its adversarial stage cannot resume: "
+                                  f"{what} state, so its second stage cannot resume: "
                                   "remove it to restart that stage")
         self.adv.load_full_state(extra["adversarial"])
 
@@ -434,7 +482,7 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
                    lr_decay: str = "cosine", grad_clip: float = 1.0, ema_decay: float = 0.999,
                    seed: int = 0, checkpoint_every: int = 500, until: int | None = None,
                    feature_loss: float = 0.0,
-                   adversarial: AdversarialSettings | None = None,
+                   adversarial: Stage | None = None, teacher: str | Path | None = None,
                    progress: bool = False) -> torch.nn.Module:
     """Train (or resume training) an operator on a trajectory dataset; returns the EMA operator.
 
@@ -461,6 +509,9 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     ``adversarial.steps`` more steps with a GAN loss on fresh prior draws (the teacher's
     endpoints as the real samples) into ``out``; its config records the first stage's weights
     hash, and both stages resume. ``until`` counts the steps of both stages.
+    :class:`DistributionMatchingSettings` as ``adversarial`` makes that second stage DMD's
+    instead; it needs ``teacher``, the teacher's training checkpoint (its weights must be those
+    that made the trajectories, where they recorded them).
     """
     require(isinstance(batch, int) and batch >= 1, "batch", batch, "an integer >= 1")
     require(isinstance(checkpoint_every, int) and checkpoint_every >= 1, "checkpoint_every",
@@ -473,6 +524,7 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     fit = FitSettings(steps=steps, lr=lr, warmup=warmup, lr_decay=lr_decay,
                       grad_clip=grad_clip or math.inf, ema_decay=ema_decay,
                       ckpt_every=checkpoint_every)
+    matching = _matching_teacher(teacher, adversarial)
     x_T, traj, meta = load_trajectories(data)
     if meta["sde"] != repr(sde):
         raise ValueError(f"the trajectories were made with {meta['sde']}, not {sde!r}")
@@ -484,6 +536,13 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
         train["feature_loss"] = feature_loss
     config = _operator_config(data, sde, meta, backbone, width=width, layers=layers,
                               modes=modes, experts=experts, backbone_at=backbone_at, train=train)
+    want = config.get("teacher_sha256")
+    have = weights_sha256_of(matching[0]) if matching is not None else None
+    if want and have and want != have:
+        raise ValueError(f"teacher {str(teacher)!r} has weights sha256 "
+                         f"{have[:16]}..., but the trajectories "
+                         f"{str(data)!r} were made by weights {want[:16]}...: give the "
+                         "checkpoint that made them")
     torch.manual_seed(seed)
     op = build_operator(config)
     out = Path(out)
@@ -501,17 +560,40 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
         loop.save()
     if adversarial is None or (until is not None and until <= steps):
         return loop.ema
-    return _adversarial_stage(loop, out, sde, adversarial,
+    return _adversarial_stage(loop, out, sde, adversarial, matching,
                               None if until is None else until - steps)
 
 
-def _adversarial_stage(first: _OperatorFit, out: Path, sde: ForwardSDE,
-                       adversarial: AdversarialSettings, until: int | None) -> torch.nn.Module:
+def _matching_teacher(teacher: str | Path | None, stage: Stage | None) -> tuple[Any, Any] | None:
+    """``(network, training loss)`` of the teacher checkpoint for a distribution-matching
+    stage (None for the others); a missing or superfluous ``teacher`` is refused."""
+    if not isinstance(stage, DistributionMatchingSettings):
+        require(teacher is None, "teacher", teacher, "None: only the distribution-matching stage "
+                "uses the teacher's checkpoint")
+        return None
+    if teacher is None:
+        raise ValueError("teacher=None is invalid with DistributionMatchingSettings: the stage "
+                         "trains a copy of the teacher's network, so give its training "
+                         "checkpoint (teacher=PATH)")
+    from .training.checkpoint import load_model
+    from .training.losses import LOSSES, checkpoint_loss
+    net, sde, cfg = load_model(teacher)
+    if cfg.get("loss") not in LOSSES:
+        raise CheckpointError(f"teacher {str(teacher)!r} is not a denoising model (loss "
+                              f"{cfg.get('loss')!r}): the distribution-matching stage needs one")
+    return net, checkpoint_loss(sde, net, cfg)
+
+
+def _adversarial_stage(first: _OperatorFit, out: Path, sde: ForwardSDE, adversarial: Stage,
+                       matching: tuple[Any, Any] | None, until: int | None
+                       ) -> torch.nn.Module:
     """Stage 2 of :func:`train_operator`: from the L2 stage ``first``'s EMA weights, train
     ``adversarial.steps`` steps of :class:`_AdversarialFit` into ``out`` (resuming it there);
     returns its EMA operator."""
     config = first.config
-    train = {**config["train"], "adversarial": {
+    key = ("distribution_matching" if isinstance(adversarial, DistributionMatchingSettings)
+           else "adversarial")
+    train = {**config["train"], key: {
         **asdict(adversarial), "init_sha256": content_hash(first.ema.state_dict())}}
     op = build_operator(config)
     op.load_state_dict(first.ema.state_dict())
@@ -520,7 +602,7 @@ def _adversarial_stage(first: _OperatorFit, out: Path, sde: ForwardSDE,
                       ckpt_every=first.fit.ckpt_every)
     loop = _AdversarialFit(op, first.x_T, first.traj, {**config, "train": train}, out, fit,
                            batch=first.batch, seed=first.seed, progress=first.progress,
-                           prior_std=sde.prior_std, adversarial=adversarial)
+                           sde=sde, stage=adversarial, matching=matching)
     loop.resume()
     loop.train(until)
     return loop.ema

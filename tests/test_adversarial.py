@@ -1,5 +1,6 @@
-"""The adversarial stage of the operator distillation (issue 18): the discriminator learns,
-the stage resumes exactly, its settings and checkpoints are checked."""
+"""The second stages of the operator distillation (issue 18), adversarial and distribution
+matching: the discriminator and the fake score learn, the stages resume exactly, their settings
+and checkpoints are checked."""
 from __future__ import annotations
 
 import math
@@ -10,11 +11,13 @@ import torch
 import sdekit
 from sdekit.distill import (
     AdversarialSettings,
+    DistributionMatchingSettings,
     generate_trajectories,
     load_operator,
     train_operator,
 )
-from sdekit.training.adversarial import AdversarialTerm, discriminator
+from sdekit.models.embedding import ScoreNet
+from sdekit.training.adversarial import AdversarialTerm, DistributionMatchingTerm, discriminator
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 6, 6), (5,)])
@@ -117,3 +120,103 @@ def test_cli_adversarial_stage(tmp_path):
     # a setting of the stage without the stage is refused, not ignored, before any work
     assert cli(base + ["--out", str(tmp_path / "y"), "--adversarial-steps", "5"]) == 2
     assert not (tmp_path / "y").exists()
+
+
+# ------------------------------------------------------------ distribution matching (DMD)
+class _GaussianDenoiser(ScoreNet):
+    """The exact x0-prediction of data N(m, I) under a variance-preserving process, with the
+    mean m a parameter (so the fake score's copy can learn another one)."""
+
+    def __init__(self, m: float, dim: int = 3) -> None:
+        super().__init__(prediction="x0")
+        self.m = torch.nn.Parameter(torch.full((dim,), float(m)))
+
+    def _forward(self, x, c_noise, y):
+        a = torch.sigmoid(2 * c_noise).sqrt().reshape(-1, 1)   # lambda -> alpha (VP)
+        return self.m + a * (x - a * self.m)
+
+
+def _dmd_term(m_teacher=1.0, lr=0.05, fake_steps=1):
+    from sdekit.training.losses import DSMLoss
+    sde = sdekit.VPSDE()
+    net = _GaussianDenoiser(m_teacher).requires_grad_(False)
+    loss = DSMLoss(sde, "eps", prediction="x0", time_input="lambda")
+    return DistributionMatchingTerm(net, sde, loss, lr=lr, fake_steps=fake_steps), net
+
+
+def test_dmd_term_is_zero_while_its_fake_score_is_the_teacher():
+    """The fake score starts as a copy of the teacher: the first step's loss and its gradient
+    are exactly zero, and the teacher's network is never trained."""
+    term, net = _dmd_term()
+    x = torch.randn(32, 3).requires_grad_(True)
+    loss = term.step(x, torch.Generator().manual_seed(0))
+    (grad,) = torch.autograd.grad(loss, x)
+    assert float(loss.detach()) == 0.0 and float(grad.abs().max()) == 0.0
+    torch.testing.assert_close(net.m, torch.ones(3))
+    assert float((term.fake_net.m.detach() - 1).abs().max()) > 0, "the fake score took a step"
+
+
+def test_dmd_fake_score_learns_the_students_law_and_pushes_it_to_the_teachers():
+    """Student samples from N(-1, I) against a teacher of N(+1, I): the fake score's mean moves
+    to the student's, and descending the student's loss moves the samples toward +1."""
+    term, _ = _dmd_term(lr=0.05, fake_steps=4)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        x = (torch.randn(64, 3, generator=g) - 1).requires_grad_(True)
+        loss = term.step(x, g)
+    assert float(term.fake_net.m.detach().mean()) < -0.5, term.fake_net.m
+    (grad,) = torch.autograd.grad(loss, x)
+    assert (-grad).mean() > 0, "descending the student's loss moves the samples toward +1"
+
+
+def test_dmd_stage_resumes_exactly_and_needs_the_teachers_checkpoint(tmp_path):
+    """`sdekit distill --dmd W` from a trained toy checkpoint: the L2 stage is kept, the DMD
+    stage recorded and resumable exactly through the library; without a checkpoint teacher, with
+    --adversarial too, or with another teacher's checkpoint it is refused before any work."""
+    from sdekit.cli.main import main as cli
+    run, out = tmp_path / "run", tmp_path / "op"
+    assert cli(["train", "--data", "eight_gaussians", "--out", str(run), "--steps", "20",
+                "--width", "32", "--depth", "1", "--ckpt-every", "20", "--no-progress",
+                "--sample-n", "16"]) == 0
+    ck = str(run / "checkpoint.pt")
+    base = ["distill", "--checkpoint", ck, "--n", "64", "--train-steps", "2", "--batch", "16",
+            "--quiet"]
+    assert cli(base + ["--out", str(out), "--dmd", "1.0", "--dmd-steps", "3"]) == 0
+    assert (out / "operator_l2.pt").exists()
+    full, cfg = load_operator(out / "operator.pt")
+    assert cfg["train"]["distribution_matching"]["steps"] == 3
+    assert "adversarial" not in cfg["train"]
+    sde = sdekit.get_sde("vp")
+    stage = DistributionMatchingSettings(1.0, steps=3)
+    kw = dict(steps=2, batch=16, lr=2e-3, checkpoint_every=1, adversarial=stage, teacher=ck)
+    for stop in (4,):   # inside the DMD stage
+        b = tmp_path / f"b{stop}" / "operator.pt"
+        train_operator(out / "trajectories", b, sde, until=stop, **kw)
+        resumed = train_operator(out / "trajectories", b, sde, **kw)
+        for (k, p), q in zip(full.state_dict().items(), resumed.state_dict().values()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0, msg=f"stop {stop}: {k}")
+    with pytest.raises(ValueError, match="teacher=None"):
+        train_operator(out / "trajectories", tmp_path / "c.pt", sde, steps=2, adversarial=stage)
+    other = tmp_path / "run2"
+    assert cli(["train", "--data", "eight_gaussians", "--out", str(other), "--steps", "20",
+                "--width", "32", "--depth", "1", "--ckpt-every", "20", "--no-progress",
+                "--sample-n", "16", "--seed", "5"]) == 0
+    with pytest.raises(ValueError, match="were made by weights"):
+        train_operator(out / "trajectories", tmp_path / "d.pt", sde, steps=2, adversarial=stage,
+                       teacher=other / "checkpoint.pt")
+    assert cli(base + ["--out", str(tmp_path / "x"), "--dmd", "1", "--adversarial", "1"]) == 2
+    assert cli(["distill", "--problem", "gaussian", "--dim", "4", "--n", "64", "--quiet",
+                "--out", str(tmp_path / "y"), "--dmd", "1"]) == 2
+    assert cli(base + ["--out", str(tmp_path / "z"), "--dmd-lr", "1e-3"]) == 2
+    assert not any((tmp_path / d).exists() for d in ("x", "y", "z"))
+
+
+@pytest.mark.parametrize("kw, name", [
+    ({"weight": 0.0}, "distribution matching weight"),
+    ({"steps": 0}, "distribution matching steps"),
+    ({"fake_lr": float("inf")}, "distribution matching fake_lr"),
+    ({"fake_steps": 0}, "distribution matching fake_steps"),
+    ({"ema_decay": -0.1}, "distribution matching ema_decay")])
+def test_distribution_matching_settings_name_a_bad_value(kw, name):
+    with pytest.raises(ValueError, match=name):
+        DistributionMatchingSettings(**kw)

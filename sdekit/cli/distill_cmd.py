@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from ._args import (
@@ -78,15 +79,24 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a("--feature-loss", type=nonneg_float, default=0.0, metavar="WEIGHT",
       help="add WEIGHT times a feature-space loss on the last slot (digits only; a feature "
            "network of its own, not the FD-digits evaluation network; default 0: L2 only)")
-    a("--adversarial", type=nonneg_float, default=0.0, metavar="WEIGHT",
-      help="after the L2 training (kept as OUT/operator_l2.pt), train --adversarial-steps "
-           "more with WEIGHT times a GAN loss on fresh prior draws, the teacher's endpoints as "
-           "the real samples, into OUT/operator.pt (default 0: L2 only)")
-    a("--adversarial-steps", type=positive_int, default=None,
-      help="steps of the adversarial stage (with --adversarial; default 2500)")
-    a("--adversarial-lr", type=positive_float, default=None,
-      help="constant learning rate of the adversarial stage (with --adversarial; default "
-           "2e-4; the discriminator's: 1e-3)")
+    for flag, stage, weight_help, steps, lr in (
+        ("adversarial", "adversarial",
+         "a GAN loss on fresh prior draws, the teacher's endpoints as the real samples",
+         2500, "2e-4; the discriminator's: 1e-3"),
+        ("dmd", "distribution-matching",
+         "the distribution-matching (DMD) loss on fresh prior draws: the teacher's score "
+         "against a fake score, a copy of the teacher's network trained on the operator's "
+         "samples (a checkpoint teacher only; not with --adversarial)",
+         1500, "5e-5; the fake score's: 2e-4"),
+    ):
+        a(f"--{flag}", type=nonneg_float, default=0.0, metavar="WEIGHT",
+          help=f"after the L2 training (kept as OUT/operator_l2.pt), train --{flag}-steps "
+               f"more with WEIGHT times {weight_help}, into OUT/operator.pt (default 0: L2 "
+               "only)")
+        a(f"--{flag}-steps", type=positive_int, default=None,
+          help=f"steps of the {stage} stage (with --{flag}; default {steps})")
+        a(f"--{flag}-lr", type=positive_float, default=None,
+          help=f"constant learning rate of the {stage} stage (with --{flag}; default {lr})")
     a("--init-from-teacher", action="store_true",
       help="use the teacher checkpoint's network (architecture and weights) as the backbone")
     a("--seed", type=seed_int, default=0, help="seed of the teacher's draws and of training")
@@ -113,6 +123,17 @@ def _teacher(args: argparse.Namespace) -> tuple[Any, Any, tuple[int, ...], str]:
     return problem.sde, problem.model, shape, problem.description or spec
 
 
+def _matching_checkpoint(args: argparse.Namespace) -> Path:
+    """The teacher's checkpoint path, which --dmd needs (refused for a built-in problem)."""
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    if args.problem.startswith("checkpoint:"):
+        return Path(args.problem.split(":", 1)[1])
+    raise UsageError(f"--dmd trains a copy of the teacher's network, so it needs a checkpoint "
+                     f"teacher (--checkpoint PATH or --problem checkpoint:PATH), not --problem "
+                     f"{args.problem!r}")
+
+
 def _teacher_network(args: argparse.Namespace, model: Any) -> tuple[dict, dict]:
     """The teacher checkpoint's network config and (EMA) weights, for --init-from-teacher,
     taken from the already loaded teacher ``model``."""
@@ -130,25 +151,32 @@ def _teacher_network(args: argparse.Namespace, model: Any) -> tuple[dict, dict]:
     return dict(net.config), net.state_dict()
 
 
-def _adversarial(args: argparse.Namespace, settings: Any) -> Any:
-    """The adversarial stage's settings from the command line (None without --adversarial);
-    its other flags without --adversarial are refused rather than ignored."""
-    given = {k: v for k, v in (("steps", args.adversarial_steps), ("lr", args.adversarial_lr))
-             if v is not None}
-    if not args.adversarial:
-        if given:
-            flags = " and ".join(f"--adversarial-{k}" for k in given)
-            raise UsageError(f"{flags} {'set' if len(given) > 1 else 'sets'} the adversarial "
-                             "stage, which runs only with --adversarial WEIGHT > 0: give the "
-                             "weight too, or leave it out")
-        return None
-    return settings(args.adversarial, **given)
+def _second_stage(args: argparse.Namespace, settings: dict[str, Any]) -> Any:
+    """The second stage's settings from the command line: ``settings`` maps each stage's flag
+    (``adversarial``, ``dmd``) to its settings class; None without either flag. A stage's other
+    flags without its weight, and both stages at once, are refused rather than ignored."""
+    chosen = None
+    for flag, cls in settings.items():
+        given = {k: v for k in ("steps", "lr")
+                 if (v := getattr(args, f"{flag}_{k}")) is not None}
+        if not getattr(args, flag):
+            if given:
+                flags = " and ".join(f"--{flag}-{k}" for k in given)
+                raise UsageError(f"{flags} {'set' if len(given) > 1 else 'sets'} the --{flag} "
+                                 f"stage, which runs only with --{flag} WEIGHT > 0: give the "
+                                 "weight too, or leave it out")
+            continue
+        if chosen is not None:
+            raise UsageError("--adversarial and --dmd are two kinds of second stage: give one")
+        chosen = cls(getattr(args, flag), **given)
+    return chosen
 
 
 def run(args: argparse.Namespace) -> int:
     from .._io import atomic_write_bytes
     from ..distill import (
         AdversarialSettings,
+        DistributionMatchingSettings,
         check_backbone_at,
         check_feature_loss,
         generate_trajectories,
@@ -166,7 +194,9 @@ def run(args: argparse.Namespace) -> int:
             backbone_at = ("start" if args.init_from_teacher and not sde.alpha_zero_at_T
                            else "slots")
         check_backbone_at(sde, backbone_at)   # before the trajectories
-        adversarial = _adversarial(args, AdversarialSettings)
+        adversarial = _second_stage(args, {"adversarial": AdversarialSettings,
+                                           "dmd": DistributionMatchingSettings})
+        matching = _matching_checkpoint(args) if args.dmd else None
         if args.init_from_teacher:
             backbone, init = _teacher_network(args, model)
         data = generate_trajectories(args.out / "trajectories", sde, model, shape, args.n,
@@ -181,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
                        steps=args.train_steps,
                        batch=args.batch_size, lr=args.lr, seed=args.seed,
                        feature_loss=args.feature_loss, adversarial=adversarial,
-                       progress=not args.quiet)
+                       teacher=matching, progress=not args.quiet)
     except ValueError as e:  # BenchError and CheckpointError included; reported by main
         raise UsageError(str(e)) from e
     t2 = time.perf_counter()

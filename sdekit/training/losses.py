@@ -172,6 +172,17 @@ class DSMLoss:
         return f"DSMLoss(kind={self.kind!r}, prediction={self.prediction!r}, sde={self.sde!r})"
 
 
+def checkpoint_loss(sde: ForwardSDE, net: Any, settings: Any) -> DSMLoss:
+    """The denoising loss ``net`` is trained with under a training config ``settings`` (a
+    :class:`~sdekit.training.trainer.TrainConfig` or a checkpoint's config dict): its loss kind,
+    time sampling and the network's prediction, time input and data scale."""
+    get = settings.get if isinstance(settings, dict) else lambda k, d=None: getattr(settings, k)
+    return DSMLoss(sde, str(get("loss")), prediction=net.prediction, time_input=net.time_input,
+                   importance=get("importance", True), sigma_data=net.sigma_data,
+                   t_sampling=get("t_sampling", "logit_normal"),
+                   logit_mean=get("logit_mean", 0.0), logit_std=get("logit_std", 1.0))
+
+
 class ClassifierLoss:
     """Cross-entropy of a noise-conditional classifier ``net(x_t, cond) -> logits`` on noised
     data ``x_t = alpha x0 + sigma eps`` (Dhariwal & Nichol 2021, Sec. 4: the classifier is

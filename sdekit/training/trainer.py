@@ -33,7 +33,7 @@ from ..models import build_network
 from ..sde import SDES, get_sde
 from .checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 from .data import DATASETS, Dataset, load_dataset
-from .losses import LOSSES, T_SAMPLINGS, ClassifierLoss, DSMLoss
+from .losses import LOSSES, T_SAMPLINGS, ClassifierLoss, checkpoint_loss
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.csv"
@@ -665,9 +665,7 @@ class Trainer(FitLoop):
         c = self.cfg
         if self.is_classifier:
             return ClassifierLoss(self.sde, time_input=net.time_input)
-        return DSMLoss(self.sde, c.loss, prediction=net.prediction, time_input=net.time_input,
-                       importance=c.importance, sigma_data=net.sigma_data,
-                       t_sampling=c.t_sampling, logit_mean=c.logit_mean, logit_std=c.logit_std)
+        return checkpoint_loss(self.sde, net, c)
 
     def resume_keys(self, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """The network and the training problem (:data:`IDENTITY_KEYS`) must match; the rest
