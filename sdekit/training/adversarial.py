@@ -124,7 +124,7 @@ class DistributionMatchingTerm(nn.Module):
         dims = tuple(range(1, x.ndim))
         with torch.no_grad():
             a, s = (append_dims(f(t).to(x), x.ndim) for f in (sde.alpha, sde.sigma))
-            xt = a * x + s * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            xt = a * x + s * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
             real = self.real.predict(xt, t, "x0")
             self.fake_net.eval()
             fake = self.fake.predict(xt, t, "x0")
