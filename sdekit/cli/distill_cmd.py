@@ -123,15 +123,15 @@ def _teacher(args: argparse.Namespace) -> tuple[Any, Any, tuple[int, ...], str]:
     return problem.sde, problem.model, shape, problem.description or spec
 
 
-def _matching_checkpoint(args: argparse.Namespace) -> Path:
-    """The teacher's checkpoint path, which --dmd needs (refused for a built-in problem)."""
+def _teacher_checkpoint(args: argparse.Namespace, flag: str) -> Path:
+    """The teacher's checkpoint path, which ``flag`` (--dmd, --init-from-teacher) needs;
+    refused for a built-in problem."""
     if args.checkpoint:
         return Path(args.checkpoint)
     if args.problem.startswith("checkpoint:"):
         return Path(args.problem.split(":", 1)[1])
-    raise UsageError(f"--dmd trains a copy of the teacher's network, so it needs a checkpoint "
-                     f"teacher (--checkpoint PATH or --problem checkpoint:PATH), not --problem "
-                     f"{args.problem!r}")
+    raise UsageError(f"{flag} needs a checkpoint teacher (--checkpoint PATH or --problem "
+                     f"checkpoint:PATH), not --problem {args.problem!r}")
 
 
 def _teacher_network(args: argparse.Namespace, model: Any) -> tuple[dict, dict]:
@@ -139,10 +139,7 @@ def _teacher_network(args: argparse.Namespace, model: Any) -> tuple[dict, dict]:
     taken from the already loaded teacher ``model``."""
     from ..models import ScoreNet
     from ..training.checkpoint import CheckpointError
-    spec = str(args.checkpoint) if args.checkpoint else args.problem
-    if not args.checkpoint and not spec.startswith("checkpoint:"):
-        raise CheckpointError(f"--init-from-teacher needs a checkpoint teacher (--checkpoint "
-                              f"PATH or --problem checkpoint:PATH), not --problem {spec!r}")
+    _teacher_checkpoint(args, "--init-from-teacher")
     fn = model.net.fn  # the counted callable: the ScoreNet, or a ConditionedNet around it
     net = getattr(fn, "net", fn)
     if not isinstance(net, ScoreNet):
@@ -196,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         check_backbone_at(sde, backbone_at)   # before the trajectories
         adversarial = _second_stage(args, {"adversarial": AdversarialSettings,
                                            "dmd": DistributionMatchingSettings})
-        matching = _matching_checkpoint(args) if args.dmd else None
+        matching = _teacher_checkpoint(args, "--dmd") if args.dmd else None
         if args.init_from_teacher:
             backbone, init = _teacher_network(args, model)
         data = generate_trajectories(args.out / "trajectories", sde, model, shape, args.n,
