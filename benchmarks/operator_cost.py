@@ -54,17 +54,21 @@ SETUPS = {
     "digits": ({"backbone_at": "start", "experts": 1},
                [("unipc_bh1", "quadratic", 5), ("unipc_bh2", "quadratic", 10),
                 ("ddim", "quadratic", 5), ("ddim", "uniform", 1)], 900),
+    # the folded recipe of benchmarks/results/operator/digits/dmd/fold/ (--fold-time --width 32
+    # --layers 1): the same teacher, so only the operator's rows differ
+    "digits_folded": ({"backbone_at": "start", "experts": 1, "fold_time": True, "width": 32,
+                       "layers": 1}, [("unipc_bh1", "quadratic", 5), ("ddim", "uniform", 1)], 900),
 }
 
 
-def operator_for(problem: BenchProblem, shape: tuple[int, ...], work: Path, backbone_at: str,
-                 experts: int, backbone: dict | None):
+def operator_for(problem: BenchProblem, shape: tuple[int, ...], work: Path,
+                 backbone: dict | None, **settings):
     """An operator of the production architecture, built by the production code path
     (`train_operator` with 0 steps on a small trajectory set)."""
     generate_trajectories(work / "traj", problem.sde, problem.model, shape, 256,
                           steps_per_segment=1, shard_size=256)
-    train_operator(work / "traj", work / "op.pt", problem.sde, backbone=backbone,
-                   experts=experts, backbone_at=backbone_at, steps=0)
+    train_operator(work / "traj", work / "op.pt", problem.sde, backbone=backbone, steps=0,
+                   **settings)
     return load_operator(work / "op.pt")
 
 
@@ -102,14 +106,15 @@ def measure(name: str, problem: BenchProblem, teacher_net: dict | None, repeats:
               "operator": sum(p.numel() for p in op.parameters())}
     rows = []
     for c in res:
-        rows.append({"config": "fno (" + ("start" if op.at_start else "slots") + f", K="
-                     f"{op.slots})" if c["solver"] == "fno" else f"{c['solver']} / {c['grid']}",
+        mode = ("start" if op.at_start else "slots") + (", folded" if op.fold_time else "")
+        rows.append({"config": f"fno ({mode}, K={op.slots})" if c["solver"] == "fno"
+                     else f"{c['solver']} / {c['grid']}",
                      "nfe": c["nfe"], "macs_per_sample": c["macs_per_sample"],
                      "passes": c["passes"], "ms_min": c["ms_min"], "ms_median": c["ms_median"]})
     return {"teacher_macs_per_sample": teacher, "backbone_macs_per_sample": one.macs / n,
             "params": params, "n": n, "timing_repeats": repeats, "rows": rows,
-            "operator": {"backbone_at": settings["backbone_at"], "slots": op.slots,
-                         "experts": op.experts, "backbone": cfg["backbone"]}}
+            "operator": {**settings, "slots": op.slots, "experts": op.experts,
+                         "backbone": cfg["backbone"]}}
 
 
 def write_report(out: dict, where: str) -> None:
@@ -126,8 +131,11 @@ def write_report(out: dict, where: str) -> None:
         t, b, pr = r["teacher_macs_per_sample"], r["backbone_macs_per_sample"], r["params"]
         teacher = (f"teacher {pr['teacher']:,} parameters, {t:.4g} MACs per pass" if t else
                    "teacher: the exact score (no torch network: no teacher unit)")
-        lines.append(f"- {name}: {teacher}; operator ({r['operator']['backbone_at']} mode, "
-                     f"K = {r['operator']['slots']}, {r['operator']['experts']} expert(s)) "
+        o = r["operator"]
+        head = (f", noise level folded, head width {o.get('width', 64)}, {o.get('layers', 2)} "
+                "layer(s)" if o.get("fold_time") else "")
+        lines.append(f"- {name}: {teacher}; operator ({o['backbone_at']} mode{head}, "
+                     f"K = {o['slots']}, {o['experts']} expert(s)) "
                      f"{pr['operator']:,} parameters, its backbone {pr['backbone']:,} parameters "
                      f"and {b:.4g} MACs per pass; n = {r['n']} samples per solve, "
                      f"{r['timing_repeats']} interleaved timing rounds")
@@ -151,7 +159,8 @@ def main() -> None:
         write_report(json.loads(Path(args.out, "cost.json").read_text()), args.out)
         return
     torch.set_num_threads(1)
-    out: dict = {}
+    done = Path(args.out, "cost.json")   # --only: the other problems' rows are kept
+    out: dict = json.loads(done.read_text()) if args.only and done.exists() else {}
     for name in args.only or list(SETUPS):
         if name == "eight_gaussians":
             problem, teacher_net = toy_problem(), TOY_NET

@@ -275,19 +275,28 @@ def default_backbone(state_shape: Sequence[int]) -> dict[str, Any]:
             "attn_resolutions": []}
 
 
-def build_operator(config: dict[str, Any]) -> TrajectoryOperator:
+def build_operator(config: dict[str, Any], init_backbone: dict | None = None,
+                   source: str | Path = "") -> TrajectoryOperator:
+    """The operator of ``config``; ``init_backbone`` (a state dict of the backbone's network,
+    named by ``source`` in errors) is loaded into the backbone before any folding of its
+    noise-level input (``fold_time``)."""
     from .models import build_network
     from .models.fno import TrajectoryOperator
     o = config["operator"]
-    return TrajectoryOperator(build_network(config["backbone"]), config["state_shape"],
+    net = build_network(config["backbone"])
+    if init_backbone is not None:
+        load_state(net, init_backbone, source, "backbone initialisation")
+    return TrajectoryOperator(net, config["state_shape"],
                               config["lambdas"], width=o["width"], layers=o["layers"],
                               modes=o["modes"], skip=o["skip"], experts=o.get("experts", 1),
-                              start=o.get("start"), coeffs=o.get("coeffs"))
+                              start=o.get("start"), coeffs=o.get("coeffs"),
+                              fold_time=o.get("fold_time", False))
 
 
 def _operator_config(data: str | Path, sde: ForwardSDE, meta: dict[str, Any],
                      backbone: dict | None, *, width: int, layers: int, modes: int,
-                     experts: int, backbone_at: str, train: dict[str, Any]) -> dict[str, Any]:
+                     experts: int, backbone_at: str, train: dict[str, Any],
+                     fold_time: bool = False) -> dict[str, Any]:
     """The operator checkpoint's config: the operator (backbone, output times and their
     lambdas, ``backbone_at='start'``'s coefficients), the teacher's description and weights
     hash, the SDE's repr and the training settings ``train`` (with the dataset's path and
@@ -300,6 +309,8 @@ def _operator_config(data: str | Path, sde: ForwardSDE, meta: dict[str, Any],
         t0 = torch.tensor(float(meta["t_start"]), dtype=torch.float64)
         operator.update(start=[float(sde.alpha(t0)), float(sde.sigma(t0))],
                         coeffs=[sde.alpha(t_out).tolist(), sde.sigma(t_out).tolist()])
+    if fold_time:   # recorded only when used, so older checkpoints still resume
+        operator["fold_time"] = True
     data_id = content_hash({k: v for k, v in meta.items() if k not in ("teacher", "teacher_nfe")})
     # the teacher solver is recorded where it is not Heun by default (alpha = 0 at T: no
     # operator checkpoint from an older sdekit exists there, so every other one still resumes)
@@ -478,7 +489,7 @@ class _AdversarialFit(_OperatorFit):
 def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
                    backbone: dict | None = None, init_backbone: dict | None = None,
                    width: int = 64, layers: int = 2, modes: int = 2, experts: int = 1,
-                   backbone_at: str = "slots", steps: int = 2000,
+                   backbone_at: str = "slots", fold_time: bool = False, steps: int = 2000,
                    batch: int = 128, lr: float = 2e-4, warmup: int = 100,
                    lr_decay: str = "cosine", grad_clip: float = 1.0, ema_decay: float = 0.999,
                    seed: int = 0, checkpoint_every: int = 500, until: int | None = None,
@@ -491,6 +502,9 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     on it) beside a least-squares-fitted linear path; ``"start"`` runs it once, at ``x_T``'s own
     noise level as the teacher does, and starts every slot from the one-step DDIM estimate
     (with ``init_backbone`` the untrained operator is the teacher's 1-NFE DDIM).
+    ``fold_time`` (``"start"`` only) folds the backbone's noise-level input, constant there, into
+    per-block constants after ``init_backbone`` is loaded: a smaller network computing the same
+    function (:meth:`~sdekit.models.embedding.ScoreNet.fix_noise_level`).
 
     The checkpoint at ``out`` stores the operator config (backbone, output times and their
     lambdas, the teacher's description and weights hash, the SDE's repr), weights, EMA,
@@ -520,6 +534,10 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     require(isinstance(grad_clip, (int, float)) and grad_clip >= 0, "grad_clip", grad_clip,
             "a number >= 0 (0 or inf: no clipping)")
     check_backbone_at(sde, backbone_at)
+    require(fold_time in (False, True), "fold_time", fold_time, "True or False")
+    require(not fold_time or backbone_at == "start", "fold_time", fold_time,
+            "False with backbone_at='slots' (each slot runs at its own time; fold only with "
+            "backbone_at='start')")
     require(is_real(feature_loss) and feature_loss >= 0, "feature_loss", feature_loss,
             "a number >= 0")
     fit = FitSettings(steps=steps, lr=lr, warmup=warmup, lr_decay=lr_decay,
@@ -536,7 +554,8 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     if feature_loss:  # recorded only when used, so older checkpoints still resume
         train["feature_loss"] = feature_loss
     config = _operator_config(data, sde, meta, backbone, width=width, layers=layers,
-                              modes=modes, experts=experts, backbone_at=backbone_at, train=train)
+                              modes=modes, experts=experts, backbone_at=backbone_at, train=train,
+                              fold_time=fold_time)
     want = config.get("teacher_sha256")
     have = weights_sha256_of(matching[0]) if matching is not None else None
     if want and have and want != have:
@@ -545,14 +564,12 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
                          f"{str(data)!r} were made by weights {want[:16]}...: give the "
                          "checkpoint that made them")
     torch.manual_seed(seed)
-    op = build_operator(config)
     out = Path(out)
     first = out.with_name(f"{out.stem}_l2{out.suffix}") if adversarial else out
-    if not first.exists():  # a resumed run takes every weight from its checkpoint
-        if init_backbone is not None:
-            load_state(op.backbone, init_backbone, data, "backbone initialisation")
-        if backbone_at == "slots":
-            op.fit_linear_path(x_T, traj, seed=seed)
+    fresh = not first.exists()   # a resumed run takes every weight from its checkpoint
+    op = build_operator(config, init_backbone if fresh else None, data)
+    if fresh and backbone_at == "slots":
+        op.fit_linear_path(x_T, traj, seed=seed)
     loop = _OperatorFit(op, x_T, traj, config, first, fit, batch=batch, seed=seed,
                         progress=progress)
     loop.resume()

@@ -153,6 +153,18 @@ def test_distill_and_sample_through_the_cli(tmp_path):
     _, cfg = load_operator(tmp_path / "o2" / "operator.pt")
     assert "start" in cfg["operator"] and cfg["train"]["init_backbone"]
     assert "start" not in load_operator(op_dir / "operator.pt")[1]["operator"]
+    # --fold-time: the folded start-mode operator has fewer parameters than the teacher's net
+    assert cli(["distill", "--checkpoint", str(run / "checkpoint.pt"),
+                "--out", str(tmp_path / "o3"), "--n", "128", "--train-steps", "2", "--batch", "32",
+                "--init-from-teacher", "--fold-time", "--width", "4", "--layers", "1"]) == 0
+    op3, cfg3 = load_operator(tmp_path / "o3" / "operator.pt")
+    teacher = sdekit.training.checkpoint.load_model(run / "checkpoint.pt")[0]
+    assert cfg3["operator"]["fold_time"] is True
+    assert (sum(p.numel() for p in op3.parameters())
+            < sum(p.numel() for p in teacher.parameters()))
+    assert cli(["distill", "--checkpoint", str(run / "checkpoint.pt"), "--out",
+                str(tmp_path / "o4"), "--n", "128", "--fold-time", "--backbone-at", "slots"]) == 2
+    assert not (tmp_path / "o4" / "trajectories").exists(), "refused before any work"
 
 
 def test_bench_runs_fno_once_at_its_own_nfe_and_rereads_a_changed_operator(tmp_path):
@@ -305,3 +317,94 @@ def test_start_mode_trains_resumes_and_samples(tmp_path):
         torch.testing.assert_close(sol.x, full(x_T[:8])[:, -1])
     with pytest.raises(ValueError, match="backbone_at='middle' is invalid"):
         train_operator(tmp_path / "traj", tmp_path / "c.pt", sde, backbone_at="middle")
+
+
+def _unet(**kw):
+    from sdekit.models import UNet
+    return UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=(1, 2),
+                num_res_blocks=1, attn_resolutions=(), **kw)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "unet"])
+def test_fix_noise_level_keeps_the_function_at_that_level_with_fewer_parameters(kind):
+    """ScoreNet.fix_noise_level folds the embedding MLP and each block's projection of it into
+    one vector per block: the same output at that noise level, fewer parameters and MACs (by a
+    direct count of the removed layers), and a class-conditional network is refused."""
+    from sdekit.bench.cost import count_macs
+    from sdekit.models import MLPScoreNet
+    torch.manual_seed(0)
+    net = (MLPScoreNet((3,), width=16, depth=2) if kind == "mlp" else _unet()).double()
+    with torch.no_grad():
+        for p in net.parameters():   # leave no zero-initialised layer
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn((5,) + tuple(net.data_shape), dtype=torch.float64)
+    lam = torch.tensor(-2.5, dtype=torch.float64)
+    projections = [m for n, m in net.named_modules() if n.endswith(".emb")]
+    removed = (sum(p.numel() for p in net.emb_mlp.parameters())
+               + sum(p.numel() for m in projections for p in m.parameters()))
+    kept = sum(m.out_features for m in projections)
+    linears = projections + [m for m in net.emb_mlp.modules() if isinstance(m, torch.nn.Linear)]
+    n0 = sum(p.numel() for p in net.parameters())
+    with torch.no_grad(), count_macs() as before:
+        ref = net(x, lam)
+    net.fix_noise_level(float(lam))
+    with torch.no_grad(), count_macs() as after:
+        out = net(x, lam)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert sum(p.numel() for p in net.parameters()) == n0 - removed + kept
+    assert before.macs - after.macs == 5 * sum(m.in_features * m.out_features for m in linears)
+    cond = MLPScoreNet((3,), width=16, depth=1, num_classes=3)
+    with pytest.raises(ValueError, match="class-conditional"):
+        cond.fix_noise_level(0.0)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "denoiser"])
+def test_fold_time_operator_equals_the_unfolded_one_and_round_trips(tmp_path, prediction):
+    """TrajectoryOperator(fold_time=True) on a teacher's network computes what the unfolded
+    start-mode operator does (the teacher's one-step DDIM before training); train_operator
+    records fold_time, and the checkpoint loads back to the same function; fold_time is
+    refused without a start time."""
+    from sdekit.models.fno import TrajectoryOperator
+    sde = sdekit.VPSDE()
+    times = output_times(sde, 3)
+    start = [float(sde.alpha(torch.tensor(sde.T))), float(sde.sigma(torch.tensor(sde.T)))]
+    kw = dict(start=start, coeffs=[sde.alpha(times).tolist(), sde.sigma(times).tolist()])
+    lams = [float(sde.lambda_(s)) for s in times]
+    torch.manual_seed(0)
+    net = _unet(prediction=prediction).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    plain = TrajectoryOperator(net, (1, 8, 8), lams, **kw).double()
+    other = _unet(prediction=prediction).double()
+    other.load_state_dict(state)
+    folded = TrajectoryOperator(other, (1, 8, 8), lams, fold_time=True, **kw).double()
+    x_T = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x_T), plain(x_T), rtol=1e-10, atol=1e-10)
+    assert (sum(p.numel() for p in folded.parameters())
+            < sum(p.numel() for p in plain.parameters()))
+    with pytest.raises(ValueError, match="fold_time=True needs start="):
+        TrajectoryOperator(_unet(), (1, 8, 8), lams, fold_time=True)
+
+
+def test_train_operator_fold_time_resumes_and_refuses_slots(tmp_path):
+    sde, data = _gaussian()
+    generate_trajectories(tmp_path / "traj", sde, data.model(), (4,), 128, solver="heun",
+                          steps_per_segment=4, shard_size=128)
+    kw = dict(backbone_at="start", fold_time=True, batch=32, checkpoint_every=4,
+              backbone={"name": "mlp", "data_shape": [4], "width": 16, "depth": 2})
+    full = train_operator(tmp_path / "traj", tmp_path / "a.pt", sde, steps=8, **kw)
+    train_operator(tmp_path / "traj", tmp_path / "b.pt", sde, steps=8, until=4, **kw)
+    resumed = train_operator(tmp_path / "traj", tmp_path / "b.pt", sde, steps=8, **kw)
+    for p, q in zip(full.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    op, cfg = load_operator(tmp_path / "a.pt")
+    assert cfg["operator"]["fold_time"] is True
+    x_T, _, _ = load_trajectories(tmp_path / "traj")
+    with torch.no_grad():
+        torch.testing.assert_close(op(x_T[:8]), full(x_T[:8]))
+    with pytest.raises(ValueError, match="fold_time=True is invalid"):
+        train_operator(tmp_path / "traj", tmp_path / "c.pt", sde, backbone_at="slots",
+                       fold_time=True)

@@ -76,6 +76,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
            "(with --init-from-teacher the operator starts as the teacher's 1-NFE DDIM; not on "
            "a process that starts at alpha = 0, flow matching); auto (default): start with "
            "--init-from-teacher where the process allows it, slots otherwise")
+    a("--fold-time", action="store_true",
+      help="with --backbone-at start: fold the backbone's noise-level input (constant at the "
+           "start time) into one learned vector per block: fewer parameters and "
+           "multiply-accumulates than the teacher's network, the same function at the start")
     a("--feature-loss", type=nonneg_float, default=0.0, metavar="WEIGHT",
       help="add WEIGHT times a feature-space loss on the last slot (digits only; a feature "
            "network of its own, not the FD-digits evaluation network; default 0: L2 only)")
@@ -191,6 +195,9 @@ def run(args: argparse.Namespace) -> int:
             backbone_at = ("start" if args.init_from_teacher and not sde.alpha_zero_at_T
                            else "slots")
         check_backbone_at(sde, backbone_at)   # before the trajectories
+        if args.fold_time and backbone_at != "start":
+            raise UsageError(f"--fold-time needs --backbone-at start (here {backbone_at}: "
+                             "each slot runs the backbone at its own time)")
         adversarial = _second_stage(args, {"adversarial": AdversarialSettings,
                                            "dmd": DistributionMatchingSettings})
         matching = _teacher_checkpoint(args, "--dmd") if args.dmd else None
@@ -205,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
         train_operator(data, args.out / "operator.pt", sde, backbone=backbone,
                        init_backbone=init, width=args.width, layers=args.layers,
                        modes=args.modes, experts=args.experts, backbone_at=backbone_at,
-                       steps=args.train_steps,
+                       fold_time=args.fold_time, steps=args.train_steps,
                        batch=args.batch_size, lr=args.lr, seed=args.seed,
                        feature_loss=args.feature_loss, adversarial=adversarial,
                        teacher=matching, progress=not args.quiet)

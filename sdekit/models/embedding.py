@@ -94,6 +94,8 @@ class ScoreNet(nn.Module):
     """
 
     config: dict[str, Any]
+    embed: nn.Module
+    emb_mlp: nn.Module
 
     def __init__(self, prediction: str = "eps", sigma_data: float = 0.5,
                  num_classes: int | None = None) -> None:
@@ -156,3 +158,56 @@ class ScoreNet(nn.Module):
 
     def _forward(self, x: Tensor, c_noise: Tensor, y: Tensor | None) -> Tensor:
         raise NotImplementedError
+
+    def fix_noise_level(self, cond: float) -> None:
+        """Fold the noise-level conditioning into constants, for a network only ever called at
+        the one time input ``cond`` (the one-pass operator at its start time): the embedding MLP
+        and each block's projection of it become one learned vector per block (the projection's
+        output at ``cond``), so the network loses those parameters and multiply-accumulates and
+        computes the same function at ``cond``. For an unconditional network with an
+        ``emb_mlp`` and per-block ``emb`` projections (the MLP and the U-Net); in place,
+        irreversible. Afterwards the network ignores the noise level it is given: call it at
+        ``cond`` only."""
+        if self.num_classes is not None:
+            raise ValueError("fix_noise_level: a class-conditional network's embedding depends "
+                             "on the label, so it cannot be folded into constants")
+        mlp = getattr(self, "emb_mlp", None)
+        blocks = [(m, c) for m in self.modules() for n, c in m.named_children()
+                  if n == "emb" and isinstance(c, nn.Linear)]
+        if not isinstance(mlp, nn.Module) or not blocks:
+            raise ValueError(f"fix_noise_level: {type(self).__name__} has no emb_mlp and "
+                             "per-block emb projections to fold")
+        captured: list[Tensor] = []
+        hook = mlp.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+        p = next(self.parameters())
+        try:
+            with torch.no_grad():
+                self(torch.zeros((1,) + tuple(getattr(self, "data_shape")), dtype=p.dtype,
+                                 device=p.device),
+                     torch.tensor([float(cond)], dtype=torch.float64, device=p.device))
+        finally:
+            hook.remove()
+        with torch.no_grad():
+            for module, lin in blocks:
+                module.emb = _Constant(lin(captured[0])[0])
+        self.embed = nn.Identity()
+        self.emb_mlp = _NoEmbedding()
+
+
+class _Constant(nn.Module):
+    """``(B, ...) -> (B, n)``: one learned vector for every row, whatever the input (see
+    :meth:`ScoreNet.fix_noise_level`)."""
+
+    def __init__(self, value: Tensor) -> None:
+        super().__init__()
+        self.value = nn.Parameter(value.clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.value.expand(x.shape[0], -1)
+
+
+class _NoEmbedding(nn.Module):
+    """``(B, ...) -> (B, 0)``: the folded embedding MLP (its blocks hold constants instead)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.new_zeros(x.shape[0], 0)

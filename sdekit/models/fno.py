@@ -80,6 +80,11 @@ class TrajectoryOperator(nn.Module):
         start: ``(alpha_T, sigma_T)`` of the start time: run the backbone once there (see the
             module docstring); requires ``coeffs``.
         coeffs: ``(alphas, sigmas)`` of the K output times (with ``start``).
+        fold_time: with ``start``, fold the backbone's noise-level conditioning (constant at
+            the start time) into per-block constants
+            (:meth:`~sdekit.models.embedding.ScoreNet.fix_noise_level`): fewer parameters and
+            MACs, the same function at the start time. Load teacher weights into the backbone
+            before building the operator.
     """
 
     lambdas: Tensor
@@ -91,7 +96,8 @@ class TrajectoryOperator(nn.Module):
                  width: int = 64, layers: int = 2, modes: int = 2, skip: str = "full",
                  experts: int = 1, gate_width: int = 256,
                  start: Sequence[float] | None = None,
-                 coeffs: Sequence[Sequence[float]] | None = None) -> None:
+                 coeffs: Sequence[Sequence[float]] | None = None,
+                 fold_time: bool = False) -> None:
         super().__init__()
         if (start is None) != (coeffs is None):
             raise ValueError("start and coeffs go together: give both (one backbone pass at "
@@ -120,6 +126,18 @@ class TrajectoryOperator(nn.Module):
             self.register_buffer("coeffs", torch.as_tensor(coeffs, dtype=torch.float64))
         self.skip, self.experts = skip, experts
         self.gate = None
+        self.fold_time = bool(fold_time)
+        if fold_time:
+            if start is None:
+                raise ValueError("fold_time=True needs start=: only a backbone run at one "
+                                 "fixed time (the start) can fold its noise-level input")
+            lam = math.log(float(start[0]) / float(start[1]))
+            denoiser = getattr(backbone, "time_input", "lambda") != "lambda"
+            fold = getattr(backbone, "fix_noise_level", None)
+            if not callable(fold):
+                raise ValueError(f"fold_time=True needs a ScoreNet backbone (one with "
+                                 f"fix_noise_level), not {type(backbone).__name__}")
+            fold(math.exp(-lam) if denoiser else lam)
         if self.at_start:  # the DDIM estimates replace the linear path
             if experts != 1:
                 raise ValueError(f"experts={experts} needs the linear path: with start= the "
