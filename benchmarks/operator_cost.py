@@ -46,7 +46,7 @@ def toy_problem() -> BenchProblem:
 #: problem -> (operator settings of its recorded distillation, the contenders of its summary row
 #: as (solver, grid, NFE budget), samples per cell as in operator_targets.py)
 SETUPS = {
-    "eight_gaussians": ({"backbone_at": "slots", "experts": 1},
+    "eight_gaussians": ({"backbone_at": "start", "experts": 1},
                         [("dpm_solver_2m", "quadratic", 4), ("ddim", "quadratic", 4),
                          ("ddim", "quadratic", 1)], 4000),
     "gmm64": ({"backbone_at": "slots", "experts": 8},
@@ -77,7 +77,7 @@ def measure(name: str, problem: BenchProblem, teacher_net: dict | None, repeats:
     x_init = problem.sample_init(n, torch.Generator().manual_seed(0))
     shape = tuple(x_init.shape[1:])
     with tempfile.TemporaryDirectory() as d:
-        # digits: --init-from-teacher, so the backbone is the teacher's U-Net
+        # start mode (--init-from-teacher): the backbone is the teacher's network
         op, cfg = operator_for(problem, shape, Path(d), backbone=teacher_net
                                if settings["backbone_at"] == "start" else None, **settings)
     config = SweepConfig(solvers=sorted({s for s, _, _ in contenders} | {"fno"}),

@@ -6,7 +6,7 @@ registered solver (digits: the solvers of the digits table in docs/benchmarks.md
 and the same reference (the converged PF-ODE solution of the teacher), and record the best
 configuration per budget.
 
-    python benchmarks/operator_targets.py                      # all three problems
+    python benchmarks/operator_targets.py                      # every problem
     python benchmarks/operator_targets.py --only gmm64         # one of them
     python benchmarks/operator_targets.py --report-only        # the summary from results on disk
 
@@ -16,7 +16,8 @@ Problems (teachers):
 * ``gmm64``: the 64-dimensional, 8-component Gaussian mixture of `sdekit bench --problem gmm`
   with its exact score;
 * ``digits``: the U-Net of `benchmarks/train_digits.py` (runs/bench-digits/checkpoint.pt;
-  trained here if missing), scored by FD-digits.
+  trained here if missing), scored by FD-digits; ``digits_dmd``: the same teacher, the operator
+  with its noise level folded, a small head and the distribution-matching stage.
 
 Results: benchmarks/results/operator/<problem>/{distill.json, bench.json, bench.md} and a summary
 benchmarks/results/operator/summary.{json,md}.
@@ -41,7 +42,8 @@ PROBLEMS = {
         "bench": ["--problem", "checkpoint:runs/bench-toys/eight_gaussians/checkpoint.pt"],
         "train": ["train", "--data", "eight_gaussians", "--sde", "vp",
                   "--out", "runs/bench-toys/eight_gaussians", "--no-progress"],
-        "distill": ["--n", "32768", "--train-steps", "4000", "--batch", "512", "--lr", "3e-3"],
+        "distill": ["--n", "32768", "--train-steps", "4000", "--batch", "512", "--lr", "3e-3",
+                    "--init-from-teacher", "--backbone-at", "start"],
         "nfe": "1,4", "n": "4000", "metric": "rms", "solvers": []},
     "gmm64": {
         "teacher": ["--problem", "gmm", "--dim", "64"],
@@ -56,6 +58,18 @@ PROBLEMS = {
         "distill": ["--n", "16384", "--solver", "unipc_bh2", "--slots", "4",
                     "--train-steps", "4000", "--batch", "64", "--lr", "1e-3",
                     "--init-from-teacher", "--backbone-at", "start"],
+        "nfe": "1,5,10", "n": "900", "metric": "fd",
+        "solvers": ["--solvers", DIGITS_SOLVERS]},
+    # the same teacher at the teacher's size: noise level folded, a 32 x 1 head, then DMD
+    # (benchmarks/results/operator/digits/dmd/fold/)
+    "digits_dmd": {
+        "teacher": ["--checkpoint", "runs/bench-digits/checkpoint.pt"],
+        "bench": ["--problem", "checkpoint:runs/bench-digits/checkpoint.pt"],
+        "train": None,
+        "distill": ["--n", "16384", "--solver", "unipc_bh2", "--slots", "4",
+                    "--train-steps", "4000", "--batch", "64", "--lr", "1e-3",
+                    "--init-from-teacher", "--backbone-at", "start", "--fold-time",
+                    "--width", "32", "--layers", "1", "--dmd", "30"],
         "nfe": "1,5,10", "n": "900", "metric": "fd",
         "solvers": ["--solvers", DIGITS_SOLVERS]},
 }
