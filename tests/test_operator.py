@@ -408,3 +408,6 @@ def test_train_operator_fold_time_resumes_and_refuses_slots(tmp_path):
     with pytest.raises(ValueError, match="fold_time=True is invalid"):
         train_operator(tmp_path / "traj", tmp_path / "c.pt", sde, backbone_at="slots",
                        fold_time=True)
+    with pytest.raises(ValueError, match="class-conditional backbone"):
+        train_operator(tmp_path / "traj", tmp_path / "c.pt", sde, **{
+            **kw, "backbone": {**kw["backbone"], "num_classes": 3}})

@@ -203,6 +203,10 @@ def run(args: argparse.Namespace) -> int:
         matching = _teacher_checkpoint(args, "--dmd") if args.dmd else None
         if args.init_from_teacher:
             backbone, init = _teacher_network(args, model)
+        if args.fold_time and (backbone or {}).get("num_classes"):
+            raise UsageError("--fold-time: the teacher's network is class-conditional, and its "
+                             "embedding depends on the label, so it cannot be folded into "
+                             "constants (leave out --fold-time)")
         data = generate_trajectories(args.out / "trajectories", sde, model, shape, args.n,
                                      solver=args.solver, steps_per_segment=args.steps_per_segment,
                                      slots=args.slots, spacing=args.spacing,
