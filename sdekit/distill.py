@@ -534,7 +534,7 @@ def train_operator(data: str | Path, out: str | Path, sde: ForwardSDE, *,
     require(isinstance(grad_clip, (int, float)) and grad_clip >= 0, "grad_clip", grad_clip,
             "a number >= 0 (0 or inf: no clipping)")
     check_backbone_at(sde, backbone_at)
-    _check_fold_time(fold_time, backbone_at, backbone)
+    check_fold_time(fold_time, backbone_at, backbone)
     require(is_real(feature_loss) and feature_loss >= 0, "feature_loss", feature_loss,
             "a number >= 0")
     fit = FitSettings(steps=steps, lr=lr, warmup=warmup, lr_decay=lr_decay,
@@ -623,7 +623,7 @@ def _adversarial_stage(first: _OperatorFit, out: Path, sde: ForwardSDE, adversar
     return loop.ema
 
 
-def _check_fold_time(fold_time: Any, backbone_at: str, backbone: dict | None) -> None:
+def check_fold_time(fold_time: Any, backbone_at: str, backbone: dict | None) -> None:
     """Raise a ValueError unless ``fold_time`` is a bool, and True only with
     ``backbone_at='start'`` and a backbone without class conditioning."""
     require(fold_time in (False, True), "fold_time", fold_time, "True or False")

@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         DistributionMatchingSettings,
         check_backbone_at,
         check_feature_loss,
+        check_fold_time,
         generate_trajectories,
         train_operator,
     )
@@ -195,18 +196,12 @@ def run(args: argparse.Namespace) -> int:
             backbone_at = ("start" if args.init_from_teacher and not sde.alpha_zero_at_T
                            else "slots")
         check_backbone_at(sde, backbone_at)   # before the trajectories
-        if args.fold_time and backbone_at != "start":
-            raise UsageError(f"--fold-time needs --backbone-at start (here {backbone_at}: "
-                             "each slot runs the backbone at its own time)")
         adversarial = _second_stage(args, {"adversarial": AdversarialSettings,
                                            "dmd": DistributionMatchingSettings})
         matching = _teacher_checkpoint(args, "--dmd") if args.dmd else None
         if args.init_from_teacher:
             backbone, init = _teacher_network(args, model)
-        if args.fold_time and (backbone or {}).get("num_classes"):
-            raise UsageError("--fold-time: the teacher's network is class-conditional, and its "
-                             "embedding depends on the label, so it cannot be folded into "
-                             "constants (leave out --fold-time)")
+        check_fold_time(args.fold_time, backbone_at, backbone)   # before the trajectories
         data = generate_trajectories(args.out / "trajectories", sde, model, shape, args.n,
                                      solver=args.solver, steps_per_segment=args.steps_per_segment,
                                      slots=args.slots, spacing=args.spacing,

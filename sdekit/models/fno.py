@@ -131,13 +131,12 @@ class TrajectoryOperator(nn.Module):
             if start is None:
                 raise ValueError("fold_time=True needs start=: only a backbone run at one "
                                  "fixed time (the start) can fold its noise-level input")
-            lam = math.log(float(start[0]) / float(start[1]))
-            denoiser = getattr(backbone, "time_input", "lambda") != "lambda"
             fold = getattr(backbone, "fix_noise_level", None)
             if not callable(fold):
                 raise ValueError(f"fold_time=True needs a ScoreNet backbone (one with "
                                  f"fix_noise_level), not {type(backbone).__name__}")
-            fold(math.exp(-lam) if denoiser else lam)
+            fold(float(self._time_input(torch.tensor(self._start_lambda(),
+                                                     dtype=torch.float64))))
         if self.at_start:  # the DDIM estimates replace the linear path
             if experts != 1:
                 raise ValueError(f"experts={experts} needs the linear path: with start= the "
@@ -191,17 +190,25 @@ class TrajectoryOperator(nn.Module):
         return base + out if self.at_start else self.linear_path(x_T) + out
 
     def _backbone(self, x: Tensor, lam: Tensor) -> Tensor:
-        """The backbone at half-logSNR ``lam`` with its declared time input: lambda, or
+        """The backbone at half-logSNR ``lam`` (see :meth:`_time_input`)."""
+        return self.backbone(x, self._time_input(lam))
+
+    def _time_input(self, lam: Tensor) -> Tensor:
+        """The backbone's declared time input at half-logSNR ``lam``: lambda, or
         sigma_tilde = exp(-lambda) for an EDM-preconditioned denoiser (so a teacher's own
         network can start the backbone)."""
         denoiser = getattr(self.backbone, "time_input", "lambda") != "lambda"
-        return self.backbone(x, (-lam).exp() if denoiser else lam)
+        return (-lam).exp() if denoiser else lam
+
+    def _start_lambda(self) -> float:
+        """Half-logSNR of the start time (``start=`` operators)."""
+        return math.log(float(self.start[0] / self.start[1]))
 
     def _ddim_from_start(self, x_T: Tensor) -> Tensor:
         """``(B, K, *shape)``: the one-step DDIM estimates from one backbone pass at x_T."""
         a_T, s_T = (v.to(x_T) for v in self.start)
         kind = getattr(self.backbone, "prediction", "eps")
-        lam = torch.full((x_T.shape[0],), math.log(float(self.start[0] / self.start[1])),
+        lam = torch.full((x_T.shape[0],), self._start_lambda(),
                          dtype=x_T.dtype, device=x_T.device)
         out = self._backbone(x_T / a_T if kind == "denoiser" else x_T, lam)
         eps = to_eps(kind, out, x_T, a_T, s_T)
