@@ -39,7 +39,7 @@ def check(sde_name: str, solver: str, steps: int) -> dict:
     sde = SDES[sde_name]()
     pb = gaussian_problem(sde=sde, dim=DIM)
     x_cal = prior_states(sde, 64, (DIM,), seed=0, dtype=DTYPE)
-    x_ho = prior_states(sde, N_HELDOUT, (DIM,), seed=1, dtype=DTYPE)
+    x_ho = prior_states(sde, N_HELDOUT["gaussian"], (DIM,), seed=1, dtype=DTYPE)
     r_cal, r_ho = pb.flow(x_cal.double()), pb.flow(x_ho.double())
     named = {}
     for g, o in NAMED_GRIDS:

@@ -12,9 +12,11 @@ from sdekit._io import load_verified
 from sdekit.bench.problems import gaussian_problem
 from sdekit.noise import SeededNoise, sample_seeds
 from sdekit.tune import (
+    FIT_GAP_WARN,
     NAMED_GRIDS,
     TuneError,
     _Run,
+    _say_result,
     format_search,
     load_tuned_grid,
     ratio_interval,
@@ -111,6 +113,24 @@ def test_tune_says_when_the_heldout_batch_cannot_tell_the_grids_apart(problem, c
          polish=0, **kw)
     err = capsys.readouterr().err
     assert "95% interval 0.4-2.5" in err and "cannot tell the tuned grid" in err
+
+
+def test_tune_says_when_the_calibration_batch_is_too_small(problem, capsys):
+    """The held-out RMS over the fit RMS is recorded; above FIT_GAP_WARN tune says the grid fits
+    states the others do not share and names the batch size."""
+    tg = tune(problem.sde, problem.model, "dpmpp_2m", 5, reference=problem.flow, max_sweeps=2,
+              polish=0, **dict(KW, progress=True))
+    e = tg.record["errors"]
+    assert e["heldout_over_fit"] == pytest.approx(e["heldout_rms"] / e["fit_rms"], rel=1e-12)
+    assert e["heldout_over_fit"] < FIT_GAP_WARN     # exact Gaussian: the batches agree
+    assert "too small" not in capsys.readouterr().err
+    record = dict(tg.record, errors=dict(e, heldout_over_fit=3.7))
+    _say_result(True, "dpmpp_2m", 5, record)
+    err = capsys.readouterr().err
+    n = tg.record["calibration"]["n"]
+    assert "3.7x its RMS on the fitted" in err and f"({n} states) is likely too small" in err
+    _say_result(True, "dpmpp_2m", 5, dict(tg.record, errors=dict(e, heldout_over_fit=None)))
+    assert "too small" not in capsys.readouterr().err
 
 
 def test_simplex_search_starts_where_the_coordinate_search_ends_and_only_improves(problem):
@@ -361,7 +381,9 @@ def test_cli_tune_then_sample_and_bench_with_the_grid(ckpt, tmp_path, capsys):
     assert rc == 0, err
     tg = load_tuned_grid(grid)
     assert tg.solver == "dpmpp_2m" and tg.steps == 4 and "weights_sha256" in tg.record["model"]
-    assert json.loads(out)["heldout_rms"] == tg.record["errors"]["heldout_rms"]
+    printed = json.loads(out)
+    assert printed["heldout_rms"] == tg.record["errors"]["heldout_rms"]
+    assert printed["heldout_over_fit"] == tg.record["errors"]["heldout_over_fit"]
     rc, out, err = run_cli(["sample", "--checkpoint", ckpt, "--grid", grid, "--n", "4",
                             "--out", tmp_path / "s"], capsys)
     assert rc == 0 and "4 NFE (dpmpp_2m, 4 steps)" in out, err

@@ -16,6 +16,7 @@ those 4096 states: issue 16's tuned / best named ratio, on a batch large enough 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import platform
@@ -36,25 +37,47 @@ from sdekit.tune import NAMED_GRIDS, CachedReference, prior_states, tune  # noqa
 
 SOLVERS = [("unipc_bh2", {}), ("unipc_bh1", {"order": 3}), ("dpmpp_3m", {}), ("dpmpp_2m", {})]
 NFES = (5, 10, 20)
-N_CAL, CAL_SEED, HO_SEED, TOL = 256, 100, 200, 1e-10
+N_CAL, N_HELDOUT, CAL_SEED, HO_SEED, TOL = 256, 256, 100, 200, 1e-10
 
 
-def main() -> int:
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list, list[int]]:
+    """The arguments, the solvers (name, options) and the NFE budgets to run."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=N_CAL,
+                    help=f"calibration states (default {N_CAL}; another value writes "
+                         "flow_tuned_calN.*)")
+    ap.add_argument("--n-heldout", type=int, default=N_HELDOUT,
+                    help=f"the tuner's held-out states (default {N_HELDOUT})")
+    ap.add_argument("--solvers", default=",".join(bench.label(s, o) for s, o in SOLVERS),
+                    help="of the default list, the labels to run (comma-separated)")
+    ap.add_argument("--nfe", default=",".join(map(str, NFES)), help="NFE budgets")
+    args = ap.parse_args(argv)
+    labels = {bench.label(s, o): (s, o) for s, o in SOLVERS}
+    unknown = [x for x in args.solvers.split(",") if x not in labels]
+    if unknown or args.n < 2 or args.n_heldout < 2:
+        ap.error(f"--solvers: unknown {unknown} (valid: {sorted(labels)})" if unknown
+                 else "--n and --n-heldout must be at least 2")
+    solvers = [labels[x] for x in args.solvers.split(",")]
+    return args, solvers, [int(b) for b in args.nfe.split(",")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, solvers, nfes = parse(argv)
     torch.set_num_threads(1)
     prob = bench.FlowProblem("gmm", seed=0, states=4096)
     fixed = json.loads((HERE / "flow_results_states4096.json").read_text())
     rec = fixed["problems"]["gmm"]["records"]
     ref_end = prob.at(bench.FLOW.t_min)
     shape = (prob.dim,)
-    x_cal = prior_states(bench.FLOW, N_CAL, shape, seed=CAL_SEED, dtype=torch.float64)
-    x_ho = prior_states(bench.FLOW, N_CAL, shape, seed=HO_SEED, dtype=torch.float64)
+    x_cal = prior_states(bench.FLOW, args.n, shape, seed=CAL_SEED, dtype=torch.float64)
+    x_ho = prior_states(bench.FLOW, args.n_heldout, shape, seed=HO_SEED, dtype=torch.float64)
     t0 = time.perf_counter()
     refs = {content_hash(x): sdekit.sample(bench.FLOW, prob.model, x, solver="dopri5", rtol=TOL,
                                            atol=TOL).x.double() for x in (x_cal, x_ho)}
     ref = CachedReference(refs, f"dopri5 rtol=atol={TOL:g}")
     rows = []
-    for solver, opts in SOLVERS:
-        for nfe in NFES:
+    for solver, opts in solvers:
+        for nfe in nfes:
             tg = tune(bench.FLOW, prob.model, solver, nfe, solver_options=opts,
                       calibration=x_cal, heldout=x_ho, dtype=torch.float64, reference=ref,
                       max_sweeps=15, progress=False)
@@ -80,17 +103,20 @@ def main() -> int:
                   f"(tuner held-out {e['heldout_rms']:.3e}, ratio {e['ratio_heldout']:.3g}) "
                   f"[{c['wall_s']:.0f} s]", flush=True)
     best = {b: {lib: bench.best(rec, (lib,), b) for lib in ("sdekit", "diffusers")}
-            for b in NFES}
-    result = {"command": "OMP_NUM_THREADS=1 python benchmarks/peers/flow_tuned.py",
-              "problem": fixed["problems"]["gmm"]["problem"], "calibration": N_CAL,
+            for b in nfes}
+    result = {"command": "OMP_NUM_THREADS=1 python benchmarks/peers/flow_tuned.py"
+              + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
+              "problem": fixed["problems"]["gmm"]["problem"], "calibration": args.n,
+              "heldout": args.n_heldout,
               "calibration_seed": CAL_SEED, "heldout_seed": HO_SEED, "reference_tol": TOL,
               "rows": rows, "total_wall_s": time.perf_counter() - t0,
               "best_fixed": {str(b): {lib: {"config": r["config"], "rms": r["rms"]}
                                       for lib, r in v.items()} for b, v in best.items()},
               "versions": {"sdekit": sdekit.__version__, "torch": torch.__version__,
                            "python": platform.python_version()}}
-    (HERE / "flow_tuned.json").write_text(json.dumps(result, indent=1) + "\n")
-    (HERE / "flow_tuned.md").write_text(markdown(result))
+    stem = "flow_tuned" + (f"_cal{args.n}" if args.n != N_CAL else "")
+    (HERE / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (HERE / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 
@@ -98,7 +124,8 @@ def main() -> int:
 def markdown(r: dict) -> str:
     lines = [f"`{r['command']}` ({r['total_wall_s']:.0f} s on one core). {r['problem']}. Tuned on "
              f"{r['calibration']} calibration states (seed {r['calibration_seed']}; the tuner's "
-             f"held-out batch: {r['calibration']} states, seed {r['heldout_seed']}), scored on "
+             f"held-out batch: {r.get('heldout', r['calibration'])} states, seed "
+             f"{r['heldout_seed']}), scored on "
              "the bench's 4096 states (seed 1) at t_min. 'tuner ratio': the tuner's own "
              "held-out ratio to the solver's best named grid, with its paired-bootstrap 95% "
              "interval.", "",

@@ -159,7 +159,8 @@ def _run_tune(args: argparse.Namespace, problem: BenchProblem, name: str, option
                       "heldout_rms": errs["heldout_rms"],
                       "best_named_grid": errs["best_named_grid_heldout"],
                       "ratio": errs["ratio_heldout"],
-                      "ratio_ci95": errs["ratio_heldout_ci95"], "cost": tg.record["cost"]},
+                      "ratio_ci95": errs["ratio_heldout_ci95"],
+                      "heldout_over_fit": errs["heldout_over_fit"], "cost": tg.record["cost"]},
                      indent=1))
     return 0
 
