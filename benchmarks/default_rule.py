@@ -305,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
                          "these processes' problems (both draws, the same states) in "
                          "results/default_rule.json, keeping its best fixed configurations (no "
                          "search: about a minute per process); rewrite results/default_rule.*")
+    ap.add_argument("--minimax", action="store_true",
+                    help="from results/default_rule.json (no solves): per process and N, the "
+                         "one configuration of the stored search tables whose worse ratio over "
+                         "the Gaussian and the mixture is least; writes "
+                         "results/default_rule_minimax.md")
     ap.add_argument("--flow-scan", action="store_true",
                     help="candidate flow-matching rules on the 16-dim problems (both draws) and "
                          "benchmarks/peers/run.py --sde flow's problems (seeds 0, 1), against "
@@ -318,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
             "`OMP_NUM_THREADS=1 python benchmarks/default_rule.py --flow-scan` "
             f"({time.perf_counter() - t0:.0f} s). Ratio of each rule's RMS to the best stored "
             "for the cell (docs/defaults.md, flow matching).\n\n" + table)
+        print(table)
+        return 0
+    if args.minimax:
+        table = minimax(json.loads((args.out / "default_rule.json").read_text()))
+        (args.out / "default_rule_minimax.md").write_text(table)
         print(table)
         return 0
     if args.remeasure is not None:
@@ -409,6 +419,43 @@ def remeasure(path: Path, sdes: list[str]) -> None:
                             "command": "OMP_NUM_THREADS=1 python benchmarks/default_rule.py "
                                        "--remeasure " + " ".join(sdes)}
     write(result, path.parent, path.stem)
+
+
+def minimax(result: dict[str, Any]) -> str:
+    """``--minimax``: can any rule of ``(sde, N)`` alone be within WITHIN of the best fixed on
+    both problems of a cell? Per draw, process and N, over the configurations of both problems'
+    search tables (every one measured on its held-out states): the one whose larger ratio to its
+    problem's best fixed (the calibration winner, held-out RMS) is least. Where even that one is
+    over WITHIN, no rule that sees only the process and N meets the target there, among the
+    configurations searched."""
+    lines = [f"# Is any (process, N) rule within {WITHIN}x on both problems?", "",
+             "`python benchmarks/default_rule.py --minimax` (no solves: from the search tables of "
+             f"`{result['command']}`, results/default_rule.json). Per cell, over the "
+             f"{result['rows'][0]['best']['candidates']} configurations measured on both the "
+             "Gaussian and the mixture (each RMS on its held-out states, over its problem's best "
+             "fixed: the calibration winner): the configuration whose larger ratio is least. "
+             "'default': the option-free call as measured in the same file (`rules`, "
+             "proposed).", "",
+             "| draw | process | NFE | default: Gaussian / mixture | minimax configuration | "
+             "its Gaussian / mixture | any within? |", "|---|---|---:|---|---|---|---|"]
+    for key, draw in (("rows", "first"), ("check_rows", "second")):
+        cells: dict[tuple[str, int], dict[str, Any]] = {}
+        for x in result[key]:
+            cells.setdefault((x["sde"], x["nfe"]), {})[x["problem"]] = x
+        for (sde_name, nfe), pr in cells.items():
+            best = {k: x["best"]["winner"]["heldout_rms"] for k, x in pr.items()}
+            tabs = {k: {t["config"]: t["heldout_rms"] / best[k] for t in x["best"]["table"]}
+                    for k, x in pr.items()}
+            common = set.intersection(*(set(t) for t in tabs.values()))
+            worst = {c: max(t[c] for t in tabs.values()) for c in common}
+            c = min(worst, key=lambda k: (worst[k], k))
+            dflt = " / ".join(
+                f"{pr[k]['rules']['proposed (default_config)']['heldout_rms'] / best[k]:.2f}"
+                for k in KINDS)
+            lines.append(f"| {draw} | {sde_name} | {nfe} | {dflt} | `{c}` | "
+                         f"{' / '.join(f'{tabs[k][c]:.2f}' for k in KINDS)} | "
+                         f"{'yes' if worst[c] <= WITHIN else '**no**'} |")
+    return "\n".join(lines) + "\n"
 
 
 #: --flow-scan: candidate rules on flow matching, as (name, N -> config); the default first

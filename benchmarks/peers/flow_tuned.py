@@ -11,6 +11,9 @@ against the bench's reference at t_min, next to the best fixed sdekit and diffus
 grid ends at t_min; the best diffusers rows end at sigma = 0, as in the bench's own table), and
 next to the same solver on each of the tuner's named grids (``sdekit.tune.NAMED_GRIDS``) on
 those 4096 states: issue 16's tuned / best named ratio, on a batch large enough to count.
+``--states N`` scores on run.py's N-state batch instead (``--states N`` of run.py, its
+``flow_results_statesN.json``): at NFE 20 the mixture's RMS counts the few states sent to another
+mode, and a larger batch counts more of them.
 
     OMP_NUM_THREADS=1 python benchmarks/peers/flow_tuned.py     # ~20 min on one core
 """
@@ -38,6 +41,7 @@ from sdekit.tune import NAMED_GRIDS, CachedReference, prior_states, tune  # noqa
 SOLVERS = [("unipc_bh2", {}), ("unipc_bh1", {"order": 3}), ("dpmpp_3m", {}), ("dpmpp_2m", {})]
 NFES = (5, 10, 20)
 N_CAL, N_HELDOUT, CAL_SEED, HO_SEED, TOL = 256, 256, 100, 200, 1e-10
+STATES = 4096
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list, list[int]]:
@@ -45,18 +49,26 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list, list[int]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=N_CAL,
                     help=f"calibration states (default {N_CAL}; another value writes "
-                         "flow_tuned_calN.*)")
+                         "flow_tuned_calN.*, other --nfe flow_tuned[_calN]_nfeA-B.*)")
     ap.add_argument("--n-heldout", type=int, default=N_HELDOUT,
                     help=f"the tuner's held-out states (default {N_HELDOUT})")
     ap.add_argument("--solvers", default=",".join(bench.label(s, o) for s, o in SOLVERS),
                     help="of the default list, the labels to run (comma-separated)")
     ap.add_argument("--nfe", default=",".join(map(str, NFES)), help="NFE budgets")
+    ap.add_argument("--states", type=int, default=STATES,
+                    help=f"the bench's paired states the tuned grids are scored on (default "
+                         f"{STATES}; needs flow_results_statesN.json from run.py --sde flow "
+                         "--problems gmm --states N; another value writes ..._statesN.*)")
     args = ap.parse_args(argv)
     labels = {bench.label(s, o): (s, o) for s, o in SOLVERS}
     unknown = [x for x in args.solvers.split(",") if x not in labels]
     if unknown or args.n < 2 or args.n_heldout < 2:
         ap.error(f"--solvers: unknown {unknown} (valid: {sorted(labels)})" if unknown
                  else "--n and --n-heldout must be at least 2")
+    if not (HERE / f"flow_results_states{args.states}.json").exists():
+        ap.error(f"--states {args.states}: flow_results_states{args.states}.json is missing "
+                 f"(run: python benchmarks/peers/run.py --sde flow --problems gmm --states "
+                 f"{args.states})")
     solvers = [labels[x] for x in args.solvers.split(",")]
     return args, solvers, [int(b) for b in args.nfe.split(",")]
 
@@ -64,8 +76,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list, list[int]]:
 def main(argv: list[str] | None = None) -> int:
     args, solvers, nfes = parse(argv)
     torch.set_num_threads(1)
-    prob = bench.FlowProblem("gmm", seed=0, states=4096)
-    fixed = json.loads((HERE / "flow_results_states4096.json").read_text())
+    prob = bench.FlowProblem("gmm", seed=0, states=args.states)
+    fixed = json.loads((HERE / f"flow_results_states{args.states}.json").read_text())
     rec = fixed["problems"]["gmm"]["records"]
     ref_end = prob.at(bench.FLOW.t_min)
     shape = (prob.dim,)
@@ -107,14 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "OMP_NUM_THREADS=1 python benchmarks/peers/flow_tuned.py"
               + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
               "problem": fixed["problems"]["gmm"]["problem"], "calibration": args.n,
-              "heldout": args.n_heldout,
+              "heldout": args.n_heldout, "states": args.states,
               "calibration_seed": CAL_SEED, "heldout_seed": HO_SEED, "reference_tol": TOL,
               "rows": rows, "total_wall_s": time.perf_counter() - t0,
               "best_fixed": {str(b): {lib: {"config": r["config"], "rms": r["rms"]}
                                       for lib, r in v.items()} for b, v in best.items()},
               "versions": {"sdekit": sdekit.__version__, "torch": torch.__version__,
                            "python": platform.python_version()}}
-    stem = "flow_tuned" + (f"_cal{args.n}" if args.n != N_CAL else "")
+    stem = "flow_tuned" + (f"_cal{args.n}" if args.n != N_CAL else "") + (
+        "_nfe" + "-".join(map(str, nfes)) if tuple(nfes) != NFES else "") + (
+        f"_states{args.states}" if args.states != STATES else "")
     (HERE / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (HERE / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
@@ -126,9 +140,9 @@ def markdown(r: dict) -> str:
              f"{r['calibration']} calibration states (seed {r['calibration_seed']}; the tuner's "
              f"held-out batch: {r.get('heldout', r['calibration'])} states, seed "
              f"{r['heldout_seed']}), scored on "
-             "the bench's 4096 states (seed 1) at t_min. 'tuner ratio': the tuner's own "
-             "held-out ratio to the solver's best named grid, with its paired-bootstrap 95% "
-             "interval.", "",
+             f"the bench's {r.get('states', STATES)} states (seed 1) at t_min. 'tuner ratio': "
+             "the tuner's own held-out ratio to the solver's best named grid, with its "
+             "paired-bootstrap 95% interval.", "",
              "| solver | NFE | tuned: bench RMS | same solver, best named grid (bench) | tuned / "
              "it | best fixed sdekit (bench) | best diffusers (bench) | tuned / best diffusers | "
              "tuner ratio (95% interval) | tuning s | tuning NFE |",
