@@ -149,24 +149,30 @@ def main(argv: list[str] | None = None) -> int:
     path = out / f"{stem}.json"
     done = {} if args.fresh or not path.exists() else {
         (r["sde"], r["solver"], r["nfe"]): r for r in json.loads(path.read_text())["rows"]}
-    rows = []
+    rows: list[dict] = []
+
+    def save() -> None:   # after every cell: an interrupted run resumes from what is saved
+        atomic_write_bytes(path, (json.dumps({"command": command, "tune_targets_command":
+                                               tt["command"], "rows": rows}, indent=1)
+                                   + "\n").encode())
+
     for cell in CELLS[kind]:
-        if cell in done:
-            rows.append(done[cell])
-            continue
         tr = tuned.get(cell)
+        if cell in done:   # kept; its tuner ratio read anew from the current tune_targets.json
+            rows.append(dict(done[cell], tune_ratio=tr["ratio"] if tr is not None else None))
+            continue
         # the tuned grid as one more start where its search was costly to repeat (the mixture)
         row = check(kind, *cell, tr["times"] if tr is not None and kind == "gmm" else None)
         row["tune_ratio"] = tr["ratio"] if tr is not None else None
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "times"}), flush=True)
-        atomic_write_bytes(path, (json.dumps({"command": command, "tune_targets_command":
-                                               tt["command"], "rows": rows}, indent=1)
-                                   + "\n").encode())
+        save()
+    save()
     what = {"gaussian": "16-dim Gaussian", "gmm": "16-dim Gaussian mixture"}[kind]
     lines = [f"# sdekit.tune against a brute-force grid search ({what})", "",
              f"`{command}`: multi-start Nelder-Mead ({RANDOM_STARTS[kind]} random starts, every "
-             "named grid" + (" and the grid sdekit.tune kept" if kind == "gmm" else "") +
+             "named grid" + (" and the grid sdekit.tune kept (tune_targets.json when the cell "
+                             "was searched)" if kind == "gmm" else "") +
              f", up to {MAX_SOLVES[kind]} solves each) on the {N_FIT[kind]} calibration states "
              f"sdekit.tune fits; held-out RMS ({N_HELDOUT[kind]} states) over the same solver's "
              "best named grid. 'sdekit.tune' is the ratio of "

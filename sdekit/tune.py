@@ -520,23 +520,30 @@ def _stage_refine(tu: _Tuning, max_sweeps: int, min_move: float) -> None:
 
 def _stage_polish(tu: _Tuning, named: dict[str, Any], evals: int) -> None:
     """Stage 5b: a multi-start Nelder-Mead search (:func:`_simplex_search`) of at most ``evals``
-    solves in all: half screens every start (the refined grids, the DP grid and every named
-    grid) with an equal share, the other half continues the best screened one. The coordinate
-    search moves one point at a time and stalls in curved valleys, and the error has several
-    basins (the best is often reached from a named grid that is not the best itself)."""
+    solves in all. Half screens every start (the refined grids, the DP grid and every named grid)
+    by successive halving: each round runs its alive starts on equal shares of the round's
+    budget, and the better half goes on from where it stopped; the other half continues the one
+    left. The coordinate search moves one point at a time and stalls in curved valleys, and the
+    error has several basins (the best is often reached from a named grid that is not the best
+    itself): a start is judged after some descent, not by where it begins."""
     st, run = tu.st, tu.run
     if evals <= 0 or "polished" in st:
         return
     x, ref = tu.x_cal[tu.fit], st["ref_cal"][tu.fit]
-    starts = [r["cur"] for r in st["runs"]] + [st["dp_times"]] + [
+    alive = [r["cur"] for r in st["runs"]] + [st["dp_times"]] + [
         torch.tensor(v["times"], dtype=torch.float64) for v in named.values()]
-    share = max(1, evals // (2 * len(starts)))
-    _say(run.progress, f"tune: simplex search from {len(starts)} starts")
-    found = [_simplex_search(run, x, ref, t, share) for t in starts]
-    t = min(found, key=lambda q: q[1])[0]
-    t, e, more = _simplex_search(run, x, ref, t, max(1, evals - share * len(starts)))
+    rounds = max(1, math.ceil(math.log2(len(alive))))
+    _say(run.progress, f"tune: simplex search from {len(alive)} starts")
+    spent, screen = 0, evals // 2
+    for k in range(rounds):
+        share = max(1, (screen - spent) // (rounds - k) // len(alive))
+        found = sorted((_simplex_search(run, x, ref, t, share) for t in alive),
+                       key=lambda q: q[1])
+        spent += sum(q[2] for q in found)
+        alive = [q[0] for q in found[:max(1, math.ceil(len(found) / 2))]]
+    t, e, more = _simplex_search(run, x, ref, alive[0], max(1, evals - spent))
     tu.save("polish", polished={"cur": t, "cur_err": e,   # the solves spent, not the budget
-                                "evals": sum(q[2] for q in found) + more})
+                                "evals": spent + more})
 
 
 def _simplex_search(run: _Run, x: Tensor, ref: Tensor, start: Tensor, evals: int
@@ -758,11 +765,11 @@ def tune(sde: ForwardSDE, model: DiffusionModel | Callable[..., Tensor], solver:
             fraction of a neighbour's distance); it also stops once three sweeps together
             lowered the error by less than 0.1%.
         polish: solves of the multi-start simplex search that follows (0: none): half of them
-            screen every start (the refined grids, the DP grid and each named grid) in equal
-            shares, the rest continue the best one; it finds grids the coordinate search
-            cannot reach (on the 16-dim Gaussian under flow, ``unipc_bh2`` at NFE 5: 0.44x the
-            best named grid with 3000 solves against 0.63x without;
-            benchmarks/results/tune_targets*.md).
+            screen every start (the refined grids, the DP grid and each named grid) by
+            successive halving, the rest continue the best one; it finds grids the coordinate
+            search cannot reach (on the 16-dim Gaussian under the squared-cosine table,
+            ``unipc_bh2`` at NFE 5: 0.24x the best named grid, the equal-share screen before it
+            0.50x; benchmarks/results/tune_targets.md).
         state: the resumable state file (default ``<out>.state.pt``; none without ``out``);
             ``fresh`` ignores an existing one.
         out: write the tuned grid (JSON) there.
