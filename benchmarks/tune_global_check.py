@@ -35,8 +35,8 @@ from tune_targets import DIM, DTYPE, N_CAL, N_HELDOUT, SDES, references  # noqa:
 
 import sdekit  # noqa: E402
 from sdekit._io import atomic_write_bytes, content_hash  # noqa: E402
-from sdekit.bench.problems import gaussian_problem, gmm_problem  # noqa: E402
-from sdekit.tune import NAMED_GRIDS, prior_states  # noqa: E402
+from sdekit.bench.problems import gaussian_problem, gmm_problem, problem_from_checkpoint  # noqa: E402
+from sdekit.tune import NAMED_GRIDS, CachedReference, prior_states, tune  # noqa: E402
 
 #: per problem: the cells checked, random starts, solves per start, calibration states fitted
 CELLS = {"gaussian": [("vp", "ddim", 5), ("vp", "ddim", 10), ("flow", "dpmpp_2m", 5),
@@ -46,9 +46,16 @@ CELLS = {"gaussian": [("vp", "ddim", 5), ("vp", "ddim", 10), ("flow", "dpmpp_2m"
          "gmm": [("vp", "dpmpp_2m", 5), ("vp", "unipc_bh2", 5), ("vp", "ddim", 5),
                  ("vp", "dpmpp_2m", 10), ("flow", "dpmpp_2m", 10), ("flow", "unipc_bh2", 10),
                  ("vp", "ddim", 10), ("flow", "ddim", 5), ("flow", "ddim", 10)]}
-RANDOM_STARTS = {"gaussian": 8, "gmm": 3}
-MAX_SOLVES = {"gaussian": 1500, "gmm": 600}
-N_FIT = {"gaussian": 64, "gmm": N_CAL["gmm"] // 2}   # tune fits the first half of the mixture's
+CELLS["digits"] = [("checkpoint", "dpmpp_2m", 10)]
+RANDOM_STARTS = {"gaussian": 8, "gmm": 3, "digits": 0}
+MAX_SOLVES = {"gaussian": 1500, "gmm": 600, "digits": 300}
+N_FIT = {"gaussian": 64, "gmm": N_CAL["gmm"] // 2,   # tune fits the first half of the mixture's
+         "digits": 64}
+#: the digits model (``sdekit train --data digits --sde vp --threads 1 --out runs/digits``): 128
+#: calibration states (``sdekit tune``'s default; it fits the first half), 128 held-out, a
+#: float32 dopri5 reference at rtol = atol = 1e-6 (``sdekit tune``'s default for float32)
+DIGITS = ROOT / "runs" / "digits" / "checkpoint.pt"
+N_DIGITS, DIGITS_TOL = 128, 1e-6
 
 
 def log_steps(times) -> np.ndarray:
@@ -83,8 +90,28 @@ def grid_search(err, t0: float, t1: float, starts: list[np.ndarray], max_solves:
 
 
 @functools.cache
+def digits_batches() -> tuple:
+    """:func:`batches` of the digits model, and ``sdekit.tune``'s grid and ratio there."""
+    pb = problem_from_checkpoint(str(DIGITS))
+    shape = tuple(pb.sample_init(1, torch.Generator().manual_seed(0)).shape[1:])
+    x_cal = prior_states(pb.sde, N_DIGITS, shape, seed=0, dtype=DTYPE)
+    x_ho = prior_states(pb.sde, N_DIGITS, shape, seed=1, dtype=DTYPE)
+    refs = {content_hash(x): sdekit.sample(pb.sde, pb.model, x, solver="dopri5", rtol=DIGITS_TOL,
+                                           atol=DIGITS_TOL).x.double() for x in (x_cal, x_ho)}
+    ref = CachedReference(refs, f"dopri5 rtol=atol={DIGITS_TOL:g} (float32)")
+    tg = tune(pb.sde, pb.model, "dpmpp_2m", 10, calibration=x_cal, heldout=x_ho, dtype=DTYPE,
+              reference=ref, progress=False)
+    return ((pb.sde, pb, x_cal[:N_FIT["digits"]], refs[content_hash(x_cal)][:N_FIT["digits"]],
+             x_ho, refs[content_hash(x_ho)]),
+            {"times": tg.times.tolist(), "ratio": tg.record["errors"]["ratio_heldout"],
+             "wall_s": tg.record["cost"]["wall_s"]})
+
+
+@functools.cache
 def batches(kind: str, sde_name: str) -> tuple:
     """A problem's fitted states and held-out states with their references (one solve each)."""
+    if kind == "digits":
+        return digits_batches()[0]
     sde = SDES[sde_name]()
     pb = (gaussian_problem if kind == "gaussian" else gmm_problem)(sde=sde, dim=DIM)
     x_cal = prior_states(sde, N_CAL[kind], (DIM,), seed=0, dtype=DTYPE)
@@ -142,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     tt = json.loads((ROOT / "benchmarks" / "results" / "tune_targets.json").read_text())
     tuned = {(r["sde"], r["solver"], r["nfe"]): r for r in tt["rows"] if r["problem"] == kind}
+    if kind == "digits" and not DIGITS.exists():
+        ap.error(f"--problem digits needs {DIGITS} (sdekit train --data digits --sde vp "
+                 "--threads 1 --out runs/digits)")
     out = ROOT / "benchmarks" / "results"
     command = "OMP_NUM_THREADS=1 python benchmarks/tune_global_check.py" + (
         f" --problem {kind}" if kind != "gaussian" else "")
@@ -159,24 +189,33 @@ def main(argv: list[str] | None = None) -> int:
     for cell in CELLS[kind]:
         tr = tuned.get(cell)
         if cell in done:   # kept; its tuner ratio read anew from the current tune_targets.json
-            rows.append(dict(done[cell], tune_ratio=tr["ratio"] if tr is not None else None))
+            rows.append(dict(done[cell], **({"tune_ratio": tr["ratio"]} if tr else {})))
             continue
+        if kind == "digits":   # tuned here, on the same states and reference
+            tr = digits_batches()[1]
         # the tuned grid as one more start where its search was costly to repeat (the mixture)
-        row = check(kind, *cell, tr["times"] if tr is not None and kind == "gmm" else None)
+        row = check(kind, *cell, tr["times"] if tr is not None and kind != "gaussian" else None)
         row["tune_ratio"] = tr["ratio"] if tr is not None else None
+        if kind == "digits":
+            row["tune_wall_s"] = tr["wall_s"]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "times"}), flush=True)
         save()
     save()
-    what = {"gaussian": "16-dim Gaussian", "gmm": "16-dim Gaussian mixture"}[kind]
+    what = {"gaussian": "16-dim Gaussian", "gmm": "16-dim Gaussian mixture",
+            "digits": "the digits model"}[kind]
+    start = {"gmm": " and the grid sdekit.tune kept (tune_targets.json when the cell was "
+                     "searched)",
+             "digits": " and the grid sdekit.tune kept, tuned by this script on the same states "
+                       f"and reference (dopri5 at {DIGITS_TOL:g}, float32)"}.get(kind, "")
+    source = ("this script's own `sdekit.tune` run" if kind == "digits" else
+              f"`{tt['command']}` (benchmarks/results/tune_targets.md)")
     lines = [f"# sdekit.tune against a brute-force grid search ({what})", "",
              f"`{command}`: multi-start Nelder-Mead ({RANDOM_STARTS[kind]} random starts, every "
-             "named grid" + (" and the grid sdekit.tune kept (tune_targets.json when the cell "
-                             "was searched)" if kind == "gmm" else "") +
-             f", up to {MAX_SOLVES[kind]} solves each) on the {N_FIT[kind]} calibration states "
-             f"sdekit.tune fits; held-out RMS ({N_HELDOUT[kind]} states) over the same solver's "
-             "best named grid. 'sdekit.tune' is the ratio of "
-             f"`{tt['command']}` (benchmarks/results/tune_targets.md).", "",
+             f"named grid{start}, up to {MAX_SOLVES[kind]} solves each) on the {N_FIT[kind]} "
+             "calibration states sdekit.tune fits; held-out RMS "
+             f"({({**N_HELDOUT, 'digits': N_DIGITS})[kind]} states) over the same solver's best "
+             f"named grid. 'sdekit.tune' is the ratio of {source}.", "",
              "| SDE | solver | NFE | best grid found / best named | sdekit.tune / best named | "
              "best named grid | solves |", "|---|---|---:|---:|---:|---|---:|"]
     for r in rows:
