@@ -45,8 +45,8 @@ CELLS = {"gaussian": [("vp", "ddim", 5), ("vp", "ddim", 10), ("flow", "dpmpp_2m"
                           for n in (5, 10)],
          "gmm": [("vp", "dpmpp_2m", 5), ("vp", "unipc_bh2", 5), ("vp", "ddim", 5),
                  ("vp", "dpmpp_2m", 10), ("flow", "dpmpp_2m", 10), ("flow", "unipc_bh2", 10),
-                 ("vp", "ddim", 10), ("flow", "ddim", 5), ("flow", "ddim", 10)]}
-CELLS["digits"] = [("checkpoint", "dpmpp_2m", 10)]
+                 ("vp", "ddim", 10), ("flow", "ddim", 5), ("flow", "ddim", 10)],
+         "digits": [("checkpoint", "dpmpp_2m", 10)]}
 RANDOM_STARTS = {"gaussian": 8, "gmm": 3, "digits": 0}
 MAX_SOLVES = {"gaussian": 1500, "gmm": 600, "digits": 300}
 N_FIT = {"gaussian": 64, "gmm": N_CAL["gmm"] // 2,   # tune fits the first half of the mixture's
